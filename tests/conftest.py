@@ -1,0 +1,72 @@
+"""Shared fixtures: small sample data, a local S3 server, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from veclip.sample import SampleConfig, generate
+from veclip.storage import StorageOptions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """Small sample data (train + eval), made once; copy it before changing it."""
+    root = tmp_path_factory.mktemp("sample")
+    generate(SampleConfig(str(root), rows=60, eval_rows=20, shards=3, seed=7, image_size=64), log=lambda *_: None)
+    return root
+
+
+@pytest.fixture
+def train_copy(sample_root, tmp_path) -> Path:
+    """A private copy of the train split to corrupt."""
+    return Path(shutil.copytree(sample_root / "train", tmp_path / "train"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (never another address), as s3fs's own tests do."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(name, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request) -> tuple[str, StorageOptions]:
+    """A fresh bucket per test: ``("s3://<bucket>", options)``."""
+    import s3fs
+
+    options = StorageOptions(endpoint_url=s3_endpoint, key="testing", secret="testing", region="us-east-1")
+    bucket = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    return f"s3://{bucket}", options
+
+
+def veclip_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``veclip`` console script as a user would."""
+    exe = Path(sys.executable).with_name("veclip")
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )

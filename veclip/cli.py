@@ -1,0 +1,127 @@
+"""The ``veclip`` command: one CLI, a subcommand per job.
+
+Each subcommand parses its flags into the typed config of the module that does
+the work and calls it; no logic lives here beyond exit codes and messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from veclip import schema
+from veclip.storage import StorageOptions
+
+
+def _storage_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("object storage (defaults: the standard AWS chain, AWS_ENDPOINT_URL)")
+    group.add_argument("--s3-endpoint", help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000")
+    group.add_argument("--s3-region", help="S3 region")
+    group.add_argument("--s3-anon", action="store_true", help="anonymous access (public buckets)")
+
+
+def _storage(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=args.s3_endpoint, region=args.s3_region, anon=args.s3_anon)
+
+
+def _column_map(spec: str) -> schema.ColumnMap:
+    try:
+        return schema.ColumnMap.parse(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _columns_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--columns",
+        type=_column_map,
+        default=schema.ColumnMap(),
+        help="column mapping role=column,..., e.g. image=jpg,alt_text=caption (roles: key, image, alt_text, url, width, height)",
+    )
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from veclip.sample import SampleConfig, generate
+
+    config = SampleConfig(args.out, args.rows, args.eval_rows, args.shards, args.seed, args.image_size)
+    written = generate(config, _storage(args))
+    print(f"sample: {written['train']} train + {written['eval']} eval rows in {args.out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from veclip.validate import ValidateConfig, validate
+
+    config = ValidateConfig(args.url, args.columns, args.images, args.sample_per_shard, args.max_bad_image_share)
+    report = validate(config, _storage(args))
+    print(report.render())
+    return 0 if report.usable else 1
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from veclip.ingest import ImportConfig, run_import
+
+    config = ImportConfig(args.source, args.out, args.format, args.columns, args.rows_per_shard)
+    summary = run_import(config, _storage(args))
+    print(summary.render())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from veclip.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(out=args.out, rows=args.rows, seed=args.seed), _storage(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veclip", description="Better CLIP from noisy web image-text data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="write rendered sample data (train + eval splits)")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--rows", type=int, default=2000, help="train rows (default 2000)")
+    p.add_argument("--eval-rows", type=int, default=500, help="eval rows (default 500)")
+    p.add_argument("--shards", type=int, default=4, help="shards per split (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("validate", help="check a folder of Parquet shards against the input schema")
+    p.add_argument("url", help="folder or s3:// prefix holding .parquet shards")
+    _columns_flag(p)
+    p.add_argument("--images", choices=("sample", "full", "none"), default="sample", help="decode a sample per shard (default), every image, or none")
+    p.add_argument("--sample-per-shard", type=int, default=32, help="images decoded per shard with --images sample")
+    p.add_argument("--max-bad-image-share", type=float, default=0.0, help="share of checked images allowed to fail (default 0)")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("import", help="convert webdataset tars or a CSV of image paths into Parquet shards")
+    p.add_argument("source", help="folder of .tar shards, or a .csv file")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--format", choices=("auto", "webdataset", "csv"), default="auto")
+    _columns_flag(p)
+    p.add_argument("--rows-per-shard", type=int, default=10_000, help="CSV rows per output shard")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("demo", help="the main job on built-in sample data (local)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--rows", type=int, default=2000, help="train rows of sample data")
+    p.add_argument("--seed", type=int, default=0)
+    _storage_flags(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # bad config or input: say what, not a traceback
+        print(f"veclip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Safe image decoding shared by every stage.
+
+Web bytes are hostile: empty, truncated, not an image at all, or a small file
+that expands to gigapixels (a decompression bomb). Each failure becomes an
+:class:`ImageError` with a short reason code, so callers can quarantine the row
+instead of crashing. Pure PIL: this module imports in the vLLM environment.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+# Reason codes, stable: they land in quarantine tables and run summaries.
+EMPTY = "image_empty"
+UNDECODABLE = "image_undecodable"
+TOO_MANY_BYTES = "image_too_many_bytes"
+TOO_MANY_PIXELS = "image_too_many_pixels"
+ZERO_SIZE = "image_zero_size"
+
+
+class ImageError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 50_000_000  # ~7000x7000; a web photo is far below
+
+
+def open_image(data: bytes | None, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Parse the header and check the limits; pixels are not decoded yet."""
+    if not data:
+        raise ImageError(EMPTY, "no image bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageError(TOO_MANY_BYTES, f"{len(data)} bytes > limit {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageError(TOO_MANY_PIXELS, str(err)) from None
+    except Exception as err:  # PIL raises many types for junk bytes
+        raise ImageError(UNDECODABLE, f"{type(err).__name__}: {err}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(ZERO_SIZE, f"size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise ImageError(TOO_MANY_PIXELS, f"{width}x{height} > limit {limits.max_pixels} pixels")
+    return image
+
+
+def decode_image(data: bytes | None, limits: ImageLimits = ImageLimits(), mode: str = "RGB") -> Image.Image:
+    """Fully decode to ``mode``; truncated files fail here, not later in a worker."""
+    image = open_image(data, limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            return image.convert(mode) if image.mode != mode else image
+    except Exception as err:
+        raise ImageError(UNDECODABLE, f"{type(err).__name__}: {err}") from None
+
+
+def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

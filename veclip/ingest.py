@@ -1,0 +1,251 @@
+"""``veclip import``: bring users' existing corpora into our Parquet shards.
+
+Two sources, both streamed and resumable shard by shard:
+
+* **webdataset** — a folder/prefix of ``.tar`` shards as img2dataset writes
+  them (``KEY.jpg`` + ``KEY.txt`` and/or ``KEY.json``). One tar -> one output
+  shard of the same stem.
+* **csv** — a CSV of image paths (relative to the CSV's folder, absolute, or
+  URLs) and captions. Every ``rows_per_shard`` CSV rows -> one output shard.
+
+img2dataset's Parquet needs no import: every stage reads it through a column
+mapping (``--columns image=jpg,alt_text=caption``).
+
+Bad samples (missing or undecodable image, missing file, truncated tar) are
+quarantined with a reason; they never stop the run and never vanish.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from veclip import schema
+from veclip.images import ImageError, ImageLimits, open_image
+from veclip.storage import Location, ShardStore, StorageOptions, filesystem, list_files, output_shard_name
+
+FORMATS = ("auto", "webdataset", "csv")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+STAGE = "import"
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    source: str  # a folder of .tar shards, or a .csv file
+    out: str
+    format: str = "auto"
+    # For CSV: which columns hold the image path, the caption and (optionally) the key.
+    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
+    rows_per_shard: int = 10_000
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"import: format must be one of {FORMATS}, got {self.format!r}")
+        if self.rows_per_shard < 1:
+            raise ValueError("import: rows_per_shard must be >= 1")
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        return "csv" if self.source.lower().endswith(".csv") else "webdataset"
+
+
+@dataclass
+class ImportSummary:
+    shards_written: int = 0
+    shards_skipped: int = 0
+    rows: int = 0
+    quarantined: Counter = field(default_factory=Counter)
+
+    def add(self, marker: dict) -> None:
+        self.shards_written += 1
+        self.rows += marker["rows"]
+        self.quarantined.update(marker.get("quarantine_reasons", {}))
+
+    def render(self) -> str:
+        lines = [
+            f"import: {self.shards_written} shards written, {self.shards_skipped} already done (skipped), "
+            f"{self.rows} rows, {sum(self.quarantined.values())} quarantined"
+        ]
+        lines += [f"  quarantined {n:>6}  {reason}" for reason, n in self.quarantined.most_common()]
+        return "\n".join(lines)
+
+
+class _ShardBuilder:
+    """Collects one output shard's good rows and quarantined rows."""
+
+    def __init__(self, limits: ImageLimits):
+        self.limits = limits
+        self.rows: list[dict] = []
+        self.bad: list[dict] = []
+
+    def add(self, key: str, image: bytes | None, alt_text: str | None, url: str | None = None, reason: str | None = None, detail: str = "") -> None:
+        row = {schema.KEY: key, schema.IMAGE: image, schema.ALT_TEXT: alt_text, schema.URL: url}
+        if reason is None:
+            try:
+                width, height = open_image(image, self.limits).size
+                row.update({schema.WIDTH: width, schema.HEIGHT: height})
+            except ImageError as err:
+                reason, detail = err.reason, err.detail
+        if reason is None:
+            self.rows.append(row)
+        else:
+            self.bad.append({**row, "reason": reason, "detail": detail})
+
+    def write(self, store: ShardStore, name: str) -> dict:
+        table = pa.Table.from_pylist(self.rows, schema=schema.INPUT_SCHEMA)
+        quarantine = schema.quarantine_table(self.bad, STAGE, schema.INPUT_SCHEMA)
+        reasons = Counter(row["reason"] for row in self.bad)
+        return store.write(name, table, quarantine, stats={"quarantine_reasons": dict(reasons)})
+
+
+# -- webdataset -------------------------------------------------------------------------------
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the basename."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem), ext.lower()
+
+
+def _tar_samples(fileobj):
+    """Yield ``(key, {ext: bytes})`` from a tar stream; files of one sample are adjacent."""
+    key, files = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, ext = _split_member(member.name)
+            if key is not None and member_key != key:
+                yield key, files
+                files = {}
+            key = member_key
+            files[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, files
+
+
+def _webdataset_row(key: str, files: dict, builder: _ShardBuilder) -> None:
+    meta = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:
+            meta = {}
+    image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
+    text = files.get("txt")
+    alt_text = text.decode("utf-8", errors="replace") if text is not None else meta.get("caption")
+    row_key = str(meta.get("key") or posixpath.basename(key))
+    if image is None:
+        builder.add(row_key, None, alt_text, meta.get("url"), "missing_image", f"sample {key} has files {sorted(files)}")
+    else:
+        builder.add(row_key, image, alt_text, meta.get("url"))
+
+
+def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) -> ImportSummary:
+    source = Location(config.source, options)
+    tars = [p for p in list_files(source) if p.endswith((".tar", ".tar.gz", ".tgz"))]
+    if not tars:
+        raise FileNotFoundError(f"no .tar shards in {config.source}")
+    store, summary = ShardStore(Location(config.out, options)), ImportSummary()
+    done = store.done()
+    for path in tars:
+        name = output_shard_name(path)
+        if name in done:
+            summary.shards_skipped += 1
+            continue
+        builder = _ShardBuilder(config.image_limits)
+        try:
+            with source.fs.open(path, "rb") as f:
+                for key, files in _tar_samples(f):
+                    _webdataset_row(key, files, builder)
+        except (tarfile.TarError, EOFError, OSError) as err:
+            # Keep what was read; the rest of the file is unreadable: say so in quarantine.
+            builder.add(posixpath.basename(path), None, None, reason="truncated_archive", detail=f"{type(err).__name__}: {err}")
+        summary.add(builder.write(store, name))
+        log(f"import: {posixpath.basename(path)} -> {name} ({len(builder.rows)} rows, {len(builder.bad)} quarantined)")
+    return summary
+
+
+# -- CSV of image paths -----------------------------------------------------------------------
+
+
+def _fetch(paths: list[str], base: Location, options: StorageOptions) -> list[bytes | Exception]:
+    """Read many files, concurrently where the filesystem can (s3fs batches ``cat``)."""
+    groups: dict[int, tuple] = {}
+    for i, path in enumerate(paths):
+        if "://" in path:
+            fs, resolved = filesystem(path, options)
+        elif posixpath.isabs(path) and base.is_local:
+            fs, resolved = base.fs, path
+        else:
+            fs, resolved = base.fs, posixpath.normpath(base.join(path))
+        groups.setdefault(id(fs), (fs, []))[1].append((i, resolved))
+    results: list = [None] * len(paths)
+    for fs, items in groups.values():
+        contents = fs.cat([p for _, p in items], on_error="return")
+        for i, resolved in items:
+            results[i] = contents.get(resolved, FileNotFoundError(resolved))
+    return results
+
+
+def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> ImportSummary:
+    fs, csv_path = filesystem(config.source, options)
+    if not fs.isfile(csv_path):
+        raise FileNotFoundError(f"no such CSV file: {config.source}")
+    base = Location(config.source.rsplit("/", 1)[0] if "/" in config.source else ".", options)
+    stem = output_shard_name(csv_path)[: -len(".parquet")]
+    store, summary = ShardStore(Location(config.out, options)), ImportSummary()
+    done = store.done()
+    cols = config.columns
+
+    def flush(index: int, rows: list[dict]) -> None:
+        name = f"{stem}-{index:05d}.parquet"
+        if name in done:
+            summary.shards_skipped += 1
+            return
+        builder = _ShardBuilder(config.image_limits)
+        contents = _fetch([r.get(cols.image) or "" for r in rows], base, options)
+        for row, content in zip(rows, contents):
+            key, text, path = row["__key"], row.get(cols.alt_text), row.get(cols.image) or ""
+            if isinstance(content, Exception) or not path:
+                builder.add(key, None, text, path or None, "missing_file", f"{path!r}: {content}")
+            else:
+                builder.add(key, content, text, row.get(cols.url) or path)
+        summary.add(builder.write(store, name))
+        log(f"import: {name} ({len(builder.rows)} rows, {len(builder.bad)} quarantined)")
+
+    with fs.open(csv_path, "rb") as raw:
+        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+        missing = [c for c in (cols.image, cols.alt_text) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise schema.SchemaError(
+                f"{config.source}: CSV has no column(s) {missing}; its columns are {reader.fieldnames}. "
+                "Map yours with --columns image=<path column>,alt_text=<caption column>"
+            )
+        batch, shard_index = [], 0
+        for line_no, row in enumerate(reader):
+            row["__key"] = row.get(cols.key) or f"{stem}-{line_no:09d}"
+            batch.append(row)
+            if len(batch) == config.rows_per_shard:
+                flush(shard_index, batch)
+                batch, shard_index = [], shard_index + 1
+        if batch:
+            flush(shard_index, batch)
+    return summary
+
+
+def run_import(config: ImportConfig, options: StorageOptions | None = None, log=print) -> ImportSummary:
+    options = options or StorageOptions()
+    if config.resolved_format() == "csv":
+        return import_csv(config, options, log)
+    return import_webdataset(config, options, log)

@@ -1,0 +1,137 @@
+"""``veclip sample``: a train and an eval split of rendered scenes, in the input schema.
+
+Every row is a function of ``(seed, split, index)`` alone, so the data do not
+depend on the shard count. Columns beyond the contract:
+
+* ``ref_caption`` — the visual facts in words (a perfect captioner's output),
+  ``ref_facts`` (the same as JSON) and ``ref_alt_kind`` (which kind of AltText
+  was drawn). **For benchmarks only; pipelines must never read ``ref_*``.**
+* eval split only: ``label_shape`` and ``label_color_shape`` (zero-shot class
+  names) and ``caption`` (the retrieval caption, equal to ``ref_caption``).
+
+Layout: ``<out>/train/part-NNNNN.parquet``, ``<out>/eval/part-NNNNN.parquet``
+(each with ``_done`` markers), ``<out>/eval/_classes.json`` and
+``<out>/_sample.json`` (the config that made it).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from veclip import schema
+from veclip.images import encode_jpeg
+from veclip.sample.alt_text import alt_text
+from veclip.sample.scene import COLORS, SHAPES, describe, random_scene, render
+from veclip.storage import Location, ShardStore, StorageOptions
+
+SPLITS = ("train", "eval")
+
+SAMPLE_SCHEMA = pa.schema(
+    list(schema.INPUT_SCHEMA)
+    + [pa.field("ref_caption", pa.string()), pa.field("ref_facts", pa.string()), pa.field("ref_alt_kind", pa.string())]
+)
+EVAL_SCHEMA = pa.schema(
+    list(SAMPLE_SCHEMA)
+    + [pa.field("label_shape", pa.string()), pa.field("label_color_shape", pa.string()), pa.field("caption", pa.string())]
+)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    out: str
+    rows: int = 2000  # train rows
+    eval_rows: int = 500
+    shards: int = 4  # per split
+    seed: int = 0
+    image_size: int = 128
+    jpeg_quality: int = 90
+
+    def __post_init__(self):
+        for name in ("rows", "eval_rows", "shards", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sample: {name} must be >= 1, got {getattr(self, name)}")
+        if not 16 <= self.image_size <= 4096:
+            raise ValueError(f"sample: image_size must be in [16, 4096], got {self.image_size}")
+
+    def split_rows(self, split: str) -> int:
+        return self.rows if split == "train" else self.eval_rows
+
+
+def make_row(split: str, index: int, config: SampleConfig) -> dict:
+    rng = random.Random(f"{config.seed}:{split}:{index}")
+    scene = random_scene(rng, max_groups=2 if split == "train" else 1)
+    image = render(scene, config.image_size, rng)
+    text, kind = alt_text(scene, rng)
+    caption = describe(scene)
+    row = {
+        schema.KEY: f"{split}-{index:08d}",
+        schema.IMAGE: encode_jpeg(image, config.jpeg_quality),
+        schema.ALT_TEXT: text,
+        schema.URL: f"https://cdn.example.com/{split}/{index:08d}.jpg",
+        schema.WIDTH: config.image_size,
+        schema.HEIGHT: config.image_size,
+        "ref_caption": caption,
+        "ref_facts": json.dumps(scene.to_dict()),
+        "ref_alt_kind": kind,
+    }
+    if split == "eval":
+        group = scene.groups[0]
+        row.update(label_shape=group.shape, label_color_shape=f"{group.color} {group.shape}", caption=caption)
+    return row
+
+
+def shard_ranges(rows: int, shards: int) -> list[range]:
+    """Split ``rows`` row indices into ``shards`` contiguous, near-equal ranges."""
+    shards = min(shards, rows)
+    bounds = [rows * k // shards for k in range(shards + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(shards)]
+
+
+def class_names() -> dict[str, list[str]]:
+    return {
+        "label_shape": list(SHAPES),
+        "label_color_shape": [f"{color} {shape}" for color in COLORS for shape in SHAPES],
+    }
+
+
+def _check_same_config(root: Location, config: SampleConfig) -> None:
+    """Refuse to mix shards made with different settings in one folder."""
+    path = root.join("_sample.json")
+    wanted = {k: v for k, v in asdict(config).items() if k != "out"}
+    if root.fs.exists(path):
+        found = json.loads(root.fs.cat_file(path))
+        if found != wanted:
+            raise ValueError(
+                f"{root.url} already holds sample data made with {found}, not {wanted}; "
+                "choose another --out or delete that folder"
+            )
+    else:
+        root.fs.makedirs(root.path, exist_ok=True)
+        root.fs.pipe_file(path, json.dumps(wanted, indent=1).encode())
+
+
+def generate(config: SampleConfig, options: StorageOptions | None = None, log=print) -> dict[str, int]:
+    """Write both splits (skipping shards already done); returns rows per split."""
+    root = Location(config.out, options or StorageOptions())
+    _check_same_config(root, config)
+    written = {}
+    for split in SPLITS:
+        store = ShardStore(root.child(split))
+        done = store.done()
+        table_schema = EVAL_SCHEMA if split == "eval" else SAMPLE_SCHEMA
+        ranges = shard_ranges(config.split_rows(split), config.shards)
+        for k, indices in enumerate(ranges):
+            name = f"part-{k:05d}.parquet"
+            if name in done:
+                continue
+            rows = [make_row(split, i, config) for i in indices]
+            store.write(name, pa.Table.from_pylist(rows, schema=table_schema))
+            log(f"sample: wrote {split}/{name} ({len(rows)} rows)")
+        if split == "eval":
+            store.location.fs.pipe_file(store.location.join("_classes.json"), json.dumps(class_names(), indent=1).encode())
+        written[split] = config.split_rows(split)
+    return written

@@ -1,0 +1,179 @@
+"""The data contract: the Arrow schemas every stage reads and writes.
+
+Three tables, one place:
+
+* **input** — what users bring: ``key`` (unique string), ``image`` (encoded
+  JPEG/PNG/WebP bytes), ``alt_text`` (the web caption, may be null or empty),
+  optional ``url``/``width``/``height``; any other column rides along untouched.
+* **enriched** — the rewrite stage's output: the input columns plus
+  ``vlm_caption``, ``vecap`` and ``rewrites``, each with a provenance struct
+  (model, prompt version, engine) so mixed runs stay traceable.
+* **quarantine** — rows a stage refused: ``key``, ``stage``, ``reason`` (a short
+  code), ``detail`` (a human sentence) and the original row's columns.
+
+Users' corpora rarely use our names (img2dataset writes ``jpg``/``caption``),
+so every stage takes a :class:`ColumnMap` and renames on read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import pyarrow as pa
+
+KEY = "key"
+IMAGE = "image"
+ALT_TEXT = "alt_text"
+URL = "url"
+WIDTH = "width"
+HEIGHT = "height"
+
+VLM_CAPTION = "vlm_caption"
+VECAP = "vecap"
+REWRITES = "rewrites"
+
+# Where a generated caption came from; one struct column per generated column.
+PROVENANCE = pa.struct(
+    [
+        pa.field("model", pa.string()),
+        pa.field("prompt_version", pa.string()),
+        pa.field("engine", pa.string()),
+    ]
+)
+
+
+def provenance_column(name: str) -> str:
+    """``vecap`` -> ``vecap_provenance``."""
+    return f"{name}_provenance"
+
+
+REQUIRED_INPUT_FIELDS = (
+    pa.field(KEY, pa.string(), nullable=False),
+    pa.field(IMAGE, pa.binary(), nullable=False),
+    pa.field(ALT_TEXT, pa.string()),
+)
+OPTIONAL_INPUT_FIELDS = (
+    pa.field(URL, pa.string()),
+    pa.field(WIDTH, pa.int32()),
+    pa.field(HEIGHT, pa.int32()),
+)
+INPUT_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS)
+
+GENERATED_FIELDS = (
+    pa.field(VLM_CAPTION, pa.string()),
+    pa.field(provenance_column(VLM_CAPTION), PROVENANCE),
+    pa.field(VECAP, pa.string()),
+    pa.field(provenance_column(VECAP), PROVENANCE),
+    pa.field(REWRITES, pa.list_(pa.string())),
+    pa.field(provenance_column(REWRITES), PROVENANCE),
+)
+ENRICHED_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS + GENERATED_FIELDS)
+
+QUARANTINE_FIELDS = (
+    pa.field(KEY, pa.string()),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+)
+QUARANTINE_SCHEMA = pa.schema(QUARANTINE_FIELDS)
+
+
+class SchemaError(ValueError):
+    """A table does not follow the data contract; the message says what to fix."""
+
+
+# Physical types we accept for each logical type (large_* variants appear when
+# a column passes 2 GB in one chunk, and in files written by other tools).
+_COMPATIBLE = {
+    pa.string(): (pa.string(), pa.large_string()),
+    pa.binary(): (pa.binary(), pa.large_binary()),
+    pa.int32(): (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32()),
+}
+
+
+def _type_ok(expected: pa.DataType, found: pa.DataType) -> bool:
+    return found in _COMPATIBLE.get(expected, (expected,))
+
+
+def input_schema_problems(schema: pa.Schema) -> list[str]:
+    """Every way ``schema`` breaks the input contract, as sentences (empty if none)."""
+    problems = []
+    for want in REQUIRED_INPUT_FIELDS:
+        if want.name not in schema.names:
+            problems.append(
+                f"missing required column '{want.name}' ({want.type}); found columns "
+                f"{schema.names}. If your data names it differently, pass a column "
+                f"mapping such as --columns {want.name}=<your column>"
+            )
+    for want in REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS:
+        if want.name in schema.names:
+            found = schema.field(want.name).type
+            if not _type_ok(want.type, found):
+                problems.append(f"column '{want.name}' has type {found}, expected {want.type}")
+    return problems
+
+
+def check_input_schema(schema: pa.Schema, where: str = "table") -> None:
+    problems = input_schema_problems(schema)
+    if problems:
+        raise SchemaError(f"{where}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which of the user's columns plays each role, e.g. ``image=jpg,alt_text=caption``.
+
+    A role left unset is expected under its own name.
+    """
+
+    key: str = KEY
+    image: str = IMAGE
+    alt_text: str = ALT_TEXT
+    url: str = URL
+    width: str = WIDTH
+    height: str = HEIGHT
+
+    @classmethod
+    def parse(cls, spec: str | None) -> ColumnMap:
+        """Parse ``role=column,role=column``; an empty spec is the identity."""
+        if not spec:
+            return cls()
+        roles = {f.name for f in fields(cls)}
+        mapping = {}
+        for item in spec.split(","):
+            role, sep, column = (part.strip() for part in item.partition("="))
+            if not sep or not role or not column:
+                raise ValueError(f"bad column mapping item {item!r}: expected role=column, e.g. image=jpg")
+            if role not in roles:
+                raise ValueError(f"unknown role {role!r} in column mapping; roles are {sorted(roles)}")
+            mapping[role] = column
+        return cls(**mapping)
+
+    def renames(self) -> dict[str, str]:
+        """Source column -> contract column, for the roles that differ."""
+        return {getattr(self, f.name): f.name for f in fields(self) if getattr(self, f.name) != f.name}
+
+    def source_columns(self, roles: list[str]) -> list[str]:
+        return [getattr(self, role) for role in roles]
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        """Rename the user's columns to the contract's names; other columns are kept."""
+        renames = {src: dst for src, dst in self.renames().items() if src in table.column_names}
+        clashes = [dst for src, dst in renames.items() if dst in table.column_names and dst not in renames]
+        if clashes:
+            raise SchemaError(
+                f"column mapping would rename onto existing column(s) {clashes}; "
+                "drop or rename those columns first"
+            )
+        return table.rename_columns([renames.get(name, name) for name in table.column_names])
+
+    def __str__(self) -> str:
+        return ",".join(f"{dst}={src}" for src, dst in self.renames().items()) or "(identity)"
+
+
+def quarantine_table(rows: list[dict], stage: str, original_schema: pa.Schema | None = None) -> pa.Table:
+    """Build a quarantine table from dicts holding ``key``, ``reason``, ``detail`` and original columns."""
+    extra = [f for f in (original_schema or pa.schema([])) if f.name not in QUARANTINE_SCHEMA.names]
+    schema = pa.schema(list(QUARANTINE_FIELDS) + [f.with_nullable(True) for f in extra])
+    rows = [{**row, "stage": stage} for row in rows]
+    return pa.Table.from_pylist(rows, schema=schema)

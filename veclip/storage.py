@@ -1,0 +1,249 @@
+"""Storage: URLs to filesystems, shard listing, and whole-shard writes with done markers.
+
+One resolver turns a local path, ``file://`` URL or ``s3://`` URL into an
+fsspec filesystem plus a path on it. That filesystem serves pyarrow directly,
+Ray Data through :meth:`Location.arrow_fs`, and s3fs is what it is on S3.
+
+The shard is the unit of work: an output shard is named after its input shard,
+written whole (temp file, then rename or upload), and only then marked done by
+a small JSON marker in ``_done/``. A rerun lists the markers and skips those
+shards, so a killed job neither loses nor duplicates rows. Local disk and S3
+behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+
+DONE_DIR = "_done"
+QUARANTINE_DIR = "_quarantine"
+PARQUET = ".parquet"
+
+# Arrow's binary/string arrays use int32 offsets: one array holds < 2 GiB.
+ARROW_OFFSET_LIMIT = 2**31 - 1
+# Row groups are sized by bytes so one group's image column stays far below
+# that limit whatever the image size (readers materialise a group at a time).
+ROW_GROUP_TARGET_BYTES = 128 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage. Unset fields come from the standard AWS
+    chain (environment, ``~/.aws``, instance or pod role); ``AWS_ENDPOINT_URL``
+    is honoured as botocore does."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    token: str | None = None
+    anon: bool = False
+
+    def s3fs_kwargs(self) -> dict:
+        kwargs: dict = {"anon": self.anon}
+        if self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"):
+            kwargs["endpoint_url"] = self.endpoint_url or os.environ["AWS_ENDPOINT_URL"]
+        if self.region:
+            kwargs["client_kwargs"] = {"region_name": self.region}
+        for name in ("key", "secret", "token"):
+            if getattr(self, name):
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+
+def filesystem(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve ``url`` to ``(filesystem, path on it)``."""
+    options = options or StorageOptions()
+    protocol, _, rest = url.partition("://") if "://" in url else ("file", "", url)
+    if protocol in ("s3", "s3a"):
+        import s3fs
+
+        return s3fs.S3FileSystem(**options.s3fs_kwargs()), rest.rstrip("/")
+    if protocol == "file":
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(rest))
+    raise ValueError(f"unsupported storage URL {url!r}: use a local path, file:// or s3://")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder (or file) on some filesystem, addressed by URL."""
+
+    url: str
+    options: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self):
+        fs, path = filesystem(self.url, self.options)
+        object.__setattr__(self, "fs", fs)
+        object.__setattr__(self, "path", path)
+
+    fs: fsspec.AbstractFileSystem = field(init=False, repr=False, compare=False)
+    path: str = field(init=False, repr=False, compare=False)
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    @property
+    def arrow_fs(self) -> pyarrow.fs.FileSystem:
+        """The same filesystem for pyarrow.dataset and Ray Data's ``filesystem=``."""
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
+
+    def child(self, *names: str) -> Location:
+        return Location(posixpath.join(self.url.rstrip("/"), *names), self.options)
+
+    def join(self, *names: str) -> str:
+        """A path on :attr:`fs` below this location."""
+        return posixpath.join(self.path, *names)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def list_files(location: Location) -> list[str]:
+    """Visible files directly in ``location`` (no ``_``/``.`` names), sorted by name."""
+    if not location.fs.isdir(location.path):
+        raise FileNotFoundError(f"no such folder: {location.url}")
+    entries = location.fs.ls(location.path, detail=True)
+    paths = [e["name"] for e in entries if e["type"] == "file"]
+    return sorted(p for p in paths if not posixpath.basename(p).startswith(("_", ".")))
+
+
+def list_shards(location: Location, suffix: str = PARQUET) -> list[str]:
+    """Shard paths in a stable (name) order; the order every stage and rerun sees."""
+    return [p for p in list_files(location) if p.endswith(suffix)]
+
+
+def output_shard_name(input_path: str) -> str:
+    """The output shard for an input shard: same stem, ``.parquet``.
+
+    ``s3://b/in/00042.tar`` -> ``00042.parquet``; the same input always maps to
+    the same output, so reruns overwrite rather than duplicate.
+    """
+    stem = posixpath.basename(input_path.rstrip("/"))
+    for ext in (".parquet", ".tar.gz", ".tgz", ".tar", ".csv"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return stem + PARQUET
+
+
+def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES) -> int:
+    """Rows per Parquet row group so that a group holds about ``target_bytes``."""
+    if table.num_rows == 0:
+        return 1
+    bytes_per_row = max(1, table.nbytes // table.num_rows)
+    return max(1, min(table.num_rows, target_bytes // bytes_per_row))
+
+
+def guard_large_binary(table: pa.Table, limit: int = ARROW_OFFSET_LIMIT) -> pa.Table:
+    """Cast binary/string columns that hold more than ``limit`` bytes to their
+    ``large_`` (int64-offset) types, so combining chunks cannot overflow."""
+    widen = {pa.binary(): pa.large_binary(), pa.string(): pa.large_string()}
+    for i, column_field in enumerate(table.schema):
+        wide = widen.get(column_field.type)
+        if wide is not None and table.column(i).nbytes > limit:
+            table = table.set_column(i, column_field.with_type(wide), table.column(i).cast(wide))
+    return table
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES) -> None:
+    """Write ``table`` to ``path`` all at once: readers never see half a file.
+
+    Local disk: a temp file beside the target, then an atomic rename. Object
+    stores: a local temp file, then one upload (never a half-closed stream).
+    """
+    rows = row_group_rows(table, target_bytes)
+    parent = posixpath.dirname(path)
+    if "file" in _protocols(fs):
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            pq.write_table(table, tmp, row_group_size=rows)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    with tempfile.NamedTemporaryFile(suffix=PARQUET) as tmp:
+        pq.write_table(table, tmp.name, row_group_size=rows)
+        fs.put_file(tmp.name, path)
+
+
+def _write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:
+    if "file" in _protocols(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+class ShardStore:
+    """An output dataset: whole shards, their quarantined rows, and done markers.
+
+    Layout under the root::
+
+        <name>.parquet               the shard's good rows
+        _quarantine/<name>.parquet   its refused rows (only when there are any)
+        _done/<name>.parquet.json    written last: rows, quarantined, stats
+    """
+
+    def __init__(self, location: Location):
+        self.location = location
+
+    def write(self, name: str, table: pa.Table, quarantine: pa.Table | None = None, stats: dict | None = None) -> dict:
+        fs = self.location.fs
+        write_parquet(fs, self.location.join(name), table)
+        quarantined = 0 if quarantine is None else quarantine.num_rows
+        if quarantined:
+            write_parquet(fs, self.location.join(QUARANTINE_DIR, name), quarantine)
+        marker = {
+            "shard": name,
+            "rows": table.num_rows,
+            "quarantined": quarantined,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(stats or {}),
+        }
+        _write_json(fs, self._marker_path(name), marker)
+        return marker
+
+    def _marker_path(self, name: str) -> str:
+        return self.location.join(DONE_DIR, name + ".json")
+
+    def done(self) -> set[str]:
+        """Names of the shards written whole."""
+        marker_dir = self.location.join(DONE_DIR)
+        if not self.location.fs.isdir(marker_dir):
+            return set()
+        names = (posixpath.basename(p) for p in self.location.fs.ls(marker_dir, detail=False))
+        return {n[: -len(".json")] for n in names if n.endswith(".json")}
+
+    def is_done(self, name: str) -> bool:
+        return self.location.fs.exists(self._marker_path(name))
+
+    def marker(self, name: str) -> dict:
+        return json.loads(self.location.fs.cat_file(self._marker_path(name)))
+
+    def markers(self) -> list[dict]:
+        return [self.marker(name) for name in sorted(self.done())]
+
+    def shards(self) -> list[str]:
+        """Paths of the shards marked done, in name order (stray files are ignored)."""
+        return [self.location.join(name) for name in sorted(self.done())]
+
+    def quarantine_shards(self) -> list[str]:
+        qdir = self.location.child(QUARANTINE_DIR)
+        return list_shards(qdir) if self.location.fs.isdir(qdir.path) else []
