@@ -56,7 +56,7 @@ def s3_bucket(s3_endpoint, request) -> tuple[str, StorageOptions]:
     """A fresh bucket per test: ``("s3://<bucket>", options)``."""
     import s3fs
 
-    options = StorageOptions(endpoint_url=s3_endpoint, key="testing", secret="testing", region="us-east-1")
+    options = StorageOptions(endpoint_url=s3_endpoint, key="testing", secret="testing")
     bucket = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
     fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
     if not fs.exists(bucket):

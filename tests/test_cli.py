@@ -1,0 +1,69 @@
+"""The CLI as a user runs it: the installed `veclip` script in a subprocess."""
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import veclip_cli
+
+
+def test_sample_then_validate_then_corrupt(tmp_path):
+    out = tmp_path / "data"
+    done = veclip_cli("sample", "--out", str(out), "--rows", "40", "--eval-rows", "10", "--shards", "2", "--image-size", "48")
+    assert done.returncode == 0, done.stderr
+    assert "sample: 40 train + 10 eval rows" in done.stdout
+
+    ok = veclip_cli("validate", str(out / "train"), "--images", "full")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "OK: usable (40 rows in 2 shards)" in ok.stdout
+
+    bad = tmp_path / "corrupt"
+    shutil.copytree(out / "train", bad)
+    table = pq.read_table(bad / "part-00001.parquet")
+    images = table.column("image").to_pylist()
+    images[4] = images[4][:100]  # truncated JPEG
+    pq.write_table(table.set_column(1, table.schema.field("image"), pa.array(images, pa.binary())), bad / "part-00001.parquet")
+    failed = veclip_cli("validate", str(bad), "--images", "full")
+    assert failed.returncode == 1
+    assert "[bad_image] part-00001.parquet row 4 (key 'train-00000024')" in failed.stdout
+    assert "NOT USABLE" in failed.stdout
+
+
+def test_validate_on_s3_with_endpoint_flag(sample_root, s3_bucket):
+    url, options = s3_bucket
+    from veclip.storage import Location
+
+    Location(url, options).fs.put(str(sample_root / "eval") + "/", url[len("s3://"):] + "/eval", recursive=True)
+    result = veclip_cli("validate", url + "/eval", "--s3-endpoint", options.endpoint_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: usable (20 rows in 3 shards)" in result.stdout
+
+
+def test_import_cli(tmp_path):
+    import csv as csv_module
+
+    from PIL import Image
+
+    (tmp_path / "a.png").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        csv_module.writer(f).writerows([["path", "text"], ["a.png", "empty file"], ["b.png", "fine"]])
+    result = veclip_cli("import", str(tmp_path / "list.csv"), "--out", str(tmp_path / "out"), "--columns", "image=path,alt_text=text")
+    assert result.returncode == 0, result.stderr
+    assert "1 rows, 1 quarantined" in result.stdout and "image_empty" in result.stdout
+
+
+def test_bad_input_gives_clear_errors(tmp_path):
+    missing = veclip_cli("validate", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "no such folder" in missing.stderr and "Traceback" not in missing.stderr
+    mapping = veclip_cli("validate", str(tmp_path), "--columns", "picture=jpg")
+    assert mapping.returncode == 2 and "unknown role 'picture'" in mapping.stderr
+    rows = veclip_cli("sample", "--out", str(tmp_path / "s"), "--rows", "0")
+    assert rows.returncode == 2 and "rows must be >= 1" in rows.stderr
+
+
+def test_demo(tmp_path):
+    result = veclip_cli("demo", "--out", str(tmp_path / "demo"), "--rows", "40")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("OK: usable") == 2 and "demo: done" in result.stdout

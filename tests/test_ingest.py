@@ -1,0 +1,155 @@
+"""`veclip import`: webdataset tars and CSV+image folders to our shards; nothing lost."""
+
+import csv
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from veclip import schema
+from veclip.images import encode_jpeg
+from veclip.ingest import ImportConfig, run_import
+from veclip.storage import Location, ShardStore
+from veclip.validate import ValidateConfig, validate
+
+
+def quiet(*_):
+    pass
+
+
+def _jpeg(i: int) -> bytes:
+    return encode_jpeg(Image.new("RGB", (24, 16), (i * 40 % 256, 0, 0)))
+
+
+def _write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _meta(key, caption):
+    return json.dumps({"key": key, "url": f"http://img/{key}", "caption": caption}).encode()
+
+
+@pytest.fixture
+def tars(tmp_path):
+    src = tmp_path / "wds"
+    src.mkdir()
+    _write_tar(src / "00000.tar", {
+        f"00000{i:04d}": {"jpg": _jpeg(i), "txt": f"caption {i}".encode(), "json": _meta(f"00000{i:04d}", f"caption {i}")}
+        for i in range(5)
+    })
+    _write_tar(src / "00001.tar", {
+        "000010000": {"jpg": _jpeg(1), "json": _meta("000010000", "from json")},  # caption only in json
+        "000010001": {"jpg": b"not a jpeg", "txt": b"corrupt image"},
+        "000010002": {"txt": b"no image at all"},
+        "000010003": {"png": _jpeg(3), "txt": b"png extension"},
+    })
+    # a truncated tar: 3 samples written, the file cut mid-way
+    _write_tar(src / "00002.tar", {f"2{i}": {"jpg": _jpeg(i) * 20, "txt": b"t"} for i in range(3)})
+    data = (src / "00002.tar").read_bytes()
+    (src / "00002.tar").write_bytes(data[: len(data) // 2])
+    return src
+
+
+def _reconcile(out: Location) -> tuple[int, int]:
+    markers = ShardStore(out).markers()
+    return sum(m["rows"] for m in markers), sum(m["quarantined"] for m in markers)
+
+
+def test_webdataset_import(tars, tmp_path):
+    out = Location(str(tmp_path / "out"))
+    summary = run_import(ImportConfig(str(tars), out.url), log=quiet)
+    assert summary.shards_written == 3 and summary.shards_skipped == 0
+    assert summary.quarantined["image_undecodable"] == 1
+    assert summary.quarantined["missing_image"] == 1
+    assert summary.quarantined["truncated_archive"] == 1
+    assert sorted(ShardStore(out).done()) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+
+    first = pq.read_table(out.join("00000.parquet")).to_pylist()
+    assert [r["alt_text"] for r in first] == [f"caption {i}" for i in range(5)]
+    assert first[0]["url"] == "http://img/000000000" and (first[0]["width"], first[0]["height"]) == (24, 16)
+    second = {r["key"]: r for r in pq.read_table(out.join("00001.parquet")).to_pylist()}
+    assert second["000010000"]["alt_text"] == "from json" and "000010003" in second
+    quarantine = pq.read_table(out.join("_quarantine", "00001.parquet")).to_pylist()
+    assert {(q["key"], q["stage"], q["reason"]) for q in quarantine} == {
+        ("000010001", "import", "image_undecodable"),
+        ("000010002", "import", "missing_image"),
+    }
+    # every sample of the readable tars is somewhere; the output is valid input
+    rows, quarantined = _reconcile(out)
+    assert rows + quarantined - 1 == 9 + len(pq.read_table(out.join("00002.parquet")))
+    assert validate(ValidateConfig(out.url, images="full")).usable
+
+    # rerun: everything done, nothing rewritten
+    again = run_import(ImportConfig(str(tars), out.url), log=quiet)
+    assert again.shards_written == 0 and again.shards_skipped == 3
+
+
+def test_webdataset_import_resumes(tars, tmp_path):
+    out = tmp_path / "out"
+    run_import(ImportConfig(str(tars), str(out)), log=quiet)
+    (out / "_done" / "00001.parquet.json").unlink()
+    logged = []
+    summary = run_import(ImportConfig(str(tars), str(out)), log=logged.append)
+    assert summary.shards_written == 1 and summary.shards_skipped == 2
+    assert logged == ["import: 00001.tar -> 00001.parquet (2 rows, 2 quarantined)"]
+
+
+@pytest.fixture
+def csv_set(tmp_path):
+    images = tmp_path / "set" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i in range(7):
+        (images / f"{i}.jpg").write_bytes(_jpeg(i))
+        rows.append({"filepath": f"images/{i}.jpg", "title": f"photo {i}"})
+    (images / "bad.jpg").write_bytes(b"junk")
+    rows += [{"filepath": "images/missing.jpg", "title": "gone"}, {"filepath": "images/bad.jpg", "title": "junk"}]
+    path = tmp_path / "set" / "index.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["filepath", "title"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_import(csv_set, tmp_path):
+    out = Location(str(tmp_path / "out"))
+    config = ImportConfig(str(csv_set), out.url, columns=schema.ColumnMap.parse("image=filepath,alt_text=title"), rows_per_shard=4)
+    summary = run_import(config, log=quiet)
+    assert summary.shards_written == 3 and summary.rows == 7
+    assert dict(summary.quarantined) == {"missing_file": 1, "image_undecodable": 1}
+    assert sorted(ShardStore(out).done()) == ["index-00000.parquet", "index-00001.parquet", "index-00002.parquet"]
+    rows = [r for name in sorted(ShardStore(out).done()) for r in pq.read_table(out.join(name)).to_pylist()]
+    assert [r["alt_text"] for r in rows] == [f"photo {i}" for i in range(7)]
+    assert rows[0]["key"] == "index-000000000" and rows[0]["url"] == "images/0.jpg"
+    assert _reconcile(out) == (7, 2)
+    assert run_import(config, log=quiet).shards_skipped == 3
+
+
+def test_csv_import_names_missing_columns(csv_set, tmp_path):
+    with pytest.raises(schema.SchemaError, match=r"CSV has no column\(s\) \['image', 'alt_text'\].*--columns"):
+        run_import(ImportConfig(str(csv_set), str(tmp_path / "out")), log=quiet)
+
+
+def test_csv_import_from_s3(csv_set, s3_bucket):
+    url, options = s3_bucket
+    Location(url, options).fs.put(str(csv_set.parent) + "/", Location(url + "/set", options).path, recursive=True)
+    config = ImportConfig(url + "/set/index.csv", url + "/out", columns=schema.ColumnMap.parse("image=filepath,alt_text=title"))
+    summary = run_import(config, options, log=quiet)
+    assert summary.rows == 7 and sum(summary.quarantined.values()) == 2
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run_import(ImportConfig(str(tmp_path / "nothing.csv"), str(tmp_path / "out")), log=quiet)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        run_import(ImportConfig(str(tmp_path / "empty"), str(tmp_path / "out")), log=quiet)
