@@ -124,7 +124,7 @@ class ValidationReport:
         else:
             reasons = ", ".join(f"{n} {k}" for k, n in kinds.items())
             if self.bad_image_share > self.config.max_bad_image_share:
-                reasons += f"; bad image share {self.bad_image_share:.1%} > allowed {self.config.max_bad_image_share:.1%}"
+                reasons += f"; bad image share {self.bad_image_share:.2%} > allowed {self.config.max_bad_image_share:.2%}"
             out.append(f"NOT USABLE: {reasons}")
         return "\n".join(out)
 
