@@ -67,6 +67,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from veclip.rewrite.config import build_config
+    from veclip.rewrite.pipeline import render_summary, run_rewrite
+
+    config = build_config(args.preset, args.config, args.set, input=args.input, output=args.output, mode=args.mode, columns=args.columns)
+    summary = run_rewrite(config, _storage(args))
+    print(render_summary(summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from veclip.demo import DemoConfig, run_demo
 
@@ -104,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, default=10_000, help="CSV rows per output shard")
     _storage_flags(p)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("rewrite", help="enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites")
+    p.add_argument("--input", required=True, help="folder or s3:// prefix of input shards")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for enriched shards")
+    p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
+    p.add_argument("--preset", choices=("default", "tiny"), default="default", help="default: real models on GPU actors; tiny: tiny random models on CPU")
+    p.add_argument("--config", help="a JSON/YAML file of config fields (see veclip/rewrite/config.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7 (repeatable)")
+    _columns_flag(p)
+    _storage_flags(p)
+    p.set_defaults(func=cmd_rewrite, columns=None)
 
     p = sub.add_parser("demo", help="the main job on built-in sample data (local)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

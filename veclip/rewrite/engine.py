@@ -1,0 +1,95 @@
+"""Engines behind one small protocol; vLLM is the production one.
+
+Prompts, cleaning and parsing live elsewhere and do not care which engine
+runs. vLLM is imported only when an engine is built, so this module imports
+in the driver's environment too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from veclip.rewrite.config import EngineConfig, SamplingConfig
+
+
+@dataclass
+class Request:
+    """One generation: a raw ``prompt`` or chat ``messages``, an optional image, a seed."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    image: Any = None  # a PIL image
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class Engine(Protocol):
+    name: str  # provenance, e.g. "vllm-0.32.0"
+
+    def generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]: ...
+
+
+class VLLMEngine:
+    """``vllm.LLM`` in-process: chat templates, image inputs, per-request seeds."""
+
+    def __init__(self, config: EngineConfig, multimodal: bool = False):
+        os.environ.update({k: str(v) for k, v in config.env.items()})  # before vLLM reads them
+        import vllm
+
+        kwargs = dict(
+            model=config.model,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            dtype=config.dtype,
+            enforce_eager=config.enforce_eager,
+            seed=0,
+        )
+        if multimodal:
+            kwargs["limit_mm_per_prompt"] = {"image": config.limit_mm_per_prompt}
+        self.llm = vllm.LLM(**kwargs)
+        self.seeded = config.seeded_requests
+        self.name = f"vllm-{vllm.__version__}"
+
+    def generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop) or None,
+                seed=r.seed if self.seeded else None,
+            )
+            for r in requests
+        ]
+        if requests and all(r.messages is not None for r in requests):
+            outputs = self.llm.chat([self._chat(r) for r in requests], params, use_tqdm=False)
+        else:
+            prompts = [
+                {"prompt": r.prompt, **({"multi_modal_data": {"image": r.image}} if r.image is not None else {})}
+                for r in requests
+            ]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            Completion(out.outputs[0].text, len(out.prompt_token_ids or ()), len(out.outputs[0].token_ids))
+            for out in outputs
+        ]
+
+    @staticmethod
+    def _chat(request: Request) -> list[dict]:
+        """Put the image, if any, into the last user turn as an image part."""
+        if request.image is None:
+            return request.messages
+        *head, last = request.messages
+        parts = [{"type": "image_pil", "image_pil": request.image}, {"type": "text", "text": last["content"]}]
+        return [*head, {**last, "content": parts}]
