@@ -64,6 +64,29 @@ def s3_bucket(s3_endpoint, request) -> tuple[str, StorageOptions]:
     return f"s3://{bucket}", options
 
 
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The vLLM environment's interpreter (`make test` creates it and sets VECLIP_VLLM_PYTHON)."""
+    python = os.environ.get("VECLIP_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+    if not Path(python).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"vLLM environment missing at {python}: `make test` creates it")
+        pytest.skip("no vLLM environment (run `make test` to create it)")
+    os.environ["VECLIP_VLLM_PYTHON"] = python
+    return python
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 def veclip_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the installed ``veclip`` console script as a user would."""
     exe = Path(sys.executable).with_name("veclip")

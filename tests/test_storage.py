@@ -109,18 +109,12 @@ def test_guard_large_binary_widens_only_big_columns():
     assert storage.guard_large_binary(table).equals(table)
 
 
-def test_ray_data_reads_through_the_same_filesystem(s3_bucket):
+def test_ray_data_reads_through_the_same_filesystem(s3_bucket, ray_session):
     """The resolved filesystem serves Ray Data (the stages' reader) on S3 too."""
-    import ray
-
     url, options = s3_bucket
     root = Location(url + "/ray", options)
     store = ShardStore(root)
     store.write("a.parquet", _table(3))
     store.write("b.parquet", _table(4, offset=3))
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        rows = ray.data.read_parquet(store.shards(), filesystem=root.arrow_fs).take_all()
-    finally:
-        ray.shutdown()
+    rows = ray_session.data.read_parquet(store.shards(), filesystem=root.arrow_fs).take_all()
     assert sorted(r["key"] for r in rows) == [f"k{i}" for i in range(7)]

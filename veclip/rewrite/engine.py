@@ -29,6 +29,10 @@ class Completion:
     text: str
     prompt_tokens: int
     generated_tokens: int
+    error: str | None = None  # a reason code when the request could not run, e.g. prompt_too_long
+
+
+PROMPT_TOO_LONG = "prompt_too_long"
 
 
 class Engine(Protocol):
@@ -57,10 +61,35 @@ class VLLMEngine:
             kwargs["limit_mm_per_prompt"] = {"image": config.limit_mm_per_prompt}
         self.llm = vllm.LLM(**kwargs)
         self.seeded = config.seeded_requests
+        self.max_model_len = config.max_model_len
         self.name = f"vllm-{vllm.__version__}"
 
+    def _prompt_tokens(self, request: Request) -> int:
+        tokenizer = self.llm.get_tokenizer()
+        if request.messages is not None:
+            text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            return len(tokenizer.encode(text, add_special_tokens=False))
+        return len(tokenizer.encode(request.prompt))
+
     def generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]:
+        """Requests whose text prompt leaves no room to generate come back with an
+        error instead of failing the whole batch (vLLM rejects a batch with one)."""
+        results: list[Completion | None] = [None] * len(requests)
+        runnable = []
+        for i, request in enumerate(requests):
+            if request.image is None and self._prompt_tokens(request) + sampling.max_tokens > self.max_model_len:
+                results[i] = Completion("", 0, 0, PROMPT_TOO_LONG)
+            else:
+                runnable.append(i)
+        for i, completion in zip(runnable, self._generate([requests[i] for i in runnable], sampling)):
+            results[i] = completion
+        return results
+
+    def _generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]:
         from vllm import SamplingParams
+
+        if not requests:
+            return []
 
         params = [
             SamplingParams(

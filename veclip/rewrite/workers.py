@@ -73,6 +73,14 @@ class _Meter:
         return {f"{prefix}_{k}": v for k, v in vars(self).items()}
 
 
+def _clean(completion, limits) -> tuple[str | None, str | None]:
+    """Every output here is one caption: keep its first non-empty line, then clean it."""
+    if completion.error:
+        return None, completion.error
+    first_line = next((line for line in completion.text.splitlines() if line.strip()), "")
+    return cleaning.clean(first_line, limits.max_words, limits.min_words)
+
+
 def _provenance(engine: Engine, model: str, version: str) -> dict:
     return {"model": model, "prompt_version": version, "engine": engine.name}
 
@@ -120,13 +128,13 @@ class ShardCaptioner:
             decoded = list(self.decoder.map(self._decode, (images[i].as_py() for i in part)))
             good = [(i, img) for i, img in zip(part, decoded) if not isinstance(img, ImageError)]
             outputs = meter.run(self.engine, [self._request(keys[i], img) for i, img in good], self.stage)
-            captions = {i: out.text for (i, _), out in zip(good, outputs)}
+            captions = dict(zip((i for i, _ in good), outputs))
             for i, img in zip(part, decoded):
                 row = {"key": keys[i], "vlm_caption": None, "flags": []}
                 if isinstance(img, ImageError):
                     row.update(image_error=img.reason, image_error_detail=img.detail)
                 else:
-                    text, reason = cleaning.clean(captions[i], self.config.cleaning.max_words, self.config.cleaning.min_words)
+                    text, reason = _clean(captions[i], self.config.cleaning)
                     row.update(vlm_caption=text, flags=[f"vlm_caption:{reason}"] if reason else [])
                 rows.append(row)
         stats = {"rows_in": len(keys), "seconds": time.perf_counter() - start, "engine": self.engine.name, **meter.stats("captioner")}
@@ -224,7 +232,7 @@ class ShardRewriter:
                 for i in rows
             ]
             for i, completion in zip(rows, meter.run(self.engine, requests, stage)):
-                text, reason = cleaning.clean(completion.text, limits.max_words, limits.min_words)
+                text, reason = _clean(completion, limits)
                 if text and cleaning.lost_entities(alts[i], text):
                     text, reason = None, cleaning.ENTITIES_LOST
                 vecaps[i] = text
@@ -246,7 +254,7 @@ class ShardRewriter:
             batch = [jobs[j] for j in part]
             outputs = meter.run(self.laclip_engine, [Request(prompt=p, seed=s) for _, p, s in batch], stage)
             for (i, _, _), completion in zip(batch, outputs):
-                text, reason = cleaning.clean(completion.text.split("\n", 1)[0], limits.max_words, limits.min_words)
+                text, reason = _clean(completion, limits)
                 if text:
                     rewrites[i].append(text)
                 else:
