@@ -57,7 +57,7 @@ class PoolConfig:
     max_actors: int = 1
     num_gpus: float = 1.0
     num_cpus: float = 1.0
-    batch_size: int = 256  # rows per engine call
+    batch_size: int = 1024  # rows per engine call: vLLM schedules within it, so bigger keeps it busier
     python: str | None = None  # the actors' interpreter (runtime_env py_executable); None: the driver's
 
 
@@ -138,7 +138,7 @@ def preset(name: str, tiny_models: dict[str, str] | None = None) -> RewriteConfi
     if name == "tiny":
         models = tiny_models or {"llm": "", "vlm": ""}
         cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, seeded_requests=False, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-        pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=64, python=default_vllm_python())
+        pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python())
 
         def stage(model, prompts, sampling, **engine):
             return StageConfig(EngineConfig(model=model, **cpu, **engine), sampling, pool, prompts)
