@@ -99,16 +99,22 @@ def build_vlm(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def _already_built(out: Path) -> dict[str, str] | None:
+    stamp = out / "tiny.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("version") == BUILD_VERSION:
+        return {"llm": str(out / "llm"), "vlm": str(out / "vlm")}
+    return None
+
+
 def build(out: str | Path) -> dict[str, str]:
     """Build both models into ``out`` unless already there (idempotent)."""
     out = Path(out)
-    stamp = out / "tiny.json"
-    paths = {"llm": str(out / "llm"), "vlm": str(out / "vlm")}
-    if stamp.exists() and json.loads(stamp.read_text()).get("version") == BUILD_VERSION:
+    if paths := _already_built(out):
         return paths
     build_llm(out / "llm")
     build_vlm(out / "vlm")
-    stamp.write_text(json.dumps({"version": BUILD_VERSION, **paths}))
+    paths = {"llm": str(out / "llm"), "vlm": str(out / "vlm")}
+    (out / "tiny.json").write_text(json.dumps({"version": BUILD_VERSION, **paths}))
     return paths
 
 
@@ -125,9 +131,8 @@ def ensure_built(out: str | Path, python: str | None) -> dict[str, str]:
     import sys
 
     out = Path(out)
-    stamp = out / "tiny.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("version") == BUILD_VERSION:
-        return {"llm": str(out / "llm"), "vlm": str(out / "vlm")}
+    if paths := _already_built(out):
+        return paths
     cmd = [python or sys.executable, "-m", "veclip.rewrite.tiny", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
