@@ -77,6 +77,26 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from veclip.train.config import build_config
+    from veclip.train.trainer import render_summary, run_train
+
+    overrides = list(args.set)
+    if args.caption_mode:
+        overrides.insert(0, f"captions.mode={args.caption_mode}")
+    config = build_config(args.preset, args.config, overrides, data=args.data, output=args.output, model=args.model, name=args.name, columns=args.columns)
+    print(render_summary(run_train(config, _storage(args))))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from veclip.train.export import export
+
+    out = export(args.checkpoint, args.out, _storage(args))
+    print(f"export: wrote {out}; load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from veclip.demo import DemoConfig, run_demo
 
@@ -125,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     _columns_flag(p)
     _storage_flags(p)
     p.set_defaults(func=cmd_rewrite, columns=None)
+
+    p = sub.add_parser("train", help="train CLIP with Ray Train on (enriched) shards")
+    p.add_argument("--data", required=True, help="folder or s3:// prefix of (enriched) shards")
+    p.add_argument("--output", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
+    p.add_argument("--model", help="open_clip model name, e.g. ViT-B-16 (default), or veclip-tiny")
+    p.add_argument("--name", help="run name; rerun with the same name and output to resume")
+    p.add_argument("--caption-mode", choices=("alttext", "vecap", "mix", "laclip", "weighted"), help="caption choice per sample (default mix)")
+    p.add_argument("--preset", choices=("default", "tiny"), default="default", help="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers")
+    p.add_argument("--config", help="a JSON/YAML file of config fields (see veclip/train/config.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. steps=2000, captions.p_vecap=0.3, scale.num_workers=4 (repeatable)")
+    _columns_flag(p)
+    _storage_flags(p)
+    p.set_defaults(func=cmd_train, columns=None)
+
+    p = sub.add_parser("export", help="write a checkpoint as a folder stock open_clip loads")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
+    p.add_argument("--out", required=True, help="local output folder")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on built-in sample data (local)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

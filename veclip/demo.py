@@ -1,8 +1,9 @@
 """``veclip demo``: the main job, end to end, on built-in sample data.
 
-Today: make the sample data, validate both splits, and rewrite the train
-split through real vLLM with tiny random models (VeCap and LaCLIP). The train
-and eval stages join here as they land. Rerunning is cheap: done shards are
+Today: make the sample data, validate both splits, rewrite the train split
+through real vLLM with tiny random models (VeCap and LaCLIP), train a tiny
+CLIP on the result with the VeCLIP 50/50 mix (2 Ray Train workers on CPU) and
+export it for stock open_clip. The eval stage joins here when it lands. Rerunning is cheap: done shards are
 skipped.
 """
 
@@ -15,6 +16,10 @@ from veclip.rewrite.config import build_config
 from veclip.rewrite.pipeline import render_summary, run_rewrite
 from veclip.sample import SampleConfig, generate
 from veclip.storage import Location, StorageOptions
+from veclip.train.config import build_config as build_train_config
+from veclip.train.export import export
+from veclip.train.trainer import render_summary as render_train_summary
+from veclip.train.trainer import run_train
 from veclip.validate import ValidateConfig, validate
 
 
@@ -44,5 +49,10 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
         print(render_summary(run_rewrite(rewrite, options)))
         print("demo: the rewrite used tiny RANDOM models (their captions are gibberish, so most are flagged);")
         print("      a real run uses e.g. llava-hf/llava-1.5-7b-hf and meta-llama/Meta-Llama-3-8B-Instruct on GPUs (--preset default).")
+        root = Location(config.out, options)
+        train = build_train_config("tiny", data=rewrite.output, output=root.child("train").url, name="demo-mix")
+        print(render_train_summary(run_train(train, options)))
+        if root.is_local:
+            print(f"demo: exported to {export(root.child('train', 'demo-mix').url, root.join('model'), options)}")
     print(f"demo: {'done' if ok else 'FAILED'} in {time.perf_counter() - start:.1f}s")
     return 0 if ok else 1

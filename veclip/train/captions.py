@@ -1,0 +1,100 @@
+"""Caption choice per sample: AltText, VeCap, the VeCLIP mix, LaCLIP's uniform choice,
+or any weighting of caption columns.
+
+Every row offers a fixed list of *slots* (``alt_text``, ``vecap``,
+``vlm_caption``, ``rewrites.0`` … ``rewrites.R-1``). A mode gives each slot a
+weight; per sample and epoch one slot is drawn among the row's present slots,
+from a uniform number that depends only on ``(seed, epoch, key)`` — not on the
+worker count, the block order or the batch. A drawn caption that is present
+but unusable (empty or under ``min_words`` words) falls back to the AltText,
+then to any other usable slot of the mode. Rows with no usable slot of the
+mode are dropped before training and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODES = ("alttext", "vecap", "mix", "laclip", "weighted")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    mode: str = "mix"
+    p_vecap: float = 0.5  # VeCLIP's mix: VeCap with probability p, AltText otherwise
+    weights: dict = field(default_factory=dict)  # weighted mode: {"alt_text": 1, "vecap": 2, "rewrites": 1}
+    max_rewrites: int = 4
+    min_words: int = 2
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"train: caption mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.p_vecap <= 1.0:
+            raise ValueError("train: p_vecap must be within [0, 1]")
+        if self.mode == "weighted":
+            unknown = set(self.weights) - {"alt_text", "vecap", "vlm_caption", "rewrites"}
+            if unknown or not self.weights or any(w < 0 for w in self.weights.values()):
+                raise ValueError(f"train: weighted mode needs non-negative weights over alt_text, vecap, vlm_caption, rewrites; got {self.weights}")
+
+    @property
+    def slots(self) -> list[str]:
+        return ["alt_text", "vecap", "vlm_caption"] + [f"rewrites.{i}" for i in range(self.max_rewrites)]
+
+    def slot_weights(self) -> np.ndarray:
+        weights = {
+            "alttext": {"alt_text": 1.0},
+            "vecap": {"vecap": 1.0},
+            "mix": {"vecap": self.p_vecap, "alt_text": 1.0 - self.p_vecap},
+            "laclip": {"alt_text": 1.0, "rewrites": float(self.max_rewrites)},
+            "weighted": dict(self.weights),
+        }[self.mode]
+        per_rewrite = weights.pop("rewrites", 0.0) / max(1, self.max_rewrites)
+        return np.array([weights.get(s, per_rewrite if s.startswith("rewrites.") else 0.0) for s in self.slots])
+
+
+def key_hash(key: str) -> int:
+    """A stable signed 64-bit hash of a row key (the same in every process and run)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a good bijective scramble of 64-bit integers."""
+    x = x.copy()
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def uniforms(key_hashes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """One uniform number in [0, 1) per key, a pure function of (seed, epoch, key)."""
+    with np.errstate(over="ignore"):
+        salt = _mix64(np.array([seed * 0x9E3779B97F4A7C15 + epoch], dtype=np.uint64))
+        x = _mix64(key_hashes.astype(np.int64).view(np.uint64) ^ salt)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def choose(key_hashes: np.ndarray, present: np.ndarray, usable: np.ndarray, weights: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Slot index per row (``-1``: nothing usable). ``present``/``usable``: bool [rows, slots]."""
+    w = np.where(present, weights[None, :], 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(w, axis=1) / np.where(total > 0, total, 1.0)
+    u = uniforms(key_hashes, seed, epoch)[:, None]
+    drawn = np.minimum((u >= cdf).sum(axis=1), len(weights) - 1)
+    rows = np.arange(len(key_hashes))
+    ok = (total[:, 0] > 0) & usable[rows, drawn]
+    candidates = usable & (weights[None, :] > 0)
+    alt_ok = candidates[:, 0]
+    first_usable = np.where(candidates.any(axis=1), candidates.argmax(axis=1), -1)
+    fallback = np.where(alt_ok, 0, first_usable)
+    return np.where(ok, drawn, fallback)
+
+
+def trainable(usable: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Rows that have at least one usable caption for the mode (epoch-independent)."""
+    return (usable & (weights[None, :] > 0)).any(axis=1)

@@ -1,0 +1,100 @@
+"""Typed configuration of the training stage, with presets; overrides as for rewrite."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from veclip.config import apply_overrides, load_config_file
+from veclip.images import ImageLimits
+from veclip.schema import ColumnMap
+from veclip.train.captions import CaptionConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 500
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Ray Train workers. On CPU keep ``cpus_per_worker`` fractional so Ray Data's
+    decode tasks still get CPUs."""
+
+    num_workers: int = 8
+    use_gpu: bool = True
+    cpus_per_worker: float = 8.0
+    max_failures: int = 3
+    preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""
+    output: str = ""  # run storage: <output>/<name>/checkpoint_*
+    name: str = "veclip-train"
+    model: str = "ViT-B-16"
+    pretrained: str | None = None  # a local weights file or an open_clip pretrained tag
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    batch_size: int = 256  # per worker; the contrastive batch is batch_size x num_workers
+    steps: int = 10_000
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint_every: int = 1000
+    report_every: int = 10  # ray.train.report is a sync point; every step's metrics are kept regardless
+    keep_checkpoints: int = 3
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
+    grad_checkpointing: bool = False
+    compile: bool = False
+    shuffle_buffer: int = 4096  # rows in each worker's local shuffle buffer
+    prefetch_batches: int = 2
+    # Keep the preprocessed rows in Ray's object store after the first pass: for
+    # small data (tests, the demo) it saves re-decoding every epoch, at the cost
+    # of the same augmentation each epoch. Leave off at scale.
+    materialize_data: bool = False
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    seed: int = 0
+    fail_at_step: int | None = None  # tests: rank 1 (or 0) raises once at this step
+
+    def __post_init__(self):
+        if self.batch_size < 2 or self.steps < 1:
+            raise ValueError("train: batch_size must be >= 2 and steps >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train: precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    def validate_for_run(self) -> None:
+        if not self.data or not self.output:
+            raise ValueError("train: --data and --output are required")
+
+
+def preset(name: str) -> TrainConfig:
+    """``default``: ViT-B-16 on 8 GPU workers. ``tiny``: an 8M-parameter CLIP on 2 CPU workers."""
+    if name == "default":
+        return TrainConfig()
+    if name == "tiny":
+        return TrainConfig(
+            model="veclip-tiny",
+            batch_size=32,
+            steps=60,
+            optim=OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=5),
+            scale=ScaleConfig(num_workers=2, use_gpu=False, cpus_per_worker=0.5, max_failures=1, preprocess_cpus=0.5),
+            checkpoint_every=20,
+            shuffle_buffer=256,
+            materialize_data=True,
+        )
+    raise ValueError(f"unknown preset {name!r}: use 'default' or 'tiny'")
+
+
+def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> TrainConfig:
+    """Preset, then the config file, then top-level fields, then ``--set`` overrides."""
+    config = preset(preset_name)
+    if config_file:
+        config = load_config_file(config, config_file)
+    config = dataclasses.replace(config, **{k: v for k, v in fields.items() if v is not None})
+    return apply_overrides(config, list(overrides))
