@@ -50,7 +50,8 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
         print("demo: the rewrite used tiny RANDOM models (their captions are gibberish, so most are flagged);")
         print("      a real run uses e.g. llava-hf/llava-1.5-7b-hf and meta-llama/Meta-Llama-3-8B-Instruct on GPUs (--preset default).")
         root = Location(config.out, options)
-        train = build_train_config("tiny", data=rewrite.output, output=root.child("train").url, name="demo-mix")
+        per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
+        train = build_train_config("tiny", None, [f"batch_size={per_worker}"], data=rewrite.output, output=root.child("train").url, name="demo-mix")
         print(render_train_summary(run_train(train, options)))
         if root.is_local:
             print(f"demo: exported to {export(root.child('train', 'demo-mix').url, root.join('model'), options)}")

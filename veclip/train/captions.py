@@ -74,7 +74,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def uniforms(key_hashes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """One uniform number in [0, 1) per key, a pure function of (seed, epoch, key)."""
     with np.errstate(over="ignore"):
-        salt = _mix64(np.array([seed * 0x9E3779B97F4A7C15 + epoch], dtype=np.uint64))
+        salt = _mix64(np.array([(seed * 0x9E3779B97F4A7C15 + epoch) % 2**64], dtype=np.uint64))
         x = _mix64(key_hashes.astype(np.int64).view(np.uint64) ^ salt)
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 

@@ -1,0 +1,124 @@
+"""Training on this machine, for real: Ray Train workers (gloo on CPU) streaming from Ray Data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from veclip.sample import SampleConfig, generate
+from veclip.storage import Location
+from veclip.train.config import build_config, preset
+from veclip.train.export import export, latest_checkpoint
+from veclip.train.loop import METRICS_FILE, load_state
+from veclip.train.model import cosine_with_warmup, create_model, param_groups
+from veclip.train.trainer import run_train
+
+
+def quiet(*_):
+    pass
+
+
+def test_param_groups_and_schedule():
+    model = create_model("veclip-tiny")
+    no_decay, decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.2
+    assert "logit_scale" in {names[id(p)] for p in no_decay["params"]}
+    assert all(p.ndim >= 2 for p in decay["params"]) and all("bias" not in names[id(p)] for p in decay["params"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = cosine_with_warmup(optimizer, warmup_steps=4, total_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0 and lrs[-1] < 0.05
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+@pytest.fixture(scope="module")
+def ref_data(tmp_path_factory) -> Path:
+    """Sample data whose `vecap` column is the reference caption (a perfect captioner),
+    plus one undecodable image and one row with no caption at all."""
+    root = tmp_path_factory.mktemp("train-data")
+    generate(SampleConfig(str(root / "sample"), rows=480, eval_rows=1, shards=4, image_size=64, seed=3), log=quiet)
+    out = root / "enriched"
+    out.mkdir()
+    for path in sorted((root / "sample" / "train").glob("*.parquet")):
+        table = pq.read_table(path)
+        table = table.append_column("vecap", table.column("ref_caption"))
+        rows = table.to_pylist()
+        if path.name == "part-00000.parquet":
+            rows[0]["image"] = b"junk"
+            rows[1]["alt_text"], rows[1]["vecap"] = None, None
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out / path.name)
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    checkpoint = latest_checkpoint(Location(str(run)))
+    return [json.loads(line) for line in Path(checkpoint.join(METRICS_FILE)).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session):
+    config = build_config("tiny", None, ["steps=40", "checkpoint_every=10", "keep_checkpoints=2", "captions.mode=vecap"], data=str(ref_data), output=str(tmp_path), name="learn")
+    summary = run_train(config, log=quiet)
+    run = tmp_path / "learn"
+    history = _metrics(run)
+    assert [m["step"] for m in history] == list(range(1, 41))
+    first, last = np.mean([m["loss"] for m in history[:5]]), np.mean([m["loss"] for m in history[-5:]])
+    assert last < first - 0.5, (first, last)
+    for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_worker", "data_wait_share", "train_flops_per_sample"):
+        assert all(m[key] is not None for m in history), key
+    assert history[-1]["samples_seen"] == 40 * 32 * 2
+    assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # num_to_keep
+    assert summary["metrics"]["step"] == 40 and summary["rows_skipped_by_reason"]["image_unusable"] >= 1
+    assert summary["rows_skipped_by_reason"]["no_usable_caption"] >= 1
+    assert json.loads((run / "summary.json").read_text())["caption_mode"] == "vecap"
+
+    # export -> stock open_clip gives the training model's embeddings
+    import open_clip
+
+    out = export(str(run), str(tmp_path / "export"))
+    stock, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    trained = create_model("veclip-tiny")
+    trained.load_state_dict(load_state(latest_checkpoint(Location(str(run))).path)["model"])
+    images = torch.randn(3, 3, 64, 64)
+    texts = open_clip.get_tokenizer(f"local-dir:{out}")(["a red star", "two blue circles", ""])
+    stock.eval(), trained.eval()
+    with torch.no_grad():
+        assert torch.equal(stock.encode_image(images), trained.encode_image(images))
+        assert torch.equal(stock.encode_text(texts), trained.encode_text(texts))
+
+
+@pytest.mark.slow
+def test_injected_failure_resumes_from_the_last_checkpoint(ref_data, tmp_path, ray_session):
+    config = build_config("tiny", None, ["steps=16", "checkpoint_every=6", "fail_at_step=9", "captions.mode=mix"], data=str(ref_data), output=str(tmp_path), name="fault")
+    summary = run_train(config, log=quiet)
+    assert summary["metrics"]["step"] == 16 and summary["metrics"]["resumed_from_step"] == 6
+    history = _metrics(tmp_path / "fault")
+    assert [m["step"] for m in history] == list(range(1, 17))  # the failed attempt's steps 7-9 are redone, not kept twice
+
+
+@pytest.mark.slow
+def test_data_and_checkpoints_on_s3(ref_data, s3_bucket, ray_session):
+    url, options = s3_bucket
+    Location(url, options).fs.put(str(ref_data) + "/", url[len("s3://"):] + "/data", recursive=True)
+    config = build_config("tiny", None, ["steps=4", "checkpoint_every=2", "scale.num_workers=1"], data=url + "/data", output=url + "/runs", name="s3")
+    summary = run_train(config, options, log=quiet)
+    assert summary["metrics"]["step"] == 4
+    runs = Location(url + "/runs/s3", options)
+    assert [p for p in runs.fs.ls(runs.path, detail=False) if "checkpoint_" in p]
+    assert runs.fs.exists(runs.join("summary.json"))
+
+
+def test_bad_config_and_data(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        build_config("tiny", None, ["batch_size=1"])
+    with pytest.raises(ValueError, match="--data and --output"):
+        preset("tiny").validate_for_run()
