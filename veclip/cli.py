@@ -40,6 +40,16 @@ def _columns_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_flags(parser: argparse.ArgumentParser, stage: str, presets: str, example: str) -> None:
+    """--preset, --config and --set, the same on every stage."""
+    parser.add_argument("--preset", choices=("default", "tiny"), default="default", help=presets)
+    parser.add_argument("--config", help=f"a JSON/YAML file of config fields (see veclip/{stage}/config.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a field, e.g. {example} (repeatable)")
+    _columns_flag(parser)
+    _storage_flags(parser)
+    parser.set_defaults(columns=None)  # None: keep the preset's or the config file's mapping
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from veclip.sample import SampleConfig, generate
 
@@ -139,12 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder or s3:// prefix of input shards")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for enriched shards")
     p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
-    p.add_argument("--preset", choices=("default", "tiny"), default="default", help="default: real models on GPU actors; tiny: tiny random models on CPU")
-    p.add_argument("--config", help="a JSON/YAML file of config fields (see veclip/rewrite/config.py)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7 (repeatable)")
-    _columns_flag(p)
-    _storage_flags(p)
-    p.set_defaults(func=cmd_rewrite, columns=None)
+    _config_flags(p, "rewrite", "default: real models on GPU actors; tiny: tiny random models on CPU", "fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7")
+    p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("train", help="train CLIP with Ray Train on (enriched) shards")
     p.add_argument("--data", required=True, help="folder or s3:// prefix of (enriched) shards")
@@ -152,12 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="open_clip model name, e.g. ViT-B-16 (default), or veclip-tiny")
     p.add_argument("--name", help="run name; rerun with the same name and output to resume")
     p.add_argument("--caption-mode", choices=("alttext", "vecap", "mix", "laclip", "weighted"), help="caption choice per sample (default mix)")
-    p.add_argument("--preset", choices=("default", "tiny"), default="default", help="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers")
-    p.add_argument("--config", help="a JSON/YAML file of config fields (see veclip/train/config.py)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. steps=2000, captions.p_vecap=0.3, scale.num_workers=4 (repeatable)")
-    _columns_flag(p)
-    _storage_flags(p)
-    p.set_defaults(func=cmd_train, columns=None)
+    _config_flags(p, "train", "default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers", "steps=2000, captions.p_vecap=0.3, scale.num_workers=4")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a checkpoint as a folder stock open_clip loads")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
