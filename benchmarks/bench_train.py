@@ -96,7 +96,7 @@ def main() -> None:
         ingest = [bench_ingest(Path(tmp) / "s256" / "train", "ViT-B-16"), bench_ingest(Path(tmp) / "s64" / "train", "veclip-tiny")]
 
         bare = bench_bare_loop("veclip-tiny", args.batch, args.steps)
-        config = build_config("tiny", None, [f"steps={args.steps}", f"batch_size={args.batch}", "scale.num_workers=1", "scale.cpus_per_worker=1", "captions.mode=alttext", f"checkpoint_every={args.steps}", "report_every=20"], data=tmp + "/s64/train", output=tmp + "/runs", name="bench")
+        config = build_config("tiny", None, [f"steps={args.steps}", f"batch_size={args.batch}", "scale.num_workers=1", "scale.cpus_per_worker=2", "captions.mode=alttext", f"checkpoint_every={args.steps}", "report_every=20"], data=tmp + "/s64/train", output=tmp + "/runs", name="bench")
         run_train(config, log=lambda *_: None)
         history = [__import__("json").loads(line) for line in Path(latest_checkpoint(Location(tmp + "/runs/bench")).join(METRICS_FILE)).read_text().splitlines()]
         steady = [m for m in history[len(history) // 2 :] if m["step"] % config.report_every and m["step"] % config.checkpoint_every]
