@@ -107,6 +107,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from veclip.eval.run import EvalConfig, evaluate, render_markdown
+
+    config = EvalConfig(
+        model=args.model, data=args.data, out=args.out, pretrained=args.pretrained, label_column=args.label_column,
+        caption_column=args.caption_column, classes=args.classes, templates=args.templates, columns=args.columns,
+    )
+    print(render_markdown(evaluate(config, _storage(args))))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from veclip.demo import DemoConfig, run_demo
 
@@ -166,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="local output folder")
     _storage_flags(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="zero-shot classification and image<->text retrieval on a Parquet eval set")
+    p.add_argument("--model", required=True, help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)")
+    p.add_argument("--data", required=True, help="eval shards: folder or s3:// prefix")
+    p.add_argument("--out", help="write eval.json and eval.md here")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
+    p.add_argument("--label-column", default="label_shape", help="class-name column for zero-shot (default label_shape)")
+    p.add_argument("--caption-column", default="caption", help="caption (string or list) column for retrieval (default caption)")
+    p.add_argument("--classes", help='JSON file with "classnames" (default: the eval set\'s _classes.json)')
+    p.add_argument("--templates", default="generic", help="prompt templates: generic, imagenet, or a JSON file")
+    _columns_flag(p)
+    _storage_flags(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on built-in sample data (local)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

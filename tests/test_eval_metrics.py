@@ -1,0 +1,79 @@
+"""Metrics on hand-made embeddings with known answers."""
+
+import numpy as np
+import pytest
+
+from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
+
+E = np.eye(4)
+
+
+def test_zero_shot_exact():
+    images = np.array([[1, 0.1, 0, 0], [0, 1, 0.5, 0], [0, 0.9, 1, 0], [0.2, 0.3, 0.4, 1]])
+    labels = np.array([0, 2, 2, 3])  # image 1 is closest to class 1 but labelled 2: a top-1 miss, top-2 hit
+    got = zero_shot(images, E, labels, ks=(1, 2, 5))
+    assert got == {"top1": 0.75, "top2": 1.0, "top5": 1.0}
+
+
+def test_zero_shot_ties_break_by_class_index():
+    images = np.array([[1.0, 1.0, 0, 0], [1.0, 1.0, 0, 0]])
+    # both classes 0 and 1 score the same: class 0 ranks first
+    assert zero_shot(images, E, np.array([0, 1]), ks=(1, 2)) == {"top1": 0.5, "top2": 1.0}
+
+
+def test_zero_shot_one_class():
+    assert zero_shot(np.random.default_rng(0).normal(size=(5, 3)), np.ones((1, 3)), np.zeros(5, int)) == {"top1": 1.0, "top5": 1.0}
+
+
+def test_prompt_ensembling():
+    templates = np.array([[[2, 0], [0, 1]], [[0, 3], [0, 1]]], dtype=float)  # [classes, templates, dim]
+    got = class_embeddings(templates)
+    np.testing.assert_allclose(got, [[np.sqrt(0.5), np.sqrt(0.5)], [0, 1]])
+
+
+def test_retrieval_exact_with_several_captions_per_image():
+    images = np.eye(3)
+    texts = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.2, 1], [0.8, 0.6, 0]])
+    text_image = np.array([0, 0, 1, 2, 2])  # the last caption of image 2 points at images 0/1: a miss
+    got = retrieval(images, texts, text_image, ks=(1, 2, 5))
+    assert got["text_to_image_R@1"] == pytest.approx(4 / 5)
+    assert got["text_to_image_R@2"] == pytest.approx(4 / 5)  # image 2 is third for the last caption
+    assert got["text_to_image_R@5"] == 1.0
+    # image 0 -> text 0 (its own); image 1 -> text 2 (own); image 2 -> text 3 (own)
+    assert got["image_to_text_R@1"] == 1.0
+
+
+def test_retrieval_miss_and_ties():
+    images = np.array([[1.0, 0], [1.0, 0]])
+    texts = np.array([[1.0, 0], [1.0, 0]])  # everything ties: index order decides
+    got = retrieval(images, texts, np.array([1, 0]), ks=(1, 2))
+    # text 0 belongs to image 1, but image 0 ranks first: a miss; text 1 -> image 0: a hit.
+    # image 0's caption is text 1, ranked after text 0: a miss; image 1's is text 0: a hit.
+    assert got == {"image_to_text_R@1": 0.5, "text_to_image_R@1": 0.5, "image_to_text_R@2": 1.0, "text_to_image_R@2": 1.0}
+
+
+def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
+    """A random tiny CLIP, exported, evaluated through the CLI: files written, numbers sane."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from conftest import veclip_cli
+    from veclip.train.model import create_model
+
+    import open_clip
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in create_model("veclip-tiny").state_dict().items()}, str(model_dir / "open_clip_model.safetensors"))
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}}))
+    result = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| label_shape |" in result.stdout and "| image -> text |" in result.stdout
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert results["images"] == 20 and results["classes"] == 6 and results["templates"] == 6
+    assert 0 <= results["zero_shot"]["label_shape"]["top1"] <= results["zero_shot"]["label_shape"]["top5"] <= 1
+    assert results["retrieval"]["text_to_image_R@10"] >= results["retrieval"]["text_to_image_R@1"]
+    assert (tmp_path / "eval" / "eval.md").read_text().startswith("# Evaluation")
+    bad = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--label-column", "nope")
+    assert bad.returncode == 2 and "no column(s) ['nope']" in bad.stderr

@@ -1,0 +1,1 @@
+"""The evaluation stage: zero-shot classification and image<->text retrieval."""

@@ -1,0 +1,55 @@
+"""Zero-shot classification and image<->text retrieval metrics on embeddings.
+
+Pure numpy on L2-normalised embeddings, so they can be checked by hand.
+Ties are broken by index (the lower class or item ranks first): rankings are
+deterministic and a tie never counts twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
+
+
+def class_embeddings(template_embeddings: np.ndarray) -> np.ndarray:
+    """[classes, templates, dim] -> [classes, dim]: CLIP's prompt ensembling
+    (average the normalised template embeddings, then normalise again)."""
+    return normalize(normalize(template_embeddings).mean(axis=1))
+
+
+def _ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's target column; ties broken by column index."""
+    target_scores = scores[np.arange(len(targets)), targets][:, None]
+    columns = np.arange(scores.shape[1])[None, :]
+    better = (scores > target_scores) | ((scores == target_scores) & (columns < targets[:, None]))
+    return better.sum(axis=1)
+
+
+def zero_shot(image_embeddings: np.ndarray, class_embeddings_: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+    """Top-k accuracy of each image's label among all classes (k capped at the class count)."""
+    scores = normalize(image_embeddings) @ normalize(class_embeddings_).T
+    ranks = _ranks(scores, np.asarray(labels))
+    return {f"top{k}": float((ranks < k).mean()) for k in ks}
+
+
+def retrieval(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways; ``text_image[j]`` is the image that caption ``j`` describes
+    (several captions per image allowed). Image->text counts a hit when *any* of
+    the image's captions is in the top k; text->image when its image is."""
+    text_image = np.asarray(text_image)
+    scores = normalize(image_embeddings) @ normalize(text_embeddings).T  # [images, texts]
+    t2i_ranks = _ranks(scores.T, text_image)
+    # image -> text: the best-ranked of the image's own captions
+    i2t_ranks = np.full(scores.shape[0], np.iinfo(np.int64).max)
+    for j, image in enumerate(text_image):
+        rank = _ranks(scores[[image]], np.array([j]))[0]
+        i2t_ranks[image] = min(i2t_ranks[image], rank)
+    out = {}
+    for k in ks:
+        out[f"image_to_text_R@{k}"] = float((i2t_ranks < k).mean())
+        out[f"text_to_image_R@{k}"] = float((t2i_ranks < k).mean())
+    return out

@@ -1,0 +1,175 @@
+"""``veclip eval``: zero-shot classification and retrieval of a model on a Parquet eval set.
+
+The eval set is shards in the input schema plus a label column (class names,
+for zero-shot) and a caption column (a string or a list of strings, for
+retrieval); the sample generator's eval split is one. Class names come from
+``--classes`` (a JSON file with ``classnames``) or the set's own
+``_classes.json``; prompt templates from a shipped set (``generic``,
+``imagenet``) or a JSON file. The model is an exported folder (open_clip
+``local-dir:``), a training run or checkpoint folder, or an open_clip name
+with ``--pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from veclip import schema
+from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
+from veclip.images import ImageError, decode_image
+from veclip.storage import Location, StorageOptions, list_shards
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    data: str
+    out: str | None = None
+    pretrained: str | None = None  # with an open_clip model name
+    label_column: str = "label_shape"
+    caption_column: str = "caption"
+    classes: str | None = None
+    templates: str = "generic"
+    batch_size: int = 256
+    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
+
+
+def load_templates(name_or_path: str) -> list[str]:
+    path = Path(name_or_path)
+    shipped = resources.files("veclip.eval") / "zeroshot" / f"{name_or_path}.json"
+    data = json.loads(path.read_text() if path.suffix == ".json" and path.exists() else shipped.read_text())
+    return data["templates"]
+
+
+def load_model(spec: str, pretrained: str | None, options: StorageOptions):
+    """``(model, preprocess, tokenizer)`` in eval mode on CPU."""
+    import open_clip
+
+    from veclip.train.model import register_configs
+
+    register_configs()
+    if spec.startswith("s3://") or (Path(spec).is_dir() and not (Path(spec) / "open_clip_config.json").exists()):
+        from veclip.train.export import export
+
+        spec = str(export(spec, tempfile.mkdtemp(prefix="veclip-eval-"), options))  # a run or checkpoint folder
+    if Path(spec).is_dir():
+        spec = f"local-dir:{spec}"  # an exported folder
+    model, _, preprocess = open_clip.create_model_and_transforms(spec, pretrained=pretrained)
+    return model.eval(), preprocess, open_clip.get_tokenizer(spec)
+
+
+def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            out.append(model.encode_text(tokenizer(texts[i : i + batch])).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1))
+
+
+def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
+    import torch
+
+    options = options or StorageOptions()
+    location = Location(config.data, options)
+    shards = list_shards(location)
+    if not shards:
+        raise FileNotFoundError(f"eval: no .parquet shards in {config.data}")
+    model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
+
+    rows = []
+    for path in shards:
+        table = config.columns.apply(pq.read_table(path, filesystem=location.fs))
+        missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in table.column_names]
+        if missing:
+            raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
+        rows += table.select([schema.KEY, schema.IMAGE, config.label_column, config.caption_column]).to_pylist()
+
+    images, kept, skipped = [], [], 0
+    for row in rows:
+        try:
+            images.append(preprocess(decode_image(row[schema.IMAGE])))
+            kept.append(row)
+        except ImageError:
+            skipped += 1
+    image_embeddings = []
+    with torch.no_grad():
+        for i in range(0, len(images), config.batch_size):
+            image_embeddings.append(model.encode_image(torch.stack(images[i : i + config.batch_size])).float().numpy())
+    image_embeddings = np.concatenate(image_embeddings)
+
+    # zero-shot: class names x templates, averaged per class
+    if config.classes:
+        classnames = json.loads(Path(config.classes).read_text())["classnames"]
+    else:
+        classes_path = location.join("_classes.json")
+        if not location.fs.exists(classes_path):
+            raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
+        classnames = json.loads(location.fs.cat_file(classes_path))[config.label_column]
+    templates = load_templates(config.templates)
+    prompts = [t.format(c) for c in classnames for t in templates]
+    per_class = _encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames), len(templates), -1)
+    index = {name: i for i, name in enumerate(classnames)}
+    unknown = sorted({r[config.label_column] for r in kept} - set(index))
+    if unknown:
+        raise ValueError(f"eval: labels {unknown[:5]} are not among the {len(classnames)} class names")
+    labels = np.array([index[r[config.label_column]] for r in kept])
+    zs = zero_shot(image_embeddings, class_embeddings(per_class), labels)
+
+    # retrieval: one or several captions per image
+    texts, text_image = [], []
+    for i, row in enumerate(kept):
+        captions = row[config.caption_column]
+        for caption in captions if isinstance(captions, list) else [captions]:
+            texts.append(caption)
+            text_image.append(i)
+    rt = retrieval(image_embeddings, _encode_texts(model, tokenizer, texts, config.batch_size), np.array(text_image))
+
+    results = {
+        "model": config.model,
+        "data": config.data,
+        "images": len(kept),
+        "images_skipped": skipped,
+        "captions": len(texts),
+        "classes": len(classnames),
+        "templates": len(templates),
+        "zero_shot": {config.label_column: zs},
+        "retrieval": rt,
+    }
+    if config.out:
+        out = Location(config.out, options)
+        out.fs.makedirs(out.path, exist_ok=True)
+        out.fs.pipe_file(out.join("eval.json"), json.dumps(results, indent=1).encode())
+        out.fs.pipe_file(out.join("eval.md"), render_markdown(results).encode())
+    return results
+
+
+def render_markdown(results: dict) -> str:
+    lines = [
+        f"# Evaluation of `{results['model']}`",
+        "",
+        f"{results['images']} images ({results['images_skipped']} skipped), {results['captions']} captions, "
+        f"{results['classes']} classes x {results['templates']} templates, from `{results['data']}`.",
+        "",
+        "| zero-shot | top-1 | top-5 |",
+        "| --- | --- | --- |",
+    ]
+    for column, scores in results["zero_shot"].items():
+        lines.append(f"| {column} | {scores['top1']:.1%} | {scores['top5']:.1%} |")
+    r = results["retrieval"]
+    lines += [
+        "",
+        "| retrieval | R@1 | R@5 | R@10 |",
+        "| --- | --- | --- | --- |",
+        f"| image -> text | {r['image_to_text_R@1']:.1%} | {r['image_to_text_R@5']:.1%} | {r['image_to_text_R@10']:.1%} |",
+        f"| text -> image | {r['text_to_image_R@1']:.1%} | {r['text_to_image_R@5']:.1%} | {r['text_to_image_R@10']:.1%} |",
+    ]
+    return "\n".join(lines) + "\n"
