@@ -72,3 +72,6 @@ def test_demo(tmp_path, vllm_python):
     assert result.stdout.count("OK: usable") == 2 and "demo: done" in result.stdout
     assert "rewrite (both): 40 rows in -> " in result.stdout and "train (veclip-tiny, captions mix): step 60" in result.stdout
     assert (tmp_path / "demo" / "model" / "open_clip_model.safetensors").exists()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "tiny and random" in report and "| label_shape |" in report and "| rewrite (vLLM, tiny random models) |" in report
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000 and (tmp_path / "demo" / "eval.png").stat().st_size > 1000

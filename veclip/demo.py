@@ -1,23 +1,27 @@
 """``veclip demo``: the main job, end to end, on built-in sample data.
 
-Today: make the sample data, validate both splits, rewrite the train split
-through real vLLM with tiny random models (VeCap and LaCLIP), train a tiny
-CLIP on the result with the VeCLIP 50/50 mix (2 Ray Train workers on CPU) and
-export it for stock open_clip. The eval stage joins here when it lands. Rerunning is cheap: done shards are
-skipped.
+Sample data -> validate -> rewrite (VeCap + LaCLIP through real vLLM, tiny
+random models) -> train a tiny CLIP with the VeCLIP 50/50 mix on 2 Ray Train
+workers -> export for stock open_clip -> evaluate (zero-shot, retrieval) ->
+``report.md`` with plots. Rerunning is cheap: every stage skips what is done
+(training resumes from its last checkpoint, which is the end).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from veclip.rewrite.config import build_config
-from veclip.rewrite.pipeline import render_summary, run_rewrite
+from veclip.eval.run import EvalConfig, evaluate
+from veclip.report import write_report
+from veclip.rewrite.config import build_config as build_rewrite_config
+from veclip.rewrite.pipeline import render_summary as render_rewrite_summary
+from veclip.rewrite.pipeline import run_rewrite
 from veclip.sample import SampleConfig, generate
 from veclip.storage import Location, StorageOptions
 from veclip.train.config import build_config as build_train_config
-from veclip.train.export import export
+from veclip.train.export import export, metric_history
 from veclip.train.trainer import render_summary as render_train_summary
 from veclip.train.trainer import run_train
 from veclip.validate import ValidateConfig, validate
@@ -35,25 +39,46 @@ class DemoConfig:
 def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     """Returns a process exit code: 0 when every step succeeded."""
     options = options or StorageOptions()
-    data = Location(config.out, options).child("data")
-    start = time.perf_counter()
+    root = Location(config.out, options)
+    if not root.is_local:
+        raise ValueError("demo: --out must be a local folder (the report and the exported model are local files)")
+    data = root.child("data")
+    timings: dict[str, float] = {}
+    start = last = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal last
+        timings[name] = time.perf_counter() - last
+        last = time.perf_counter()
+
     generate(SampleConfig(data.url, config.rows, config.eval_rows, config.shards, config.seed), options)
-    print(f"demo: sample data ready in {data.url} ({time.perf_counter() - start:.1f}s)")
-    ok = True
+    lap("sample data")
     for split in ("train", "eval"):
         report = validate(ValidateConfig(data.child(split).url, images="full"), options)
         print(report.render())
-        ok &= report.usable
-    if ok:
-        rewrite = build_config("tiny", input=data.child("train").url, output=Location(config.out, options).child("enriched").url, mode="both")
-        print(render_summary(run_rewrite(rewrite, options)))
-        print("demo: the rewrite used tiny RANDOM models (their captions are gibberish, so most are flagged);")
-        print("      a real run uses e.g. llava-hf/llava-1.5-7b-hf and meta-llama/Meta-Llama-3-8B-Instruct on GPUs (--preset default).")
-        root = Location(config.out, options)
-        per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
-        train = build_train_config("tiny", None, [f"batch_size={per_worker}"], data=rewrite.output, output=root.child("train").url, name="demo-mix")
-        print(render_train_summary(run_train(train, options)))
-        if root.is_local:
-            print(f"demo: exported to {export(root.child('train', 'demo-mix').url, root.join('model'), options)}")
-    print(f"demo: {'done' if ok else 'FAILED'} in {time.perf_counter() - start:.1f}s")
-    return 0 if ok else 1
+        if not report.usable:
+            print("demo: FAILED: the sample data did not validate")
+            return 1
+    lap("validate")
+
+    rewrite = build_rewrite_config("tiny", input=data.child("train").url, output=root.child("enriched").url, mode="both")
+    rewrite_summary = run_rewrite(rewrite, options)
+    print(render_rewrite_summary(rewrite_summary))
+    lap("rewrite (vLLM, tiny random models)")
+
+    per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
+    train = build_train_config("tiny", None, [f"batch_size={per_worker}"], data=rewrite.output, output=root.child("train").url, name="demo-mix")
+    train_summary = run_train(train, options)
+    print(render_train_summary(train_summary))
+    lap("train (Ray Train, 2 CPU workers)")
+
+    model = export(root.child("train", "demo-mix").url, root.join("model"), options)
+    evaluation = evaluate(EvalConfig(model=str(model), data=data.child("eval").url, out=root.child("eval").url), options)
+    lap("export + eval")
+    timings["total"] = time.perf_counter() - start
+
+    history = metric_history(root.child("train", "demo-mix").url, options)
+    report = write_report(Path(root.path), rewrite_summary, train_summary, history, evaluation, timings)
+    print(report.read_text())
+    print(f"demo: done in {timings['total']:.1f}s; report: {report}")
+    return 0

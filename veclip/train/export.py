@@ -53,3 +53,12 @@ def export(checkpoint: str, out: str, options: StorageOptions | None = None) -> 
     config = {"model_cfg": model_info["model_cfg"], "preprocess_cfg": {}, "veclip": {"model_name": model_info["name"], "checkpoint": source.url, "step": state["counters"]["step"]}}
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return target
+
+
+def metric_history(run: str, options: StorageOptions | None = None) -> list[dict]:
+    """Every step's metrics, from the run's latest checkpoint."""
+    from veclip.train.loop import METRICS_FILE
+
+    checkpoint = latest_checkpoint(Location(run, options or StorageOptions()))
+    text = checkpoint.fs.cat_file(checkpoint.join(METRICS_FILE)).decode()
+    return [json.loads(line) for line in text.splitlines() if line]
