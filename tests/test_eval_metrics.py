@@ -56,17 +56,9 @@ def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
     """A random tiny CLIP, exported, evaluated through the CLI: files written, numbers sane."""
     import json
 
-    from safetensors.torch import save_file
-
     from conftest import veclip_cli
-    from veclip.train.model import create_model
 
-    import open_clip
-
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in create_model("veclip-tiny").state_dict().items()}, str(model_dir / "open_clip_model.safetensors"))
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}}))
+    model_dir = _random_tiny_export(tmp_path / "model")
     result = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--out", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| label_shape |" in result.stdout and "| image -> text |" in result.stdout
@@ -77,3 +69,51 @@ def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
     assert (tmp_path / "eval" / "eval.md").read_text().startswith("# Evaluation")
     bad = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--label-column", "nope")
     assert bad.returncode == 2 and "no column(s) ['nope']" in bad.stderr
+
+
+def test_converters_feed_eval(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from veclip.eval.convert import from_class_folders, from_coco
+    from conftest import veclip_cli
+
+    for name, colour in (("n01", (255, 0, 0)), ("n02", (0, 0, 255))):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), colour).save(tmp_path / "val" / name / f"{i}.jpg")
+    (tmp_path / "val" / "n02" / "broken.jpg").write_bytes(b"nope")
+    (tmp_path / "names.json").write_text(json.dumps(["red thing", "blue thing"]))
+    summary = from_class_folders(str(tmp_path / "val"), str(tmp_path / "imagenet"), str(tmp_path / "names.json"))
+    assert summary["rows"] == 6 and summary["classes"] == 2 and len(summary["skipped"]) == 1
+    assert json.loads((tmp_path / "imagenet" / "_classes.json").read_text()) == {"label": ["red thing", "blue thing"]}
+
+    coco = {"images": [{"id": 1, "file_name": "n01/0.jpg"}, {"id": 2, "file_name": "n02/0.jpg"}, {"id": 3, "file_name": "gone.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "a red card"}, {"image_id": 1, "caption": "red "}, {"image_id": 2, "caption": "blue"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    result = veclip_cli("convert-eval", "coco", str(tmp_path / "captions.json"), "--images", str(tmp_path / "val"), "--out", str(tmp_path / "coco"))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 rows" in result.stdout and "gone.jpg: missing_file" in result.stdout
+
+    from veclip.eval.run import EvalConfig, evaluate
+
+    model_dir = _random_tiny_export(tmp_path / "model")
+    folders = evaluate(EvalConfig(model=str(model_dir), data=str(tmp_path / "imagenet"), label_column="label"))
+    assert folders["images"] == 6 and folders["classes"] == 2 and folders["zero_shot"]["label"]["top5"] == 1.0
+    captions = evaluate(EvalConfig(model=str(model_dir), data=str(tmp_path / "coco"), label_column="label"))
+    assert captions["zero_shot"] == {} and captions["captions"] == 3 and captions["images"] == 2
+
+
+def _random_tiny_export(model_dir):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from veclip.train.model import create_model
+
+    model_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in create_model("veclip-tiny").state_dict().items()}, str(model_dir / "open_clip_model.safetensors"))
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}}))
+    return model_dir

@@ -118,6 +118,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_eval(args: argparse.Namespace) -> int:
+    from veclip.eval import convert
+
+    if args.format == "folders":
+        summary = convert.from_class_folders(args.source, args.out, args.class_names, options=_storage(args))
+    else:
+        if not args.images:
+            raise ValueError("convert-eval coco: --images DIR is required")
+        summary = convert.from_coco(args.source, args.images, args.out, options=_storage(args))
+    for problem in summary["skipped"]:
+        print(f"skipped: {problem}")
+    print(f"convert-eval: wrote {summary['rows']} rows to {args.out} ({len(summary['skipped'])} skipped)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from veclip.demo import DemoConfig, run_demo
 
@@ -190,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     _columns_flag(p)
     _storage_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert-eval", help="convert class folders (ImageNet-style) or a COCO captions JSON into an eval set")
+    p.add_argument("format", choices=("folders", "coco"))
+    p.add_argument("source", help="folders: ROOT with one folder per class; coco: the captions JSON")
+    p.add_argument("--images", help="coco: the folder of the images")
+    p.add_argument("--class-names", help="folders: JSON list of human class names, in sorted-folder order")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_convert_eval)
 
     p = sub.add_parser("demo", help="the main job on built-in sample data (local)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -106,23 +106,25 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
             image_embeddings.append(model.encode_image(torch.stack(images[i : i + config.batch_size])).float().numpy())
     image_embeddings = np.concatenate(image_embeddings)
 
-    # zero-shot: class names x templates, averaged per class
-    if config.classes:
-        classnames = json.loads(Path(config.classes).read_text())["classnames"]
-    else:
-        classes_path = location.join("_classes.json")
-        if not location.fs.exists(classes_path):
-            raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
-        classnames = json.loads(location.fs.cat_file(classes_path))[config.label_column]
-    templates = load_templates(config.templates)
-    prompts = [t.format(c) for c in classnames for t in templates]
-    per_class = _encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames), len(templates), -1)
-    index = {name: i for i, name in enumerate(classnames)}
-    unknown = sorted({r[config.label_column] for r in kept} - set(index))
-    if unknown:
-        raise ValueError(f"eval: labels {unknown[:5]} are not among the {len(classnames)} class names")
-    labels = np.array([index[r[config.label_column]] for r in kept])
-    zs = zero_shot(image_embeddings, class_embeddings(per_class), labels)
+    # zero-shot: class names x templates, averaged per class (only where the set has labels)
+    zs, classnames, templates = {}, [], []
+    if any(r[config.label_column] is not None for r in kept):
+        if config.classes:
+            classnames = json.loads(Path(config.classes).read_text())["classnames"]
+        else:
+            classes_path = location.join("_classes.json")
+            if not location.fs.exists(classes_path):
+                raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
+            classnames = json.loads(location.fs.cat_file(classes_path))[config.label_column]
+        templates = load_templates(config.templates)
+        prompts = [t.format(c) for c in classnames for t in templates]
+        per_class = _encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames), len(templates), -1)
+        index = {name: i for i, name in enumerate(classnames)}
+        unknown = sorted({r[config.label_column] for r in kept} - set(index))
+        if unknown:
+            raise ValueError(f"eval: labels {unknown[:5]} are not among the {len(classnames)} class names")
+        labels = np.array([index[r[config.label_column]] for r in kept])
+        zs = {config.label_column: zero_shot(image_embeddings, class_embeddings(per_class), labels)}
 
     # retrieval: one or several captions per image
     texts, text_image = [], []
@@ -141,7 +143,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         "captions": len(texts),
         "classes": len(classnames),
         "templates": len(templates),
-        "zero_shot": {config.label_column: zs},
+        "zero_shot": zs,
         "retrieval": rt,
     }
     if config.out:
@@ -159,9 +161,9 @@ def render_markdown(results: dict) -> str:
         f"{results['images']} images ({results['images_skipped']} skipped), {results['captions']} captions, "
         f"{results['classes']} classes x {results['templates']} templates, from `{results['data']}`.",
         "",
-        "| zero-shot | top-1 | top-5 |",
-        "| --- | --- | --- |",
     ]
+    if results["zero_shot"]:
+        lines += ["| zero-shot | top-1 | top-5 |", "| --- | --- | --- |"]
     for column, scores in results["zero_shot"].items():
         lines.append(f"| {column} | {scores['top1']:.1%} | {scores['top5']:.1%} |")
     r = results["retrieval"]

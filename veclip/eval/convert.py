@@ -1,0 +1,90 @@
+"""Converters that turn common evaluation sets into our eval Parquet layout.
+
+* **class folders** (ImageNet val after the usual re-foldering, or any
+  ``ROOT/<class>/<image>``): one row per image with ``label`` = the folder name
+  (or its human name from ``--class-names``, a JSON list in sorted-folder
+  order, as ImageNet's synset -> name list), and ``caption`` = "a photo of a
+  <label>." so retrieval also runs; ``_classes.json`` lists the labels.
+* **COCO-style captions JSON** (``images`` with ``id``/``file_name``,
+  ``annotations`` with ``image_id``/``caption``; the Karpathy test split is
+  such a file): one row per image with all its captions in ``caption`` (a list).
+
+Unreadable images are reported and left out, never silently: the summary says
+how many and which.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from veclip import schema
+from veclip.images import ImageError, open_image
+from veclip.storage import Location, ShardStore, StorageOptions
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".jpe"}
+
+
+def _write(rows: list[dict], out: str, options: StorageOptions, rows_per_shard: int, caption_type: pa.DataType, classes: dict | None) -> int:
+    table_schema = pa.schema(list(schema.INPUT_SCHEMA) + [pa.field("label", pa.string()), pa.field("caption", caption_type)])
+    store = ShardStore(Location(out, options))
+    for k, start in enumerate(range(0, len(rows), rows_per_shard)):
+        store.write(f"part-{k:05d}.parquet", pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=table_schema))
+    if classes is not None:
+        location = store.location
+        location.fs.pipe_file(location.join("_classes.json"), json.dumps(classes, indent=1).encode())
+    return len(rows)
+
+
+def _image_row(key: str, path: Path) -> tuple[dict | None, str | None]:
+    data = path.read_bytes()
+    try:
+        width, height = open_image(data).size
+    except ImageError as err:
+        return None, f"{path}: {err.reason}"
+    return {schema.KEY: key, schema.IMAGE: data, schema.ALT_TEXT: None, schema.WIDTH: width, schema.HEIGHT: height}, None
+
+
+def from_class_folders(root: str, out: str, class_names: str | None = None, rows_per_shard: int = 10_000, options: StorageOptions | None = None) -> dict:
+    folders = sorted(p for p in Path(root).iterdir() if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"convert: no class folders in {root}")
+    names = json.loads(Path(class_names).read_text()) if class_names else [f.name for f in folders]
+    if len(names) != len(folders):
+        raise ValueError(f"convert: {len(names)} class names for {len(folders)} folders in {root}")
+    rows, bad = [], []
+    for folder, name in zip(folders, names):
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            row, problem = _image_row(f"{folder.name}/{path.name}", path)
+            if problem:
+                bad.append(problem)
+                continue
+            rows.append({**row, "label": name, "caption": f"a photo of a {name}."})
+    written = _write(rows, out, options or StorageOptions(), rows_per_shard, pa.string(), {"label": names})
+    return {"rows": written, "classes": len(names), "skipped": bad}
+
+
+def from_coco(captions_json: str, images_dir: str, out: str, rows_per_shard: int = 10_000, options: StorageOptions | None = None) -> dict:
+    data = json.loads(Path(captions_json).read_text())
+    captions = defaultdict(list)
+    for annotation in data["annotations"]:
+        captions[annotation["image_id"]].append(annotation["caption"].strip())
+    rows, bad = [], []
+    for image in data["images"]:
+        path = Path(images_dir) / image["file_name"]
+        if not path.exists():
+            bad.append(f"{path}: missing_file")
+            continue
+        if not captions[image["id"]]:
+            bad.append(f"{path}: no captions")
+            continue
+        row, problem = _image_row(str(image["id"]), path)
+        if problem:
+            bad.append(problem)
+            continue
+        rows.append({**row, "label": None, "caption": captions[image["id"]]})
+    written = _write(rows, out, options or StorageOptions(), rows_per_shard, pa.list_(pa.string()), None)
+    return {"rows": written, "captions": sum(len(r["caption"]) for r in rows), "skipped": bad}
