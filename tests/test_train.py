@@ -66,18 +66,19 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session):
-    config = build_config("tiny", None, ["steps=40", "checkpoint_every=10", "keep_checkpoints=2", "captions.mode=vecap"], data=str(ref_data), output=str(tmp_path), name="learn")
+    config = build_config("tiny", None, ["steps=60", "checkpoint_every=20", "keep_checkpoints=2", "captions.mode=vecap"], data=str(ref_data), output=str(tmp_path), name="learn")
     summary = run_train(config, log=quiet)
     run = tmp_path / "learn"
     history = _metrics(run)
-    assert [m["step"] for m in history] == list(range(1, 41))
+    assert [m["step"] for m in history] == list(range(1, 61))
     first, last = np.mean([m["loss"] for m in history[:5]]), np.mean([m["loss"] for m in history[-5:]])
-    assert last < first - 0.5, (first, last)
+    chance = np.log(64)  # 32 per worker x 2 workers: each row's logits span the global batch
+    assert last < first - 0.5 and last < chance - 0.3, (first, last)
     for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_worker", "data_wait_share", "train_flops_per_sample"):
         assert all(m[key] is not None for m in history), key
-    assert history[-1]["samples_seen"] == 40 * 32 * 2
+    assert history[-1]["samples_seen"] == 60 * 32 * 2
     assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # num_to_keep
-    assert summary["metrics"]["step"] == 40 and summary["rows_skipped_by_reason"]["image_unusable"] >= 1
+    assert summary["metrics"]["step"] == 60 and summary["rows_skipped_by_reason"]["image_unusable"] >= 1
     assert summary["rows_skipped_by_reason"]["no_usable_caption"] >= 1
     assert json.loads((run / "summary.json").read_text())["caption_mode"] == "vecap"
 

@@ -137,9 +137,8 @@ def build_dataset(url: str, options: StorageOptions, columns: schema.ColumnMap, 
     ds = ray.data.read_parquet(
         paths,
         filesystem=location.arrow_fs,
-        columns=source_columns,
         shuffle=ray.data.FileShuffleConfig(seed=seed),  # a new shard order every epoch
-    )
+    ).select_columns(source_columns)  # pushed down into the Parquet reader
     renames = columns.renames()
     if renames:
         ds = ds.map_batches(lambda t: columns.apply(t), batch_format="pyarrow")
