@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on built-in sample data (local)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--rows", type=int, default=2000, help="train rows of sample data")
+    p.add_argument("--rows", type=int, default=400, help="train rows of sample data (default 400)")
     p.add_argument("--seed", type=int, default=0)
     _storage_flags(p)
     p.set_defaults(func=cmd_demo)

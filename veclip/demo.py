@@ -30,7 +30,7 @@ from veclip.validate import ValidateConfig, validate
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "runs/demo"
-    rows: int = 2000
+    rows: int = 400  # a few minutes end to end on 2 cores
     eval_rows: int = 500
     shards: int = 4
     seed: int = 0
