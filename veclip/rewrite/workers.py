@@ -147,6 +147,7 @@ class ShardRewriter:
     def __init__(self, config: RewriteConfig, options: StorageOptions, engine: Engine | None = None):
         self.config, self.options = config, options
         self.fusion = FusionPrompt.load(config.fuser.prompts) if config.uses_captioner else None
+        self.captioner_version = CaptionerPrompt.load(config.captioner.prompts).version if config.uses_captioner else None
         self.laclip = LaClipPrompt.load(config.laclip.prompts) if config.uses_laclip else None
         # One LLM serves both roles (the default); a different LaCLIP model gets its own engine.
         main = config.fuser if config.uses_captioner else config.laclip
@@ -265,7 +266,7 @@ class ShardRewriter:
         config = self.config
         columns = {}
         if config.uses_captioner:
-            columns[schema.VLM_CAPTION] = (visual, _provenance(self.engine, config.captioner.engine.model, CaptionerPrompt.load(config.captioner.prompts).version))
+            columns[schema.VLM_CAPTION] = (visual, _provenance(self.engine, config.captioner.engine.model, self.captioner_version))
             columns[schema.VECAP] = (vecaps, _provenance(self.engine, config.fuser.engine.model, self.fusion.version))
         if config.uses_laclip:
             columns[schema.REWRITES] = (rewrites, _provenance(self.laclip_engine, config.laclip.engine.model, self.laclip.version))
