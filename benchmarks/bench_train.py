@@ -85,10 +85,8 @@ def main() -> None:
 
     from veclip.sample import SampleConfig, generate
     from veclip.train.config import build_config
-    from veclip.train.loop import METRICS_FILE
-    from veclip.train.export import latest_checkpoint
+    from veclip.train.export import metric_history
     from veclip.train.trainer import run_train
-    from veclip.storage import Location
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(SampleConfig(tmp + "/s256", rows=args.rows // 4, eval_rows=1, shards=2, image_size=256), log=lambda *_: None)
@@ -98,7 +96,7 @@ def main() -> None:
         bare = bench_bare_loop("veclip-tiny", args.batch, args.steps)
         config = build_config("tiny", None, [f"steps={args.steps}", f"batch_size={args.batch}", "scale.num_workers=1", "scale.cpus_per_worker=2", "captions.mode=alttext", f"checkpoint_every={args.steps}", "report_every=20"], data=tmp + "/s64/train", output=tmp + "/runs", name="bench")
         run_train(config, log=lambda *_: None)
-        history = [__import__("json").loads(line) for line in Path(latest_checkpoint(Location(tmp + "/runs/bench")).join(METRICS_FILE)).read_text().splitlines()]
+        history = metric_history(tmp + "/runs/bench")
         steady = [m for m in history[len(history) // 2 :] if m["step"] % config.report_every and m["step"] % config.checkpoint_every]
         ray_rate = statistics.median(m["samples_per_s"] for m in steady)
         wait = statistics.median(m["data_wait_share"] for m in steady)

@@ -76,7 +76,7 @@ def test_converters_feed_eval(tmp_path):
 
     from PIL import Image
 
-    from veclip.eval.convert import from_class_folders, from_coco
+    from veclip.eval.convert import from_class_folders
     from conftest import veclip_cli
 
     for name, colour in (("n01", (255, 0, 0)), ("n02", (0, 0, 255))):

@@ -1,6 +1,5 @@
 """Storage behaves the same on local disk and on S3 (a moto server on 127.0.0.1)."""
 
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -12,8 +12,8 @@ import torch
 from veclip.sample import SampleConfig, generate
 from veclip.storage import Location
 from veclip.train.config import build_config, preset
-from veclip.train.export import export, latest_checkpoint
-from veclip.train.loop import METRICS_FILE, load_state
+from veclip.train.export import export, latest_checkpoint, metric_history
+from veclip.train.loop import load_state
 from veclip.train.model import cosine_with_warmup, create_model, param_groups
 from veclip.train.trainer import run_train
 
@@ -59,17 +59,12 @@ def ref_data(tmp_path_factory) -> Path:
     return out
 
 
-def _metrics(run: Path) -> list[dict]:
-    checkpoint = latest_checkpoint(Location(str(run)))
-    return [json.loads(line) for line in Path(checkpoint.join(METRICS_FILE)).read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session):
     config = build_config("tiny", None, ["steps=60", "checkpoint_every=20", "keep_checkpoints=2", "captions.mode=vecap"], data=str(ref_data), output=str(tmp_path), name="learn")
     summary = run_train(config, log=quiet)
     run = tmp_path / "learn"
-    history = _metrics(run)
+    history = metric_history(str(run))
     assert [m["step"] for m in history] == list(range(1, 61))
     first, last = np.mean([m["loss"] for m in history[:5]]), np.mean([m["loss"] for m in history[-5:]])
     chance = np.log(64)  # 32 per worker x 2 workers: each row's logits span the global batch
@@ -102,7 +97,7 @@ def test_injected_failure_resumes_from_the_last_checkpoint(ref_data, tmp_path, r
     config = build_config("tiny", None, ["steps=16", "checkpoint_every=6", "fail_at_step=9", "captions.mode=mix"], data=str(ref_data), output=str(tmp_path), name="fault")
     summary = run_train(config, log=quiet)
     assert summary["metrics"]["step"] == 16 and summary["metrics"]["resumed_from_step"] == 6
-    history = _metrics(tmp_path / "fault")
+    history = metric_history(str(tmp_path / "fault"))
     assert [m["step"] for m in history] == list(range(1, 17))  # the failed attempt's steps 7-9 are redone, not kept twice
 
 
