@@ -56,6 +56,28 @@ def enrich(source: Path, dest: Path, rewrites: int = 3) -> None:
         pq.write_table(table, dest / path.name)
 
 
+def knn_probe(model_dir: str, eval_dir: Path, label: str, k: int = 10) -> float:
+    """Leave-one-out k-NN accuracy on the image embeddings alone: does the image tower separate the
+    classes at all? (If it does and zero-shot does not, the text side or the prompts are the gap.)"""
+    import numpy as np
+
+    from veclip.eval.embed import EmbedSpec, embed_local
+    from veclip.eval.run import load_model
+
+    model, preprocess, _ = load_model(model_dir, None, None)
+    tables = [pq.read_table(p) for p in sorted(eval_dir.glob("*.parquet"))]
+    rows = embed_local(tables, model, preprocess, EmbedSpec(model_dir, None, (label,))).to_pylist()
+    x = np.array([r["embedding"] for r in rows])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    names = sorted({r[label] for r in rows})
+    y = np.array([names.index(r[label]) for r in rows])
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    neighbours = np.argsort(-sims, axis=1)[:, :k]
+    votes = np.array([np.bincount(y[n], minlength=len(names)).argmax() for n in neighbours])
+    return float((votes == y).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -87,8 +109,10 @@ def main() -> None:
             model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
             row = {}
             for label in ("label_shape", "label_color_shape"):
-                ev = evaluate(EvalConfig(model=str(model), data=str(tmp / "sample" / "eval"), label_column=label))
-                row[f"zs_{label}"] = ev["zero_shot"][label]["top1"]
+                for templates in ("generic", "scenes"):
+                    ev = evaluate(EvalConfig(model=str(model), data=str(tmp / "sample" / "eval"), label_column=label, templates=templates))
+                    row[f"zs_{label}_{templates}"] = ev["zero_shot"][label]["top1"]
+                row[f"knn_{label}"] = knn_probe(str(model), tmp / "sample" / "eval", label)
             r = ev["retrieval"]
             row["R@1"] = (r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2
             row["R@5"] = (r["image_to_text_R@5"] + r["text_to_image_R@5"]) / 2
@@ -99,10 +123,14 @@ def main() -> None:
     labels = {"alttext": "AltText only", "vecap": "VeCap only (reference captions)", "mix": "VeCLIP mix p=0.5 (reference captions)",
               "laclip": "LaCLIP uniform (AltText + 3 paraphrases of the reference)"}
     print(f"\n{args.rows} train rows, 64 px, veclip-tiny, {args.steps} steps x 64, seeds {args.seeds}; eval: 500 images, 6 shapes / 60 colour+shape classes\n")
-    print("| captions | zero-shot shape top-1 (%) | zero-shot colour+shape top-1 (%) | retrieval R@1 (%, mean of both ways) | R@5 (%) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| captions | zero-shot shape top-1 (%) generic / scenes prompts | zero-shot colour+shape top-1 (%) generic / scenes | "
+          "k-NN probe shape / colour+shape (%) | retrieval R@1 (%, mean of both ways) | R@5 (%) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for mode, rows in results.items():
-        print(f"| {labels[mode]} | {fmt([r['zs_label_shape'] for r in rows])} | {fmt([r['zs_label_color_shape'] for r in rows])} | {fmt([r['R@1'] for r in rows])} | {fmt([r['R@5'] for r in rows])} |")
+        col = lambda name: fmt([r[name] for r in rows])
+        print(f"| {labels[mode]} | {col('zs_label_shape_generic')} / {col('zs_label_shape_scenes')} | "
+              f"{col('zs_label_color_shape_generic')} / {col('zs_label_color_shape_scenes')} | "
+              f"{col('knn_label_shape')} / {col('knn_label_color_shape')} | {col('R@1')} | {col('R@5')} |")
     ray.shutdown()
 
 

@@ -105,6 +105,31 @@ def test_converters_feed_eval(tmp_path):
     assert captions["zero_shot"] == {} and captions["captions"] == 3 and captions["images"] == 2
 
 
+def test_eval_over_ray_actors_matches_in_process(sample_root, tmp_path, ray_session):
+    """Embedding over a 2-actor pool gives the in-process numbers; a corrupt image is counted by reason."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from veclip.eval.run import EvalConfig, evaluate
+
+    data = tmp_path / "eval"
+    shutil.copytree(sample_root / "eval", data)
+    first = sorted(data.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    images = table.column("image").to_pylist()
+    images[0] = b"not a jpeg"
+    pq.write_table(table.set_column(table.column_names.index("image"), "image", pa.array(images, table.schema.field("image").type)), first)
+
+    model_dir = _random_tiny_export(tmp_path / "model")
+    local = evaluate(EvalConfig(model=str(model_dir), data=str(data), batch_size=4))
+    spread = evaluate(EvalConfig(model=str(model_dir), data=str(data), batch_size=4, workers=2, cpus_per_worker=0.5))
+    assert local["images"] == spread["images"] == 19
+    assert local["images_skipped_by_reason"] == spread["images_skipped_by_reason"] == {"image_undecodable": 1}
+    assert spread["zero_shot"]["label_shape"] == pytest.approx(local["zero_shot"]["label_shape"]) and spread["retrieval"] == pytest.approx(local["retrieval"])
+
+
 def _random_tiny_export(model_dir):
     import json
 

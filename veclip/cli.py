@@ -113,6 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(
         model=args.model, data=args.data, out=args.out, pretrained=args.pretrained, label_column=args.label_column,
         caption_column=args.caption_column, classes=args.classes, templates=args.templates, columns=args.columns,
+        workers=args.workers, gpus_per_worker=args.gpus_per_worker,
     )
     print(render_markdown(evaluate(config, _storage(args))))
     return 0
@@ -201,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label_shape", help="class-name column for zero-shot (default label_shape)")
     p.add_argument("--caption-column", default="caption", help="caption (string or list) column for retrieval (default caption)")
     p.add_argument("--classes", help='JSON file with "classnames" (default: the eval set\'s _classes.json)')
-    p.add_argument("--templates", default="generic", help="prompt templates: generic, imagenet, or a JSON file")
+    p.add_argument("--templates", default="generic", help="prompt templates: generic, imagenet, scenes (the sample data's caption style), or a JSON file")
+    p.add_argument("--workers", type=int, default=0, help="embed images over up to N Ray actors (default 0: in this process)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per embedding actor with --workers (default 0)")
     _columns_flag(p)
     _storage_flags(p)
     p.set_defaults(func=cmd_eval)

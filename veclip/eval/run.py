@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
+from veclip.eval.embed import EmbedSpec, embed_local, embed_ray
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
-from veclip.images import ImageError, decode_image
 from veclip.storage import Location, StorageOptions, list_shards
 
 
@@ -38,6 +40,9 @@ class EvalConfig:
     classes: str | None = None
     templates: str = "generic"
     batch_size: int = 256
+    workers: int = 0  # 0: embed images in this process; N: over up to N Ray actors
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
 
 
@@ -75,36 +80,34 @@ def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 
-def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
-    import torch
+def _read_tables(shards: list[str], location: Location, config: EvalConfig) -> list:
+    tables = []
+    for path in shards:
+        table = config.columns.apply(pq.read_table(path, filesystem=location.fs))
+        missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in table.column_names]
+        if missing:
+            raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
+        tables.append(table)
+    return tables
 
+
+def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     options = options or StorageOptions()
     location = Location(config.data, options)
     shards = list_shards(location)
     if not shards:
         raise FileNotFoundError(f"eval: no .parquet shards in {config.data}")
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
-
-    rows = []
-    for path in shards:
-        table = config.columns.apply(pq.read_table(path, filesystem=location.fs))
-        missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in table.column_names]
-        if missing:
-            raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
-        rows += table.select([schema.KEY, schema.IMAGE, config.label_column, config.caption_column]).to_pylist()
-
-    images, kept, skipped = [], [], 0
-    for row in rows:
-        try:
-            images.append(preprocess(decode_image(row[schema.IMAGE])))
-            kept.append(row)
-        except ImageError:
-            skipped += 1
-    image_embeddings = []
-    with torch.no_grad():
-        for i in range(0, len(images), config.batch_size):
-            image_embeddings.append(model.encode_image(torch.stack(images[i : i + config.batch_size])).float().numpy())
-    image_embeddings = np.concatenate(image_embeddings)
+    spec = EmbedSpec(config.model, config.pretrained, (config.label_column, config.caption_column), config.batch_size)
+    if config.workers > 0:
+        _read_tables(shards[:1], location, config)  # a clear schema error before any actor starts
+        embedded = embed_ray(shards, location, config.columns, spec, options, config.workers, config.gpus_per_worker, config.cpus_per_worker)
+    else:
+        embedded = embed_local(_read_tables(shards, location, config), model, preprocess, spec)
+    errors = embedded.column("error").to_pylist()
+    skipped = Counter(e for e in errors if e)
+    kept = embedded.filter(pc.is_null(embedded.column("error"))).to_pylist()
+    image_embeddings = np.array([r["embedding"] for r in kept], np.float32)
 
     # zero-shot: class names x templates, averaged per class (only where the set has labels)
     zs, classnames, templates = {}, [], []
@@ -139,7 +142,8 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         "model": config.model,
         "data": config.data,
         "images": len(kept),
-        "images_skipped": skipped,
+        "images_skipped": sum(skipped.values()),
+        "images_skipped_by_reason": dict(skipped),
         "captions": len(texts),
         "classes": len(classnames),
         "templates": len(templates),

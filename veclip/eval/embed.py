@@ -1,0 +1,93 @@
+"""Image embeddings for eval: in this process, or over a Ray Data actor pool for large sets.
+
+Both paths share :func:`embed_images`, so they give the same numbers. The Ray
+path reads the shards with Ray Data and streams them through up to ``workers``
+actors, each holding one copy of the model (a GPU each with ``gpus_per_worker``);
+rows come back with their labels and captions, so alignment never depends on
+arrival order. Text embeddings stay on the driver: class prompts and captions
+are small next to the images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from veclip import schema
+from veclip.images import ImageError, decode_image
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """What an embedding worker needs: the model, the columns to carry, the batch size."""
+
+    model: str
+    pretrained: str | None
+    carry: tuple[str, ...]  # label and caption columns, passed through with each row
+    batch_size: int = 256
+
+
+def embed_images(model, preprocess, images: list[bytes], batch_size: int) -> tuple[np.ndarray, list[str | None]]:
+    """Embeddings of the images that decode, and each image's decode error (None when it decoded)."""
+    import torch
+
+    tensors, errors = [], []
+    for data in images:
+        try:
+            tensors.append(preprocess(decode_image(data)))
+            errors.append(None)
+        except ImageError as e:
+            errors.append(e.reason)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(tensors), batch_size):
+            out.append(model.encode_image(torch.stack(tensors[i : i + batch_size])).float().numpy())
+    return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), errors
+
+
+def _embedded_table(table: pa.Table, embeddings: np.ndarray, errors: list[str | None], carry) -> pa.Table:
+    """Every row: key, carried columns, the embedding (null where the image failed) and the error reason."""
+    rows = iter(embeddings.tolist())
+    vectors = [None if e else next(rows) for e in errors]
+    return table.select([schema.KEY, *carry]).append_column("embedding", pa.array(vectors, pa.list_(pa.float32()))).append_column(
+        "error", pa.array(errors, pa.string()))
+
+
+class ImageEmbedder:
+    """Ray Data actor: loads the model once, embeds each batch of rows."""
+
+    def __init__(self, spec: EmbedSpec, options):
+        from veclip.eval.run import load_model
+
+        self.spec = spec
+        self.model, self.preprocess, _ = load_model(spec.model, spec.pretrained, options)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        embeddings, errors = embed_images(self.model, self.preprocess, batch.column(schema.IMAGE).to_pylist(), self.spec.batch_size)
+        return _embedded_table(batch, embeddings, errors, self.spec.carry)
+
+
+def embed_local(tables: list[pa.Table], model, preprocess, spec: EmbedSpec) -> pa.Table:
+    """Rows with embeddings (or errors), computed in this process."""
+    parts = []
+    for table in tables:
+        embeddings, errors = embed_images(model, preprocess, table.column(schema.IMAGE).to_pylist(), spec.batch_size)
+        parts.append(_embedded_table(table, embeddings, errors, spec.carry))
+    return pa.concat_tables(parts)
+
+
+def embed_ray(shards: list[str], location, columns: schema.ColumnMap, spec: EmbedSpec, options, workers: int,
+              gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0) -> pa.Table:
+    """Rows with embeddings (or errors), computed by up to ``workers`` Ray actors, in key order."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.read_parquet(shards, filesystem=location.fs, columns=None)
+    ds = ds.map_batches(columns.apply, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(
+        ImageEmbedder, fn_constructor_args=(spec, options), batch_format="pyarrow", batch_size=spec.batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+    )
+    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(schema.KEY)
