@@ -140,6 +140,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoConfig(out=args.out, rows=args.rows, seed=args.seed), _storage(args))
 
 
+def _env_pair(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return key, value
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from veclip import jobs
+
+    stage_args = [a for a in args.stage_args if a != "--"]
+    config = jobs.SubmitConfig(
+        stage=args.stage, stage_args=tuple(stage_args), address=args.address, python=args.python, env=dict(args.env),
+        ship_code=args.ship_code, working_dir=args.working_dir, runtime_env_file=args.runtime_env, job_id=args.job_id,
+    )
+    job_id = jobs.submit(config)
+    print(f"submit: job {job_id} ({args.stage}); follow it with: veclip jobs logs {job_id} --follow", flush=True)
+    if args.no_wait:
+        return 0
+    try:
+        if args.follow:
+            jobs.follow_logs(args.address, job_id)
+        status = jobs.wait(args.address, job_id)
+    except KeyboardInterrupt:
+        print(f"\nsubmit: stopped waiting; job {job_id} goes on (veclip jobs stop {job_id} to stop it)", file=sys.stderr)
+        return 130
+    print(f"submit: job {job_id} {status}")
+    return jobs.exit_code(status)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from veclip import jobs
+
+    client = jobs.client(args.address)
+    if args.action == "list":
+        for info in client.list_jobs():
+            print(f"{info.submission_id}\t{info.status}\t{(info.metadata or {}).get('veclip_stage', '-')}\t{info.entrypoint}")
+        return 0
+    if not args.job_id:
+        raise ValueError(f"jobs {args.action}: a job id is required")
+    if args.action == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+        return 0 if str(info.status) != "FAILED" else 1
+    if args.action == "logs":
+        if args.follow:
+            jobs.follow_logs(args.address, args.job_id)
+        else:
+            print(client.get_job_logs(args.job_id), end="")
+        return 0
+    stopped = client.stop_job(args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veclip", description="Better CLIP from noisy web image-text data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,14 +279,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _storage_flags(p)
     p.set_defaults(func=cmd_demo)
+
+    address_help = "the cluster's dashboard URL, e.g. http://head:8265 (default: RAY_ADDRESS)"
+    p = sub.add_parser("submit", help="run a stage as a Ray job on a cluster: veclip submit rewrite --address URL [rewrite flags]",
+                       description="Submit a stage as a Ray job. Flags not listed here are the stage's own (see veclip STAGE --help); "
+                                   "its paths are read on the cluster, so use s3:// URLs.")
+    p.add_argument("stage", choices=("rewrite", "train", "eval"))
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting (default: wait and exit with the job's status)")
+    p.add_argument("--python", default="python", help="the driver's interpreter on the cluster (default python, the head's PATH)")
+    p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE", help="environment for the job (repeatable)")
+    p.add_argument("--ship-code", action="store_true", help="upload this machine's veclip package instead of using the installed one")
+    p.add_argument("--working-dir", help="a local folder to upload as the job's working directory")
+    p.add_argument("--runtime-env", help="a JSON/YAML file of further runtime_env fields")
+    p.add_argument("--job-id", help="the submission id (default: Ray picks one)")
+    p.set_defaults(func=cmd_submit, stage_args=[])
+
+    p = sub.add_parser("jobs", help="status, logs, stop or list of Ray jobs on a cluster")
+    p.add_argument("action", choices=("status", "logs", "stop", "list"))
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "submit":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad config or input: say what, not a traceback
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # bad config, input or address: say what, not a traceback
         print(f"veclip {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -57,6 +57,7 @@ class PoolConfig:
     num_cpus: float = 1.0
     batch_size: int = 1024  # rows per engine call: vLLM schedules within it, so bigger keeps it busier
     python: str | None = None  # the actors' interpreter (runtime_env py_executable); None: the driver's
+    accelerator_type: str | None = None  # e.g. "L40S": keep the pool on that node type (Ray's accelerator label)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ def _remote_args(pool: PoolConfig, stage: StageConfig) -> dict:
     runtime_env: dict = {"env_vars": {k: str(v) for k, v in stage.engine.env.items()}}
     if pool.python:
         runtime_env["py_executable"] = pool.python
-    return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": runtime_env}
+    args = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": runtime_env}
+    return {**args, "accelerator_type": pool.accelerator_type} if pool.accelerator_type else args
 
 
 def _map_pool(ds, actor_cls, stage: StageConfig, config: RewriteConfig, options: StorageOptions):
@@ -61,7 +62,8 @@ def _check_inputs(location: Location, paths: list[str], config: RewriteConfig) -
     return counts
 
 
-def summarize(config: RewriteConfig, options: StorageOptions, input_rows: dict[str, int], wall_seconds: float, written: list[str]) -> dict:
+def summarize(config: RewriteConfig, options: StorageOptions, input_rows: dict[str, int], wall_seconds: float, written: list[str],
+              started_at: float | None = None) -> dict:
     """The run summary over the whole output; raises if any row is unaccounted for."""
     out = Location(config.output, options)
     markers = {m["shard"]: m for m in ShardStore(out).markers()}
@@ -86,6 +88,15 @@ def summarize(config: RewriteConfig, options: StorageOptions, input_rows: dict[s
             "generated_tokens_per_s": total.get("generated_tokens", 0) / seconds,
         }
 
+    def pool_actors(source: dict) -> dict:
+        """How many actors did this run's shards, and when each started its first one (s after the run began)."""
+        first: dict[str, float] = {}
+        for name in written:
+            marker = source.get(name, {})
+            if "actor" in marker:
+                first[marker["actor"]] = min(first.get(marker["actor"], marker["started_at"]), marker["started_at"])
+        return {"actors": len(first), "actor_first_shard_s": sorted(t - (started_at or 0.0) for t in first.values())}
+
     quarantined, flags = Counter(), Counter()
     for marker in markers.values():
         quarantined.update(marker.get("quarantine_reasons", {}))
@@ -93,10 +104,10 @@ def summarize(config: RewriteConfig, options: StorageOptions, input_rows: dict[s
     rows_in = sum(input_rows.values())
     pools = {}
     if config.uses_captioner:
-        pools["captioner"] = pool_stats("captioner", captions)
-        pools["fuser"] = pool_stats("fuser", markers)
+        pools["captioner"] = {**pool_stats("captioner", captions), **pool_actors(captions)}
+        pools["fuser"] = {**pool_stats("fuser", markers), **pool_actors(markers)}
     if config.uses_laclip:
-        pools["laclip"] = pool_stats("laclip", markers)
+        pools["laclip"] = {**pool_stats("laclip", markers), **pool_actors(markers)}
     return {
         "input": config.input,
         "output": config.output,
@@ -122,7 +133,7 @@ def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, lo
     """Rewrite every input shard not yet done; returns (and writes) the run summary."""
     options = options or StorageOptions()
     config.validate_for_run()
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     source = Location(config.input, options)
     shards = list_shards(source)
     if not shards:
@@ -142,7 +153,7 @@ def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, lo
         ds = _map_pool(ds, ShardRewriter, config.fuser if config.uses_captioner else config.laclip, config, options)
         for row in ds.iter_rows():
             log(f"rewrite: done {row['shard']}")
-    summary = summarize(config, options, input_rows, time.perf_counter() - start, [output_shard_name(p) for p in todo])
+    summary = summarize(config, options, input_rows, time.perf_counter() - start, [output_shard_name(p) for p in todo], started_at)
     out = Location(config.output, options)
     out.fs.pipe_file(out.join(SUMMARY_FILE), json.dumps(summary, indent=1).encode())
     return summary
@@ -161,4 +172,7 @@ def render_summary(summary: dict) -> str:
             f"  pool {name:<9} {pool.get('requests', 0):>7} requests  {pool.get('prompt_tokens_per_s', 0):9.1f} prompt tok/s  "
             f"{pool.get('generated_tokens_per_s', 0):8.1f} generated tok/s  {pool.get('engine_seconds', 0):7.1f}s in engine"
         )
+        if pool.get("actors"):
+            starts = ", ".join(f"{t:.0f}" for t in pool["actor_first_shard_s"])
+            lines.append(f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s")
     return "\n".join(lines)

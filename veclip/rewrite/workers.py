@@ -73,6 +73,14 @@ class _Meter:
         return {f"{prefix}_{k}": v for k, v in vars(self).items()}
 
 
+def _work_stamp(started_at: float) -> dict:
+    """Which actor did a shard and when, so the run summary can show the pool scaling."""
+    import ray
+
+    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    return {"actor": actor or "local", "started_at": started_at, "finished_at": time.time()}
+
+
 def _clean(completion, limits) -> tuple[str | None, str | None]:
     """Every output here is one caption: keep its first non-empty line, then clean it."""
     if completion.error:
@@ -120,7 +128,7 @@ class ShardCaptioner:
         name = output_shard_name(path)
         if self.store.is_done(name):
             return
-        start, meter = time.perf_counter(), _Meter()
+        start, started_at, meter = time.perf_counter(), time.time(), _Meter()
         table = read_input_shard(path, self.config, self.options, ["key", "image"])
         keys, images = table.column("key").to_pylist(), table.column("image")
         rows = []
@@ -137,7 +145,8 @@ class ShardCaptioner:
                     text, reason = _clean(captions[i], self.config.cleaning)
                     row.update(vlm_caption=text, flags=[f"vlm_caption:{reason}"] if reason else [])
                 rows.append(row)
-        stats = {"rows_in": len(keys), "seconds": time.perf_counter() - start, "engine": self.engine.name, **meter.stats("captioner")}
+        stats = {"rows_in": len(keys), "seconds": time.perf_counter() - start, "engine": self.engine.name, **meter.stats("captioner"),
+                 **_work_stamp(started_at)}
         self.store.write(name, pa.Table.from_pylist(rows, schema=CAPTION_WORK_SCHEMA), stats=stats)
 
 
@@ -184,7 +193,7 @@ class ShardRewriter:
         name = output_shard_name(path)
         if self.store.is_done(name):
             return
-        start, fuse_meter, laclip_meter = time.perf_counter(), _Meter(), _Meter()
+        start, started_at, fuse_meter, laclip_meter = time.perf_counter(), time.time(), _Meter(), _Meter()
         table = read_input_shard(path, self.config, self.options)
         captions, errors = self._image_checks(table, name)
         keys = table.column("key").to_pylist()
@@ -214,6 +223,7 @@ class ShardRewriter:
             "quarantine_reasons": _count(errors[k][0] for k in errors),
             **fuse_meter.stats("fuser"),
             **laclip_meter.stats("laclip"),
+            **_work_stamp(started_at),
         }
         if out.num_rows + quarantine.num_rows != stats["rows_in"]:  # never lose a row silently
             raise RuntimeError(f"{name}: {stats['rows_in']} rows in, {out.num_rows} out + {quarantine.num_rows} quarantined")

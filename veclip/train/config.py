@@ -31,6 +31,7 @@ class ScaleConfig:
     cpus_per_worker: float = 8.0
     max_failures: int = 3
     preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
+    accelerator_type: str | None = None  # e.g. "H100": train only on that node type
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
+            accelerator_type=scale.accelerator_type,
         ),
         run_config=RunConfig(
             name=config.name,

@@ -1,0 +1,216 @@
+"""Cluster specs validated offline, and the stages run as Ray jobs on a real local head.
+
+The head is ``ray start --head`` on 127.0.0.1 with Ray 2.60's default token auth;
+input and output live on the local S3 server (moto).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, free_port, veclip_cli
+
+CLUSTER = REPO / "cluster"
+MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+
+
+# --- specs -------------------------------------------------------------------------------------
+
+
+def _launcher_config(text: str) -> dict:
+    """Ray's own launcher checks, offline: defaults filled in, then the launcher's JSON schema."""
+    from ray.autoscaler._private.commands import prepare_config
+    from ray.autoscaler._private.util import validate_config
+
+    config = prepare_config(yaml.safe_load(text))
+    validate_config(config)
+    return config
+
+
+def test_aws_launcher_config_passes_rays_validation():
+    text = (CLUSTER / "aws.yaml").read_text()
+    config = _launcher_config(text)
+    types = config["available_node_types"]
+    assert set(types) == {"head", "cpu_ingest", "gpu_rewrite", "gpu_train"}
+    assert types["head"]["resources"] == {"CPU": 0}  # drivers only
+    for name in ("cpu_ingest", "gpu_rewrite", "gpu_train"):
+        assert types[name]["min_workers"] == 0 < types[name]["max_workers"], name  # scale from zero
+        assert "IamInstanceProfile" in types[name]["node_config"], name  # credentials from the platform
+    assert types["gpu_rewrite"]["resources"]["GPU"] == 1 and types["gpu_train"]["resources"]["GPU"] == 8
+    assert types["gpu_rewrite"]["docker"]["worker_image"].endswith("veclip-rewrite:0.1.0")
+    assert "secret" not in text.lower() and "aws_access_key" not in text.lower()
+
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError):  # the check bites: a misspelt field fails
+        _launcher_config(text.replace("min_workers: 0", "min_worker: 0", 1))
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_kuberay_manifests_validate(path):
+    from kuberay_model import validate
+
+    doc = yaml.safe_load(path.read_text())
+    validate(doc)
+    assert "secret" not in path.read_text().lower()  # credentials by service account, never in files
+    if doc["kind"] == "RayJob":
+        from veclip.jobs import check_stage_args
+
+        words = shlex.split(doc["spec"]["entrypoint"])
+        assert words[:3] == ["python", "-m", "veclip.cli"]
+        check_stage_args(words[3], words[4:])  # a real veclip command whose --set keys exist
+        assert doc["spec"]["clusterSelector"] == {"veclip.io/cluster": "veclip"}
+
+
+def test_raycluster_roles_and_autoscaling():
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    spec = doc["spec"]
+    assert spec["enableInTreeAutoscaling"] and spec["autoscalerOptions"]["version"] == "v2"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-ingest", "gpu-rewrite", "gpu-train"}
+    for name in ("gpu-rewrite", "gpu-train"):
+        pod = groups[name]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] in ("1", "8")
+        assert pod["tolerations"] and pod["nodeSelector"]
+    assert all(g["minReplicas"] == 0 for g in groups.values())
+    assert doc["metadata"]["labels"]["veclip.io/cluster"] == "veclip"
+
+
+def test_kuberay_model_rejects_typos():
+    from kuberay_model import validate
+
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    bad_field = json.loads(json.dumps(doc))
+    bad_field["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    bad_pod = json.loads(json.dumps(doc))
+    bad_pod["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["imagee"] = "x"
+    bad_enum = json.loads(json.dumps(doc))
+    bad_enum["spec"]["autoscalerOptions"]["version"] = "v3"
+    for broken in (bad_field, bad_pod, bad_enum):
+        with pytest.raises(Exception):
+            validate(broken)
+
+
+def test_submit_checks_stage_flags_before_contacting_a_cluster():
+    bad_key = veclip_cli("submit", "rewrite", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out",
+                         "--set", "fuser.pool.max_actor=3")
+    assert bad_key.returncode == 2 and "unknown config field 'max_actor'" in bad_key.stderr
+    missing = veclip_cli("submit", "train", "--address", "http://127.0.0.1:9", "--data", "s3://b/in")
+    assert missing.returncode == 2 and "--output" in missing.stderr
+    unreachable = veclip_cli("submit", "eval", "--address", "http://127.0.0.1:9", "--model", "m", "--data", "s3://b/e")
+    assert unreachable.returncode == 2 and "127.0.0.1:9" in unreachable.stderr
+
+
+# --- a real local head ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """``ray start --head`` on 127.0.0.1 in its own process group (so stopping it leaves any
+    other local Ray alone); token auth is on, as Ray 2.60 sets it up by default."""
+    temp = tempfile.mkdtemp(prefix="vh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    dashboard = free_port()
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1",
+               f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+               f"--temp-dir={temp}", "--disable-usage-stats",
+               # every port free, so another local Ray (the suite's own, a benchmark) never collides
+               *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                                          "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+                                                          "object-manager-port"))]
+    log = Path(temp) / "start.log"  # a file, not a pipe: Ray's daemons inherit it and outlive this call
+    with log.open("w") as out:
+        starter = subprocess.Popen(command, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        starter.wait(timeout=180)
+    assert starter.returncode == 0, log.read_text()[-3000:]
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(starter.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(5)
+
+
+def _alive_rewriters(address: str) -> int:
+    """Rewrite actors that exist now (starting or running), from the head's state API."""
+    script = ("from ray.util.state import list_actors; import sys; "
+              "a = list_actors(address=sys.argv[1], filters=[('state', '!=', 'DEAD')], limit=1000); "
+              "print(sum('ShardRewriter' in x.class_name for x in a))")
+    result = subprocess.run([sys.executable, "-c", script, address], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "RAY_AUTH_MODE": "token"})
+    return int(result.stdout.strip() or -1)
+
+
+@pytest.mark.slow
+def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint, vllm_python):
+    import threading
+
+    from veclip.sample import SampleConfig, generate
+    from veclip.storage import Location
+
+    url, options = s3_bucket
+    generate(SampleConfig(url + "/sample", rows=128, eval_rows=16, shards=8, seed=3, image_size=64), options, log=lambda *_: None)
+    job_env = ["--env", "AWS_ACCESS_KEY_ID=testing", "--env", "AWS_SECRET_ACCESS_KEY=testing", "--env", f"VECLIP_VLLM_PYTHON={vllm_python}"]
+    common = ["--address", ray_head, "--python", sys.executable, *job_env]
+    s3 = ["--s3-endpoint", s3_endpoint]
+
+    # rewrite, with the LLM pool between 1 and 2 actors; count its actors while it runs
+    counts, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            counts.append(_alive_rewriters(ray_head))
+            time.sleep(2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rewrite = veclip_cli("submit", "rewrite", *common, "--input", url + "/sample/train", "--output", url + "/laclip", *s3,
+                         "--preset", "tiny", "--mode", "laclip", "--set", "laclip.pool.min_actors=1", "--set", "laclip.pool.max_actors=2",
+                         "--set", "laclip.pool.batch_size=16", timeout=900)
+    done.set()
+    watcher.join()
+    assert rewrite.returncode == 0, rewrite.stdout[-3000:] + rewrite.stderr[-3000:]
+    assert "SUCCEEDED" in rewrite.stdout and "submit: job raysubmit_" in rewrite.stdout
+    fs = Location(url, options).fs
+    summary = json.loads(fs.cat_file(url + "/laclip/_summary.json"))
+    assert summary["rows_in"] == 128 == summary["rows_out"] + summary["rows_quarantined"]
+    assert 1 <= summary["pools"]["laclip"]["actors"] <= 2
+    seen = [c for c in counts if c > 0]
+    print("rewrite actors over the run (2 s samples):", counts)
+    assert seen and seen[0] == 1 and max(seen) == 2, counts  # starts at min, scales to max with the backlog
+    assert counts[-1] == 0  # and the pool is gone when the job ends
+
+    # train on the rewrites, then status and logs through `veclip jobs`
+    train = veclip_cli("submit", "train", *common, "--follow", "--data", url + "/laclip", "--output", url + "/runs", "--name", "job",
+                       *s3, "--preset", "tiny", "--caption-mode", "laclip", "--set", "steps=4", "--set", "checkpoint_every=2",
+                       "--set", "scale.num_workers=1", timeout=900)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert "train (veclip-tiny" in train.stdout  # --follow streamed the driver's own output
+    job_id = train.stdout.split("submit: job ")[1].split()[0]
+    status = veclip_cli("jobs", "status", job_id, "--address", ray_head)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    assert any("checkpoint" in p for p in fs.ls(url + "/runs/job"))
+
+    # plain `ray job submit` with the documented entry point: eval of the trained run
+    ray = str(Path(sys.executable).with_name("ray"))
+    entry = [sys.executable, "-m", "veclip.cli", "eval", "--model", url + "/runs/job", "--data", url + "/sample/eval",
+             "--out", url + "/eval", *s3]
+    plain = subprocess.run([ray, "job", "submit", "--address", ray_head, "--runtime-env-json",
+                            json.dumps({"env_vars": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}}), "--", *entry],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    results = json.loads(fs.cat_file(url + "/eval/eval.json"))
+    assert results["images"] == 16 and "text_to_image_R@1" in results["retrieval"]
