@@ -167,6 +167,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"\nsubmit: stopped waiting; job {job_id} goes on (veclip jobs stop {job_id} to stop it)", file=sys.stderr)
         return 130
     print(f"submit: job {job_id} {status}")
+    if status != "SUCCEEDED" and not args.follow:  # say why without a second command
+        tail = jobs.client(args.address).get_job_logs(job_id).splitlines()[-20:]
+        print("submit: the job's last log lines:\n" + "\n".join(tail), file=sys.stderr)
     return jobs.exit_code(status)
 
 
