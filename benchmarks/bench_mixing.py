@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--modes", nargs="+", default=["alttext", "vecap", "mix", "laclip"])
+    parser.add_argument("--model", default="veclip-tiny", help="veclip-tiny (16 px patches) or veclip-tiny-p8 (8 px)")
     args = parser.parse_args()
 
     import ray
@@ -103,7 +104,7 @@ def main() -> None:
         for seed in args.seeds:
             name = f"{mode}-{seed}"
             overrides = [f"steps={args.steps}", "batch_size=64", "scale.num_workers=1", "scale.cpus_per_worker=2", f"seed={seed}",
-                         f"captions.mode={mode}", f"checkpoint_every={args.steps}", "report_every=50", "captions.max_rewrites=3"]
+                         f"captions.mode={mode}", f"model={args.model}", f"checkpoint_every={args.steps}", "report_every=50", "captions.max_rewrites=3"]
             config = build_config("tiny", None, overrides, data=str(tmp / "enriched"), output=str(tmp / "runs"), name=name)
             run_train(config, log=lambda *_: None)
             model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
@@ -122,7 +123,7 @@ def main() -> None:
     fmt = lambda xs: f"{100 * statistics.mean(xs):.1f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0):.1f}"
     labels = {"alttext": "AltText only", "vecap": "VeCap only (reference captions)", "mix": "VeCLIP mix p=0.5 (reference captions)",
               "laclip": "LaCLIP uniform (AltText + 3 paraphrases of the reference)"}
-    print(f"\n{args.rows} train rows, 64 px, veclip-tiny, {args.steps} steps x 64, seeds {args.seeds}; eval: 500 images, 6 shapes / 60 colour+shape classes\n")
+    print(f"\n{args.rows} train rows, 64 px, {args.model}, {args.steps} steps x 64, seeds {args.seeds}; eval: 500 images, 6 shapes / 60 colour+shape classes\n")
     print("| captions | zero-shot shape top-1 (%) generic / scenes prompts | zero-shot colour+shape top-1 (%) generic / scenes | "
           "k-NN probe shape / colour+shape (%) | retrieval R@1 (%, mean of both ways) | R@5 (%) |")
     print("| --- | --- | --- | --- | --- | --- |")
