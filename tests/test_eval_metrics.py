@@ -127,6 +127,10 @@ def test_eval_over_ray_actors_matches_in_process(sample_root, tmp_path, ray_sess
     spread = evaluate(EvalConfig(model=str(model_dir), data=str(data), batch_size=4, workers=2, cpus_per_worker=0.5))
     assert local["images"] == spread["images"] == 19
     assert local["images_skipped_by_reason"] == spread["images_skipped_by_reason"] == {"image_undecodable": 1}
+    from veclip.schema import SchemaError
+
+    with pytest.raises(SchemaError, match=r"no column\(s\) \['nope'\]"):  # checked from the footer, before any actor starts
+        evaluate(EvalConfig(model=str(model_dir), data=str(data), workers=2, label_column="nope"))
     assert spread["zero_shot"]["label_shape"] == pytest.approx(local["zero_shot"]["label_shape"]) and spread["retrieval"] == pytest.approx(local["retrieval"])
 
 

@@ -84,7 +84,7 @@ def embed_ray(shards: list[str], location, columns: schema.ColumnMap, spec: Embe
     import ray
     from ray.data import ActorPoolStrategy
 
-    ds = ray.data.read_parquet(shards, filesystem=location.fs, columns=None)
+    ds = ray.data.read_parquet(shards, filesystem=location.fs)
     ds = ds.map_batches(columns.apply, batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(
         ImageEmbedder, fn_constructor_args=(spec, options), batch_format="pyarrow", batch_size=spec.batch_size,

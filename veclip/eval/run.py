@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -80,15 +81,17 @@ def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 
+def _check_columns(table: pa.Table, path: str, config: EvalConfig) -> pa.Table:
+    """The table under the contract's names; a clear error if eval's columns are missing."""
+    table = config.columns.apply(table)
+    missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in table.column_names]
+    if missing:
+        raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
+    return table
+
+
 def _read_tables(shards: list[str], location: Location, config: EvalConfig) -> list:
-    tables = []
-    for path in shards:
-        table = config.columns.apply(pq.read_table(path, filesystem=location.fs))
-        missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in table.column_names]
-        if missing:
-            raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
-        tables.append(table)
-    return tables
+    return [_check_columns(pq.read_table(path, filesystem=location.fs), path, config) for path in shards]
 
 
 def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
@@ -100,7 +103,8 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
     spec = EmbedSpec(config.model, config.pretrained, (config.label_column, config.caption_column), config.batch_size)
     if config.workers > 0:
-        _read_tables(shards[:1], location, config)  # a clear schema error before any actor starts
+        with location.fs.open(shards[0], "rb") as f:  # a clear schema error before any actor starts (footer only)
+            _check_columns(pq.read_schema(f).empty_table(), shards[0], config)
         embedded = embed_ray(shards, location, config.columns, spec, options, config.workers, config.gpus_per_worker, config.cpus_per_worker)
     else:
         embedded = embed_local(_read_tables(shards, location, config), model, preprocess, spec)
