@@ -56,9 +56,10 @@ def enrich(source: Path, dest: Path, rewrites: int = 3) -> None:
         pq.write_table(table, dest / path.name)
 
 
-def knn_probe(model_dir: str, eval_dir: Path, label: str, k: int = 10) -> float:
-    """Leave-one-out k-NN accuracy on the image embeddings alone: does the image tower separate the
-    classes at all? (If it does and zero-shot does not, the text side or the prompts are the gap.)"""
+def knn_probe(model_dir: str, eval_dir: Path, labels: tuple[str, ...], k: int = 10) -> dict[str, float]:
+    """Leave-one-out k-NN accuracy per label column on the image embeddings alone: does the image
+    tower separate the classes at all? (If it does and zero-shot does not, the text side or the
+    prompts are the gap.) The images are embedded once for all labels."""
     import numpy as np
 
     from veclip.eval.embed import EmbedSpec, embed_local
@@ -66,16 +67,19 @@ def knn_probe(model_dir: str, eval_dir: Path, label: str, k: int = 10) -> float:
 
     model, preprocess, _ = load_model(model_dir, None, None)
     tables = [pq.read_table(p) for p in sorted(eval_dir.glob("*.parquet"))]
-    rows = embed_local(tables, model, preprocess, EmbedSpec(model_dir, None, (label,))).to_pylist()
+    rows = embed_local(tables, model, preprocess, EmbedSpec(model_dir, None, labels)).to_pylist()
     x = np.array([r["embedding"] for r in rows])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    names = sorted({r[label] for r in rows})
-    y = np.array([names.index(r[label]) for r in rows])
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     neighbours = np.argsort(-sims, axis=1)[:, :k]
-    votes = np.array([np.bincount(y[n], minlength=len(names)).argmax() for n in neighbours])
-    return float((votes == y).mean())
+    accuracy = {}
+    for label in labels:
+        names = sorted({r[label] for r in rows})
+        y = np.array([names.index(r[label]) for r in rows])
+        votes = np.array([np.bincount(y[n], minlength=len(names)).argmax() for n in neighbours])
+        accuracy[label] = float((votes == y).mean())
+    return accuracy
 
 
 def main() -> None:
@@ -109,11 +113,12 @@ def main() -> None:
             run_train(config, log=lambda *_: None)
             model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
             row = {}
-            for label in ("label_shape", "label_color_shape"):
+            label_columns = ("label_shape", "label_color_shape")
+            for label in label_columns:
                 for templates in ("generic", "scenes"):
                     ev = evaluate(EvalConfig(model=str(model), data=str(tmp / "sample" / "eval"), label_column=label, templates=templates))
                     row[f"zs_{label}_{templates}"] = ev["zero_shot"][label]["top1"]
-                row[f"knn_{label}"] = knn_probe(str(model), tmp / "sample" / "eval", label)
+            row.update({f"knn_{label}": acc for label, acc in knn_probe(str(model), tmp / "sample" / "eval", label_columns).items()})
             r = ev["retrieval"]
             row["R@1"] = (r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2
             row["R@5"] = (r["image_to_text_R@5"] + r["text_to_image_R@5"]) / 2
