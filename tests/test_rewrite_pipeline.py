@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from veclip import schema
-from veclip.rewrite.config import build_config
+from veclip.rewrite.config import build_config, fingerprint
+from veclip.rewrite.faults import RunContext
 from veclip.rewrite.pipeline import ReconciliationError, run_rewrite, summarize
+from veclip.rewrite.plan import InputShard, Plan
 from veclip.storage import Location, ShardStore
 
 pytestmark = pytest.mark.slow
@@ -133,11 +135,13 @@ def test_rerun_is_a_no_op(vecap_run):
 
 def test_reconciliation_fails_loudly(tmp_path):
     config = build_config("default", input="unused", output=str(tmp_path), mode="laclip")
-    ShardStore(Location(str(tmp_path))).write("a.parquet", pa.table({"key": ["x"]}))
+    run = RunContext("r", fingerprint(config)[0])
+    ShardStore(Location(str(tmp_path))).write("a.parquet", pa.table({"key": ["x"]}), stats={"fingerprint": run.fingerprint})
+    inputs = {n: InputShard(f"in/{n}", 1) for n in ("a.parquet", "b.parquet")}
     with pytest.raises(ReconciliationError, match="a.parquet: 2 input rows but 1 out"):
-        summarize(config, None, {"a.parquet": 2}, 1.0, [])
+        summarize(config, None, Plan({"a.parquet": inputs["a.parquet"]}, {}, input_rows={"a.parquet": 2}), 1.0, run)
     with pytest.raises(ReconciliationError, match="b.parquet: not written"):
-        summarize(config, None, {"a.parquet": 1, "b.parquet": 3}, 1.0, [])
+        summarize(config, None, Plan(inputs, {}, input_rows={"a.parquet": 1, "b.parquet": 3}), 1.0, run)
 
 
 def test_laclip_on_s3(sample_root, s3_bucket, tmp_path, vllm_python, ray_session):

@@ -82,9 +82,9 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     from veclip.rewrite.pipeline import render_summary, run_rewrite
 
     config = build_config(args.preset, args.config, args.set, input=args.input, output=args.output, mode=args.mode, columns=args.columns)
-    summary = run_rewrite(config, _storage(args))
+    summary = run_rewrite(config, _storage(args), redo_mismatched=args.redo_mismatched, take_over_lease=args.take_over_lease)
     print(render_summary(summary))
-    return 0
+    return 1 if summary["failed"] else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for enriched shards")
     p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
     _config_flags(p, "rewrite", "default: real models on GPU actors; tiny: tiny random models on CPU", "fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7")
+    p.add_argument("--redo-mismatched", action="store_true",
+                   help="write again the shards an earlier run wrote with another configuration (fingerprint) into this output")
+    p.add_argument("--take-over-lease", action="store_true",
+                   help="take the output from another run's lease (only when that run is surely gone)")
     p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("train", help="train CLIP with Ray Train on (enriched) shards")
@@ -315,9 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
+    from veclip.lease import LeaseHeld
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:  # bad config, input or address: say what, not a traceback
+    except (ValueError, FileNotFoundError, ConnectionError, LeaseHeld) as err:
+        # bad config, input, address or environment, or a busy output: say what, not a traceback
         print(f"veclip {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,9 @@ import pyarrow.parquet as pq
 
 DONE_DIR = "_done"
 QUARANTINE_DIR = "_quarantine"
+FAILED_DIR = "_failed"
+MANIFEST_FILE = "_markers.jsonl"
+STAMP = "_listed_version"  # the marker's listing stamp, kept in the manifest only
 PARQUET = ".parquet"
 
 # Arrow's binary/string arrays use int32 offsets: one array holds < 2 GiB.
@@ -185,10 +188,45 @@ def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, tar
         fs.put_file(tmp.name, path)
 
 
-def _write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:
+def write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:
     if "file" in _protocols(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+    """A small JSON object, or None when there is none (never a cached answer)."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def fresh_listing(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+    """``ls`` with details, never from s3fs's per-process listing cache: other
+    processes (actors, other runs) change these folders under us."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+
+
+def version_stamp(entry: dict) -> str:
+    """What changes when a listed file is rewritten (S3: its ETag; local: mtime and size)."""
+    return str(entry.get("ETag") or (entry.get("mtime"), entry.get("size")))
+
+
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
+    """Many small files at once: s3fs fetches them concurrently (O(n / its batch
+    size) round trips, not n in series). Raises the first error, naming its file."""
+    if not paths:
+        return {}
+    found = fs.cat(list(paths), on_error="return")
+    for path in paths:
+        if isinstance(found.get(path), BaseException):
+            raise OSError(f"could not read {path}: {found[path]}") from found[path]
+    return {path: found[path] for path in paths}
 
 
 class ShardStore:
@@ -199,6 +237,12 @@ class ShardStore:
         <name>.parquet               the shard's good rows
         _quarantine/<name>.parquet   its refused rows (only when there are any)
         _done/<name>.parquet.json    written last: rows, quarantined, stats
+        _failed/<name>.parquet.json  a shard that kept failing: its error (gone once it is done)
+        _markers.jsonl               the markers gathered so far, so a rerun over
+                                     30k done shards reads one file, not 30k
+
+    Every listing here is fresh: actors in other processes write markers while
+    the driver watches, and s3fs would otherwise answer from a stale cache.
     """
 
     def __init__(self, location: Location):
@@ -217,28 +261,54 @@ class ShardStore:
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(stats or {}),
         }
-        _write_json(fs, self._marker_path(name), marker)
+        write_json(fs, self._marker_path(name), marker)
+        self.clear_failure(name)
         return marker
 
     def _marker_path(self, name: str) -> str:
         return self.location.join(DONE_DIR, name + ".json")
 
+    def _listed(self, folder: str) -> dict[str, dict]:
+        """``{name: listing entry}`` of the ``.json`` records in a subfolder, listed fresh."""
+        entries = fresh_listing(self.location.fs, self.location.join(folder))
+        named = ((posixpath.basename(e["name"]), e) for e in entries if e["type"] == "file")
+        return {n[: -len(".json")]: e for n, e in named if n.endswith(".json")}
+
     def done(self) -> set[str]:
         """Names of the shards written whole."""
-        marker_dir = self.location.join(DONE_DIR)
-        if not self.location.fs.isdir(marker_dir):
-            return set()
-        names = (posixpath.basename(p) for p in self.location.fs.ls(marker_dir, detail=False))
-        return {n[: -len(".json")] for n in names if n.endswith(".json")}
+        return set(self._listed(DONE_DIR))
 
     def is_done(self, name: str) -> bool:
-        return self.location.fs.exists(self._marker_path(name))
+        path = self._marker_path(name)
+        self.location.fs.invalidate_cache(posixpath.dirname(path))
+        return self.location.fs.exists(path)
 
     def marker(self, name: str) -> dict:
         return json.loads(self.location.fs.cat_file(self._marker_path(name)))
 
-    def markers(self) -> list[dict]:
-        return [self.marker(name) for name in sorted(self.done())]
+    def markers(self, save_manifest: bool = False) -> dict[str, dict]:
+        """``{name: marker}`` of every done shard: one listing, the manifest, and
+        only the markers the manifest lacks (or holds an older version of),
+        fetched concurrently. ``save_manifest`` (the output's one writer only)
+        folds what was fetched into the manifest for the next reader."""
+        listed = self._listed(DONE_DIR)
+        manifest = self._manifest()
+        known = {n: m for n, m in manifest.items() if n in listed and m.get(STAMP) == version_stamp(listed[n])}
+        missing = sorted(set(listed) - set(known))
+        fetched = read_many(self.location.fs, [self._marker_path(n) for n in missing])
+        for name in missing:
+            known[name] = {**json.loads(fetched[self._marker_path(name)]), STAMP: version_stamp(listed[name])}
+        if save_manifest and (missing or len(known) != len(manifest)):
+            lines = (json.dumps(known[n], sort_keys=True) for n in sorted(known))
+            self.location.fs.pipe_file(self.location.join(MANIFEST_FILE), ("\n".join(lines) + "\n").encode())
+        return {n: {k: v for k, v in m.items() if k != STAMP} for n, m in sorted(known.items())}
+
+    def _manifest(self) -> dict[str, dict]:
+        try:
+            text = self.location.fs.cat_file(self.location.join(MANIFEST_FILE)).decode()
+        except FileNotFoundError:
+            return {}
+        return {m["shard"]: m for m in map(json.loads, text.splitlines()) if m}
 
     def shards(self) -> list[str]:
         """Paths of the shards marked done, in name order (stray files are ignored)."""
@@ -247,3 +317,19 @@ class ShardStore:
     def quarantine_shards(self) -> list[str]:
         qdir = self.location.child(QUARANTINE_DIR)
         return list_shards(qdir) if self.location.fs.isdir(qdir.path) else []
+
+    # Shards that kept failing: recorded so the run can finish the rest, and a rerun retries exactly them.
+    def record_failure(self, name: str, record: dict) -> None:
+        write_json(self.location.fs, self.location.join(FAILED_DIR, name + ".json"), {"shard": name, **record})
+
+    def clear_failure(self, name: str) -> None:
+        try:
+            self.location.fs.rm_file(self.location.join(FAILED_DIR, name + ".json"))
+        except FileNotFoundError:
+            pass
+
+    def failures(self) -> dict[str, dict]:
+        """``{name: failure record}`` of shards recorded as failed and not done since."""
+        listed = self._listed(FAILED_DIR)
+        paths = [self.location.join(FAILED_DIR, n + ".json") for n in sorted(listed)]
+        return {json.loads(data)["shard"]: json.loads(data) for data in read_many(self.location.fs, paths).values()}

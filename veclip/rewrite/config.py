@@ -9,7 +9,10 @@ Ray actor pool. ``preset("default")`` names real models for GPU clusters;
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +79,15 @@ class CleaningConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """How a run survives faults (not part of the fingerprint: they change no output)."""
+
+    max_attempts: int = 3  # tries per shard and run, crashes of the actor's process included
+    backoff_seconds: float = 2.0  # before the 2nd try; doubled for each next one, with jitter
+    lease_seconds: float = 120.0  # one writer per output: the lease lapses this long after its run stops renewing
+
+
+@dataclass(frozen=True)
 class RewriteConfig:
     input: str = ""
     output: str = ""
@@ -90,6 +102,7 @@ class RewriteConfig:
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_image_side: int = 672  # images are resized to fit before the VLM sees them
     seed: int = 0
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -120,9 +133,17 @@ def _gpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> 
 
 
 def default_vllm_python() -> str | None:
-    """The vLLM environment's interpreter on a CPU host (see the Makefile), if any."""
-    python = os.environ.get("VECLIP_VLLM_PYTHON") or str(Path.cwd() / ".venv-vllm" / "bin" / "python")
-    return python if Path(python).exists() else None
+    """The vLLM environment's interpreter on a CPU host (see the Makefile), if any,
+    wherever the command runs from: ``$VECLIP_VLLM_PYTHON``, else ``.venv-vllm``
+    beside the checkout this package was installed from (editable installs), else
+    beside the running environment. None: the workers use the driver's Python."""
+    if python := os.environ.get("VECLIP_VLLM_PYTHON"):
+        return python
+    here = Path(__file__).resolve().parents[2]  # the checkout, for `pip install -e .`
+    for root in (here, Path(sys.prefix).parent):
+        if (python := root / ".venv-vllm" / "bin" / "python").exists():
+            return str(python)
+    return None
 
 
 def preset(name: str, tiny_models: dict[str, str] | None = None) -> RewriteConfig:
@@ -149,6 +170,32 @@ def preset(name: str, tiny_models: dict[str, str] | None = None) -> RewriteConfi
             max_image_side=128,
         )
     raise ValueError(f"unknown preset {name!r}: use 'default' or 'tiny'")
+
+
+def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
+    """What decides the output's content, and its hash: mode, models, prompts (their
+    text, not only their version), sampling, cleaning, seed. Pools, interpreters and
+    fault settings change no row and are left out. Runs that differ here must not
+    share an output."""
+    from veclip.rewrite.prompts import load_prompt_file
+
+    def stage(s: StageConfig) -> dict:
+        e = s.engine
+        prompts = json.dumps(load_prompt_file(s.prompts), sort_keys=True)
+        return {
+            "model": e.model, "prompt_format": e.prompt_format, "prompt_template": e.prompt_template, "dtype": e.dtype,
+            "max_model_len": e.max_model_len, "seeded_requests": e.seeded_requests, "sampling": dataclasses.asdict(s.sampling),
+            "prompts": s.prompts.rsplit("/", 1)[-1], "prompts_sha256": hashlib.sha256(prompts.encode()).hexdigest()[:16],
+        }
+
+    fields: dict = {"mode": config.mode, "columns": str(config.columns), "seed": config.seed, "cleaning": dataclasses.asdict(config.cleaning)}
+    if config.uses_captioner:
+        fields.update(captioner=stage(config.captioner), fuser=stage(config.fuser), max_image_side=config.max_image_side,
+                      image_limits=dataclasses.asdict(config.image_limits))
+    if config.uses_laclip:
+        fields.update(laclip=stage(config.laclip), num_rewrites=config.num_rewrites, shots=config.shots)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, fields
 
 
 def to_dict(config) -> dict:

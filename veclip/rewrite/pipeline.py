@@ -2,26 +2,38 @@
 
 Ray Data streams input shard paths through one or two autoscaling actor pools
 (``ActorPoolStrategy(min, max)``), each actor holding a vLLM engine under its
-own ``runtime_env`` (on a CPU host: the vLLM environment's interpreter). Work
-already marked done is subtracted first, so a rerun only does what is left,
-and a rerun of a finished run starts no engine at all. At the end every input
-row is reconciled against the output and quarantine counts, loudly.
+own ``runtime_env`` (on a CPU host: the vLLM environment's interpreter). A run
+holds the output's lease (one writer), plans with a few concurrent requests
+(:mod:`veclip.rewrite.plan`), and subtracts work already marked done with its
+fingerprint, so a rerun only does what is left and a rerun of a finished run
+starts no engine at all. Shards that keep failing are recorded, not fatal
+(:mod:`veclip.rewrite.faults`). At the end every input row is reconciled
+against the output, quarantine and failed-shard records, loudly.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 import time
+import uuid
 from collections import Counter
+from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from veclip import schema
-from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, to_dict
+from veclip.lease import OutputLease
+from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, fingerprint, to_dict
+from veclip.rewrite.faults import DONE, RunContext
+from veclip.rewrite.plan import Plan, plan_run
 from veclip.rewrite.workers import CAPTIONS_DIR, ShardCaptioner, ShardRewriter
-from veclip.storage import Location, ShardStore, StorageOptions, list_shards, output_shard_name
+from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name
 
 SUMMARY_FILE = "_summary.json"
+
+
+class EngineUnavailable(ValueError):
+    """A pool's interpreter cannot import vllm (or does not exist)."""
 
 
 class ReconciliationError(RuntimeError):
@@ -36,46 +48,77 @@ def _remote_args(pool: PoolConfig, stage: StageConfig) -> dict:
     return {**args, "accelerator_type": pool.accelerator_type} if pool.accelerator_type else args
 
 
-def _map_pool(ds, actor_cls, stage: StageConfig, config: RewriteConfig, options: StorageOptions):
+def _map_pool(ds, actor_cls, stage: StageConfig, config: RewriteConfig, options: StorageOptions, run: RunContext):
     from ray.data import ActorPoolStrategy
 
     pool = stage.pool
     return ds.map_batches(
         actor_cls,
-        fn_constructor_kwargs={"config": config, "options": options},
+        fn_constructor_kwargs={"config": config, "options": options, "run": run},
         batch_size=1,  # one shard per call: the shard is the unit of work
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         **_remote_args(pool, stage),
     )
 
 
-def _check_inputs(location: Location, paths: list[str], config: RewriteConfig) -> dict[str, int]:
-    """Rows per input shard; every shard's schema checked before any engine starts."""
-    counts = {}
-    for path in paths:
-        with location.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            schema.check_input_schema(config.columns.apply(parquet.schema_arrow.empty_table()).schema, path)
-            counts[output_shard_name(path)] = parquet.metadata.num_rows
-    if len(counts) != len(paths):
-        raise ValueError(f"rewrite: input shards in {config.input} map to the same output name; rename them")
-    return counts
+def _can_import_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
-def summarize(config: RewriteConfig, options: StorageOptions, input_rows: dict[str, int], wall_seconds: float, written: list[str],
+def check_engine_python(config: RewriteConfig, timeout_s: float = 900) -> None:
+    """Before any pool starts: can each pool's interpreter import vllm? Otherwise
+    Ray would restart the failing actors forever ("No module named 'vllm'")."""
+    import ray
+
+    fix = ("On a CPU host, `make env` creates the vLLM environment (.venv-vllm) and veclip finds it from any folder; "
+           "or point to one with VECLIP_VLLM_PYTHON=/path/to/python or --set <pool>.pool.python=/path/to/python. "
+           "On a cluster, run the pools in an image or runtime_env that has vllm.")
+    stages = [config.captioner, config.fuser] if config.uses_captioner else []
+    stages += [config.laclip] if config.uses_laclip and not config.uses_captioner else []
+    for stage in stages:
+        python = stage.pool.python
+        if python:
+            if not Path(python).exists():
+                raise EngineUnavailable(f"rewrite: the pool interpreter {python} does not exist. {fix}")
+            found = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"])
+            ok = found.returncode == 0
+        else:  # the workers run the driver's environment, wherever Ray places them: ask one
+            if not ray.is_initialized():
+                ray.init(log_to_driver=True)
+            probe = ray.remote(_can_import_vllm).options(**_remote_args(stage.pool, stage))
+            ok = ray.get(probe.remote(), timeout=timeout_s)
+        if not ok:
+            raise EngineUnavailable(f"rewrite: the rewrite workers' Python ({python or sys.executable}) cannot import vllm. {fix}")
+
+
+def _record_unreadable(store: ShardStore, plan: Plan, run: RunContext) -> None:
+    for name, why in plan.unreadable.items():
+        store.record_failure(name, {
+            "input": plan.inputs[name].path, "stage": "plan", "run_id": run.run_id, "fingerprint": run.fingerprint,
+            "tries": 1, "error": why, "errors": [why], "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+
+
+def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan, wall_seconds: float, run: RunContext,
               started_at: float | None = None) -> dict:
-    """The run summary over the whole output; raises if any row is unaccounted for."""
-    out = Location(config.output, options)
-    markers = {m["shard"]: m for m in ShardStore(out).markers()}
-    captions = {m["shard"]: m for m in ShardStore(out.child(CAPTIONS_DIR)).markers()} if config.uses_captioner else {}
-    missing = sorted(set(input_rows) - set(markers))
-    problems = [f"{name}: not written" for name in missing]
+    """The run summary over the whole output; raises if any row is unaccounted for.
+
+    A shard is done (marked with this run's fingerprint, rows reconciled),
+    failed (recorded under ``_failed/`` with its error), or lost: that raises.
+    """
+    out = Location(config.output, options or StorageOptions())
+    store = ShardStore(out)
+    markers = {n: m for n, m in store.markers(save_manifest=True).items() if n in plan.inputs and m.get("fingerprint") == run.fingerprint}
+    captions = ShardStore(out.child(CAPTIONS_DIR)).markers(save_manifest=True) if config.uses_captioner else {}
+    failed = {n: f for n, f in store.failures().items() if n in plan.inputs and n not in markers}
+    problems = [f"{name}: not written" for name in sorted(set(plan.inputs) - set(markers) - set(failed))]
     for name, marker in markers.items():
         accounted = marker["rows"] + marker["quarantined"]
-        if name in input_rows and accounted != input_rows[name]:
-            problems.append(f"{name}: {input_rows[name]} input rows but {marker['rows']} out + {marker['quarantined']} quarantined")
+        if name in plan.input_rows and accounted != plan.input_rows[name]:
+            problems.append(f"{name}: {plan.input_rows[name]} input rows but {marker['rows']} out + {marker['quarantined']} quarantined")
     if problems:
         raise ReconciliationError("rewrite: rows unaccounted for: " + "; ".join(problems))
+    written = sorted(n for n, m in markers.items() if m.get("run_id") == run.run_id)
 
     def pool_stats(prefix: str, source: dict) -> dict:
         total = Counter()
@@ -101,7 +144,6 @@ def summarize(config: RewriteConfig, options: StorageOptions, input_rows: dict[s
     for marker in markers.values():
         quarantined.update(marker.get("quarantine_reasons", {}))
         flags.update(marker.get("flags", {}))
-    rows_in = sum(input_rows.values())
     pools = {}
     if config.uses_captioner:
         pools["captioner"] = {**pool_stats("captioner", captions), **pool_actors(captions)}
@@ -112,51 +154,70 @@ def summarize(config: RewriteConfig, options: StorageOptions, input_rows: dict[s
         "input": config.input,
         "output": config.output,
         "mode": config.mode,
-        "rows_in": rows_in,
+        "run_id": run.run_id,
+        "fingerprint": run.fingerprint,
+        "rows_in": sum(plan.input_rows.get(n, 0) for n in markers),
         "rows_out": sum(m["rows"] for m in markers.values()),
         "rows_quarantined": sum(m["quarantined"] for m in markers.values()),
+        "rows_in_failed_shards": sum(plan.input_rows.get(n, 0) for n in failed),
         "quarantined_by_reason": dict(quarantined),
         "flags_by_reason": dict(flags),
-        "shards": {"total": len(input_rows), "written_this_run": len(written)},
+        "shards": {"total": len(plan.inputs), "done": len(markers), "written_this_run": len(written), "failed": len(failed),
+                   "redone": len(plan.redo)},
+        "failed": {n: {k: f.get(k) for k in ("input", "stage", "tries", "error")} for n, f in sorted(failed.items())},
         "wall_seconds": wall_seconds,
-        "rows_per_second_this_run": sum(input_rows[n] for n in written) / wall_seconds,
+        "rows_per_second_this_run": sum(plan.input_rows[n] for n in written) / wall_seconds,
         "stage_seconds": {
             "caption": sum(m.get("seconds", 0.0) for m in captions.values()),
             "rewrite": sum(m.get("seconds", 0.0) for m in markers.values()),
         },
         "pools": pools,
         "config": to_dict(config),
+        "fingerprint_fields": fingerprint(config)[1],
     }
 
 
-def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, log=print) -> dict:
-    """Rewrite every input shard not yet done; returns (and writes) the run summary."""
+def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, log=print, *,
+                redo_mismatched: bool = False, take_over_lease: bool = False) -> dict:
+    """Rewrite every input shard not yet done; returns (and writes) the run summary.
+
+    Shards that keep failing are recorded and listed in ``summary["failed"]``
+    (the CLI exits non-zero); rerunning the same command retries exactly them.
+    """
     options = options or StorageOptions()
     config.validate_for_run()
     start, started_at = time.perf_counter(), time.time()
-    source = Location(config.input, options)
-    shards = list_shards(source)
-    if not shards:
-        raise FileNotFoundError(f"rewrite: no .parquet shards in {config.input}")
-    input_rows = _check_inputs(source, shards, config)
-    done = ShardStore(Location(config.output, options)).done()
-    todo = [p for p in shards if output_shard_name(p) not in done]
-    log(f"rewrite: {len(shards)} shards, {len(shards) - len(todo)} already done, {len(todo)} to do (mode {config.mode})")
-    if todo:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(log_to_driver=True)
-        ds = ray.data.from_items([{"shard": p} for p in todo], override_num_blocks=len(todo))
-        if config.uses_captioner:
-            ds = _map_pool(ds, ShardCaptioner, config.captioner, config, options)
-        ds = _map_pool(ds, ShardRewriter, config.fuser if config.uses_captioner else config.laclip, config, options)
-        for row in ds.iter_rows():
-            log(f"rewrite: done {row['shard']}")
-    summary = summarize(config, options, input_rows, time.perf_counter() - start, [output_shard_name(p) for p in todo], started_at)
+    run = RunContext(run_id=uuid.uuid4().hex[:12], fingerprint=fingerprint(config)[0])
     out = Location(config.output, options)
-    out.fs.pipe_file(out.join(SUMMARY_FILE), json.dumps(summary, indent=1).encode())
-    return summary
+    lease = OutputLease(out, run.run_id, config.faults.lease_seconds)
+    lease.acquire(take_over=take_over_lease)
+    try:
+        plan = plan_run(config, options, run.fingerprint, redo_mismatched)
+        _record_unreadable(ShardStore(out), plan, run)
+        log(f"rewrite: {len(plan.inputs)} shards, {len(plan.done)} already done, {len(plan.todo)} to do, "
+            f"{len(plan.unreadable)} unreadable (mode {config.mode}, fingerprint {run.fingerprint})")
+        if plan.todo:
+            _rewrite_shards(config, options, run, plan, log)
+        summary = summarize(config, options, plan, time.perf_counter() - start, run, started_at)
+        out.fs.pipe_file(out.join(SUMMARY_FILE), json.dumps(summary, indent=1).encode())
+        return summary
+    finally:
+        lease.release()
+
+
+def _rewrite_shards(config: RewriteConfig, options: StorageOptions, run: RunContext, plan: Plan, log) -> None:
+    import ray
+
+    check_engine_python(config)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    ds = ray.data.from_items([{"shard": s.path, "status": ""} for s in plan.todo], override_num_blocks=len(plan.todo))
+    if config.uses_captioner:
+        ds = _map_pool(ds, ShardCaptioner, config.captioner, config, options, run)
+    ds = _map_pool(ds, ShardRewriter, config.fuser if config.uses_captioner else config.laclip, config, options, run)
+    for n, row in enumerate(ds.iter_rows(), 1):
+        note = "" if row["status"] == DONE else f" (see {config.output}/_failed/{output_shard_name(row['shard'])}.json)"
+        log(f"rewrite: [{n}/{len(plan.todo)}] {row['status']} {row['shard']}{note}")
 
 
 def render_summary(summary: dict) -> str:
@@ -165,6 +226,8 @@ def render_summary(summary: dict) -> str:
         f"{summary['rows_quarantined']} quarantined; {summary['shards']['written_this_run']} shards written this run "
         f"in {summary['wall_seconds']:.1f}s ({summary['rows_per_second_this_run']:.1f} rows/s)",
     ]
+    if summary["shards"]["redone"]:
+        lines.append(f"  redone      {summary['shards']['redone']:>6}  shards of another fingerprint (--redo-mismatched)")
     lines += [f"  quarantined {n:>6}  {reason}" for reason, n in sorted(summary["quarantined_by_reason"].items())]
     lines += [f"  flagged     {n:>6}  {flag}" for flag, n in sorted(summary["flags_by_reason"].items())]
     for name, pool in summary["pools"].items():
@@ -175,4 +238,8 @@ def render_summary(summary: dict) -> str:
         if pool.get("actors"):
             starts = ", ".join(f"{t:.0f}" for t in pool["actor_first_shard_s"])
             lines.append(f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s")
+    if summary["failed"]:
+        lines.append(f"FAILED: {len(summary['failed'])} shard(s) ({summary['rows_in_failed_shards']} rows) kept failing; "
+                     f"their errors are in {summary['output']}/_failed/. Rerun the same command to retry exactly these:")
+        lines += [f"  {name}  [{f['stage']}, {f['tries']} tries]  {f['error'][:200]}" for name, f in summary["failed"].items()]
     return "\n".join(lines)

@@ -3,7 +3,10 @@
 Each Ray Data row is an input shard path (the RayGen pattern): the actor
 reads the shard, generates for all its rows in micro-batches, cleans, writes
 its output whole and marks it done. A restarted actor or a rerun skips shards
-already marked, so work is never lost or duplicated.
+already marked with this run's fingerprint, so work is never lost or
+duplicated. Each shard runs under a :class:`~veclip.rewrite.faults.ShardGuard`:
+retried on errors, recorded in ``_failed/`` when it keeps failing, while the
+actor goes on with the next; a row's ``status`` tells the next pool.
 
 * :class:`ShardCaptioner` (VLM): image -> ``vlm_caption``; writes a work
   shard under ``<output>/_work/captions/`` and decides which images are unusable.
@@ -26,8 +29,9 @@ from veclip.images import ImageError, decode_image, open_image
 from veclip.rewrite import cleaning
 from veclip.rewrite.config import RewriteConfig, StageConfig
 from veclip.rewrite.engine import Engine, Request, VLLMEngine
+from veclip.rewrite.faults import FAILED, RunContext, ShardGuard
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt, request_seed
-from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name
+from veclip.storage import DONE_DIR, Location, ShardStore, StorageOptions, output_shard_name, read_json
 
 CAPTIONS_DIR = "_work/captions"
 STAGE = "rewrite"
@@ -81,6 +85,41 @@ def _work_stamp(started_at: float) -> dict:
     return {"actor": actor or "local", "started_at": started_at, "finished_at": time.time()}
 
 
+class _ShardWorker:
+    """What both pools share: run identity, the guard, and the done check."""
+
+    stage = ""
+
+    def __init__(self, config: RewriteConfig, options: StorageOptions, run: RunContext):
+        self.config, self.options, self.run = config, options, run
+        self.output = Location(config.output, options)
+        faults = config.faults
+        self.guard = ShardGuard(self.output, run, self.stage, faults.max_attempts, faults.backoff_seconds)
+
+    def __call__(self, batch: dict) -> dict:
+        statuses = []
+        for path, status in zip(batch["shard"], batch["status"]):
+            if status != FAILED:  # a shard the previous pool gave up on is already recorded
+                status = self.guard.run_shard(output_shard_name(path), path, lambda: self.process(path))
+            statuses.append(status)
+        return {**batch, "status": statuses}
+
+    def process(self, path: str) -> None:
+        raise NotImplementedError
+
+    def done_here(self, store: ShardStore, name: str) -> bool:
+        """Marked done by a run of this configuration (another fingerprint's shard is redone)."""
+        marker = read_json(store.location.fs, store.location.join(DONE_DIR, name + ".json"))
+        return marker is not None and marker.get("fingerprint") == self.run.fingerprint
+
+    def commit(self, store: ShardStore, name: str, path: str, table: pa.Table, quarantine: pa.Table | None, stats: dict) -> None:
+        """Write the shard whole, with who wrote it and from what, if this run still holds the output."""
+        self.guard.lease.check()
+        fs = Location(self.config.input, self.options).fs
+        stats = {**stats, "fingerprint": self.run.fingerprint, "run_id": self.run.run_id, "input": path, "input_size": fs.size(path)}
+        store.write(name, table, quarantine, stats)
+
+
 def _clean(completion, limits) -> tuple[str | None, str | None]:
     """Every output here is one caption: keep its first non-empty line, then clean it."""
     if completion.error:
@@ -93,21 +132,20 @@ def _provenance(engine: Engine, model: str, version: str) -> dict:
     return {"model": model, "prompt_version": version, "engine": engine.name}
 
 
-class ShardCaptioner:
+class ShardCaptioner(_ShardWorker):
     """VeCLIP step 1: the VLM describes each image, never seeing the AltText."""
 
-    def __init__(self, config: RewriteConfig, options: StorageOptions, engine: Engine | None = None):
-        self.config, self.options = config, options
-        self.stage = config.captioner
-        self.prompt = CaptionerPrompt.load(self.stage.prompts)
-        self.engine = engine or VLLMEngine(self.stage.engine, multimodal=True)
-        self.store = ShardStore(Location(config.output, options).child(CAPTIONS_DIR))
+    stage = "caption"
+
+    def __init__(self, config: RewriteConfig, options: StorageOptions, run: RunContext, engine: Engine | None = None):
+        super().__init__(config, options, run)
+        self.prompt = CaptionerPrompt.load(config.captioner.prompts)
+        self.engine = engine or VLLMEngine(config.captioner.engine, multimodal=True)
+        self.store = ShardStore(self.output.child(CAPTIONS_DIR))
         self.decoder = ThreadPoolExecutor(4)  # JPEG decode releases the GIL
 
-    def __call__(self, batch: dict) -> dict:
-        for path in batch["shard"]:
-            self.caption_shard(path)
-        return batch
+    def process(self, path: str) -> None:
+        self.caption_shard(path)
 
     def _decode(self, data: bytes | None):
         try:
@@ -118,7 +156,7 @@ class ShardCaptioner:
             return err
 
     def _request(self, key: str, image) -> Request:
-        engine = self.stage.engine
+        engine = self.config.captioner.engine
         seed = request_seed(self.config.seed, key)
         if engine.prompt_format == "chat":
             return Request(messages=[{"role": "user", "content": self.prompt.instruction}], image=image, seed=seed)
@@ -126,16 +164,16 @@ class ShardCaptioner:
 
     def caption_shard(self, path: str) -> None:
         name = output_shard_name(path)
-        if self.store.is_done(name):
+        if self.done_here(self.store, name):
             return
         start, started_at, meter = time.perf_counter(), time.time(), _Meter()
         table = read_input_shard(path, self.config, self.options, ["key", "image"])
         keys, images = table.column("key").to_pylist(), table.column("image")
         rows = []
-        for part in chunks(len(keys), self.stage.pool.batch_size):
+        for part in chunks(len(keys), self.config.captioner.pool.batch_size):
             decoded = list(self.decoder.map(self._decode, (images[i].as_py() for i in part)))
             good = [(i, img) for i, img in zip(part, decoded) if not isinstance(img, ImageError)]
-            outputs = meter.run(self.engine, [self._request(keys[i], img) for i, img in good], self.stage)
+            outputs = meter.run(self.engine, [self._request(keys[i], img) for i, img in good], self.config.captioner)
             captions = dict(zip((i for i, _ in good), outputs))
             for i, img in zip(part, decoded):
                 row = {"key": keys[i], "vlm_caption": None, "flags": []}
@@ -147,14 +185,16 @@ class ShardCaptioner:
                 rows.append(row)
         stats = {"rows_in": len(keys), "seconds": time.perf_counter() - start, "engine": self.engine.name, **meter.stats("captioner"),
                  **_work_stamp(started_at)}
-        self.store.write(name, pa.Table.from_pylist(rows, schema=CAPTION_WORK_SCHEMA), stats=stats)
+        self.commit(self.store, name, path, pa.Table.from_pylist(rows, schema=CAPTION_WORK_SCHEMA), None, stats)
 
 
-class ShardRewriter:
+class ShardRewriter(_ShardWorker):
     """VeCLIP step 2 (fusion into a VeCap) and/or LaCLIP rewrites, then the enriched shard."""
 
-    def __init__(self, config: RewriteConfig, options: StorageOptions, engine: Engine | None = None):
-        self.config, self.options = config, options
+    stage = "rewrite"
+
+    def __init__(self, config: RewriteConfig, options: StorageOptions, run: RunContext, engine: Engine | None = None):
+        super().__init__(config, options, run)
         self.fusion = FusionPrompt.load(config.fuser.prompts) if config.uses_captioner else None
         self.captioner_version = CaptionerPrompt.load(config.captioner.prompts).version if config.uses_captioner else None
         self.laclip = LaClipPrompt.load(config.laclip.prompts) if config.uses_laclip else None
@@ -163,19 +203,16 @@ class ShardRewriter:
         self.engine = engine or VLLMEngine(main.engine)
         same = not (config.uses_captioner and config.uses_laclip) or config.laclip.engine == config.fuser.engine
         self.laclip_engine = self.engine if (engine or same) else VLLMEngine(config.laclip.engine)
-        output = Location(config.output, options)
-        self.store = ShardStore(output)
-        self.captions = ShardStore(output.child(CAPTIONS_DIR))
+        self.store = ShardStore(self.output)
+        self.captions = ShardStore(self.output.child(CAPTIONS_DIR))
 
-    def __call__(self, batch: dict) -> dict:
-        for path in batch["shard"]:
-            self.rewrite_shard(path)
-        return batch
+    def process(self, path: str) -> None:
+        self.rewrite_shard(path)
 
     def _image_checks(self, table: pa.Table, name: str) -> tuple[dict, dict]:
         """Per key: (vlm_caption, flags) and (image error reason, detail)."""
         if self.config.uses_captioner:
-            if not self.captions.is_done(name):
+            if not self.done_here(self.captions, name):
                 raise RuntimeError(f"captions for {name} are missing: the captioner pool did not finish it")
             work = pq.read_table(self.captions.location.join(name), filesystem=self.captions.location.fs).to_pylist()
             captions = {r["key"]: (r["vlm_caption"], r["flags"]) for r in work}
@@ -191,7 +228,7 @@ class ShardRewriter:
 
     def rewrite_shard(self, path: str) -> None:
         name = output_shard_name(path)
-        if self.store.is_done(name):
+        if self.done_here(self.store, name):
             return
         start, started_at, fuse_meter, laclip_meter = time.perf_counter(), time.time(), _Meter(), _Meter()
         table = read_input_shard(path, self.config, self.options)
@@ -227,7 +264,7 @@ class ShardRewriter:
         }
         if out.num_rows + quarantine.num_rows != stats["rows_in"]:  # never lose a row silently
             raise RuntimeError(f"{name}: {stats['rows_in']} rows in, {out.num_rows} out + {quarantine.num_rows} quarantined")
-        self.store.write(name, out, quarantine, stats)
+        self.commit(self.store, name, path, out, quarantine, stats)
 
     def _fuse(self, keys, alts, visual, flags, meter: _Meter) -> list[str | None]:
         stage, limits = self.config.fuser, self.config.cleaning

@@ -1,0 +1,287 @@
+"""Resume, fault isolation, fingerprints, the lease and planning, without an engine:
+real storage (local disk and the local S3 server, through a fault-injecting
+proxy), the real shard workers and guard, and a scripted engine where a test
+needs an engine to fail on cue."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from s3_faults import Fault, FaultProxy
+from veclip.lease import LeaseHeld, LeaseLost, OutputLease
+from veclip.rewrite.config import FaultConfig, fingerprint, preset
+from veclip.rewrite.engine import Completion
+from veclip.rewrite.faults import DONE, FAILED, RunContext, ShardGuard
+from veclip.rewrite.pipeline import EngineUnavailable, check_engine_python, summarize
+from veclip.rewrite.plan import FingerprintMismatch, plan_run, read_footers, list_inputs
+from veclip.rewrite.workers import ShardRewriter
+from veclip.storage import Location, ShardStore, StorageOptions, read_many
+
+from conftest import veclip_cli
+
+
+class ScriptedEngine:
+    """Answers every request with a fixed caption; raises on rows that carry ``poison``."""
+
+    name = "scripted"
+
+    def __init__(self, poison: str = "POISON", fail_first: int = 0):
+        self.poison, self.fail_first, self.calls = poison, fail_first, 0
+
+    def generate(self, requests, sampling):
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise ConnectionResetError("engine connection reset")
+        if any(self.poison in (r.prompt or "") for r in requests):
+            raise ValueError("scripted engine refuses this batch")
+        return [Completion("a red star on a striped wall", 5, 6) for _ in requests]
+
+
+def laclip_config(source, output, **faults) -> "RewriteConfig":  # noqa: F821
+    base = preset("default")
+    return dataclasses.replace(base, input=str(source), output=str(output), mode="laclip",
+                               faults=FaultConfig(**{"backoff_seconds": 0.01, **faults}))
+
+
+def put_tree(local, url, options):
+    Location(url, options).fs.put(str(local) + "/", url[len("s3://"):], recursive=True)
+
+
+def run_local(config, options=None, engine=None, run_id="r1", redo_mismatched=False):
+    """The driver's plan, the workers' loop and the summary, in-process (no Ray)."""
+    options = options or StorageOptions()
+    run = RunContext(run_id, fingerprint(config)[0])
+    lease = OutputLease(Location(config.output, options), run_id, settle_seconds=0)
+    lease.acquire()
+    try:
+        plan = plan_run(config, options, run.fingerprint, redo_mismatched)
+        worker = ShardRewriter(config, options, run, engine=engine or ScriptedEngine())
+        statuses = worker({"shard": [s.path for s in plan.todo], "status": [""] * len(plan.todo)})["status"]
+        from veclip.rewrite.pipeline import _record_unreadable
+
+        _record_unreadable(ShardStore(Location(config.output, options)), plan, run)
+        return plan, statuses, summarize(config, options, plan, 1.0, run)
+    finally:
+        lease.release()
+
+
+def test_listings_are_fresh_when_another_process_writes(s3_bucket, tmp_path):
+    """The resume bug: s3fs caches a listing per process; markers written by actors must still be seen."""
+    url, options = s3_bucket
+    store = ShardStore(Location(url + "/out", options))
+    store.write("a.parquet", pa.table({"key": ["x"]}))
+    assert store.done() == {"a.parquet"}
+    store.location.fs.ls(store.location.join("_done"))  # warm s3fs's cache, as the driver's planning does
+    code = (
+        "import pyarrow as pa, sys; from veclip.storage import *; "
+        f"ShardStore(Location('{url}/out', StorageOptions(endpoint_url='{options.endpoint_url}', key='testing', secret='testing')))"
+        ".write('b.parquet', pa.table({'key': ['y']}))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert store.done() == {"a.parquet", "b.parquet"}
+    assert set(store.markers()) == {"a.parquet", "b.parquet"}
+    assert store.is_done("b.parquet")
+
+
+def test_marker_manifest_reads_only_what_is_new(tmp_path, monkeypatch):
+    store = ShardStore(Location(str(tmp_path)))
+    for k in range(5):
+        store.write(f"s{k}.parquet", pa.table({"key": [str(k)]}), stats={"rows_in": 1})
+    fetched = []
+    real = read_many
+
+    def counting(fs, paths):
+        fetched.extend(paths)
+        return real(fs, paths)
+
+    monkeypatch.setattr("veclip.storage.read_many", counting)
+    assert len(store.markers(save_manifest=True)) == 5 and len(fetched) == 5
+    fetched.clear()
+    assert len(store.markers()) == 5 and fetched == []  # all from the manifest
+    time.sleep(0.01)
+    store.write("s1.parquet", pa.table({"key": ["1", "again"]}), stats={"rows_in": 2})  # a shard redone
+    store.write("s9.parquet", pa.table({"key": ["9"]}))
+    markers = store.markers(save_manifest=True)
+    assert sorted(p.rsplit("/", 1)[1] for p in fetched) == ["s1.parquet.json", "s9.parquet.json"]
+    assert markers["s1.parquet"]["rows"] == 2 and len(markers) == 6
+    (tmp_path / "_done" / "s0.parquet.json").unlink()  # a marker removed by hand: its shard is not done
+    assert "s0.parquet" not in store.markers()
+
+
+def test_poison_shard_is_recorded_and_the_rest_finish(sample_root, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for p in sorted((sample_root / "train").glob("*.parquet")):
+        (source / p.name).write_bytes(p.read_bytes())
+    poisoned = source / "part-00001.parquet"
+    rows = pq.read_table(poisoned).to_pylist()
+    rows[3]["alt_text"] = "POISON row"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(poisoned)), poisoned)
+    config = laclip_config(source, tmp_path / "out")
+    engine = ScriptedEngine()
+    plan, statuses, summary = run_local(config, engine=engine)
+    assert statuses == [DONE, FAILED, DONE]
+    assert summary["shards"] == {"total": 3, "done": 2, "written_this_run": 2, "failed": 1, "redone": 0}
+    failed = summary["failed"]["part-00001.parquet"]
+    assert failed["stage"] == "rewrite" and failed["tries"] == 3 and "refuses this batch" in failed["error"]
+    record = ShardStore(Location(config.output)).failures()["part-00001.parquet"]
+    assert len(record["errors"]) == 3 and record["input"].endswith("part-00001.parquet")
+
+    # the poison is removed; a rerun retries exactly the failed shard, and the record goes
+    rows[3]["alt_text"] = "a fine caption"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(poisoned)), poisoned)
+    plan, statuses, summary = run_local(config, run_id="r2")
+    assert [s.name for s in plan.todo] == ["part-00001.parquet"] and statuses == [DONE]
+    assert summary["failed"] == {} and summary["shards"]["done"] == 3
+    assert summary["rows_out"] + summary["rows_quarantined"] == 60 == summary["rows_in"]
+
+
+def test_transient_errors_are_retried(sample_root, tmp_path):
+    config = laclip_config(sample_root / "train", tmp_path / "out")
+    plan, statuses, summary = run_local(config, engine=ScriptedEngine(fail_first=2))
+    assert statuses == [DONE] * 3 and summary["failed"] == {}
+    assert not ShardStore(Location(config.output)).location.fs.exists(str(tmp_path / "out" / "_work" / "attempts" / "rewrite" / "part-00000.parquet.json"))
+
+
+def test_a_shard_whose_tries_kill_the_process_is_recorded(tmp_path):
+    """Tries that died with their process leave only their durable count; past the limit the shard fails."""
+    out = Location(str(tmp_path))
+    guard = ShardGuard(out, RunContext("run-a", "fp"), "rewrite", max_attempts=2, backoff_seconds=0)
+    for _ in range(2):  # two tries that "crashed": counted, never finished
+        guard._begin("x.parquet")
+    ran = []
+    assert guard.run_shard("x.parquet", "in/x.parquet", lambda: ran.append(1)) == FAILED and ran == []
+    record = ShardStore(out).failures()["x.parquet"]
+    assert record["tries"] == 2 and "process died" in record["error"]
+    # a new run starts its own count
+    fresh = ShardGuard(out, RunContext("run-b", "fp"), "rewrite", max_attempts=2, backoff_seconds=0)
+    assert fresh.run_shard("x.parquet", "in/x.parquet", lambda: ran.append(1)) == DONE and ran == [1]
+
+
+def test_planning_records_unreadable_shards_and_fails_fast_on_bad_schema(sample_root, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for p in sorted((sample_root / "train").glob("*.parquet")):
+        (source / p.name).write_bytes(p.read_bytes())
+    whole = (source / "part-00002.parquet").read_bytes()
+    (source / "part-00002.parquet").write_bytes(whole[: len(whole) // 2])  # truncated upload
+    config = laclip_config(source, tmp_path / "out")
+    plan, statuses, summary = run_local(config)
+    assert [s.name for s in plan.todo] == ["part-00000.parquet", "part-00001.parquet"]
+    assert "truncated" in plan.unreadable["part-00002.parquet"] or "Parquet" in plan.unreadable["part-00002.parquet"]
+    assert summary["failed"]["part-00002.parquet"]["stage"] == "plan" and summary["shards"]["done"] == 2
+
+    bad = dataclasses.replace(config, output=str(tmp_path / "out2"), columns=type(config.columns).parse("image=alt_text"))
+    with pytest.raises(ValueError, match="no input shard fits the column mapping"):
+        plan_run(bad, None, fingerprint(bad)[0])
+
+
+def test_footers_come_from_tails_read_concurrently(sample_root, s3_bucket, tmp_path):
+    url, options = s3_bucket
+    put_tree(sample_root / "train", url + "/in", options)
+    location = Location(url + "/in", options)
+    shards = list(list_inputs(location).values())
+    footers = read_footers(location, shards)
+    assert [f.num_rows for f in footers.values()] == [pq.read_metadata(sample_root / "train" / s.name).num_rows for s in shards]
+
+
+def test_fingerprint_mismatch_stops_and_redo_rewrites(sample_root, tmp_path):
+    config = laclip_config(sample_root / "train", tmp_path / "out")
+    run_local(config)
+    assert fingerprint(dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, pool=dataclasses.replace(config.laclip.pool, max_actors=64))))[0] == fingerprint(config)[0]
+    hotter = dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, sampling=dataclasses.replace(config.laclip.sampling, temperature=0.3)))
+    digest = fingerprint(hotter)[0]
+    assert digest != fingerprint(config)[0]
+    with pytest.raises(FingerprintMismatch, match="--redo-mismatched"):
+        plan_run(hotter, None, digest)
+    plan, statuses, summary = run_local(hotter, run_id="r9", redo_mismatched=True)
+    assert len(plan.redo) == 3 and len(plan.todo) == 3 and plan.done == {} and statuses == [DONE] * 3
+    assert summary["shards"]["redone"] == 3 and summary["fingerprint"] == digest
+    markers = ShardStore(Location(config.output)).markers()
+    assert {m["fingerprint"] for m in markers.values()} == {digest}
+
+
+def test_one_writer_per_output(tmp_path):
+    out = Location(str(tmp_path))
+    first = OutputLease(out, "run-1", ttl_seconds=60, settle_seconds=0)
+    first.acquire()
+    second = OutputLease(out, "run-2", ttl_seconds=60, settle_seconds=0)
+    with pytest.raises(LeaseHeld, match="being written by run run-1"):
+        second.acquire()
+    first.check()
+    second.acquire(take_over=True)
+    with pytest.raises(LeaseLost):
+        first.check()  # its workers stop at their next commit
+    second.release()
+    first._stop.set()
+    # a lease left by a driver killed on this host is free at once
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.fs.pipe_file(out.join("_lease.json"), (
+        '{"run_id": "gone", "host": "%s", "pid": %s, "expires_at": %f, "started_at": "x"}'
+        % (os.uname().nodename, dead.stdout.strip(), time.time() + 600)).encode())
+    third = OutputLease(out, "run-3", settle_seconds=0)
+    third.acquire()
+    third.release()
+    assert not out.fs.exists(out.join("_lease.json"))
+
+
+def test_transient_s3_faults_lose_nothing(sample_root, s3_endpoint, s3_bucket, tmp_path):
+    """503 SlowDown, 500s and dropped connections on a share of all requests: the run finishes whole."""
+    url, options = s3_bucket
+    put_tree(sample_root / "train", url + "/in", options)
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        proxy.faults = [Fault(r"/", 503, probability=0.15), Fault(r"/", 500, probability=0.05), Fault(r"/", "reset", probability=0.05)]
+        faulty = dataclasses.replace(options, endpoint_url=proxy.url)
+        config = laclip_config(url + "/in", url + "/out")
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        plan, statuses, summary = run_local(config, faulty)
+        assert len(proxy.injected) > 5, proxy.injected
+        assert statuses == [DONE] * 3 and summary["failed"] == {}
+        assert summary["rows_out"] + summary["rows_quarantined"] == 60
+    finally:
+        proxy.stop()
+
+
+def test_persistent_s3_failure_is_recorded_then_retried(sample_root, s3_endpoint, s3_bucket, tmp_path):
+    url, options = s3_bucket
+    put_tree(sample_root / "train", url + "/in", options)
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        proxy.faults = [Fault(r"/out/part-00001\.parquet$", 403, methods=("PUT",))]  # a prefix the writer may not write
+        faulty = dataclasses.replace(options, endpoint_url=proxy.url)
+        config = laclip_config(url + "/in", url + "/out")
+        plan, statuses, summary = run_local(config, faulty)
+        assert statuses == [DONE, FAILED, DONE]
+        assert summary["failed"]["part-00001.parquet"]["error"] == "PermissionError: Access Denied"
+        proxy.faults = []
+        plan, statuses, summary = run_local(config, faulty, run_id="r2")
+        assert [s.name for s in plan.todo] == ["part-00001.parquet"] and statuses == [DONE]
+        assert summary["failed"] == {} and summary["shards"]["done"] == 3
+    finally:
+        proxy.stop()
+
+
+def test_engine_python_is_found_from_any_folder(tmp_path, vllm_python):
+    env = {k: v for k, v in os.environ.items() if k != "VECLIP_VLLM_PYTHON"}
+    code = "from veclip.rewrite.config import default_vllm_python; print(default_vllm_python())"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    assert os.path.realpath(found.stdout.strip()) == os.path.realpath(vllm_python)
+
+
+def test_a_pool_python_without_vllm_fails_before_any_pool_starts(sample_root, tmp_path):
+    config = laclip_config(sample_root / "train", tmp_path / "out")
+    config = dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, pool=dataclasses.replace(config.laclip.pool, python=sys.executable)))
+    with pytest.raises(EngineUnavailable, match="cannot import vllm.*make env"):
+        check_engine_python(config)
+    result = veclip_cli("rewrite", "--preset", "tiny", "--mode", "laclip", "--input", str(sample_root / "train"), "--output", str(tmp_path / "o"),
+                        "--set", f"laclip.pool.python={tmp_path}/nope/python", timeout=120)
+    assert result.returncode != 0 and "does not exist" in result.stderr

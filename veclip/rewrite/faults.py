@@ -1,0 +1,97 @@
+"""Faults stay inside their shard: retries with backoff, a durable try count, ``_failed/`` records.
+
+A shard's work is retried in the actor with exponential backoff (S3 throttling
+or a reset that outlived s3fs's own retries, a poison row). A try that kills
+the process (``kill -9``, out of memory, a segfault) cannot be caught, so each
+try is counted in ``_work/attempts/<shard>.json`` *before* it starts: when Ray
+replaces the actor and retries the shard, the new actor sees how many tries
+this run already spent. A vLLM engine that died makes the actor exit on
+purpose, so Ray replaces it with a fresh engine. After ``max_attempts`` tries
+the shard is recorded under ``_failed/`` with its error and the run goes on;
+a rerun (a new run id) retries exactly the shards not done.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from veclip.lease import LeaseLost, OutputLease
+from veclip.storage import Location, ShardStore, read_json, write_json
+
+ATTEMPTS_DIR = "_work/attempts"
+DONE, FAILED = "done", "failed"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every actor knows of the run it works for."""
+
+    run_id: str
+    fingerprint: str
+
+
+def engine_died(err: BaseException) -> bool:
+    """vLLM's engine process is gone: this actor's engine can never answer again."""
+    return any(cls.__name__ == "EngineDeadError" for cls in type(err).__mro__)
+
+
+class ShardGuard:
+    """Runs one shard's work under the retry policy and records what became of it."""
+
+    def __init__(self, output: Location, run: RunContext, stage: str, max_attempts: int, backoff_seconds: float):
+        self.output, self.run, self.stage = output, run, stage
+        self.max_attempts, self.backoff_seconds = max_attempts, backoff_seconds
+        self.store = ShardStore(output)
+        self.lease = OutputLease(output, run.run_id)
+
+    def _attempts_path(self, name: str) -> str:
+        return self.output.join(ATTEMPTS_DIR, self.stage, name + ".json")
+
+    def _begin(self, name: str) -> dict:
+        """Count one more try of ``name`` in this run, durably, before it starts."""
+        fs, path = self.output.fs, self._attempts_path(name)
+        previous = read_json(fs, path)
+        if previous is None or previous["run_id"] != self.run.run_id:
+            previous = {"run_id": self.run.run_id, "tries": 0, "errors": []}
+        record = {**previous, "tries": previous["tries"] + 1}
+        write_json(fs, path, record)
+        return record
+
+    def _fail(self, name: str, input_path: str, record: dict) -> str:
+        errors = record["errors"] or ["the process died during the try (killed, out of memory, or a crash)"]
+        self.store.record_failure(name, {
+            "input": input_path, "stage": self.stage, "run_id": self.run.run_id, "fingerprint": self.run.fingerprint,
+            "tries": record["tries"] - (record["tries"] > self.max_attempts), "error": errors[-1], "errors": errors,
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        return FAILED
+
+    def run_shard(self, name: str, input_path: str, work: Callable[[], None]) -> str:
+        """``work()`` writes the shard; returns :data:`DONE` or :data:`FAILED` (recorded)."""
+        while True:
+            record = self._begin(name)
+            if record["tries"] > self.max_attempts:  # earlier tries of this run died with their process
+                return self._fail(name, input_path, record)
+            try:
+                work()
+                self.output.fs.rm_file(self._attempts_path(name))
+                return DONE
+            except LeaseLost:
+                raise  # another run owns the output now: stop, record nothing
+            except Exception as err:
+                message = f"{type(err).__name__}: {err}"[:2000]
+                record["errors"] = [*record["errors"], message][-self.max_attempts :]
+                write_json(self.output.fs, self._attempts_path(name), record)
+                if engine_died(err):
+                    # This actor's engine is gone for good: exit so Ray starts a fresh actor
+                    # and retries the shard there (the durable count bounds how often).
+                    traceback.print_exc()
+                    os._exit(1)
+                if record["tries"] >= self.max_attempts:
+                    return self._fail(name, input_path, record)
+                time.sleep(self.backoff_seconds * 2 ** (record["tries"] - 1) * random.uniform(0.5, 1.5))
