@@ -59,7 +59,7 @@ def tars(tmp_path):
 
 
 def _reconcile(out: Location) -> tuple[int, int]:
-    markers = ShardStore(out).markers()
+    markers = ShardStore(out).markers().values()
     return sum(m["rows"] for m in markers), sum(m["quarantined"] for m in markers)
 
 

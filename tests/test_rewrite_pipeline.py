@@ -118,19 +118,19 @@ def test_summary_reports_pools(vecap_run):
     assert set(summary["pools"]) == {"captioner", "fuser", "laclip"}
     for pool in summary["pools"].values():
         assert pool["requests"] > 0 and pool["generated_tokens"] > 0 and pool["generated_tokens_per_s"] > 0
-    assert summary["shards"] == {"total": 3, "written_this_run": 3}
+    assert summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "redone": 0}
     assert summary["stage_seconds"]["caption"] > 0 and summary["rows_per_second_this_run"] > 0
     assert Location(out.url).fs.exists(out.join("_summary.json"))
 
 
 def test_rerun_is_a_no_op(vecap_run):
     source, out, _, config = vecap_run
-    before = {m["shard"]: m["written_at"] for m in ShardStore(out).markers()}
+    before = {n: m["written_at"] for n, m in ShardStore(out).markers().items()}
     start = time.perf_counter()
     again = run_rewrite(config, log=lambda *_: None)
     assert again["shards"]["written_this_run"] == 0 and again["rows_out"] + again["rows_quarantined"] == 60
     assert time.perf_counter() - start < 10  # no engine was started
-    assert {m["shard"]: m["written_at"] for m in ShardStore(out).markers()} == before
+    assert {n: m["written_at"] for n, m in ShardStore(out).markers().items()} == before
 
 
 def test_reconciliation_fails_loudly(tmp_path):

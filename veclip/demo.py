@@ -64,6 +64,9 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     rewrite = build_rewrite_config("tiny", input=data.child("train").url, output=root.child("enriched").url, mode="both")
     rewrite_summary = run_rewrite(rewrite, options)
     print(render_rewrite_summary(rewrite_summary))
+    if rewrite_summary["failed"]:
+        print("demo: FAILED: some rewrite shards kept failing (above); rerun `veclip demo` to retry them")
+        return 1
     lap("rewrite (vLLM, tiny random models)")
 
     per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches

@@ -97,7 +97,7 @@ def plan_run(config: RewriteConfig, options, fingerprint: str, redo_mismatched: 
     inputs = list_inputs(source)
     if not inputs:
         raise FileNotFoundError(f"rewrite: no .parquet shards in {config.input}")
-    done = ShardStore(Location(config.output, options)).markers()
+    done = ShardStore(Location(config.output, options)).markers(save_manifest=True)  # the caller holds the lease
     done = {n: m for n, m in done.items() if n in inputs}  # markers of shards no longer in the input are not ours to judge
     plan = Plan(inputs, done)
     mismatched = sorted(n for n, m in done.items() if m.get("fingerprint") != fingerprint)

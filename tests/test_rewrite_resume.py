@@ -1,0 +1,172 @@
+"""The rewrite on the local S3 server under real faults, with real vLLM (tiny models):
+the driver killed with kill -9 and rerun, an actor and a vLLM engine killed
+mid-shard, and S3 answering some requests with errors through a proxy. Every
+input key must end up exactly once in the output or in quarantine."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from s3_faults import Fault, FaultProxy
+from veclip.rewrite.config import build_config
+from veclip.rewrite.pipeline import run_rewrite
+from veclip.storage import Location, ShardStore
+
+pytestmark = pytest.mark.slow
+
+
+def pids_matching(pattern: str, parent: int | None = None) -> list[int]:
+    """Live processes whose command line matches ``pattern`` (and whose parent is ``parent``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if re.search(pattern, cmdline) and (parent is None or ppid == parent):
+            found.append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def six_shards(sample_root: Path, url: str, options) -> list[str]:
+    """The sample rows as 6 shards of 10 on S3; returns every key."""
+    rows = [r for p in sorted((sample_root / "train").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    fs = Location(url, options).fs
+    for k in range(6):
+        with fs.open(f"{url[len('s3://'):]}/part-{k:05d}.parquet", "wb") as f:
+            pq.write_table(pa.Table.from_pylist(rows[k * 10 : (k + 1) * 10]), f)
+    return [r["key"] for r in rows]
+
+
+def output_keys(url: str, options) -> list[str]:
+    out = Location(url, options)
+    store = ShardStore(out)
+    keys = [k for p in store.shards() for k in pq.read_table(p, columns=["key"], filesystem=out.fs).column("key").to_pylist()]
+    return keys + [k for p in store.quarantine_shards() for k in pq.read_table(p, columns=["key"], filesystem=out.fs).column("key").to_pylist()]
+
+
+def test_driver_killed_on_s3_and_resumed(sample_root, s3_endpoint, s3_bucket, vllm_python):
+    """kill -9 of the whole driver after its first shard lands; the rerun finishes and reconciles.
+    (The rerun's summary used to read a stale s3fs listing and call this run's shards "not written".)"""
+    url, options = s3_bucket
+    keys = six_shards(sample_root, url + "/in", options)
+    fs = Location(url, options).fs
+    cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--preset", "tiny", "--mode", "laclip",
+           "--input", url + "/in", "--output", url + "/out", "--s3-endpoint", s3_endpoint]
+    env = {**os.environ, "VECLIP_VLLM_PYTHON": vllm_python}
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        def first_marker():
+            assert job.poll() is None, "the job ended before it could be killed"
+            fs.invalidate_cache()
+            return fs.exists(f"{url[5:]}/out/_done") and fs.ls(f"{url[5:]}/out/_done")
+        wait_for(first_marker, 300, "a first shard")
+    finally:
+        started = descendants(job.pid)  # Ray's agents outlive a killed driver: kill what it started, by PID
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        kill_all(started)
+    fs.invalidate_cache()
+    finished = len(fs.ls(f"{url[5:]}/out/_done"))
+    assert 1 <= finished < 6
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "60 rows in -> 60 out + 0 quarantined" in rerun.stdout
+    assert finished <= int(re.search(r"(\d+) already done", rerun.stdout).group(1)) < 6
+    assert sorted(output_keys(url + "/out", options)) == sorted(keys)
+    assert Location(url + "/out", options).fs.exists(f"{url[5:]}/out/_summary.json")
+
+
+def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(sample_root, s3_endpoint, s3_bucket, vllm_python, ray_session):
+    """An actor killed with kill -9 mid-shard, then a vLLM engine process killed mid-shard, while S3
+    throttles a share of requests: Ray replaces the actor, the shards are retried, nothing is lost."""
+    url, options = s3_bucket
+    keys = six_shards(sample_root, url + "/in", options)
+    proxy = FaultProxy(s3_endpoint).start()
+    proxy.faults = [Fault(r"/", 503, probability=0.05), Fault(r"/", "reset", probability=0.02)]
+    faulty = type(options)(**{**options.__dict__, "endpoint_url": proxy.url})
+    # one row per engine call, so a shard spans many calls and a kill lands mid-shard
+    config = build_config("tiny", input=url + "/in", output=url + "/out", mode="laclip", overrides=["laclip.pool.batch_size=4"])
+    attempts = f"{url[5:]}/out/_work/attempts/rewrite"
+    fs = Location(url, options).fs
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(summary=run_rewrite(config, faulty, log=lambda *_: None)), daemon=True)
+    runner.start()
+
+    def in_progress():  # a shard whose try has begun, and the actor working on it
+        fs.invalidate_cache()
+        actors = pids_matching(r"ray::MapWorker\(MapBatches\(ShardRewriter\)\)")
+        return fs.exists(attempts) and fs.ls(attempts) and actors
+
+    def done_count() -> int:
+        fs.invalidate_cache()
+        return len(fs.ls(f"{url[5:]}/out/_done")) if fs.exists(f"{url[5:]}/out/_done") else 0
+
+    actor = wait_for(in_progress, 300, "the rewriter's first shard")[0]
+    done_before = done_count()
+    os.kill(actor, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{actor}"), 30, "the actor to die")
+    # the replacement has started its engine once it finishes a shard; then kill that engine mid-shard
+    wait_for(lambda: done_count() > done_before, 300, "the replacement actor's first shard")
+
+    def engine_mid_shard():
+        engines = [e for a in pids_matching(r"ray::MapWorker\(MapBatches\(ShardRewriter\)\)") for e in pids_matching("VLLM::EngineCore", parent=a)]
+        return in_progress() and engines
+
+    engine = wait_for(engine_mid_shard, 300, "a replacement actor's engine at work")[0]
+    os.kill(engine, signal.SIGKILL)
+    runner.join(600)
+    proxy.stop()
+    assert "summary" in result, "the run did not finish"
+    summary = result["summary"]
+    assert summary["failed"] == {} and summary["shards"]["done"] == 6
+    assert summary["rows_out"] + summary["rows_quarantined"] == 60 == summary["rows_in"]
+    assert sorted(output_keys(url + "/out", options)) == sorted(keys)
+    assert len(proxy.injected) > 0
