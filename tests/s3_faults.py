@@ -12,6 +12,7 @@ import http.client
 import random
 import re
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
@@ -38,6 +39,8 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.injected: list[tuple[str, str, int | str]] = []
         self.requests = 0
+        self.delay = 0.0  # seconds added to every forwarded request: a bucket's latency
+        self.in_flight = self.max_in_flight = 0
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -94,6 +97,17 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload if self.command != "HEAD" else b"")
                     return
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    time.sleep(proxy.delay)
+                    self._relay(body)
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _relay(self, body):
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
                 upstream.request(self.command, self.path, body=body, headers=headers)

@@ -182,13 +182,33 @@ def test_planning_records_unreadable_shards_and_fails_fast_on_bad_schema(sample_
         plan_run(bad, None, fingerprint(bad)[0])
 
 
-def test_footers_come_from_tails_read_concurrently(sample_root, s3_bucket, tmp_path):
+def test_driver_reads_footers_and_markers_concurrently(sample_root, s3_endpoint, s3_bucket, tmp_path):
+    """Planning and the summary overlap their requests (a bucket's latency is paid once per
+    batch, not once per shard): seen as requests in flight together at a slow endpoint."""
     url, options = s3_bucket
-    put_tree(sample_root / "train", url + "/in", options)
-    location = Location(url + "/in", options)
-    shards = list(list_inputs(location).values())
-    footers = read_footers(location, shards)
-    assert [f.num_rows for f in footers.values()] == [pq.read_metadata(sample_root / "train" / s.name).num_rows for s in shards]
+    local = tmp_path / "in"
+    local.mkdir()
+    table = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0])
+    for k in range(12):
+        pq.write_table(table.slice(k, 3), local / f"part-{k:05d}.parquet")
+    put_tree(local, url + "/in", options)
+    store = ShardStore(Location(url + "/out", options))
+    for k in range(12):
+        store.write(f"m{k}.parquet", pa.table({"key": [str(k)]}))
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        proxy.delay = 0.05
+        slow = dataclasses.replace(options, endpoint_url=proxy.url)
+        location = Location(url + "/in", slow)
+        shards = list(list_inputs(location).values())
+        footers = read_footers(location, shards)
+        assert [f.num_rows for f in footers.values()] == [3] * 12
+        assert proxy.max_in_flight >= 6, proxy.max_in_flight
+        proxy.max_in_flight = 0
+        assert len(ShardStore(Location(url + "/out", slow)).markers()) == 12
+        assert proxy.max_in_flight >= 6, proxy.max_in_flight
+    finally:
+        proxy.stop()
 
 
 def test_fingerprint_mismatch_stops_and_redo_rewrites(sample_root, tmp_path):

@@ -108,7 +108,9 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
     """
     out = Location(config.output, options or StorageOptions())
     store = ShardStore(out)
-    markers = {n: m for n, m in store.markers(save_manifest=True).items() if n in plan.inputs and m.get("fingerprint") == run.fingerprint}
+    # Nothing ran (a no-op rerun): the plan's markers are current, the lease kept other writers out.
+    listed = store.markers(save_manifest=True) if plan.todo else plan.done
+    markers = {n: m for n, m in listed.items() if n in plan.inputs and m.get("fingerprint") == run.fingerprint}
     captions = ShardStore(out.child(CAPTIONS_DIR)).markers(save_manifest=True) if config.uses_captioner else {}
     failed = {n: f for n, f in store.failures().items() if n in plan.inputs and n not in markers}
     problems = [f"{name}: not written" for name in sorted(set(plan.inputs) - set(markers) - set(failed))]

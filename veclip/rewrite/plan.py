@@ -18,6 +18,7 @@ the shards left stops the run before any engine starts.
 from __future__ import annotations
 
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -94,10 +95,12 @@ def read_footers(location: Location, shards: list[InputShard]) -> dict[str, pq.F
 
 def plan_run(config: RewriteConfig, options, fingerprint: str, redo_mismatched: bool = False) -> Plan:
     source = Location(config.input, options)
-    inputs = list_inputs(source)
+    with ThreadPoolExecutor(2) as pool:  # two long paginated listings: at once, not one after the other
+        listing = pool.submit(list_inputs, source)
+        done = ShardStore(Location(config.output, options)).markers(save_manifest=True)  # the caller holds the lease
+        inputs = listing.result()
     if not inputs:
         raise FileNotFoundError(f"rewrite: no .parquet shards in {config.input}")
-    done = ShardStore(Location(config.output, options)).markers(save_manifest=True)  # the caller holds the lease
     done = {n: m for n, m in done.items() if n in inputs}  # markers of shards no longer in the input are not ours to judge
     plan = Plan(inputs, done)
     mismatched = sorted(n for n, m in done.items() if m.get("fingerprint") != fingerprint)
