@@ -305,3 +305,16 @@ def test_a_pool_python_without_vllm_fails_before_any_pool_starts(sample_root, tm
     result = veclip_cli("rewrite", "--preset", "tiny", "--mode", "laclip", "--input", str(sample_root / "train"), "--output", str(tmp_path / "o"),
                         "--set", f"laclip.pool.python={tmp_path}/nope/python", timeout=120)
     assert result.returncode != 0 and "does not exist" in result.stderr
+
+
+def test_an_input_replaced_after_its_output_was_written_stops_the_plan(sample_root, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for p in sorted((sample_root / "train").glob("*.parquet")):
+        (source / p.name).write_bytes(p.read_bytes())
+    config = laclip_config(source, tmp_path / "out")
+    run_local(config)
+    table = pq.read_table(source / "part-00001.parquet")
+    pq.write_table(table.slice(0, 5), source / "part-00001.parquet")  # a different shard under the same name
+    with pytest.raises(RuntimeError, match="part-00001.parquet changed after its output was written"):
+        plan_run(config, None, fingerprint(config)[0])
