@@ -318,3 +318,17 @@ def test_an_input_replaced_after_its_output_was_written_stops_the_plan(sample_ro
     pq.write_table(table.slice(0, 5), source / "part-00001.parquet")  # a different shard under the same name
     with pytest.raises(RuntimeError, match="part-00001.parquet changed after its output was written"):
         plan_run(config, None, fingerprint(config)[0])
+
+
+def test_cli_exits_non_zero_listing_failed_shards(sample_root, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for p in sorted((sample_root / "train").glob("*.parquet")):
+        (source / p.name).write_bytes(p.read_bytes())
+    (source / "part-00003.parquet").write_bytes(b"PAR1 an upload cut short")
+    config = laclip_config(source, tmp_path / "out")
+    run_local(config)  # the three good shards are done; the cut one is recorded
+    result = veclip_cli("rewrite", "--preset", "default", "--mode", "laclip", "--input", str(source), "--output", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "FAILED: 1 shard(s) kept failing" in result.stdout and "part-00003.parquet  [plan, 1 tries]" in result.stdout
+    assert "3 already done, 0 to do, 1 unreadable" in result.stdout

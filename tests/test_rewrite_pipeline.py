@@ -139,9 +139,9 @@ def test_reconciliation_fails_loudly(tmp_path):
     ShardStore(Location(str(tmp_path))).write("a.parquet", pa.table({"key": ["x"]}), stats={"fingerprint": run.fingerprint})
     inputs = {n: InputShard(f"in/{n}", 1) for n in ("a.parquet", "b.parquet")}
     with pytest.raises(ReconciliationError, match="a.parquet: 2 input rows but 1 out"):
-        summarize(config, None, Plan({"a.parquet": inputs["a.parquet"]}, {}, input_rows={"a.parquet": 2}), 1.0, run)
+        summarize(config, None, Plan({"a.parquet": inputs["a.parquet"]}, {}, [inputs["a.parquet"]], {"a.parquet": 2}), 1.0, run)
     with pytest.raises(ReconciliationError, match="b.parquet: not written"):
-        summarize(config, None, Plan(inputs, {}, input_rows={"a.parquet": 1, "b.parquet": 3}), 1.0, run)
+        summarize(config, None, Plan(inputs, {}, list(inputs.values()), {"a.parquet": 1, "b.parquet": 3}), 1.0, run)
 
 
 def test_laclip_on_s3(sample_root, s3_bucket, tmp_path, vllm_python, ray_session):

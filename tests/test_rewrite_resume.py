@@ -170,3 +170,5 @@ def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(sample_root, s3_en
     assert summary["rows_out"] + summary["rows_quarantined"] == 60 == summary["rows_in"]
     assert sorted(output_keys(url + "/out", options)) == sorted(keys)
     assert len(proxy.injected) > 0
+    again = run_rewrite(config, options, log=lambda *_: None)  # the rerun finds nothing left to do
+    assert again["shards"]["written_this_run"] == 0 and again["shards"]["done"] == 6 and again["failed"] == {}

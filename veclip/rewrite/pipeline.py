@@ -241,7 +241,8 @@ def render_summary(summary: dict) -> str:
             starts = ", ".join(f"{t:.0f}" for t in pool["actor_first_shard_s"])
             lines.append(f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s")
     if summary["failed"]:
-        lines.append(f"FAILED: {len(summary['failed'])} shard(s) ({summary['rows_in_failed_shards']} rows) kept failing; "
+        rows = f" ({summary['rows_in_failed_shards']} rows in those with a readable footer)" if summary["rows_in_failed_shards"] else ""
+        lines.append(f"FAILED: {len(summary['failed'])} shard(s){rows} kept failing; "
                      f"their errors are in {summary['output']}/_failed/. Rerun the same command to retry exactly these:")
         lines += [f"  {name}  [{f['stage']}, {f['tries']} tries]  {f['error'][:200]}" for name, f in summary["failed"].items()]
     return "\n".join(lines)
