@@ -47,3 +47,24 @@ def test_byte_limit():
     with pytest.raises(images.ImageError) as info:
         images.open_image(_jpeg(), images.ImageLimits(max_bytes=10))
     assert info.value.reason == images.TOO_MANY_BYTES
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n(%pipe%id) (w) file\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize("payload", [EPS, EPS.replace(b" EPSF-3.0", b""), b"\xc5\xd0\xd3\xc6" + b"\0" * 28 + EPS])
+def test_only_allowed_decoders_see_web_bytes(payload, monkeypatch):
+    """EPS/PS would reach Ghostscript where it is installed: such bytes are refused unparsed."""
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))
+    with pytest.raises(images.ImageError) as info:
+        images.decode_image(payload)
+    assert info.value.reason == images.UNDECODABLE and "allowed format" in info.value.detail
+    assert opened == []
+    # the allow-list still takes every format it names
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format=fmt)
+        assert images.decode_image(buffer.getvalue()).size == (8, 8)

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+# Only these decoders ever see web bytes. PIL knows ~40 formats, some with a long
+# history of parser bugs, and EPS/PS hand the bytes to Ghostscript where it is
+# installed: anything else is refused as undecodable without being parsed.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+
 # Reason codes, stable: they land in quarantine tables and run summaries.
 EMPTY = "image_empty"
 UNDECODABLE = "image_undecodable"
@@ -44,9 +49,11 @@ def open_image(data: bytes | None, limits: ImageLimits = ImageLimits()) -> Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as err:
         raise ImageError(TOO_MANY_PIXELS, str(err)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(UNDECODABLE, f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})") from None
     except Exception as err:  # PIL raises many types for junk bytes
         raise ImageError(UNDECODABLE, f"{type(err).__name__}: {err}") from None
     width, height = image.size
