@@ -153,3 +153,45 @@ def test_missing_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
         run_import(ImportConfig(str(tmp_path / "empty"), str(tmp_path / "out")), log=quiet)
+
+
+def test_oversized_tar_members_are_quarantined_unread(tmp_path):
+    """A gzip bomb: 128 MiB of zeros in a ~128 KiB .tar.gz, declared in the member's header."""
+    import tracemalloc
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    with tarfile.open(src / "00000.tar.gz", "w:gz") as tar:
+        for name, data in [("a.jpg", _jpeg(1)), ("a.txt", b"fine"), ("b.jpg", None), ("b.txt", b"bomb")]:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.size = 128 * 1024 * 1024
+                tar.addfile(info, io.BytesIO(bytes(info.size)))
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert (src / "00000.tar.gz").stat().st_size < 1024 * 1024
+    out = Location(str(tmp_path / "out"))
+    tracemalloc.start()
+    summary = run_import(ImportConfig(str(src), out.url), log=quiet)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert summary.rows == 1 and dict(summary.quarantined) == {"member_too_large": 1}
+    # the 128 MiB member was never held: what remains is gzip's per-chunk output (~1000:1 on zeros)
+    assert peak < 48 * 1024 * 1024, peak
+    bad = pq.read_table(out.join("_quarantine", "00000.parquet")).to_pylist()[0]
+    assert bad["key"] == "b" and "b.jpg: 134217728 bytes > limit" in bad["detail"]
+
+
+def test_csv_paths_stay_in_the_csv_folder(csv_set, tmp_path):
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(_jpeg(9))
+    with open(csv_set, "a", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerows([[str(outside), "absolute"], ["../secret.jpg", "dotdot"], ["http://127.0.0.1:9/x.jpg", "url"]])
+    columns = schema.ColumnMap.parse("image=filepath,alt_text=title")
+    out = Location(str(tmp_path / "out"))
+    summary = run_import(ImportConfig(str(csv_set), out.url, columns=columns), log=quiet)
+    assert summary.rows == 7 and summary.quarantined["path_outside_source"] == 3
+    allowed = run_import(ImportConfig(str(csv_set), str(tmp_path / "out2"), columns=columns, allow_outside_paths=True), log=quiet)
+    assert allowed.rows == 9 and allowed.quarantined["missing_file"] == 2  # the URL's host does not answer

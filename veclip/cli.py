@@ -71,7 +71,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from veclip.ingest import ImportConfig, run_import
 
-    config = ImportConfig(args.source, args.out, args.format, args.columns, args.rows_per_shard)
+    config = ImportConfig(args.source, args.out, args.format, args.columns, args.rows_per_shard,
+                          allow_outside_paths=args.allow_outside_paths)
     summary = run_import(config, _storage(args))
     print(summary.render())
     return 0
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("auto", "webdataset", "csv"), default="auto")
     _columns_flag(p)
     p.add_argument("--rows-per-shard", type=int, default=10_000, help="CSV rows per output shard")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="CSV: also read absolute paths, URLs and paths above the CSV's folder (refused by default)")
     _storage_flags(p)
     p.set_defaults(func=cmd_import)
 

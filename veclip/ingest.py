@@ -5,13 +5,15 @@ Two sources, both streamed and resumable shard by shard:
 * **webdataset** — a folder/prefix of ``.tar`` shards as img2dataset writes
   them (``KEY.jpg`` + ``KEY.txt`` and/or ``KEY.json``). One tar -> one output
   shard of the same stem.
-* **csv** — a CSV of image paths (relative to the CSV's folder, absolute, or
-  URLs) and captions. Every ``rows_per_shard`` CSV rows -> one output shard.
+* **csv** — a CSV of image paths (relative to the CSV's folder; absolute
+  paths and URLs only with ``allow_outside_paths``) and captions. Every
+  ``rows_per_shard`` CSV rows -> one output shard.
 
 img2dataset's Parquet needs no import: every stage reads it through a column
 mapping (``--columns image=jpg,alt_text=caption``).
 
-Bad samples (missing or undecodable image, missing file, truncated tar) are
+Bad samples (missing or undecodable image, missing file, truncated tar, a tar
+member over the size limit, a CSV path outside the CSV's folder) are
 quarantined with a reason; they never stop the run and never vanish.
 """
 
@@ -34,6 +36,8 @@ from veclip.storage import Location, ShardStore, StorageOptions, filesystem, lis
 FORMATS = ("auto", "webdataset", "csv")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 STAGE = "import"
+MEMBER_TOO_LARGE = "member_too_large"  # a tar member over image_limits.max_bytes, left unread
+PATH_OUTSIDE_SOURCE = "path_outside_source"  # a CSV image path outside the CSV's folder
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class ImportConfig:
     # For CSV: which columns hold the image path, the caption and (optionally) the key.
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
     rows_per_shard: int = 10_000
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # max_bytes also bounds every tar member
+    allow_outside_paths: bool = False  # CSV: also read absolute paths, URLs and paths above the CSV's folder
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -117,8 +122,17 @@ def _split_member(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _tar_samples(fileobj):
-    """Yield ``(key, {ext: bytes})`` from a tar stream; files of one sample are adjacent."""
+class _Oversized:
+    """A tar member left unread: its header declares more bytes than the limit."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+
+
+def _tar_samples(fileobj, max_member_bytes: int):
+    """Yield ``(key, {ext: bytes | _Oversized})`` from a tar stream; files of one sample
+    are adjacent. A member's size is checked from its header before it is read, so a
+    huge member (or a gzip bomb's) streams past without ever being held in memory."""
     key, files = None, {}
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
@@ -129,12 +143,17 @@ def _tar_samples(fileobj):
                 yield key, files
                 files = {}
             key = member_key
-            files[ext] = tar.extractfile(member).read()
+            files[ext] = _Oversized(member.name, member.size) if member.size > max_member_bytes else tar.extractfile(member).read()
     if key is not None:
         yield key, files
 
 
 def _webdataset_row(key: str, files: dict, builder: _ShardBuilder) -> None:
+    oversized = [f for f in files.values() if isinstance(f, _Oversized)]
+    if oversized:
+        detail = ", ".join(f"{f.name}: {f.size} bytes" for f in oversized) + f" > limit {builder.limits.max_bytes}"
+        builder.add(posixpath.basename(key), None, None, reason=MEMBER_TOO_LARGE, detail=detail)
+        return
     meta = {}
     if "json" in files:
         try:
@@ -166,7 +185,7 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
         builder = _ShardBuilder(config.image_limits)
         try:
             with source.fs.open(path, "rb") as f:
-                for key, files in _tar_samples(f):
+                for key, files in _tar_samples(f, config.image_limits.max_bytes):
                     _webdataset_row(key, files, builder)
         except (tarfile.TarError, EOFError, OSError) as err:
             # Keep what was read; the rest of the file is unreadable: say so in quarantine.
@@ -179,18 +198,35 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
 # -- CSV of image paths -----------------------------------------------------------------------
 
 
-def _fetch(paths: list[str], base: Location, options: StorageOptions) -> list[bytes | Exception]:
+class OutsideSource(PermissionError):
+    """A CSV image path that leaves the CSV's folder without ``allow_outside_paths``."""
+
+
+def _resolve(path: str, base: Location, options: StorageOptions, allow_outside: bool):
+    """``(filesystem, path)`` of one CSV image path. A CSV is data from elsewhere: its
+    paths stay inside the CSV's folder (no absolute paths, URLs or ``..``) unless the
+    user allows otherwise."""
+    if "://" in path or posixpath.isabs(path):
+        if not allow_outside:
+            raise OutsideSource(f"{path!r} is absolute or a URL; pass --allow-outside-paths to read it")
+        return filesystem(path, options) if "://" in path else (base.fs, path)
+    resolved = posixpath.normpath(base.join(path))
+    if not allow_outside and not resolved.startswith(base.path.rstrip("/") + "/"):
+        raise OutsideSource(f"{path!r} leaves the CSV's folder; pass --allow-outside-paths to read it")
+    return base.fs, resolved
+
+
+def _fetch(paths: list[str], base: Location, options: StorageOptions, allow_outside: bool = False) -> list[bytes | Exception]:
     """Read many files, concurrently where the filesystem can (s3fs batches ``cat``)."""
     groups: dict[int, tuple] = {}
-    for i, path in enumerate(paths):
-        if "://" in path:
-            fs, resolved = filesystem(path, options)
-        elif posixpath.isabs(path) and base.is_local:
-            fs, resolved = base.fs, path
-        else:
-            fs, resolved = base.fs, posixpath.normpath(base.join(path))
-        groups.setdefault(id(fs), (fs, []))[1].append((i, resolved))
     results: list = [None] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            fs, resolved = _resolve(path, base, options, allow_outside)
+        except (OutsideSource, ValueError) as err:  # outside the folder, or a URL scheme we cannot read
+            results[i] = err
+            continue
+        groups.setdefault(id(fs), (fs, []))[1].append((i, resolved))
     for fs, items in groups.values():
         contents = fs.cat([p for _, p in items], on_error="return")
         for i, resolved in items:
@@ -214,10 +250,12 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
             summary.shards_skipped += 1
             return
         builder = _ShardBuilder(config.image_limits)
-        contents = _fetch([r.get(cols.image) or "" for r in rows], base, options)
+        contents = _fetch([r.get(cols.image) or "" for r in rows], base, options, config.allow_outside_paths)
         for row, content in zip(rows, contents):
             key, text, path = row["__key"], row.get(cols.alt_text), row.get(cols.image) or ""
-            if isinstance(content, Exception) or not path:
+            if isinstance(content, OutsideSource):
+                builder.add(key, None, text, path, PATH_OUTSIDE_SOURCE, str(content))
+            elif isinstance(content, Exception) or not path:
                 builder.add(key, None, text, path or None, "missing_file", f"{path!r}: {content}")
             else:
                 builder.add(key, content, text, row.get(cols.url) or path)
