@@ -4,6 +4,7 @@ proxy), the real shard workers and guard, and a scripted engine where a test
 needs an engine to fail on cue."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -332,3 +333,25 @@ def test_cli_exits_non_zero_listing_failed_shards(sample_root, tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]
     assert "FAILED: 1 shard(s) kept failing" in result.stdout and "part-00003.parquet  [plan, 1 tries]" in result.stdout
     assert "3 already done, 0 to do, 1 unreadable" in result.stdout
+
+
+def test_engine_secrets_never_reach_the_summary_or_records(sample_root, tmp_path):
+    token = "hf_s3cr3tT0kenValue"
+    config = laclip_config(sample_root / "train", tmp_path / "out")
+    engine_env = {"HF_TOKEN": token, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    config = dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, engine=dataclasses.replace(config.laclip.engine, env=engine_env)))
+    leaky = ScriptedEngine()
+    leaky.generate = lambda requests, sampling: (_ for _ in ()).throw(ValueError(f"401 for token {token}"))
+    plan, statuses, summary = run_local(config, engine=leaky)  # every shard fails, quoting the token
+    assert set(statuses) == {FAILED}
+    text = json.dumps(summary)
+    assert token not in text
+    assert summary["config"]["laclip"]["engine"]["env"] == {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert summary["failed"]["part-00000.parquet"]["error"] == "ValueError: 401 for token <redacted>"
+    assert summary["fingerprint_fields"]["laclip"]["sampling"]["max_tokens"] == 77  # names like *_tokens are not secrets
+    records = list((tmp_path / "out").rglob("*.json"))
+    assert len(records) >= 6 and not [r for r in records if token in r.read_text()]
+    from veclip.rewrite.pipeline import _remote_args
+
+    env_vars = _remote_args(config.laclip.pool, config.laclip)["runtime_env"]["env_vars"]
+    assert env_vars == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # Ray shows runtime_envs: the token goes only to the engine's process

@@ -118,3 +118,19 @@ def test_bad_config_and_data(tmp_path):
         build_config("tiny", None, ["batch_size=1"])
     with pytest.raises(ValueError, match="--data and --output"):
         preset("tiny").validate_for_run()
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    """Checkpoints may come from a shared bucket: loading one never runs its code."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "payload": _Payload()}, tmp_path / "state.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_state(str(tmp_path))
+    assert not (tmp_path / "PWNED").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -83,3 +84,47 @@ def load_config_file(config, path: str):
     else:
         data = json.loads(text)
     return _merge(config, data or {})
+
+
+# Names of settings that hold secrets (an engine's HF_TOKEN, a key for a hub or a bucket).
+# Whole words of a name: HF_TOKEN and AWS_SECRET_ACCESS_KEY match, prompt_tokens does not.
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)(_|$)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def secret_values(data) -> set[str]:
+    """String values under secret-looking names anywhere in ``data`` (JSON-like)."""
+    found: set[str] = set()
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, str) and SECRET_NAME.search(str(key)) and len(value) >= 4:
+                found.add(value)
+            found |= secret_values(value)
+    elif isinstance(data, (list, tuple)):
+        for item in data:
+            found |= secret_values(item)
+    return found
+
+
+def scrub(text: str, secrets) -> str:
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(data, secrets=frozenset()):
+    """``data`` (JSON-like) fit to write where others read it (summaries, markers, logs):
+    values under secret-looking names are replaced, and so is every other
+    occurrence of those values or of ``secrets`` (an error message that quotes a token)."""
+    secrets = set(secrets) | secret_values(data)
+
+    def walk(node, key=""):
+        if isinstance(node, dict):
+            return {k: walk(v, str(k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(item) for item in node]
+        if isinstance(node, str):
+            return REDACTED if node and SECRET_NAME.search(key) else scrub(node, secrets)
+        return node
+
+    return walk(data)

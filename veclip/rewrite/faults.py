@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from veclip.config import scrub
 from veclip.lease import LeaseLost, OutputLease
 from veclip.storage import Location, ShardStore, read_json, write_json
 
@@ -43,8 +44,10 @@ def engine_died(err: BaseException) -> bool:
 class ShardGuard:
     """Runs one shard's work under the retry policy and records what became of it."""
 
-    def __init__(self, output: Location, run: RunContext, stage: str, max_attempts: int, backoff_seconds: float):
+    def __init__(self, output: Location, run: RunContext, stage: str, max_attempts: int, backoff_seconds: float,
+                 secrets: frozenset[str] = frozenset()):
         self.output, self.run, self.stage = output, run, stage
+        self.secrets = secrets  # values never written into a record (an engine's token quoted in an error)
         self.max_attempts, self.backoff_seconds = max_attempts, backoff_seconds
         self.store = ShardStore(output)
         self.lease = OutputLease(output, run.run_id)
@@ -84,7 +87,7 @@ class ShardGuard:
             except LeaseLost:
                 raise  # another run owns the output now: stop, record nothing
             except Exception as err:
-                message = f"{type(err).__name__}: {err}"[:2000]
+                message = scrub(f"{type(err).__name__}: {err}", self.secrets)[:2000]
                 record["errors"] = [*record["errors"], message][-self.max_attempts :]
                 write_json(self.output.fs, self._attempts_path(name), record)
                 if engine_died(err):

@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from veclip.config import SECRET_NAME, redact
 from veclip.lease import OutputLease
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, fingerprint, to_dict
 from veclip.rewrite.faults import DONE, RunContext
@@ -41,7 +42,9 @@ class ReconciliationError(RuntimeError):
 
 
 def _remote_args(pool: PoolConfig, stage: StageConfig) -> dict:
-    runtime_env: dict = {"env_vars": {k: str(v) for k, v in stage.engine.env.items()}}
+    # Secret-named variables stay out of the runtime_env (which Ray's dashboard and state API show):
+    # the engine sets them in its own process from the config (VLLMEngine).
+    runtime_env: dict = {"env_vars": {k: str(v) for k, v in stage.engine.env.items() if not SECRET_NAME.search(k)}}
     if pool.python:
         runtime_env["py_executable"] = pool.python
     args = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "runtime_env": runtime_env}
@@ -152,7 +155,7 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
         pools["fuser"] = {**pool_stats("fuser", markers), **pool_actors(markers)}
     if config.uses_laclip:
         pools["laclip"] = {**pool_stats("laclip", markers), **pool_actors(markers)}
-    return {
+    return redact({  # engine env may hold tokens: they never reach the summary
         "input": config.input,
         "output": config.output,
         "mode": config.mode,
@@ -176,7 +179,7 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
         "pools": pools,
         "config": to_dict(config),
         "fingerprint_fields": fingerprint(config)[1],
-    }
+    })
 
 
 def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, log=print, *,

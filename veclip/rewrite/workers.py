@@ -18,6 +18,7 @@ Runs inside the vLLM environment: no torchvision, no open_clip.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip import schema
+from veclip.config import secret_values
 from veclip.images import ImageError, decode_image, open_image
 from veclip.rewrite import cleaning
 from veclip.rewrite.config import RewriteConfig, StageConfig
@@ -94,7 +96,8 @@ class _ShardWorker:
         self.config, self.options, self.run = config, options, run
         self.output = Location(config.output, options)
         faults = config.faults
-        self.guard = ShardGuard(self.output, run, self.stage, faults.max_attempts, faults.backoff_seconds)
+        secrets = frozenset(secret_values(dataclasses.asdict(config)))
+        self.guard = ShardGuard(self.output, run, self.stage, faults.max_attempts, faults.backoff_seconds, secrets)
 
     def __call__(self, batch: dict) -> dict:
         statuses = []
