@@ -117,3 +117,21 @@ def test_ray_data_reads_through_the_same_filesystem(s3_bucket, ray_session):
     store.write("b.parquet", _table(4, offset=3))
     rows = ray_session.data.read_parquet(store.shards(), filesystem=root.arrow_fs).take_all()
     assert sorted(r["key"] for r in rows) == [f"k{i}" for i in range(7)]
+
+
+def test_readers_use_only_finished_shards(tmp_path):
+    """A rewrite output still being written (or crashed) holds shards without markers: readers skip them."""
+    root = storage.Location(str(tmp_path))
+    store = storage.ShardStore(root)
+    for name in ("a.parquet", "b.parquet"):
+        store.write(name, pa.table({"key": [name]}))
+    pq.write_table(pa.table({"key": ["half"]}), tmp_path / "c.parquet")  # written, marker not yet
+    pq.write_table(pa.table({"key": ["bad"]}), tmp_path / "d.parquet")
+    store.record_failure("d.parquet", {"error": "x"})
+    paths, skipped = storage.finished_shards(root)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["a.parquet", "b.parquet"]
+    assert skipped == {storage.NOT_MARKED: 1, storage.RECORDED_FAILED: 1}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(pa.table({"key": ["x"]}), plain / "x.parquet")
+    assert storage.finished_shards(storage.Location(str(plain))) == ([str(plain / "x.parquet")], {})

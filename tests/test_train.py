@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from veclip.sample import SampleConfig, generate
-from veclip.storage import Location
+from veclip.storage import NOT_MARKED, Location
 from veclip.train.config import build_config, preset
 from veclip.train.export import export, latest_checkpoint, metric_history
 from veclip.train.loop import load_state
@@ -104,10 +104,16 @@ def test_injected_failure_resumes_from_the_last_checkpoint(ref_data, tmp_path, r
 @pytest.mark.slow
 def test_data_and_checkpoints_on_s3(ref_data, s3_bucket, ray_session):
     url, options = s3_bucket
-    Location(url, options).fs.put(str(ref_data) + "/", url[len("s3://"):] + "/data", recursive=True)
+    fs = Location(url, options).fs
+    fs.put(str(ref_data) + "/", url[len("s3://"):] + "/data", recursive=True)
+    # as a rewrite output that is still running: four shards marked done, one not yet
+    for path in sorted(ref_data.glob("*.parquet")):
+        fs.pipe_file(f"{url[5:]}/data/_done/{path.name}.json", b"{}")
+    fs.put_file(str(ref_data / "part-00001.parquet"), f"{url[5:]}/data/part-00099.parquet")
     config = build_config("tiny", None, ["steps=4", "checkpoint_every=2", "scale.num_workers=1"], data=url + "/data", output=url + "/runs", name="s3")
     summary = run_train(config, options, log=quiet)
     assert summary["metrics"]["step"] == 4
+    assert summary["shards_skipped_by_reason"] == {NOT_MARKED: 1}
     runs = Location(url + "/runs/s3", options)
     assert [p for p in runs.fs.ls(runs.path, detail=False) if "checkpoint_" in p]
     assert runs.fs.exists(runs.join("summary.json"))

@@ -132,6 +132,34 @@ def list_shards(location: Location, suffix: str = PARQUET) -> list[str]:
     return [p for p in list_files(location) if p.endswith(suffix)]
 
 
+NOT_MARKED = "no done marker (still being written, or its writer stopped)"
+RECORDED_FAILED = "recorded as failed in _failed/"
+
+
+def finished_shards(location: Location) -> tuple[list[str], dict[str, int]]:
+    """The shards a reader may use, and ``{why skipped: count}`` for the others.
+
+    A folder with ``_done/`` markers is a stage's output: only marked shards are
+    finished (a rewrite still running, or one that crashed, leaves others beside
+    them). A folder without markers is plain input: every shard is used.
+    """
+    paths = list_shards(location)
+    marker_dir = location.join(DONE_DIR)
+    done = {posixpath.basename(e["name"])[: -len(".json")] for e in fresh_listing(location.fs, marker_dir) if e["name"].endswith(".json")}
+    if not done:
+        return paths, {}
+    failed = {posixpath.basename(e["name"])[: -len(".json")] for e in fresh_listing(location.fs, location.join(FAILED_DIR))}
+    kept, skipped = [], {}
+    for path in paths:
+        name = posixpath.basename(path)
+        if name in done:
+            kept.append(path)
+        else:
+            reason = RECORDED_FAILED if name in failed else NOT_MARKED
+            skipped[reason] = skipped.get(reason, 0) + 1
+    return kept, skipped
+
+
 def output_shard_name(input_path: str) -> str:
     """The output shard for an input shard: same stem, ``.parquet``.
 

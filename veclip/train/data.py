@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
-from veclip.storage import Location, StorageOptions, list_shards
+from veclip.storage import Location, StorageOptions, finished_shards
 from veclip.train.captions import CaptionConfig, key_hash, trainable
 
 CAPTION_COLUMNS = (schema.ALT_TEXT, schema.VECAP, schema.VLM_CAPTION, schema.REWRITES)
@@ -126,13 +126,17 @@ def read_columns(location: Location, paths: list[str], columns: schema.ColumnMap
 
 
 def build_dataset(url: str, options: StorageOptions, columns: schema.ColumnMap, model_name: str, captions: CaptionConfig,
-                  limits: ImageLimits, seed: int, counter: str | None, batch_rows: int = 256, num_cpus: float = 1.0):
+                  limits: ImageLimits, seed: int, counter: str | None, batch_rows: int = 256, num_cpus: float = 1.0,
+                  log=print):
+    """The training stream and ``{why skipped: shards}`` for shards left out (see :func:`finished_shards`)."""
     import ray
 
     location = Location(url, options)
-    paths = list_shards(location)
+    paths, skipped = finished_shards(location)
+    if skipped:
+        log(f"train: using {len(paths)} finished shards of {url}; skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     if not paths:
-        raise FileNotFoundError(f"train: no .parquet shards in {url}")
+        raise FileNotFoundError(f"train: no finished .parquet shards in {url}")
     source_columns = read_columns(location, paths, columns)
     ds = ray.data.read_parquet(
         paths,
@@ -148,4 +152,4 @@ def build_dataset(url: str, options: StorageOptions, columns: schema.ColumnMap, 
         batch_size=batch_rows,
         num_cpus=num_cpus,
         fn_kwargs=dict(model_name=model_name, captions=captions, limits=limits, counter=counter),
-    )
+    ), skipped

@@ -29,9 +29,9 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
         ray.init()
     start = time.perf_counter()
     counter = ray.remote(SkipCounter).options(name=counter_name(config.name), get_if_exists=True).remote()
-    dataset = build_dataset(
+    dataset, shards_skipped = build_dataset(
         config.data, options, config.columns, config.model, config.captions, config.image_limits, config.seed,
-        counter_name(config.name), num_cpus=config.scale.preprocess_cpus,
+        counter_name(config.name), num_cpus=config.scale.preprocess_cpus, log=log,
     )
     if config.materialize_data:
         dataset = dataset.materialize()
@@ -67,6 +67,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
         "metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "rows_skipped_by_reason": skipped,
+        "shards_skipped_by_reason": shards_skipped,
         "wall_seconds": time.perf_counter() - start,
     }
     summary_path = output.join(config.name, "summary.json")
@@ -82,4 +83,5 @@ def render_summary(summary: dict) -> str:
         f"logit scale {m.get('logit_scale', float('nan')):.2f}, {m.get('samples_per_s', 0):.1f} samples/s, "
         f"data wait {m.get('data_wait_share', 0):.0%}; rows skipped: {skipped}; {summary['wall_seconds']:.1f}s\n"
         f"  checkpoint: {summary['checkpoint']}"
+        + "".join(f"\n  shards skipped: {n} ({why})" for why, n in summary.get("shards_skipped_by_reason", {}).items())
     )
