@@ -20,9 +20,9 @@ from veclip.rewrite.config import FaultConfig, fingerprint, preset
 from veclip.rewrite.engine import Completion
 from veclip.rewrite.faults import DONE, FAILED, RunContext, ShardGuard
 from veclip.rewrite.pipeline import EngineUnavailable, check_engine_python, summarize
-from veclip.rewrite.plan import FingerprintMismatch, plan_run, read_footers, list_inputs
+from veclip.rewrite.plan import FingerprintMismatch, list_inputs, plan_run
 from veclip.rewrite.workers import ShardRewriter
-from veclip.storage import Location, ShardStore, StorageOptions, read_many
+from veclip.storage import Location, ShardStore, StorageOptions, read_footers, read_many
 
 from conftest import veclip_cli
 
@@ -202,7 +202,7 @@ def test_driver_reads_footers_and_markers_concurrently(sample_root, s3_endpoint,
         slow = dataclasses.replace(options, endpoint_url=proxy.url)
         location = Location(url + "/in", slow)
         shards = list(list_inputs(location).values())
-        footers = read_footers(location, shards)
+        footers = read_footers(location.fs, [(s.path, s.size) for s in shards])
         assert [f.num_rows for f in footers.values()] == [3] * 12
         assert proxy.max_in_flight >= 6, proxy.max_in_flight
         proxy.max_in_flight = 0

@@ -122,3 +122,33 @@ def test_validate_on_s3(s3_bucket, sample_root):
 def test_bad_config():
     with pytest.raises(ValueError, match="images must be one of"):
         ValidateConfig("x", images="some")
+
+
+def test_duplicate_keys_found_beyond_the_memory_bound(train_copy):
+    """60 keys, room for 10 in memory: keys are spilled in 6 partitions and the duplicate is still found."""
+    first_key = pq.read_table(train_copy / "part-00000.parquet").column("key")[4].as_py()
+    _rewrite(train_copy / "part-00002.parquet", lambda t: _set(t, "key", 9, first_key))
+    report = validate(ValidateConfig(str(train_copy), images="none", max_keys_in_memory=10))
+    assert report.key_partitions == 6
+    assert _kinds(report) == {"duplicate_key"} and report.totals.duplicate_keys == 1
+    assert f"part-00002.parquet row 9 (key '{first_key}'): key also used at part-00000.parquet row 4" in report.render()
+
+
+def test_sample_reads_the_images_of_one_row_group_per_shard(tmp_path, sample_root, monkeypatch):
+    """Shards of 4 row groups: the sample decodes rows of one group and reads no other group's images."""
+    for path in sorted((sample_root / "train").glob("*.parquet")):
+        pq.write_table(pq.read_table(path), tmp_path / path.name, row_group_size=5)
+    read = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, groups, columns=None, **kwargs):
+        read.append((list(groups), columns))
+        return real(self, groups, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    report = validate(ValidateConfig(str(tmp_path), images="sample", sample_per_shard=4))
+    assert report.usable and report.totals.images_checked == 12
+    assert [len(groups) for groups, _ in read] == [1, 1, 1] and all(columns == ["image"] for _, columns in read)
+    # --images full still reads every group
+    full = validate(ValidateConfig(str(tmp_path), images="full"))
+    assert full.totals.images_checked == 60

@@ -62,7 +62,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from veclip.validate import ValidateConfig, validate
 
-    config = ValidateConfig(args.url, args.columns, args.images, args.sample_per_shard, args.max_bad_image_share)
+    config = ValidateConfig(args.url, args.columns, args.images, sample_per_shard=args.sample_per_shard,
+                            sample_row_groups=args.sample_row_groups, max_bad_image_share=args.max_bad_image_share,
+                            max_keys_in_memory=args.max_keys_in_memory)
     report = validate(config, _storage(args))
     print(report.render())
     return 0 if report.usable else 1
@@ -218,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     _columns_flag(p)
     p.add_argument("--images", choices=("sample", "full", "none"), default="sample", help="decode a sample per shard (default), every image, or none")
     p.add_argument("--sample-per-shard", type=int, default=32, help="images decoded per shard with --images sample")
+    p.add_argument("--sample-row-groups", type=int, default=1,
+                   help="row groups per shard the sample is drawn from; only their image bytes are read (default 1)")
+    p.add_argument("--max-keys-in-memory", type=int, default=20_000_000,
+                   help="keys held in memory for the duplicate check; beyond it they are spilled to local disk")
     p.add_argument("--max-bad-image-share", type=float, default=0.0, help="share of checked images allowed to fail (default 0)")
     _storage_flags(p)
     p.set_defaults(func=cmd_validate)

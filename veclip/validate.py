@@ -5,21 +5,29 @@ the input contract (after the column mapping), keys are non-null and unique,
 images decode (a sample per shard, every row, or none), and how much AltText is
 empty (reported, not an error: VeCap fills it in). Every problem names the
 shard, the row and the key.
+
+Built for a 300M-row bucket: footers are read concurrently up front; the
+sample reads the image bytes of ``sample_row_groups`` row groups per shard
+only (the key and AltText columns are small and read whole); keys are checked
+for duplicates across shards with bounded memory (:mod:`veclip.keyindex`).
 """
 
 from __future__ import annotations
 
 import posixpath
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
-from veclip.storage import Location, StorageOptions, list_files
+from veclip.keyindex import KeyIndex
+from veclip.storage import Location, StorageOptions, fresh_listing, read_footers
 
 IMAGE_CHECKS = ("sample", "full", "none")
 # Problems that make a dataset unusable whatever the tolerance.
@@ -32,8 +40,10 @@ class ValidateConfig:
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
     images: str = "sample"  # sample | full | none
     sample_per_shard: int = 32
+    sample_row_groups: int = 1  # row groups per shard the sample is drawn from (their image bytes are all that is read)
     max_bad_image_share: float = 0.0  # of checked images
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_keys_in_memory: int = 20_000_000  # beyond this, keys are spilled to local disk for the duplicate check
 
     def __post_init__(self):
         if self.images not in IMAGE_CHECKS:
@@ -75,6 +85,7 @@ class ValidationReport:
     shards: list[ShardReport] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
+    key_partitions: int = 1  # >1: keys were spilled to disk in that many partitions (bounded memory)
 
     @property
     def totals(self) -> ShardReport:
@@ -129,79 +140,90 @@ class ValidationReport:
         return "\n".join(out)
 
 
-def _sample_rows(num_rows: int, config: ValidateConfig) -> list[int]:
+def _sample(footer: pq.FileMetaData, shard_name: str, config: ValidateConfig) -> tuple[list[int], list[int]]:
+    """``(row groups to read, rows to check)``: every row for ``full``; else up to
+    ``sample_per_shard`` rows spread evenly over ``sample_row_groups`` row groups,
+    themselves spread over the shard from an offset that differs per shard (so a
+    dataset's samples cover every position while each shard reads few groups)."""
+    num_rows, groups = footer.num_rows, footer.num_row_groups
     if config.images == "none" or num_rows == 0:
-        return []
+        return [], []
     if config.images == "full" or num_rows <= config.sample_per_shard:
-        return list(range(num_rows))
-    step = num_rows / config.sample_per_shard  # evenly spread, deterministic
-    return [int(i * step) for i in range(config.sample_per_shard)]
+        return list(range(groups)), list(range(num_rows))
+    take = min(groups, max(1, config.sample_row_groups))
+    offset = zlib.crc32(shard_name.encode()) % groups
+    chosen = sorted({(offset + int(i * groups / take)) % groups for i in range(take)})
+    starts = np.cumsum([0] + [footer.row_group(g).num_rows for g in range(groups)])
+    pool = [row for g in chosen for row in range(starts[g], starts[g + 1])]
+    step = len(pool) / min(len(pool), config.sample_per_shard)
+    return chosen, [pool[int(i * step)] for i in range(min(len(pool), config.sample_per_shard))]
 
 
-def _check_shard(location: Location, path: str, config: ValidateConfig, seen_keys: dict, report: ValidationReport) -> None:
+def _check_shard(location: Location, path: str, footer, config: ValidateConfig, keys_index: KeyIndex, report: ValidationReport) -> None:
     name = posixpath.relpath(path, location.path)
     shard = ShardReport(name)
     report.shards.append(shard)
     problem = lambda kind, message, row=None, key=None: report.problems.append(Problem(kind, name, message, row, key))
-    try:
-        with location.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            file_schema = parquet.schema_arrow
-            shard.rows = parquet.metadata.num_rows
-    except Exception as err:
+    if isinstance(footer, str):
         shard.readable = False
-        problem("unreadable", f"not a readable Parquet file ({type(err).__name__}: {err})")
+        problem("unreadable", f"not a readable Parquet file ({footer})")
         return
-    mapped = config.columns.apply(file_schema.empty_table()).schema
+    shard.rows = footer.num_rows
+    mapped = config.columns.apply(footer.schema.to_arrow_schema().empty_table()).schema
     for message in schema.input_schema_problems(mapped):
         problem("schema", message)
     if any(p.kind == "schema" and p.shard == name for p in report.problems):
         return
 
     columns = config.columns
-    wanted = [columns.key, columns.alt_text]
-    rows_to_check = _sample_rows(shard.rows, config)
-    if rows_to_check:
-        wanted.append(columns.image)
-    table = columns.apply(pq.read_table(path, columns=wanted, filesystem=location.fs))
-
-    keys = table.column(schema.KEY).to_pylist()
-    for row, key in enumerate(keys):
-        if key is None:
-            shard.null_keys += 1
-            problem("null_key", "key is null; every row needs a unique key", row)
-        elif key in seen_keys:
-            shard.duplicate_keys += 1
-            first_shard, first_row = seen_keys[key]
-            problem("duplicate_key", f"key also used at {first_shard} row {first_row}", row, key)
-        else:
-            seen_keys[key] = (name, row)
+    table = columns.apply(pq.read_table(path, columns=[columns.key, columns.alt_text], filesystem=location.fs))
+    keys = table.column(schema.KEY)
+    for row in np.flatnonzero(np.asarray(keys.is_null())):
+        shard.null_keys += 1
+        problem("null_key", "key is null; every row needs a unique key", int(row))
+    keys_index.add(len(report.shards) - 1, keys.combine_chunks())
 
     alt = pc.utf8_trim_whitespace(table.column(schema.ALT_TEXT).cast(pa.string()))
     shard.empty_alt_text = int(pc.sum(pc.or_kleene(pc.is_null(alt), pc.equal(alt, ""))).as_py() or 0)
 
+    groups, rows_to_check = _sample(footer, name, config)
     if rows_to_check:
-        images = table.column(schema.IMAGE)
+        with location.fs.open(path, "rb") as f:
+            images = pq.ParquetFile(f).read_row_groups(groups, columns=[columns.image]).column(0)
+        starts = np.cumsum([0] + [footer.row_group(g).num_rows for g in range(footer.num_row_groups)])
+        local = {row: i for i, row in enumerate(r for g in groups for r in range(starts[g], starts[g + 1]))}
         for row in rows_to_check:
             shard.images_checked += 1
             try:
-                decode_image(images[row].as_py(), config.image_limits)
+                decode_image(images[local[row]].as_py(), config.image_limits)
             except ImageError as err:
                 shard.bad_images += 1
-                problem("bad_image", f"{err.reason}: {err.detail}", row, keys[row])
+                problem("bad_image", f"{err.reason}: {err.detail}", row, keys[row].as_py())
 
 
 def validate(config: ValidateConfig, options: StorageOptions | None = None) -> ValidationReport:
     location = Location(config.url, options or StorageOptions())
     report = ValidationReport(config.url, config)
-    files = list_files(location)  # raises FileNotFoundError naming the URL
-    shards = [p for p in files if p.endswith(".parquet")]
-    report.ignored_files = [posixpath.basename(p) for p in files if not p.endswith(".parquet")]
+    if not location.fs.isdir(location.path):
+        raise FileNotFoundError(f"no such folder: {config.url}")
+    entries = [e for e in fresh_listing(location.fs, location.path)
+               if e["type"] == "file" and not posixpath.basename(e["name"]).startswith(("_", "."))]
+    entries.sort(key=lambda e: e["name"])
+    shards = [e for e in entries if e["name"].endswith(".parquet")]
+    report.ignored_files = [posixpath.basename(e["name"]) for e in entries if not e["name"].endswith(".parquet")]
     if not shards:
-        hint = f" (found {len(files)} other files, e.g. {report.ignored_files[0]}: convert them with `veclip import`)" if files else ""
+        hint = f" (found {len(entries)} other files, e.g. {report.ignored_files[0]}: convert them with `veclip import`)" if entries else ""
         report.problems.append(Problem("no_shards", config.url, "no .parquet shards in this folder" + hint))
         return report
-    seen_keys: dict = {}
-    for path in shards:
-        _check_shard(location, path, config, seen_keys, report)
+    footers = read_footers(location.fs, [(e["name"], int(e["size"])) for e in shards])
+    expected_keys = sum(f.num_rows for f in footers.values() if not isinstance(f, str))
+    keys_index = KeyIndex(expected_keys, config.max_keys_in_memory)
+    report.key_partitions = keys_index.partitions
+    for entry in shards:
+        _check_shard(location, entry["name"], footers[entry["name"]], config, keys_index, report)
+    for dup in keys_index.duplicates():
+        shard = report.shards[dup.shard]
+        shard.duplicate_keys += 1
+        first = report.shards[dup.first_shard].shard
+        report.problems.append(Problem("duplicate_key", shard.shard, f"key also used at {first} row {dup.first_row}", dup.row, dup.key))
     return report

@@ -21,15 +21,9 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from veclip import schema
 from veclip.rewrite.config import RewriteConfig
-from veclip.storage import PARQUET, Location, ShardStore, fresh_listing, output_shard_name
-
-FOOTER_TAIL_BYTES = 64 * 1024  # one read holds the footer of all but very wide files
-
+from veclip.storage import PARQUET, Location, ShardStore, fresh_listing, output_shard_name, read_footers
 
 class FingerprintMismatch(ValueError):
     """The output holds shards written with another configuration."""
@@ -70,29 +64,6 @@ def list_inputs(location: Location) -> dict[str, InputShard]:
     return by_name
 
 
-def read_footers(location: Location, shards: list[InputShard]) -> dict[str, pq.FileMetaData | str]:
-    """``{path: footer metadata, or why it cannot be read}``, all tails fetched concurrently."""
-    fs = location.fs
-    starts = [max(0, s.size - FOOTER_TAIL_BYTES) for s in shards]
-    tails = fs.cat_ranges([s.path for s in shards], starts, [s.size for s in shards], on_error="return") if shards else []
-    footers: dict[str, pq.FileMetaData | str] = {}
-    for shard, tail in zip(shards, tails):
-        try:
-            if isinstance(tail, BaseException):
-                raise tail
-            if len(tail) < 12 or tail[-4:] != b"PAR1":
-                raise ValueError(f"not a Parquet file, or truncated ({shard.size} bytes, no footer magic)")
-            length = int.from_bytes(tail[-8:-4], "little") + 8
-            if length > len(tail):  # a footer wider than one tail read
-                if length + 4 > shard.size:
-                    raise ValueError(f"truncated: footer of {length} bytes in a {shard.size}-byte file")
-                tail = fs.cat_file(shard.path, start=shard.size - length, end=shard.size)
-            footers[shard.path] = pq.read_metadata(pa.BufferReader(tail[-length:]))
-        except Exception as err:  # noqa: BLE001 - any unreadable footer is recorded, never fatal alone
-            footers[shard.path] = f"unreadable input shard: {type(err).__name__}: {err}"[:1000]
-    return footers
-
-
 def plan_run(config: RewriteConfig, options, fingerprint: str, redo_mismatched: bool = False) -> Plan:
     source = Location(config.input, options)
     with ThreadPoolExecutor(2) as pool:  # two long paginated listings: at once, not one after the other
@@ -126,11 +97,11 @@ def plan_run(config: RewriteConfig, options, fingerprint: str, redo_mismatched: 
 
     left = [s for n, s in inputs.items() if n not in plan.done]
     mismatch: dict[str, str] = {}
-    footers = read_footers(source, left)
+    footers = read_footers(source.fs, [(s.path, s.size) for s in left])
     for shard in left:
         footer = footers[shard.path]
         if isinstance(footer, str):
-            plan.unreadable[shard.name] = footer
+            plan.unreadable[shard.name] = f"unreadable input shard: {footer}"
             continue
         try:
             schema.check_input_schema(config.columns.apply(footer.schema.to_arrow_schema().empty_table()).schema, shard.path)
