@@ -93,7 +93,10 @@ def train_loop(config: TrainConfig) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
+        # Each rank downloads its own copy: Ray's shared `as_directory` lets one rank delete
+        # the copy while another on the same node still waits for it ("... does not exist").
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint.to_directory(directory)
             state = load_state(directory)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
