@@ -8,6 +8,8 @@ in the driver's environment too.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,6 +43,46 @@ class Engine(Protocol):
     def generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]: ...
 
 
+def _descendants() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _watch_engine_processes(processes: list, every_seconds: float = 2.0) -> None:
+    """vLLM runs its engine in child processes. When one dies, vLLM usually raises
+    ``EngineDeadError``, but not always: a request can wait forever. This watchdog
+    exits the actor as soon as an engine process is gone, so Ray replaces it with a
+    fresh engine and retries the shard (the durable try count bounds how often)."""
+    import psutil
+
+    def alive(process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def engine_process(process) -> bool:
+        try:
+            return alive(process) and "resource_tracker" not in " ".join(process.cmdline())
+        except psutil.Error:
+            return False
+
+    processes = [p for p in processes if engine_process(p)]
+    if not processes:
+        return  # an in-process engine: nothing to watch
+
+    def watch():
+        while True:
+            time.sleep(every_seconds)
+            for process in processes:
+                if not alive(process):
+                    print(f"veclip: vLLM engine process {process.pid} died; exiting so Ray starts a fresh actor", flush=True)
+                    os._exit(1)
+
+    threading.Thread(target=watch, name="veclip-engine-watchdog", daemon=True).start()
+
+
 class VLLMEngine:
     """``vllm.LLM`` in-process: chat templates, image inputs, per-request seeds."""
 
@@ -59,7 +101,9 @@ class VLLMEngine:
         )
         if multimodal:
             kwargs["limit_mm_per_prompt"] = {"image": config.limit_mm_per_prompt}
+        before = _descendants()
         self.llm = vllm.LLM(**kwargs)
+        _watch_engine_processes([p for p in _descendants() if p.pid not in before])
         self.seeded = config.seeded_requests
         self.max_model_len = config.max_model_len
         self.name = f"vllm-{vllm.__version__}"
