@@ -118,13 +118,19 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-def list_files(location: Location) -> list[str]:
-    """Visible files directly in ``location`` (no ``_``/``.`` names), sorted by name."""
+def list_file_entries(location: Location) -> list[dict]:
+    """Listing entries (name, size, ...) of the visible files directly in ``location``
+    (no ``_``/``.`` names), sorted by name, listed fresh."""
     if not location.fs.isdir(location.path):
         raise FileNotFoundError(f"no such folder: {location.url}")
-    entries = location.fs.ls(location.path, detail=True)
-    paths = [e["name"] for e in entries if e["type"] == "file"]
-    return sorted(p for p in paths if not posixpath.basename(p).startswith(("_", ".")))
+    entries = [e for e in fresh_listing(location.fs, location.path)
+               if e["type"] == "file" and not posixpath.basename(e["name"]).startswith(("_", "."))]
+    return sorted(entries, key=lambda e: e["name"])
+
+
+def list_files(location: Location) -> list[str]:
+    """Visible files directly in ``location`` (no ``_``/``.`` names), sorted by name."""
+    return [e["name"] for e in list_file_entries(location)]
 
 
 def list_shards(location: Location, suffix: str = PARQUET) -> list[str]:
@@ -144,11 +150,11 @@ def finished_shards(location: Location) -> tuple[list[str], dict[str, int]]:
     them). A folder without markers is plain input: every shard is used.
     """
     paths = list_shards(location)
-    marker_dir = location.join(DONE_DIR)
-    done = {posixpath.basename(e["name"])[: -len(".json")] for e in fresh_listing(location.fs, marker_dir) if e["name"].endswith(".json")}
+    store = ShardStore(location)
+    done = store.done()
     if not done:
         return paths, {}
-    failed = {posixpath.basename(e["name"])[: -len(".json")] for e in fresh_listing(location.fs, location.join(FAILED_DIR))}
+    failed = store.failed()
     kept, skipped = [], {}
     for path in paths:
         name = posixpath.basename(path)
@@ -389,8 +395,12 @@ class ShardStore:
         except FileNotFoundError:
             pass
 
+    def failed(self) -> set[str]:
+        """Names of the shards recorded as failed."""
+        return set(self._listed(FAILED_DIR))
+
     def failures(self) -> dict[str, dict]:
         """``{name: failure record}`` of shards recorded as failed and not done since."""
-        listed = self._listed(FAILED_DIR)
-        paths = [self.location.join(FAILED_DIR, n + ".json") for n in sorted(listed)]
-        return {json.loads(data)["shard"]: json.loads(data) for data in read_many(self.location.fs, paths).values()}
+        paths = [self.location.join(FAILED_DIR, n + ".json") for n in sorted(self.failed())]
+        records = (json.loads(data) for data in read_many(self.location.fs, paths).values())
+        return {record["shard"]: record for record in records}

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
-from veclip.storage import Location, StorageOptions, fresh_listing, read_footers
+from veclip.storage import Location, StorageOptions, list_file_entries, read_footers
 
 IMAGE_CHECKS = ("sample", "full", "none")
 # Problems that make a dataset unusable whatever the tolerance.
@@ -140,8 +140,8 @@ class ValidationReport:
         return "\n".join(out)
 
 
-def _sample(footer: pq.FileMetaData, shard_name: str, config: ValidateConfig) -> tuple[list[int], list[int]]:
-    """``(row groups to read, rows to check)``: every row for ``full``; else up to
+def _sample(footer: pq.FileMetaData, shard_name: str, config: ValidateConfig) -> tuple[list[int], list[tuple[int, int]]]:
+    """``(row groups to read, [(row to check, its index among the rows read)])``: every row for ``full``; else up to
     ``sample_per_shard`` rows spread evenly over ``sample_row_groups`` row groups,
     themselves spread over the shard from an offset that differs per shard (so a
     dataset's samples cover every position while each shard reads few groups)."""
@@ -149,14 +149,14 @@ def _sample(footer: pq.FileMetaData, shard_name: str, config: ValidateConfig) ->
     if config.images == "none" or num_rows == 0:
         return [], []
     if config.images == "full" or num_rows <= config.sample_per_shard:
-        return list(range(groups)), list(range(num_rows))
+        return list(range(groups)), [(row, row) for row in range(num_rows)]
     take = min(groups, max(1, config.sample_row_groups))
     offset = zlib.crc32(shard_name.encode()) % groups
     chosen = sorted({(offset + int(i * groups / take)) % groups for i in range(take)})
     starts = np.cumsum([0] + [footer.row_group(g).num_rows for g in range(groups)])
-    pool = [row for g in chosen for row in range(starts[g], starts[g + 1])]
-    step = len(pool) / min(len(pool), config.sample_per_shard)
-    return chosen, [pool[int(i * step)] for i in range(min(len(pool), config.sample_per_shard))]
+    pool = [int(row) for g in chosen for row in range(starts[g], starts[g + 1])]  # the rows read, in read order
+    count = min(len(pool), config.sample_per_shard)
+    return chosen, [(pool[int(i * len(pool) / count)], int(i * len(pool) / count)) for i in range(count)]
 
 
 def _check_shard(location: Location, path: str, footer, config: ValidateConfig, keys_index: KeyIndex, report: ValidationReport) -> None:
@@ -190,12 +190,10 @@ def _check_shard(location: Location, path: str, footer, config: ValidateConfig, 
     if rows_to_check:
         with location.fs.open(path, "rb") as f:
             images = pq.ParquetFile(f).read_row_groups(groups, columns=[columns.image]).column(0)
-        starts = np.cumsum([0] + [footer.row_group(g).num_rows for g in range(footer.num_row_groups)])
-        local = {row: i for i, row in enumerate(r for g in groups for r in range(starts[g], starts[g + 1]))}
-        for row in rows_to_check:
+        for row, position in rows_to_check:
             shard.images_checked += 1
             try:
-                decode_image(images[local[row]].as_py(), config.image_limits)
+                decode_image(images[position].as_py(), config.image_limits)
             except ImageError as err:
                 shard.bad_images += 1
                 problem("bad_image", f"{err.reason}: {err.detail}", row, keys[row].as_py())
@@ -204,11 +202,7 @@ def _check_shard(location: Location, path: str, footer, config: ValidateConfig, 
 def validate(config: ValidateConfig, options: StorageOptions | None = None) -> ValidationReport:
     location = Location(config.url, options or StorageOptions())
     report = ValidationReport(config.url, config)
-    if not location.fs.isdir(location.path):
-        raise FileNotFoundError(f"no such folder: {config.url}")
-    entries = [e for e in fresh_listing(location.fs, location.path)
-               if e["type"] == "file" and not posixpath.basename(e["name"]).startswith(("_", "."))]
-    entries.sort(key=lambda e: e["name"])
+    entries = list_file_entries(location)  # raises FileNotFoundError naming the URL
     shards = [e for e in entries if e["name"].endswith(".parquet")]
     report.ignored_files = [posixpath.basename(e["name"]) for e in entries if not e["name"].endswith(".parquet")]
     if not shards:

@@ -36,6 +36,14 @@ class RunContext:
     fingerprint: str
 
 
+def record_failure(store: ShardStore, name: str, input_path: str, stage: str, run: RunContext, tries: int, errors: list[str]) -> None:
+    """``_failed/<name>.json``: what a rerun and a person need to know of a shard that kept failing."""
+    store.record_failure(name, {
+        "input": input_path, "stage": stage, "run_id": run.run_id, "fingerprint": run.fingerprint,
+        "tries": tries, "error": errors[-1], "errors": errors, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+
+
 def engine_died(err: BaseException) -> bool:
     """vLLM's engine process is gone: this actor's engine can never answer again."""
     return any(cls.__name__ == "EngineDeadError" for cls in type(err).__mro__)
@@ -67,11 +75,8 @@ class ShardGuard:
 
     def _fail(self, name: str, input_path: str, record: dict) -> str:
         errors = record["errors"] or ["the process died during the try (killed, out of memory, or a crash)"]
-        self.store.record_failure(name, {
-            "input": input_path, "stage": self.stage, "run_id": self.run.run_id, "fingerprint": self.run.fingerprint,
-            "tries": record["tries"] - (record["tries"] > self.max_attempts), "error": errors[-1], "errors": errors,
-            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        tries = record["tries"] - (record["tries"] > self.max_attempts)
+        record_failure(self.store, name, input_path, self.stage, self.run, tries, errors)
         return FAILED
 
     def run_shard(self, name: str, input_path: str, work: Callable[[], None]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from veclip.config import SECRET_NAME, redact
 from veclip.lease import OutputLease
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, fingerprint, to_dict
-from veclip.rewrite.faults import DONE, RunContext
+from veclip.rewrite.faults import DONE, RunContext, record_failure
 from veclip.rewrite.plan import Plan, plan_run
 from veclip.rewrite.workers import CAPTIONS_DIR, ShardCaptioner, ShardRewriter
 from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name
@@ -96,10 +96,7 @@ def check_engine_python(config: RewriteConfig, timeout_s: float = 900) -> None:
 
 def _record_unreadable(store: ShardStore, plan: Plan, run: RunContext) -> None:
     for name, why in plan.unreadable.items():
-        store.record_failure(name, {
-            "input": plan.inputs[name].path, "stage": "plan", "run_id": run.run_id, "fingerprint": run.fingerprint,
-            "tries": 1, "error": why, "errors": [why], "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        record_failure(store, name, plan.inputs[name].path, "plan", run, 1, [why])
 
 
 def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan, wall_seconds: float, run: RunContext,

@@ -17,13 +17,12 @@ the shards left stops the run before any engine starts.
 
 from __future__ import annotations
 
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from veclip import schema
 from veclip.rewrite.config import RewriteConfig
-from veclip.storage import PARQUET, Location, ShardStore, fresh_listing, output_shard_name, read_footers
+from veclip.storage import PARQUET, Location, ShardStore, list_file_entries, output_shard_name, read_footers
 
 class FingerprintMismatch(ValueError):
     """The output holds shards written with another configuration."""
@@ -50,14 +49,7 @@ class Plan:
 
 
 def list_inputs(location: Location) -> dict[str, InputShard]:
-    entries = fresh_listing(location.fs, location.path)
-    if not entries and not location.fs.isdir(location.path):
-        raise FileNotFoundError(f"no such folder: {location.url}")
-    shards = sorted(
-        (InputShard(e["name"], int(e["size"])) for e in entries
-         if e["type"] == "file" and e["name"].endswith(PARQUET) and not posixpath.basename(e["name"]).startswith(("_", "."))),
-        key=lambda s: s.path,
-    )
+    shards = [InputShard(e["name"], int(e["size"])) for e in list_file_entries(location) if e["name"].endswith(PARQUET)]
     by_name = {s.name: s for s in shards}
     if len(by_name) != len(shards):
         raise ValueError(f"rewrite: input shards in {location.url} map to the same output name; rename them")

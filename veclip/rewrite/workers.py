@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -87,7 +88,7 @@ def _work_stamp(started_at: float) -> dict:
     return {"actor": actor or "local", "started_at": started_at, "finished_at": time.time()}
 
 
-class _ShardWorker:
+class _ShardWorker(ABC):
     """What both pools share: run identity, the guard, and the done check."""
 
     stage = ""
@@ -107,8 +108,9 @@ class _ShardWorker:
             statuses.append(status)
         return {**batch, "status": statuses}
 
+    @abstractmethod
     def process(self, path: str) -> None:
-        raise NotImplementedError
+        """Write the output for one input shard (skipping it when already done)."""
 
     def done_here(self, store: ShardStore, name: str) -> bool:
         """Marked done by a run of this configuration (another fingerprint's shard is redone)."""
