@@ -142,28 +142,35 @@ NOT_MARKED = "no done marker (still being written, or its writer stopped)"
 RECORDED_FAILED = "recorded as failed in _failed/"
 
 
-def finished_shards(location: Location) -> tuple[list[str], dict[str, int]]:
-    """The shards a reader may use, and ``{why skipped: count}`` for the others.
+def finished_shard_entries(location: Location) -> tuple[list[dict], dict[str, int]]:
+    """The listing entries (name, size) of the shards a reader may use, and
+    ``{why skipped: count}`` for the others.
 
     A folder with ``_done/`` markers is a stage's output: only marked shards are
     finished (a rewrite still running, or one that crashed, leaves others beside
     them). A folder without markers is plain input: every shard is used.
     """
-    paths = list_shards(location)
+    entries = [e for e in list_file_entries(location) if e["name"].endswith(PARQUET)]
     store = ShardStore(location)
     done = store.done()
     if not done:
-        return paths, {}
+        return entries, {}
     failed = store.failed()
     kept, skipped = [], {}
-    for path in paths:
-        name = posixpath.basename(path)
+    for entry in entries:
+        name = posixpath.basename(entry["name"])
         if name in done:
-            kept.append(path)
+            kept.append(entry)
         else:
             reason = RECORDED_FAILED if name in failed else NOT_MARKED
             skipped[reason] = skipped.get(reason, 0) + 1
     return kept, skipped
+
+
+def finished_shards(location: Location) -> tuple[list[str], dict[str, int]]:
+    """The paths of :func:`finished_shard_entries`."""
+    entries, skipped = finished_shard_entries(location)
+    return [e["name"] for e in entries], skipped
 
 
 def output_shard_name(input_path: str) -> str:

@@ -79,6 +79,14 @@ def uniforms(key_hashes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def row_seeds(key_hashes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A non-negative 63-bit seed per key for its augmentation, a pure function of (seed, epoch, key)."""
+    with np.errstate(over="ignore"):
+        salt = _mix64(np.array([(seed * 0x9E3779B97F4A7C15 + epoch + 0x5851F42D4C957F2D) % 2**64], dtype=np.uint64))
+        x = _mix64(key_hashes.astype(np.int64).view(np.uint64) ^ salt)
+    return (x >> np.uint64(1)).astype(np.int64)
+
+
 def choose(key_hashes: np.ndarray, present: np.ndarray, usable: np.ndarray, weights: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """Slot index per row (``-1``: nothing usable). ``present``/``usable``: bool [rows, slots]."""
     w = np.where(present, weights[None, :], 0.0)

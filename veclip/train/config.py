@@ -53,19 +53,20 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
     grad_checkpointing: bool = False
     compile: bool = False
-    shuffle_buffer: int = 4096  # rows in each worker's local shuffle buffer
+    # Each worker shuffles its rows within windows of this many row groups (the
+    # rows of a window are held in memory at once; see veclip/train/order.py).
+    window_units: int = 8
     prefetch_batches: int = 2
-    # Keep the preprocessed rows in Ray's object store after the first pass: for
-    # small data (tests, the demo) it saves re-decoding every epoch, at the cost
-    # of the same augmentation each epoch. Leave off at scale.
-    materialize_data: bool = False
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     seed: int = 0
-    fail_at_step: int | None = None  # tests: rank 1 (or 0) raises once at this step
+    sample_log: str | None = None  # a local folder: each worker logs the sample keys of every step (audits, tests)
+    fail_at_step: int | None = None  # tests: the rank-1 (or 0) worker process kills itself once at this step
 
     def __post_init__(self):
         if self.batch_size < 2 or self.steps < 1:
             raise ValueError("train: batch_size must be >= 2 and steps >= 1")
+        if self.seed < 0 or self.window_units < 1:
+            raise ValueError("train: seed must be >= 0 and window_units >= 1")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train: precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -86,8 +87,7 @@ def preset(name: str) -> TrainConfig:
             optim=OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=5),
             scale=ScaleConfig(num_workers=2, use_gpu=False, cpus_per_worker=0.5, max_failures=1, preprocess_cpus=0.5),
             checkpoint_every=20,
-            shuffle_buffer=256,
-            materialize_data=True,
+            window_units=2,
         )
     raise ValueError(f"unknown preset {name!r}: use 'default' or 'tiny'")
 

@@ -1,51 +1,128 @@
-"""Ray Data side of training: enriched shards -> augmented images + tokenized caption slots.
+"""Ray Data side of training: finished shards -> each worker's exact stream of batches.
 
-CPU tasks decode each image (safely), apply open_clip's train augmentation
-for the model (without the final float conversion: images travel as uint8,
-4x smaller, and are normalised on the worker's device), and tokenize every
-caption slot with the model's tokenizer. The caption itself is chosen on the
-worker, per epoch (see :mod:`veclip.train.captions`). Rows with an unusable
-image or no usable caption are dropped here and counted in a small named actor.
+The driver plans once (:func:`plan_data`): the finished shards, their row
+groups (see :mod:`veclip.train.order`) and the columns to read. Each worker
+then builds, per epoch, its own Ray Data stream from its position
+(:func:`worker_stream`): one task per window reads the window's row groups and
+emits its rows in the window's permuted order; CPU tasks decode each image
+(safely), apply open_clip's train augmentation for the model with a seed that
+is a pure function of (seed, epoch, key), and tokenize every caption slot.
+Images travel as uint8 (4x smaller than float) and are normalised on the
+worker's device. ``preserve_order`` keeps the rows in that order, so
+:func:`exact_batches` cuts the same batches every time.
 
-Shard order is reshuffled every epoch (``FileShuffleConfig``); each worker adds
-a local shuffle buffer when it iterates.
+Rows with an unusable image or no usable caption are not dropped in the tasks
+but flagged (``skip``): the worker passes over them in order and counts them
+in its checkpointed state, so each is counted once per pass even across
+restarts. The caption itself is chosen on the worker (see
+:mod:`veclip.train.captions`).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
-from veclip.storage import Location, StorageOptions, finished_shards
-from veclip.train.captions import CaptionConfig, key_hash, trainable
+from veclip.storage import Location, StorageOptions, finished_shard_entries
+from veclip.train.captions import CaptionConfig, key_hash, row_seeds, trainable
+from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
 CAPTION_COLUMNS = (schema.ALT_TEXT, schema.VECAP, schema.VLM_CAPTION, schema.REWRITES)
+CHUNK_ROWS = 256  # rows per block a window's read task emits, and per preprocess task
+SKIP_REASONS = ("", "image_unusable", "no_usable_caption")  # index = the ``skip`` code
 
 
-def counter_name(run_name: str) -> str:
-    return f"veclip-train-skips-{run_name}"
+@dataclass(frozen=True)
+class DataPlan:
+    """What every worker needs to read its part of any epoch (built once by the driver)."""
+
+    url: str
+    options: StorageOptions
+    units: tuple[ReadUnit, ...]
+    source_columns: tuple[str, ...]
+    columns: schema.ColumnMap
+    shards: int
+    shards_skipped: dict[str, int]
 
 
-class SkipCounter:
-    """Counts rows dropped before training, by reason (a Ray actor)."""
+@dataclass(frozen=True)
+class StreamSpec:
+    """How the rows are turned into training samples (from the train config)."""
 
-    def __init__(self):
-        self.counts: dict[str, int] = {}
+    model: str
+    captions: CaptionConfig
+    limits: ImageLimits
+    seed: int
+    window_units: int
+    preprocess_cpus: float
+    prefetch_batches: int
 
-    def add(self, reason: str, n: int) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + n
 
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
+def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, workers: int, log=print) -> DataPlan:
+    location = Location(url, options)
+    entries, skipped = finished_shard_entries(location)
+    units, unreadable = read_units(location.fs, [(e["name"], int(e["size"])) for e in entries])
+    if unreadable:
+        skipped[UNREADABLE_FOOTER] = len(unreadable)
+        path, error = next(iter(unreadable.items()))
+        log(f"train: {len(unreadable)} shard(s) with an unreadable footer left out, e.g. {path}: {error}")
+    shards = len(entries) - len(unreadable)
+    if skipped:
+        log(f"train: using {shards} finished shards of {url}; skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
+    if not units:
+        raise FileNotFoundError(f"train: no finished .parquet shards with rows in {url}")
+    if len(units) < workers:
+        raise ValueError(
+            f"train: {len(units)} row groups in {shards} shards for {workers} workers; each worker reads whole row "
+            "groups, so write more (smaller) row groups or use fewer workers"
+        )
+    return DataPlan(url, options, tuple(units), tuple(read_columns(location, units[0].path, columns)), columns, shards, skipped)
+
+
+def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> list[str]:
+    """The source columns to read: key, image and whichever caption columns exist."""
+    import pyarrow.parquet as pq
+
+    with location.fs.open(path, "rb") as f:
+        mapped = columns.apply(pq.read_schema(f).empty_table()).schema
+    schema.check_input_schema(mapped, path)
+    names = mapped.names
+    wanted = [schema.KEY, schema.IMAGE] + [c for c in CAPTION_COLUMNS if c in names]
+    renames = {dst: src for src, dst in columns.renames().items()}
+    return [renames.get(c, c) for c in wanted]
+
+
+def read_window(batch: dict, plan: DataPlan, windows: list[list[ReadUnit]], start: Position, rank: int, seed: int) -> Iterator[pa.Table]:
+    """A window's rows in its permuted order (from ``start.offset`` in the first window), in chunks."""
+    import pyarrow.parquet as pq
+
+    location = Location(plan.url, plan.options)
+    for window in batch["window"].tolist():
+        tables = []
+        for unit in windows[window]:
+            with location.fs.open(unit.path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
+                tables.append(parquet.read_row_group(unit.row_group, columns=wanted))
+        table = plan.columns.apply(pa.concat_tables(tables, promote_options="default"))
+        order = window_order(table.num_rows, seed, start.epoch, rank, window)
+        first = start.offset if window == start.window else 0
+        for offset in range(first, len(order), CHUNK_ROWS):
+            chunk = table.take(order[offset : offset + CHUNK_ROWS])
+            n = chunk.num_rows
+            yield chunk.append_column("_window", pa.array(np.full(n, window, np.int64))).append_column(
+                "_offset", pa.array(np.arange(offset, offset + n, dtype=np.int64)))
 
 
 @functools.lru_cache(maxsize=4)
 def _augment_and_tokenizer(model_name: str):
-    """open_clip's train transform minus ToTensor/Normalize, and the model's tokenizer."""
+    """open_clip's train transform minus ToTensor/Normalize, its output size, and the model's tokenizer."""
     import open_clip
 
     from veclip.train.model import register_configs
@@ -53,7 +130,8 @@ def _augment_and_tokenizer(model_name: str):
     register_configs()
     _, train_transform, _ = open_clip.create_model_and_transforms(model_name, load_weights=False)
     keep = [t for t in train_transform.transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
-    return keep, open_clip.get_tokenizer(model_name)
+    size = next(tuple(t.size) for t in keep if hasattr(t, "size"))
+    return keep, size, open_clip.get_tokenizer(model_name)
 
 
 def _slot_texts(batch: pa.Table, captions: CaptionConfig) -> list[list[str | None]]:
@@ -67,89 +145,93 @@ def _slot_texts(batch: pa.Table, captions: CaptionConfig) -> list[list[str | Non
     return out
 
 
-def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, counter: str | None) -> dict:
-    augment, tokenizer = _augment_and_tokenizer(model_name)
+def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int, epoch: int) -> dict:
+    """Decoded, augmented images and tokenized caption slots; unusable rows flagged in ``skip``."""
+    import torch
+
+    augment, (height, width), tokenizer = _augment_and_tokenizer(model_name)
     slots = _slot_texts(batch, captions)
-    present = np.array([[t is not None for t in slot] for slot in slots]).T
-    usable = np.array([[t is not None and len(t.split()) >= captions.min_words for t in slot] for slot in slots]).T
-    keep = trainable(usable, captions.slot_weights())
-    images, kept = [], []
+    n = batch.num_rows
+    present = np.array([[t is not None for t in slot] for slot in slots], dtype=bool).reshape(len(slots), n).T
+    usable = np.array([[t is not None and len(t.split()) >= captions.min_words for t in slot] for slot in slots],
+                      dtype=bool).reshape(len(slots), n).T
+    skip = np.where(trainable(usable, captions.slot_weights()), 0, SKIP_REASONS.index("no_usable_caption")).astype(np.int8)
+    keys = batch.column(schema.KEY).to_pylist()
+    hashes = np.array([key_hash(k) for k in keys], dtype=np.int64)
+    seeds = row_seeds(hashes, seed, epoch)
+    images = np.zeros((n, 3, height, width), dtype=np.uint8)
     image_column = batch.column(schema.IMAGE)
-    bad_images = 0
-    for i in range(batch.num_rows):
-        if not keep[i]:
-            continue
+    for i in np.flatnonzero(skip == 0):
         try:
             image = decode_image(image_column[i].as_py(), limits)
         except ImageError:
-            bad_images += 1
+            skip[i] = SKIP_REASONS.index("image_unusable")
             continue
+        torch.manual_seed(int(seeds[i]))  # the augmentation is a pure function of (seed, epoch, key)
         for transform in augment:
             image = transform(image)
-        images.append(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
-        kept.append(i)
-    if counter and (bad_images or (~keep).sum()):
-        import ray
-
-        handle = ray.get_actor(counter)
-        if bad_images:
-            handle.add.remote("image_unusable", bad_images)
-        if (~keep).sum():
-            handle.add.remote("no_usable_caption", int((~keep).sum()))
-    context = tokenizer.context_length
-    tokens = np.zeros((len(kept), len(slots), context), dtype=np.int32)
+        images[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    tokens = np.zeros((n, len(slots), tokenizer.context_length), dtype=np.int32)
     for s, texts in enumerate(slots):
-        rows = [j for j, i in enumerate(kept) if texts[i] is not None]
+        rows = [i for i in range(n) if texts[i] is not None and skip[i] == 0]
         if rows:
-            tokens[rows, s] = tokenizer([texts[kept[j]] for j in rows]).numpy()
-    keys = batch.column(schema.KEY).to_pylist()
-    return {
-        "image": np.stack(images) if images else np.zeros((0, 3, 1, 1), np.uint8),
-        "tokens": tokens,
-        "present": present[kept],
-        "usable": usable[kept],
-        "key_hash": np.array([key_hash(keys[i]) for i in kept], dtype=np.int64),
-    }
+            tokens[rows, s] = tokenizer([texts[i] for i in rows]).numpy()
+    positions = {name: batch.column(name).to_numpy() for name in ("_window", "_offset") if name in batch.column_names}
+    return {"image": images, "tokens": tokens, "present": present, "usable": usable, "key_hash": hashes, "skip": skip, **positions}
 
 
-def read_columns(location: Location, paths: list[str], columns: schema.ColumnMap) -> list[str]:
-    """The source columns to read: key, image and whichever caption columns exist."""
-    import pyarrow.parquet as pq
-
-    with location.fs.open(paths[0], "rb") as f:
-        mapped = columns.apply(pq.read_schema(f).empty_table()).schema
-    schema.check_input_schema(mapped, paths[0])
-    names = mapped.names
-    wanted = [schema.KEY, schema.IMAGE] + [c for c in CAPTION_COLUMNS if c in names]
-    renames = {dst: src for src, dst in columns.renames().items()}
-    return [renames.get(c, c) for c in wanted]
-
-
-def build_dataset(url: str, options: StorageOptions, columns: schema.ColumnMap, model_name: str, captions: CaptionConfig,
-                  limits: ImageLimits, seed: int, counter: str | None, batch_rows: int = 256, num_cpus: float = 1.0,
-                  log=print):
-    """The training stream and ``{why skipped: shards}`` for shards left out (see :func:`finished_shards`)."""
+def worker_stream(plan: DataPlan, spec: StreamSpec, position: Position, rank: int, world: int):
+    """This worker's rows of ``position.epoch`` from ``position`` on, in order (a Ray Dataset; None when none are left)."""
     import ray
+    from ray.data import DataContext
 
-    location = Location(url, options)
-    paths, skipped = finished_shards(location)
-    if skipped:
-        log(f"train: using {len(paths)} finished shards of {url}; skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
-    if not paths:
-        raise FileNotFoundError(f"train: no finished .parquet shards in {url}")
-    source_columns = read_columns(location, paths, columns)
-    ds = ray.data.read_parquet(
-        paths,
-        filesystem=location.arrow_fs,
-        shuffle=ray.data.FileShuffleConfig(seed=seed),  # a new shard order every epoch
-    ).select_columns(source_columns)  # pushed down into the Parquet reader
-    renames = columns.renames()
-    if renames:
-        ds = ds.map_batches(lambda t: columns.apply(t), batch_format="pyarrow")
-    return ds.map_batches(
-        preprocess,
-        batch_format="pyarrow",
-        batch_size=batch_rows,
-        num_cpus=num_cpus,
-        fn_kwargs=dict(model_name=model_name, captions=captions, limits=limits, counter=counter),
-    ), skipped
+    DataContext.get_current().execution_options.preserve_order = True  # the order is the contract
+    windows = worker_windows(list(plan.units), spec.seed, position.epoch, rank, world, spec.window_units)
+    todo = list(range(position.window, len(windows)))
+    if not todo:
+        return None
+    return ray.data.from_items([{"window": w} for w in todo], override_num_blocks=len(todo)).map_batches(
+        read_window, batch_size=1, batch_format="numpy", num_cpus=spec.preprocess_cpus,
+        fn_kwargs=dict(plan=plan, windows=windows, start=position, rank=rank, seed=spec.seed),
+    ).map_batches(
+        preprocess, batch_size=None, batch_format="pyarrow", num_cpus=spec.preprocess_cpus,
+        fn_kwargs=dict(model_name=spec.model, captions=spec.captions, limits=spec.limits, seed=spec.seed, epoch=position.epoch),
+    )
+
+
+@dataclass
+class Batch:
+    """``size`` trainable rows, where the stream stands after them, and the rows passed over on the way."""
+
+    rows: dict[str, np.ndarray]
+    position: Position
+    skipped: dict[str, int]
+
+
+def exact_batches(blocks: Iterator[dict[str, np.ndarray]], size: int, epoch: int) -> Iterator[Batch]:
+    """Cut a worker's ordered stream into batches of ``size`` trainable rows, independent of block sizes."""
+    parts: list[tuple[dict, np.ndarray, int, int]] = []  # (block, rows taken, first row passed, end)
+    have = 0
+    for block in blocks:
+        keep = np.flatnonzero(block["skip"] == 0)
+        start = 0
+        while True:
+            take = keep[keep >= start][: size - have]
+            if have + len(take) < size:
+                parts.append((block, take, start, len(block["skip"])))
+                have += len(take)
+                break
+            end = int(take[-1]) + 1
+            parts.append((block, take, start, end))
+            yield _assemble(parts, epoch)
+            parts, have, start = [], 0, end
+
+
+def _assemble(parts: list[tuple[dict, np.ndarray, int, int]], epoch: int) -> Batch:
+    rows = {name: np.concatenate([block[name][take] for block, take, _, _ in parts])
+            for name in ("image", "tokens", "present", "usable", "key_hash")}
+    codes = np.concatenate([block["skip"][start:end] for block, _, start, end in parts])
+    skipped = {reason: int((codes == i).sum()) for i, reason in enumerate(SKIP_REASONS) if i and (codes == i).any()}
+    block, take, _, _ = parts[-1]
+    last = int(take[-1])
+    return Batch(rows, Position(epoch, int(block["_window"][last]), int(block["_offset"][last]) + 1), skipped)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from veclip.storage import Location, StorageOptions
-from veclip.train.loop import MODEL_CONFIG_FILE, STATE_FILE, load_state
+from veclip.train.checkpoint import METRICS_FILE, MODEL_CONFIG_FILE, PROGRESS_FILE, STATE_FILE, load_progress, load_state
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
@@ -42,23 +42,21 @@ def export(checkpoint: str, out: str, options: StorageOptions | None = None) -> 
 
     source = latest_checkpoint(Location(checkpoint, options or StorageOptions()))
     with tempfile.TemporaryDirectory() as tmp:
-        for name in (STATE_FILE, MODEL_CONFIG_FILE):
+        for name in (STATE_FILE, MODEL_CONFIG_FILE, PROGRESS_FILE):
             source.fs.get_file(source.join(name), str(Path(tmp) / name))
-        state = load_state(tmp)
+        state, step = load_state(tmp), load_progress(tmp).step
         model_info = json.loads((Path(tmp) / MODEL_CONFIG_FILE).read_text())
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous() for k, v in state["model"].items()}
     save_file(weights, str(target / WEIGHTS_FILE))
-    config = {"model_cfg": model_info["model_cfg"], "preprocess_cfg": {}, "veclip": {"model_name": model_info["name"], "checkpoint": source.url, "step": state["counters"]["step"]}}
+    config = {"model_cfg": model_info["model_cfg"], "preprocess_cfg": {}, "veclip": {"model_name": model_info["name"], "checkpoint": source.url, "step": step}}
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return target
 
 
 def metric_history(run: str, options: StorageOptions | None = None) -> list[dict]:
     """Every step's metrics, from the run's latest checkpoint."""
-    from veclip.train.loop import METRICS_FILE
-
     checkpoint = latest_checkpoint(Location(run, options or StorageOptions()))
     text = checkpoint.fs.cat_file(checkpoint.join(METRICS_FILE)).decode()
     return [json.loads(line) for line in text.splitlines() if line]

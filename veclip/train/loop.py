@@ -1,14 +1,20 @@
 """The per-worker training loop (runs inside Ray Train workers).
 
-Each step: a batch streams in from this worker's Ray Data shard, the caption
-slot is chosen per sample for this epoch, images are normalised on the
-device, and open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``
-gives the contrastive loss over the global batch. Every step's metrics are
-kept (and saved with each checkpoint as ``metrics.jsonl``); they go out through
-``ray.train.report`` every ``report_every`` steps (a sync point); every ``checkpoint_every`` steps and at the
-end rank 0 attaches a checkpoint (model, optimizer, scheduler, counters, RNG,
-metric history). A restarted worker group resumes from the latest one and
-stops at the same planned step count.
+Each step: this worker's next batch comes from its exact, ordered stream
+(:mod:`veclip.train.data`), the caption slot is chosen per sample for this
+epoch, images are normalised on the device, and open_clip's
+``ClipLoss(local_loss=True, gather_with_grad=True)`` gives the contrastive loss
+over the global batch. Every step's metrics are kept (saved with each
+checkpoint); they go out through ``ray.train.report`` every ``report_every``
+steps (a sync point). Every ``checkpoint_every`` steps and at the end all
+ranks report one checkpoint (:mod:`veclip.train.checkpoint`): the model and
+optimizer, each worker's place in its epoch, and each worker's RNG.
+
+Resume is exact: a restarted worker group (or a rerun with the same name)
+loads the latest checkpoint and every worker reads on from its recorded place,
+so the run trains on the same batches, in the same order, as one that never
+stopped. A checkpoint from a different worker count resumes at the next epoch
+instead, and the summary says so.
 
 No gradient accumulation: the contrastive loss couples every pair in the
 batch, so summing gradients of small batches is not the same objective. The
@@ -22,56 +28,64 @@ import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 
 import torch
 
+from veclip.train import checkpoint as ckpt
 from veclip.train.captions import choose
+from veclip.train.checkpoint import Progress, WorkerProgress
 from veclip.train.config import TrainConfig
-
-STATE_FILE = "state.pt"
-MODEL_CONFIG_FILE = "model.json"
-METRICS_FILE = "metrics.jsonl"
+from veclip.train.data import DataPlan, StreamSpec, exact_batches, worker_stream
+from veclip.train.order import Position
 
 
-class InjectedFailure(RuntimeError):
-    """Raised on purpose by tests (``fail_at_step``) to exercise recovery."""
+def resume_point(saved: Progress, rank: int, world: int, path: str) -> tuple[Progress, WorkerProgress, dict]:
+    """The progress to go on from, this worker's part of it, and the record of this resume."""
+    record = {"from_step": saved.step, "checkpoint": path, "workers": [w.to_dict() for w in saved.workers]}
+    if len(saved.workers) == world:
+        return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}]), saved.workers[rank], record
+    # Another worker count deals the rows differently: go on at the next epoch. The
+    # rows skipped so far are kept on rank 0.
+    epoch = max((w.position.epoch for w in saved.workers), default=-1) + 1
+    why = f"the worker count changed from {len(saved.workers)} to {world}: resumed at the start of epoch {epoch}"
+    mine = WorkerProgress(Position(epoch), saved.rows_skipped() if rank == 0 else {})
+    return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": False, "why": why}]), mine, record
 
 
-def _save(directory: str, model, optimizer, scheduler, counters: dict, history: list[dict], config: TrainConfig) -> None:
-    from veclip.train.model import register_configs
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
 
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "counters": counters,
-        "rng": torch.get_rng_state(),
-    }
-    torch.save(state, os.path.join(directory, STATE_FILE))
-    import open_clip
-
-    register_configs()
-    model_cfg = {"name": config.model, "model_cfg": open_clip.get_model_config(config.model)}
-    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
-        json.dump(model_cfg, f)
-    with open(os.path.join(directory, METRICS_FILE), "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in history)
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
-def load_state(directory: str) -> dict:
-    """Our checkpoints load with ``weights_only=True``: tensors and plain data only."""
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+def _everyone_has(has: bool, world: int, device: torch.device) -> bool:
+    """Whether every worker has a batch: an epoch ends for all when the first runs out."""
+    if world == 1:
+        return has
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(has)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
-def train_loop(config: TrainConfig) -> None:
+def train_loop(loop_config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     from open_clip.loss import ClipLoss
 
     from veclip.train.model import cosine_with_warmup, create_model, param_groups, peak_flops, train_flops_per_sample
 
+    config: TrainConfig = loop_config["config"]
+    plan: DataPlan = ray.get(loop_config["plan"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
@@ -88,8 +102,8 @@ def train_loop(config: TrainConfig) -> None:
         betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
     )
     scheduler = cosine_with_warmup(optimizer, config.optim.warmup_steps, config.steps)
-    counters = {"step": 0, "epoch": 0, "samples_seen": 0, "resumed_from_step": None}
-    history: list[dict] = []
+    progress, me, history = Progress(), WorkerProgress(), []
+    resumed_from = None
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -97,15 +111,18 @@ def train_loop(config: TrainConfig) -> None:
         # the copy while another on the same node still waits for it ("... does not exist").
         with tempfile.TemporaryDirectory() as directory:
             checkpoint.to_directory(directory)
-            state = load_state(directory)
+            state = ckpt.load_state(directory)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            counters = {**state["counters"], "resumed_from_step": state["counters"]["step"]}
-            torch.set_rng_state(state["rng"])
-            with open(os.path.join(directory, METRICS_FILE)) as f:
-                history = [json.loads(line) for line in f]
-        counters["epoch"] += 1  # restart the data at a fresh pass
+            history = ckpt.load_history(directory)
+            progress, me, record = resume_point(ckpt.load_progress(directory), rank, world, checkpoint.path)
+            rng = ckpt.load_rng(directory, rank)
+        if rng is not None and progress.resumes[-1]["exact"]:
+            ckpt.set_rng_state(rng, device)
+        resumed_from = progress.step
+        print(f"train: worker {rank} resumes at step {progress.step}, epoch {me.position.epoch}, "
+              f"window {me.position.window}, row {me.position.offset} ({'exact' if progress.resumes[-1]['exact'] else progress.resumes[-1]['why']})")
 
     model = ray.train.torch.prepare_model(model)  # DDP + device
     raw_model = model.module if hasattr(model, "module") else model
@@ -117,24 +134,27 @@ def train_loop(config: TrainConfig) -> None:
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
     weights = config.captions.slot_weights()
     peak = peak_flops(device)
-    shard = ray.train.get_dataset_shard("train")
+    spec = StreamSpec(config.model, config.captions, config.image_limits, config.seed, config.window_units,
+                      config.scale.preprocess_cpus, config.prefetch_batches)
 
-    while counters["step"] < config.steps:
-        epoch, batches = counters["epoch"], 0
+    while progress.step < config.steps:
+        epoch, epoch_steps, from_start = me.position.epoch, 0, me.position == Position(me.position.epoch)
+        stream = worker_stream(plan, spec, me.position, rank, world)
+        blocks = stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.prefetch_batches) if stream else iter(())
+        batches = exact_batches(blocks, config.batch_size, epoch)
         wait_start, report_seconds = time.perf_counter(), 0.0
-        for batch in shard.iter_torch_batches(
-            batch_size=config.batch_size, drop_last=True, prefetch_batches=config.prefetch_batches,
-            local_shuffle_buffer_size=config.shuffle_buffer or None, local_shuffle_seed=config.seed + 7919 * epoch + rank,
-            dtypes=None, device="cpu",
-        ):
+        while progress.step < config.steps:
+            batch = next(batches, None)
+            if not _everyone_has(batch is not None, world, device):
+                break
             step_start = time.perf_counter()
-            batches += 1
-            step = counters["step"]
-            if config.fail_at_step is not None and step == config.fail_at_step and counters["resumed_from_step"] is None and rank == min(1, world - 1):
-                raise InjectedFailure(f"injected failure at step {step} on rank {rank}")
-            slots = choose(batch["key_hash"].numpy(), batch["present"].numpy(), batch["usable"].numpy(), weights, config.seed, epoch)
-            texts = batch["tokens"][torch.arange(len(slots)), torch.from_numpy(slots)].long().to(device)
-            images = (batch["image"].to(device).float() / 255.0 - mean) / std
+            step = progress.step
+            if config.fail_at_step is not None and step == config.fail_at_step and resumed_from is None and rank == min(1, world - 1):
+                os.kill(os.getpid(), signal.SIGKILL)  # tests: a worker process dies, as on a lost node
+            rows = batch.rows
+            slots = choose(rows["key_hash"], rows["present"], rows["usable"], weights, config.seed, epoch)
+            texts = torch.from_numpy(rows["tokens"][range(len(slots)), slots]).long().to(device)
+            images = (torch.from_numpy(rows["image"]).to(device).float() / 255.0 - mean) / std
             with autocast():
                 image_features, text_features, logit_scale = model(images, texts)[:3]
                 loss = loss_fn(image_features, text_features, logit_scale)
@@ -148,12 +168,18 @@ def train_loop(config: TrainConfig) -> None:
                 torch.cuda.synchronize()
             end = time.perf_counter()
 
-            counters.update(step=step + 1, samples_seen=counters["samples_seen"] + config.batch_size * world)
+            epoch_steps += 1
+            progress.step, progress.samples_seen = step + 1, progress.samples_seen + config.batch_size * world
+            me.position = batch.position
+            for reason, n in batch.skipped.items():
+                me.skipped[reason] = me.skipped.get(reason, 0) + n
+            if config.sample_log:
+                _log_samples(config.sample_log, rank, progress.step, epoch, rows["key_hash"])
             # wall time of this step since the previous one ended: data wait, reporting, compute
             step_seconds, wait_seconds = end - step_start, step_start - wait_start - report_seconds
             per_worker = config.batch_size / (end - wait_start)
             metrics = {
-                "step": step + 1,
+                "step": progress.step,
                 "epoch": epoch,
                 "loss": float(loss.detach()),
                 "lr": scheduler.get_last_lr()[0],
@@ -163,30 +189,38 @@ def train_loop(config: TrainConfig) -> None:
                 "data_wait_share": wait_seconds / (end - wait_start),
                 "report_share": report_seconds / (end - wait_start),
                 "step_seconds": step_seconds,
-                "samples_seen": counters["samples_seen"],
+                "samples_seen": progress.samples_seen,
                 "mfu": flops * per_worker / peak if peak else None,
                 "train_flops_per_sample": flops,
-                "resumed_from_step": counters["resumed_from_step"],
+                "resumed_from_step": resumed_from,
             }
             history.append(metrics)
-            last = counters["step"] >= config.steps
+            last = progress.step >= config.steps
             wait_start = time.perf_counter()
-            if last or counters["step"] % config.checkpoint_every == 0:
+            if last or progress.step % config.checkpoint_every == 0:
+                progress.workers = [WorkerProgress.from_dict(w) for w in _gather(me.to_dict(), world)]
                 with tempfile.TemporaryDirectory() as directory:
-                    checkpoint = None
-                    if rank == 0:
-                        _save(directory, raw_model, optimizer, scheduler, counters, history, config)
-                        checkpoint = ray.train.Checkpoint.from_directory(directory)
-                    ray.train.report(metrics, checkpoint=checkpoint)
-            elif counters["step"] % config.report_every == 0:
+                    ckpt.save(directory, rank, device, model=raw_model, optimizer=optimizer, scheduler=scheduler,
+                              progress=progress, history=history, model_name=config.model)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                # Until Ray's controller has committed it, a worker lost now would restart the
+                # group from an older checkpoint: wait, so "saved at step N" means resumable at N.
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            elif progress.step % config.report_every == 0:
                 ray.train.report(metrics)  # a sync point: costly on CPU, so not every step
             report_seconds = time.perf_counter() - wait_start
-            if last:
-                return
-        if batches == 0:
+        if progress.step >= config.steps:
+            return
+        if epoch_steps == 0 and from_start:
             raise RuntimeError(
-                f"train: epoch {epoch} gave worker {rank} no full batch: the data has fewer usable rows than "
+                f"train: epoch {epoch} gave the workers no full batch: the data has fewer usable rows than "
                 f"batch_size x workers ({config.batch_size} x {world}); lower --set batch_size or add data"
             )
-        counters["epoch"] += 1
+        me.position = Position(epoch + 1)
 
+
+def _log_samples(folder: str, rank: int, step: int, epoch: int, key_hashes) -> None:
+    """One line per step: which samples this worker trained on (for audits and the resume test)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank-{rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "epoch": epoch, "key_hash": [int(k) for k in key_hashes]}) + "\n")

@@ -2,9 +2,10 @@
 
 Resume is Ray Train V2's: rerunning with the same ``RunConfig(name,
 storage_path)`` picks up the latest checkpoint, and ``FailureConfig`` restarts
-a failed worker group from it. The run summary (last metrics, rows dropped
-before training by reason, the checkpoint path) is returned and written to
-``<output>/<name>/summary.json``.
+a failed worker group from it; the loop makes it exact (see
+:mod:`veclip.train.loop`). The run summary (last metrics, rows passed over by
+reason, shards left out, the resumes and where each went on from, the
+checkpoint path) is returned and written to ``<output>/<name>/summary.json``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import json
 import time
 
 from veclip.storage import Location, StorageOptions
+from veclip.train.checkpoint import PROGRESS_FILE, Progress
 from veclip.train.config import TrainConfig
-from veclip.train.data import SkipCounter, build_dataset, counter_name
+from veclip.train.data import plan_data
 from veclip.train.loop import train_loop
 
 
@@ -28,18 +30,12 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     if not ray.is_initialized():
         ray.init()
     start = time.perf_counter()
-    counter = ray.remote(SkipCounter).options(name=counter_name(config.name), get_if_exists=True).remote()
-    dataset, shards_skipped = build_dataset(
-        config.data, options, config.columns, config.model, config.captions, config.image_limits, config.seed,
-        counter_name(config.name), num_cpus=config.scale.preprocess_cpus, log=log,
-    )
-    if config.materialize_data:
-        dataset = dataset.materialize()
+    plan = plan_data(config.data, options, config.columns, config.scale.num_workers, log=log)
     output = Location(config.output, options)
     scale = config.scale
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=config,
+        train_loop_config={"config": config, "plan": ray.put(plan)},
         scaling_config=ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
             accelerator_type=scale.accelerator_type,
@@ -51,28 +47,35 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
             failure_config=FailureConfig(max_failures=scale.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
-        datasets={"train": dataset},
         torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
     )
-    log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.batch_size}/worker, captions {config.captions.mode}")
+    log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.batch_size}/worker, "
+        f"captions {config.captions.mode}; {len(plan.units)} row groups in {plan.shards} shards")
     result = trainer.fit()
     if result.error:
         raise result.error
-    skipped = ray.get(counter.get.remote())
-    ray.kill(counter)
+    progress = _read_progress(result.checkpoint)
     summary = {
         "name": config.name,
         "model": config.model,
         "caption_mode": config.captions.mode,
         "metrics": result.metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "rows_skipped_by_reason": skipped,
-        "shards_skipped_by_reason": shards_skipped,
+        "rows_skipped_by_reason": progress.rows_skipped() if progress else {},
+        "shards_skipped_by_reason": plan.shards_skipped,
+        "resumes": progress.resumes if progress else [],
         "wall_seconds": time.perf_counter() - start,
     }
     summary_path = output.join(config.name, "summary.json")
     output.fs.pipe_file(summary_path, json.dumps(summary, indent=1, default=str).encode())
     return summary
+
+
+def _read_progress(checkpoint) -> Progress | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{PROGRESS_FILE}") as f:
+        return Progress.from_dict(json.loads(f.read()))
 
 
 def render_summary(summary: dict) -> str:
@@ -84,4 +87,12 @@ def render_summary(summary: dict) -> str:
         f"data wait {m.get('data_wait_share', 0):.0%}; rows skipped: {skipped}; {summary['wall_seconds']:.1f}s\n"
         f"  checkpoint: {summary['checkpoint']}"
         + "".join(f"\n  shards skipped: {n} ({why})" for why, n in summary.get("shards_skipped_by_reason", {}).items())
+        + "".join(f"\n  {_render_resume(r)}" for r in summary.get("resumes", []))
     )
+
+
+def _render_resume(resume: dict) -> str:
+    places = "; ".join(f"worker {i} at epoch {w['position']['epoch']} window {w['position']['window']} row {w['position']['offset']}"
+                       for i, w in enumerate(resume["workers"]))
+    how = "exactly" if resume["exact"] else f"not exactly ({resume['why']})"
+    return f"resumed {how} from step {resume['from_step']} ({resume['checkpoint']}): {places}"

@@ -1,0 +1,99 @@
+"""The training read order and exact batching, without Ray: pure functions of (seed, epoch, workers)."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from veclip.storage import Location
+from veclip.train.captions import CaptionConfig
+from veclip.train.checkpoint import Progress, WorkerProgress
+from veclip.train.data import SKIP_REASONS, exact_batches, preprocess
+from veclip.train.loop import resume_point
+from veclip.train.order import Position, ReadUnit, read_units, window_order, worker_windows
+
+UNITS = [ReadUnit(f"s{i // 3}.parquet", i % 3, 10 + i) for i in range(12)]
+
+
+def test_each_epoch_deals_every_unit_to_exactly_one_worker():
+    for epoch in range(3):
+        dealt = [u for rank in range(3) for w in worker_windows(UNITS, 7, epoch, rank, 3, 2) for u in w]
+        assert sorted(dealt, key=lambda u: (u.path, u.row_group)) == UNITS
+    orders = [[u for w in worker_windows(UNITS, 7, epoch, 0, 3, 2) for u in w] for epoch in range(3)]
+    assert orders[0] != orders[1] != orders[2]  # a new order every epoch
+    assert worker_windows(UNITS, 7, 1, 2, 3, 2) == worker_windows(UNITS, 7, 1, 2, 3, 2)  # and always the same one
+    assert [len(w) for w in worker_windows(UNITS, 7, 0, 0, 3, 3)] == [3, 1]
+    assert sorted(window_order(50, 1, 2, 0, 4)) == list(range(50))
+    assert list(window_order(50, 1, 2, 0, 4)) == list(window_order(50, 1, 2, 0, 4)) != list(window_order(50, 1, 3, 0, 4))
+
+
+def test_row_groups_come_from_the_footers(tmp_path):
+    table = pa.table({"key": [str(i) for i in range(25)]})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)
+    (tmp_path / "b.parquet").write_bytes(b"not parquet")
+    location = Location(str(tmp_path))
+    files = [(str(tmp_path / n), (tmp_path / n).stat().st_size) for n in ("b.parquet", "a.parquet")]
+    units, unreadable = read_units(location.fs, files)
+    assert [(u.row_group, u.rows) for u in units] == [(0, 10), (1, 10), (2, 5)]
+    assert list(unreadable) == [str(tmp_path / "b.parquet")]
+
+
+def _blocks(n: int, sizes: list[int], skip_every: int = 0):
+    """A stream of n rows over window 0 cut into blocks of the given sizes; every k-th row flagged."""
+    skip = np.array([(i % skip_every == 3) if skip_every else False for i in range(n)], dtype=np.int8)
+    rows = {"image": np.arange(n).reshape(n, 1, 1, 1).astype(np.uint8), "tokens": np.zeros((n, 2, 4), np.int32),
+            "present": np.ones((n, 2), bool), "usable": np.ones((n, 2), bool), "key_hash": np.arange(n, dtype=np.int64),
+            "skip": skip, "_window": np.zeros(n, np.int64), "_offset": np.arange(n, dtype=np.int64)}
+    start = 0
+    for size in sizes:
+        yield {k: v[start : start + size] for k, v in rows.items()}
+        start += size
+
+
+def test_exact_batches_do_not_depend_on_block_sizes():
+    cut = lambda sizes: [(list(b.rows["key_hash"]), b.position, b.skipped) for b in exact_batches(_blocks(40, sizes, 5), 6, 0)]
+    one = cut([40])
+    assert one == cut([7, 1, 13, 19]) == cut([1] * 40)
+    assert [len(keys) for keys, _, _ in one] == [6] * 5  # 32 usable rows: 5 full batches, the rest waits
+    assert all(k % 5 != 3 for keys, _, _ in one for k in keys)
+    first_keys, first_position, first_skipped = one[0]
+    assert first_keys == [0, 1, 2, 4, 5, 6] and first_position == Position(0, 0, 7)
+    assert first_skipped == {SKIP_REASONS[1]: 1}  # row 3, flagged, passed over and counted once
+    end = one[-1][1].offset  # rows after the last batch are not passed yet: counted when they are
+    assert sum(sum(s.values()) for _, _, s in one) == sum(1 for i in range(end) if i % 5 == 3)
+
+
+def test_a_stream_restarted_at_a_position_continues_with_the_same_batches():
+    full = [(list(b.rows["key_hash"]), b.position) for b in exact_batches(_blocks(40, [9, 9, 9, 13], 5), 6, 0)]
+    position = full[1][1]
+    rest = {k: v for k, v in next(_blocks(40, [40], 5)).items()}
+    tail = {k: v[position.offset :] for k, v in rest.items()}
+    again = [(list(b.rows["key_hash"]), b.position) for b in exact_batches(iter([tail]), 6, 0)]
+    assert again == full[2:]
+
+
+def test_resume_point_is_exact_only_with_the_same_worker_count():
+    saved = Progress(step=8, samples_seen=512, workers=[
+        WorkerProgress(Position(1, 2, 40), {"image_unusable": 1}), WorkerProgress(Position(1, 3, 5), {"no_usable_caption": 2})])
+    progress, mine, _ = resume_point(saved, 1, 2, "ckpt")
+    assert mine.position == Position(1, 3, 5) and progress.resumes[-1]["exact"] and progress.step == 8
+    progress, mine, _ = resume_point(saved, 0, 4, "ckpt")
+    assert mine.position == Position(2) and not progress.resumes[-1]["exact"]
+    assert "from 2 to 4" in progress.resumes[-1]["why"] and mine.skipped == {"image_unusable": 1, "no_usable_caption": 2}
+
+
+@pytest.fixture(scope="module")
+def sample_table(tmp_path_factory):
+    from veclip.sample import SampleConfig, generate
+
+    root = tmp_path_factory.mktemp("order")
+    generate(SampleConfig(str(root), rows=40, eval_rows=1, shards=1, image_size=64, seed=1), log=lambda *_: None)
+    return pq.read_table(next((root / "train").glob("*.parquet")))
+
+
+def test_augmentation_is_a_pure_function_of_seed_epoch_and_key(sample_table):
+    rows = sample_table.slice(0, 8)
+    out = lambda table, epoch: preprocess(table, "veclip-tiny", CaptionConfig("alttext"), __import__("veclip.images").images.ImageLimits(), 0, epoch)
+    a, b = out(rows, 0), out(rows.take([7, 6, 5, 4, 3, 2, 1, 0]), 0)
+    assert np.array_equal(a["image"], b["image"][::-1])  # per key, whatever the batch order
+    assert not np.array_equal(a["image"], out(rows, 1)["image"])  # a different crop the next epoch

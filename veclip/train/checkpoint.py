@@ -1,0 +1,124 @@
+"""A training checkpoint: what each file holds, how it is written and read back.
+
+    state.pt        model, optimizer, scheduler (rank 0; tensors only, loaded with weights_only=True)
+    model.json      the open_clip model name and config (for export)
+    progress.json   step, samples seen, the resumes so far, and per worker its
+                    place in the epoch and the rows it passed over (rank 0)
+    metrics.jsonl   every step's metrics so far (rank 0)
+    rng-<rank>.pt   each worker's CPU and device RNG state (every rank)
+
+Every rank reports its own files into the same checkpoint folder (Ray Train
+gives all ranks one folder name), so nothing is funnelled through rank 0 but
+the small ``progress.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from veclip.train.order import Position
+
+STATE_FILE = "state.pt"
+MODEL_CONFIG_FILE = "model.json"
+PROGRESS_FILE = "progress.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
+
+
+@dataclass
+class WorkerProgress:
+    """One worker's place in its epoch and the rows it has passed over (by reason), all epochs."""
+
+    position: Position = field(default_factory=Position)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"position": self.position.to_dict(), "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WorkerProgress:
+        return cls(Position(**d["position"]), dict(d["skipped"]))
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    samples_seen: int = 0
+    resumes: list[dict] = field(default_factory=list)
+    workers: list[WorkerProgress] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "resumes": self.resumes,
+                "workers": [w.to_dict() for w in self.workers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Progress:
+        return cls(d["step"], d["samples_seen"], list(d["resumes"]), [WorkerProgress.from_dict(w) for w in d["workers"]])
+
+    def rows_skipped(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for worker in self.workers:
+            for reason, n in worker.skipped.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["device"] is not None:
+        torch.cuda.set_rng_state(state["device"], device)
+
+
+def save(directory: str, rank: int, device: torch.device, *, model=None, optimizer=None, scheduler=None,
+         progress: Progress | None = None, history: list[dict] = (), model_name: str = "") -> None:
+    """This rank's files; rank 0 passes the model, optimizer, scheduler, progress and history as well."""
+    torch.save(rng_state(device), os.path.join(directory, rng_file(rank)))
+    if rank != 0:
+        return
+    import open_clip
+
+    from veclip.train.model import register_configs
+
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, STATE_FILE))
+    register_configs()
+    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+        json.dump({"name": model_name, "model_cfg": open_clip.get_model_config(model_name)}, f)
+    with open(os.path.join(directory, PROGRESS_FILE), "w") as f:
+        json.dump(progress.to_dict(), f, indent=1)
+    with open(os.path.join(directory, METRICS_FILE), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in history)
+
+
+def load_state(directory: str) -> dict:
+    """Our checkpoints load with ``weights_only=True``: tensors and plain data only."""
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def load_rng(directory: str, rank: int) -> dict | None:
+    path = os.path.join(directory, rng_file(rank))
+    return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+
+
+def load_progress(directory: str) -> Progress | None:
+    path = os.path.join(directory, PROGRESS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return Progress.from_dict(json.load(f))
+
+
+def load_history(directory: str) -> list[dict]:
+    with open(os.path.join(directory, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]

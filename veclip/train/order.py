@@ -1,0 +1,75 @@
+"""The order training reads its rows in: a pure function of (seed, epoch, worker count).
+
+Read units are the Parquet row groups of the finished shards (known from their
+footers, read once by the driver). Every epoch the units are permuted by
+``(seed, epoch)`` and dealt round-robin to the workers; each worker reads its
+units in windows of ``window_units`` and takes each window's rows in an order
+permuted by ``(seed, epoch, rank, window)``. A worker's place in its epoch is
+therefore just a :class:`Position` (window, offset): a checkpoint records it and
+a resumed worker starts reading exactly there, so it trains on the rows an
+uninterrupted run would have trained on next.
+
+An epoch ends for all workers when the first one runs out of rows (they must
+take the same number of steps); with many units per worker that leaves at most
+a few row groups' worth unread per epoch, a different few each epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from veclip.storage import read_footers
+
+UNREADABLE_FOOTER = "unreadable Parquet footer"
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    path: str
+    row_group: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Position:
+    """The next row a worker reads: row ``offset`` of window ``window`` (permuted order) in ``epoch``."""
+
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_units(fs, files: list[tuple[str, int]]) -> tuple[list[ReadUnit], dict[str, str]]:
+    """The row groups of ``(path, size)`` shards, in (path, row group) order, and
+    ``{path: error}`` for shards whose footer can't be read (left out)."""
+    footers = read_footers(fs, files)
+    units, unreadable = [], {}
+    for path, _ in sorted(files):
+        footer = footers[path]
+        if isinstance(footer, str):
+            unreadable[path] = footer
+            continue
+        units += [ReadUnit(path, g, footer.row_group(g).num_rows) for g in range(footer.num_row_groups)
+                  if footer.row_group(g).num_rows]
+    return units, unreadable
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng([int(e) for e in entropy])
+
+
+def worker_windows(units: list[ReadUnit], seed: int, epoch: int, rank: int, world: int, window_units: int) -> list[list[ReadUnit]]:
+    """This worker's units for ``epoch``, grouped into the windows it reads in turn."""
+    order = _rng(seed, epoch, 0).permutation(len(units))
+    mine = [units[i] for i in order[rank::world]]
+    return [mine[i : i + window_units] for i in range(0, len(mine), window_units)]
+
+
+def window_order(rows: int, seed: int, epoch: int, rank: int, window: int) -> np.ndarray:
+    """The order in which a window's rows (its units' rows, concatenated) are trained on."""
+    return _rng(seed, epoch, 1, rank, window).permutation(rows)
