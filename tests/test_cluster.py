@@ -112,6 +112,40 @@ def test_submit_checks_stage_flags_before_contacting_a_cluster():
     assert unreachable.returncode == 2 and "127.0.0.1:9" in unreachable.stderr
 
 
+def test_submit_refuses_secrets_where_the_jobs_metadata_would_show_them(tmp_path):
+    token = "hf_veclip_test_token_7f3a"
+    target = ["--address", "http://127.0.0.1:9", "--data", "s3://b/in", "--output", "s3://b/out"]
+    as_env = veclip_cli("submit", "train", *target, "--env", f"HF_TOKEN={token}")
+    assert as_env.returncode == 2 and "HF_TOKEN would be shown" in as_env.stderr and "--secret" in as_env.stderr
+    runtime_env = tmp_path / "env.json"
+    runtime_env.write_text(json.dumps({"env_vars": {"MY_API_KEY": token}}))
+    in_file = veclip_cli("submit", "train", *target, "--runtime-env", str(runtime_env))
+    assert in_file.returncode == 2 and "MY_API_KEY would be shown" in in_file.stderr
+    in_args = veclip_cli("submit", "rewrite", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/out",
+                         "--set", f'laclip.engine.env={{"HF_TOKEN": "{token}"}}')
+    assert in_args.returncode == 2 and "entrypoint would show" in in_args.stderr
+    missing = veclip_cli("submit", "train", *target, "--secret", "VECLIP_NOT_SET_ANYWHERE")
+    assert missing.returncode == 2 and "VECLIP_NOT_SET_ANYWHERE: not set" in missing.stderr
+    for result in (as_env, in_file, in_args):
+        assert token not in result.stdout + result.stderr
+
+
+def test_secrets_package_loads_into_a_process_environment(tmp_path, monkeypatch):
+    from veclip import jobs
+
+    monkeypatch.setenv("VECLIP_TEST_SECRET", "s3cr3t-value")
+    package = jobs._secrets_package(("VECLIP_TEST_SECRET",))
+    env = jobs.SubmitConfig("train", (), env={"PLAIN": "1"}).runtime_env(package)
+    assert env["py_modules"] == [package] and env["worker_process_setup_hook"] == "veclip_job_secrets.load"
+    assert "s3cr3t-value" not in json.dumps(env)
+    assert oct(Path(package, "values.json").stat().st_mode & 0o777) == "0o600"
+    script = "import os, veclip.jobs as j; j.load_job_secrets(); print(os.environ['VECLIP_TEST_SECRET'])"
+    child = {k: v for k, v in os.environ.items() if k != "VECLIP_TEST_SECRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**child, **env["env_vars"], "PYTHONPATH": str(Path(package).parent)})
+    assert result.stdout.strip() == "s3cr3t-value", result.stderr
+
+
 # --- a real local head ---------------------------------------------------------------------------
 
 
@@ -163,8 +197,11 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
 
     url, options = s3_bucket
     generate(SampleConfig(url + "/sample", rows=128, eval_rows=16, shards=8, seed=3, image_size=64), options, log=lambda *_: None)
-    job_env = ["--env", "AWS_ACCESS_KEY_ID=testing", "--env", "AWS_SECRET_ACCESS_KEY=testing", "--env", f"VECLIP_VLLM_PYTHON={vllm_python}"]
+    # S3 credentials travel as --secret: every process of the job gets them, the job's metadata shows none
+    secret = "veclip-job-secret-9b1e"
+    job_env = ["--secret", "AWS_ACCESS_KEY_ID", "--secret", "AWS_SECRET_ACCESS_KEY", "--env", f"VECLIP_VLLM_PYTHON={vllm_python}"]
     common = ["--address", ray_head, "--python", sys.executable, *job_env]
+    secrets = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": secret}
     s3 = ["--s3-endpoint", s3_endpoint]
 
     # rewrite, with the LLM pool between 1 and 2 actors; count its actors while it runs
@@ -179,7 +216,7 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     watcher.start()
     rewrite = veclip_cli("submit", "rewrite", *common, "--input", url + "/sample/train", "--output", url + "/laclip", *s3,
                          "--preset", "tiny", "--mode", "laclip", "--set", "laclip.pool.min_actors=1", "--set", "laclip.pool.max_actors=2",
-                         "--set", "laclip.pool.batch_size=16", timeout=900)
+                         "--set", "laclip.pool.batch_size=16", env=secrets, timeout=900)
     done.set()
     watcher.join()
     assert rewrite.returncode == 0, rewrite.stdout[-3000:] + rewrite.stderr[-3000:]
@@ -199,13 +236,16 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     # train on the rewrites, then status and logs through `veclip jobs`
     train = veclip_cli("submit", "train", *common, "--follow", "--data", url + "/laclip", "--output", url + "/runs", "--name", "job",
                        *s3, "--preset", "tiny", "--caption-mode", "laclip", "--set", "steps=4", "--set", "checkpoint_every=2",
-                       "--set", "scale.num_workers=1", timeout=900)
+                       "--set", "scale.num_workers=1", env=secrets, timeout=900)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "train (veclip-tiny" in train.stdout  # --follow streamed the driver's own output
     job_id = train.stdout.split("submit: job ")[1].split()[0]
     status = veclip_cli("jobs", "status", job_id, "--address", ray_head)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
     assert any("checkpoint" in p for p in fs.ls(url + "/runs/job"))
+    listing = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "list", "--address", ray_head, "--log-style", "record"],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert listing.returncode == 0 and "veclip_job_secrets" in listing.stdout and secret not in listing.stdout
 
     # plain `ray job submit` with the documented entry point: eval of the trained run
     ray = str(Path(sys.executable).with_name("ray"))

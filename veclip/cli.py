@@ -157,6 +157,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     config = jobs.SubmitConfig(
         stage=args.stage, stage_args=tuple(stage_args), address=args.address, python=args.python, env=dict(args.env),
         ship_code=args.ship_code, working_dir=args.working_dir, runtime_env_file=args.runtime_env, job_id=args.job_id,
+        secrets=tuple(args.secret),
     )
     job_id = jobs.submit(config)
     print(f"submit: job {job_id} ({args.stage}); follow it with: veclip jobs logs {job_id} --follow", flush=True)
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="return after submitting (default: wait and exit with the job's status)")
     p.add_argument("--python", default="python", help="the driver's interpreter on the cluster (default python, the head's PATH)")
     p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE", help="environment for the job (repeatable)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="send this environment's NAME (a token, a key) to every process of the job, outside the job's "
+                        "visible metadata (repeatable); secret-named --env values are refused")
     p.add_argument("--ship-code", action="store_true", help="upload this machine's veclip package instead of using the installed one")
     p.add_argument("--working-dir", help="a local folder to upload as the job's working directory")
     p.add_argument("--runtime-env", help="a JSON/YAML file of further runtime_env fields")
@@ -328,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
+    from veclip.jobs import load_job_secrets
     from veclip.lease import LeaseHeld
 
+    load_job_secrets()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ConnectionError, LeaseHeld) as err:
