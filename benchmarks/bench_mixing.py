@@ -63,7 +63,7 @@ def knn_probe(model_dir: str, eval_dir: Path, labels: tuple[str, ...], k: int = 
     import numpy as np
 
     from veclip.eval.embed import EmbedSpec, embed_local
-    from veclip.eval.run import load_model
+    from veclip.eval.model import load_model
 
     model, preprocess, _ = load_model(model_dir, None, None)
     tables = [pq.read_table(p) for p in sorted(eval_dir.glob("*.parquet"))]

@@ -86,7 +86,7 @@ def main() -> None:
 
     from veclip.sample import SampleConfig, generate
     from veclip.train.config import build_config
-    from veclip.train.export import metric_history
+    from veclip.train.checkpoint import metric_history
     from veclip.train.trainer import run_train
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,7 @@
 """Training on this machine, for real: Ray Train workers (gloo on CPU) streaming from Ray Data."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 from veclip.sample import SampleConfig, generate
 from veclip.storage import NOT_MARKED, Location
 from veclip.train.config import build_config, preset
-from veclip.train.export import export, latest_checkpoint, metric_history
+from veclip.train.checkpoint import latest, metric_history, read_model
+from veclip.train.export import export
 from veclip.train.checkpoint import load_state
 from veclip.train.model import cosine_with_warmup, create_model, param_groups
 from veclip.train.trainer import run_train
@@ -86,13 +88,21 @@ def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session
     out = export(str(run), str(tmp_path / "export"))
     stock, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     trained = create_model("veclip-tiny")
-    trained.load_state_dict(load_state(latest_checkpoint(Location(str(run))).path)["model"])
+    trained.load_state_dict(read_model(str(run)).weights)
     images = torch.randn(3, 3, 64, 64)
     texts = open_clip.get_tokenizer(f"local-dir:{out}")(["a red star", "two blue circles", ""])
     stock.eval(), trained.eval()
     with torch.no_grad():
         assert torch.equal(stock.encode_image(images), trained.encode_image(images))
         assert torch.equal(stock.encode_text(texts), trained.encode_text(texts))
+    # eval reads a run into memory: the same model, and no exported copy left behind
+    from veclip.eval.model import load_model
+
+    before = set(Path(tempfile.gettempdir()).iterdir())
+    in_memory, _, _ = load_model(str(run), None, None)
+    assert set(Path(tempfile.gettempdir()).iterdir()) == before
+    with torch.no_grad():
+        assert torch.equal(in_memory.encode_image(images), trained.encode_image(images))
 
 
 def _trained_samples(folder: Path) -> dict[tuple[int, int], tuple[int, list[int]]]:
@@ -128,7 +138,7 @@ def test_a_killed_worker_resumes_exactly(ref_data, tmp_path, ray_session):
     history = metric_history(str(tmp_path / "killed" / "killed"))
     assert [m["step"] for m in history] == list(range(1, 21))
     assert killed["rows_skipped_by_reason"] == straight["rows_skipped_by_reason"]
-    weights = {name: load_state(latest_checkpoint(Location(str(tmp_path / name / name))).path)["model"] for name in runs}
+    weights = {name: read_model(str(tmp_path / name / name)).weights for name in runs}
     for key, value in weights["straight"].items():
         torch.testing.assert_close(weights["killed"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 

@@ -21,7 +21,8 @@ from veclip.rewrite.pipeline import run_rewrite
 from veclip.sample import SampleConfig, generate
 from veclip.storage import Location, StorageOptions
 from veclip.train.config import build_config as build_train_config
-from veclip.train.export import export, metric_history
+from veclip.train.checkpoint import metric_history
+from veclip.train.export import export
 from veclip.train.trainer import render_summary as render_train_summary
 from veclip.train.trainer import run_train
 from veclip.validate import ValidateConfig, validate

@@ -59,7 +59,7 @@ class ImageEmbedder:
     """Ray Data actor: loads the model once, embeds each batch of rows."""
 
     def __init__(self, spec: EmbedSpec, options):
-        from veclip.eval.run import load_model
+        from veclip.eval.model import load_model
 
         self.spec = spec
         self.model, self.preprocess, _ = load_model(spec.model, spec.pretrained, options)

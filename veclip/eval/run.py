@@ -13,7 +13,6 @@ with ``--pretrained``.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray
+from veclip.eval.model import load_model
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
 from veclip.storage import Location, StorageOptions, list_shards
 
@@ -52,23 +52,6 @@ def load_templates(name_or_path: str) -> list[str]:
     shipped = resources.files("veclip.eval") / "zeroshot" / f"{name_or_path}.json"
     data = json.loads(path.read_text() if path.suffix == ".json" and path.exists() else shipped.read_text())
     return data["templates"]
-
-
-def load_model(spec: str, pretrained: str | None, options: StorageOptions):
-    """``(model, preprocess, tokenizer)`` in eval mode on CPU."""
-    import open_clip
-
-    from veclip.train.model import register_configs
-
-    register_configs()
-    if spec.startswith("s3://") or (Path(spec).is_dir() and not (Path(spec) / "open_clip_config.json").exists()):
-        from veclip.train.export import export
-
-        spec = str(export(spec, tempfile.mkdtemp(prefix="veclip-eval-"), options))  # a run or checkpoint folder
-    if Path(spec).is_dir():
-        spec = f"local-dir:{spec}"  # an exported folder
-    model, _, preprocess = open_clip.create_model_and_transforms(spec, pretrained=pretrained)
-    return model.eval(), preprocess, open_clip.get_tokenizer(spec)
 
 
 def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:

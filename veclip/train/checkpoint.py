@@ -9,17 +9,22 @@
 
 Every rank reports its own files into the same checkpoint folder (Ray Train
 gives all ranks one folder name), so nothing is funnelled through rank 0 but
-the small ``progress.json``.
+the small ``progress.json``. A run folder holds ``checkpoint_*`` folders; readers
+(:func:`latest`, :func:`read_model`, :func:`metric_history`) take either, on any
+storage, and read into memory.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 
 import torch
 
+from veclip.storage import Location, StorageOptions
 from veclip.train.order import Position
 
 STATE_FILE = "state.pt"
@@ -122,3 +127,64 @@ def load_progress(directory: str) -> Progress | None:
 def load_history(directory: str) -> list[dict]:
     with open(os.path.join(directory, METRICS_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# --- reading checkpoints where they are stored -------------------------------------------------
+
+
+def latest(location: Location) -> Location:
+    """``location`` itself if it is a checkpoint, else its run's newest ``checkpoint_*`` folder."""
+    if location.fs.exists(location.join(STATE_FILE)):
+        return location
+    if not location.fs.isdir(location.path):
+        raise FileNotFoundError(f"no checkpoint or training run folder at {location.url}")
+    names = sorted(posixpath.basename(e["name"]) for e in location.fs.ls(location.path, detail=True)
+                   if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_"))
+    if not names:
+        raise FileNotFoundError(f"{location.url} holds no checkpoint_* folder")
+    return location.child(names[-1])
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """A checkpoint's model: open_clip name and config, weights, and the step it was saved at."""
+
+    checkpoint: str
+    name: str
+    config: dict
+    weights: dict
+    step: int
+
+    def create(self):
+        """The open_clip model with these weights, its eval preprocessing and tokenizer (CPU, eval mode)."""
+        import tempfile
+
+        import open_clip
+
+        from veclip.train.model import register_configs
+
+        register_configs()
+        if self.name not in open_clip.list_models():  # a config this installation does not ship
+            with tempfile.TemporaryDirectory() as folder:
+                with open(os.path.join(folder, f"{self.name}.json"), "w") as f:
+                    json.dump(self.config, f)
+                open_clip.add_model_config(folder)
+        model, _, preprocess = open_clip.create_model_and_transforms(self.name, load_weights=False)
+        model.load_state_dict(self.weights)
+        return model.eval(), preprocess, open_clip.get_tokenizer(self.name)
+
+
+def read_model(url: str, options: StorageOptions | None = None) -> SavedModel:
+    """The model of a checkpoint, or of a run's latest one, read into memory."""
+    source = latest(Location(url, options or StorageOptions()))
+    state = torch.load(io.BytesIO(source.fs.cat_file(source.join(STATE_FILE))), map_location="cpu", weights_only=True)
+    info = json.loads(source.fs.cat_file(source.join(MODEL_CONFIG_FILE)))
+    progress = Progress.from_dict(json.loads(source.fs.cat_file(source.join(PROGRESS_FILE))))
+    return SavedModel(source.url, info["name"], info["model_cfg"], state["model"], progress.step)
+
+
+def metric_history(run: str, options: StorageOptions | None = None) -> list[dict]:
+    """Every step's metrics, from the run's latest checkpoint."""
+    checkpoint = latest(Location(run, options or StorageOptions()))
+    text = checkpoint.fs.cat_file(checkpoint.join(METRICS_FILE)).decode()
+    return [json.loads(line) for line in text.splitlines() if line]
