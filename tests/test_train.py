@@ -80,7 +80,8 @@ def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session
     assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # num_to_keep
     assert summary["metrics"]["step"] == 60 and summary["rows_skipped_by_reason"]["image_unusable"] >= 1
     assert summary["rows_skipped_by_reason"]["no_usable_caption"] >= 1
-    assert json.loads((run / "summary.json").read_text())["caption_mode"] == "vecap"
+    written = json.loads((run / "summary.json").read_text())
+    assert written["caption_mode"] == "vecap" and written["config"]["steps"] == 60 and written["config"]["captions"]["mode"] == "vecap"
 
     # export -> stock open_clip gives the training model's embeddings
     import open_clip

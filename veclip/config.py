@@ -1,11 +1,17 @@
 """Config plumbing shared by every stage: a config file and ``--set key=value`` overrides
-applied to nested frozen dataclasses, with values coerced to each field's type."""
+applied to nested frozen dataclasses, with values coerced to each field's type; and
+each field's documentation (its ``#`` comment), so ``veclip config show`` can print it."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import json
 import re
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -84,6 +90,55 @@ def load_config_file(config, path: str):
     else:
         data = json.loads(text)
     return _merge(config, data or {})
+
+
+def build(base, config_file: str | None = None, fields: dict | None = None, overrides=()):
+    """A preset, then a config file, then fields from flags (None: not given), then ``--set`` overrides."""
+    config = load_config_file(base, config_file) if config_file else base
+    nested: dict = {}
+    for key, value in (fields or {}).items():  # dotted keys reach into nested configs: captions.mode
+        if value is not None:
+            *parents, leaf = key.split(".")
+            cursor = nested
+            for part in parents:
+                cursor = cursor.setdefault(part, {})
+            cursor[leaf] = value
+    return apply_overrides(_merge(config, nested), list(overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's doc: the ``#`` comment on its line, else the comment lines just above it."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, line = [], node.lineno - 1
+            while line >= 1 and line in comments and lines[line - 1].strip().startswith("#"):
+                above.insert(0, comments[line])
+                line -= 1
+            docs[node.target.id] = comments.get(node.lineno) or " ".join(above)
+    return docs
+
+
+def describe(config, prefix: str = "") -> list[tuple[str, object, str]]:
+    """``(dotted key, value, doc)`` of every leaf field of a (nested) config dataclass."""
+    out = []
+    docs = field_docs(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value) and not isinstance(value, ColumnMap):
+            out += describe(value, key + ".")
+        else:
+            out.append((key, value, docs.get(f.name, "")))
+    return out
 
 
 # Names of settings that hold secrets (an engine's HF_TOKEN, a key for a hub or a bucket).

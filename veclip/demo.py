@@ -30,11 +30,11 @@ from veclip.validate import ValidateConfig, validate
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "runs/demo"
+    out: str = "runs/demo"  # a local folder: data, outputs, the model and report.md
     rows: int = 400  # a few minutes end to end on 2 cores
-    eval_rows: int = 500
-    shards: int = 4
-    seed: int = 0
+    eval_rows: int = 500  # eval rows of sample data
+    shards: int = 4  # shards per split
+    seed: int = 0  # the sample data's seed
 
 
 def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:

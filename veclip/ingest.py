@@ -42,12 +42,12 @@ PATH_OUTSIDE_SOURCE = "path_outside_source"  # a CSV image path outside the CSV'
 
 @dataclass(frozen=True)
 class ImportConfig:
-    source: str  # a folder of .tar shards, or a .csv file
-    out: str
-    format: str = "auto"
+    source: str = ""  # a folder of .tar shards, or a .csv file
+    out: str = ""  # output folder or s3:// prefix
+    format: str = "auto"  # auto (from the source), webdataset or csv
     # For CSV: which columns hold the image path, the caption and (optionally) the key.
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
-    rows_per_shard: int = 10_000
+    rows_per_shard: int = 10_000  # CSV: rows per output shard
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # max_bytes also bounds every tar member
     allow_outside_paths: bool = False  # CSV: also read absolute paths, URLs and paths above the CSV's folder
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from veclip.config import SECRET_NAME, secret_values
 
-STAGES = ("rewrite", "train", "eval")
 TERMINAL_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 SECRETS_PACKAGE = "veclip_job_secrets"
 SECRETS_FLAG = "VECLIP_JOB_SECRETS"  # set in the job: the driver loads the package too
@@ -85,7 +84,7 @@ class SubmitConfig:
         if named:
             raise ValueError(f"submit: {', '.join(named)} would be shown to everyone who can list the cluster's jobs "
                              f"(a job's runtime_env is public metadata); {where}")
-        if stage_config is not None and secret_values(dataclasses.asdict(stage_config)):
+        if secret_values(dataclasses.asdict(stage_config)):
             raise ValueError(f"submit: the stage arguments hold a secret-named value, which the job's entrypoint would show; {where}")
 
 
@@ -137,29 +136,18 @@ def client(address: str | None):
 
 
 def check_stage_args(stage: str, stage_args: list[str]):
-    """Parse the stage's arguments and build its config here (no I/O, no models), so bad
-    flags or ``--set`` keys fail on the user's machine, not minutes later on the cluster;
-    the config (rewrite, train) or None."""
-    from veclip.cli import build_parser
-    from veclip.config import apply_overrides, load_config_file
+    """The stage's config, built here from its arguments (no I/O, no models), so bad flags
+    or ``--set`` keys fail on the user's machine, not minutes later on the cluster."""
+    from veclip.stages import parse_stage_args
 
-    args = build_parser().parse_args([stage, *stage_args])  # exits 2 with argparse's message
-    if stage == "rewrite":
-        from veclip.rewrite.config import preset
-
-        config = preset(args.preset)
-        config = load_config_file(config, args.config) if args.config else config
-        return apply_overrides(config, list(args.set))
-    if stage == "train":
-        from veclip.train.config import build_config
-
-        return build_config(args.preset, args.config, list(args.set))
-    return None
+    return parse_stage_args(stage, stage_args)  # argparse exits 2 with its message
 
 
 def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:
-    if config.stage not in STAGES:
-        raise ValueError(f"unknown stage {config.stage!r}: use one of {', '.join(STAGES)}")
+    from veclip.stages import STAGES
+
+    if config.stage not in STAGES or not STAGES[config.stage].submittable:
+        raise ValueError(f"unknown stage {config.stage!r}: use one of {', '.join(n for n, s in STAGES.items() if s.submittable)}")
     config.check_no_visible_secrets(check_stage_args(config.stage, list(config.stage_args)))
     package = _secrets_package(config.secrets) if config.secrets else None
     try:

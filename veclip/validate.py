@@ -36,10 +36,10 @@ FATAL = ("no_shards", "unreadable", "schema", "null_key", "duplicate_key")
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    url: str
-    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
+    url: str = ""  # folder or s3:// prefix holding .parquet shards
+    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)  # the dataset's column names for the contract's roles (see schema.ColumnMap)
     images: str = "sample"  # sample | full | none
-    sample_per_shard: int = 32
+    sample_per_shard: int = 32  # images decoded per shard with images=sample
     sample_row_groups: int = 1  # row groups per shard the sample is drawn from (their image bytes are all that is read)
     max_bad_image_share: float = 0.0  # of checked images
     image_limits: ImageLimits = field(default_factory=ImageLimits)

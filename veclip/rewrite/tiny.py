@@ -99,10 +99,15 @@ def build_vlm(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def model_paths(out: str | Path) -> dict[str, str]:
+    """Where the tiny models are (or will be) built: known without building them."""
+    return {"llm": str(Path(out) / "llm"), "vlm": str(Path(out) / "vlm")}
+
+
 def _already_built(out: Path) -> dict[str, str] | None:
     stamp = out / "tiny.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("version") == BUILD_VERSION:
-        return {"llm": str(out / "llm"), "vlm": str(out / "vlm")}
+        return model_paths(out)
     return None
 
 
@@ -113,7 +118,7 @@ def build(out: str | Path) -> dict[str, str]:
         return paths
     build_llm(out / "llm")
     build_vlm(out / "vlm")
-    paths = {"llm": str(out / "llm"), "vlm": str(out / "vlm")}
+    paths = model_paths(out)
     (out / "tiny.json").write_text(json.dumps({"version": BUILD_VERSION, **paths}))
     return paths
 

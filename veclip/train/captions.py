@@ -23,11 +23,11 @@ MODES = ("alttext", "vecap", "mix", "laclip", "weighted")
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    mode: str = "mix"
+    mode: str = "mix"  # alttext, vecap, mix, laclip or weighted
     p_vecap: float = 0.5  # VeCLIP's mix: VeCap with probability p, AltText otherwise
     weights: dict = field(default_factory=dict)  # weighted mode: {"alt_text": 1, "vecap": 2, "rewrites": 1}
-    max_rewrites: int = 4
-    min_words: int = 2
+    max_rewrites: int = 4  # LaCLIP rewrite slots read per row
+    min_words: int = 2  # a caption with fewer words is unusable (falls back to AltText)
 
     def __post_init__(self):
         if self.mode not in MODES:

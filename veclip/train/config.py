@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from veclip.config import apply_overrides, load_config_file
+from veclip.config import build
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 from veclip.train.captions import CaptionConfig
@@ -13,12 +12,12 @@ from veclip.train.captions import CaptionConfig
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup_steps: int = 500
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.2  # AdamW decay, not on gains, biases and the logit scale
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.98  # AdamW beta2
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 500  # linear warm-up, then cosine decay to 0
 
 
 @dataclass(frozen=True)
@@ -26,39 +25,39 @@ class ScaleConfig:
     """Ray Train workers. On CPU keep ``cpus_per_worker`` fractional so Ray Data's
     decode tasks still get CPUs."""
 
-    num_workers: int = 8
-    use_gpu: bool = True
-    cpus_per_worker: float = 8.0
-    max_failures: int = 3
+    num_workers: int = 8  # Ray Train workers (one GPU each with use_gpu)
+    use_gpu: bool = True  # train on GPUs (NCCL); false: CPU (gloo)
+    cpus_per_worker: float = 8.0  # CPUs per train worker
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
     accelerator_type: str | None = None  # e.g. "H100": train only on that node type
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = ""
+    data: str = ""  # folder or s3:// prefix of (enriched) shards
     output: str = ""  # run storage: <output>/<name>/checkpoint_*
-    name: str = "veclip-train"
-    model: str = "ViT-B-16"
+    name: str = "veclip-train"  # run name: rerun with the same name and output to resume
+    model: str = "ViT-B-16"  # open_clip model name, or veclip-tiny
     pretrained: str | None = None  # a local weights file or an open_clip pretrained tag
-    captions: CaptionConfig = field(default_factory=CaptionConfig)
-    columns: ColumnMap = field(default_factory=ColumnMap)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)  # which caption each sample trains with
+    columns: ColumnMap = field(default_factory=ColumnMap)  # the data's column names for the contract's roles (see schema.ColumnMap)
     batch_size: int = 256  # per worker; the contrastive batch is batch_size x num_workers
-    steps: int = 10_000
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
-    checkpoint_every: int = 1000
+    steps: int = 10_000  # optimizer steps in the run
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
+    scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and resources
+    checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
     report_every: int = 10  # ray.train.report is a sync point; every step's metrics are kept regardless
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # newest checkpoints kept in the run folder
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
-    grad_checkpointing: bool = False
-    compile: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    compile: bool = False  # torch.compile the model
     # Each worker shuffles its rows within windows of this many row groups (the
     # rows of a window are held in memory at once; see veclip/train/order.py).
     window_units: int = 8
-    prefetch_batches: int = 2
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
-    seed: int = 0
+    prefetch_batches: int = 2  # blocks each worker's stream reads ahead
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an image may have
+    seed: int = 0  # data order, augmentation, caption choice and init derive from it
     sample_log: str | None = None  # a local folder: each worker logs the sample keys of every step (audits, tests)
     fail_at_step: int | None = None  # tests: the rank-1 (or 0) worker process kills itself once at this step
 
@@ -94,8 +93,4 @@ def preset(name: str) -> TrainConfig:
 
 def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> TrainConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides."""
-    config = preset(preset_name)
-    if config_file:
-        config = load_config_file(config, config_file)
-    config = dataclasses.replace(config, **{k: v for k, v in fields.items() if v is not None})
-    return apply_overrides(config, list(overrides))
+    return build(preset(preset_name), config_file, fields, overrides)

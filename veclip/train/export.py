@@ -13,6 +13,7 @@ For a model open_clip knows by name the weights file alone also works:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from veclip.storage import StorageOptions
@@ -20,6 +21,12 @@ from veclip.train.checkpoint import read_model
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str = ""  # a checkpoint folder, or a run folder (its latest checkpoint is used)
+    out: str = ""  # local output folder
 
 
 def export(checkpoint: str, out: str, options: StorageOptions | None = None) -> Path:

@@ -10,9 +10,11 @@ checkpoint path) is returned and written to ``<output>/<name>/summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
+from veclip.config import redact
 from veclip.storage import Location, StorageOptions
 from veclip.train.checkpoint import PROGRESS_FILE, Progress
 from veclip.train.config import TrainConfig
@@ -56,6 +58,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
         raise result.error
     progress = _read_progress(result.checkpoint)
     summary = {
+        "config": redact(dataclasses.asdict(config)),
         "name": config.name,
         "model": config.model,
         "caption_mode": config.captions.mode,

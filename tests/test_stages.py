@@ -1,0 +1,94 @@
+"""The stage registry: one way to build every config, docs for every field, README and imports kept honest."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, veclip_cli
+from veclip.cli import command_reference
+from veclip.config import describe
+from veclip.stages import STAGES, parse_stage_args
+
+
+def _presets(name: str) -> tuple[str, ...]:
+    return ("default", "tiny") if name in ("rewrite", "train") else ("default",)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_config_field_says_what_it_does(name):
+    for preset in _presets(name):
+        undocumented = [key for key, _, doc in describe(STAGES[name].preset(preset)) if not doc]
+        assert not undocumented, f"{name} --preset {preset}: fields without a '#' doc: {undocumented}"
+
+
+def test_config_show_prints_fields_values_and_docs():
+    result = veclip_cli("config", "show", "train", "--preset", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert "scale.num_workers" in result.stdout and "= 2" in result.stdout
+    assert "Ray Train workers" in result.stdout  # the field's doc
+
+
+def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
+    config_file = tmp_path / "train.json"
+    config_file.write_text(json.dumps({"steps": 7, "batch_size": 16, "captions": {"mode": "vecap"}}))
+    config = parse_stage_args("train", ["--data", "d", "--output", "o", "--preset", "tiny", "--config", str(config_file),
+                                        "--caption-mode", "laclip", "--set", "batch_size=8"])
+    assert (config.steps, config.batch_size, config.captions.mode, config.model) == (7, 8, "laclip", "veclip-tiny")
+    sample = parse_stage_args("sample", ["--out", "x", "--rows", "10", "--set", "jpeg_quality=70"])
+    assert (sample.out, sample.rows, sample.jpeg_quality, sample.eval_rows) == ("x", 10, 70, 500)
+    evaluation = parse_stage_args("eval", ["--model", "m", "--data", "d", "--batch-size", "32", "--cpus-per-worker", "0.5"])
+    assert (evaluation.batch_size, evaluation.cpus_per_worker) == (32, 0.5)  # once set only in code
+    with pytest.raises(ValueError, match="unknown config field"):
+        parse_stage_args("validate", ["u", "--set", "sample_per_shrad=3"])
+
+
+def test_the_tiny_rewrite_preset_is_pure(tmp_path, monkeypatch):
+    """Building a config builds no models: that happens when a rewrite runs."""
+    monkeypatch.setenv("VECLIP_CACHE", str(tmp_path / "cache"))
+    config = parse_stage_args("rewrite", ["--input", "i", "--output", "o", "--preset", "tiny"])
+    assert config.fuser.engine.model == str(tmp_path / "cache" / "tiny-models" / "llm")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_readme_commands_are_the_parsers():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Commands\n\n```bash\n", 1)[1].split("```", 1)[0]
+    assert block == command_reference(), "README's Commands block is stale; paste veclip.cli.command_reference():\n" + command_reference()
+
+
+def _imports(path: Path, package_root: Path) -> set[str]:
+    """veclip modules ``path`` imports, lazy imports inside functions included."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("veclip"):
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("veclip")}
+    return out
+
+
+def test_the_import_graph_has_no_circles():
+    root = REPO / "veclip"
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph = {m: {t for t in _imports(p, root) if t in modules and t != m and not m.startswith(t + ".")} for m, p in modules.items()}
+    state, stack = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(target):] + [target]))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

@@ -1,0 +1,321 @@
+"""Every stage in one registry: its flags, its typed config, and how it runs.
+
+A stage's config is built the same way everywhere (``veclip STAGE``, ``veclip
+submit STAGE``, ``veclip config show STAGE``) and without side effects: a
+preset, then ``--config FILE``, then the stage's flags, then ``--set KEY=VALUE``
+overrides (:func:`stage_config`). The CLI (:mod:`veclip.cli`) and job
+submission (:mod:`veclip.jobs`) are both built from :data:`STAGES`; each
+stage's ``run`` prints its summary and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from veclip import schema
+from veclip.config import build
+from veclip.storage import StorageOptions
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    flags: Callable[[argparse.ArgumentParser], None]  # the stage's own flags
+    fields: Callable[[argparse.Namespace], dict]  # flag values -> config fields (None: not given)
+    preset: Callable[[str], Any]  # preset name -> config
+    run: Callable[[Any, StorageOptions, argparse.Namespace], int]  # run it, print the summary, exit code
+    presets: str = "default: the only preset"
+    submittable: bool = False  # runs as a Ray job (veclip submit)
+    set_example: str = ""
+
+
+# --- flags shared by stages -----------------------------------------------------------------------
+
+
+def storage_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("object storage (defaults: the standard AWS chain, AWS_ENDPOINT_URL)")
+    group.add_argument("--s3-endpoint", help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000")
+    group.add_argument("--s3-region", help="S3 region")
+    group.add_argument("--s3-anon", action="store_true", help="anonymous access (public buckets)")
+
+
+def storage(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=args.s3_endpoint, region=args.s3_region, anon=args.s3_anon)
+
+
+def _column_map(spec: str) -> schema.ColumnMap:
+    try:
+        return schema.ColumnMap.parse(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _columns_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--columns", type=_column_map, default=None,
+                        help="column mapping role=column,..., e.g. image=jpg,alt_text=caption "
+                             "(roles: key, image, alt_text, url, width, height)")
+
+
+def _config_flags(parser: argparse.ArgumentParser, stage: Stage) -> None:
+    """--preset, --config and --set: the same on every stage."""
+    group = parser.add_argument_group(f"configuration (every field: veclip config show {stage.name})")
+    group.add_argument("--preset", default="default", help=stage.presets)
+    group.add_argument("--config", help="a JSON/YAML file of config fields")
+    example = f", e.g. {stage.set_example}" if stage.set_example else ""
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a field{example} (repeatable)")
+
+
+def add_stage_parser(sub, stage: Stage) -> argparse.ArgumentParser:
+    parser = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+    stage.flags(parser)
+    _config_flags(parser, stage)
+    storage_flags(parser)
+    return parser
+
+
+def stage_config(stage: Stage, args: argparse.Namespace):
+    """The stage's config from parsed flags: preset, file, flags, ``--set`` (no I/O, no models)."""
+    return build(stage.preset(args.preset), args.config, stage.fields(args), args.set)
+
+
+def parse_stage_args(name: str, argv: list[str]):
+    """A stage's config from its command-line arguments, as ``veclip STAGE`` would build it."""
+    parser = argparse.ArgumentParser(prog=f"veclip {name}")
+    stage = STAGES[name]
+    add_stage_parser(parser.add_subparsers(dest="command", required=True), stage)
+    return stage_config(stage, parser.parse_args([name, *argv]))
+
+
+def _only_default(config_type):
+    def preset(name: str):
+        if name != "default":
+            raise ValueError(f"unknown preset {name!r}: this stage has only 'default'")
+        return config_type()
+
+    return preset
+
+
+# --- the stages ---------------------------------------------------------------------------------
+
+
+def _sample_flags(p):
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--rows", type=int, help="train rows (default 2000)")
+    p.add_argument("--eval-rows", type=int, help="eval rows (default 500)")
+    p.add_argument("--shards", type=int, help="shards per split (default 4)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int, help="image side in pixels (default 128)")
+
+
+def _sample_run(config, options, args) -> int:
+    from veclip.sample import generate
+
+    written = generate(config, options)
+    print(f"sample: {written['train']} train + {written['eval']} eval rows in {config.out}")
+    return 0
+
+
+def _sample_preset(name):
+    from veclip.sample import SampleConfig
+
+    return _only_default(SampleConfig)(name)
+
+
+def _validate_flags(p):
+    p.add_argument("url", help="folder or s3:// prefix holding .parquet shards")
+    _columns_flag(p)
+    p.add_argument("--images", choices=("sample", "full", "none"), help="decode a sample per shard (default), every image, or none")
+    p.add_argument("--sample-per-shard", type=int, help="images decoded per shard with --images sample (default 32)")
+    p.add_argument("--sample-row-groups", type=int,
+                   help="row groups per shard the sample is drawn from; only their image bytes are read (default 1)")
+    p.add_argument("--max-keys-in-memory", type=int,
+                   help="keys held in memory for the duplicate check; beyond it they are spilled to local disk")
+    p.add_argument("--max-bad-image-share", type=float, help="share of checked images allowed to fail (default 0)")
+
+
+def _validate_run(config, options, args) -> int:
+    from veclip.validate import validate
+
+    report = validate(config, options)
+    print(report.render())
+    return 0 if report.usable else 1
+
+
+def _validate_preset(name):
+    from veclip.validate import ValidateConfig
+
+    return _only_default(ValidateConfig)(name)
+
+
+def _import_flags(p):
+    p.add_argument("source", help="folder of .tar shards, or a .csv file")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--format", choices=("auto", "webdataset", "csv"))
+    _columns_flag(p)
+    p.add_argument("--rows-per-shard", type=int, help="CSV rows per output shard (default 10000)")
+    p.add_argument("--allow-outside-paths", action="store_true", default=None,
+                   help="CSV: also read absolute paths, URLs and paths above the CSV's folder (refused by default)")
+
+
+def _import_run(config, options, args) -> int:
+    from veclip.ingest import run_import
+
+    print(run_import(config, options).render())
+    return 0
+
+
+def _import_preset(name):
+    from veclip.ingest import ImportConfig
+
+    return _only_default(ImportConfig)(name)
+
+
+def _rewrite_flags(p):
+    p.add_argument("--input", required=True, help="folder or s3:// prefix of input shards")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for enriched shards")
+    p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
+    _columns_flag(p)
+    p.add_argument("--redo-mismatched", action="store_true",
+                   help="write again the shards an earlier run wrote with another configuration (fingerprint) into this output")
+    p.add_argument("--take-over-lease", action="store_true",
+                   help="take the output from another run's lease (only when that run is surely gone)")
+
+
+def _rewrite_run(config, options, args) -> int:
+    from veclip.rewrite.pipeline import render_summary, run_rewrite
+
+    summary = run_rewrite(config, options, redo_mismatched=args.redo_mismatched, take_over_lease=args.take_over_lease)
+    print(render_summary(summary))
+    return 1 if summary["failed"] else 0
+
+
+def _rewrite_preset(name):
+    from veclip.rewrite.config import preset
+
+    return preset(name)
+
+
+def _train_flags(p):
+    p.add_argument("--data", required=True, help="folder or s3:// prefix of (enriched) shards")
+    p.add_argument("--output", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
+    p.add_argument("--model", help="open_clip model name, e.g. ViT-B-16 (default), or veclip-tiny")
+    p.add_argument("--name", help="run name; rerun with the same name and output to resume")
+    p.add_argument("--caption-mode", choices=("alttext", "vecap", "mix", "laclip", "weighted"), help="caption choice per sample (default mix)")
+    _columns_flag(p)
+
+
+def _train_fields(args) -> dict:
+    fields = dict(data=args.data, output=args.output, model=args.model, name=args.name, columns=args.columns)
+    return {**fields, "captions.mode": args.caption_mode}
+
+
+def _train_preset(name):
+    from veclip.train.config import preset
+
+    return preset(name)
+
+
+def _train_run(config, options, args) -> int:
+    from veclip.train.trainer import render_summary, run_train
+
+    print(render_summary(run_train(config, options)))
+    return 0
+
+
+def _export_flags(p):
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
+    p.add_argument("--out", required=True, help="local output folder")
+
+
+def _export_preset(name):
+    from veclip.train.export import ExportConfig
+
+    return _only_default(ExportConfig)(name)
+
+
+def _export_run(config, options, args) -> int:
+    from veclip.train.export import export
+
+    out = export(config.checkpoint, config.out, options)
+    print(f"export: wrote {out}; load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
+def _eval_flags(p):
+    p.add_argument("--model", required=True, help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)")
+    p.add_argument("--data", required=True, help="eval shards: folder or s3:// prefix")
+    p.add_argument("--out", help="write eval.json and eval.md here")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
+    p.add_argument("--label-column", help="class-name column for zero-shot (default label_shape)")
+    p.add_argument("--caption-column", help="caption (string or list) column for retrieval (default caption)")
+    p.add_argument("--classes", help='JSON file with "classnames" (default: the eval set\'s _classes.json)')
+    p.add_argument("--templates", help="prompt templates: generic (default), imagenet, scenes (the sample data's caption style), or a JSON file")
+    p.add_argument("--workers", type=int, help="embed images over up to N Ray actors (default 0: in this process)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per embedding actor with --workers (default 0)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per embedding actor with --workers (default 1)")
+    p.add_argument("--batch-size", type=int, help="images and texts per forward pass (default 256)")
+    _columns_flag(p)
+
+
+def _eval_preset(name):
+    from veclip.eval.run import EvalConfig
+
+    return _only_default(EvalConfig)(name)
+
+
+def _eval_run(config, options, args) -> int:
+    from veclip.eval.run import evaluate, render_markdown
+
+    print(render_markdown(evaluate(config, options)))
+    return 0
+
+
+def _demo_flags(p):
+    p.add_argument("--out", help="output folder (default runs/demo)")
+    p.add_argument("--rows", type=int, help="train rows of sample data (default 400)")
+    p.add_argument("--seed", type=int)
+
+
+def _demo_preset(name):
+    from veclip.demo import DemoConfig
+
+    return _only_default(DemoConfig)(name)
+
+
+def _demo_run(config, options, args) -> int:
+    from veclip.demo import run_demo
+
+    return run_demo(config, options)
+
+
+def _fields(*names: str) -> Callable[[argparse.Namespace], dict]:
+    """Flag values -> config fields of the same name."""
+    return lambda args: {name: getattr(args, name) for name in names}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("sample", "write rendered sample data (train + eval splits)", _sample_flags,
+          _fields("out", "rows", "eval_rows", "shards", "seed", "image_size"), _sample_preset, _sample_run),
+    Stage("validate", "check a folder of Parquet shards against the input schema", _validate_flags,
+          _fields("url", "columns", "images", "sample_per_shard", "sample_row_groups", "max_bad_image_share", "max_keys_in_memory"),
+          _validate_preset, _validate_run),
+    Stage("import", "convert webdataset tars or a CSV of image paths into Parquet shards", _import_flags,
+          _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths"), _import_preset, _import_run),
+    Stage("rewrite", "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites", _rewrite_flags,
+          _fields("input", "output", "mode", "columns"), _rewrite_preset, _rewrite_run,
+          presets="default: real models on GPU actors; tiny: tiny random models on CPU", submittable=True,
+          set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7"),
+    Stage("train", "train CLIP with Ray Train on (enriched) shards", _train_flags, _train_fields, _train_preset, _train_run,
+          presets="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers", submittable=True,
+          set_example="steps=2000, captions.p_vecap=0.3, scale.num_workers=4"),
+    Stage("export", "write a checkpoint as a folder stock open_clip loads", _export_flags,
+          _fields("checkpoint", "out"), _export_preset, _export_run),
+    Stage("eval", "zero-shot classification and image<->text retrieval on a Parquet eval set", _eval_flags,
+          _fields("model", "data", "out", "pretrained", "label_column", "caption_column", "classes", "templates", "workers",
+                  "gpus_per_worker", "cpus_per_worker", "batch_size", "columns"),
+          _eval_preset, _eval_run, submittable=True),
+    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed"), _demo_preset, _demo_run),
+)}
