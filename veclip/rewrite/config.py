@@ -126,6 +126,15 @@ class RewriteConfig:
                 raise ValueError(f"rewrite: {name}.engine.model is not set")
         if self.uses_laclip and not self.laclip.engine.model:
             raise ValueError("rewrite: laclip.engine.model is not set")
+        if self.mode == "both":  # one LLM, one pool serve fusion and rewrites: say so rather than hide a second engine
+            for part in ("engine", "pool"):
+                fuser, laclip = getattr(self.fuser, part), getattr(self.laclip, part)
+                if fuser != laclip:
+                    differ = [f.name for f in dataclasses.fields(fuser) if getattr(fuser, f.name) != getattr(laclip, f.name)]
+                    raise ValueError(
+                        f"rewrite: in mode both the LaCLIP rewrites run on the fuser's engine in the fuser's pool, but "
+                        f"laclip.{part} differs from fuser.{part} in {differ}: set fuser.{part}.* for both roles, or run "
+                        "--mode vecap and --mode laclip as two runs to give LaCLIP its own model or pool")
 
 
 def _gpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> StageConfig:

@@ -1,0 +1,131 @@
+"""One shard's rewrite, step by step, with a stub engine: no vLLM, no Ray, no storage."""
+
+import dataclasses
+import io
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from veclip import schema
+from veclip.images import ImageError
+from veclip.rewrite import steps
+from veclip.rewrite.config import preset
+from veclip.rewrite.engine import Completion
+from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
+
+
+class StubEngine:
+    """Answers each request with ``answer(request)``; remembers what it was asked."""
+
+    def __init__(self, name="stub", answer=lambda request: "a red star on a blue wall"):
+        self.name, self.answer, self.requests = name, answer, []
+
+    def generate(self, requests, sampling):
+        self.requests += requests
+        return [Completion(self.answer(r), 3, 5) for r in requests]
+
+
+CONFIG = dataclasses.replace(preset("default"), input="in", output="out", seed=7)
+
+
+def jpeg(color=(200, 30, 30), size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_caption_describes_good_images_and_reports_bad_ones():
+    engine, meter = StubEngine("vlm"), steps.Meter()
+    images = [steps.decode_for_captioner(data, CONFIG) for data in (jpeg(), b"junk", jpeg(size=(2000, 1000)))]
+    assert isinstance(images[1], ImageError) and max(images[2].size) == CONFIG.max_image_side
+    rows = steps.caption(CONFIG, engine, CaptionerPrompt.load(CONFIG.captioner.prompts), ["a", "b", "c"], images, meter)
+    assert [r["vlm_caption"] for r in rows] == ["a red star on a blue wall", None, "a red star on a blue wall"]
+    assert rows[1]["image_error"] == images[1].reason and rows[0]["flags"] == []
+    assert len(engine.requests) == 2 and all(r.image is not None and r.messages for r in engine.requests)  # chat, with the image
+    assert [r.seed for r in engine.requests] == [steps.request_seed(7, "a"), steps.request_seed(7, "c")]
+    assert meter.requests == 2 and meter.generated_tokens == 10
+
+
+def test_split_quarantines_refused_rows_with_their_reason():
+    table = pa.table({"key": ["a", "b", "c"], "image": [jpeg(), b"junk", None], "alt_text": ["x", "y", "z"]})
+    errors = steps.header_errors(["a", "b", "c"], table.column("image").to_pylist(), CONFIG)
+    kept, quarantine = steps.split(table, errors)
+    assert kept.column("key").to_pylist() == ["a"] and sorted(quarantine.column("key").to_pylist()) == ["b", "c"]
+    assert set(quarantine.column("reason").to_pylist()) == {errors["b"][0], errors["c"][0]}
+    assert steps.split(table, {})[1].num_rows == 0  # nothing refused: an empty quarantine, same columns
+
+
+def test_fuse_keeps_names_or_refuses_and_flags():
+    answers = {"Acme mug": "a white mug on a table", "Paris trip": "a Paris street at dusk"}
+    engine = StubEngine("llm", answer=lambda r: answers[next(k for k in answers if k in r.messages[-1]["content"])])
+    alts, visual = ["Acme mug", "Paris trip", "anything"], ["a white mug", "a street", None]
+    flags = steps.alt_text_flags(alts, CONFIG)
+    vecaps = steps.fuse(CONFIG, engine, FusionPrompt.load(CONFIG.fuser.prompts), ["a", "b", "c"], alts, visual, flags, steps.Meter())
+    assert vecaps == [None, "a Paris street at dusk", None]
+    assert flags == [["vecap:entities_lost"], [], ["vecap:no_visual_caption"]]  # "Acme" was dropped: refused
+    assert len(engine.requests) == 2  # no request without a visual caption
+
+
+def test_rewrite_makes_n_rewrites_per_row_with_exemplars():
+    config = dataclasses.replace(CONFIG, num_rewrites=3, shots=2)
+    engine = StubEngine("llm", answer=lambda r: "a photo of a small red star")
+    alts = ["red star sticker", "", "blue circle"]
+    flags = [[] for _ in alts]
+    rewrites = steps.rewrite(config, engine, LaClipPrompt.load(config.laclip.prompts), ["a", "b", "c"], alts, flags, steps.Meter())
+    assert [len(r) for r in rewrites] == [3, 0, 3] and flags == [[], ["rewrites:empty_alt_text"], []]
+    assert len(engine.requests) == 6 and len({r.seed for r in engine.requests}) == 6  # one seed per (key, rewrite)
+    assert all(r.prompt.count("=>") >= 3 for r in engine.requests)  # 2 exemplars + the row itself
+
+
+def test_assemble_writes_every_generated_column_with_provenance():
+    table = pa.table({"key": ["a", "b"], "alt_text": ["x", "y"]})
+    origin = steps.provenance("m", "laclip-v1", "vllm-x")
+    out = steps.assemble(table, {schema.REWRITES: ([["r1"], []], origin)}, [["f"], []])
+    assert out.column(schema.REWRITES).to_pylist() == [["r1"], []]
+    assert out.column(schema.provenance_column(schema.REWRITES)).to_pylist() == [origin, origin]
+    assert out.column(schema.VECAP).to_pylist() == [None, None]  # not made by this run: null, no provenance
+    assert out.column(schema.provenance_column(schema.VECAP)).to_pylist() == [None, None]
+    assert out.column(schema.REWRITE_FLAGS).to_pylist() == [["f"], []]
+
+
+def test_both_mode_never_hides_a_second_engine_or_pool():
+    both = dataclasses.replace(CONFIG, mode="both")
+    both.validate_for_run()  # the presets share one LLM and one pool
+    other_model = dataclasses.replace(both, laclip=dataclasses.replace(both.laclip, engine=dataclasses.replace(both.laclip.engine, model="other")))
+    with pytest.raises(ValueError, match=r"laclip.engine differs from fuser.engine in \['model'\]"):
+        other_model.validate_for_run()
+    bigger_pool = dataclasses.replace(both, laclip=dataclasses.replace(both.laclip, pool=dataclasses.replace(both.laclip.pool, max_actors=64)))
+    with pytest.raises(ValueError, match=r"laclip.pool differs from fuser.pool in \['max_actors'\]"):
+        bigger_pool.validate_for_run()
+
+
+def test_each_generated_column_names_the_engine_that_made_it(tmp_path):
+    """VeCap mode through both actor classes, in-process: vlm_caption's provenance is the captioner's engine."""
+    import pyarrow.parquet as pq
+
+    from veclip.lease import OutputLease
+    from veclip.rewrite.config import fingerprint
+    from veclip.rewrite.faults import RunContext
+    from veclip.rewrite.plan import plan_run
+    from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
+    from veclip.sample import SampleConfig, generate
+    from veclip.storage import Location, StorageOptions
+
+    generate(SampleConfig(str(tmp_path / "sample"), rows=12, eval_rows=1, shards=2, image_size=32), log=lambda *_: None)
+    config = dataclasses.replace(CONFIG, input=str(tmp_path / "sample" / "train"), output=str(tmp_path / "out"), mode="vecap")
+    options, run = StorageOptions(), RunContext("r1", fingerprint(config)[0])
+    lease = OutputLease(Location(config.output, options), run.run_id, settle_seconds=0)
+    lease.acquire()
+    try:
+        plan = plan_run(config, options, run.fingerprint, False)
+        batch = {"shard": [s.path for s in plan.todo], "status": [""] * len(plan.todo)}
+        batch = ShardCaptioner(config, options, run, engine=StubEngine("stub-vlm"))(batch)
+        batch = ShardRewriter(config, options, run, engine=StubEngine("stub-llm"))(batch)
+    finally:
+        lease.release()
+    assert batch["status"] == ["done", "done"], batch
+    out = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    assert {p["engine"] for p in out.column(schema.provenance_column(schema.VLM_CAPTION)).to_pylist()} == {"stub-vlm"}
+    assert {p["engine"] for p in out.column(schema.provenance_column(schema.VECAP)).to_pylist()} == {"stub-llm"}
+    assert set(out.column(schema.VLM_CAPTION).to_pylist()) == {"a red star on a blue wall"}
