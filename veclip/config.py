@@ -92,6 +92,20 @@ def load_config_file(config, path: str):
     return _merge(config, data or {})
 
 
+def load_named_json(name_or_path: str, package: str, folder: str, what: str) -> dict:
+    """A user's JSON file by path, or one shipped in ``package/folder`` by name (prompts, templates)."""
+    from importlib import resources
+
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        return json.loads(path.read_text())
+    shipped = resources.files(package) / folder
+    if not (shipped / f"{name_or_path}.json").is_file():
+        available = sorted(p.name[:-5] for p in shipped.iterdir() if p.name.endswith(".json"))
+        raise FileNotFoundError(f"no {what} {name_or_path!r}: pass a .json path or one of {available}")
+    return json.loads((shipped / f"{name_or_path}.json").read_text())
+
+
 def build(base, config_file: str | None = None, fields: dict | None = None, overrides=()):
     """A preset, then a config file, then fields from flags (None: not given), then ``--set`` overrides."""
     config = load_config_file(base, config_file) if config_file else base

@@ -18,6 +18,7 @@ from PIL import Image
 # history of parser bugs, and EPS/PS hand the bytes to Ghostscript where it is
 # installed: anything else is refused as undecodable without being parsed.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "png", "webp", "gif")  # file names of those formats (import, convert-eval)
 
 # Reason codes, stable: they land in quarantine tables and run summaries.
 EMPTY = "image_empty"

@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from veclip import schema
-from veclip.images import ImageError, ImageLimits, open_image
+from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image
 from veclip.storage import Location, ShardStore, StorageOptions, filesystem, list_files, output_shard_name
 
 FORMATS = ("auto", "webdataset", "csv")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 STAGE = "import"
 MEMBER_TOO_LARGE = "member_too_large"  # a tar member over image_limits.max_bytes, left unread
 PATH_OUTSIDE_SOURCE = "path_outside_source"  # a CSV image path outside the CSV's folder

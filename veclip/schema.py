@@ -31,6 +31,7 @@ HEIGHT = "height"
 VLM_CAPTION = "vlm_caption"
 VECAP = "vecap"
 REWRITES = "rewrites"
+CLASSES_FILE = "_classes.json"  # beside an eval set: its class names per label column
 REWRITE_FLAGS = "rewrite_flags"  # why a generated column is null or shorter, e.g. "vecap:entities_lost"
 
 # Where a generated caption came from; one struct column per generated column.

@@ -232,7 +232,7 @@ def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, tar
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:
     if "file" in _protocols(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True, default=str).encode())
 
 
 def _small_file_kwargs(fs: fsspec.AbstractFileSystem) -> dict:

@@ -22,10 +22,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from veclip import schema
-from veclip.images import ImageError, open_image
-from veclip.storage import Location, ShardStore, StorageOptions
+from veclip.images import IMAGE_EXTENSIONS, ImageError, open_image
+from veclip.storage import Location, ShardStore, StorageOptions, write_json
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".jpe"}
 
 
 def _write(rows: list[dict], out: str, options: StorageOptions, rows_per_shard: int, caption_type: pa.DataType, classes: dict | None) -> int:
@@ -35,7 +34,7 @@ def _write(rows: list[dict], out: str, options: StorageOptions, rows_per_shard: 
         store.write(f"part-{k:05d}.parquet", pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=table_schema))
     if classes is not None:
         location = store.location
-        location.fs.pipe_file(location.join("_classes.json"), json.dumps(classes, indent=1).encode())
+        write_json(location.fs, location.join(schema.CLASSES_FILE), classes)
     return len(rows)
 
 
@@ -57,7 +56,7 @@ def from_class_folders(root: str, out: str, class_names: str | None = None, rows
         raise ValueError(f"convert: {len(names)} class names for {len(folders)} folders in {root}")
     rows, bad = [], []
     for folder, name in zip(folders, names):
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
             row, problem = _image_row(f"{folder.name}/{path.name}", path)
             if problem:
                 bad.append(problem)

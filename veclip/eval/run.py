@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,9 @@ import pyarrow.parquet as pq
 from veclip import schema
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray
 from veclip.eval.model import load_model
+from veclip.config import load_named_json
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
-from veclip.storage import Location, StorageOptions, list_shards
+from veclip.storage import Location, StorageOptions, list_shards, write_json
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,7 @@ class EvalConfig:
 
 
 def load_templates(name_or_path: str) -> list[str]:
-    path = Path(name_or_path)
-    shipped = resources.files("veclip.eval") / "zeroshot" / f"{name_or_path}.json"
-    data = json.loads(path.read_text() if path.suffix == ".json" and path.exists() else shipped.read_text())
-    return data["templates"]
+    return load_named_json(name_or_path, "veclip.eval", "zeroshot", "template set")["templates"]
 
 
 def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:
@@ -102,7 +99,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         if config.classes:
             classnames = json.loads(Path(config.classes).read_text())["classnames"]
         else:
-            classes_path = location.join("_classes.json")
+            classes_path = location.join(schema.CLASSES_FILE)
             if not location.fs.exists(classes_path):
                 raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
             classnames = json.loads(location.fs.cat_file(classes_path))[config.label_column]
@@ -139,8 +136,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     }
     if config.out:
         out = Location(config.out, options)
-        out.fs.makedirs(out.path, exist_ok=True)
-        out.fs.pipe_file(out.join("eval.json"), json.dumps(results, indent=1).encode())
+        write_json(out.fs, out.join("eval.json"), results)
         out.fs.pipe_file(out.join("eval.md"), render_markdown(results).encode())
     return results
 

@@ -9,26 +9,18 @@ examples, or the task.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
+
+from veclip.config import load_named_json
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def load_prompt_file(name_or_path: str) -> dict:
     """A shipped prompt file by name (``fusion-v1``) or a user's JSON file by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        return json.loads(path.read_text())
-    shipped = resources.files("veclip.rewrite") / "prompts" / f"{name_or_path}.json"
-    if not shipped.is_file():
-        available = sorted(p.name[:-5] for p in (resources.files("veclip.rewrite") / "prompts").iterdir() if p.name.endswith(".json"))
-        raise FileNotFoundError(f"no prompt file {name_or_path!r}: pass a .json path or one of {available}")
-    return json.loads(shipped.read_text())
+    return load_named_json(name_or_path, "veclip.rewrite", "prompts", "prompt file")
 
 
 def as_data(text: str | None, max_chars: int) -> str:

@@ -26,7 +26,7 @@ from veclip import schema
 from veclip.images import encode_jpeg
 from veclip.sample.alt_text import alt_text
 from veclip.sample.scene import COLORS, SHAPES, describe, random_scene, render
-from veclip.storage import Location, ShardStore, StorageOptions
+from veclip.storage import Location, ShardStore, StorageOptions, write_json
 
 SPLITS = ("train", "eval")
 
@@ -111,7 +111,7 @@ def _check_same_config(root: Location, config: SampleConfig) -> None:
             )
     else:
         root.fs.makedirs(root.path, exist_ok=True)
-        root.fs.pipe_file(path, json.dumps(wanted, indent=1).encode())
+        write_json(root.fs, path, wanted)
 
 
 def generate(config: SampleConfig, options: StorageOptions | None = None, log=print) -> dict[str, int]:
@@ -132,6 +132,6 @@ def generate(config: SampleConfig, options: StorageOptions | None = None, log=pr
             store.write(name, pa.Table.from_pylist(rows, schema=table_schema))
             log(f"sample: wrote {split}/{name} ({len(rows)} rows)")
         if split == "eval":
-            store.location.fs.pipe_file(store.location.join("_classes.json"), json.dumps(class_names(), indent=1).encode())
+            write_json(store.location.fs, store.location.join(schema.CLASSES_FILE), class_names())
         written[split] = config.split_rows(split)
     return written

@@ -15,7 +15,7 @@ import json
 import time
 
 from veclip.config import redact
-from veclip.storage import Location, StorageOptions
+from veclip.storage import Location, StorageOptions, write_json
 from veclip.train.checkpoint import PROGRESS_FILE, Progress
 from veclip.train.config import TrainConfig
 from veclip.train.data import plan_data
@@ -70,7 +70,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
         "wall_seconds": time.perf_counter() - start,
     }
     summary_path = output.join(config.name, "summary.json")
-    output.fs.pipe_file(summary_path, json.dumps(summary, indent=1, default=str).encode())
+    write_json(output.fs, summary_path, summary)
     return summary
 
 
