@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from veclip import schema
+
 MODES = ("alttext", "vecap", "mix", "laclip", "weighted")
+COLUMN_SLOTS = (schema.ALT_TEXT, schema.VECAP, schema.VLM_CAPTION)  # one slot per column, then one per rewrite
+ALT_TEXT_SLOT = COLUMN_SLOTS.index(schema.ALT_TEXT)  # the fallback when a drawn caption is unusable
+REWRITES = schema.REWRITES
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,19 @@ class CaptionConfig:
         if not 0.0 <= self.p_vecap <= 1.0:
             raise ValueError("train: p_vecap must be within [0, 1]")
         if self.mode == "weighted":
-            unknown = set(self.weights) - {"alt_text", "vecap", "vlm_caption", "rewrites"}
+            unknown = set(self.weights) - {*COLUMN_SLOTS, REWRITES}
             if unknown or not self.weights or any(w < 0 for w in self.weights.values()):
                 raise ValueError(f"train: weighted mode needs non-negative weights over alt_text, vecap, vlm_caption, rewrites; got {self.weights}")
 
     @property
     def slots(self) -> list[str]:
-        return ["alt_text", "vecap", "vlm_caption"] + [f"rewrites.{i}" for i in range(self.max_rewrites)]
+        return list(COLUMN_SLOTS) + [f"{REWRITES}.{i}" for i in range(self.max_rewrites)]
+
+    def slot_texts(self, column) -> list[list[str | None]]:
+        """Per slot, every row's text (None where absent); ``column(name)``: a column's values, or None."""
+        rewrites = column(REWRITES)
+        out = [column(name) for name in COLUMN_SLOTS]
+        return out + [[r[i] if r is not None and i < len(r) else None for r in rewrites] for i in range(self.max_rewrites)]
 
     def slot_weights(self) -> np.ndarray:
         weights = {
@@ -51,8 +62,8 @@ class CaptionConfig:
             "laclip": {"alt_text": 1.0, "rewrites": float(self.max_rewrites)},
             "weighted": dict(self.weights),
         }[self.mode]
-        per_rewrite = weights.pop("rewrites", 0.0) / max(1, self.max_rewrites)
-        return np.array([weights.get(s, per_rewrite if s.startswith("rewrites.") else 0.0) for s in self.slots])
+        per_rewrite = weights.pop(REWRITES, 0.0) / max(1, self.max_rewrites)
+        return np.array([weights.get(s, per_rewrite if s.startswith(REWRITES + ".") else 0.0) for s in self.slots])
 
 
 def key_hash(key: str) -> int:
@@ -97,9 +108,9 @@ def choose(key_hashes: np.ndarray, present: np.ndarray, usable: np.ndarray, weig
     rows = np.arange(len(key_hashes))
     ok = (total[:, 0] > 0) & usable[rows, drawn]
     candidates = usable & (weights[None, :] > 0)
-    alt_ok = candidates[:, 0]
+    alt_ok = candidates[:, ALT_TEXT_SLOT]
     first_usable = np.where(candidates.any(axis=1), candidates.argmax(axis=1), -1)
-    fallback = np.where(alt_ok, 0, first_usable)
+    fallback = np.where(alt_ok, ALT_TEXT_SLOT, first_usable)
     return np.where(ok, drawn, fallback)
 
 

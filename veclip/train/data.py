@@ -30,10 +30,10 @@ import pyarrow as pa
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.storage import Location, StorageOptions, finished_shard_entries
-from veclip.train.captions import CaptionConfig, key_hash, row_seeds, trainable
+from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
-CAPTION_COLUMNS = (schema.ALT_TEXT, schema.VECAP, schema.VLM_CAPTION, schema.REWRITES)
+CAPTION_COLUMNS = (*COLUMN_SLOTS, REWRITES)  # what the caption slots are read from
 CHUNK_ROWS = 256  # rows per block a window's read task emits, and per preprocess task
 SKIP_REASONS = ("", "image_unusable", "no_usable_caption")  # index = the ``skip`` code
 
@@ -134,24 +134,13 @@ def _augment_and_tokenizer(model_name: str):
     return keep, size, open_clip.get_tokenizer(model_name)
 
 
-def _slot_texts(batch: pa.Table, captions: CaptionConfig) -> list[list[str | None]]:
-    """Per slot, the text of every row (None where absent)."""
-    n = batch.num_rows
-    column = lambda name: batch.column(name).to_pylist() if name in batch.column_names else [None] * n
-    rewrites = column(schema.REWRITES)
-    out = [column(schema.ALT_TEXT), column(schema.VECAP), column(schema.VLM_CAPTION)]
-    for i in range(captions.max_rewrites):
-        out.append([r[i] if r is not None and i < len(r) else None for r in rewrites])
-    return out
-
-
 def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int, epoch: int) -> dict:
     """Decoded, augmented images and tokenized caption slots; unusable rows flagged in ``skip``."""
     import torch
 
     augment, (height, width), tokenizer = _augment_and_tokenizer(model_name)
-    slots = _slot_texts(batch, captions)
     n = batch.num_rows
+    slots = captions.slot_texts(lambda name: batch.column(name).to_pylist() if name in batch.column_names else [None] * n)
     present = np.array([[t is not None for t in slot] for slot in slots], dtype=bool).reshape(len(slots), n).T
     usable = np.array([[t is not None and len(t.split()) >= captions.min_words for t in slot] for slot in slots],
                       dtype=bool).reshape(len(slots), n).T
