@@ -17,6 +17,7 @@ from veclip.train.checkpoint import latest, metric_history, read_model
 from veclip.train.export import export
 from veclip.train.checkpoint import load_state
 from veclip.train.model import cosine_with_warmup, create_model, param_groups
+from veclip.train.loop import TrainHooks
 from veclip.train.trainer import run_train
 
 
@@ -123,10 +124,9 @@ def test_a_killed_worker_resumes_exactly(ref_data, tmp_path, ray_session):
     and trains on the same samples, step by step, as a run that never stopped, to the same weights."""
     common = ["steps=20", "checkpoint_every=8", "captions.mode=mix"]
     runs = {}
-    for name, extra in (("straight", []), ("killed", ["fail_at_step=9"])):
-        config = build_config("tiny", None, common + extra + [f"sample_log={tmp_path / name / 'samples'}"],
-                              data=str(ref_data), output=str(tmp_path / name), name=name)
-        runs[name] = run_train(config, log=quiet)
+    for name, kill_at_step in (("straight", None), ("killed", 9)):
+        config = build_config("tiny", None, common, data=str(ref_data), output=str(tmp_path / name), name=name)
+        runs[name] = run_train(config, log=quiet, hooks=TrainHooks(kill_at_step, sample_log=str(tmp_path / name / "samples")))
     straight, killed = runs["straight"], runs["killed"]
     assert straight["resumes"] == [] and killed["metrics"]["step"] == 20
     [resume] = killed["resumes"]

@@ -58,8 +58,6 @@ class TrainConfig:
     prefetch_batches: int = 2  # blocks each worker's stream reads ahead
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an image may have
     seed: int = 0  # data order, augmentation, caption choice and init derive from it
-    sample_log: str | None = None  # a local folder: each worker logs the sample keys of every step (audits, tests)
-    fail_at_step: int | None = None  # tests: the rank-1 (or 0) worker process kills itself once at this step
 
     def __post_init__(self):
         if self.batch_size < 2 or self.steps < 1:

@@ -31,6 +31,7 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,24 @@ from veclip.train.checkpoint import Progress, WorkerProgress
 from veclip.train.config import TrainConfig
 from veclip.train.data import DataPlan, StreamSpec, exact_batches, worker_stream
 from veclip.train.order import Position
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """Test and audit hooks, outside the run's config (``run_train(..., hooks=...)``)."""
+
+    kill_at_step: int | None = None  # the rank-1 (or 0) worker process kills itself (SIGKILL) once, before this step
+    sample_log: str | None = None  # a local folder: each worker logs the sample keys of every step
+
+    def before_step(self, step: int, rank: int, world: int, resumed: bool) -> None:
+        if self.kill_at_step == step and not resumed and rank == min(1, world - 1):
+            os.kill(os.getpid(), signal.SIGKILL)  # as a lost node or an OOM kill would
+
+    def after_step(self, step: int, epoch: int, rank: int, key_hashes) -> None:
+        if self.sample_log:
+            os.makedirs(self.sample_log, exist_ok=True)
+            with open(os.path.join(self.sample_log, f"rank-{rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "key_hash": [int(k) for k in key_hashes]}) + "\n")
 
 
 def resume_point(saved: Progress, rank: int, world: int, path: str) -> tuple[Progress, WorkerProgress, dict]:
@@ -85,6 +104,7 @@ def train_loop(loop_config: dict) -> None:
     from veclip.train.model import cosine_with_warmup, create_model, param_groups, peak_flops, train_flops_per_sample
 
     config: TrainConfig = loop_config["config"]
+    hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
     plan: DataPlan = ray.get(loop_config["plan"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -149,8 +169,7 @@ def train_loop(loop_config: dict) -> None:
                 break
             step_start = time.perf_counter()
             step = progress.step
-            if config.fail_at_step is not None and step == config.fail_at_step and resumed_from is None and rank == min(1, world - 1):
-                os.kill(os.getpid(), signal.SIGKILL)  # tests: a worker process dies, as on a lost node
+            hooks.before_step(step, rank, world, resumed_from is not None)
             rows = batch.rows
             slots = choose(rows["key_hash"], rows["present"], rows["usable"], weights, config.seed, epoch)
             texts = torch.from_numpy(rows["tokens"][range(len(slots)), slots]).long().to(device)
@@ -173,8 +192,7 @@ def train_loop(loop_config: dict) -> None:
             me.position = batch.position
             for reason, n in batch.skipped.items():
                 me.skipped[reason] = me.skipped.get(reason, 0) + n
-            if config.sample_log:
-                _log_samples(config.sample_log, rank, progress.step, epoch, rows["key_hash"])
+            hooks.after_step(progress.step, epoch, rank, rows["key_hash"])
             # wall time of this step since the previous one ended: data wait, reporting, compute
             step_seconds, wait_seconds = end - step_start, step_start - wait_start - report_seconds
             per_worker = config.batch_size / (end - wait_start)
@@ -218,9 +236,3 @@ def train_loop(loop_config: dict) -> None:
             )
         me.position = Position(epoch + 1)
 
-
-def _log_samples(folder: str, rank: int, step: int, epoch: int, key_hashes) -> None:
-    """One line per step: which samples this worker trained on (for audits and the resume test)."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rank-{rank}.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, "epoch": epoch, "key_hash": [int(k) for k in key_hashes]}) + "\n")

@@ -19,10 +19,10 @@ from veclip.storage import Location, StorageOptions, write_json
 from veclip.train.checkpoint import PROGRESS_FILE, Progress
 from veclip.train.config import TrainConfig
 from veclip.train.data import plan_data
-from veclip.train.loop import train_loop
+from veclip.train.loop import TrainHooks, train_loop
 
 
-def run_train(config: TrainConfig, options: StorageOptions | None = None, log=print) -> dict:
+def run_train(config: TrainConfig, options: StorageOptions | None = None, log=print, hooks: TrainHooks | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -37,7 +37,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     scale = config.scale
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config, "plan": ray.put(plan)},
+        train_loop_config={"config": config, "plan": ray.put(plan), "hooks": hooks},
         scaling_config=ScalingConfig(
             num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
             accelerator_type=scale.accelerator_type,
