@@ -92,3 +92,10 @@ def test_the_import_graph_has_no_circles():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+def test_one_flag_vocabulary_with_the_old_spellings_kept():
+    assert parse_stage_args("train", ["--input", "d", "--output", "o"]) == parse_stage_args("train", ["--data", "d", "--output", "o"])
+    assert parse_stage_args("eval", ["--model", "m", "--input", "d", "--output", "x"]) == parse_stage_args(
+        "eval", ["--model", "m", "--data", "d", "--out", "x"])
+    assert parse_stage_args("sample", ["--output", "x"]).out == parse_stage_args("sample", ["--out", "x"]).out == "x"

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folders: ROOT with one folder per class; coco: the captions JSON")
     p.add_argument("--images", help="coco: the folder of the images")
     p.add_argument("--class-names", help="folders: JSON list of human class names, in sorted-folder order")
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--output", "--out", dest="out", metavar="URL", required=True, help="output folder or s3:// prefix")
     storage_flags(p)
     p.set_defaults(func=cmd_convert_eval)
 
@@ -162,7 +162,7 @@ def _flag(action: argparse.Action) -> str:
     value = "|".join(map(str, action.choices)) if action.choices else (action.metavar or short)
     if not action.option_strings:
         return f"[{value}]" if action.nargs == "?" else value
-    flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+    flag = next(o for o in action.option_strings if o.startswith("--"))  # the first long spelling; later ones are aliases
     text = flag if action.nargs == 0 else f"{flag} {value}"
     return text if action.required else f"[{text}{' ...' if isinstance(action, argparse._AppendAction) else ''}]"
 

@@ -1,5 +1,8 @@
 """Every stage in one registry: its flags, its typed config, and how it runs.
 
+One flag vocabulary: a stage reads ``--input`` (or a positional source) and
+writes ``--output``; the older spellings ``--data`` and ``--out`` still work.
+
 A stage's config is built the same way everywhere (``veclip STAGE``, ``veclip
 submit STAGE``, ``veclip config show STAGE``) and without side effects: a
 preset, then ``--config FILE``, then the stage's flags, then ``--set KEY=VALUE``
@@ -102,7 +105,7 @@ def _only_default(config_type):
 
 
 def _sample_flags(p):
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--output", "--out", dest="out", metavar="URL", required=True, help="output folder or s3:// prefix")
     p.add_argument("--rows", type=int, help="train rows (default 2000)")
     p.add_argument("--eval-rows", type=int, help="eval rows (default 500)")
     p.add_argument("--shards", type=int, help="shards per split (default 4)")
@@ -152,7 +155,7 @@ def _validate_preset(name):
 
 def _import_flags(p):
     p.add_argument("source", help="folder of .tar shards, or a .csv file")
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--output", "--out", dest="out", metavar="URL", required=True, help="output folder or s3:// prefix")
     p.add_argument("--format", choices=("auto", "webdataset", "csv"))
     _columns_flag(p)
     p.add_argument("--rows-per-shard", type=int, help="CSV rows per output shard (default 10000)")
@@ -174,8 +177,8 @@ def _import_preset(name):
 
 
 def _rewrite_flags(p):
-    p.add_argument("--input", required=True, help="folder or s3:// prefix of input shards")
-    p.add_argument("--output", required=True, help="folder or s3:// prefix for enriched shards")
+    p.add_argument("--input", metavar="URL", required=True, help="folder or s3:// prefix of input shards")
+    p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for enriched shards")
     p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
     _columns_flag(p)
     p.add_argument("--redo-mismatched", action="store_true",
@@ -199,8 +202,8 @@ def _rewrite_preset(name):
 
 
 def _train_flags(p):
-    p.add_argument("--data", required=True, help="folder or s3:// prefix of (enriched) shards")
-    p.add_argument("--output", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
+    p.add_argument("--input", "--data", dest="data", metavar="URL", required=True, help="folder or s3:// prefix of (enriched) shards")
+    p.add_argument("--output", metavar="URL", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
     p.add_argument("--model", help="open_clip model name, e.g. ViT-B-16 (default), or veclip-tiny")
     p.add_argument("--name", help="run name; rerun with the same name and output to resume")
     p.add_argument("--caption-mode", choices=("alttext", "vecap", "mix", "laclip", "weighted"), help="caption choice per sample (default mix)")
@@ -227,7 +230,7 @@ def _train_run(config, options, args) -> int:
 
 def _export_flags(p):
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
-    p.add_argument("--out", required=True, help="local output folder")
+    p.add_argument("--output", "--out", dest="out", metavar="DIR", required=True, help="local output folder")
 
 
 def _export_preset(name):
@@ -246,8 +249,8 @@ def _export_run(config, options, args) -> int:
 
 def _eval_flags(p):
     p.add_argument("--model", required=True, help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)")
-    p.add_argument("--data", required=True, help="eval shards: folder or s3:// prefix")
-    p.add_argument("--out", help="write eval.json and eval.md here")
+    p.add_argument("--input", "--data", dest="data", metavar="URL", required=True, help="eval shards: folder or s3:// prefix")
+    p.add_argument("--output", "--out", dest="out", metavar="URL", help="write eval.json and eval.md here")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
     p.add_argument("--label-column", help="class-name column for zero-shot (default label_shape)")
     p.add_argument("--caption-column", help="caption (string or list) column for retrieval (default caption)")
@@ -274,7 +277,7 @@ def _eval_run(config, options, args) -> int:
 
 
 def _demo_flags(p):
-    p.add_argument("--out", help="output folder (default runs/demo)")
+    p.add_argument("--output", "--out", dest="out", metavar="URL", help="output folder (default runs/demo)")
     p.add_argument("--rows", type=int, help="train rows of sample data (default 400)")
     p.add_argument("--seed", type=int)
 
