@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 KEY = "key"
 IMAGE = "image"
@@ -169,6 +170,11 @@ class ColumnMap:
                 "drop or rename those columns first"
             )
         return table.rename_columns([renames.get(name, name) for name in table.column_names])
+
+    def apply_to_footer(self, footer: pa.Schema | pq.FileMetaData) -> pa.Schema:
+        """A shard's schema (from its footer: no data read) under the contract's names."""
+        arrow = footer.schema.to_arrow_schema() if isinstance(footer, pq.FileMetaData) else footer
+        return self.apply(arrow.empty_table()).schema
 
     def __str__(self) -> str:
         return ",".join(f"{dst}={src}" for src, dst in self.renames().items()) or "(identity)"

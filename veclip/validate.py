@@ -169,7 +169,7 @@ def _check_shard(location: Location, path: str, footer, config: ValidateConfig, 
         problem("unreadable", f"not a readable Parquet file ({footer})")
         return
     shard.rows = footer.num_rows
-    mapped = config.columns.apply(footer.schema.to_arrow_schema().empty_table()).schema
+    mapped = config.columns.apply_to_footer(footer)
     for message in schema.input_schema_problems(mapped):
         problem("schema", message)
     if any(p.kind == "schema" and p.shard == name for p in report.problems):

@@ -96,7 +96,7 @@ def plan_run(config: RewriteConfig, options, fingerprint: str, redo_mismatched: 
             plan.unreadable[shard.name] = f"unreadable input shard: {footer}"
             continue
         try:
-            schema.check_input_schema(config.columns.apply(footer.schema.to_arrow_schema().empty_table()).schema, shard.path)
+            schema.check_input_schema(config.columns.apply_to_footer(footer), shard.path)
         except ValueError as err:
             mismatch[shard.name] = str(err)
             continue

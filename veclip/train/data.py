@@ -90,7 +90,7 @@ def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> li
     import pyarrow.parquet as pq
 
     with location.fs.open(path, "rb") as f:
-        mapped = columns.apply(pq.read_schema(f).empty_table()).schema
+        mapped = columns.apply_to_footer(pq.read_schema(f))
     schema.check_input_schema(mapped, path)
     names = mapped.names
     wanted = [schema.KEY, schema.IMAGE] + [c for c in CAPTION_COLUMNS if c in names]
