@@ -1,6 +1,7 @@
 """The stage registry: one way to build every config, docs for every field, README and imports kept honest."""
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -99,3 +100,17 @@ def test_one_flag_vocabulary_with_the_old_spellings_kept():
     assert parse_stage_args("eval", ["--model", "m", "--input", "d", "--output", "x"]) == parse_stage_args(
         "eval", ["--model", "m", "--data", "d", "--out", "x"])
     assert parse_stage_args("sample", ["--output", "x"]).out == parse_stage_args("sample", ["--out", "x"]).out == "x"
+
+
+def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):
+    from veclip.eval.run import EvalConfig, evaluate
+    from veclip.rewrite.config import preset
+    from veclip.rewrite.plan import plan_run
+    from veclip.storage import StorageOptions
+
+    (tmp_path / "in").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"eval: no .parquet shards in .*veclip import"):
+        evaluate(EvalConfig(model="unused", data=str(tmp_path / "in")))
+    config = dataclasses.replace(preset("default"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match=r"rewrite: no .parquet shards in .*veclip import"):
+        plan_run(config, StorageOptions(), "f", False)

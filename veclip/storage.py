@@ -138,6 +138,11 @@ def list_shards(location: Location, suffix: str = PARQUET) -> list[str]:
     return [p for p in list_files(location) if p.endswith(suffix)]
 
 
+def no_shards(stage: str, url: str, what: str = ".parquet shards") -> FileNotFoundError:
+    """The error of a stage that found nothing to read (the same words in every stage)."""
+    return FileNotFoundError(f"{stage}: no {what} in {url} (tars or a CSV of images: convert them with `veclip import`)")
+
+
 NOT_MARKED = "no done marker (still being written, or its writer stopped)"
 RECORDED_FAILED = "recorded as failed in _failed/"
 

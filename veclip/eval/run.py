@@ -27,7 +27,7 @@ from veclip.eval.embed import EmbedSpec, embed_local, embed_ray
 from veclip.eval.model import load_model
 from veclip.config import load_named_json
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
-from veclip.storage import Location, StorageOptions, list_shards, write_json
+from veclip.storage import Location, StorageOptions, list_shards, no_shards, write_json
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     location = Location(config.data, options)
     shards = list_shards(location)
     if not shards:
-        raise FileNotFoundError(f"eval: no .parquet shards in {config.data}")
+        raise no_shards("eval", config.data)
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
     spec = EmbedSpec(config.model, config.pretrained, (config.label_column, config.caption_column), config.batch_size)
     if config.workers > 0:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from veclip import schema
 from veclip.rewrite.config import RewriteConfig
-from veclip.storage import PARQUET, Location, ShardStore, list_file_entries, output_shard_name, read_footers
+from veclip.storage import PARQUET, Location, ShardStore, list_file_entries, no_shards, output_shard_name, read_footers
 
 class FingerprintMismatch(ValueError):
     """The output holds shards written with another configuration."""
@@ -63,7 +63,7 @@ def plan_run(config: RewriteConfig, options, fingerprint: str, redo_mismatched: 
         done = ShardStore(Location(config.output, options)).markers(save_manifest=True)  # the caller holds the lease
         inputs = listing.result()
     if not inputs:
-        raise FileNotFoundError(f"rewrite: no .parquet shards in {config.input}")
+        raise no_shards("rewrite", config.input)
     done = {n: m for n, m in done.items() if n in inputs}  # markers of shards no longer in the input are not ours to judge
     plan = Plan(inputs, done)
     mismatched = sorted(n for n, m in done.items() if m.get("fingerprint") != fingerprint)

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
-from veclip.storage import Location, StorageOptions, finished_shard_entries
+from veclip.storage import Location, StorageOptions, finished_shard_entries, no_shards
 from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
@@ -76,7 +76,7 @@ def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, work
     if skipped:
         log(f"train: using {shards} finished shards of {url}; skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     if not units:
-        raise FileNotFoundError(f"train: no finished .parquet shards with rows in {url}")
+        raise no_shards("train", url, "finished .parquet shards with rows")
     if len(units) < workers:
         raise ValueError(
             f"train: {len(units)} row groups in {shards} shards for {workers} workers; each worker reads whole row "
