@@ -100,20 +100,24 @@ def test_both_mode_never_hides_a_second_engine_or_pool():
         bigger_pool.validate_for_run()
 
 
-def test_each_generated_column_names_the_engine_that_made_it(tmp_path):
-    """VeCap mode through both actor classes, in-process: vlm_caption's provenance is the captioner's engine."""
+def _rewrite_in_process(tmp_path, **fields):
+    """A small sample (one image broken) rewritten through both actor classes in-process, stub engines."""
     import pyarrow.parquet as pq
 
     from veclip.lease import OutputLease
     from veclip.rewrite.config import fingerprint
     from veclip.rewrite.faults import RunContext
+    from veclip.rewrite.pipeline import summarize
     from veclip.rewrite.plan import plan_run
     from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
     from veclip.sample import SampleConfig, generate
     from veclip.storage import Location, StorageOptions
 
     generate(SampleConfig(str(tmp_path / "sample"), rows=12, eval_rows=1, shards=2, image_size=32), log=lambda *_: None)
-    config = dataclasses.replace(CONFIG, input=str(tmp_path / "sample" / "train"), output=str(tmp_path / "out"), mode="vecap")
+    first = tmp_path / "sample" / "train" / "part-00000.parquet"
+    table = pq.read_table(first)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array([b"junk"] + table.column("image").to_pylist()[1:], pa.binary())), first)
+    config = dataclasses.replace(CONFIG, input=str(tmp_path / "sample" / "train"), output=str(tmp_path / "out"), mode="vecap", **fields)
     options, run = StorageOptions(), RunContext("r1", fingerprint(config)[0])
     lease = OutputLease(Location(config.output, options), run.run_id, settle_seconds=0)
     lease.acquire()
@@ -121,11 +125,76 @@ def test_each_generated_column_names_the_engine_that_made_it(tmp_path):
         plan = plan_run(config, options, run.fingerprint, False)
         batch = {"shard": [s.path for s in plan.todo], "status": [""] * len(plan.todo)}
         batch = ShardCaptioner(config, options, run, engine=StubEngine("stub-vlm"))(batch)
-        batch = ShardRewriter(config, options, run, engine=StubEngine("stub-llm"))(batch)
+        batch = ShardRewriter(config, options, run, engine=StubEngine("stub-llm", answer=lambda r: _echo_alt_text(r)))(batch)
+        assert batch["status"] == ["done", "done"], batch
+        return config, summarize(config, options, plan, 1.0, run)
     finally:
         lease.release()
-    assert batch["status"] == ["done", "done"], batch
+
+
+def _echo_alt_text(request) -> str:
+    """A fusion answer that keeps the AltText's words (so no entity is lost)."""
+    text = request.messages[-1]["content"]
+    return " ".join(text.replace("<", " ").replace(">", " ").split()[:40])
+
+
+def test_each_generated_column_names_the_engine_that_made_it(tmp_path):
+    """VeCap mode through both actor classes, in-process: vlm_caption's provenance is the captioner's engine."""
+    import pyarrow.parquet as pq
+
+    _rewrite_in_process(tmp_path)
     out = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert {p["engine"] for p in out.column(schema.provenance_column(schema.VLM_CAPTION)).to_pylist()} == {"stub-vlm"}
     assert {p["engine"] for p in out.column(schema.provenance_column(schema.VECAP)).to_pylist()} == {"stub-llm"}
     assert set(out.column(schema.VLM_CAPTION).to_pylist()) == {"a red star on a blue wall"}
+
+
+def test_caption_tables_hold_every_input_row_in_order_and_no_images(tmp_path):
+    import pyarrow.parquet as pq
+
+    _, summary = _rewrite_in_process(tmp_path, layout="captions")
+    source = pq.read_table(tmp_path / "sample" / "train" / "part-00000.parquet")
+    captions = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    assert "image" not in captions.column_names and "alt_text" not in captions.column_names
+    assert captions.column("key").to_pylist() == source.column("key").to_pylist()  # every row, in the input's order
+    assert captions.column(schema.VECAP)[0].as_py() is None and captions.column(schema.REWRITE_FLAGS)[0].as_py()[0].startswith("image:")
+    assert summary["layout"] == "captions" and summary["rows_in"] == 12 == summary["rows_out"] + summary["rows_quarantined"]
+    assert summary["rows_quarantined"] == 1
+
+
+def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_one(tmp_path):
+    import pyarrow.parquet as pq
+
+    from veclip.storage import StorageOptions
+    from veclip.train.data import CaptionMismatch, plan_data, read_window
+    from veclip.train.order import Position, worker_windows
+
+    _rewrite_in_process(tmp_path, layout="captions")
+    plan = plan_data(str(tmp_path / "out"), StorageOptions(), schema.ColumnMap(), workers=1, log=lambda *_: None)
+    assert plan.inputs_url.endswith("sample/train") and plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITES)
+    assert all(u.captions and u.path.startswith(str(tmp_path / "sample")) for u in plan.units)
+    windows = worker_windows(list(plan.units), 0, 0, 0, 1, 8)
+    rows = pa.concat_tables(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
+    source = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "sample" / "train").glob("*.parquet"))], promote_options="default")
+    by_key = dict(zip(source.column("key").to_pylist(), source.column("image").to_pylist()))
+    assert rows.num_rows == 12 and all(by_key[k] == image for k, image in zip(rows.column("key").to_pylist(), rows.column("image").to_pylist()))
+    assert rows.column(schema.VLM_CAPTION).null_count == 1  # the broken image's row: joined, with no caption
+
+    captions = tmp_path / "out" / "part-00001.parquet"  # break the alignment: swap two rows
+    table = pq.read_table(captions)
+    pq.write_table(table.take([1, 0] + list(range(2, table.num_rows))), captions)
+    with pytest.raises(CaptionMismatch, match=r"part-00001.parquet does not line up with its input .*part-00001.parquet: row 0"):
+        list(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
+
+
+@pytest.mark.slow
+def test_training_runs_on_a_caption_layout_output(tmp_path, ray_session):
+    from veclip.train.config import build_config
+    from veclip.train.trainer import run_train
+
+    _rewrite_in_process(tmp_path, layout="captions")
+    config = build_config("tiny", None, ["steps=3", "checkpoint_every=3", "scale.num_workers=1", "batch_size=4", "captions.mode=vecap"],
+                          data=str(tmp_path / "out"), output=str(tmp_path / "runs"), name="joined")
+    summary = run_train(config, log=lambda *_: None)
+    assert summary["metrics"]["step"] == 3
+    assert summary["rows_skipped_by_reason"].get("image_unusable", 0) + summary["rows_skipped_by_reason"].get("no_usable_caption", 0) >= 1

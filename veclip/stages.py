@@ -180,6 +180,8 @@ def _rewrite_flags(p):
     p.add_argument("--input", metavar="URL", required=True, help="folder or s3:// prefix of input shards")
     p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for enriched shards")
     p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
+    p.add_argument("--layout", choices=("copy", "captions"),
+                   help="copy (default): input columns + new ones per shard; captions: caption tables joined to the input by key")
     _columns_flag(p)
     p.add_argument("--redo-mismatched", action="store_true",
                    help="write again the shards an earlier run wrote with another configuration (fingerprint) into this output")
@@ -308,7 +310,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("import", "convert webdataset tars or a CSV of image paths into Parquet shards", _import_flags,
           _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths"), _import_preset, _import_run),
     Stage("rewrite", "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites", _rewrite_flags,
-          _fields("input", "output", "mode", "columns"), _rewrite_preset, _rewrite_run,
+          _fields("input", "output", "mode", "layout", "columns"), _rewrite_preset, _rewrite_run,
           presets="default: real models on GPU actors; tiny: tiny random models on CPU", submittable=True,
           set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7"),
     Stage("train", "train CLIP with Ray Train on (enriched) shards", _train_flags, _train_fields, _train_preset, _train_run,

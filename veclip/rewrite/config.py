@@ -20,6 +20,7 @@ from veclip.config import build
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 
+LAYOUTS = ("copy", "captions")
 MODES = ("vecap", "laclip", "both")
 
 
@@ -92,6 +93,10 @@ class RewriteConfig:
     input: str = ""  # folder or s3:// prefix of input shards
     output: str = ""  # folder or s3:// prefix for enriched shards
     mode: str = "both"  # vecap (caption + fuse), laclip (rewrites) or both
+    # copy: each output shard is its input shard plus the new columns (self-contained);
+    # captions: a caption table per input shard (key, new columns, flags; every input row, in
+    # order; no image bytes) that training joins back to its input by key
+    layout: str = "copy"
     columns: ColumnMap = field(default_factory=ColumnMap)  # the input's column names for the contract's roles (see schema.ColumnMap)
     captioner: StageConfig = field(default_factory=StageConfig)  # the VLM that describes each image (VeCap step 1)
     fuser: StageConfig = field(default_factory=StageConfig)  # the LLM that fuses AltText and the visual caption (VeCap step 2)
@@ -107,6 +112,8 @@ class RewriteConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"rewrite: mode must be one of {MODES}, got {self.mode!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"rewrite: layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.num_rewrites < 1 or self.shots < 0:
             raise ValueError("rewrite: num_rewrites must be >= 1 and shots >= 0")
 
@@ -203,6 +210,8 @@ def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
     if config.uses_captioner:
         fields.update(captioner=stage(config.captioner), fuser=stage(config.fuser), max_image_side=config.max_image_side,
                       image_limits=dataclasses.asdict(config.image_limits))
+    if config.layout != "copy":  # only then: outputs written before layouts existed keep their fingerprint
+        fields["layout"] = config.layout
     if config.uses_laclip:
         fields.update(laclip=stage(config.laclip), num_rewrites=config.num_rewrites, shots=config.shots)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

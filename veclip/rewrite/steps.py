@@ -194,6 +194,16 @@ def provenance(model: str, prompt_version: str, engine_name: str) -> dict:
     return {"model": model, "prompt_version": prompt_version, "engine": engine_name}
 
 
+def caption_table(keys: list[str], kept: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]],
+                  errors: dict[str, tuple[str, str]]) -> pa.Table:
+    """The caption-table layout: one row per input row (``keys``, in order), the generated
+    columns of the ``kept`` rows, and for a refused row nulls and its ``image:<reason>`` flag."""
+    index = {key: i for i, key in enumerate(kept.column(schema.KEY).to_pylist())}
+    every = {name: ([values[index[k]] if k in index else None for k in keys], origin) for name, (values, origin) in generated.items()}
+    every_flags = [flags[index[k]] if k in index else [f"image:{errors[k][0]}"] for k in keys]
+    return assemble(pa.table({schema.KEY: pa.array(keys, pa.string())}), every, every_flags)
+
+
 def assemble(table: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]]) -> pa.Table:
     """The enriched shard: the input rows, every generated column (null where this run made
     none) with its provenance, and the flags."""

@@ -86,7 +86,8 @@ class _ShardWorker(ABC):
         """Write the shard whole, with who wrote it and from what, if this run still holds the output."""
         self.guard.lease.check()
         fs = Location(self.config.input, self.options).fs
-        stats = {**stats, "fingerprint": self.run.fingerprint, "run_id": self.run.run_id, "input": path, "input_size": fs.size(path)}
+        stats = {**stats, "fingerprint": self.run.fingerprint, "run_id": self.run.run_id, "input": path,
+                 "input_url": fs.unstrip_protocol(path), "input_size": fs.size(path)}
         store.write(name, table, quarantine, stats)
 
 
@@ -143,7 +144,7 @@ class ShardRewriter(_ShardWorker):
             return
         start, started_at, fuse_meter, laclip_meter = time.perf_counter(), time.time(), Meter(), Meter()
         table = read_input_shard(path, self.config, self.options)
-        rows_in = table.num_rows
+        rows_in, input_keys = table.num_rows, table.column("key").to_pylist()
         visual, errors, captioner_engine = self._image_checks(table, name)
         table, quarantine = steps.split(table, errors)
         keys, alts = table.column("key").to_pylist(), table.column("alt_text").to_pylist()
@@ -159,8 +160,13 @@ class ShardRewriter(_ShardWorker):
         if self.laclip:
             rewrites = steps.rewrite(self.config, self.engine, self.laclip, keys, alts, flags, laclip_meter)
             generated[schema.REWRITES] = (rewrites, steps.provenance(self.config.laclip.engine.model, self.laclip.version, self.engine.name))
-        out = steps.assemble(table, generated, flags)
+        if self.config.layout == "captions":  # every input row, in order: training joins it back by key
+            out = steps.caption_table(input_keys, table, generated, flags, errors)
+            expected = rows_in
+        else:
+            out, expected = steps.assemble(table, generated, flags), rows_in - quarantine.num_rows
         stats = {
+            "layout": self.config.layout,
             "rows_in": rows_in,
             "seconds": time.perf_counter() - start,
             "engine": self.engine.name,
@@ -170,8 +176,8 @@ class ShardRewriter(_ShardWorker):
             **laclip_meter.stats("laclip"),
             **_work_stamp(started_at),
         }
-        if out.num_rows + quarantine.num_rows != rows_in:  # never lose a row silently
-            raise RuntimeError(f"{name}: {rows_in} rows in, {out.num_rows} out + {quarantine.num_rows} quarantined")
+        if out.num_rows != expected:  # never lose a row silently
+            raise RuntimeError(f"{name}: {rows_in} rows in, {out.num_rows} written ({self.config.layout} layout) + {quarantine.num_rows} quarantined")
         self.commit(self.store, name, path, out, quarantine, stats)
 
     def _image_checks(self, table: pa.Table, name: str) -> tuple[dict, dict, str | None]:

@@ -21,6 +21,7 @@ restarts. The caption itself is chosen on the worker (see
 from __future__ import annotations
 
 import functools
+import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,7 +30,7 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
-from veclip.storage import Location, StorageOptions, finished_shard_entries, no_shards
+from veclip.storage import Location, ShardStore, StorageOptions, finished_shard_entries, no_shards
 from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
@@ -49,6 +50,12 @@ class DataPlan:
     columns: schema.ColumnMap
     shards: int
     shards_skipped: dict[str, int]
+    inputs_url: str | None = None  # caption layout: the folder of the input shards (images); None: the shards are whole
+    caption_columns: tuple[str, ...] = ()  # caption layout: the columns read from the caption tables
+
+
+class CaptionMismatch(ValueError):
+    """A caption table's rows are not its input shard's rows, in order."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,15 @@ class StreamSpec:
 
 
 def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, workers: int, log=print) -> DataPlan:
+    """Finished shards and their row groups; for a caption-layout output (caption tables
+    beside their inputs) the row groups are the inputs', each paired with its caption table."""
     location = Location(url, options)
     entries, skipped = finished_shard_entries(location)
+    layouts = {m.get("layout", "copy") for m in ShardStore(location).markers().values()} if entries else set()
+    if layouts == {"captions"}:
+        return _plan_joined(location, entries, skipped, columns, workers, log)
+    if len(layouts) > 1:
+        raise ValueError(f"train: {url} mixes output layouts {sorted(layouts)}: rewrite it into one layout")
     units, unreadable = read_units(location.fs, [(e["name"], int(e["size"])) for e in entries])
     if unreadable:
         skipped[UNREADABLE_FOOTER] = len(unreadable)
@@ -85,15 +99,35 @@ def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, work
     return DataPlan(url, options, tuple(units), tuple(read_columns(location, units[0].path, columns)), columns, shards, skipped)
 
 
-def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> list[str]:
-    """The source columns to read: key, image and whichever caption columns exist."""
+def _plan_joined(captions: Location, entries: list[dict], skipped: dict, columns: schema.ColumnMap, workers: int, log) -> DataPlan:
+    import pyarrow.parquet as pq
+
+    markers = ShardStore(captions).markers()
+    inputs = {e["name"]: markers[posixpath.basename(e["name"])] for e in entries}
+    inputs_url = posixpath.dirname(next(iter(inputs.values()))["input_url"])
+    source = Location(inputs_url, captions.options)
+    pairs = {source.fs._strip_protocol(m["input_url"]): path for path, m in inputs.items()}
+    units, unreadable = read_units(source.fs, [(source.fs._strip_protocol(m["input_url"]), int(m["input_size"])) for m in inputs.values()], pairs)
+    if unreadable:
+        raise FileNotFoundError(f"train: the inputs of {len(unreadable)} caption tables can't be read, e.g. {next(iter(unreadable.items()))}")
+    if len(units) < workers:
+        raise ValueError(f"train: {len(units)} row groups in the inputs for {workers} workers; use fewer workers")
+    with captions.fs.open(entries[0]["name"], "rb") as f:
+        names = pq.read_schema(f).names
+    log(f"train: caption tables of {captions.url} joined by key to their inputs in {inputs_url}")
+    return DataPlan(captions.url, captions.options, tuple(units), tuple(read_columns(source, units[0].path, columns, (schema.ALT_TEXT,))),
+                    columns, len(entries), skipped, inputs_url, tuple(c for c in CAPTION_COLUMNS if c in names and c != schema.ALT_TEXT))
+
+
+def read_columns(location: Location, path: str, columns: schema.ColumnMap, caption_columns=CAPTION_COLUMNS) -> list[str]:
+    """The source columns to read: key, image and whichever ``caption_columns`` exist."""
     import pyarrow.parquet as pq
 
     with location.fs.open(path, "rb") as f:
         mapped = columns.apply_to_footer(pq.read_schema(f))
     schema.check_input_schema(mapped, path)
     names = mapped.names
-    wanted = [schema.KEY, schema.IMAGE] + [c for c in CAPTION_COLUMNS if c in names]
+    wanted = [schema.KEY, schema.IMAGE] + [c for c in caption_columns if c in names]
     renames = {dst: src for src, dst in columns.renames().items()}
     return [renames.get(c, c) for c in wanted]
 
@@ -102,15 +136,16 @@ def read_window(batch: dict, plan: DataPlan, windows: list[list[ReadUnit]], star
     """A window's rows in its permuted order (from ``start.offset`` in the first window), in chunks."""
     import pyarrow.parquet as pq
 
-    location = Location(plan.url, plan.options)
+    location = Location(plan.inputs_url or plan.url, plan.options)
     for window in batch["window"].tolist():
         tables = []
         for unit in windows[window]:
             with location.fs.open(unit.path, "rb") as f:
                 parquet = pq.ParquetFile(f)
                 wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
-                tables.append(parquet.read_row_group(unit.row_group, columns=wanted))
-        table = plan.columns.apply(pa.concat_tables(tables, promote_options="default"))
+                table = plan.columns.apply(parquet.read_row_group(unit.row_group, columns=wanted))
+            tables.append(join_captions(table, unit, plan) if unit.captions else table)
+        table = pa.concat_tables(tables, promote_options="default")
         order = window_order(table.num_rows, seed, start.epoch, rank, window)
         first = start.offset if window == start.window else 0
         for offset in range(first, len(order), CHUNK_ROWS):
@@ -118,6 +153,26 @@ def read_window(batch: dict, plan: DataPlan, windows: list[list[ReadUnit]], star
             n = chunk.num_rows
             yield chunk.append_column("_window", pa.array(np.full(n, window, np.int64))).append_column(
                 "_offset", pa.array(np.arange(offset, offset + n, dtype=np.int64)))
+
+
+def join_captions(table: pa.Table, unit: ReadUnit, plan: DataPlan) -> pa.Table:
+    """An input row group with its rows of the caption table beside it: the same keys in the
+    same order, checked row by row (a caption table is never trusted to line up)."""
+    import pyarrow.parquet as pq
+
+    fs = Location(plan.url, plan.options).fs
+    with fs.open(unit.captions, "rb") as f:  # small: keys and text only
+        captions = pq.read_table(f, columns=[schema.KEY, *plan.caption_columns]).slice(unit.first_row, unit.rows)
+    keys, caption_keys = table.column(schema.KEY), captions.column(schema.KEY)
+    if captions.num_rows != table.num_rows or not keys.equals(caption_keys):
+        at = next((i for i, (a, b) in enumerate(zip(keys.to_pylist(), caption_keys.to_pylist())) if a != b), min(len(keys), len(caption_keys)))
+        raise CaptionMismatch(
+            f"train: caption table {unit.captions} does not line up with its input {unit.path}: row {unit.first_row + at} "
+            f"is {keys[at].as_py() if at < len(keys) else None!r} in the input but "
+            f"{caption_keys[at].as_py() if at < len(caption_keys) else None!r} in the captions; rewrite that shard again")
+    for name in plan.caption_columns:
+        table = table.append_column(name, captions.column(name))
+    return table
 
 
 @functools.lru_cache(maxsize=4)

@@ -30,6 +30,8 @@ class ReadUnit:
     path: str
     row_group: int
     rows: int
+    first_row: int = 0  # of the row group, in its shard
+    captions: str | None = None  # a caption-table shard whose rows first_row.. are this row group's, in order
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,10 @@ class Position:
         return asdict(self)
 
 
-def read_units(fs, files: list[tuple[str, int]]) -> tuple[list[ReadUnit], dict[str, str]]:
+def read_units(fs, files: list[tuple[str, int]], captions: dict[str, str] | None = None) -> tuple[list[ReadUnit], dict[str, str]]:
     """The row groups of ``(path, size)`` shards, in (path, row group) order, and
-    ``{path: error}`` for shards whose footer can't be read (left out)."""
+    ``{path: error}`` for shards whose footer can't be read (left out).
+    ``captions``: each shard's caption-table shard, for the caption layout."""
     footers = read_footers(fs, files)
     units, unreadable = [], {}
     for path, _ in sorted(files):
@@ -54,8 +57,12 @@ def read_units(fs, files: list[tuple[str, int]]) -> tuple[list[ReadUnit], dict[s
         if isinstance(footer, str):
             unreadable[path] = footer
             continue
-        units += [ReadUnit(path, g, footer.row_group(g).num_rows) for g in range(footer.num_row_groups)
-                  if footer.row_group(g).num_rows]
+        first = 0
+        for g in range(footer.num_row_groups):
+            rows = footer.row_group(g).num_rows
+            if rows:
+                units.append(ReadUnit(path, g, rows, first, (captions or {}).get(path)))
+            first += rows
     return units, unreadable
 
 
