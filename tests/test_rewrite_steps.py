@@ -187,6 +187,23 @@ def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_
         list(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
 
 
+def test_validate_checks_caption_tables_against_their_inputs(tmp_path):
+    import pyarrow.parquet as pq
+
+    from veclip.validate import ValidateConfig, validate
+
+    _rewrite_in_process(tmp_path, layout="captions")
+    report = validate(ValidateConfig(str(tmp_path / "out"), images="full"))
+    assert report.caption_tables_of == str(tmp_path / "out") and report.totals.rows == 12 and report.totals.bad_images == 1
+    assert "checked against their inputs" in report.render()
+    captions = tmp_path / "out" / "part-00001.parquet"
+    table = pq.read_table(captions)
+    pq.write_table(table.slice(1), captions)  # a row missing: the table no longer lines up
+    broken = validate(ValidateConfig(str(tmp_path / "out"), images="none"))
+    assert not broken.usable and [p.kind for p in broken.problems] == ["caption_misaligned"]
+    assert "part-00001.parquet" in str(broken.problems[0]) and "first difference at row 0" in str(broken.problems[0])
+
+
 @pytest.mark.slow
 def test_training_runs_on_a_caption_layout_output(tmp_path, ray_session):
     from veclip.train.config import build_config

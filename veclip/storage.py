@@ -172,6 +172,29 @@ def finished_shard_entries(location: Location) -> tuple[list[dict], dict[str, in
     return kept, skipped
 
 
+@dataclass(frozen=True)
+class CaptionTables:
+    """A caption-layout output (``rewrite --layout captions``): its caption tables, each
+    with the input shard it belongs to (from the markers, which record the input)."""
+
+    inputs_url: str  # the folder of the input shards
+    inputs: dict[str, tuple[str, int]]  # caption table path -> (input shard path, input size)
+
+
+def caption_tables(location: Location, entries: list[dict]) -> CaptionTables | None:
+    """The caption tables among ``entries`` (finished shards) of ``location``; None for whole shards."""
+    markers = ShardStore(location).markers() if entries else {}
+    layouts = {markers.get(posixpath.basename(e["name"]), {}).get("layout", "copy") for e in entries}
+    if layouts != {"captions"}:
+        if len(layouts) > 1:
+            raise ValueError(f"{location.url} mixes output layouts {sorted(layouts)}: rewrite it into one layout")
+        return None
+    marked = {e["name"]: markers[posixpath.basename(e["name"])] for e in entries}
+    inputs_url = posixpath.dirname(next(iter(marked.values()))["input_url"])
+    fs = Location(inputs_url, location.options).fs
+    return CaptionTables(inputs_url, {path: (fs._strip_protocol(m["input_url"]), int(m["input_size"])) for path, m in marked.items()})
+
+
 def finished_shards(location: Location) -> tuple[list[str], dict[str, int]]:
     """The paths of :func:`finished_shard_entries`."""
     entries, skipped = finished_shard_entries(location)

@@ -14,6 +14,7 @@ for duplicates across shards with bounded memory (:mod:`veclip.keyindex`).
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import zlib
 from collections import Counter
@@ -27,11 +28,12 @@ import pyarrow.parquet as pq
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
-from veclip.storage import Location, StorageOptions, list_file_entries, read_footers
+from veclip.storage import (CaptionTables, Location, ShardStore, StorageOptions, caption_tables, finished_shard_entries, list_file_entries,
+                            read_footers)
 
 IMAGE_CHECKS = ("sample", "full", "none")
 # Problems that make a dataset unusable whatever the tolerance.
-FATAL = ("no_shards", "unreadable", "schema", "null_key", "duplicate_key")
+FATAL = ("no_shards", "unreadable", "schema", "null_key", "duplicate_key", "caption_misaligned")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
     key_partitions: int = 1  # >1: keys were spilled to disk in that many partitions (bounded memory)
+    caption_tables_of: str | None = None  # a caption-layout output: the inputs were checked, and each table against its input
 
     @property
     def totals(self) -> ShardReport:
@@ -121,6 +124,8 @@ class ValidationReport:
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
         fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
         out = [f"dataset {self.url}  (columns: {self.config.columns}, images: {self.config.images})", fmt(header)]
+        if self.caption_tables_of:
+            out.insert(0, f"caption tables {self.caption_tables_of}: checked against their inputs, row by row; the inputs:")
         out += [fmt(line) for line in lines]
         for name in self.ignored_files:
             out.append(f"note: ignored non-Parquet file {name}")
@@ -200,7 +205,35 @@ def _check_shard(location: Location, path: str, footer, config: ValidateConfig, 
 
 
 def validate(config: ValidateConfig, options: StorageOptions | None = None) -> ValidationReport:
-    location = Location(config.url, options or StorageOptions())
+    """Check a folder of shards; for caption tables (``rewrite --layout captions``), their inputs,
+    and that every table holds its input's keys in the input's order."""
+    options = options or StorageOptions()
+    location = Location(config.url, options)
+    entries, _ = finished_shard_entries(location) if ShardStore(location).done() else ([], {})
+    tables = caption_tables(location, entries)
+    if tables:
+        report = validate(dataclasses.replace(config, url=tables.inputs_url), options)
+        report.caption_tables_of = config.url
+        _check_alignment(location, tables, report)
+        return report
+    return _validate_shards(config, location)
+
+
+def _check_alignment(location: Location, tables: CaptionTables, report: ValidationReport) -> None:
+    inputs = Location(tables.inputs_url, location.options)
+    for table, (source, _) in sorted(tables.inputs.items()):
+        with location.fs.open(table, "rb") as f:
+            captions = pq.read_table(f, columns=[schema.KEY]).column(schema.KEY).to_pylist()
+        with inputs.fs.open(source, "rb") as f:
+            keys = report.config.columns.apply(pq.read_table(f, columns=[report.config.columns.key])).column(schema.KEY).to_pylist()
+        if captions != keys:
+            row = next((i for i, (a, b) in enumerate(zip(keys, captions)) if a != b), min(len(keys), len(captions)))
+            report.problems.append(Problem(
+                "caption_misaligned", posixpath.basename(table),
+                f"{len(captions)} caption rows for {len(keys)} input rows of {source}; first difference at row {row}", row))
+
+
+def _validate_shards(config: ValidateConfig, location: Location) -> ValidationReport:
     report = ValidationReport(config.url, config)
     entries = list_file_entries(location)  # raises FileNotFoundError naming the URL
     shards = [e for e in entries if e["name"].endswith(".parquet")]

@@ -21,7 +21,6 @@ restarts. The caption itself is chosen on the worker (see
 from __future__ import annotations
 
 import functools
-import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,7 +29,7 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
-from veclip.storage import Location, ShardStore, StorageOptions, finished_shard_entries, no_shards
+from veclip.storage import Location, StorageOptions, caption_tables, finished_shard_entries, no_shards
 from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
@@ -72,21 +71,21 @@ class StreamSpec:
 
 
 def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, workers: int, log=print) -> DataPlan:
-    """Finished shards and their row groups; for a caption-layout output (caption tables
-    beside their inputs) the row groups are the inputs', each paired with its caption table."""
+    """Finished shards and their row groups; for caption tables (``rewrite --layout captions``)
+    the row groups are their inputs', each paired with its caption table."""
     location = Location(url, options)
     entries, skipped = finished_shard_entries(location)
-    layouts = {m.get("layout", "copy") for m in ShardStore(location).markers().values()} if entries else set()
-    if layouts == {"captions"}:
-        return _plan_joined(location, entries, skipped, columns, workers, log)
-    if len(layouts) > 1:
-        raise ValueError(f"train: {url} mixes output layouts {sorted(layouts)}: rewrite it into one layout")
-    units, unreadable = read_units(location.fs, [(e["name"], int(e["size"])) for e in entries])
+    tables = caption_tables(location, entries)
+    files = list(tables.inputs.values()) if tables else [(e["name"], int(e["size"])) for e in entries]
+    source = Location(tables.inputs_url, options) if tables else location
+    units, unreadable = read_units(source.fs, files, {i: c for c, (i, _) in tables.inputs.items()} if tables else None)
     if unreadable:
         skipped[UNREADABLE_FOOTER] = len(unreadable)
         path, error = next(iter(unreadable.items()))
         log(f"train: {len(unreadable)} shard(s) with an unreadable footer left out, e.g. {path}: {error}")
     shards = len(entries) - len(unreadable)
+    if tables:
+        log(f"train: the caption tables of {url}, joined by key to their inputs in {tables.inputs_url}")
     if skipped:
         log(f"train: using {shards} finished shards of {url}; skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     if not units:
@@ -96,27 +95,14 @@ def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, work
             f"train: {len(units)} row groups in {shards} shards for {workers} workers; each worker reads whole row "
             "groups, so write more (smaller) row groups or use fewer workers"
         )
-    return DataPlan(url, options, tuple(units), tuple(read_columns(location, units[0].path, columns)), columns, shards, skipped)
-
-
-def _plan_joined(captions: Location, entries: list[dict], skipped: dict, columns: schema.ColumnMap, workers: int, log) -> DataPlan:
+    if not tables:
+        return DataPlan(url, options, tuple(units), tuple(read_columns(location, units[0].path, columns)), columns, shards, skipped)
     import pyarrow.parquet as pq
 
-    markers = ShardStore(captions).markers()
-    inputs = {e["name"]: markers[posixpath.basename(e["name"])] for e in entries}
-    inputs_url = posixpath.dirname(next(iter(inputs.values()))["input_url"])
-    source = Location(inputs_url, captions.options)
-    pairs = {source.fs._strip_protocol(m["input_url"]): path for path, m in inputs.items()}
-    units, unreadable = read_units(source.fs, [(source.fs._strip_protocol(m["input_url"]), int(m["input_size"])) for m in inputs.values()], pairs)
-    if unreadable:
-        raise FileNotFoundError(f"train: the inputs of {len(unreadable)} caption tables can't be read, e.g. {next(iter(unreadable.items()))}")
-    if len(units) < workers:
-        raise ValueError(f"train: {len(units)} row groups in the inputs for {workers} workers; use fewer workers")
-    with captions.fs.open(entries[0]["name"], "rb") as f:
+    with location.fs.open(entries[0]["name"], "rb") as f:
         names = pq.read_schema(f).names
-    log(f"train: caption tables of {captions.url} joined by key to their inputs in {inputs_url}")
-    return DataPlan(captions.url, captions.options, tuple(units), tuple(read_columns(source, units[0].path, columns, (schema.ALT_TEXT,))),
-                    columns, len(entries), skipped, inputs_url, tuple(c for c in CAPTION_COLUMNS if c in names and c != schema.ALT_TEXT))
+    return DataPlan(url, options, tuple(units), tuple(read_columns(source, units[0].path, columns, (schema.ALT_TEXT,))), columns, shards,
+                    skipped, tables.inputs_url, tuple(c for c in CAPTION_COLUMNS if c in names and c != schema.ALT_TEXT))
 
 
 def read_columns(location: Location, path: str, columns: schema.ColumnMap, caption_columns=CAPTION_COLUMNS) -> list[str]:
