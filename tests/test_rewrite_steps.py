@@ -100,8 +100,9 @@ def test_both_mode_never_hides_a_second_engine_or_pool():
         bigger_pool.validate_for_run()
 
 
-def _rewrite_in_process(tmp_path, **fields):
-    """A small sample (one image broken) rewritten through both actor classes in-process, stub engines."""
+def _rewrite_in_process(tmp_path, url=None, options=None, **fields):
+    """A small sample (one image broken) rewritten through both actor classes in-process, stub engines;
+    on local disk, or under ``url`` (with ``options``) on S3."""
     import pyarrow.parquet as pq
 
     from veclip.lease import OutputLease
@@ -117,8 +118,11 @@ def _rewrite_in_process(tmp_path, **fields):
     first = tmp_path / "sample" / "train" / "part-00000.parquet"
     table = pq.read_table(first)
     pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array([b"junk"] + table.column("image").to_pylist()[1:], pa.binary())), first)
-    config = dataclasses.replace(CONFIG, input=str(tmp_path / "sample" / "train"), output=str(tmp_path / "out"), mode="vecap", **fields)
-    options, run = StorageOptions(), RunContext("r1", fingerprint(config)[0])
+    root = str(tmp_path) if url is None else url
+    if url is not None:
+        Location(url, options).fs.put(str(tmp_path / "sample") + "/", url[len("s3://"):] + "/sample", recursive=True)
+    config = dataclasses.replace(CONFIG, input=root + "/sample/train", output=root + "/out", mode="vecap", **fields)
+    options, run = options or StorageOptions(), RunContext("r1", fingerprint(config)[0])
     lease = OutputLease(Location(config.output, options), run.run_id, settle_seconds=0)
     lease.acquire()
     try:
@@ -202,6 +206,22 @@ def test_validate_checks_caption_tables_against_their_inputs(tmp_path):
     broken = validate(ValidateConfig(str(tmp_path / "out"), images="none"))
     assert not broken.usable and [p.kind for p in broken.problems] == ["caption_misaligned"]
     assert "part-00001.parquet" in str(broken.problems[0]) and "first difference at row 0" in str(broken.problems[0])
+
+
+def test_caption_tables_on_s3_join_and_validate(tmp_path, s3_bucket):
+    from veclip.train.data import plan_data, read_window
+    from veclip.train.order import Position, worker_windows
+    from veclip.validate import ValidateConfig, validate
+
+    url, options = s3_bucket
+    _rewrite_in_process(tmp_path, url, options, layout="captions")
+    plan = plan_data(url + "/out", options, schema.ColumnMap(), workers=1, log=lambda *_: None)
+    assert plan.inputs_url == url + "/sample/train"
+    windows = worker_windows(list(plan.units), 0, 0, 0, 1, 8)
+    rows = pa.concat_tables(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
+    assert rows.num_rows == 12 and rows.column("image").null_count == 0 and rows.column(schema.VLM_CAPTION).null_count == 1
+    report = validate(ValidateConfig(url + "/out", images="none"), options)
+    assert report.usable and report.caption_tables_of == url + "/out" and report.totals.rows == 12
 
 
 @pytest.mark.slow
