@@ -69,7 +69,8 @@ def test_bad_input_gives_clear_errors(tmp_path):
 def test_demo(tmp_path, vllm_python):
     result = veclip_cli("demo", "--out", str(tmp_path / "demo"), "--rows", "40", env={"VECLIP_VLLM_PYTHON": vllm_python}, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("OK: usable") == 2 and "demo: done" in result.stdout
+    assert result.stdout.count("OK: usable") == 3 and "demo: done" in result.stdout  # both splits, then the caption tables
+    assert "caption tables" in result.stdout and "joined by key" in result.stdout
     assert "rewrite (both): 40 rows in -> " in result.stdout and "train (veclip-tiny, captions mix): step 60" in result.stdout
     assert (tmp_path / "demo" / "model" / "open_clip_model.safetensors").exists()
     report = (tmp_path / "demo" / "report.md").read_text()

@@ -1,7 +1,8 @@
 """``veclip demo``: the main job, end to end, on built-in sample data.
 
 Sample data -> validate -> rewrite (VeCap + LaCLIP through real vLLM, tiny
-random models) -> train a tiny CLIP with the VeCLIP 50/50 mix on 2 Ray Train
+random models, written as caption tables beside the images) -> validate the
+tables against their inputs -> train (joined by key) a tiny CLIP with the VeCLIP 50/50 mix on 2 Ray Train
 workers -> export for stock open_clip -> evaluate (zero-shot, retrieval) ->
 ``report.md`` with plots. Rerunning is cheap: every stage skips what is done
 (training resumes from its last checkpoint, which is the end).
@@ -62,13 +63,19 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
             return 1
     lap("validate")
 
-    rewrite = build_rewrite_config("tiny", input=data.child("train").url, output=root.child("enriched").url, mode="both")
+    # caption tables beside the sample images (the layout for scale): training joins them back by key
+    rewrite = build_rewrite_config("tiny", input=data.child("train").url, output=root.child("captions").url, mode="both", layout="captions")
     rewrite_summary = run_rewrite(rewrite, options)
     print(render_rewrite_summary(rewrite_summary))
     if rewrite_summary["failed"]:
         print("demo: FAILED: some rewrite shards kept failing (above); rerun `veclip demo` to retry them")
         return 1
     lap("rewrite (vLLM, tiny random models)")
+    report = validate(ValidateConfig(rewrite.output, images="none"), options)  # each caption table against its input
+    print(report.render())
+    if not report.usable:
+        print("demo: FAILED: the caption tables do not line up with their inputs")
+        return 1
 
     per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
     train = build_train_config("tiny", None, [f"batch_size={per_worker}"], data=rewrite.output, output=root.child("train").url, name="demo-mix")
