@@ -63,7 +63,7 @@ def input_keys(folder: Path) -> list[str]:
 def vecap_run(sample_root, tmp_path_factory, vllm_python, ray_session):
     root = tmp_path_factory.mktemp("rewrite")
     source = make_input(sample_root, root / "input")
-    config = build_config("tiny", input=str(source), output=str(root / "output"), mode="both")
+    config = build_config("tiny", input=str(source), output=str(root / "output"), mode="both", layout="copy")  # self-contained shards
     summary = run_rewrite(config, log=lambda *_: None)
     return source, Location(str(root / "output")), summary, config
 

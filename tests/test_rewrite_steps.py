@@ -146,7 +146,7 @@ def test_each_generated_column_names_the_engine_that_made_it(tmp_path):
     """VeCap mode through both actor classes, in-process: vlm_caption's provenance is the captioner's engine."""
     import pyarrow.parquet as pq
 
-    _rewrite_in_process(tmp_path)
+    _rewrite_in_process(tmp_path, layout="copy")
     out = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert {p["engine"] for p in out.column(schema.provenance_column(schema.VLM_CAPTION)).to_pylist()} == {"stub-vlm"}
     assert {p["engine"] for p in out.column(schema.provenance_column(schema.VECAP)).to_pylist()} == {"stub-llm"}

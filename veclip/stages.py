@@ -181,7 +181,7 @@ def _rewrite_flags(p):
     p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for enriched shards")
     p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
     p.add_argument("--layout", choices=("copy", "captions"),
-                   help="copy (default): input columns + new ones per shard; captions: caption tables joined to the input by key")
+                   help="captions (default): caption tables, joined to their input by key; copy: the input's columns + the new ones")
     _columns_flag(p)
     p.add_argument("--redo-mismatched", action="store_true",
                    help="write again the shards an earlier run wrote with another configuration (fingerprint) into this output")

@@ -93,10 +93,10 @@ class RewriteConfig:
     input: str = ""  # folder or s3:// prefix of input shards
     output: str = ""  # folder or s3:// prefix for enriched shards
     mode: str = "both"  # vecap (caption + fuse), laclip (rewrites) or both
-    # copy: each output shard is its input shard plus the new columns (self-contained);
     # captions: a caption table per input shard (key, new columns, flags; every input row, in
-    # order; no image bytes) that training joins back to its input by key
-    layout: str = "copy"
+    # order; no image bytes) that training joins back to its input by key; copy: each output
+    # shard is its input shard plus the new columns (self-contained, the images written again)
+    layout: str = "captions"
     columns: ColumnMap = field(default_factory=ColumnMap)  # the input's column names for the contract's roles (see schema.ColumnMap)
     captioner: StageConfig = field(default_factory=StageConfig)  # the VLM that describes each image (VeCap step 1)
     fuser: StageConfig = field(default_factory=StageConfig)  # the LLM that fuses AltText and the visual caption (VeCap step 2)
