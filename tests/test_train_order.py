@@ -75,9 +75,9 @@ def test_a_stream_restarted_at_a_position_continues_with_the_same_batches():
 def test_resume_point_is_exact_only_with_the_same_worker_count():
     saved = Progress(step=8, samples_seen=512, workers=[
         WorkerProgress(Position(1, 2, 40), {"image_unusable": 1}), WorkerProgress(Position(1, 3, 5), {"no_usable_caption": 2})])
-    progress, mine, _ = resume_point(saved, 1, 2, "ckpt")
+    progress, mine = resume_point(saved, 1, 2, "ckpt")
     assert mine.position == Position(1, 3, 5) and progress.resumes[-1]["exact"] and progress.step == 8
-    progress, mine, _ = resume_point(saved, 0, 4, "ckpt")
+    progress, mine = resume_point(saved, 0, 4, "ckpt")
     assert mine.position == Position(2) and not progress.resumes[-1]["exact"]
     assert "from 2 to 4" in progress.resumes[-1]["why"] and mine.skipped == {"image_unusable": 1, "no_usable_caption": 2}
 

@@ -14,6 +14,7 @@ stage's ``run`` prints its summary and returns the exit code.
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -92,11 +93,18 @@ def parse_stage_args(name: str, argv: list[str]):
     return stage_config(stage, parser.parse_args([name, *argv]))
 
 
-def _only_default(config_type):
+def _lazy(target: str) -> Callable:
+    """``module:attribute``, imported when called: stage modules pull in torch, Ray and vLLM."""
+    module, _, attribute = target.partition(":")
+    return lambda *args: getattr(importlib.import_module(module), attribute)(*args)
+
+
+def _only_default(config_type: str) -> Callable[[str], Any]:
+    """The presets of a stage that has one: the defaults of its config class (``module:Class``)."""
     def preset(name: str):
         if name != "default":
             raise ValueError(f"unknown preset {name!r}: this stage has only 'default'")
-        return config_type()
+        return _lazy(config_type)()
 
     return preset
 
@@ -121,12 +129,6 @@ def _sample_run(config, options, args) -> int:
     return 0
 
 
-def _sample_preset(name):
-    from veclip.sample import SampleConfig
-
-    return _only_default(SampleConfig)(name)
-
-
 def _validate_flags(p):
     p.add_argument("url", help="folder or s3:// prefix holding .parquet shards")
     _columns_flag(p)
@@ -147,12 +149,6 @@ def _validate_run(config, options, args) -> int:
     return 0 if report.usable else 1
 
 
-def _validate_preset(name):
-    from veclip.validate import ValidateConfig
-
-    return _only_default(ValidateConfig)(name)
-
-
 def _import_flags(p):
     p.add_argument("source", help="folder of .tar shards, or a .csv file")
     p.add_argument("--output", "--out", dest="out", metavar="URL", required=True, help="output folder or s3:// prefix")
@@ -168,12 +164,6 @@ def _import_run(config, options, args) -> int:
 
     print(run_import(config, options).render())
     return 0
-
-
-def _import_preset(name):
-    from veclip.ingest import ImportConfig
-
-    return _only_default(ImportConfig)(name)
 
 
 def _rewrite_flags(p):
@@ -197,12 +187,6 @@ def _rewrite_run(config, options, args) -> int:
     return 1 if summary["failed"] else 0
 
 
-def _rewrite_preset(name):
-    from veclip.rewrite.config import preset
-
-    return preset(name)
-
-
 def _train_flags(p):
     p.add_argument("--input", "--data", dest="data", metavar="URL", required=True, help="folder or s3:// prefix of (enriched) shards")
     p.add_argument("--output", metavar="URL", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
@@ -217,12 +201,6 @@ def _train_fields(args) -> dict:
     return {**fields, "captions.mode": args.caption_mode}
 
 
-def _train_preset(name):
-    from veclip.train.config import preset
-
-    return preset(name)
-
-
 def _train_run(config, options, args) -> int:
     from veclip.train.trainer import render_summary, run_train
 
@@ -233,12 +211,6 @@ def _train_run(config, options, args) -> int:
 def _export_flags(p):
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
     p.add_argument("--output", "--out", dest="out", metavar="DIR", required=True, help="local output folder")
-
-
-def _export_preset(name):
-    from veclip.train.export import ExportConfig
-
-    return _only_default(ExportConfig)(name)
 
 
 def _export_run(config, options, args) -> int:
@@ -265,12 +237,6 @@ def _eval_flags(p):
     _columns_flag(p)
 
 
-def _eval_preset(name):
-    from veclip.eval.run import EvalConfig
-
-    return _only_default(EvalConfig)(name)
-
-
 def _eval_run(config, options, args) -> int:
     from veclip.eval.run import evaluate, render_markdown
 
@@ -282,12 +248,6 @@ def _demo_flags(p):
     p.add_argument("--output", "--out", dest="out", metavar="URL", help="output folder (default runs/demo)")
     p.add_argument("--rows", type=int, help="train rows of sample data (default 400)")
     p.add_argument("--seed", type=int)
-
-
-def _demo_preset(name):
-    from veclip.demo import DemoConfig
-
-    return _only_default(DemoConfig)(name)
 
 
 def _demo_run(config, options, args) -> int:
@@ -303,24 +263,24 @@ def _fields(*names: str) -> Callable[[argparse.Namespace], dict]:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sample", "write rendered sample data (train + eval splits)", _sample_flags,
-          _fields("out", "rows", "eval_rows", "shards", "seed", "image_size"), _sample_preset, _sample_run),
+          _fields("out", "rows", "eval_rows", "shards", "seed", "image_size"), _only_default("veclip.sample:SampleConfig"), _sample_run),
     Stage("validate", "check a folder of Parquet shards against the input schema", _validate_flags,
           _fields("url", "columns", "images", "sample_per_shard", "sample_row_groups", "max_bad_image_share", "max_keys_in_memory"),
-          _validate_preset, _validate_run),
+          _only_default("veclip.validate:ValidateConfig"), _validate_run),
     Stage("import", "convert webdataset tars or a CSV of image paths into Parquet shards", _import_flags,
-          _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths"), _import_preset, _import_run),
+          _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths"), _only_default("veclip.ingest:ImportConfig"), _import_run),
     Stage("rewrite", "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites", _rewrite_flags,
-          _fields("input", "output", "mode", "layout", "columns"), _rewrite_preset, _rewrite_run,
+          _fields("input", "output", "mode", "layout", "columns"), _lazy("veclip.rewrite.config:preset"), _rewrite_run,
           presets="default: real models on GPU actors; tiny: tiny random models on CPU", submittable=True,
           set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7"),
-    Stage("train", "train CLIP with Ray Train on (enriched) shards", _train_flags, _train_fields, _train_preset, _train_run,
+    Stage("train", "train CLIP with Ray Train on (enriched) shards", _train_flags, _train_fields, _lazy("veclip.train.config:preset"), _train_run,
           presets="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers", submittable=True,
           set_example="steps=2000, captions.p_vecap=0.3, scale.num_workers=4"),
     Stage("export", "write a checkpoint as a folder stock open_clip loads", _export_flags,
-          _fields("checkpoint", "out"), _export_preset, _export_run),
+          _fields("checkpoint", "out"), _only_default("veclip.train.export:ExportConfig"), _export_run),
     Stage("eval", "zero-shot classification and image<->text retrieval on a Parquet eval set", _eval_flags,
           _fields("model", "data", "out", "pretrained", "label_column", "caption_column", "classes", "templates", "workers",
                   "gpus_per_worker", "cpus_per_worker", "batch_size", "columns"),
-          _eval_preset, _eval_run, submittable=True),
-    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed"), _demo_preset, _demo_run),
+          _only_default("veclip.eval.run:EvalConfig"), _eval_run, submittable=True),
+    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed"), _only_default("veclip.demo:DemoConfig"), _demo_run),
 )}

@@ -99,6 +99,11 @@ def _record_unreadable(store: ShardStore, plan: Plan, run: RunContext) -> None:
         record_failure(store, name, plan.inputs[name].path, "plan", run, 1, [why])
 
 
+def _rows_out(marker: dict) -> int:
+    """A done shard's rows with captions: a caption table keeps its quarantined rows (null, flagged); a copy does not."""
+    return marker["rows"] - (marker["quarantined"] if marker.get("layout", "copy") == "captions" else 0)
+
+
 def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan, wall_seconds: float, run: RunContext,
               started_at: float | None = None) -> dict:
     """The run summary over the whole output; raises if any row is unaccounted for.
@@ -115,7 +120,7 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
     failed = {n: f for n, f in store.failures().items() if n in plan.inputs and n not in markers}
     problems = [f"{name}: not written" for name in sorted(set(plan.inputs) - set(markers) - set(failed))]
     for name, marker in markers.items():
-        accounted = marker["rows"] + (marker["quarantined"] if marker.get("layout", "copy") == "copy" else 0)
+        accounted = _rows_out(marker) + marker["quarantined"]
         if name in plan.input_rows and accounted != plan.input_rows[name]:
             problems.append(f"{name}: {plan.input_rows[name]} input rows but {marker['rows']} out + {marker['quarantined']} quarantined")
     if problems:
@@ -159,7 +164,7 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
         "run_id": run.run_id,
         "fingerprint": run.fingerprint,
         "rows_in": sum(plan.input_rows.get(n, 0) for n in markers),
-        "rows_out": sum(m["rows"] - (m["quarantined"] if m.get("layout", "copy") != "copy" else 0) for m in markers.values()),
+        "rows_out": sum(_rows_out(m) for m in markers.values()),
         "layout": config.layout,
         "rows_quarantined": sum(m["quarantined"] for m in markers.values()),
         "rows_in_failed_shards": sum(plan.input_rows.get(n, 0) for n in failed),

@@ -61,17 +61,17 @@ class TrainHooks:
                 f.write(json.dumps({"step": step, "epoch": epoch, "key_hash": [int(k) for k in key_hashes]}) + "\n")
 
 
-def resume_point(saved: Progress, rank: int, world: int, path: str) -> tuple[Progress, WorkerProgress, dict]:
-    """The progress to go on from, this worker's part of it, and the record of this resume."""
+def resume_point(saved: Progress, rank: int, world: int, path: str) -> tuple[Progress, WorkerProgress]:
+    """The progress to go on from (with this resume recorded) and this worker's part of it."""
     record = {"from_step": saved.step, "checkpoint": path, "workers": [w.to_dict() for w in saved.workers]}
     if len(saved.workers) == world:
-        return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}]), saved.workers[rank], record
+        return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}]), saved.workers[rank]
     # Another worker count deals the rows differently: go on at the next epoch. The
     # rows skipped so far are kept on rank 0.
     epoch = max((w.position.epoch for w in saved.workers), default=-1) + 1
     why = f"the worker count changed from {len(saved.workers)} to {world}: resumed at the start of epoch {epoch}"
     mine = WorkerProgress(Position(epoch), saved.rows_skipped() if rank == 0 else {})
-    return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": False, "why": why}]), mine, record
+    return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": False, "why": why}]), mine
 
 
 def _gather(obj, world: int) -> list:
@@ -136,7 +136,7 @@ def train_loop(loop_config: dict) -> None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             history = ckpt.load_history(directory)
-            progress, me, record = resume_point(ckpt.load_progress(directory), rank, world, checkpoint.path)
+            progress, me = resume_point(ckpt.load_progress(directory), rank, world, checkpoint.path)
             rng = ckpt.load_rng(directory, rank)
         if rng is not None and progress.resumes[-1]["exact"]:
             ckpt.set_rng_state(rng, device)
