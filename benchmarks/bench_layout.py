@@ -9,7 +9,8 @@
    writing the output).
 2. Training ingest (one process): rows/s of read + join + preprocess (decode,
    augment, tokenize) over every row, from the copied output against the caption
-   tables joined to their inputs.
+   tables joined to their inputs, alternating, ``--rounds`` times; and of the
+   read (+ join) alone, whose difference is the join's own cost per row.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
 
     from veclip.sample import SampleConfig, generate
@@ -91,13 +93,14 @@ def main() -> None:
         input_bytes = sum(p.stat().st_size for p in Path(source).glob("*.parquet"))
         results = {layout: rewrite(source, f"{tmp}/{layout}", layout) for layout in ("copy", "captions")}
         ingest(f"{tmp}/copy")  # warm the page cache and the tokenizer
-        rates, reads = {"copy": [], "captions": []}, {"copy": [], "captions": []}
-        for _ in range(5):  # interleaved, medians: one pass varies by +-6% here
+        rates, reads, paired = {"copy": [], "captions": []}, {"copy": [], "captions": []}, []
+        for _ in range(args.rounds):  # interleaved; one pass varies by +-6% here, so ratios are paired per round
             for layout in ("copy", "captions"):
                 seconds, rows = ingest(f"{tmp}/{layout}")
                 rates[layout].append(rows / seconds)
                 seconds, rows = ingest(f"{tmp}/{layout}", decode=False)
                 reads[layout].append(rows / seconds)
+            paired.append(rates["captions"][-1] / rates["copy"][-1])
         rates = {k: statistics.median(v) for k, v in rates.items()}
         reads = {k: statistics.median(v) for k, v in reads.items()}
 
@@ -109,12 +112,16 @@ def main() -> None:
         print(f"| {layout} | {written * per_k / 1e6:,.2f} MB | {seconds * per_k:.3f} |")
     ratio = results["captions"][1] / results["copy"][1]
     print(f"\ncaption tables write {ratio:.1%} of the copying layout's bytes, in {results['captions'][0] / results['copy'][0]:.0%} of its time.\n")
-    print("| training ingest, 1 process, median of 5 | read (+ join) rows/s | + decode, augment, tokenize rows/s | ratio |")
-    print("| --- | --- | --- | --- |")
-    print(f"| copied shards | {reads['copy']:,.0f} | {rates['copy']:,.0f} | 1.00 |")
-    print(f"| caption tables joined to their inputs by key | {reads['captions']:,.0f} | {rates['captions']:,.0f} | "
-          f"{rates['captions'] / rates['copy']:.2f} |")
-
+    print(f"| training ingest, 1 process, median of {args.rounds} | read (+ join) rows/s | + decode, augment, tokenize rows/s |")
+    print("| --- | --- | --- |")
+    print(f"| copied shards | {reads['copy']:,.0f} | {rates['copy']:,.0f} |")
+    print(f"| caption tables joined to their inputs by key | {reads['captions']:,.0f} | {rates['captions']:,.0f} |")
+    join_us = (1 / reads["captions"] - 1 / reads["copy"]) * 1e6
+    share = join_us / (1e6 / rates["copy"])
+    paired = sorted(paired)
+    print(f"\nthe join costs {join_us:.1f} us per row, {share:.2%} of a row's ingest ({1e6 / rates['copy']:.0f} us); "
+          f"end to end, joined / copied per round: median {statistics.median(paired):.3f}, "
+          f"middle half {paired[len(paired) // 4]:.3f}-{paired[(3 * len(paired)) // 4]:.3f}, range {paired[0]:.3f}-{paired[-1]:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
 """Metrics on hand-made embeddings with known answers."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -132,6 +134,22 @@ def test_eval_over_ray_actors_matches_in_process(sample_root, tmp_path, ray_sess
     with pytest.raises(SchemaError, match=r"no column\(s\) \['nope'\]"):  # checked from the footer, before any actor starts
         evaluate(EvalConfig(model=str(model_dir), data=str(data), workers=2, label_column="nope"))
     assert spread["zero_shot"]["label_shape"] == pytest.approx(local["zero_shot"]["label_shape"]) and spread["retrieval"] == pytest.approx(local["retrieval"])
+
+
+def test_eval_on_a_caption_output_retrieves_with_its_generated_captions(tmp_path, ray_session):
+    """Images from the input, captions from the caption tables: in process and over actors alike."""
+    from test_rewrite_steps import _rewrite_in_process
+
+    from veclip.eval.run import EvalConfig, evaluate
+
+    _rewrite_in_process(tmp_path, split="eval", layout="captions")  # the first image is broken
+    model_dir = _random_tiny_export(tmp_path / "model")
+    config = EvalConfig(model=str(model_dir), data=str(tmp_path / "out"), caption_column="vecap", batch_size=4)
+    local = evaluate(config)
+    spread = evaluate(dataclasses.replace(config, workers=2, cpus_per_worker=0.5))
+    assert local["images"] == spread["images"] == 11 and local["images_skipped_by_reason"] == {"image_undecodable": 1}
+    assert local["captions"] == 11 and local["zero_shot"]["label_shape"] == pytest.approx(spread["zero_shot"]["label_shape"])
+    assert local["retrieval"] == pytest.approx(spread["retrieval"])
 
 
 def _random_tiny_export(model_dir):

@@ -100,7 +100,7 @@ def test_both_mode_never_hides_a_second_engine_or_pool():
         bigger_pool.validate_for_run()
 
 
-def _rewrite_in_process(tmp_path, url=None, options=None, **fields):
+def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="vecap", split="train", **fields):
     """A small sample (one image broken) rewritten through both actor classes in-process, stub engines;
     on local disk, or under ``url`` (with ``options``) on S3."""
     import pyarrow.parquet as pq
@@ -114,14 +114,16 @@ def _rewrite_in_process(tmp_path, url=None, options=None, **fields):
     from veclip.sample import SampleConfig, generate
     from veclip.storage import Location, StorageOptions
 
-    generate(SampleConfig(str(tmp_path / "sample"), rows=12, eval_rows=1, shards=2, image_size=32), log=lambda *_: None)
-    first = tmp_path / "sample" / "train" / "part-00000.parquet"
-    table = pq.read_table(first)
-    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array([b"junk"] + table.column("image").to_pylist()[1:], pa.binary())), first)
     root = str(tmp_path) if url is None else url
-    if url is not None:
-        Location(url, options).fs.put(str(tmp_path / "sample") + "/", url[len("s3://"):] + "/sample", recursive=True)
-    config = dataclasses.replace(CONFIG, input=root + "/sample/train", output=root + "/out", mode="vecap", **fields)
+    if not (tmp_path / "sample").exists():
+        generate(SampleConfig(str(tmp_path / "sample"), rows=12, eval_rows=12, shards=2, image_size=32), log=lambda *_: None)
+        first = tmp_path / "sample" / split / "part-00000.parquet"
+        table = pq.read_table(first)
+        images = pa.array([b"junk"] + table.column("image").to_pylist()[1:], pa.binary())
+        pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", images), first)
+        if url is not None:
+            Location(url, options).fs.put(str(tmp_path / "sample") + "/", url[len("s3://"):] + "/sample", recursive=True)
+    config = dataclasses.replace(CONFIG, input=f"{root}/sample/{split}", output=f"{root}/{output}", mode=mode, **fields)
     options, run = options or StorageOptions(), RunContext("r1", fingerprint(config)[0])
     lease = OutputLease(Location(config.output, options), run.run_id, settle_seconds=0)
     lease.acquire()
@@ -137,7 +139,9 @@ def _rewrite_in_process(tmp_path, url=None, options=None, **fields):
 
 
 def _echo_alt_text(request) -> str:
-    """A fusion answer that keeps the AltText's words (so no entity is lost)."""
+    """A fusion answer that keeps the AltText's words (so no entity is lost); a rewrite of the prompt's tail."""
+    if request.messages is None:
+        return "a picture of " + " ".join(request.prompt.split()[-6:])
     text = request.messages[-1]["content"]
     return " ".join(text.replace("<", " ").replace(">", " ").split()[:40])
 
@@ -170,12 +174,13 @@ def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_
     import pyarrow.parquet as pq
 
     from veclip.storage import StorageOptions
-    from veclip.train.data import CaptionMismatch, plan_data, read_window
+    from veclip.dataset import CaptionMismatch
+    from veclip.train.data import plan_data, read_window
     from veclip.train.order import Position, worker_windows
 
     _rewrite_in_process(tmp_path, layout="captions")
     plan = plan_data(str(tmp_path / "out"), StorageOptions(), schema.ColumnMap(), workers=1, log=lambda *_: None)
-    assert plan.inputs_url.endswith("sample/train") and plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITES)
+    assert plan.dataset.images_url.endswith("sample/train") and plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION)
     assert all(u.captions and u.path.startswith(str(tmp_path / "sample")) for u in plan.units)
     windows = worker_windows(list(plan.units), 0, 0, 0, 1, 8)
     rows = pa.concat_tables(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
@@ -189,6 +194,46 @@ def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_
     pq.write_table(table.take([1, 0] + list(range(2, table.num_rows))), captions)
     with pytest.raises(CaptionMismatch, match=r"part-00001.parquet does not line up with its input .*part-00001.parquet: row 0"):
         list(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
+
+
+def test_several_caption_outputs_of_one_input_fill_the_caption_slots(tmp_path):
+    """A LaCLIP run beside a VeCap run, and a second captioner renamed into a free slot."""
+    from veclip.dataset import open_dataset, read_shard
+    from veclip.storage import StorageOptions
+    from veclip.train.data import plan_data
+
+    _rewrite_in_process(tmp_path, layout="captions")
+    _rewrite_in_process(tmp_path, output="laclip", mode="laclip", layout="captions")
+    out, laclip = str(tmp_path / "out"), str(tmp_path / "laclip")
+    dataset = open_dataset(out, add_captions=(laclip,))
+    assert dataset.images_url.endswith(str(tmp_path / "sample" / "train")) and len(dataset.shards) == 2
+    rows = read_shard(dataset, dataset.shards[1])
+    assert rows.column("image").null_count == 0 and rows.column(schema.VECAP).null_count == 0
+    assert rows.column(schema.REWRITES).null_count < rows.num_rows / 2  # the LaCLIP run's, beside the VeCap run's
+    assert rows.column(schema.provenance_column(schema.REWRITES))[0].as_py()["engine"] == "stub-llm"
+    plan = plan_data(out, StorageOptions(), schema.ColumnMap(), workers=1, add_captions=(laclip,), log=lambda *_: None)
+    assert plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITES) and all(len(u.captions) == 2 for u in plan.units)
+
+    # a second captioner's VeCaps: they would take the first's column; renamed, they fill another slot
+    _rewrite_in_process(tmp_path, output="second", layout="captions")
+    second = str(tmp_path / "second")
+    with pytest.raises(ValueError, match=r"second would fill \['vecap', 'vlm_caption'\].*--add-captions B#vecap=vlm_caption"):
+        open_dataset(out, add_captions=(second,))
+    pairings = [(out + "#vecap", (second + "#vecap=vlm_caption",)),  # data is a caption output, or the input itself
+                (str(tmp_path / "sample" / "train"), (out + "#vecap", second + "#vecap=vlm_caption"))]
+    for data, more in pairings:
+        both = open_dataset(data, add_captions=more)
+        table = read_shard(both, both.shards[0])
+        assert table.column(schema.VLM_CAPTION).to_pylist() == table.column(schema.VECAP).to_pylist()  # the two stub runs agree
+        assert table.column(schema.VLM_CAPTION).null_count == 1 and schema.REWRITES not in table.column_names
+        assert "alt_text" in table.column_names and table.column(schema.REWRITE_FLAGS)[0].as_py() == ["image:image_undecodable"] * 2
+    with pytest.raises(ValueError, match="may rename vecap and vlm_caption into each other"):
+        open_dataset(out, add_captions=(second + "#vecap=rewrites",))
+    with pytest.raises(ValueError, match="is not a caption output"):
+        open_dataset(out, add_captions=(str(tmp_path / "sample" / "train"),))
+    (tmp_path / "second" / "_done" / "part-00001.parquet.json").unlink()  # one shard unfinished there: left out, counted
+    partial = open_dataset(out + "#vecap", add_captions=(second + "#vecap=vlm_caption",))
+    assert len(partial.shards) == 1 and list(partial.skipped.values()) == [1]
 
 
 def test_validate_checks_caption_tables_against_their_inputs(tmp_path):
@@ -216,7 +261,7 @@ def test_caption_tables_on_s3_join_and_validate(tmp_path, s3_bucket):
     url, options = s3_bucket
     _rewrite_in_process(tmp_path, url, options, layout="captions")
     plan = plan_data(url + "/out", options, schema.ColumnMap(), workers=1, log=lambda *_: None)
-    assert plan.inputs_url == url + "/sample/train"
+    assert plan.dataset.images_url == url + "/sample/train"
     windows = worker_windows(list(plan.units), 0, 0, 0, 1, 8)
     rows = pa.concat_tables(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
     assert rows.num_rows == 12 and rows.column("image").null_count == 0 and rows.column(schema.VLM_CAPTION).null_count == 1

@@ -43,6 +43,12 @@ def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
     assert (evaluation.batch_size, evaluation.cpus_per_worker) == (32, 0.5)  # once set only in code
     with pytest.raises(ValueError, match="unknown config field"):
         parse_stage_args("validate", ["u", "--set", "sample_per_shrad=3"])
+    # a flag and the --set it needs are applied together: weighted mode is valid only with its weights
+    weighted = parse_stage_args("train", ["--data", "d#vecap", "--output", "o", "--add-captions", "e#vecap=vlm_caption",
+                                          "--caption-mode", "weighted", "--set", 'captions.weights={"vecap": 1, "vlm_caption": 1}'])
+    assert weighted.captions.weights == {"vecap": 1, "vlm_caption": 1} and weighted.add_captions == ("e#vecap=vlm_caption",)
+    with pytest.raises(ValueError, match="weighted mode needs"):
+        parse_stage_args("train", ["--data", "d", "--output", "o", "--caption-mode", "weighted"])
 
 
 def test_the_tiny_rewrite_preset_is_pure(tmp_path, monkeypatch):

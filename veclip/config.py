@@ -61,23 +61,40 @@ def _merge(obj, values: dict):
     return dataclasses.replace(obj, **changes)
 
 
-def apply_overrides(config, overrides: list[str]):
-    """Apply ``dotted.key=value`` strings, e.g. ``fuser.sampling.temperature=0.5``."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"bad --set {item!r}: expected key=value, e.g. fuser.pool.max_actors=4")
-        nested: dict = {}
-        cursor = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = value
-        try:
-            config = _merge(config, nested)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"bad --set {item!r}: {err}") from None
-    return config
+def _nest(pairs) -> dict:
+    """``[(dotted.key, value)]`` -> nested dicts (None values: not given)."""
+    nested: dict = {}
+    for key, value in pairs:
+        if value is not None:
+            *parents, leaf = key.strip().split(".")
+            cursor = nested
+            for part in parents:
+                cursor = cursor.setdefault(part, {})
+            cursor[leaf] = value
+    return nested
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"bad --set {item!r}: expected key=value, e.g. fuser.pool.max_actors=4")
+    return key, value
+
+
+def apply_overrides(config, overrides: list[str], fields: dict | None = None):
+    """Apply ``dotted.key=value`` strings, e.g. ``fuser.sampling.temperature=0.5``, and ``fields``
+    (dotted keys, None: not given), all at once: a caption mode and the weights it
+    needs may come from separate flags."""
+    pairs = [_split_override(item) for item in overrides]
+    try:
+        return _merge(config, _nest([*(fields or {}).items(), *pairs]))
+    except (TypeError, ValueError) as err:
+        for item, pair in zip(overrides, pairs):  # name the --set at fault where one alone fails
+            try:
+                _merge(config, _nest([pair]))
+            except (TypeError, ValueError) as alone:
+                raise ValueError(f"bad --set {item!r}: {alone}") from None
+        raise ValueError(str(err)) from None
 
 
 def load_config_file(config, path: str):
@@ -107,17 +124,10 @@ def load_named_json(name_or_path: str, package: str, folder: str, what: str) -> 
 
 
 def build(base, config_file: str | None = None, fields: dict | None = None, overrides=()):
-    """A preset, then a config file, then fields from flags (None: not given), then ``--set`` overrides."""
+    """A preset, then a config file, then fields from flags (None: not given; dotted keys reach
+    into nested configs: captions.mode), then ``--set`` overrides."""
     config = load_config_file(base, config_file) if config_file else base
-    nested: dict = {}
-    for key, value in (fields or {}).items():  # dotted keys reach into nested configs: captions.mode
-        if value is not None:
-            *parents, leaf = key.split(".")
-            cursor = nested
-            for part in parents:
-                cursor = cursor.setdefault(part, {})
-            cursor[leaf] = value
-    return apply_overrides(_merge(config, nested), list(overrides))
+    return apply_overrides(config, list(overrides), fields)
 
 
 @functools.lru_cache(maxsize=None)

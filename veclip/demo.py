@@ -2,7 +2,7 @@
 
 Sample data -> validate -> rewrite (VeCap + LaCLIP through real vLLM, tiny
 random models, written as caption tables beside the images) -> validate the
-tables against their inputs -> train (joined by key) a tiny CLIP with the VeCLIP 50/50 mix on 2 Ray Train
+tables against their inputs -> ``gallery.html`` (``veclip show``) -> train (joined by key) a tiny CLIP with the VeCLIP 50/50 mix on 2 Ray Train
 workers -> export for stock open_clip -> evaluate (zero-shot, retrieval) ->
 ``report.md`` with plots. Rerunning is cheap: every stage skips what is done
 (training resumes from its last checkpoint, which is the end).
@@ -20,6 +20,7 @@ from veclip.rewrite.config import build_config as build_rewrite_config
 from veclip.rewrite.pipeline import render_summary as render_rewrite_summary
 from veclip.rewrite.pipeline import run_rewrite
 from veclip.sample import SampleConfig, generate
+from veclip.show import ShowConfig, show
 from veclip.storage import Location, StorageOptions
 from veclip.train.config import build_config as build_train_config
 from veclip.train.checkpoint import metric_history
@@ -76,6 +77,7 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     if not report.usable:
         print("demo: FAILED: the caption tables do not line up with their inputs")
         return 1
+    print(show(ShowConfig(rewrite.output, rows=24, html=root.join("gallery.html")), options))  # the captions beside their images
 
     per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
     train = build_train_config("tiny", None, [f"batch_size={per_worker}"], data=rewrite.output, output=root.child("train").url, name="demo-mix")

@@ -192,12 +192,15 @@ def _train_flags(p):
     p.add_argument("--output", metavar="URL", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
     p.add_argument("--model", help="open_clip model name, e.g. ViT-B-16 (default), or veclip-tiny")
     p.add_argument("--name", help="run name; rerun with the same name and output to resume")
+    p.add_argument("--add-captions", action="append", metavar="URL[#COLUMNS]",
+                   help="another caption output of the same input, joined beside --input's (repeatable); "
+                        "#vecap=vlm_caption,rewrites picks and renames its columns")
     p.add_argument("--caption-mode", choices=("alttext", "vecap", "mix", "laclip", "weighted"), help="caption choice per sample (default mix)")
     _columns_flag(p)
 
 
 def _train_fields(args) -> dict:
-    fields = dict(data=args.data, output=args.output, model=args.model, name=args.name, columns=args.columns)
+    fields = dict(data=args.data, add_captions=args.add_captions, output=args.output, model=args.model, name=args.name, columns=args.columns)
     return {**fields, "captions.mode": args.caption_mode}
 
 
@@ -244,6 +247,25 @@ def _eval_run(config, options, args) -> int:
     return 0
 
 
+def _show_flags(p):
+    p.add_argument("url", help="input, enriched or caption output, or a _quarantine folder: folder or s3:// prefix")
+    p.add_argument("--rows", type=int, help="rows to show (default 10)")
+    p.add_argument("--offset", type=int, help="matching rows to pass over first (default 0)")
+    p.add_argument("--keys", type=lambda text: tuple(k for k in text.split(",") if k), help="only these keys, comma-separated")
+    p.add_argument("--where", help="only rows with a flag or quarantine reason containing this text, e.g. entities_lost")
+    p.add_argument("--html", metavar="FILE", help="write self-contained HTML pages (images inline) instead of a terminal table")
+    p.add_argument("--page-rows", type=int, help="rows per HTML page (default 50)")
+    p.add_argument("--add-captions", action="append", metavar="URL[#COLUMNS]", help="another caption output of the same input (repeatable)")
+    _columns_flag(p)
+
+
+def _show_run(config, options, args) -> int:
+    from veclip.show import show
+
+    print(show(config, options))
+    return 0
+
+
 def _demo_flags(p):
     p.add_argument("--output", "--out", dest="out", metavar="URL", help="output folder (default runs/demo)")
     p.add_argument("--rows", type=int, help="train rows of sample data (default 400)")
@@ -282,5 +304,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _fields("model", "data", "out", "pretrained", "label_column", "caption_column", "classes", "templates", "workers",
                   "gpus_per_worker", "cpus_per_worker", "batch_size", "columns"),
           _only_default("veclip.eval.run:EvalConfig"), _eval_run, submittable=True),
+    Stage("show", "look at rows of a dataset or stage output: captions beside their images, flags, reasons", _show_flags,
+          _fields("url", "rows", "offset", "keys", "where", "html", "page_rows", "add_captions", "columns"),
+          _only_default("veclip.show:ShowConfig"), _show_run),
     Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed"), _only_default("veclip.demo:DemoConfig"), _demo_run),
 )}

@@ -78,14 +78,25 @@ def embed_local(tables: list[pa.Table], model, preprocess, spec: EmbedSpec) -> p
     return pa.concat_tables(parts)
 
 
-def embed_ray(shards: list[str], location, columns: schema.ColumnMap, spec: EmbedSpec, options, workers: int,
+def _read_joined(batch: dict, dataset, columns: schema.ColumnMap) -> pa.Table:
+    from veclip.dataset import read_shard
+
+    return pa.concat_tables([read_shard(dataset, dataset.shards[i], column_map=columns) for i in batch["shard"].tolist()])
+
+
+def embed_ray(dataset, columns: schema.ColumnMap, spec: EmbedSpec, options, workers: int,
               gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0) -> pa.Table:
-    """Rows with embeddings (or errors), computed by up to ``workers`` Ray actors, in key order."""
+    """Rows with embeddings (or errors), computed by up to ``workers`` Ray actors, in key order.
+    ``dataset``: a :class:`veclip.dataset.Dataset`; caption tables are joined shard by shard."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    ds = ray.data.read_parquet(shards, filesystem=location.fs)
-    ds = ds.map_batches(columns.apply, batch_format="pyarrow", batch_size=None)
+    if dataset.sources:  # a task per shard reads it and joins its caption tables (checked)
+        ds = ray.data.from_items([{"shard": i} for i in range(len(dataset.shards))], override_num_blocks=len(dataset.shards))
+        ds = ds.map_batches(_read_joined, batch_size=1, batch_format="numpy", fn_kwargs=dict(dataset=dataset, columns=columns))
+    else:
+        ds = ray.data.read_parquet([s.path for s in dataset.shards], filesystem=dataset.images.fs)
+        ds = ds.map_batches(columns.apply, batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(
         ImageEmbedder, fn_constructor_args=(spec, options), batch_format="pyarrow", batch_size=spec.batch_size,
         compute=ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,

@@ -27,7 +27,8 @@ from veclip.eval.embed import EmbedSpec, embed_local, embed_ray
 from veclip.eval.model import load_model
 from veclip.config import load_named_json
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
-from veclip.storage import Location, StorageOptions, list_shards, no_shards, write_json
+from veclip.dataset import Dataset, open_dataset, read_shard
+from veclip.storage import Location, StorageOptions, write_json
 
 
 @dataclass(frozen=True)
@@ -61,33 +62,36 @@ def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 
-def _check_columns(table: pa.Table, path: str, config: EvalConfig) -> pa.Table:
-    """The table under the contract's names; a clear error if eval's columns are missing."""
-    table = config.columns.apply(table)
-    missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in table.column_names]
+def _check_columns(names: list[str], path: str, config: EvalConfig) -> None:
+    """A clear error if eval's columns are missing (``names``: under the contract's names)."""
+    missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in names]
     if missing:
         raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
-    return table
 
 
-def _read_tables(shards: list[str], location: Location, config: EvalConfig) -> list:
-    return [_check_columns(pq.read_table(path, filesystem=location.fs), path, config) for path in shards]
+def _read_tables(dataset: Dataset, config: EvalConfig) -> list:
+    tables = [read_shard(dataset, shard, column_map=config.columns) for shard in dataset.shards]
+    for table, shard in zip(tables, dataset.shards):
+        _check_columns(table.column_names, shard.path, config)
+    return tables
 
 
 def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
+    """Zero-shot and retrieval on a set of shards, or on a caption output joined to its images
+    (e.g. ``--caption-column vecap`` to retrieve with generated captions)."""
     options = options or StorageOptions()
-    location = Location(config.data, options)
-    shards = list_shards(location)
-    if not shards:
-        raise no_shards("eval", config.data)
+    dataset = open_dataset(config.data, options, stage="eval")
+    location = dataset.images
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
     spec = EmbedSpec(config.model, config.pretrained, (config.label_column, config.caption_column), config.batch_size)
     if config.workers > 0:
-        with location.fs.open(shards[0], "rb") as f:  # a clear schema error before any actor starts (footer only)
-            _check_columns(pq.read_schema(f).empty_table(), shards[0], config)
-        embedded = embed_ray(shards, location, config.columns, spec, options, config.workers, config.gpus_per_worker, config.cpus_per_worker)
+        first = dataset.shards[0].path
+        with location.fs.open(first, "rb") as f:  # a clear schema error before any actor starts (footer only)
+            names = config.columns.apply(pq.read_schema(f).empty_table()).column_names + list(dataset.caption_columns)
+        _check_columns(names, first, config)
+        embedded = embed_ray(dataset, config.columns, spec, options, config.workers, config.gpus_per_worker, config.cpus_per_worker)
     else:
-        embedded = embed_local(_read_tables(shards, location, config), model, preprocess, spec)
+        embedded = embed_local(_read_tables(dataset, config), model, preprocess, spec)
     errors = embedded.column("error").to_pylist()
     skipped = Counter(e for e in errors if e)
     kept = embedded.filter(pc.is_null(embedded.column("error"))).to_pylist()
@@ -99,7 +103,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         if config.classes:
             classnames = json.loads(Path(config.classes).read_text())["classnames"]
         else:
-            classes_path = location.join(schema.CLASSES_FILE)
+            classes_path = location.join(schema.CLASSES_FILE)  # beside the images
             if not location.fs.exists(classes_path):
                 raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
             classnames = json.loads(location.fs.cat_file(classes_path))[config.label_column]

@@ -196,20 +196,22 @@ def provenance(model: str, prompt_version: str, engine_name: str) -> dict:
 
 def caption_table(keys: list[str], kept: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]],
                   errors: dict[str, tuple[str, str]]) -> pa.Table:
-    """The caption-table layout: one row per input row (``keys``, in order), the generated
-    columns of the ``kept`` rows, and for a refused row nulls and its ``image:<reason>`` flag."""
+    """The caption-table layout: one row per input row (``keys``, in order), the columns this
+    run generated (only those: another run's can be joined beside them) for the ``kept`` rows,
+    and for a refused row nulls and its ``image:<reason>`` flag."""
     index = {key: i for i, key in enumerate(kept.column(schema.KEY).to_pylist())}
     every = {name: ([values[index[k]] if k in index else None for k in keys], origin) for name, (values, origin) in generated.items()}
     every_flags = [flags[index[k]] if k in index else [f"image:{errors[k][0]}"] for k in keys]
-    return assemble(pa.table({schema.KEY: pa.array(keys, pa.string())}), every, every_flags)
+    return assemble(pa.table({schema.KEY: pa.array(keys, pa.string())}), every, every_flags, every_column=False)
 
 
-def assemble(table: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]]) -> pa.Table:
+def assemble(table: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]],
+             every_column: bool = True) -> pa.Table:
     """The enriched shard: the input rows, every generated column (null where this run made
-    none) with its provenance, and the flags."""
+    none; left out unless ``every_column``) with its provenance, and the flags."""
     n = table.num_rows
     for f in schema.GENERATED_FIELDS:
-        if f.name.endswith("_provenance") or f.name == schema.REWRITE_FLAGS:
+        if f.name.endswith("_provenance") or f.name == schema.REWRITE_FLAGS or not (every_column or f.name in generated):
             continue
         values, origin = generated.get(f.name, ([None] * n, None))
         table = table.append_column(f, pa.array(values, f.type))

@@ -35,7 +35,10 @@ class ScaleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = ""  # folder or s3:// prefix of (enriched) shards
+    data: str = ""  # folder or s3:// prefix of shards, or a caption output (joined to its input's images by key)
+    # More caption outputs of the same input, joined by key beside data's: URL, or
+    # URL#vecap=vlm_caption,rewrites to pick and rename columns (see veclip.dataset.CaptionSource)
+    add_captions: tuple[str, ...] = ()
     output: str = ""  # run storage: <output>/<name>/checkpoint_*
     name: str = "veclip-train"  # run name: rerun with the same name and output to resume
     model: str = "ViT-B-16"  # open_clip model name, or veclip-tiny

@@ -29,7 +29,8 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
-from veclip.storage import Location, StorageOptions, caption_tables, finished_shard_entries, no_shards
+from veclip.dataset import Dataset, Shard, join_captions, open_dataset
+from veclip.storage import Location, StorageOptions, no_shards
 from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
@@ -42,19 +43,13 @@ SKIP_REASONS = ("", "image_unusable", "no_usable_caption")  # index = the ``skip
 class DataPlan:
     """What every worker needs to read its part of any epoch (built once by the driver)."""
 
-    url: str
-    options: StorageOptions
+    dataset: Dataset  # the image shards and the caption tables joined to them
     units: tuple[ReadUnit, ...]
-    source_columns: tuple[str, ...]
+    source_columns: tuple[str, ...]  # read from the image shards
+    caption_columns: tuple[str, ...]  # read from the caption tables
     columns: schema.ColumnMap
     shards: int
     shards_skipped: dict[str, int]
-    inputs_url: str | None = None  # caption layout: the folder of the input shards (images); None: the shards are whole
-    caption_columns: tuple[str, ...] = ()  # caption layout: the columns read from the caption tables
-
-
-class CaptionMismatch(ValueError):
-    """A caption table's rows are not its input shard's rows, in order."""
 
 
 @dataclass(frozen=True)
@@ -70,22 +65,22 @@ class StreamSpec:
     prefetch_batches: int
 
 
-def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, workers: int, log=print) -> DataPlan:
-    """Finished shards and their row groups; for caption tables (``rewrite --layout captions``)
-    the row groups are their inputs', each paired with its caption table."""
-    location = Location(url, options)
-    entries, skipped = finished_shard_entries(location)
-    tables = caption_tables(location, entries)
-    files = list(tables.inputs.values()) if tables else [(e["name"], int(e["size"])) for e in entries]
-    source = Location(tables.inputs_url, options) if tables else location
-    units, unreadable = read_units(source.fs, files, {i: c for c, (i, _) in tables.inputs.items()} if tables else None)
+def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, workers: int, add_captions: tuple[str, ...] = (),
+              log=print) -> DataPlan:
+    """Finished shards and their row groups; for a caption output (``rewrite --layout captions``)
+    and for ``add_captions``, the row groups are the input's, each paired with its caption tables."""
+    dataset = open_dataset(url, options, add_captions, stage="train")
+    skipped = dict(dataset.skipped)
+    by_path = {shard.path: shard.captions for shard in dataset.shards}
+    units, unreadable = read_units(dataset.images.fs, [(s.path, s.size) for s in dataset.shards], by_path)
     if unreadable:
         skipped[UNREADABLE_FOOTER] = len(unreadable)
         path, error = next(iter(unreadable.items()))
         log(f"train: {len(unreadable)} shard(s) with an unreadable footer left out, e.g. {path}: {error}")
-    shards = len(entries) - len(unreadable)
-    if tables:
-        log(f"train: the caption tables of {url}, joined by key to their inputs in {tables.inputs_url}")
+    shards = len(dataset.shards) - len(unreadable)
+    for source in dataset.sources:
+        log(f"train: captions {sorted(c for c in source.columns.values() if c in CAPTION_COLUMNS)} from {source.url}, "
+            f"joined by key to their images in {dataset.images_url}")
     if skipped:
         log(f"train: using {shards} finished shards of {url}; skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     if not units:
@@ -95,25 +90,20 @@ def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, work
             f"train: {len(units)} row groups in {shards} shards for {workers} workers; each worker reads whole row "
             "groups, so write more (smaller) row groups or use fewer workers"
         )
-    if not tables:
-        return DataPlan(url, options, tuple(units), tuple(read_columns(location, units[0].path, columns)), columns, shards, skipped)
-    import pyarrow.parquet as pq
-
-    with location.fs.open(entries[0]["name"], "rb") as f:
-        names = pq.read_schema(f).names
-    return DataPlan(url, options, tuple(units), tuple(read_columns(source, units[0].path, columns, (schema.ALT_TEXT,))), columns, shards,
-                    skipped, tables.inputs_url, tuple(c for c in CAPTION_COLUMNS if c in names and c != schema.ALT_TEXT))
+    caption_columns = tuple(c for c in CAPTION_COLUMNS if c in dataset.caption_columns)
+    return DataPlan(dataset, tuple(units), tuple(read_columns(dataset.images, units[0].path, columns)), caption_columns,
+                    columns, shards, skipped)
 
 
-def read_columns(location: Location, path: str, columns: schema.ColumnMap, caption_columns=CAPTION_COLUMNS) -> list[str]:
-    """The source columns to read: key, image and whichever ``caption_columns`` exist."""
+def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> list[str]:
+    """The source columns to read: key, image and whichever caption columns exist."""
     import pyarrow.parquet as pq
 
     with location.fs.open(path, "rb") as f:
         mapped = columns.apply_to_footer(pq.read_schema(f))
     schema.check_input_schema(mapped, path)
     names = mapped.names
-    wanted = [schema.KEY, schema.IMAGE] + [c for c in caption_columns if c in names]
+    wanted = [schema.KEY, schema.IMAGE] + [c for c in CAPTION_COLUMNS if c in names]
     renames = {dst: src for src, dst in columns.renames().items()}
     return [renames.get(c, c) for c in wanted]
 
@@ -122,15 +112,18 @@ def read_window(batch: dict, plan: DataPlan, windows: list[list[ReadUnit]], star
     """A window's rows in its permuted order (from ``start.offset`` in the first window), in chunks."""
     import pyarrow.parquet as pq
 
-    location = Location(plan.inputs_url or plan.url, plan.options)
+    dataset = plan.dataset
     for window in batch["window"].tolist():
         tables = []
         for unit in windows[window]:
-            with location.fs.open(unit.path, "rb") as f:
+            with dataset.images.fs.open(unit.path, "rb") as f:
                 parquet = pq.ParquetFile(f)
                 wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
                 table = plan.columns.apply(parquet.read_row_group(unit.row_group, columns=wanted))
-            tables.append(join_captions(table, unit, plan) if unit.captions else table)
+            if unit.captions:
+                shard = Shard(unit.path, 0, unit.captions)
+                table = join_captions(table, shard, unit.first_row, dataset, plan.caption_columns)
+            tables.append(table)
         table = pa.concat_tables(tables, promote_options="default")
         order = window_order(table.num_rows, seed, start.epoch, rank, window)
         first = start.offset if window == start.window else 0
@@ -139,26 +132,6 @@ def read_window(batch: dict, plan: DataPlan, windows: list[list[ReadUnit]], star
             n = chunk.num_rows
             yield chunk.append_column("_window", pa.array(np.full(n, window, np.int64))).append_column(
                 "_offset", pa.array(np.arange(offset, offset + n, dtype=np.int64)))
-
-
-def join_captions(table: pa.Table, unit: ReadUnit, plan: DataPlan) -> pa.Table:
-    """An input row group with its rows of the caption table beside it: the same keys in the
-    same order, checked row by row (a caption table is never trusted to line up)."""
-    import pyarrow.parquet as pq
-
-    fs = Location(plan.url, plan.options).fs
-    with fs.open(unit.captions, "rb") as f:  # small: keys and text only
-        captions = pq.read_table(f, columns=[schema.KEY, *plan.caption_columns]).slice(unit.first_row, unit.rows)
-    keys, caption_keys = table.column(schema.KEY), captions.column(schema.KEY)
-    if captions.num_rows != table.num_rows or not keys.equals(caption_keys):
-        at = next((i for i, (a, b) in enumerate(zip(keys.to_pylist(), caption_keys.to_pylist())) if a != b), min(len(keys), len(caption_keys)))
-        raise CaptionMismatch(
-            f"train: caption table {unit.captions} does not line up with its input {unit.path}: row {unit.first_row + at} "
-            f"is {keys[at].as_py() if at < len(keys) else None!r} in the input but "
-            f"{caption_keys[at].as_py() if at < len(caption_keys) else None!r} in the captions; rewrite that shard again")
-    for name in plan.caption_columns:
-        table = table.append_column(name, captions.column(name))
-    return table
 
 
 @functools.lru_cache(maxsize=4)

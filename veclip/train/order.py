@@ -31,7 +31,7 @@ class ReadUnit:
     row_group: int
     rows: int
     first_row: int = 0  # of the row group, in its shard
-    captions: str | None = None  # a caption-table shard whose rows first_row.. are this row group's, in order
+    captions: tuple[str, ...] = ()  # caption tables whose rows first_row.. are this row group's, in order (veclip.dataset)
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,10 @@ class Position:
         return asdict(self)
 
 
-def read_units(fs, files: list[tuple[str, int]], captions: dict[str, str] | None = None) -> tuple[list[ReadUnit], dict[str, str]]:
+def read_units(fs, files: list[tuple[str, int]], captions: dict[str, tuple[str, ...]] | None = None) -> tuple[list[ReadUnit], dict[str, str]]:
     """The row groups of ``(path, size)`` shards, in (path, row group) order, and
     ``{path: error}`` for shards whose footer can't be read (left out).
-    ``captions``: each shard's caption-table shard, for the caption layout."""
+    ``captions``: each shard's caption tables, for caption outputs."""
     footers = read_footers(fs, files)
     units, unreadable = [], {}
     for path, _ in sorted(files):
@@ -61,7 +61,7 @@ def read_units(fs, files: list[tuple[str, int]], captions: dict[str, str] | None
         for g in range(footer.num_row_groups):
             rows = footer.row_group(g).num_rows
             if rows:
-                units.append(ReadUnit(path, g, rows, first, (captions or {}).get(path)))
+                units.append(ReadUnit(path, g, rows, first, (captions or {}).get(path, ())))
             first += rows
     return units, unreadable
 

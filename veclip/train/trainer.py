@@ -32,7 +32,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     if not ray.is_initialized():
         ray.init()
     start = time.perf_counter()
-    plan = plan_data(config.data, options, config.columns, config.scale.num_workers, log=log)
+    plan = plan_data(config.data, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
     output = Location(config.output, options)
     scale = config.scale
     trainer = TorchTrainer(

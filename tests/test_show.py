@@ -1,0 +1,53 @@
+"""veclip show: rows of any dataset or stage output, captions beside their images."""
+
+import re
+
+from conftest import veclip_cli
+from test_rewrite_steps import _rewrite_in_process
+
+from veclip import schema
+from veclip.show import ShowConfig, show
+
+
+def test_show_joins_a_caption_output_to_its_images_in_the_terminal_and_in_html(tmp_path):
+    _rewrite_in_process(tmp_path, layout="captions")  # the first input image is broken
+    out = str(tmp_path / "out")
+    text = show(ShowConfig(out, rows=3))
+    assert text.startswith(f"3 row(s) of {out}; captions from {out} joined to images in ")
+    first_key = text.splitlines()[2].split()[0]
+    assert "[image: image_undecodable]" in text.splitlines()[2] and "image:image_undecodable" in text
+    assert "vecap" in text and "a red star on a blue wall" in text and re.search(r"\[image: 32x32, [\d,]+ bytes\]", text)
+
+    flagged = show(ShowConfig(out, where="image_undecodable", rows=5))
+    assert flagged.startswith("1 row(s)") and first_key in flagged
+    by_key = show(ShowConfig(out, keys=(first_key,)))
+    assert by_key.startswith("1 row(s)")
+    second_page = show(ShowConfig(out, rows=3, offset=3))
+    assert first_key not in second_page and second_page.startswith("3 row(s)")
+
+    page = tmp_path / "gallery.html"
+    said = show(ShowConfig(out, rows=12, html=str(page), page_rows=5))
+    assert "12 row(s)" in said and "3 page(s)" in said and (tmp_path / "gallery-3.html").exists()
+    first = page.read_text()
+    assert first.count("data:image/jpeg;base64,") == 4 and 'class="noimg">image_undecodable' in first  # one image broken
+    assert first.count('class="key"') == 5 and 'href="gallery-2.html"' in first and "stub-vlm" in first  # provenance
+
+
+def test_show_reads_quarantine_and_s3(tmp_path, s3_bucket):
+    url, options = s3_bucket
+    _rewrite_in_process(tmp_path, url, options, layout="captions")
+    text = show(ShowConfig(url + "/out", rows=2), options)
+    assert text.startswith(f"2 row(s) of {url}/out; captions from {url}/out joined to images in {url}/sample/train")
+    quarantined = show(ShowConfig(url + "/out/_quarantine"), options)
+    assert quarantined.startswith("1 row(s)") and "reason         image_undecodable" in quarantined
+
+
+def test_show_from_the_command_line(tmp_path):
+    _rewrite_in_process(tmp_path, layout="captions")
+    result = veclip_cli("show", str(tmp_path / "out"), "--rows", "2", "--where", "image:")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 row(s)") and schema.REWRITE_FLAGS in result.stdout
+    assert "no such folder" in veclip_cli("show", str(tmp_path / "nothing")).stderr
+    (tmp_path / "empty").mkdir()
+    result = veclip_cli("show", str(tmp_path / "empty"))
+    assert result.returncode != 0 and "show: no .parquet shards" in result.stderr

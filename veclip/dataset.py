@@ -1,0 +1,183 @@
+"""What readers read: a folder of shards, or caption tables joined by key to their input.
+
+A caption output (``rewrite --layout captions``) holds no images: each caption
+table has the rows of one input shard, in that shard's order, and its done
+marker names the shard. :func:`open_dataset` turns a URL into the image shards
+to read and, per shard, the caption tables to join beside it; more caption
+outputs of the same input can be added (a LaCLIP run beside a VeCap run, or two
+captioners), each filling caption columns of its own. Training, eval and
+``veclip show`` read through it; every join is checked row by row, never
+assumed (:func:`join_captions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from veclip import schema
+from veclip.storage import Location, StorageOptions, caption_tables, finished_shard_entries, no_shards
+
+GENERATED = (schema.VLM_CAPTION, schema.VECAP, schema.REWRITES)  # the caption columns a rewrite writes
+
+
+class CaptionMismatch(ValueError):
+    """A caption table's rows are not its input shard's rows, in order."""
+
+
+@dataclass(frozen=True)
+class CaptionSource:
+    """A caption output and the columns it contributes: ``{its column: the column it becomes}``.
+
+    Spelled ``URL`` (all its caption columns under their own names) or
+    ``URL#vecap=vlm_caption,rewrites`` (only these, ``vecap`` renamed: how two
+    captioners' VeCaps share one run). A column's provenance follows it.
+    """
+
+    url: str
+    columns: dict = field(default_factory=dict)  # empty: every generated column the tables hold, same name
+
+    @classmethod
+    def parse(cls, spec: str) -> CaptionSource:
+        url, _, picks = spec.partition("#")
+        columns = {}
+        for item in filter(None, (p.strip() for p in picks.split(","))):
+            source, _, target = item.partition("=")
+            target = target or source
+            if source not in GENERATED or target not in GENERATED or (source == schema.REWRITES) != (target == schema.REWRITES):
+                raise ValueError(f"caption source {spec!r}: {item!r} must pick a generated column {GENERATED} and may rename "
+                                 "vecap and vlm_caption into each other, e.g. vecap=vlm_caption")
+            columns[source] = target
+        return cls(url.rstrip("/"), columns)
+
+    def resolve(self, names: list[str]) -> CaptionSource:
+        """With its columns made explicit (provenance included) from the tables' column names."""
+        picked = self.columns or {c: c for c in GENERATED if c in names}
+        missing = sorted(set(picked) - set(names))
+        if missing:
+            raise ValueError(f"{self.url} has no column(s) {missing}; it has {sorted(set(names) & set(GENERATED))}")
+        provenance = {schema.provenance_column(s): schema.provenance_column(t) for s, t in picked.items()
+                      if schema.provenance_column(s) in names}
+        flags = {schema.REWRITE_FLAGS: schema.REWRITE_FLAGS} if schema.REWRITE_FLAGS in names else {}
+        return replace(self, columns={**picked, **provenance, **flags})
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # the shard holding the images (an input shard, or a whole shard)
+    size: int
+    captions: tuple[str, ...] = ()  # per caption source of the dataset, its table of this shard's rows
+
+
+@dataclass(frozen=True)
+class Dataset:
+    url: str
+    options: StorageOptions
+    images_url: str  # the folder of the image shards (``url`` itself unless it is a caption output)
+    shards: tuple[Shard, ...]
+    sources: tuple[CaptionSource, ...] = ()  # the caption outputs joined, columns resolved
+    skipped: dict = field(default_factory=dict)  # {why a shard is left out: count}
+
+    @property
+    def images(self) -> Location:
+        return Location(self.images_url, self.options)
+
+    @property
+    def caption_columns(self) -> tuple[str, ...]:
+        """The columns the caption sources add (their captions, provenance and flags)."""
+        return tuple(dict.fromkeys(t for s in self.sources for t in s.columns.values()))
+
+
+def _caption_output(url: str, options: StorageOptions) -> tuple[Location, list[dict], dict, object]:
+    location = Location(url, options)
+    entries, skipped = finished_shard_entries(location)
+    return location, entries, skipped, caption_tables(location, entries)
+
+
+def _column_names(location: Location, path: str) -> list[str]:
+    with location.fs.open(path, "rb") as f:
+        return pq.read_schema(f).names
+
+
+def open_dataset(url: str, options: StorageOptions | None = None, add_captions: tuple[str, ...] = (), stage: str = "read") -> Dataset:
+    """The image shards of ``url`` (finished ones, for a stage's output) with the caption
+    tables to join to each: ``url``'s own when it is a caption output, and those of
+    every ``add_captions`` source (caption outputs of the same input). A shard some
+    source has not finished is left out and counted."""
+    options = options or StorageOptions()
+    first = CaptionSource.parse(url)
+    location, entries, skipped, tables = _caption_output(first.url, options)
+    if not entries:
+        raise no_shards(stage, first.url)
+    if tables:
+        images_url, shards = tables.inputs_url, {i: (size, [c]) for c, (i, size) in tables.inputs.items()}
+        sources = [first.resolve(_column_names(location, entries[0]["name"]))]
+    elif first.columns:
+        raise ValueError(f"{url}: #columns picks from a caption output, and {first.url} is not one")
+    else:
+        images_url, shards, sources = location.url, {e["name"]: (int(e["size"]), []) for e in entries}, []
+    images = Location(images_url, options)
+    taken = set(_column_names(images, next(iter(shards)))) | {t for s in sources for t in s.columns.values()}
+    for spec in add_captions:
+        wanted = CaptionSource.parse(spec)
+        extra, extra_entries, _, extra_tables = _caption_output(wanted.url, options)
+        if not extra_tables:
+            raise ValueError(f"{wanted.url} is not a caption output (rewrite --layout captions): only caption tables can be added")
+        if images.fs._strip_protocol(extra_tables.inputs_url) != images.fs._strip_protocol(images_url):
+            raise ValueError(f"{wanted.url} holds captions of {extra_tables.inputs_url}, not of {images_url}")
+        source = wanted.resolve(_column_names(extra, extra_entries[0]["name"]))
+        clash = sorted(t for t in source.columns.values() if t in taken and t in GENERATED)
+        if clash:
+            raise ValueError(f"{wanted.url} would fill {clash}, which another source already fills; pick or rename "
+                             f"columns with URL#COLUMNS, e.g. --input A#vecap --add-captions B#vecap=vlm_caption")
+        taken |= set(source.columns.values())
+        by_input = {i: c for c, (i, _) in extra_tables.inputs.items()}
+        missing = [path for path in shards if path not in by_input]
+        if missing:
+            skipped[f"no finished caption table in {wanted.url}"] = len(missing)
+        shards = {p: (size, [*tables_of, by_input[p]]) for p, (size, tables_of) in shards.items() if p in by_input}
+        sources.append(source)
+    ordered = tuple(Shard(p, size, tuple(c)) for p, (size, c) in sorted(shards.items()))
+    return Dataset(location.url, options, images_url, ordered, tuple(sources), skipped)
+
+
+def join_captions(table: pa.Table, shard: Shard, first_row: int, dataset: Dataset, columns=None) -> pa.Table:
+    """``table`` (rows ``first_row``.. of ``shard``, keys included) with each caption source's
+    rows beside it, checked key by key; ``columns``: only these caption columns (default all).
+    The flags of several sources are concatenated per row."""
+    for source, path in zip(dataset.sources, shard.captions):
+        picked = {s: t for s, t in source.columns.items() if columns is None or t in columns}
+        with Location(source.url, dataset.options).fs.open(path, "rb") as f:  # small: keys and text only
+            captions = pq.read_table(f, columns=[schema.KEY, *picked]).slice(first_row, table.num_rows)
+        check_aligned(table.column(schema.KEY), captions.column(schema.KEY), first_row, path, shard.path)
+        for name, target in picked.items():
+            column = captions.column(name)
+            if target in table.column_names:  # flags from an earlier source
+                merged = [(a or []) + (b or []) for a, b in zip(table.column(target).to_pylist(), column.to_pylist())]
+                table = table.set_column(table.column_names.index(target), target, pa.array(merged, column.type))
+            else:
+                table = table.append_column(target, column)
+    return table
+
+
+def check_aligned(keys: pa.ChunkedArray, caption_keys: pa.ChunkedArray, first_row: int, captions_path: str, input_path: str) -> None:
+    if len(keys) == len(caption_keys) and keys.equals(caption_keys):
+        return
+    a, b = keys.to_pylist(), caption_keys.to_pylist()
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    raise CaptionMismatch(
+        f"caption table {captions_path} does not line up with its input {input_path}: row {first_row + at} "
+        f"is {a[at] if at < len(a) else None!r} in the input but {b[at] if at < len(b) else None!r} in the captions; "
+        "rewrite that shard again")
+
+
+def read_shard(dataset: Dataset, shard: Shard, columns: list[str] | None = None, column_map=None) -> pa.Table:
+    """A whole shard's rows, captions joined (``columns``: image-shard columns to read, default all)."""
+    column_map = column_map or schema.ColumnMap()
+    if columns is not None and shard.captions and column_map.key not in columns:
+        columns = [column_map.key, *columns]
+    with dataset.images.fs.open(shard.path, "rb") as f:
+        table = column_map.apply(pq.read_table(f, columns=columns))
+    return join_captions(table, shard, 0, dataset) if shard.captions else table
