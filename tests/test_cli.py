@@ -75,5 +75,5 @@ def test_demo(tmp_path, vllm_python):
     assert (tmp_path / "demo" / "model" / "open_clip_model.safetensors").exists()
     assert (tmp_path / "demo" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 24  # captions beside their images
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "tiny and random" in report and "| label_shape |" in report and "| rewrite (vLLM, tiny random models) |" in report
+    assert "tiny and random" in report and "| label_shape |" in report and "| label_brand |" in report and "| rewrite (vLLM, tiny random models) |" in report
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000 and (tmp_path / "demo" / "eval.png").stat().st_size > 1000

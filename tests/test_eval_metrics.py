@@ -61,11 +61,14 @@ def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
     from conftest import veclip_cli
 
     model_dir = _random_tiny_export(tmp_path / "model")
-    result = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--out", str(tmp_path / "eval"))
+    result = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--out", str(tmp_path / "eval"),
+                        "--label-column", "label_shape,label_brand")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| label_shape |" in result.stdout and "| image -> text |" in result.stdout
+    assert "| label_shape |" in result.stdout and "| label_brand |" in result.stdout and "| image -> text |" in result.stdout
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert results["images"] == 20 and results["classes"] == 6 and results["templates"] == 6
+    assert results["images"] == 20 and results["classes"] == 6 + 7 and results["templates"] == 6
+    brands = results["zero_shot"]["label_brand"]  # on the branded images only
+    assert brands["classes"] == 7 and 0 < brands["images"] < 20 and results["zero_shot"]["label_shape"]["images"] == 20
     assert 0 <= results["zero_shot"]["label_shape"]["top1"] <= results["zero_shot"]["label_shape"]["top5"] <= 1
     assert results["retrieval"]["text_to_image_R@10"] >= results["retrieval"]["text_to_image_R@1"]
     assert (tmp_path / "eval" / "eval.md").read_text().startswith("# Evaluation")

@@ -187,7 +187,9 @@ def test_chat_vlm_captioners_through_the_pipeline(captioner, where, sample_root,
     table = pq.read_table(out.join("part-00000.parquet"), filesystem=out.fs)
     rows = table.to_pylist()
     assert len(rows) == 20 and [r["rewrite_flags"][0].split(":")[0] for r in rows[:2]] == ["image", "image"]  # the refused images
-    assert all(r["vlm_caption"] or r["rewrite_flags"] for r in rows) and sum(bool(r["vlm_caption"]) for r in rows) >= 9
+    # random weights: most captions are garbled bytes and flagged so; a null caption always says why
+    assert all(r["vlm_caption"] or any(f.startswith(("image:", "vlm_caption:")) for f in r["rewrite_flags"]) for r in rows)
+    assert pool["generated_tokens"] >= 18 * 4
     provenance = table.column("vlm_caption_provenance").to_pylist()[2]
     assert provenance["model"] == config.captioner.engine.model and provenance["prompt_version"] == "captioner-v1"
 

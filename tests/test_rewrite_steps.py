@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import time
 
 import pyarrow as pa
 import pytest
@@ -108,7 +109,7 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
     from veclip.lease import OutputLease
     from veclip.rewrite.config import fingerprint
     from veclip.rewrite.faults import RunContext
-    from veclip.rewrite.pipeline import summarize
+    from veclip.rewrite.pipeline import summarize, write_plan
     from veclip.rewrite.plan import plan_run
     from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
     from veclip.sample import SampleConfig, generate
@@ -129,6 +130,7 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
     lease.acquire()
     try:
         plan = plan_run(config, options, run.fingerprint, False)
+        write_plan(Location(config.output, options), config, run, plan, time.time())
         batch = {"shard": [s.path for s in plan.todo], "status": [""] * len(plan.todo)}
         batch = ShardCaptioner(config, options, run, engine=StubEngine("stub-vlm"))(batch)
         batch = ShardRewriter(config, options, run, engine=StubEngine("stub-llm", answer=lambda r: _echo_alt_text(r)))(batch)
@@ -279,4 +281,8 @@ def test_training_runs_on_a_caption_layout_output(tmp_path, ray_session):
                           data=str(tmp_path / "out"), output=str(tmp_path / "runs"), name="joined")
     summary = run_train(config, log=lambda *_: None)
     assert summary["metrics"]["step"] == 3
+    from veclip.status import StatusConfig, status
+
+    report = status(StatusConfig(str(tmp_path / "runs" / "joined")))
+    assert report.done and report.kind == "train" and "steps: 3 checkpointed of 3" in report.render()
     assert summary["rows_skipped_by_reason"].get("image_unusable", 0) + summary["rows_skipped_by_reason"].get("no_usable_caption", 0) >= 1

@@ -79,8 +79,16 @@ def test_user_prompt_files(tmp_path):
         ("ThreeThreeThreeThreeThree", (None, cleaning.REPETITION)),
         ("a red star a red star a red star a red star", (None, cleaning.REPETITION)),
         ("word " * 70, (None, cleaning.REPETITION)),
-        (" ".join(f"w{i}" for i in range(70)), (None, cleaning.TOO_LONG)),
+        (" ".join("alpha beta gamma delta epsilon zeta eta theta iota kappa".split()[i % 10] + "x" * (i // 10) for i in range(70)),
+         (None, cleaning.TOO_LONG)),
         ("Star", (None, cleaning.TOO_SHORT)),
+        # what tiny random models emit: bytes that decode to control and replacement characters
+        ("(\ufffd ordd\x0e\ufffdecor\ufffd diamondckgbe", (None, cleaning.GARBLED)),
+        ("a red \x1b[0m star", (None, cleaning.GARBLED)),
+        ("a \ue000 star on a wall", (None, cleaning.GARBLED)),  # private use
+        ("#$% &*@ ^^ a star |~|", (None, cleaning.GARBLED)),  # mostly not words
+        ("Café in Zürich, l'été — 24th edition, 3.5 cm (2x)", ("Café in Zürich, l'été — 24th edition, 3.5 cm (2x)", None)),
+        ("东京塔 at night", ("东京塔 at night", None)),
     ],
 )
 def test_clean(raw, expected):

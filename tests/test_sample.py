@@ -50,6 +50,25 @@ def test_eval_labels_match_the_facts(sample_root):
         assert row["label_shape"] == group["shape"] and row["label_shape"] in names["label_shape"]
         assert row["label_color_shape"] == f"{group['color']} {group['shape']}" in names["label_color_shape"]
         assert row["caption"] == row["ref_caption"] and group["color"] in row["caption"]
+        assert row["label_brand"] == json.loads(row["ref_facts"])["brand"] and row["label_brand"] in names["label_brand"] + [None]
+
+
+def test_brands_have_a_visual_identity_that_only_the_alt_text_names():
+    """VeCLIP's premise, in the sample world: the image shows a brand's frame and emblem,
+    the visual description says what they look like, and only the AltText knows the name."""
+    from veclip.sample.scene import BRAND_STYLES
+
+    config = SampleConfig("unused", image_size=32)
+    rows = [make_row("eval", i, config) for i in range(400)]
+    branded = [r for r in rows if r["label_brand"]]
+    assert 0.25 < len(branded) / len(rows) < 0.45 and {r["label_brand"] for r in branded} == set(BRAND_STYLES)
+    for row in branded:
+        frame, emblem = BRAND_STYLES[row["label_brand"]]
+        assert f"in a {frame} frame with a white {emblem} emblem" in row["ref_caption"]
+        assert row["label_brand"] not in row["ref_caption"]  # a captioner can't know the name
+    named = sum(r["label_brand"] in (r["alt_text"] or "") for r in branded)
+    assert named / len(branded) > 0.65
+    assert not any("frame" in r["ref_caption"] for r in rows if not r["label_brand"])
 
 
 def test_alt_text_is_web_like():

@@ -51,3 +51,20 @@ def test_show_from_the_command_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = veclip_cli("show", str(tmp_path / "empty"))
     assert result.returncode != 0 and "show: no .parquet shards" in result.stderr
+
+
+def test_status_of_a_rewrite_output_finished_then_live(tmp_path):
+    import json
+
+    _rewrite_in_process(tmp_path, layout="captions")
+    out = tmp_path / "out"
+    result = veclip_cli("status", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"rewrite {out}: DONE") and "shards: 2 done, 0 failed, 0 remaining of 2" in result.stdout
+    assert "rows: 12 done of 12" in result.stdout and "quarantined:image_undecodable 1" in result.stdout
+    (out / "_done" / "part-00001.parquet.json").unlink()  # a shard still being written, by a run that holds the lease
+    (out / "_lease.json").write_text(json.dumps({"run_id": "r2", "expires_at": 4e9, "started_at": "now"}))
+    live = veclip_cli("status", str(out))
+    assert live.returncode == 1 and "NOT DONE" in live.stdout and "1 remaining of 2" in live.stdout and "running (lease held by r2)" in live.stdout
+    assert "ETA" in live.stdout
+    assert "neither a rewrite output" in veclip_cli("status", str(tmp_path / "sample")).stderr

@@ -86,7 +86,8 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     lap("train (Ray Train, 2 CPU workers)")
 
     model = export(root.child("train", "demo-mix").url, root.join("model"), options)
-    evaluation = evaluate(EvalConfig(model=str(model), data=data.child("eval").url, out=root.child("eval").url), options)
+    evaluation = evaluate(EvalConfig(model=str(model), data=data.child("eval").url, out=root.child("eval").url,
+                                     label_column="label_shape,label_brand"), options)  # what the images show; what only AltText names
     lap("export + eval")
     timings["total"] = time.perf_counter() - start
 

@@ -266,6 +266,14 @@ def _show_run(config, options, args) -> int:
     return 0
 
 
+def _status_run(config, options, args) -> int:
+    from veclip.status import status
+
+    report = status(config, options)
+    print(report.render())
+    return 0 if report.done else 1
+
+
 def _demo_flags(p):
     p.add_argument("--output", "--out", dest="out", metavar="URL", help="output folder (default runs/demo)")
     p.add_argument("--rows", type=int, help="train rows of sample data (default 400)")
@@ -308,5 +316,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("show", "look at rows of a dataset or stage output: captions beside their images, flags, reasons", _show_flags,
           _fields("url", "rows", "offset", "keys", "where", "html", "page_rows", "add_captions", "columns"),
           _only_default("veclip.show:ShowConfig"), _show_run),
+    Stage("status", "how far a rewrite output or a training run is: shards/steps, rows/s, ETA, flags; exit 0 when done",
+          lambda p: p.add_argument("url", help="a rewrite output, or a training run folder <output>/<name>"),
+          _fields("url"), _only_default("veclip.status:StatusConfig"), _status_run),
     Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed"), _only_default("veclip.demo:DemoConfig"), _demo_run),
 )}

@@ -37,7 +37,7 @@ class EvalConfig:
     data: str = ""  # eval shards: folder or s3:// prefix
     out: str | None = None  # write eval.json and eval.md here
     pretrained: str | None = None  # with an open_clip model name
-    label_column: str = "label_shape"  # class-name column for zero-shot
+    label_column: str = "label_shape"  # class-name column(s) for zero-shot, comma-separated: label_shape,label_brand
     caption_column: str = "caption"  # caption (string or list) column for retrieval
     classes: str | None = None  # JSON file with "classnames" (default: the set's _classes.json)
     templates: str = "generic"  # prompt templates: generic, imagenet, scenes, or a JSON file
@@ -46,6 +46,10 @@ class EvalConfig:
     gpus_per_worker: float = 0.0  # GPUs per embedding actor
     cpus_per_worker: float = 1.0  # CPUs per embedding actor
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)  # the set's column names for the contract's roles (see schema.ColumnMap)
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.label_column.split(",") if c.strip())
 
 
 def load_templates(name_or_path: str) -> list[str]:
@@ -62,9 +66,21 @@ def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 
+def _class_names(config: EvalConfig, location: Location, column: str) -> list[str]:
+    """``--classes FILE``'s names (one label column), else the set's ``_classes.json`` entry for ``column``."""
+    if config.classes:
+        if len(config.label_columns) > 1:
+            raise ValueError("eval: --classes names one column's classes; with several label columns use the set's _classes.json")
+        return json.loads(Path(config.classes).read_text())["classnames"]
+    classes_path = location.join(schema.CLASSES_FILE)  # beside the images
+    if not location.fs.exists(classes_path):
+        raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
+    return json.loads(location.fs.cat_file(classes_path))[column]
+
+
 def _check_columns(names: list[str], path: str, config: EvalConfig) -> None:
     """A clear error if eval's columns are missing (``names``: under the contract's names)."""
-    missing = [c for c in (schema.IMAGE, config.label_column, config.caption_column) if c not in names]
+    missing = [c for c in (schema.IMAGE, *config.label_columns, config.caption_column) if c not in names]
     if missing:
         raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
 
@@ -83,7 +99,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     dataset = open_dataset(config.data, options, stage="eval")
     location = dataset.images
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
-    spec = EmbedSpec(config.model, config.pretrained, (config.label_column, config.caption_column), config.batch_size)
+    spec = EmbedSpec(config.model, config.pretrained, (*config.label_columns, config.caption_column), config.batch_size)
     if config.workers > 0:
         first = dataset.shards[0].path
         with location.fs.open(first, "rb") as f:  # a clear schema error before any actor starts (footer only)
@@ -97,25 +113,22 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     kept = embedded.filter(pc.is_null(embedded.column("error"))).to_pylist()
     image_embeddings = np.array([r["embedding"] for r in kept], np.float32)
 
-    # zero-shot: class names x templates, averaged per class (only where the set has labels)
-    zs, classnames, templates = {}, [], []
-    if any(r[config.label_column] is not None for r in kept):
-        if config.classes:
-            classnames = json.loads(Path(config.classes).read_text())["classnames"]
-        else:
-            classes_path = location.join(schema.CLASSES_FILE)  # beside the images
-            if not location.fs.exists(classes_path):
-                raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
-            classnames = json.loads(location.fs.cat_file(classes_path))[config.label_column]
-        templates = load_templates(config.templates)
-        prompts = [t.format(c) for c in classnames for t in templates]
-        per_class = _encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames), len(templates), -1)
-        index = {name: i for i, name in enumerate(classnames)}
-        unknown = sorted({r[config.label_column] for r in kept} - set(index))
+    # zero-shot per label column: class names x templates, averaged per class, on the rows with a label
+    zs, classnames, templates = {}, {}, load_templates(config.templates)
+    for column in config.label_columns:
+        rows = [i for i, r in enumerate(kept) if r[column] is not None]
+        if not rows:
+            continue
+        classnames[column] = _class_names(config, location, column)
+        prompts = [t.format(c) for c in classnames[column] for t in templates]
+        per_class = _encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames[column]), len(templates), -1)
+        index = {name: i for i, name in enumerate(classnames[column])}
+        unknown = sorted({kept[i][column] for i in rows} - set(index))
         if unknown:
-            raise ValueError(f"eval: labels {unknown[:5]} are not among the {len(classnames)} class names")
-        labels = np.array([index[r[config.label_column]] for r in kept])
-        zs = {config.label_column: zero_shot(image_embeddings, class_embeddings(per_class), labels)}
+            raise ValueError(f"eval: {column} labels {unknown[:5]} are not among the {len(index)} class names")
+        labels = np.array([index[kept[i][column]] for i in rows])
+        scores = zero_shot(image_embeddings[rows], class_embeddings(per_class), labels)
+        zs[column] = {**scores, "classes": len(index), "images": len(rows)}
 
     # retrieval: one or several captions per image
     texts, text_image = [], []
@@ -133,8 +146,8 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         "images_skipped": sum(skipped.values()),
         "images_skipped_by_reason": dict(skipped),
         "captions": len(texts),
-        "classes": len(classnames),
-        "templates": len(templates),
+        "classes": sum(len(c) for c in classnames.values()),
+        "templates": len(templates) if classnames else 0,
         "zero_shot": zs,
         "retrieval": rt,
     }
@@ -154,9 +167,9 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     if results["zero_shot"]:
-        lines += ["| zero-shot | top-1 | top-5 |", "| --- | --- | --- |"]
+        lines += ["| zero-shot | top-1 | top-5 | classes | images |", "| --- | --- | --- | --- | --- |"]
     for column, scores in results["zero_shot"].items():
-        lines.append(f"| {column} | {scores['top1']:.1%} | {scores['top5']:.1%} |")
+        lines.append(f"| {column} | {scores['top1']:.1%} | {scores['top5']:.1%} | {scores.get('classes', '')} | {scores.get('images', '')} |")
     r = results["retrieval"]
     lines += [
         "",

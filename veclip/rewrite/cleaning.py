@@ -8,6 +8,7 @@ AltText. Only rows whose image is unusable are quarantined.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # Reason codes (stable: they appear in flags and run summaries).
 EMPTY = "empty_output"
@@ -17,6 +18,7 @@ REFUSAL = "refusal"
 REPETITION = "repetition"
 ENTITIES_LOST = "entities_lost"
 ALT_TEXT_TRUNCATED = "alt_text_truncated"
+GARBLED = "garbled"  # control or replacement characters, or mostly tokens that are not words
 
 _PREFIXES = re.compile(
     r"^\s*(sure[,!.]?\s*)?(here(?: is|'s| are)\b[^:\n]*:|caption\s*:|answer\s*:|output\s*:|rewritten caption\s*:)\s*",
@@ -50,11 +52,26 @@ def is_repetitive(text: str) -> bool:
     return any(trigrams.count(t) >= 3 for t in set(trigrams))
 
 
+_WORD = re.compile(r"^[(\[\"'“‘]*(?:[^\W\d_]+(?:['’\-][^\W\d_]+)*|\d+(?:[.,:/]\d+)*(?:st|nd|rd|th|s|px|%)?)[)\]\"'”’.,;:!?]*$")
+_BAD_CATEGORIES = ("Cc", "Cf", "Co", "Cs", "Cn")  # control, format, private-use, surrogate, unassigned
+
+
+def is_garbled(text: str) -> bool:
+    """Text no reader could use: control, format or replacement characters (what a model's
+    broken bytes decode to), or fewer than half of its tokens words or numbers."""
+    if "\ufffd" in text or any(unicodedata.category(c) in _BAD_CATEGORIES for c in text if not c.isspace()):
+        return True
+    tokens = text.split()
+    return sum(bool(_WORD.match(t)) for t in tokens) * 2 < len(tokens)
+
+
 def clean(text: str | None, max_words: int, min_words: int = 1) -> tuple[str | None, str | None]:
     """``(caption, None)`` when usable, else ``(None, reason)``."""
     text = strip_boilerplate(text or "")
     if not text:
         return None, EMPTY
+    if is_garbled(text):
+        return None, GARBLED
     if _REFUSALS.search(text):
         return None, REFUSAL
     if is_repetitive(text):

@@ -28,7 +28,8 @@ from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure
 from veclip.rewrite.faults import DONE, RunContext, record_failure
 from veclip.rewrite.plan import Plan, plan_run
 from veclip.rewrite.workers import CAPTIONS_DIR, ShardCaptioner, ShardRewriter
-from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name
+from veclip.status import PLAN_FILE
+from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name, write_json
 
 SUMMARY_FILE = "_summary.json"
 
@@ -203,6 +204,7 @@ def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, lo
     try:
         plan = plan_run(config, options, run.fingerprint, redo_mismatched)
         _record_unreadable(ShardStore(out), plan, run)
+        write_plan(out, config, run, plan, started_at)
         log(f"rewrite: {len(plan.inputs)} shards, {len(plan.done)} already done, {len(plan.todo)} to do, "
             f"{len(plan.unreadable)} unreadable (mode {config.mode}, fingerprint {run.fingerprint})")
         if plan.todo:
@@ -212,6 +214,13 @@ def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, lo
         return summary
     finally:
         lease.release()
+
+
+def write_plan(out: Location, config: RewriteConfig, run: RunContext, plan: Plan, started_at: float) -> None:
+    """What this run set out to do, for `veclip status` while it runs."""
+    write_json(out.fs, out.join(PLAN_FILE), {
+        "run_id": run.run_id, "fingerprint": run.fingerprint, "started_at": started_at, "input": config.input,
+        "shards_total": len(plan.inputs), "rows_total": sum(plan.input_rows.values()), "shards_todo": len(plan.todo)})
 
 
 def _rewrite_shards(config: RewriteConfig, options: StorageOptions, run: RunContext, plan: Plan, log) -> None:

@@ -4,15 +4,21 @@ Kinds, drawn per row with fixed weights: empty, a file name, SEO words, a
 brand or place name, a partial description (one true fact among noise), a
 wrong description, and — rarely — the full visual facts. Brands and places are
 the "knowledge" a VeCap must keep; the visual facts are what it must add.
+
+A branded scene's AltText names its brand (the one whose identity is drawn)
+with probability ``NAMES_ITS_BRAND``, else it is drawn as for any scene; only
+the AltText knows the name. Other scenes' AltText may name any brand: the web
+is noisy.
 """
 
 from __future__ import annotations
 
 import random
 
-from veclip.sample.scene import COLORS, SHAPES, Scene, describe, plural
+from veclip.sample.scene import BRAND_STYLES, COLORS, SHAPES, Scene, describe, plural
 
-BRANDS = ("Acme Prints", "Nordlicht Studio", "Kubo & Co", "Brightline Decor", "Maison Vert", "Pixelhaus", "Tanaka Goods")
+BRANDS = tuple(BRAND_STYLES)
+NAMES_ITS_BRAND = 0.7
 PLACES = ("Lisbon", "Lake Tahoe", "Kyoto", "Cape Town", "Reykjavik", "Oaxaca", "Tallinn")
 SEO_WORDS = (
     "best", "cheap", "wall art", "decor", "poster", "free shipping", "2024", "modern", "ideas",
@@ -47,15 +53,15 @@ def _seo(rng: random.Random) -> str:
     return " ".join(rng.sample(SEO_WORDS, rng.randint(4, 8)))
 
 
-def _brand(rng: random.Random) -> str:
-    brand, place, product = rng.choice(BRANDS), rng.choice(PLACES), rng.choice(PRODUCTS)
+def _brand(rng: random.Random, brand: str | None = None) -> str:
+    brand, place, product = brand or rng.choice(BRANDS), rng.choice(PLACES), rng.choice(PRODUCTS)
     return rng.choice(
         (
             f"{brand} | {place} collection",
             f"{product.title()} by {brand}",
             f"{brand} {product} - {place}",
             f"Souvenir from {place}",
-        )
+        )[: 3 if brand else 4]  # a branded scene's brand text names it
     )
 
 
@@ -75,6 +81,8 @@ def _wrong(scene: Scene, rng: random.Random) -> str:
 
 def alt_text(scene: Scene, rng: random.Random) -> tuple[str | None, str]:
     """``(alt_text, kind)``; empty AltText is sometimes ``""`` and sometimes null."""
+    if scene.brand and rng.random() < NAMES_ITS_BRAND:
+        return _brand(rng, scene.brand), "brand"
     kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     if kind == "empty":
         return rng.choice(("", None)), kind
@@ -84,6 +92,6 @@ def alt_text(scene: Scene, rng: random.Random) -> tuple[str | None, str]:
         "brand": lambda: _brand(rng),
         "partial": lambda: _partial(scene, rng),
         "wrong": lambda: _wrong(scene, rng),
-        "facts": lambda: f"{rng.choice(BRANDS)}: {describe(scene)}",
+        "facts": lambda: f"{scene.brand or rng.choice(BRANDS)}: {describe(scene)}",
     }[kind]()
     return text, kind

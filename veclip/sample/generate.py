@@ -6,8 +6,9 @@ depend on the shard count. Columns beyond the contract:
 * ``ref_caption`` — the visual facts in words (a perfect captioner's output),
   ``ref_facts`` (the same as JSON) and ``ref_alt_kind`` (which kind of AltText
   was drawn). **For benchmarks only; pipelines must never read ``ref_*``.**
-* eval split only: ``label_shape`` and ``label_color_shape`` (zero-shot class
-  names) and ``caption`` (the retrieval caption, equal to ``ref_caption``).
+* eval split only: ``label_shape``, ``label_color_shape`` and ``label_brand``
+  (zero-shot class names; ``label_brand`` is null for scenes of no brand) and
+  ``caption`` (the retrieval caption, equal to ``ref_caption``).
 
 Layout: ``<out>/train/part-NNNNN.parquet``, ``<out>/eval/part-NNNNN.parquet``
 (each with ``_done`` markers), ``<out>/eval/_classes.json`` and
@@ -25,10 +26,11 @@ import pyarrow as pa
 from veclip import schema
 from veclip.images import encode_jpeg
 from veclip.sample.alt_text import alt_text
-from veclip.sample.scene import COLORS, SHAPES, describe, random_scene, render
+from veclip.sample.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
 from veclip.storage import Location, ShardStore, StorageOptions, write_json
 
 SPLITS = ("train", "eval")
+WORLD_VERSION = 2  # 2: brands with a visual identity that only the AltText names
 
 SAMPLE_SCHEMA = pa.schema(
     list(schema.INPUT_SCHEMA)
@@ -36,7 +38,8 @@ SAMPLE_SCHEMA = pa.schema(
 )
 EVAL_SCHEMA = pa.schema(
     list(SAMPLE_SCHEMA)
-    + [pa.field("label_shape", pa.string()), pa.field("label_color_shape", pa.string()), pa.field("caption", pa.string())]
+    + [pa.field("label_shape", pa.string()), pa.field("label_color_shape", pa.string()), pa.field("label_brand", pa.string()),
+       pa.field("caption", pa.string())]
 )
 
 
@@ -63,7 +66,8 @@ class SampleConfig:
 
 def make_row(split: str, index: int, config: SampleConfig) -> dict:
     rng = random.Random(f"{config.seed}:{split}:{index}")
-    scene = random_scene(rng, max_groups=2 if split == "train" else 1)
+    brand = random_brand(random.Random(f"{config.seed}:{split}:{index}:brand"))
+    scene = random_scene(rng, max_groups=2 if split == "train" else 1, brand=brand)
     image = render(scene, config.image_size, rng)
     text, kind = alt_text(scene, rng)
     caption = describe(scene)
@@ -80,7 +84,7 @@ def make_row(split: str, index: int, config: SampleConfig) -> dict:
     }
     if split == "eval":
         group = scene.groups[0]
-        row.update(label_shape=group.shape, label_color_shape=f"{group.color} {group.shape}", caption=caption)
+        row.update(label_shape=group.shape, label_color_shape=f"{group.color} {group.shape}", label_brand=scene.brand, caption=caption)
     return row
 
 
@@ -95,13 +99,14 @@ def class_names() -> dict[str, list[str]]:
     return {
         "label_shape": list(SHAPES),
         "label_color_shape": [f"{color} {shape}" for color in COLORS for shape in SHAPES],
+        "label_brand": list(BRAND_STYLES),
     }
 
 
 def _check_same_config(root: Location, config: SampleConfig) -> None:
     """Refuse to mix shards made with different settings in one folder."""
     path = root.join("_sample.json")
-    wanted = {k: v for k, v in asdict(config).items() if k != "out"}
+    wanted = {k: v for k, v in asdict(config).items() if k != "out"} | {"world": WORLD_VERSION}
     if root.fs.exists(path):
         found = json.loads(root.fs.cat_file(path))
         if found != wanted:

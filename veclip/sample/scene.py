@@ -2,8 +2,12 @@
 
 A scene is a background plus one or more *groups*; a group is ``count``
 objects of one shape, colour and size placed in one region of the picture.
-:func:`describe` states those facts in plain English — the caption a perfect
-captioner would write — and :func:`render` draws them.
+Some scenes belong to a *brand*, whose visual identity is always the same: a
+frame of the brand's colour and a white emblem of its shape in the bottom-right
+corner. A captioner can see and describe the identity but not name the brand;
+the AltText, when it knows, names it (:mod:`veclip.sample.alt_text`).
+:func:`describe` states the visual facts in plain English — the caption a
+perfect captioner would write — and :func:`render` draws them.
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ BACKGROUNDS = {  # name -> base colour
 }
 PATTERNS = ("plain", "striped", "checkered", "gradient", "speckled")
 NUMBERS = ("no", "one", "two", "three", "four", "five")
+BRAND_STYLES = {  # brand -> (frame colour, emblem shape): one identity each, no two alike
+    "Acme Prints": ("red", "star"),
+    "Nordlicht Studio": ("blue", "hexagon"),
+    "Kubo & Co": ("yellow", "circle"),
+    "Brightline Decor": ("green", "triangle"),
+    "Maison Vert": ("purple", "diamond"),
+    "Pixelhaus": ("orange", "square"),
+    "Tanaka Goods": ("pink", "star"),
+}
+BRANDED_SHARE = 0.35  # of scenes
 
 
 @dataclass(frozen=True)
@@ -67,12 +81,18 @@ class Scene:
     groups: tuple[Group, ...]
     background: str
     pattern: str
+    brand: str | None = None  # its identity is drawn; the name only the AltText can tell
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def random_scene(rng: random.Random, max_groups: int = 2) -> Scene:
+def random_brand(rng: random.Random) -> str | None:
+    """A scene's brand, or None; drawn from its own generator so unbranded scenes stay as they were."""
+    return rng.choice(sorted(BRAND_STYLES)) if rng.random() < BRANDED_SHARE else None
+
+
+def random_scene(rng: random.Random, max_groups: int = 2, brand: str | None = None) -> Scene:
     n_groups = rng.randint(1, max_groups)
     regions = rng.sample(sorted(REGIONS), n_groups)
     groups = []
@@ -86,7 +106,7 @@ def random_scene(rng: random.Random, max_groups: int = 2) -> Scene:
         count = rng.randint(1, 2 if size == "large" else 4)
         groups.append(Group(shape, color, size, count, region))
     background = rng.choice(sorted(BACKGROUNDS))
-    return Scene(tuple(groups), background, rng.choice(PATTERNS))
+    return Scene(tuple(groups), background, rng.choice(PATTERNS), brand)
 
 
 def plural(shape: str, count: int) -> str:
@@ -103,7 +123,11 @@ def describe(scene: Scene) -> str:
     parts = [describe_group(g) for g in scene.groups]
     objects = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     pattern = "" if scene.pattern == "plain" else scene.pattern + " "
-    return f"{objects[0].upper()}{objects[1:]}, on a {pattern}{scene.background} background."
+    identity = ""
+    if scene.brand:
+        frame, emblem = BRAND_STYLES[scene.brand]
+        identity = f", in a {frame} frame with a white {emblem} emblem in the corner"
+    return f"{objects[0].upper()}{objects[1:]}, on a {pattern}{scene.background} background{identity}."
 
 
 def _shade(rgb: tuple[int, int, int], delta: int) -> tuple[int, int, int]:
@@ -181,4 +205,17 @@ def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:
             fill = _shade(COLORS[group.color], rng.randint(-15, 15))
             outline = (0, 0, 0) if group.color != "black" else (200, 200, 200)
             _draw_object(draw, group.shape, cx, cy, r, fill, outline)
+    if scene.brand:
+        _draw_identity(draw, scene.brand, side)
     return image
+
+
+def _draw_identity(draw: ImageDraw.ImageDraw, brand: str, side: int) -> None:
+    """The brand's frame and its emblem in the bottom-right corner, the same on every image."""
+    frame, emblem = BRAND_STYLES[brand]
+    width = max(2, side // 20)
+    draw.rectangle((0, 0, side - 1, side - 1), outline=COLORS[frame], width=width)
+    r = side * 0.07
+    center = side - width - r - 1
+    draw.rectangle((center - r * 1.3, center - r * 1.3, side - 1, side - 1), fill=COLORS[frame])
+    _draw_object(draw, emblem, center, center, r, (250, 250, 250), (20, 20, 20))

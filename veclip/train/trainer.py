@@ -15,6 +15,7 @@ import json
 import time
 
 from veclip.config import redact
+from veclip.status import RUN_FILE
 from veclip.storage import Location, StorageOptions, write_json
 from veclip.train.checkpoint import PROGRESS_FILE, Progress
 from veclip.train.config import TrainConfig
@@ -51,6 +52,9 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
         ),
         torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
     )
+    write_json(output.fs, output.join(config.name, RUN_FILE), {  # for `veclip status` while it runs
+        "steps": config.steps, "batch_size": config.batch_size, "num_workers": scale.num_workers, "model": config.model,
+        "data": config.data, "caption_mode": config.captions.mode, "started_at": time.time()})
     log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.batch_size}/worker, "
         f"captions {config.captions.mode}; {len(plan.units)} row groups in {plan.shards} shards")
     result = trainer.fit()

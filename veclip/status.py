@@ -1,0 +1,136 @@
+"""``veclip status URL``: how far a rewrite output or a training run is, live or finished.
+
+Read from what the stages leave in storage, listed fresh (another process
+writes it): a rewrite's ``_plan.json`` (written when a run starts), its done
+markers, ``_failed/`` records and lease; a training run's ``run.json`` (written
+when it starts), its newest checkpoint's ``progress.json`` and ``metrics.jsonl``,
+and ``summary.json`` once it ends. The exit code says whether it is done.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from veclip.storage import Location, ShardStore, StorageOptions, read_json
+
+PLAN_FILE = "_plan.json"  # a rewrite run's plan: the shards and rows it set out to write
+RUN_FILE = "run.json"  # a training run's config, written when it starts
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    url: str = ""  # a rewrite output, or a training run folder (<output>/<name>)
+
+
+@dataclass
+class Status:
+    kind: str  # rewrite or train
+    url: str
+    done: bool
+    lines: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        head = f"{self.kind} {self.url}: {'DONE' if self.done else 'NOT DONE'}"
+        return "\n".join([head, *("  " + line for line in self.lines)])
+
+
+def _eta(remaining: float, rate: float) -> str:
+    if rate <= 0:
+        return "unknown"
+    seconds = remaining / rate
+    return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.1f} min" if seconds > 90 else f"{seconds:.0f} s"
+
+
+def rewrite_status(location: Location) -> Status:
+    fs = location.fs
+    fs.invalidate_cache(location.path)  # markers and records change under us
+    plan = read_json(fs, location.join(PLAN_FILE)) or {}
+    store = ShardStore(location)
+    markers = store.markers()
+    failed = {name: record for name, record in store.failures().items() if name not in markers}
+    lease = read_json(fs, location.join("_lease.json"))
+    live = bool(lease and lease["expires_at"] > time.time())
+    total = plan.get("shards_total", len(markers) + len(failed))
+    rows_done = sum(m.get("rows_in", m["rows"] + m["quarantined"]) for m in markers.values())
+    rows_total = plan.get("rows_total")
+    this_run = [m for m in markers.values() if m.get("run_id") == plan.get("run_id")]
+    finished = max((m.get("finished_at", 0) for m in this_run), default=0)
+    seconds = (time.time() if live else finished) - plan.get("started_at", time.time())
+    rate = sum(m.get("rows_in", m["rows"] + m["quarantined"]) for m in this_run) / seconds if this_run and seconds > 0 else 0.0
+    flags = Counter()
+    for marker in markers.values():
+        flags.update(marker.get("flags") or {})
+        flags.update({f"quarantined:{k}": v for k, v in (marker.get("quarantine_reasons") or {}).items()})
+    remaining = total - len(markers) - len(failed)
+    lines = [
+        f"shards: {len(markers)} done, {len(failed)} failed, {remaining} remaining of {total}",
+        f"rows: {rows_done:,} done" + (f" of {rows_total:,}" if rows_total else "")
+        + (f"; {rate:.1f} rows/s this run" if rate else "")
+        + (f", ETA {_eta(rows_total - rows_done, rate)}" if live and rows_total else ""),
+        f"run: {'running (lease held by ' + lease['run_id'] + ')' if live else 'not running'}; fingerprint "
+        + ", ".join(sorted({m.get('fingerprint', '?') for m in markers.values()} or {plan.get('fingerprint', '?')})),
+    ]
+    if flags:
+        lines.append("flags: " + ", ".join(f"{reason} {n}" for reason, n in flags.most_common()))
+    for name, record in sorted(failed.items())[:5]:
+        lines.append(f"failed: {name}: {record.get('error', '?')}")
+    done = not live and not failed and remaining == 0 and bool(markers)
+    return Status("rewrite", location.url, done, lines)
+
+
+def train_status(location: Location) -> Status:
+    from veclip.train.checkpoint import METRICS_FILE, PROGRESS_FILE
+
+    fs = location.fs
+    fs.invalidate_cache(location.path)
+    run = read_json(fs, location.join(RUN_FILE)) or {}
+    summary = read_json(fs, location.join("summary.json"))
+    checkpoints = sorted(e["name"] for e in fs.ls(location.path, detail=True)
+                         if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_"))
+    progress, history = {}, []
+    if checkpoints:
+        newest = checkpoints[-1]
+        progress = read_json(fs, posixpath.join(newest, PROGRESS_FILE)) or {}
+        if fs.exists(posixpath.join(newest, METRICS_FILE)):
+            history = [json.loads(line) for line in fs.cat_file(posixpath.join(newest, METRICS_FILE)).decode().splitlines() if line]
+    steps = run.get("steps")
+    step = progress.get("step", 0)
+    lines = [f"steps: {step:,} checkpointed" + (f" of {steps:,}" if steps else "") + f"; {progress.get('samples_seen', 0):,} samples seen"]
+    if history:
+        last = history[-1]
+        rate = last.get("samples_per_s")
+        if rate:
+            per_step = rate / max(1, run.get("batch_size", 1) * run.get("num_workers", 1))
+            eta = f", ETA {_eta(steps - step, per_step)}" if steps and not summary else ""
+            lines.append(f"speed: {rate:,.1f} samples/s at step {last.get('step')}{eta}")
+        if "loss" in last:
+            lines.append(f"loss: {last['loss']:.4f} at step {last.get('step')}")
+    if progress.get("resumes"):
+        lines.append(f"resumed {len(progress['resumes'])} time(s)")
+    skipped = Counter()
+    for worker in progress.get("workers", []):
+        skipped.update(worker.get("skipped", {}))
+    if skipped:
+        lines.append("rows passed over: " + ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()))
+    if run:
+        lines.append(f"data: {run.get('data')}; model {run.get('model')}; captions {run.get('caption_mode')}")
+    finished = bool(summary) and (not steps or summary.get("metrics", {}).get("step", 0) >= steps)
+    return Status("train", location.url, finished, lines)
+
+
+def status(config: StatusConfig, options: StorageOptions | None = None) -> Status:
+    location = Location(config.url, options or StorageOptions())
+    fs = location.fs
+    if not location.exists():
+        raise FileNotFoundError(f"status: no such folder: {config.url}")
+    names = {posixpath.basename(p) for p in fs.ls(location.path, detail=False, refresh=True)}
+    if names & {RUN_FILE, "summary.json"} or any(n.startswith("checkpoint_") for n in names):
+        return train_status(location)
+    if names & {PLAN_FILE, "_done", "_failed", "_lease.json"}:
+        return rewrite_status(location)
+    raise ValueError(f"status: {config.url} is neither a rewrite output (no {PLAN_FILE}, _done/) nor a training run "
+                     f"(no {RUN_FILE}, checkpoint_*); for a training run pass <output>/<name>")
