@@ -77,6 +77,6 @@ def test_the_gpu_recipe_resolves(tmp_path):
                              "--target", str(tmp_path / "t"), "-r", "requirements/gpu.txt"], capture_output=True, text=True,
                             timeout=900, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     assert got["vllm"] == "0.32.0" and got["torch"] == "2.13.0" and got["torchvision"] == "0.28.0" and got["ray"] == "2.60.0"
     assert "open-clip-torch" in got and any(name.startswith("nvidia-") for name in got)  # CUDA libraries, as on a GPU host
