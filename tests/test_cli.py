@@ -74,6 +74,8 @@ def test_demo(tmp_path, vllm_python):
     assert "rewrite (both): 40 rows in -> " in result.stdout and "train (veclip-tiny, captions mix): step 60" in result.stdout
     assert (tmp_path / "demo" / "model" / "open_clip_model.safetensors").exists()
     assert (tmp_path / "demo" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 24  # captions beside their images
+    page = (tmp_path / "demo" / "report.html").read_text()  # the report as one page: plots inline, the gallery embedded
+    assert page.count("data:image/png;base64,") == 2 and '<iframe src="gallery.html"' in page and "<h2>Evaluation</h2>" in page
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "tiny and random" in report and "| label_shape |" in report and "| label_brand |" in report and "| rewrite (vLLM, tiny random models) |" in report
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000 and (tmp_path / "demo" / "eval.png").stat().st_size > 1000

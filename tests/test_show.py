@@ -96,3 +96,18 @@ def test_the_gallery_renders_in_a_real_browser(tmp_path):
     assert pixels.std() > 20  # not blank
     saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 90  # the page itself is black, white and pale; the scenes are not
     assert saturated.sum() > 2000, saturated.sum()
+
+
+def test_the_report_page_stands_alone(tmp_path):
+    """report.html: the Markdown report's tables, code and quotes as HTML, its plots inline, the gallery embedded."""
+    from PIL import Image
+
+    from veclip.report import to_html
+
+    Image.new("RGB", (4, 4), (200, 0, 0)).save(tmp_path / "loss.png")
+    page = to_html(["# veclip demo report", "> **tiny** and `random`", "| stage | seconds |", "| --- | --- |", "| rewrite | 1.5 |",
+                    "", "```", "rewrite (both): 40 rows <in>", "```", "![loss](loss.png)", "@gallery.html"], tmp_path)
+    assert "<h1>veclip demo report</h1>" in page and "<blockquote><b>tiny</b> and <code>random</code></blockquote>" in page
+    assert "<tr><th>stage</th><th>seconds</th></tr><tr><td>rewrite</td><td>1.5</td></tr>" in page
+    assert "<pre>rewrite (both): 40 rows &lt;in&gt;</pre>" in page and 'src="data:image/png;base64,' in page
+    assert '<iframe src="gallery.html"' in page

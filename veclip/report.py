@@ -84,5 +84,61 @@ def write_report(out: Path, rewrite: dict, train: dict, history: list[dict], eva
         "![eval](eval.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    if (out / "gallery.html").exists():
+        lines += ["## Captions beside their images", "", "[gallery.html](gallery.html) (`veclip show`)", "", "@gallery.html", ""]
+    (out / "report.md").write_text("\n".join(line for line in lines if not line.startswith("@")))
+    (out / "report.html").write_text(to_html(lines, out))
     return out / "report.md"
+
+
+def to_html(lines: list[str], folder: Path) -> str:
+    """The report's Markdown subset as one page: headings, quotes, tables, code, paragraphs; its
+    plots inline (base64), so the page stands alone; ``@file`` lines embed a page of the folder."""
+    import base64
+    import html
+    import re
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+        text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+        return re.sub(r"\[([^]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+
+    body, table, code = [], [], None
+    for line in [*lines, ""]:
+        if code is not None:
+            if line.startswith("```"):
+                body.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
+                code = None
+            else:
+                code.append(line)
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-", " ", ":"} for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            head, *rows = table
+            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+            table = []
+        if line.startswith("```"):
+            code = []
+        elif image := re.fullmatch(r"!\[([^]]*)\]\(([^)]+)\)", line.strip()):
+            data = base64.b64encode((folder / image.group(2)).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
+        elif line.startswith("@"):
+            body.append(f'<iframe src="{html.escape(line[1:])}" title="gallery"></iframe>')
+        elif heading := re.match(r"(#+) (.*)", line):
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{inline(heading.group(2))}</h{level}>")
+        elif line.startswith(">"):
+            body.append(f"<blockquote>{inline(line.lstrip('> '))}</blockquote>")
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    style = ("body{font:14px system-ui,sans-serif;margin:24px auto;max-width:960px;color:#222}table{border-collapse:collapse;margin:8px 0}"
+             "td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}pre{background:#f6f6f6;padding:8px;overflow:auto}"
+             "blockquote{margin:0;padding:0 12px;border-left:4px solid #e0b000;color:#555}img{max-width:100%}"
+             "iframe{width:100%;height:800px;border:1px solid #ddd}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>veclip demo report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
