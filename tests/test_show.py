@@ -106,8 +106,10 @@ def test_the_report_page_stands_alone(tmp_path):
 
     Image.new("RGB", (4, 4), (200, 0, 0)).save(tmp_path / "loss.png")
     page = to_html(["# veclip demo report", "> **tiny** and `random`", "| stage | seconds |", "| --- | --- |", "| rewrite | 1.5 |",
-                    "", "```", "rewrite (both): 40 rows <in>", "```", "![loss](loss.png)", "@gallery.html"], tmp_path)
+                    "", "```", "rewrite (both): 40 rows <in>", "```", "![loss](loss.png)", "@gallery.html",
+                    "## Evaluation\n\n| zero-shot | top-1 |\n| --- | --- |\n| label_brand | 17.8% |\n"], tmp_path)
     assert "<h1>veclip demo report</h1>" in page and "<blockquote><b>tiny</b> and <code>random</code></blockquote>" in page
     assert "<tr><th>stage</th><th>seconds</th></tr><tr><td>rewrite</td><td>1.5</td></tr>" in page
     assert "<pre>rewrite (both): 40 rows &lt;in&gt;</pre>" in page and 'src="data:image/png;base64,' in page
     assert '<iframe src="gallery.html"' in page
+    assert "<h2>Evaluation</h2>" in page and "<td>label_brand</td><td>17.8%</td>" in page  # a multi-line item

@@ -105,7 +105,7 @@ def to_html(lines: list[str], folder: Path) -> str:
         return re.sub(r"\[([^]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
 
     body, table, code = [], [], None
-    for line in [*lines, ""]:
+    for line in [*"\n".join(lines).split("\n"), ""]:  # an item may hold several lines (a rendered table)
         if code is not None:
             if line.startswith("```"):
                 body.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
