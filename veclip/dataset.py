@@ -162,11 +162,16 @@ def join_captions(table: pa.Table, shard: Shard, first_row: int, dataset: Datase
     return table
 
 
+def first_difference(a: list, b: list) -> int:
+    """The first index where two key lists differ (the shorter one's length when one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def check_aligned(keys: pa.ChunkedArray, caption_keys: pa.ChunkedArray, first_row: int, captions_path: str, input_path: str) -> None:
     if len(keys) == len(caption_keys) and keys.equals(caption_keys):
         return
     a, b = keys.to_pylist(), caption_keys.to_pylist()
-    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    at = first_difference(a, b)
     raise CaptionMismatch(
         f"caption table {captions_path} does not line up with its input {input_path}: row {first_row + at} "
         f"is {a[at] if at < len(a) else None!r} in the input but {b[at] if at < len(b) else None!r} in the captions; "

@@ -46,14 +46,15 @@ class ShowConfig:
 def matching_rows(config: ShowConfig, options: StorageOptions) -> tuple[Dataset, pa.Table]:
     """The rows to show: from ``offset`` on, ``rows`` of those that match, read row group by row group."""
     dataset = open_dataset(config.url, options, config.add_captions, stage="show")
-    found, passed, wanted = [], 0, set(config.keys)
+    found, passed, have, wanted = [], 0, 0, set(config.keys)
     for table in _row_groups(dataset, config.columns):
         keep = [i for i, row in enumerate(table.select(_filter_columns(table)).to_pylist()) if _matches(row, config, wanted)]
-        take = keep[max(0, config.offset - passed):]
+        take = keep[max(0, config.offset - passed):][: config.rows - have]
         passed += len(keep)
         if take:
-            found.append(table.take(take[: config.rows - sum(t.num_rows for t in found)]))
-        if sum(t.num_rows for t in found) >= config.rows:
+            found.append(table.take(take))
+            have += len(take)
+        if have >= config.rows:
             break
     return dataset, pa.concat_tables(found, promote_options="default") if found else pa.table({schema.KEY: pa.array([], pa.string())})
 

@@ -45,6 +45,11 @@ def _eta(remaining: float, rate: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.1f} min" if seconds > 90 else f"{seconds:.0f} s"
 
 
+def _rows_in(marker: dict) -> int:
+    """A done shard's input rows (markers before ``rows_in`` existed: written + quarantined)."""
+    return marker.get("rows_in", marker["rows"] + marker["quarantined"])
+
+
 def rewrite_status(location: Location) -> Status:
     fs = location.fs
     fs.invalidate_cache(location.path)  # markers and records change under us
@@ -55,12 +60,12 @@ def rewrite_status(location: Location) -> Status:
     lease = read_json(fs, location.join("_lease.json"))
     live = bool(lease and lease["expires_at"] > time.time())
     total = plan.get("shards_total", len(markers) + len(failed))
-    rows_done = sum(m.get("rows_in", m["rows"] + m["quarantined"]) for m in markers.values())
+    rows_done = sum(map(_rows_in, markers.values()))
     rows_total = plan.get("rows_total")
     this_run = [m for m in markers.values() if m.get("run_id") == plan.get("run_id")]
     finished = max((m.get("finished_at", 0) for m in this_run), default=0)
     seconds = (time.time() if live else finished) - plan.get("started_at", time.time())
-    rate = sum(m.get("rows_in", m["rows"] + m["quarantined"]) for m in this_run) / seconds if this_run and seconds > 0 else 0.0
+    rate = sum(map(_rows_in, this_run)) / seconds if this_run and seconds > 0 else 0.0
     flags = Counter()
     for marker in markers.values():
         flags.update(marker.get("flags") or {})

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
+from veclip.dataset import first_difference
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
 from veclip.storage import (CaptionTables, Location, ShardStore, StorageOptions, caption_tables, finished_shard_entries, list_file_entries,
@@ -227,7 +228,7 @@ def _check_alignment(location: Location, tables: CaptionTables, report: Validati
         with inputs.fs.open(source, "rb") as f:
             keys = report.config.columns.apply(pq.read_table(f, columns=[report.config.columns.key])).column(schema.KEY).to_pylist()
         if captions != keys:
-            row = next((i for i, (a, b) in enumerate(zip(keys, captions)) if a != b), min(len(keys), len(captions)))
+            row = first_difference(keys, captions)
             report.problems.append(Problem(
                 "caption_misaligned", posixpath.basename(table),
                 f"{len(captions)} caption rows for {len(keys)} input rows of {source}; first difference at row {row}", row))
