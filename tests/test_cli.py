@@ -67,15 +67,21 @@ def test_bad_input_gives_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_demo(tmp_path, vllm_python):
-    result = veclip_cli("demo", "--out", str(tmp_path / "demo"), "--rows", "40", env={"VECLIP_VLLM_PYTHON": vllm_python}, timeout=900)
+    """The demo at test size: the quick trained models (built once, cached), 40 rows, 20 steps per mode."""
+    result = veclip_cli("demo", "--out", str(tmp_path / "demo"), "--rows", "40", "--steps", "20", "--models", "quick",
+                        env={"VECLIP_VLLM_PYTHON": vllm_python}, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("OK: usable") == 3 and "demo: done" in result.stdout  # both splits, then the caption tables
     assert "caption tables" in result.stdout and "joined by key" in result.stdout
-    assert "rewrite (both): 40 rows in -> " in result.stdout and "train (veclip-tiny, captions mix): step 60" in result.stdout
-    assert (tmp_path / "demo" / "model" / "open_clip_model.safetensors").exists()
+    assert "rewrite (both): 40 rows in -> " in result.stdout and "captioner: fact recall" in result.stdout
+    assert "train (veclip-tiny, captions alttext): step 20" in result.stdout and "train (veclip-tiny, captions mix): step 20" in result.stdout
+    assert "| AltText only |" in result.stdout and "| VeCLIP mix |" in result.stdout  # the comparison, last
+    for mode in ("alttext", "mix"):
+        assert (tmp_path / "demo" / "models" / mode / "open_clip_model.safetensors").exists()
     assert (tmp_path / "demo" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 24  # captions beside their images
     page = (tmp_path / "demo" / "report.html").read_text()  # the report as one page: plots inline, the gallery embedded
     assert page.count("data:image/png;base64,") == 2 and '<iframe src="gallery.html"' in page and "<h2>Evaluation</h2>" in page
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "tiny and random" in report and "| label_shape |" in report and "| label_brand |" in report and "| rewrite (vLLM, tiny random models) |" in report
+    assert "Small models, trained here" in report and "| label_shape |" in report and "| label_brand |" in report
+    assert "fusion keeps" in report and "LaCLIP rewrites:" in report
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000 and (tmp_path / "demo" / "eval.png").stat().st_size > 1000

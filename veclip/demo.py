@@ -1,11 +1,15 @@
 """``veclip demo``: the main job, end to end, on built-in sample data.
 
-Sample data -> validate -> rewrite (VeCap + LaCLIP through real vLLM, tiny
-random models, written as caption tables beside the images) -> validate the
-tables against their inputs -> ``gallery.html`` (``veclip show``) -> train (joined by key) a tiny CLIP with the VeCLIP 50/50 mix on 2 Ray Train
-workers -> export for stock open_clip -> evaluate (zero-shot, retrieval) ->
-``report.md`` with plots. Rerunning is cheap: every stage skips what is done
-(training resumes from its last checkpoint, which is the end).
+Sample data -> validate -> the captioner and LLM trained here on the sample
+world (``veclip models build``; built once, then cached) -> rewrite (VeCap and
+LaCLIP through real vLLM, written as caption tables beside the images) ->
+validate the tables against their inputs -> caption quality against the world's
+truth -> ``gallery.html`` (``veclip show``) -> per caption mode (AltText only,
+then the VeCLIP mix) train a tiny CLIP on 2 Ray Train workers (images joined with
+their captions by key), export it for stock open_clip and evaluate it (zero-shot
+on shapes and brands, retrieval) -> ``report.md`` / ``report.html`` with the
+modes side by side and plots. Rerunning is cheap: every stage skips what is
+done (training resumes from its last checkpoint, which is the end).
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from veclip.eval.run import EvalConfig, evaluate
-from veclip.report import write_report
+from veclip.models.build import ModelsConfig
+from veclip.models.build import ensure_built as ensure_models
+from veclip.models.build import render as render_models
+from veclip.models.quality import measure, read_rows
+from veclip.models.quality import render as render_quality
+from veclip.report import MODE_NAMES, comparison, write_report
 from veclip.rewrite.config import build_config as build_rewrite_config
 from veclip.rewrite.pipeline import render_summary as render_rewrite_summary
 from veclip.rewrite.pipeline import run_rewrite
@@ -32,11 +41,14 @@ from veclip.validate import ValidateConfig, validate
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "runs/demo"  # a local folder: data, outputs, the model and report.md
-    rows: int = 400  # a few minutes end to end on 2 cores
+    out: str = "runs/demo"  # a local folder: data, outputs, the models and the report
+    rows: int = 1000  # train rows of sample data
     eval_rows: int = 500  # eval rows of sample data
     shards: int = 4  # shards per split
     seed: int = 0  # the sample data's seed
+    steps: int = 300  # CLIP training steps per caption mode
+    modes: tuple[str, ...] = ("alttext", "mix")  # caption modes trained side by side: the baseline first
+    models: str = "full"  # the captioner and LLM: trained here at this scale (full: built once, ~10 min; quick: tests)
 
 
 def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
@@ -44,7 +56,7 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     options = options or StorageOptions()
     root = Location(config.out, options)
     if not root.is_local:
-        raise ValueError("demo: --out must be a local folder (the report and the exported model are local files)")
+        raise ValueError("demo: --out must be a local folder (the report and the exported models are local files)")
     data = root.child("data")
     timings: dict[str, float] = {}
     start = last = time.perf_counter()
@@ -54,45 +66,53 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
         timings[name] = time.perf_counter() - last
         last = time.perf_counter()
 
-    generate(SampleConfig(data.url, config.rows, config.eval_rows, config.shards, config.seed), options)
-    lap("sample data")
+    generate(SampleConfig(data.url, config.rows, config.eval_rows, config.shards, config.seed), options, log=lambda *_: None)
     for split in ("train", "eval"):
         report = validate(ValidateConfig(data.child(split).url, images="full"), options)
         print(report.render())
         if not report.usable:
             print("demo: FAILED: the sample data did not validate")
             return 1
-    lap("validate")
+    lap("sample data + validate")
+
+    models = ensure_models(ModelsConfig(scale=config.models))
+    print(render_models(models))
+    lap("models (built once, then cached)")
 
     # caption tables beside the sample images (the layout for scale): training joins them back by key
-    rewrite = build_rewrite_config("tiny", input=data.child("train").url, output=root.child("captions").url, mode="both", layout="captions")
+    preset = "trained" if config.models == "full" else "trained-quick"
+    rewrite = build_rewrite_config(preset, input=data.child("train").url, output=root.child("captions").url, mode="both", layout="captions")
     rewrite_summary = run_rewrite(rewrite, options)
     print(render_rewrite_summary(rewrite_summary))
     if rewrite_summary["failed"]:
         print("demo: FAILED: some rewrite shards kept failing (above); rerun `veclip demo` to retry them")
         return 1
-    lap("rewrite (vLLM, tiny random models)")
+    lap("rewrite (vLLM: captioner, fuser, LaCLIP)")
     report = validate(ValidateConfig(rewrite.output, images="none"), options)  # each caption table against its input
     print(report.render())
     if not report.usable:
         print("demo: FAILED: the caption tables do not line up with their inputs")
         return 1
+    quality = measure(read_rows(rewrite.output, options))
+    print(render_quality(quality, "the demo's train split"))
     print(show(ShowConfig(rewrite.output, rows=24, html=root.join("gallery.html")), options))  # the captions beside their images
 
     per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
-    train = build_train_config("tiny", None, [f"batch_size={per_worker}"], data=rewrite.output, output=root.child("train").url, name="demo-mix")
-    train_summary = run_train(train, options)
-    print(render_train_summary(train_summary))
-    lap("train (Ray Train, 2 CPU workers)")
-
-    model = export(root.child("train", "demo-mix").url, root.join("model"), options)
-    evaluation = evaluate(EvalConfig(model=str(model), data=data.child("eval").url, out=root.child("eval").url,
-                                     label_column="label_shape,label_brand"), options)  # what the images show; what only AltText names
-    lap("export + eval")
+    runs = {}
+    for mode in config.modes:
+        name = f"demo-{mode}"
+        overrides = [f"batch_size={per_worker}", f"steps={config.steps}", f"captions.mode={mode}", f"checkpoint_every={config.steps}"]
+        train = build_train_config("tiny", None, overrides, data=rewrite.output, output=root.child("train").url, name=name)
+        summary = run_train(train, options)
+        print(render_train_summary(summary))
+        model = export(root.child("train", name).url, root.join("models", mode), options)
+        evaluation = evaluate(EvalConfig(model=str(model), data=data.child("eval").url, out=root.child("eval", mode).url,
+                                         label_column="label_shape,label_brand"), options)  # what the images show; what only AltText names
+        runs[mode] = {"train": summary, "eval": evaluation, "history": metric_history(root.child("train", name).url, options)}
+        lap(f"train + eval: {MODE_NAMES.get(mode, mode)} (Ray Train, 2 CPU workers)")
     timings["total"] = time.perf_counter() - start
 
-    history = metric_history(root.child("train", "demo-mix").url, options)
-    report = write_report(Path(root.path), rewrite_summary, train_summary, history, evaluation, timings)
-    print(report.read_text())
-    print(f"demo: done in {timings['total']:.1f}s; report: {report}")
+    report = write_report(Path(root.path), rewrite_summary, quality, models, runs, timings)
+    print(comparison(runs))
+    print(f"demo: done in {timings['total']:.0f}s; report: {report} (and report.html)")
     return 0

@@ -274,10 +274,25 @@ def _status_run(config, options, args) -> int:
     return 0 if report.done else 1
 
 
+def _models_flags(p):
+    p.add_argument("action", choices=("build",), help="build: train the captioner VLM and the instruction LLM (cached)")
+    p.add_argument("--output", "--out", dest="out", metavar="DIR", help="where to build (default: the cache, see --help)")
+    p.add_argument("--scale", choices=("full", "quick"), help="full (~10 min on 2 cores, the demo's) or quick (tests)")
+    p.add_argument("--seed", type=int)
+
+
+def _models_run(config, options, args) -> int:
+    from veclip.models.build import run
+
+    return run(config)
+
+
 def _demo_flags(p):
     p.add_argument("--output", "--out", dest="out", metavar="URL", help="output folder (default runs/demo)")
-    p.add_argument("--rows", type=int, help="train rows of sample data (default 400)")
+    p.add_argument("--rows", type=int, help="train rows of sample data (default 1000)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="CLIP training steps per caption mode (default 300)")
+    p.add_argument("--models", choices=("full", "quick"), help="the trained captioner and LLM's scale (default full; quick for tests)")
 
 
 def _demo_run(config, options, args) -> int:
@@ -301,7 +316,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths"), _only_default("veclip.ingest:ImportConfig"), _import_run),
     Stage("rewrite", "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites", _rewrite_flags,
           _fields("input", "output", "mode", "layout", "columns"), _lazy("veclip.rewrite.config:preset"), _rewrite_run,
-          presets="default (LLaVA-1.5 + Llama-3-8B), qwen2-vl, qwen2.5-vl: real models on GPU actors; tiny: tiny random models on CPU",
+          presets="default (LLaVA-1.5 + Llama-3-8B), qwen2-vl, qwen2.5-vl: real models on GPU actors; tiny: tiny random models on CPU; trained, trained-quick: small models trained here (veclip models build) on CPU",
           submittable=True,
           set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7"),
     Stage("train", "train CLIP with Ray Train on (enriched) shards", _train_flags, _train_fields, _lazy("veclip.train.config:preset"), _train_run,
@@ -319,5 +334,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("status", "how far a rewrite output or a training run is: shards/steps, rows/s, ETA, flags; exit 0 when done",
           lambda p: p.add_argument("url", help="a rewrite output, or a training run folder <output>/<name>"),
           _fields("url"), _only_default("veclip.status:StatusConfig"), _status_run),
-    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed"), _only_default("veclip.demo:DemoConfig"), _demo_run),
+    Stage("models", "train small real models on the sample world (captioner VLM, instruction LLM) for the trained presets",
+          _models_flags, _fields("out", "scale", "seed"), _only_default("veclip.models.build:ModelsConfig"), _models_run),
+    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed", "steps", "models"), _only_default("veclip.demo:DemoConfig"), _demo_run),
 )}

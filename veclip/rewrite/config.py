@@ -12,11 +12,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from veclip.config import build
+from veclip.environments import default_vllm_python  # noqa: F401 (where callers have found it)
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 
@@ -154,20 +154,6 @@ def _gpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> 
     return StageConfig(EngineConfig(model=model, **engine), sampling, PoolConfig(min_actors=1, max_actors=8), prompts)
 
 
-def default_vllm_python() -> str | None:
-    """The vLLM environment's interpreter on a CPU host (see the Makefile), if any,
-    wherever the command runs from: ``$VECLIP_VLLM_PYTHON``, else ``.venv-vllm``
-    beside the checkout this package was installed from (editable installs), else
-    beside the running environment. None: the workers use the driver's Python."""
-    if python := os.environ.get("VECLIP_VLLM_PYTHON"):
-        return python
-    here = Path(__file__).resolve().parents[2]  # the checkout, for `pip install -e .`
-    for root in (here, Path(sys.prefix).parent):
-        if (python := root / ".venv-vllm" / "bin" / "python").exists():
-            return str(python)
-    return None
-
-
 # Open captioners beside LLaVA-1.5, each with the settings its family needs (all chat-format:
 # vLLM applies the model's own chat template and puts the image where the template says).
 # Qwen2-VL resizes within [min_pixels, max_pixels] (28x28 pixels per image token after its
@@ -178,12 +164,15 @@ PRESETS = {  # name -> (captioner, its engine settings, fuser/LaCLIP LLM)
     "qwen2-vl": ("Qwen/Qwen2-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "meta-llama/Llama-3.1-8B-Instruct"),
     "qwen2.5-vl": ("Qwen/Qwen2.5-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "Qwen/Qwen2.5-7B-Instruct"),
 }
-TINY_CAPTIONERS = ("llava", "qwen2_vl", "vlm")  # the tiny preset's: LLaVA (default), Qwen2-VL, BLIP-2 (template prompts)
+TINY_CAPTIONERS = ("llava", "qwen2_vl", "vlm")
+# models trained here on the sample world (veclip models build): name -> their build scale
+TRAINED_PRESETS = {"trained": "full", "trained-quick": "quick"}  # the tiny preset's: LLaVA (default), Qwen2-VL, BLIP-2 (template prompts)
 
 
 def preset(name: str) -> RewriteConfig:
     """``default`` (LLaVA-1.5 + Llama-3-8B-Instruct), ``qwen2-vl``, ``qwen2.5-vl``: real models
-    on GPU actors. ``tiny``: random tiny models on CPU, LLaVA's architecture as the captioner."""
+    on GPU actors. ``tiny``: random tiny models on CPU, LLaVA's architecture as the captioner.
+    ``trained`` / ``trained-quick``: small LLaVA + Llama trained here on the sample world, on CPU."""
     laclip_sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77, stop=("\n",))  # LaCLIP's settings
     if name in PRESETS:
         captioner, settings, llm = PRESETS[name]
@@ -192,10 +181,7 @@ def preset(name: str) -> RewriteConfig:
             fuser=_gpu_stage(llm, "fusion-v1", SamplingConfig(max_tokens=80)),
             laclip=_gpu_stage(llm, "laclip-v1", laclip_sampling),
         )
-    if name == "tiny":
-        from veclip.rewrite.tiny import model_paths
-
-        models = model_paths(tiny_models_dir())
+    if name in ("tiny", *TRAINED_PRESETS):
         cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, chunked_prefill=False,
                    env={"VLLM_CPU_KVCACHE_SPACE": "1"})
         pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python())
@@ -203,13 +189,26 @@ def preset(name: str) -> RewriteConfig:
         def stage(model, prompts, sampling, **engine):
             return StageConfig(EngineConfig(model=model, **cpu, **engine), sampling, pool, prompts)
 
-        return RewriteConfig(
-            captioner=stage(models["llava"], "captioner-v1", SamplingConfig(temperature=1.0, max_tokens=16)),
-            fuser=stage(models["llm"], "fusion-v1", SamplingConfig(temperature=0.7, max_tokens=32)),
-            laclip=stage(models["llm"], "laclip-v1", dataclasses.replace(laclip_sampling, max_tokens=24)),
+        if name == "tiny":
+            from veclip.rewrite.tiny import model_paths
+
+            models = model_paths(tiny_models_dir())
+            return RewriteConfig(
+                captioner=stage(models["llava"], "captioner-v1", SamplingConfig(temperature=1.0, max_tokens=16)),
+                fuser=stage(models["llm"], "fusion-v1", SamplingConfig(temperature=0.7, max_tokens=32)),
+                laclip=stage(models["llm"], "laclip-v1", dataclasses.replace(laclip_sampling, max_tokens=24)),
+                max_image_side=128,
+            )
+        from veclip.models.build import ModelsConfig, model_paths, models_dir
+
+        models = model_paths(models_dir(ModelsConfig(scale=TRAINED_PRESETS[name])))
+        return RewriteConfig(  # greedy captions and fusion; LaCLIP samples as the paper does
+            captioner=stage(models["captioner"], "captioner-v1", SamplingConfig(max_tokens=64)),
+            fuser=stage(models["llm"], "fusion-small-v1", SamplingConfig(max_tokens=80)),
+            laclip=stage(models["llm"], "laclip-v1", dataclasses.replace(laclip_sampling, max_tokens=64)),
             max_image_side=128,
         )
-    raise ValueError(f"unknown preset {name!r}: use one of {[*PRESETS, 'tiny']}")
+    raise ValueError(f"unknown preset {name!r}: use one of {[*PRESETS, 'tiny', *TRAINED_PRESETS]}")
 
 
 def tiny_captioner(name: str) -> dict:
@@ -272,9 +271,14 @@ def build_config(preset_name: str = "default", config_file: str | None = None, o
 
 
 def ensure_models(config: RewriteConfig) -> None:
-    """Build the tiny models if the config uses them and they are not built yet."""
+    """Build the tiny or the trained models if the config uses them and they are not built yet."""
+    from veclip.models import build as trained
     from veclip.rewrite.tiny import ensure_built, model_paths
 
-    tiny = set(model_paths(tiny_models_dir()).values())
-    if any(stage.engine.model in tiny for stage in (config.captioner, config.fuser, config.laclip)):
+    used = {stage.engine.model for stage in (config.captioner, config.fuser, config.laclip)}
+    if used & set(model_paths(tiny_models_dir()).values()):
         ensure_built(tiny_models_dir(), default_vllm_python())
+    for scale in set(TRAINED_PRESETS.values()):
+        models = trained.ModelsConfig(scale=scale)
+        if used & set(trained.model_paths(trained.models_dir(models)).values()):
+            trained.ensure_built(models)
