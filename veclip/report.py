@@ -76,6 +76,7 @@ def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: di
     from veclip.models.build import render as render_models
     from veclip.models.quality import render as render_quality
     from veclip.rewrite.pipeline import render_summary as render_rewrite
+    from veclip.train.trainer import run_samples_per_s
 
     out.mkdir(parents=True, exist_ok=True)
     _plot_loss(runs, out / "loss.png")
@@ -115,13 +116,14 @@ def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: di
     for mode, run in runs.items():
         train, metrics = run["train"], run["train"]["metrics"]
         lines.append(f"- **{MODE_NAMES.get(mode, mode)}** (`{mode}`): {train['model']}, {metrics['step']} steps, final loss "
-                     f"{metrics['loss']:.3f}, {metrics['samples_per_s']:.0f} samples/s; rows skipped: {json.dumps(train['rows_skipped_by_reason'])}.")
+                     f"{metrics['loss']:.3f}, {run_samples_per_s(train):.0f} samples/s over the run ({train['wall_seconds']:.0f} s); "
+                     f"rows skipped: {json.dumps(train['rows_skipped_by_reason'])}.")
     lines += ["", "![loss](loss.png)", "", "## Evaluation", "",
               "Held-out eval split: zero-shot on the shape (what the image shows) and on the brand (what only",
               "AltText names; scenes of no brand are skipped), retrieval with the reference captions.", "",
               comparison(runs), "", "![eval](eval.png)", ""]
     for mode, run in runs.items():
-        lines += [f"### {MODE_NAMES.get(mode, mode)}", "", render_markdown(run["eval"])]
+        lines += [f"### {MODE_NAMES.get(mode, mode)}", "", render_markdown(run["eval"]).replace("# Evaluation of", "Evaluation of", 1)]
     if (out / "gallery.html").exists():
         lines += ["## Captions beside their images", "", "[gallery.html](gallery.html) (`veclip show`)", "", "@gallery.html", ""]
     (out / "report.md").write_text("\n".join(line for line in lines if not line.startswith("@")))
@@ -130,7 +132,7 @@ def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: di
 
 
 def to_html(lines: list[str], folder: Path) -> str:
-    """The report's Markdown subset as one page: headings, quotes, tables, code, paragraphs; its
+    """The report's Markdown subset as one page: headings, quotes, tables, lists, code, paragraphs; its
     plots inline (base64), so the page stands alone; ``@file`` lines embed a page of the folder."""
     import base64
     import html
@@ -142,7 +144,7 @@ def to_html(lines: list[str], folder: Path) -> str:
         text = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
         return re.sub(r"\[([^]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
 
-    body, table, code = [], [], None
+    body, table, items, code = [], [], [], None
     for line in [*"\n".join(lines).split("\n"), ""]:  # an item may hold several lines (a rendered table)
         if code is not None:
             if line.startswith("```"):
@@ -156,6 +158,12 @@ def to_html(lines: list[str], folder: Path) -> str:
             if not all(set(c) <= {"-", " ", ":"} for c in cells):
                 table.append(cells)
             continue
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        if items:
+            body.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in items) + "</ul>")
+            items = []
         if table:
             head, *rows = table
             body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"

@@ -85,13 +85,19 @@ def _read_progress(checkpoint) -> Progress | None:
         return Progress.from_dict(json.loads(f.read()))
 
 
+def run_samples_per_s(summary: dict) -> float:
+    """Wall-clock throughput of the whole run, start-up and every pass's first wait included."""
+    return (summary["metrics"] or {}).get("samples_seen", 0) / max(summary["wall_seconds"], 1e-9)
+
+
 def render_summary(summary: dict) -> str:
     m = summary["metrics"] or {}
     skipped = ", ".join(f"{n} {r}" for r, n in summary["rows_skipped_by_reason"].items()) or "none"
     return (
         f"train ({summary['model']}, captions {summary['caption_mode']}): step {m.get('step')} loss {m.get('loss', float('nan')):.4f} "
-        f"logit scale {m.get('logit_scale', float('nan')):.2f}, {m.get('samples_per_s', 0):.1f} samples/s, "
-        f"data wait {m.get('data_wait_share', 0):.0%}; rows skipped: {skipped}; {summary['wall_seconds']:.1f}s\n"
+        f"logit scale {m.get('logit_scale', float('nan')):.2f}; {run_samples_per_s(summary):.0f} samples/s over the run "
+        f"(last step {m.get('samples_per_s', 0):.0f}, data wait {m.get('data_wait_share', 0):.0%}); rows skipped: {skipped}; "
+        f"{summary['wall_seconds']:.1f}s\n"
         f"  checkpoint: {summary['checkpoint']}"
         + "".join(f"\n  shards skipped: {n} ({why})" for why, n in summary.get("shards_skipped_by_reason", {}).items())
         + "".join(f"\n  {_render_resume(r)}" for r in summary.get("resumes", []))
