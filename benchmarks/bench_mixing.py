@@ -104,7 +104,8 @@ def main() -> None:
     for mode in args.modes:
         for seed in args.seeds:
             name = f"{mode}-{seed}"
-            overrides = [f"steps={args.steps}", "batch_size=64", "scale.num_workers=1", "scale.cpus_per_worker=2", f"seed={seed}",
+            # the tiny preset's scale, as the demo: 2 workers x 0.5 CPU, 32 rows each per step (64 a step)
+            overrides = [f"steps={args.steps}", "batch_size=32", f"seed={seed}",
                          f"captions.mode={mode}", f"model={args.model}", f"checkpoint_every={args.steps}", "report_every=50", "captions.max_rewrites=4"]
             config = build_config("tiny", None, overrides, data=str(data), output=str(tmp / "runs"), name=name)
             run_train(config, log=lambda *_: None)
@@ -121,7 +122,7 @@ def main() -> None:
     what = "the trained models' captions" if args.captions == "pipeline" else "reference captions, stand-ins"
     names = {"alttext": "AltText only", "vecap": f"VeCap only ({what})", "mix": f"VeCLIP mix p=0.5 ({what})",
              "laclip": "LaCLIP uniform (AltText + 4 rewrites)" if args.captions == "pipeline" else "LaCLIP uniform (AltText + 3 paraphrases of the reference)"}
-    print(f"\n{args.rows} train rows, {args.model}, {args.steps} steps x 64, seeds {args.seeds}; eval: 500 images\n")
+    print(f"\n{args.rows} train rows, {args.model}, {args.steps} steps x 64 (2 workers), seeds {args.seeds}; eval: 500 images\n")
     print("| captions | zero-shot shape top-1 (%) | zero-shot colour+shape top-1 (%) | zero-shot brand top-1 (%) | R@1 (%, mean of both ways) | R@5 (%) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for mode, rows in results.items():
