@@ -93,3 +93,22 @@ def veclip_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subpr
     return subprocess.run(
         [str(exe), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
+
+
+def browser_screenshot(page: Path, shot: Path, size: str = "1000,1400"):
+    """The page as headless Chromium (Debian's; `make test` installs it) draws it, as an RGB array;
+    skips the test where there is no chromium."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium (make test installs Debian's package where apt-get is available)")
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                             f"--user-data-dir={shot.parent / 'chromium-profile'}", f"--window-size={size}", f"--screenshot={shot}",
+                             page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.exists(), result.stderr[-2000:]
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)

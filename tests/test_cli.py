@@ -7,7 +7,7 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import veclip_cli
+from conftest import browser_screenshot, veclip_cli
 
 
 def test_sample_then_validate_then_corrupt(tmp_path):
@@ -76,6 +76,9 @@ def test_demo(tmp_path, vllm_python):
     assert "rewrite (both): 40 rows in -> " in result.stdout and "captioner: fact recall" in result.stdout
     assert "train (veclip-tiny, captions alttext): step 20" in result.stdout and "train (veclip-tiny, captions mix): step 20" in result.stdout
     assert "| AltText only |" in result.stdout and "| VeCLIP mix |" in result.stdout  # the comparison, last
+    # a person reads it: the stages' own lines; Ray's, Ray Data's and vLLM's logs are in a file
+    assert len(result.stdout.splitlines()) <= 120 and "ray: worker and engine logs in " in result.stdout, result.stdout
+    assert "MapWorker" not in result.stdout + result.stderr and "Loading safetensors" not in result.stdout + result.stderr
     for mode in ("alttext", "mix"):
         assert (tmp_path / "demo" / "models" / mode / "open_clip_model.safetensors").exists()
     assert (tmp_path / "demo" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 24  # captions beside their images
@@ -85,3 +88,7 @@ def test_demo(tmp_path, vllm_python):
     assert "Small models, trained here" in report and "| label_shape |" in report and "| label_brand |" in report
     assert "fusion keeps" in report and "LaCLIP rewrites:" in report
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000 and (tmp_path / "demo" / "eval.png").stat().st_size > 1000
+    # the report opens in a real browser: plots and the embedded gallery's scenes on screen, not a blank page
+    pixels = browser_screenshot(tmp_path / "demo" / "report.html", tmp_path / "report.png", size="1000,4000")
+    saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 90
+    assert pixels.std() > 20 and saturated.sum() > 5000, saturated.sum()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -149,17 +150,23 @@ def test_secrets_package_loads_into_a_process_environment(tmp_path, monkeypatch)
 # --- a real local head ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Head:
+    url: str  # the dashboard: job submission and the state API
+    metrics: str  # the node's Prometheus endpoint
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """``ray start --head`` on 127.0.0.1 in its own process group (so stopping it leaves any
     other local Ray alone); token auth is on, as Ray 2.60 sets it up by default."""
     temp = tempfile.mkdtemp(prefix="vh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dashboard = free_port()
+    dashboard, metrics = free_port(), free_port()
     command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address=127.0.0.1",
                f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-               f"--temp-dir={temp}", "--disable-usage-stats",
+               f"--temp-dir={temp}", "--disable-usage-stats", f"--metrics-export-port={metrics}",
                # every port free, so another local Ray (the suite's own, a benchmark) never collides
-               *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+               *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                           "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
                                                           "object-manager-port"))]
     log = Path(temp) / "start.log"  # a file, not a pipe: Ray's daemons inherit it and outlive this call
@@ -168,7 +175,7 @@ def ray_head():
         starter.wait(timeout=180)
     assert starter.returncode == 0, log.read_text()[-3000:]
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield Head(f"http://127.0.0.1:{dashboard}", f"http://127.0.0.1:{metrics}/metrics")
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
@@ -189,6 +196,41 @@ def _alive_rewriters(address: str) -> int:
 
 
 @pytest.mark.slow
+class MetricsWatch:
+    """Scrapes the head's Prometheus endpoint every 2 s while jobs run and keeps, per veclip metric,
+    the largest sum over its label sets seen (a finished actor's series may not outlive it)."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url, self.seen, self.stop = url, {}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import re
+        import urllib.request
+
+        while not self.stop.is_set():
+            try:
+                text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+            except OSError:
+                text = ""
+            sums: dict[str, float] = {}
+            for name, labels, value in re.findall(r"^(ray_veclip_\w+?)(?:_total)?(\{[^}]*\})? ([0-9.e+-]+)$", text, re.M):
+                key = name + ("{pool=" + re.search(r'pool="(\w+)"', labels).group(1) + "}" if 'pool="' in labels else "")
+                sums[key] = sums.get(key, 0.0) + float(value)
+            for key, value in sums.items():
+                self.seen[key] = max(self.seen.get(key, 0.0), value)
+            self.stop.wait(2)
+
+    def finish(self) -> dict:
+        self.stop.wait(6)  # a last scrape after the jobs' final reports
+        self.stop.set()
+        self.thread.join()
+        return self.seen
+
+
 def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint, vllm_python):
     import threading
 
@@ -200,7 +242,7 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     # S3 credentials travel as --secret: every process of the job gets them, the job's metadata shows none
     secret = "veclip-job-secret-9b1e"
     job_env = ["--secret", "AWS_ACCESS_KEY_ID", "--secret", "AWS_SECRET_ACCESS_KEY", "--env", f"VECLIP_VLLM_PYTHON={vllm_python}"]
-    common = ["--address", ray_head, "--python", sys.executable, *job_env]
+    common = ["--address", ray_head.url, "--python", sys.executable, *job_env]
     secrets = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": secret}
     s3 = ["--s3-endpoint", s3_endpoint]
 
@@ -209,11 +251,12 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
 
     def watch():
         while not done.is_set():
-            counts.append(_alive_rewriters(ray_head))
+            counts.append(_alive_rewriters(ray_head.url))
             time.sleep(2)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    metrics = MetricsWatch(ray_head.metrics)
     rewrite = veclip_cli("submit", "rewrite", *common, "--input", url + "/sample/train", "--output", url + "/laclip", *s3,
                          "--preset", "tiny", "--mode", "laclip", "--set", "laclip.pool.min_actors=1", "--set", "laclip.pool.max_actors=2",
                          "--set", "laclip.pool.batch_size=16", env=secrets, timeout=900)
@@ -229,9 +272,9 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     print("rewrite actors over the run (2 s samples):", counts)
     assert seen and seen[0] == 1 and max(seen) == 2, counts  # starts at min, scales to max with the backlog
     deadline = time.monotonic() + 60  # and the pool is gone once the job has ended
-    while _alive_rewriters(ray_head) != 0 and time.monotonic() < deadline:
+    while _alive_rewriters(ray_head.url) != 0 and time.monotonic() < deadline:
         time.sleep(2)
-    assert _alive_rewriters(ray_head) == 0
+    assert _alive_rewriters(ray_head.url) == 0
 
     # train on the rewrites, then status and logs through `veclip jobs`
     train = veclip_cli("submit", "train", *common, "--follow", "--data", url + "/laclip", "--output", url + "/runs", "--name", "job",
@@ -240,10 +283,17 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "train (veclip-tiny" in train.stdout  # --follow streamed the driver's own output
     job_id = train.stdout.split("submit: job ")[1].split()[0]
-    status = veclip_cli("jobs", "status", job_id, "--address", ray_head)
+    status = veclip_cli("jobs", "status", job_id, "--address", ray_head.url)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
     assert any("checkpoint" in p for p in fs.ls(url + "/runs/job"))
-    listing = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "list", "--address", ray_head, "--log-style", "record"],
+    # what the rewrite actors and the train worker published, read back from the head's metrics endpoint
+    seen = metrics.finish()
+    print("veclip metrics seen:", seen)
+    assert 0 < seen.get("ray_veclip_rewrite_rows", 0) <= 128 and seen.get("ray_veclip_rewrite_shard_seconds_count", 0) >= 1
+    assert seen.get("ray_veclip_rewrite_tokens{pool=laclip}", 0) > 0
+    assert seen.get("ray_veclip_train_step", 0) == 4 and seen.get("ray_veclip_train_samples", 0) > 0
+    assert "ray_veclip_train_samples_per_second" in seen and "ray_veclip_train_loss" in seen
+    listing = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "list", "--address", ray_head.url, "--log-style", "record"],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
     assert listing.returncode == 0 and "veclip_job_secrets" in listing.stdout and secret not in listing.stdout
 
@@ -251,7 +301,7 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     ray = str(Path(sys.executable).with_name("ray"))
     entry = [sys.executable, "-m", "veclip.cli", "eval", "--model", url + "/runs/job", "--data", url + "/sample/eval",
              "--out", url + "/eval", *s3]
-    plain = subprocess.run([ray, "job", "submit", "--address", ray_head, "--runtime-env-json",
+    plain = subprocess.run([ray, "job", "submit", "--address", ray_head.url, "--runtime-env-json",
                             json.dumps({"env_vars": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}}), "--", *entry],
                            capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"})
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]

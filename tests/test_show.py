@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import veclip_cli
+from conftest import browser_screenshot, veclip_cli
 from test_rewrite_steps import _rewrite_in_process
 
 from veclip import schema
@@ -75,24 +75,10 @@ def test_status_of_a_rewrite_output_finished_then_live(tmp_path):
 def test_the_gallery_renders_in_a_real_browser(tmp_path):
     """Headless Chromium (Debian's; `make test` installs it) opens a page of `veclip show --html`:
     it renders, the inline images load (their saturated colours are on screen), not a blank page."""
-    import shutil
-    import subprocess
-
-    import numpy as np
-    from PIL import Image
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("no chromium (make test installs Debian's package where apt-get is available)")
     _rewrite_in_process(tmp_path, layout="captions")
-    page, shot = tmp_path / "gallery.html", tmp_path / "gallery.png"
+    page = tmp_path / "gallery.html"
     show(ShowConfig(str(tmp_path / "out"), rows=4, html=str(page)))
-    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400", f"--screenshot={shot}",
-                             page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert shot.exists(), result.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    pixels = browser_screenshot(page, tmp_path / "gallery.png")
     assert pixels.std() > 20  # not blank
     saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 90  # the page itself is black, white and pale; the scenes are not
     assert saturated.sum() > 2000, saturated.sum()

@@ -8,6 +8,7 @@ config and runs (see :mod:`veclip.stages`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from veclip.stages import STAGES, add_stage_parser, stage_config, storage, storage_flags
@@ -176,7 +177,7 @@ def command_reference() -> str:
         common = {id(a) for g in parser._action_groups if g.title and g.title.startswith(COMMON_GROUPS) for a in g._group_actions}
         flags = [_flag(a) for a in parser._actions if not isinstance(a, argparse._HelpAction) and id(a) not in common]
         if name in STAGES:
-            flags.append("[--preset P] [--config FILE] [--set KEY=VALUE ...]")
+            flags.append("[--preset P] [--config FILE] [--set KEY=VALUE ...] [--verbose]")
         lines.append(f"veclip {name:<{width}} {' '.join(flags)}".rstrip())
     return "\n".join(lines) + "\n"
 
@@ -188,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
+    from veclip.console import VERBOSE_ENV
     from veclip.jobs import load_job_secrets
     from veclip.lease import LeaseHeld
 
     load_job_secrets()
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # Ray jobs and workers inherit it
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ConnectionError, LeaseHeld) as err:

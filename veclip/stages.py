@@ -70,6 +70,7 @@ def _config_flags(parser: argparse.ArgumentParser, stage: Stage) -> None:
     group.add_argument("--config", help="a JSON/YAML file of config fields")
     example = f", e.g. {stage.set_example}" if stage.set_example else ""
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a field{example} (repeatable)")
+    group.add_argument("--verbose", action="store_true", help="print Ray's worker output, Ray Data's progress and vLLM's logs here too")
 
 
 def add_stage_parser(sub, stage: Stage) -> argparse.ArgumentParser:

@@ -91,6 +91,9 @@ def embed_ray(dataset, columns: schema.ColumnMap, spec: EmbedSpec, options, work
     import ray
     from ray.data import ActorPoolStrategy
 
+    from veclip.console import start_ray
+
+    start_ray()
     if dataset.sources:  # a task per shard reads it and joins its caption tables (checked)
         ds = ray.data.from_items([{"shard": i} for i in range(len(dataset.shards))], override_num_blocks=len(dataset.shards))
         ds = ds.map_batches(_read_joined, batch_size=1, batch_format="numpy", fn_kwargs=dict(dataset=dataset, columns=columns))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import posixpath
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from veclip.console import start_ray
 from veclip.config import SECRET_NAME, redact
 from veclip.lease import OutputLease
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
@@ -87,8 +89,7 @@ def check_engine_python(config: RewriteConfig, timeout_s: float = 900) -> None:
             found = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"])
             ok = found.returncode == 0
         else:  # the workers run the driver's environment, wherever Ray places them: ask one
-            if not ray.is_initialized():
-                ray.init(log_to_driver=True)
+            start_ray()
             probe = ray.remote(_can_import_vllm).options(**_remote_args(stage.pool, stage))
             ok = ray.get(probe.remote(), timeout=timeout_s)
         if not ok:
@@ -227,15 +228,20 @@ def _rewrite_shards(config: RewriteConfig, options: StorageOptions, run: RunCont
     import ray
 
     check_engine_python(config)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    start_ray(log)
     ds = ray.data.from_items([{"shard": s.path, "status": ""} for s in plan.todo], override_num_blocks=len(plan.todo))
     if config.uses_captioner:
         ds = _map_pool(ds, ShardCaptioner, config.captioner, config, options, run)
     ds = _map_pool(ds, ShardRewriter, config.fuser if config.uses_captioner else config.laclip, config, options, run)
+    rows = {s.path: plan.input_rows.get(output_shard_name(s.path), 0) for s in plan.todo}
+    total, done, start = sum(rows.values()), 0, time.perf_counter()
     for n, row in enumerate(ds.iter_rows(), 1):
         note = "" if row["status"] == DONE else f" (see {config.output}/_failed/{output_shard_name(row['shard'])}.json)"
-        log(f"rewrite: [{n}/{len(plan.todo)}] {row['status']} {row['shard']}{note}")
+        done += rows.get(row["shard"], 0)
+        rate = done / max(time.perf_counter() - start, 1e-9)  # engine start-up included: the ETA errs long
+        eta = f", ETA {(total - done) / rate:.0f}s" if rate and done < total else ""
+        log(f"rewrite: [{n}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.1f} rows/s{eta}] {row['status']} "
+            f"{posixpath.basename(row['shard'])}{note}")
 
 
 def render_summary(summary: dict) -> str:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip import schema
+from veclip.metrics import publish_shard
 from veclip.config import secret_values
 from veclip.rewrite import steps
 from veclip.rewrite.config import RewriteConfig
@@ -89,6 +90,7 @@ class _ShardWorker(ABC):
         stats = {**stats, "fingerprint": self.run.fingerprint, "run_id": self.run.run_id, "input": path,
                  "input_url": fs.unstrip_protocol(path), "input_size": fs.size(path)}
         store.write(name, table, quarantine, stats)
+        publish_shard(self.stage, stats)
 
 
 class ShardCaptioner(_ShardWorker):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from veclip.metrics import publish_step
 from veclip.train import checkpoint as ckpt
 from veclip.train.captions import choose
 from veclip.train.checkpoint import Progress, WorkerProgress
@@ -213,6 +214,7 @@ def train_loop(loop_config: dict) -> None:
                 "resumed_from_step": resumed_from,
             }
             history.append(metrics)
+            publish_step(config.name, rank, metrics, config.batch_size)
             last = progress.step >= config.steps
             wait_start = time.perf_counter()
             if last or progress.step % config.checkpoint_every == 0:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import time
 
+from veclip.console import start_ray
 from veclip.config import redact
 from veclip.status import RUN_FILE
 from veclip.storage import Location, StorageOptions, write_json
@@ -30,8 +31,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
 
     options = options or StorageOptions()
     config.validate_for_run()
-    if not ray.is_initialized():
-        ray.init()
+    start_ray(log)
     start = time.perf_counter()
     plan = plan_data(config.data, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
     output = Location(config.output, options)

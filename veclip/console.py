@@ -1,0 +1,32 @@
+"""What a person sees: each stage's own few lines. Ray's worker output, Ray Data's per-dataset
+progress and vLLM's start-up logs stay in Ray's session logs (their folder is printed once)
+unless ``--verbose`` (``VECLIP_VERBOSE=1``, which Ray jobs and workers inherit) asks for them."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+VERBOSE_ENV = "VECLIP_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def start_ray(log=print) -> None:
+    """Connect to (or start) Ray as a stage's driver, quiet unless verbose."""
+    import ray
+    from ray.data import DataContext
+
+    loud = verbose()
+    if not ray.is_initialized():
+        context = ray.init(log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
+        session = context.address_info.get("session_dir")
+        if not loud and session:
+            log(f"ray: worker and engine logs in {session}/logs (--verbose shows them here)")
+    data = DataContext.get_current()
+    data.enable_progress_bars = loud  # our own progress lines say how far a stage is
+    data.print_on_execution_start = loud
+    if not loud:  # its memory warnings repeat every 30 s for actors that hold a model (rewrite, eval)
+        data.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
