@@ -77,8 +77,9 @@ def test_demo(tmp_path, vllm_python):
     assert "train (veclip-tiny, captions alttext): step 20" in result.stdout and "train (veclip-tiny, captions mix): step 20" in result.stdout
     assert "| AltText only |" in result.stdout and "| VeCLIP mix |" in result.stdout  # the comparison, last
     # a person reads it: the stages' own lines; Ray's, Ray Data's and vLLM's logs are in a file
-    assert len(result.stdout.splitlines()) <= 120 and "ray: worker and engine logs in " in result.stdout, result.stdout
-    assert "MapWorker" not in result.stdout + result.stderr and "Loading safetensors" not in result.stdout + result.stderr
+    console = result.stdout + result.stderr
+    assert len(console.splitlines()) <= 150 and "ray: worker and engine logs in " in result.stdout, console
+    assert " pid=" not in console and "Loading safetensors" not in console, console  # no forwarded worker or engine lines
     for mode in ("alttext", "mix"):
         assert (tmp_path / "demo" / "models" / mode / "open_clip_model.safetensors").exists()
     assert (tmp_path / "demo" / "gallery.html").read_text().count("data:image/jpeg;base64,") == 24  # captions beside their images

@@ -30,3 +30,5 @@ def start_ray(log=print) -> None:
     data.print_on_execution_start = loud
     if not loud:  # its memory warnings repeat every 30 s for actors that hold a model (rewrite, eval)
         data.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" per dataset
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did
