@@ -76,6 +76,7 @@ def main() -> None:
     import ray
 
     from veclip.eval.run import EvalConfig, evaluate
+    from veclip.report import mean_recall
     from veclip.sample import SampleConfig, generate
     from veclip.train.config import build_config
     from veclip.train.export import export
@@ -112,9 +113,7 @@ def main() -> None:
             model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
             ev = evaluate(EvalConfig(model=str(model), data=str(tmp / "sample" / "eval"), label_column=",".join(labels_zs)))
             row = {f"zs_{label}": ev["zero_shot"][label]["top1"] for label in labels_zs}
-            r = ev["retrieval"]
-            row["R@1"] = (r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2
-            row["R@5"] = (r["image_to_text_R@5"] + r["text_to_image_R@5"]) / 2
+            row.update({f"R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)})
             results[mode].append(row)
             print(json.dumps({"mode": mode, "seed": seed, **row}), flush=True)
 

@@ -25,6 +25,7 @@ from veclip.models.build import render as render_models
 from veclip.models.quality import measure, read_rows
 from veclip.models.quality import render as render_quality
 from veclip.report import MODE_NAMES, comparison, write_report
+from veclip.rewrite.config import TRAINED_PRESETS
 from veclip.rewrite.config import build_config as build_rewrite_config
 from veclip.rewrite.pipeline import render_summary as render_rewrite_summary
 from veclip.rewrite.pipeline import run_rewrite
@@ -80,7 +81,7 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     lap("models (built once, then cached)")
 
     # caption tables beside the sample images (the layout for scale): training joins them back by key
-    preset = "trained" if config.models == "full" else "trained-quick"
+    preset = next(name for name, scale in TRAINED_PRESETS.items() if scale == config.models)
     rewrite = build_rewrite_config(preset, input=data.child("train").url, output=root.child("captions").url, mode="both", layout="captions")
     rewrite_summary = run_rewrite(rewrite, options)
     print(render_rewrite_summary(rewrite_summary))

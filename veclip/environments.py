@@ -1,5 +1,6 @@
 """Where this host's environments are: the vLLM environment's interpreter on a CPU host
-(see the Makefile's ``.venv-vllm``), which the rewrite's actors and the model builds run in."""
+(see the Makefile's ``.venv-vllm``), which the rewrite's actors and the model builds run in,
+and the cache the built models live in."""
 
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ def default_vllm_python() -> str | None:
         if (python := root / ".venv-vllm" / "bin" / "python").exists():
             return str(python)
     return None
+
+
+def cache_dir() -> Path:
+    """veclip's cache (the tiny and the trained models): ``$VECLIP_CACHE``, else ``~/.cache/veclip``."""
+    return Path(os.environ.get("VECLIP_CACHE", Path.home() / ".cache" / "veclip"))

@@ -9,6 +9,11 @@ from pathlib import Path
 MODE_NAMES = {"alttext": "AltText only", "vecap": "VeCap only", "mix": "VeCLIP mix", "laclip": "LaCLIP"}
 
 
+def mean_recall(retrieval: dict, k: int) -> float:
+    """Retrieval R@k, the mean of image->text and text->image."""
+    return (retrieval[f"image_to_text_R@{k}"] + retrieval[f"text_to_image_R@{k}"]) / 2
+
+
 def comparison(runs: dict) -> str:
     """The modes side by side: zero-shot per label, retrieval R@1/R@5 (mean of both directions)."""
     labels = sorted({label for run in runs.values() for label in run["eval"]["zero_shot"]})
@@ -16,9 +21,8 @@ def comparison(runs: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for mode, run in runs.items():
         ev = run["eval"]
-        r = ev["retrieval"]
         cells = [MODE_NAMES.get(mode, mode), *[f"{100 * ev['zero_shot'][label]['top1']:.1f}%" for label in labels],
-                 f"{50 * (r['image_to_text_R@1'] + r['text_to_image_R@1']):.1f}%", f"{50 * (r['image_to_text_R@5'] + r['text_to_image_R@5']):.1f}%"]
+                 *[f"{100 * mean_recall(ev['retrieval'], k):.1f}%" for k in (1, 5)]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -50,8 +54,7 @@ def _plot_eval(runs: dict, path: Path) -> None:
 
     def bars(ev: dict) -> dict:
         out = {f"zero-shot {k}": v["top1"] for k, v in ev["zero_shot"].items()}
-        r = ev["retrieval"]
-        return out | {f"retrieval R@{k}": (r[f"image_to_text_R@{k}"] + r[f"text_to_image_R@{k}"]) / 2 for k in (1, 5)}
+        return out | {f"retrieval R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)}
 
     names = list(bars(next(iter(runs.values()))["eval"]))
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)

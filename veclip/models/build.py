@@ -34,8 +34,9 @@ class ModelsConfig:
 def models_dir(config: ModelsConfig = ModelsConfig()) -> Path:
     if config.out:
         return Path(config.out)
-    cache = Path(os.environ.get("VECLIP_CACHE", Path.home() / ".cache" / "veclip"))
-    return cache / "trained-models" / f"{BUILD_VERSION}-{config.scale}-seed{config.seed}"
+    from veclip.environments import cache_dir
+
+    return cache_dir() / "trained-models" / f"{BUILD_VERSION}-{config.scale}-seed{config.seed}"
 
 
 def model_paths(folder: Path) -> dict[str, str]:

@@ -23,15 +23,11 @@ def scene_from_json(text: str) -> Scene:
     return Scene(tuple(Group(**g) for g in data["groups"]), data["background"], data["pattern"], data.get("brand"))
 
 
-def read_rows(url: str, options: StorageOptions | None = None, limit: int | None = None) -> list[dict]:
+def read_rows(url: str, options: StorageOptions | None = None) -> list[dict]:
     """Rows of a (caption) output joined with its input: ref_facts, alt_text and every generated column."""
     dataset = open_dataset(url, options)
-    rows: list[dict] = []
-    for shard in dataset.shards:
-        rows += read_shard(dataset, shard, columns=[c for c in (schema.KEY, schema.ALT_TEXT, "ref_facts")]).to_pylist()
-        if limit and len(rows) >= limit:
-            return rows[:limit]
-    return rows
+    columns = [schema.KEY, schema.ALT_TEXT, "ref_facts"]  # of the image shards; the caption tables' columns come whole
+    return [row for shard in dataset.shards for row in read_shard(dataset, shard, columns=columns).to_pylist()]
 
 
 def measure(rows: list[dict]) -> dict:

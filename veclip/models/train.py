@@ -28,7 +28,7 @@ import torch
 
 from veclip.models import facts, teacher
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt, load_prompt_file
-from veclip.rewrite.tiny import CHAT_TEMPLATE, LLAVA_TEMPLATE, SPECIAL, _rename_weights
+from veclip.rewrite.tiny import CHAT_TEMPLATE, LLAVA_TEMPLATE, LLAVA_TOWER_NAMES, _rename_weights, _tokenizer
 from veclip.sample.alt_text import alt_text
 from veclip.sample.scene import describe
 
@@ -56,19 +56,6 @@ def log(message: str) -> None:
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------
-
-
-def train_tokenizer(corpus: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                   additional_special_tokens=SPECIAL[4:])
 
 
 def prompt_corpus() -> list[str]:
@@ -236,8 +223,7 @@ def build(out: Path, seed: int = 0, scale: Scale = Scale(), parts=("captioner", 
         s, rng = teacher.scene(seed, index)
         alt, _ = alt_text(s, rng)
         corpus += [describe(s), alt or "", teacher.fused(alt, describe(s)), teacher.paraphrase(alt or "x", rng)]
-    tokenizer = train_tokenizer(corpus)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = _tokenizer(corpus=corpus, vocab_size=2048)  # its chat template: CHAT_TEMPLATE (fusion)
     quality: dict = {"seed": seed, "scale": asdict(scale)}
     if "captioner" in parts:
         quality["captioner"] = build_captioner(out / "captioner", tokenizer, seed, scale)
@@ -265,10 +251,7 @@ def build_captioner(out: Path, tokenizer, seed: int, scale: Scale) -> dict:
     quality = facts.fact_accuracy(list(zip(truth, texts))) | {"examples": texts[:5]}
     log(f"captioner: held-out fact recall {quality['recall']:.3f} {quality['by_kind']}")
     captioner.save_pretrained(out)
-    _rename_weights(out, {"vision_tower.embeddings": "vision_tower.vision_model.embeddings",  # as vLLM reads LLaVA
-                          "vision_tower.encoder": "vision_tower.vision_model.encoder",
-                          "vision_tower.pre_layrnorm": "vision_tower.vision_model.pre_layrnorm",
-                          "vision_tower.post_layernorm": "vision_tower.vision_model.post_layernorm"})
+    _rename_weights(out, LLAVA_TOWER_NAMES)
     tokenizer.chat_template = LLAVA_TEMPLATE
     LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
                    image_token="<image>", num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE).save_pretrained(out)

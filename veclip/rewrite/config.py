@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from veclip.config import build
-from veclip.environments import default_vllm_python  # noqa: F401 (where callers have found it)
+from veclip.environments import cache_dir, default_vllm_python  # noqa: F401 (default_vllm_python: where callers have found it)
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 
@@ -261,7 +260,7 @@ def to_dict(config) -> dict:
 
 
 def tiny_models_dir() -> Path:
-    return Path(os.environ.get("VECLIP_CACHE", Path.home() / ".cache" / "veclip")) / "tiny-models"
+    return cache_dir() / "tiny-models"
 
 
 def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> RewriteConfig:

@@ -42,7 +42,8 @@ CORPUS = [
 BUILD_VERSION = "tiny-v3"
 
 
-def _tokenizer(eos: str = "</s>", extra_special: list[str] = ()):
+def _tokenizer(eos: str = "</s>", extra_special: list[str] = (), corpus: list[str] = CORPUS * 4, vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on ``corpus``, with our special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,8 +51,8 @@ def _tokenizer(eos: str = "</s>", extra_special: list[str] = ()):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = SPECIAL + list(extra_special)
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token=eos, unk_token="<unk>", pad_token="<pad>",
         additional_special_tokens=special[4:],
@@ -143,10 +144,7 @@ def build_llava(out: Path, seed: int = 0, image_size: int = 336, patch_size: int
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu", torch_dtype="float32")
     LlavaForConditionalGeneration(config).save_pretrained(out)
-    _rename_weights(out, {"vision_tower.embeddings": "vision_tower.vision_model.embeddings",
-                          "vision_tower.encoder": "vision_tower.vision_model.encoder",
-                          "vision_tower.pre_layrnorm": "vision_tower.vision_model.pre_layrnorm",
-                          "vision_tower.post_layernorm": "vision_tower.vision_model.post_layernorm"})
+    _rename_weights(out, LLAVA_TOWER_NAMES)
     processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
                    image_token="<image>", num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE).save_pretrained(out)
@@ -176,6 +174,14 @@ def build_qwen2_vl(out: Path, seed: int = 0, min_pixels: int = 56 * 56, max_pixe
     Qwen2VLProcessor(image_processor=processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
                      chat_template=QWEN2_VL_TEMPLATE).save_pretrained(out)
     return out
+
+
+LLAVA_TOWER_NAMES = {  # LLaVA's CLIP tower: transformers 5's names -> the hub checkpoints' (what vLLM reads)
+    "vision_tower.embeddings": "vision_tower.vision_model.embeddings",
+    "vision_tower.encoder": "vision_tower.vision_model.encoder",
+    "vision_tower.pre_layrnorm": "vision_tower.vision_model.pre_layrnorm",
+    "vision_tower.post_layernorm": "vision_tower.vision_model.post_layernorm",
+}
 
 
 def _rename_weights(folder: Path, prefixes: dict[str, str]) -> None:

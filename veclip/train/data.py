@@ -190,11 +190,12 @@ def worker_stream(plan: DataPlan, spec: StreamSpec, position: Position, rank: in
     import ray
     from ray.data import DataContext
 
+    from veclip.console import verbose
+
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # the order is the contract
-    # one dataset per pass and worker: its progress bars would flood the job's console (the
-    # trainer reports progress itself)
-    context.enable_progress_bars = False
+    # one dataset per pass and worker: its progress bars would flood the job's console
+    context.enable_progress_bars = verbose()
     windows = worker_windows(list(plan.units), spec.seed, position.epoch, rank, world, spec.window_units)
     todo = list(range(position.window, len(windows)))
     if not todo:
