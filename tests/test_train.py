@@ -68,8 +68,12 @@ def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session
     # (seed 0's data order: ~80 here; seeds 1 and 2: ~10); this test is about leaving it.
     config = build_config("tiny", None, ["steps=60", "checkpoint_every=20", "keep_checkpoints=2", "captions.mode=vecap", "seed=1"],
                           data=str(ref_data), output=str(tmp_path), name="learn")
-    summary = run_train(config, log=quiet)
+    console = []
+    summary = run_train(config, log=console.append)
     run = tmp_path / "learn"
+    # the driver's live progress line, from rank 0's steps (worker prints are not forwarded)
+    live = [int(line.split("[step ")[1].split("/")[0]) for line in console if line.startswith("train: [step ")]
+    assert live and live == sorted(live) and live[-1] <= 60, console
     history = metric_history(str(run))
     assert [m["step"] for m in history] == list(range(1, 61))
     first, last = np.mean([m["loss"] for m in history[:5]]), np.mean([m["loss"] for m in history[-5:]])

@@ -21,6 +21,8 @@ def start_ray(log=print) -> None:
 
     loud = verbose()
     if not ray.is_initialized():
+        if not loud:  # "token authentication is enabled ...": Ray's default for a local head, said on every start
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         context = ray.init(log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
         session = context.address_info.get("session_dir")
         if not loud and session:

@@ -106,6 +106,7 @@ def train_loop(loop_config: dict) -> None:
 
     config: TrainConfig = loop_config["config"]
     hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
+    board = loop_config.get("board")  # the driver's live progress line (veclip.train.live)
     plan: DataPlan = ray.get(loop_config["plan"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -215,6 +216,8 @@ def train_loop(loop_config: dict) -> None:
             }
             history.append(metrics)
             publish_step(config.name, rank, metrics, config.batch_size)
+            if rank == 0 and board is not None:
+                board.post.remote(metrics)
             last = progress.step >= config.steps
             wait_start = time.perf_counter()
             if last or progress.step % config.checkpoint_every == 0:

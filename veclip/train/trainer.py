@@ -21,14 +21,11 @@ from veclip.storage import Location, StorageOptions, write_json
 from veclip.train.checkpoint import PROGRESS_FILE, Progress
 from veclip.train.config import TrainConfig
 from veclip.train.data import plan_data
+from veclip.train.live import LiveProgress
 from veclip.train.loop import TrainHooks, train_loop
 
 
 def run_train(config: TrainConfig, options: StorageOptions | None = None, log=print, hooks: TrainHooks | None = None) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     options = options or StorageOptions()
     config.validate_for_run()
     start_ray(log)
@@ -36,28 +33,13 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     plan = plan_data(config.data, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
     output = Location(config.output, options)
     scale = config.scale
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config, "plan": ray.put(plan), "hooks": hooks},
-        scaling_config=ScalingConfig(
-            num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
-            accelerator_type=scale.accelerator_type,
-        ),
-        run_config=RunConfig(
-            name=config.name,
-            storage_path=output.path,
-            storage_filesystem=output.arrow_fs,
-            failure_config=FailureConfig(max_failures=scale.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-        ),
-        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
-    )
     write_json(output.fs, output.join(config.name, RUN_FILE), {  # for `veclip status` while it runs
         "steps": config.steps, "batch_size": config.batch_size, "num_workers": scale.num_workers, "model": config.model,
         "data": config.data, "caption_mode": config.captions.mode, "started_at": time.time()})
     log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.batch_size}/worker, "
         f"captions {config.captions.mode}; {len(plan.units)} row groups in {plan.shards} shards")
-    result = trainer.fit()
+    with LiveProgress(config.steps, config.batch_size * scale.num_workers, log) as board:
+        result = _trainer(config, plan, output, hooks, board).fit()
     if result.error:
         raise result.error
     progress = _read_progress(result.checkpoint)
@@ -76,6 +58,30 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     summary_path = output.join(config.name, "summary.json")
     write_json(output.fs, summary_path, summary)
     return summary
+
+
+def _trainer(config: TrainConfig, plan, output: Location, hooks: TrainHooks | None, board):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scale = config.scale
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "plan": ray.put(plan), "hooks": hooks, "board": board},
+        scaling_config=ScalingConfig(
+            num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
+            accelerator_type=scale.accelerator_type,
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=output.path,
+            storage_filesystem=output.arrow_fs,
+            failure_config=FailureConfig(max_failures=scale.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
+    )
 
 
 def _read_progress(checkpoint) -> Progress | None:

@@ -1,0 +1,89 @@
+"""The driver's live progress line while Ray Train's workers train.
+
+Worker prints are not forwarded to the console (:mod:`veclip.console`), and
+``trainer.fit()`` blocks until the run ends, so rank 0 posts each step's
+metrics to a small actor (a fire-and-forget call per step) and a thread of the
+driver prints a line at each tenth of the run, or after ``quiet_s`` seconds
+without one (long runs), with the rate measured on the driver's clock: data
+waits, checkpoints and restarts included, so the ETA errs honest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+
+class _Board:
+    """Holds rank 0's latest step metrics (a Ray actor with no CPU)."""
+
+    def __init__(self):
+        self._latest: dict | None = None
+
+    def post(self, metrics: dict) -> None:
+        self._latest = metrics
+
+    def latest(self) -> dict | None:
+        return self._latest
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
+@dataclass
+class LiveProgress:
+    """``with LiveProgress(steps, samples_per_step, log) as board:`` pass ``board`` to rank 0."""
+
+    steps: int
+    samples_per_step: int
+    log: object = print
+    marks: int = 10  # a line at each 1/marks of the run
+    quiet_s: float = 120.0  # and one at least this often
+    poll_s: float = 1.0
+
+    def __enter__(self):
+        import ray
+
+        self.board = ray.remote(num_cpus=0)(_Board).remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="veclip-train-progress", daemon=True)
+        self._thread.start()
+        return self.board
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        self._stop.set()
+        self._thread.join()
+        ray.kill(self.board)
+
+    def line(self, metrics: dict, first: tuple[float, int], now: float) -> str:
+        step = metrics["step"]
+        steps_per_s = (step - first[1]) / max(now - first[0], 1e-9)
+        eta = f", ETA {_eta((self.steps - step) / steps_per_s)}" if steps_per_s > 0 and step < self.steps else ""
+        return (f"train: [step {step}/{self.steps} ({step / self.steps:.0%}), {steps_per_s * self.samples_per_step:.0f} samples/s"
+                f"{eta}] loss {metrics['loss']:.4f}, data wait {metrics['data_wait_share']:.0%} (last step)")
+
+    def _watch(self) -> None:
+        import ray
+
+        first, next_mark, last_line = None, 1, time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            try:
+                metrics = ray.get(self.board.latest.remote(), timeout=10)
+            except Exception:  # the driver is shutting down, or the actor is busy: try again
+                continue
+            if not metrics:
+                continue
+            now = time.monotonic()
+            if first is None:  # the rate counts from the first step seen: start-up is not training
+                first = (now, metrics["step"])
+                continue
+            done = metrics["step"] * self.marks // self.steps
+            if done >= next_mark or now - last_line >= self.quiet_s:
+                self.log(self.line(metrics, first, now))
+                next_mark, last_line = done + 1, now
