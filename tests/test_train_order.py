@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from veclip.images import ImageLimits
 from veclip.storage import Location
 from veclip.train.captions import CaptionConfig
 from veclip.train.checkpoint import Progress, WorkerProgress
@@ -38,12 +39,12 @@ def test_row_groups_come_from_the_footers(tmp_path):
     assert list(unreadable) == [str(tmp_path / "b.parquet")]
 
 
-def _blocks(n: int, sizes: list[int], skip_every: int = 0):
-    """A stream of n rows over window 0 cut into blocks of the given sizes; every k-th row flagged."""
+def _blocks(n: int, sizes: list[int], skip_every: int = 0, epoch: int = 0):
+    """A stream of n rows over window 0 of ``epoch`` cut into blocks of the given sizes; every k-th row flagged."""
     skip = np.array([(i % skip_every == 3) if skip_every else False for i in range(n)], dtype=np.int8)
-    rows = {"image": np.arange(n).reshape(n, 1, 1, 1).astype(np.uint8), "tokens": np.zeros((n, 2, 4), np.int32),
-            "present": np.ones((n, 2), bool), "usable": np.ones((n, 2), bool), "key_hash": np.arange(n, dtype=np.int64),
-            "skip": skip, "_window": np.zeros(n, np.int64), "_offset": np.arange(n, dtype=np.int64)}
+    rows = {"image": np.arange(n).reshape(n, 1, 1, 1).astype(np.uint8), "tokens": np.zeros((n, 4), np.int32),
+            "slot": np.zeros(n, np.int8), "key_hash": np.arange(n, dtype=np.int64) + 1000 * epoch,
+            "skip": skip, "_epoch": np.full(n, epoch, np.int64), "_window": np.zeros(n, np.int64), "_offset": np.arange(n, dtype=np.int64)}
     start = 0
     for size in sizes:
         yield {k: v[start : start + size] for k, v in rows.items()}
@@ -51,7 +52,7 @@ def _blocks(n: int, sizes: list[int], skip_every: int = 0):
 
 
 def test_exact_batches_do_not_depend_on_block_sizes():
-    cut = lambda sizes: [(list(b.rows["key_hash"]), b.position, b.skipped) for b in exact_batches(_blocks(40, sizes, 5), 6, 0)]
+    cut = lambda sizes: [(list(b.rows["key_hash"]), b.position, b.skipped) for b in exact_batches(_blocks(40, sizes, 5), 6)]
     one = cut([40])
     assert one == cut([7, 1, 13, 19]) == cut([1] * 40)
     assert [len(keys) for keys, _, _ in one] == [6] * 5  # 32 usable rows: 5 full batches, the rest waits
@@ -64,12 +65,26 @@ def test_exact_batches_do_not_depend_on_block_sizes():
 
 
 def test_a_stream_restarted_at_a_position_continues_with_the_same_batches():
-    full = [(list(b.rows["key_hash"]), b.position) for b in exact_batches(_blocks(40, [9, 9, 9, 13], 5), 6, 0)]
+    full = [(list(b.rows["key_hash"]), b.position) for b in exact_batches(_blocks(40, [9, 9, 9, 13], 5), 6)]
     position = full[1][1]
     rest = {k: v for k, v in next(_blocks(40, [40], 5)).items()}
     tail = {k: v[position.offset :] for k, v in rest.items()}
-    again = [(list(b.rows["key_hash"]), b.position) for b in exact_batches(iter([tail]), 6, 0)]
+    again = [(list(b.rows["key_hash"]), b.position) for b in exact_batches(iter([tail]), 6)]
     assert again == full[2:]
+
+
+def test_a_batch_never_spans_two_epochs():
+    # epoch 0's last 4 usable rows are short of a batch: left unread, and epoch 1 starts a fresh batch,
+    # whether the two epochs come in separate blocks or in one (Ray Data may join blocks)
+    def cut(blocks):
+        return [(b.epoch, list(b.rows["key_hash"]), b.position) for b in exact_batches(iter(blocks), 6)]
+
+    zero, one = next(_blocks(22, [22], 0, epoch=0)), next(_blocks(12, [12], 0, epoch=1))
+    separate = cut([zero, one])
+    joined = cut([{k: np.concatenate([zero[k], one[k]]) for k in zero}])
+    assert separate == joined
+    assert [(e, len(keys)) for e, keys, _ in separate] == [(0, 6), (0, 6), (0, 6), (1, 6), (1, 6)]
+    assert separate[3][1] == list(range(1000, 1006)) and separate[3][2] == Position(1, 0, 6)
 
 
 def test_resume_point_is_exact_only_with_the_same_worker_count():
@@ -91,9 +106,39 @@ def sample_table(tmp_path_factory):
     return pq.read_table(next((root / "train").glob("*.parquet")))
 
 
+def _with_positions(table: pa.Table, epoch: int) -> pa.Table:
+    table = table.append_column("_epoch", pa.array(np.full(table.num_rows, epoch, np.int64)))
+    for name in ("_window", "_offset"):
+        table = table.append_column(name, pa.array(np.zeros(table.num_rows, np.int64)))
+    return table
+
+
 def test_augmentation_is_a_pure_function_of_seed_epoch_and_key(sample_table):
     rows = sample_table.slice(0, 8)
-    out = lambda table, epoch: preprocess(table, "veclip-tiny", CaptionConfig("alttext"), __import__("veclip.images").images.ImageLimits(), 0, epoch)
+    out = lambda table, epoch: preprocess(_with_positions(table, epoch), "veclip-tiny", CaptionConfig("alttext"), ImageLimits(), 0)
+
     a, b = out(rows, 0), out(rows.take([7, 6, 5, 4, 3, 2, 1, 0]), 0)
     assert np.array_equal(a["image"], b["image"][::-1])  # per key, whatever the batch order
     assert not np.array_equal(a["image"], out(rows, 1)["image"])  # a different crop the next epoch
+
+
+def test_only_the_chosen_caption_is_tokenized(sample_table):
+    import open_clip
+
+    from veclip.train.model import register_configs
+
+    register_configs()
+    tokenizer = open_clip.get_tokenizer("veclip-tiny")
+    rows = sample_table.slice(0, 24)
+    rows = rows.append_column("vecap", pa.array([f"a visual caption number {i}" for i in range(rows.num_rows)]))
+    captions = CaptionConfig("mix")
+    chosen = {}
+    for epoch in (0, 1):
+        out = preprocess(_with_positions(rows, epoch), "veclip-tiny", captions, ImageLimits(), 0)
+        texts = captions.slot_texts(lambda name: rows.column(name).to_pylist() if name in rows.column_names else [None] * rows.num_rows)
+        trained = np.flatnonzero(out["skip"] == 0)
+        assert out["tokens"].shape == (rows.num_rows, tokenizer.context_length)  # one caption per row, not one per slot
+        assert np.array_equal(out["tokens"][trained], tokenizer([texts[out["slot"][i]][i] for i in trained]).numpy())
+        chosen[epoch] = out["slot"][trained]
+    assert set(chosen[0]) == {captions.slots.index("alt_text"), captions.slots.index("vecap")}
+    assert not np.array_equal(chosen[0], chosen[1])  # drawn again each epoch

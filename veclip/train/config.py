@@ -27,7 +27,7 @@ class ScaleConfig:
 
     num_workers: int = 8  # Ray Train workers (one GPU each with use_gpu)
     use_gpu: bool = True  # train on GPUs (NCCL); false: CPU (gloo)
-    cpus_per_worker: float = 8.0  # CPUs per train worker
+    cpus_per_worker: float = 8.0  # CPUs per train worker; its torch threads follow (rounded up)
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
     accelerator_type: str | None = None  # e.g. "H100": train only on that node type
@@ -50,7 +50,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and resources
     checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
-    report_every: int = 10  # ray.train.report is a sync point; every step's metrics are kept regardless
+    report_every: int = 100  # ray.train.report is a sync point (0.2-0.6 s on CPU); every step's metrics are kept regardless
     keep_checkpoints: int = 3  # newest checkpoints kept in the run folder
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute

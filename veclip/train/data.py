@@ -2,25 +2,28 @@
 
 The driver plans once (:func:`plan_data`): the finished shards, their row
 groups (see :mod:`veclip.train.order`) and the columns to read. Each worker
-then builds, per epoch, its own Ray Data stream from its position
-(:func:`worker_stream`): one task per window reads the window's row groups and
-emits its rows in the window's permuted order; CPU tasks decode each image
-(safely), apply open_clip's train augmentation for the model with a seed that
-is a pure function of (seed, epoch, key), and tokenize every caption slot.
-Images travel as uint8 (4x smaller than float) and are normalised on the
-worker's device. ``preserve_order`` keeps the rows in that order, so
-:func:`exact_batches` cuts the same batches every time.
+then builds one Ray Data stream over many epochs from its position
+(:func:`worker_stream`), so the pipeline reads and decodes the next epoch
+while this one trains and never restarts or drains between passes. One task
+per (epoch, window) reads the window's row groups and emits its rows in the
+window's permuted order; CPU tasks choose each row's caption (a pure function
+of (seed, epoch, key), :mod:`veclip.train.captions`) and tokenize only that
+one, decode each image (safely) and apply open_clip's train augmentation for
+the model with a seed that is a pure function of (seed, epoch, key). Images
+travel as uint8 (4x smaller than float) and are normalised on the worker's
+device. ``preserve_order`` keeps the rows in that order, so
+:func:`exact_batches` cuts the same batches every time, never across an epoch.
 
 Rows with an unusable image or no usable caption are not dropped in the tasks
 but flagged (``skip``): the worker passes over them in order and counts them
 in its checkpointed state, so each is counted once per pass even across
-restarts. The caption itself is chosen on the worker (see
-:mod:`veclip.train.captions`).
+restarts.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,12 +34,13 @@ from veclip import schema
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.dataset import Dataset, Shard, join_captions, open_dataset
 from veclip.storage import Location, StorageOptions, no_shards
-from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, key_hash, row_seeds, trainable
+from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, choose, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
 CAPTION_COLUMNS = (*COLUMN_SLOTS, REWRITES)  # what the caption slots are read from
 CHUNK_ROWS = 256  # rows per block a window's read task emits, and per preprocess task
 SKIP_REASONS = ("", "image_unusable", "no_usable_caption")  # index = the ``skip`` code
+MAX_STREAM_WINDOWS = 2048  # (epoch, window) items per stream: bounds its plan; a longer run starts another
 
 
 @dataclass(frozen=True)
@@ -108,14 +112,14 @@ def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> li
     return [renames.get(c, c) for c in wanted]
 
 
-def read_window(batch: dict, plan: DataPlan, windows: list[list[ReadUnit]], start: Position, rank: int, seed: int) -> Iterator[pa.Table]:
-    """A window's rows in its permuted order (from ``start.offset`` in the first window), in chunks."""
+def read_window(batch: dict, plan: DataPlan, start: Position, rank: int, world: int, seed: int, window_units: int) -> Iterator[pa.Table]:
+    """Each (epoch, window) item's rows in the window's permuted order (from ``start.offset`` in the first), in chunks."""
     import pyarrow.parquet as pq
 
     dataset = plan.dataset
-    for window in batch["window"].tolist():
+    for epoch, window in zip(batch["epoch"].tolist(), batch["window"].tolist()):
         tables = []
-        for unit in windows[window]:
+        for unit in worker_windows(list(plan.units), seed, epoch, rank, world, window_units)[window]:
             with dataset.images.fs.open(unit.path, "rb") as f:
                 parquet = pq.ParquetFile(f)
                 wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
@@ -125,13 +129,14 @@ def read_window(batch: dict, plan: DataPlan, windows: list[list[ReadUnit]], star
                 table = join_captions(table, shard, unit.first_row, dataset, plan.caption_columns)
             tables.append(table)
         table = pa.concat_tables(tables, promote_options="default")
-        order = window_order(table.num_rows, seed, start.epoch, rank, window)
-        first = start.offset if window == start.window else 0
+        order = window_order(table.num_rows, seed, epoch, rank, window)
+        first = start.offset if (epoch, window) == (start.epoch, start.window) else 0
         for offset in range(first, len(order), CHUNK_ROWS):
             chunk = table.take(order[offset : offset + CHUNK_ROWS])
             n = chunk.num_rows
-            yield chunk.append_column("_window", pa.array(np.full(n, window, np.int64))).append_column(
-                "_offset", pa.array(np.arange(offset, offset + n, dtype=np.int64)))
+            for name, values in (("_epoch", np.full(n, epoch)), ("_window", np.full(n, window)), ("_offset", np.arange(offset, offset + n))):
+                chunk = chunk.append_column(name, pa.array(values.astype(np.int64)))
+            yield chunk
 
 
 @functools.lru_cache(maxsize=4)
@@ -148,20 +153,26 @@ def _augment_and_tokenizer(model_name: str):
     return keep, size, open_clip.get_tokenizer(model_name)
 
 
-def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int, epoch: int) -> dict:
-    """Decoded, augmented images and tokenized caption slots; unusable rows flagged in ``skip``."""
+def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int) -> dict:
+    """Decoded, augmented images and each row's chosen caption, tokenized; unusable rows flagged in ``skip``."""
     import torch
 
     augment, (height, width), tokenizer = _augment_and_tokenizer(model_name)
     n = batch.num_rows
+    epochs = batch.column("_epoch").to_numpy()
     slots = captions.slot_texts(lambda name: batch.column(name).to_pylist() if name in batch.column_names else [None] * n)
     present = np.array([[t is not None for t in slot] for slot in slots], dtype=bool).reshape(len(slots), n).T
     usable = np.array([[t is not None and len(t.split()) >= captions.min_words for t in slot] for slot in slots],
                       dtype=bool).reshape(len(slots), n).T
-    skip = np.where(trainable(usable, captions.slot_weights()), 0, SKIP_REASONS.index("no_usable_caption")).astype(np.int8)
+    weights = captions.slot_weights()
+    skip = np.where(trainable(usable, weights), 0, SKIP_REASONS.index("no_usable_caption")).astype(np.int8)
     keys = batch.column(schema.KEY).to_pylist()
     hashes = np.array([key_hash(k) for k in keys], dtype=np.int64)
-    seeds = row_seeds(hashes, seed, epoch)
+    chosen, seeds = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for epoch in np.unique(epochs):  # one, unless Ray Data joined two windows' chunks
+        rows = epochs == epoch
+        chosen[rows] = choose(hashes[rows], present[rows], usable[rows], weights, seed, int(epoch))
+        seeds[rows] = row_seeds(hashes[rows], seed, int(epoch))
     images = np.zeros((n, 3, height, width), dtype=np.uint8)
     image_column = batch.column(schema.IMAGE)
     for i in np.flatnonzero(skip == 0):
@@ -176,17 +187,26 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
         for transform in augment:
             image = transform(image)
         images[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    tokens = np.zeros((n, len(slots), tokenizer.context_length), dtype=np.int32)
-    for s, texts in enumerate(slots):
-        rows = [i for i in range(n) if texts[i] is not None and skip[i] == 0]
-        if rows:
-            tokens[rows, s] = tokenizer([texts[i] for i in rows]).numpy()
-    positions = {name: batch.column(name).to_numpy() for name in ("_window", "_offset") if name in batch.column_names}
-    return {"image": images, "tokens": tokens, "present": present, "usable": usable, "key_hash": hashes, "skip": skip, **positions}
+    tokens = np.zeros((n, tokenizer.context_length), dtype=np.int32)
+    rows = np.flatnonzero(skip == 0)
+    if len(rows):  # only the caption each row trains on this epoch
+        tokens[rows] = tokenizer([slots[chosen[i]][i] for i in rows]).numpy()
+    positions = {name: batch.column(name).to_numpy() for name in ("_epoch", "_window", "_offset")}
+    return {"image": images, "tokens": tokens, "slot": chosen.astype(np.int8), "key_hash": hashes, "skip": skip, **positions}
 
 
-def worker_stream(plan: DataPlan, spec: StreamSpec, position: Position, rank: int, world: int):
-    """This worker's rows of ``position.epoch`` from ``position`` on, in order (a Ray Dataset; None when none are left)."""
+def epochs_to_read(plan: DataPlan, spec: StreamSpec, batch_size: int, steps_left: int, world: int) -> int:
+    """The epochs one stream covers, the same on every worker: enough for the rest of the run with room
+    for rows passed over, in whole epochs of at most ``MAX_STREAM_WINDOWS`` windows (a longer run starts another)."""
+    rows_per_worker = sum(u.rows for u in plan.units) / world
+    needed = math.ceil(steps_left * batch_size * 1.25 / max(rows_per_worker, 1.0)) + 1
+    windows = math.ceil(math.ceil(len(plan.units) / world) / spec.window_units)  # the most any worker has
+    return max(1, min(needed, MAX_STREAM_WINDOWS // windows))
+
+
+def worker_stream(plan: DataPlan, spec: StreamSpec, position: Position, rank: int, world: int, epochs: int):
+    """This worker's rows from ``position`` on through ``epochs`` epochs, in order: one Ray Dataset
+    (None when none are left), so the next epoch is read ahead while this one trains."""
     import ray
     from ray.data import DataContext
 
@@ -194,37 +214,41 @@ def worker_stream(plan: DataPlan, spec: StreamSpec, position: Position, rank: in
 
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # the order is the contract
-    # one dataset per pass and worker: its progress bars would flood the job's console
-    context.enable_progress_bars = verbose()
-    windows = worker_windows(list(plan.units), spec.seed, position.epoch, rank, world, spec.window_units)
-    todo = list(range(position.window, len(windows)))
-    if not todo:
+    context.enable_progress_bars = verbose()  # a bar per worker's stream would flood the job's console
+    windows = len(worker_windows(list(plan.units), spec.seed, 0, rank, world, spec.window_units))  # the same every epoch
+    items = [{"epoch": e, "window": w} for e in range(position.epoch, position.epoch + epochs)
+             for w in range(position.window if e == position.epoch else 0, windows)]
+    if not items:
         return None
-    return ray.data.from_items([{"window": w} for w in todo], override_num_blocks=len(todo)).map_batches(
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         # Reading is I/O-bound, and a CPU request unlike preprocess's keeps Ray Data from fusing the
         # two: a window's chunks are then preprocessed by many tasks at once, not one after another.
         read_window, batch_size=1, batch_format="numpy", num_cpus=spec.preprocess_cpus / 4,
-        fn_kwargs=dict(plan=plan, windows=windows, start=position, rank=rank, seed=spec.seed),
+        fn_kwargs=dict(plan=plan, start=position, rank=rank, world=world, seed=spec.seed, window_units=spec.window_units),
     ).map_batches(
         preprocess, batch_size=None, batch_format="pyarrow", num_cpus=spec.preprocess_cpus,
-        fn_kwargs=dict(model_name=spec.model, captions=spec.captions, limits=spec.limits, seed=spec.seed, epoch=position.epoch),
+        fn_kwargs=dict(model_name=spec.model, captions=spec.captions, limits=spec.limits, seed=spec.seed),
     )
 
 
 @dataclass
 class Batch:
-    """``size`` trainable rows, where the stream stands after them, and the rows passed over on the way."""
+    """``size`` trainable rows of one epoch, where the stream stands after them, and the rows passed over on the way."""
 
     rows: dict[str, np.ndarray]
+    epoch: int
     position: Position
     skipped: dict[str, int]
 
 
-def exact_batches(blocks: Iterator[dict[str, np.ndarray]], size: int, epoch: int) -> Iterator[Batch]:
-    """Cut a worker's ordered stream into batches of ``size`` trainable rows, independent of block sizes."""
+def exact_batches(blocks: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[Batch]:
+    """Cut a worker's ordered stream into batches of ``size`` trainable rows, independent of block sizes;
+    a batch never spans two epochs (an epoch's last rows short of a batch are left unread)."""
     parts: list[tuple[dict, np.ndarray, int, int]] = []  # (block, rows taken, first row passed, end)
-    have = 0
-    for block in blocks:
+    have, epoch = 0, None
+    for block in _one_epoch_each(blocks):
+        if block["_epoch"][0] != epoch:
+            parts, have, epoch = [], 0, int(block["_epoch"][0])
         keep = np.flatnonzero(block["skip"] == 0)
         start = 0
         while True:
@@ -239,11 +263,20 @@ def exact_batches(blocks: Iterator[dict[str, np.ndarray]], size: int, epoch: int
             parts, have, start = [], 0, end
 
 
+def _one_epoch_each(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """The blocks, split where the epoch changes (rows are in order, so each epoch's are contiguous); empty ones dropped."""
+    for block in blocks:
+        epochs = block["_epoch"]
+        cuts = [0, *(np.flatnonzero(np.diff(epochs)) + 1), len(epochs)]
+        for a, b in zip(cuts, cuts[1:]):
+            if b > a:
+                yield block if (a, b) == (0, len(epochs)) else {k: v[a:b] for k, v in block.items()}
+
+
 def _assemble(parts: list[tuple[dict, np.ndarray, int, int]], epoch: int) -> Batch:
-    rows = {name: np.concatenate([block[name][take] for block, take, _, _ in parts])
-            for name in ("image", "tokens", "present", "usable", "key_hash")}
+    rows = {name: np.concatenate([block[name][take] for block, take, _, _ in parts]) for name in ("image", "tokens", "slot", "key_hash")}
     codes = np.concatenate([block["skip"][start:end] for block, _, start, end in parts])
     skipped = {reason: int((codes == i).sum()) for i, reason in enumerate(SKIP_REASONS) if i and (codes == i).any()}
     block, take, _, _ = parts[-1]
     last = int(take[-1])
-    return Batch(rows, Position(epoch, int(block["_window"][last]), int(block["_offset"][last]) + 1), skipped)
+    return Batch(rows, epoch, Position(epoch, int(block["_window"][last]), int(block["_offset"][last]) + 1), skipped)

@@ -37,10 +37,9 @@ import torch
 
 from veclip.metrics import publish_step
 from veclip.train import checkpoint as ckpt
-from veclip.train.captions import choose
 from veclip.train.checkpoint import Progress, WorkerProgress
 from veclip.train.config import TrainConfig
-from veclip.train.data import DataPlan, StreamSpec, exact_batches, worker_stream
+from veclip.train.data import Batch, DataPlan, StreamSpec, epochs_to_read, exact_batches, worker_stream
 from veclip.train.order import Position
 
 
@@ -85,15 +84,34 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def _everyone_has(has: bool, world: int, device: torch.device) -> bool:
-    """Whether every worker has a batch: an epoch ends for all when the first runs out."""
+STREAM_END = 2**62  # the "epoch" of a stream that has ended
+
+
+def _epoch_range(epoch: int, world: int, device: torch.device) -> tuple[int, int]:
+    """The lowest and highest next-batch epoch over the workers (one all-reduce)."""
     if world == 1:
-        return has
+        return epoch, epoch
     import torch.distributed as dist
 
-    flag = torch.tensor([int(has)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    both = torch.tensor([-epoch, epoch], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return -int(both[0]), int(both[1])
+
+
+def _next_common(batches, world: int, device: torch.device) -> Batch | None:
+    """Every worker's next batch, all of one epoch; None for all when a worker's stream has ended.
+
+    The workers must take the same steps, so an epoch ends for all when the first runs out of it:
+    the others pass over the rest of theirs (a few row groups' worth, a different few each epoch).
+    Every stream covers the same epochs, so one that has ended has ended the last of them.
+    """
+    batch = next(batches, None)
+    while True:
+        low, high = _epoch_range(batch.epoch if batch else STREAM_END, world, device)
+        if low == high or high == STREAM_END:
+            return batch if high != STREAM_END else None
+        while batch is not None and batch.epoch < high:
+            batch = next(batches, None)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -111,6 +129,7 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
+    torch.set_num_threads(max(1, math.ceil(config.scale.cpus_per_worker)))  # Ray gives a fractional worker 1
     device = ray.train.torch.get_device()
 
     model = create_model(config.model, config.pretrained)
@@ -154,27 +173,27 @@ def train_loop(loop_config: dict) -> None:
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
-    weights = config.captions.slot_weights()
     peak = peak_flops(device)
     spec = StreamSpec(config.model, config.captions, config.image_limits, config.seed, config.window_units,
                       config.scale.preprocess_cpus, config.prefetch_batches)
 
     while progress.step < config.steps:
-        epoch, epoch_steps, from_start = me.position.epoch, 0, me.position == Position(me.position.epoch)
-        stream = worker_stream(plan, spec, me.position, rank, world)
+        start = me.position
+        epochs = epochs_to_read(plan, spec, config.batch_size, config.steps - progress.step, world)
+        stream = worker_stream(plan, spec, start, rank, world, epochs)
         blocks = stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.prefetch_batches) if stream else iter(())
-        batches = exact_batches(blocks, config.batch_size, epoch)
+        batches = exact_batches(blocks, config.batch_size)
+        stream_steps = 0
         wait_start, report_seconds = time.perf_counter(), 0.0
         while progress.step < config.steps:
-            batch = next(batches, None)
-            if not _everyone_has(batch is not None, world, device):
+            batch = _next_common(batches, world, device)
+            if batch is None:
                 break
             step_start = time.perf_counter()
-            step = progress.step
+            step, epoch = progress.step, batch.epoch
             hooks.before_step(step, rank, world, resumed_from is not None)
             rows = batch.rows
-            slots = choose(rows["key_hash"], rows["present"], rows["usable"], weights, config.seed, epoch)
-            texts = torch.from_numpy(rows["tokens"][range(len(slots)), slots]).long().to(device)
+            texts = torch.from_numpy(rows["tokens"]).long().to(device)  # each row's caption for this epoch, chosen in the stream
             images = (torch.from_numpy(rows["image"]).to(device).float() / 255.0 - mean) / std
             with autocast():
                 image_features, text_features, logit_scale = model(images, texts)[:3]
@@ -189,7 +208,7 @@ def train_loop(loop_config: dict) -> None:
                 torch.cuda.synchronize()
             end = time.perf_counter()
 
-            epoch_steps += 1
+            stream_steps += 1
             progress.step, progress.samples_seen = step + 1, progress.samples_seen + config.batch_size * world
             me.position = batch.position
             for reason, n in batch.skipped.items():
@@ -234,10 +253,10 @@ def train_loop(loop_config: dict) -> None:
             report_seconds = time.perf_counter() - wait_start
         if progress.step >= config.steps:
             return
-        if epoch_steps == 0 and from_start:
+        if stream_steps == 0 and start == Position(start.epoch):
             raise RuntimeError(
-                f"train: epoch {epoch} gave the workers no full batch: the data has fewer usable rows than "
+                f"train: epoch {start.epoch} gave the workers no full batch: the data has fewer usable rows than "
                 f"batch_size x workers ({config.batch_size} x {world}); lower --set batch_size or add data"
             )
-        me.position = Position(epoch + 1)
+        me.position = Position(start.epoch + epochs)  # the stream's epochs are all read
 
