@@ -142,3 +142,43 @@ def test_only_the_chosen_caption_is_tokenized(sample_table):
         chosen[epoch] = out["slot"][trained]
     assert set(chosen[0]) == {captions.slots.index("alt_text"), captions.slots.index("vecap")}
     assert not np.array_equal(chosen[0], chosen[1])  # drawn again each epoch
+
+
+def test_the_decode_transform_is_open_clips_without_building_the_model():
+    # built from the model's config (milliseconds), not by creating the model (seconds per decode process)
+    import open_clip
+
+    from veclip.train.data import _augment_and_tokenizer
+
+    for name in ("veclip-tiny", "ViT-B-16"):
+        augment, size, _ = _augment_and_tokenizer(name)
+        _, reference, _ = open_clip.create_model_and_transforms(name, load_weights=False)
+        kept = [t for t in reference.transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
+        assert repr(augment) == repr(kept) and size == ((64, 64) if name == "veclip-tiny" else (224, 224))
+
+
+def test_the_resized_crop_draws_torchvisions_parameters(monkeypatch):
+    import math
+    import random
+
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop, functional
+
+    from veclip.train.data import _resized_crop
+
+    boxes = []
+    monkeypatch.setattr(functional, "resized_crop", lambda image, top, left, h, w, *_, **__: boxes.append((top, left, h, w)))
+    crop = RandomResizedCrop(32, scale=(0.5, 1.0))
+    for seed in range(300):
+        _resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
+    for top, left, h, w in boxes:  # inside the image, area and aspect within the transform's ranges
+        assert 0 <= top <= 60 - h and 0 <= left <= 80 - w
+        assert 0.5 * 4800 * 0.97 <= h * w <= 4800 and 3 / 4 * 0.93 <= w / h <= 4 / 3 * 1.07
+    assert len(set(boxes)) > 250  # drawn afresh per seed...
+    again = []
+    monkeypatch.setattr(functional, "resized_crop", lambda image, top, left, h, w, *_, **__: again.append((top, left, h, w)))
+    for seed in range(300):
+        _resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
+    assert again == boxes  # ...and the same for the same seed
+    _resized_crop(crop, Image.new("RGB", (200, 4)), random.Random(0))  # no crop fits: torchvision's central fallback
+    assert again[-1] == (0, (200 - round(4 * 4 / 3)) // 2, 4, round(4 * 4 / 3)) and math.isfinite(again[-1][2])

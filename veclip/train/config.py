@@ -27,7 +27,7 @@ class ScaleConfig:
 
     num_workers: int = 8  # Ray Train workers (one GPU each with use_gpu)
     use_gpu: bool = True  # train on GPUs (NCCL); false: CPU (gloo)
-    cpus_per_worker: float = 8.0  # CPUs per train worker; its torch threads follow (rounded up)
+    cpus_per_worker: float = 8.0  # CPUs per train worker; its torch threads follow (whole CPUs)
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
     accelerator_type: str | None = None  # e.g. "H100": train only on that node type

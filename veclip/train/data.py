@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -147,15 +148,44 @@ def _augment_and_tokenizer(model_name: str):
     from veclip.train.model import register_configs
 
     register_configs()
-    _, train_transform, _ = open_clip.create_model_and_transforms(model_name, load_weights=False)
+    config = open_clip.get_model_config(model_name)
+    if config:  # a named config: its transform is the default one at the model's size (as create_model sets it)
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        train_transform = image_transform_v2(PreprocessCfg(size=config["vision_cfg"]["image_size"]), is_train=True)
+    else:  # building the model to learn its transform costs seconds per decode process
+        _, train_transform, _ = open_clip.create_model_and_transforms(model_name, load_weights=False)
     keep = [t for t in train_transform.transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
     size = next(tuple(t.size) for t in keep if hasattr(t, "size"))
     return keep, size, open_clip.get_tokenizer(model_name)
 
 
+def _resized_crop(crop, image, draw: random.Random):
+    """torchvision's ``RandomResizedCrop`` with its parameters drawn by the same algorithm from a Python
+    generator: ~5 us instead of ~130 us of single-element torch ops per image (a third of a 64 px decode)."""
+    from torchvision.transforms import functional
+
+    width, height = image.size
+    area, log_ratio = width * height, (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
+    for _ in range(10):
+        target = area * draw.uniform(*crop.scale)
+        aspect = math.exp(draw.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = draw.randint(0, height - h), draw.randint(0, width - w)
+            break
+    else:  # central crop, as torchvision falls back
+        ratio = width / height
+        w, h = (width, round(width / min(crop.ratio))) if ratio < min(crop.ratio) else (
+            (round(height * max(crop.ratio)), height) if ratio > max(crop.ratio) else (width, height))
+        top, left = (height - h) // 2, (width - w) // 2
+    return functional.resized_crop(image, top, left, h, w, crop.size, crop.interpolation, antialias=crop.antialias)
+
+
 def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int) -> dict:
     """Decoded, augmented images and each row's chosen caption, tokenized; unusable rows flagged in ``skip``."""
     import torch
+    from torchvision.transforms import RandomResizedCrop
 
     augment, (height, width), tokenizer = _augment_and_tokenizer(model_name)
     n = batch.num_rows
@@ -184,8 +214,9 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
         # the augmentation is a pure function of (seed, epoch, key); seeding only the CPU
         # generator costs ~1 us, torch.manual_seed (every device) ~70 us
         torch.random.default_generator.manual_seed(int(seeds[i]))
+        draw = random.Random(int(seeds[i]))
         for transform in augment:
-            image = transform(image)
+            image = _resized_crop(transform, image, draw) if isinstance(transform, RandomResizedCrop) else transform(image)
         images[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     tokens = np.zeros((n, tokenizer.context_length), dtype=np.int32)
     rows = np.flatnonzero(skip == 0)

@@ -129,7 +129,7 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
-    torch.set_num_threads(max(1, math.ceil(config.scale.cpus_per_worker)))  # Ray gives a fractional worker 1
+    torch.set_num_threads(max(1, int(config.scale.cpus_per_worker)))  # whole CPUs held: spinning OpenMP threads on a core that decode tasks share cost 3x
     device = ray.train.torch.get_device()
 
     model = create_model(config.model, config.pretrained)
@@ -232,6 +232,7 @@ def train_loop(loop_config: dict) -> None:
                 "mfu": flops * per_worker / peak if peak else None,
                 "train_flops_per_sample": flops,
                 "resumed_from_step": resumed_from,
+                "time": time.time(),  # the step's end, wall clock: throughput over any span of steps
             }
             history.append(metrics)
             publish_step(config.name, rank, metrics, config.batch_size)
