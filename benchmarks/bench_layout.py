@@ -73,8 +73,8 @@ def ingest(url: str, decode: bool = True) -> tuple[float, int]:
     _augment_and_tokenizer("veclip-tiny")
     start, rows = time.perf_counter(), 0
     for w in range(len(windows)):
-        for chunk in read_window({"window": np.array([w])}, plan, windows, Position(), 0, 0):
-            rows += len(preprocess(chunk, "veclip-tiny", CaptionConfig("laclip"), ImageLimits(), 0, 0)["skip"]) if decode else chunk.num_rows
+        for chunk in read_window({"epoch": np.array([0]), "window": np.array([w])}, plan, Position(), 0, 1, 0, 8):
+            rows += len(preprocess(chunk, "veclip-tiny", CaptionConfig("laclip"), ImageLimits(), 0)["skip"]) if decode else chunk.num_rows
     return time.perf_counter() - start, rows
 
 

@@ -11,7 +11,8 @@ pass:
   one "epoch" is exactly ``steps`` batches), 1 loader worker, a step logged
   each step.
 - veclip: ``veclip train`` on Parquet shards of those rows, 1 Ray Train worker
-  holding 1 CPU (1 torch thread), Ray Data decode tasks of 0.5 CPU on the other.
+  holding 1 CPU in Ray's accounting with 2 torch threads (as open_clip's main
+  process has), Ray Data decode tasks of 0.5 CPU.
 
 Each command runs as a user would start it, alternating which goes first, for
 ``rounds`` rounds; medians and ranges are printed as a Markdown table. Steady
@@ -139,7 +140,7 @@ def open_clip_run(tars: Path, tmp: Path, name: str, steps: int, shards: int) -> 
 def veclip_run(parquet: Path, tmp: Path, name: str, steps: int) -> dict:
     from veclip.train.checkpoint import metric_history
 
-    sets = [f"steps={steps}", f"batch_size={BATCH}", "scale.num_workers=1", "scale.cpus_per_worker=1", "scale.preprocess_cpus=0.5",
+    sets = [f"steps={steps}", f"batch_size={BATCH}", "scale.num_workers=1", "scale.cpus_per_worker=1", "scale.torch_threads=2", "scale.preprocess_cpus=0.5",
             f"checkpoint_every={steps}", "optim.warmup_steps=5", "seed=0", "captions.min_words=1"]  # open_clip trains on every caption
     command = [str(Path(sys.executable).with_name("veclip")), "train", "--preset", "tiny", "--input", str(parquet),
                "--output", str(tmp / "veclip"), "--name", name, "--caption-mode", "alttext", *(a for s in sets for a in ("--set", s))]

@@ -195,3 +195,24 @@ def test_csv_paths_stay_in_the_csv_folder(csv_set, tmp_path):
     assert summary.rows == 7 and summary.quarantined["path_outside_source"] == 3
     allowed = run_import(ImportConfig(str(csv_set), str(tmp_path / "out2"), columns=columns, allow_outside_paths=True), log=quiet)
     assert allowed.rows == 9 and allowed.quarantined["missing_file"] == 2  # the URL's host does not answer
+
+
+def test_import_pre_resizes_large_images(tmp_path):
+    # --resize: a short side above it is scaled down (JPEG re-encoded, width/height updated); smaller images keep their bytes
+    src = tmp_path / "wds"
+    src.mkdir()
+    big = encode_jpeg(Image.new("RGB", (900, 600), (200, 30, 30)))
+    png = io.BytesIO()
+    Image.new("L", (500, 1000), 128).save(png, format="PNG")
+    _write_tar(src / "00000.tar", {"big": {"jpg": big, "txt": b"a big one"}, "small": {"jpg": _jpeg(1), "txt": b"small"},
+                                   "tall": {"png": png.getvalue(), "txt": b"a tall grey png"}})
+    out = Location(str(tmp_path / "out"))
+    summary = run_import(ImportConfig(str(src), out.url, resize=256), log=quiet)
+    assert summary.rows == 3 and summary.resized == 2 and "2 images resized" in summary.render()
+    rows = {r["key"]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
+    assert (rows["big"]["width"], rows["big"]["height"]) == (384, 256) == Image.open(io.BytesIO(rows["big"]["image"])).size
+    assert (rows["tall"]["width"], rows["tall"]["height"]) == (256, 512) == Image.open(io.BytesIO(rows["tall"]["image"])).size
+    assert Image.open(io.BytesIO(rows["big"]["image"])).format == "JPEG" and len(rows["big"]["image"]) < len(big)
+    assert rows["small"]["image"] == _jpeg(1)
+    with pytest.raises(ValueError, match="resize"):
+        ImportConfig(str(src), out.url, resize=-1)

@@ -20,7 +20,7 @@ from PIL import Image
 from veclip import schema
 from veclip.rewrite.config import build_config, fingerprint
 from veclip.rewrite.faults import RunContext
-from veclip.rewrite.pipeline import ReconciliationError, run_rewrite, summarize
+from veclip.rewrite.pipeline import ReconciliationError, render_summary, run_rewrite, summarize
 from veclip.rewrite.plan import InputShard, Plan
 from veclip.storage import Location, ShardStore
 
@@ -121,6 +121,9 @@ def test_summary_reports_pools(vecap_run):
     assert set(summary["pools"]) == {"captioner", "fuser", "laclip"}
     for pool in summary["pools"].values():
         assert pool["requests"] > 0 and pool["generated_tokens"] > 0 and pool["generated_tokens_per_s"] > 0
+        # the engine's share of its actors' time between their first shard's start and last shard's end
+        assert 0 < pool["engine_busy_share"] <= 1 and pool["actor_seconds"] >= pool["engine_seconds"]
+    assert "engine busy" in render_summary(summary)
     assert summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "redone": 0}
     assert summary["stage_seconds"]["caption"] > 0 and summary["rows_per_second_this_run"] > 0
     assert Location(out.url).fs.exists(out.join("_summary.json"))

@@ -4,6 +4,7 @@ import dataclasses
 import io
 import time
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -178,14 +179,13 @@ def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_
     from veclip.storage import StorageOptions
     from veclip.dataset import CaptionMismatch
     from veclip.train.data import plan_data, read_window
-    from veclip.train.order import Position, worker_windows
+    from veclip.train.order import Position
 
     _rewrite_in_process(tmp_path, layout="captions")
     plan = plan_data(str(tmp_path / "out"), StorageOptions(), schema.ColumnMap(), workers=1, log=lambda *_: None)
     assert plan.dataset.images_url.endswith("sample/train") and plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION)
     assert all(u.captions and u.path.startswith(str(tmp_path / "sample")) for u in plan.units)
-    windows = worker_windows(list(plan.units), 0, 0, 0, 1, 8)
-    rows = pa.concat_tables(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
+    rows = pa.concat_tables(read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8))
     source = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "sample" / "train").glob("*.parquet"))], promote_options="default")
     by_key = dict(zip(source.column("key").to_pylist(), source.column("image").to_pylist()))
     assert rows.num_rows == 12 and all(by_key[k] == image for k, image in zip(rows.column("key").to_pylist(), rows.column("image").to_pylist()))
@@ -195,7 +195,7 @@ def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_
     table = pq.read_table(captions)
     pq.write_table(table.take([1, 0] + list(range(2, table.num_rows))), captions)
     with pytest.raises(CaptionMismatch, match=r"part-00001.parquet does not line up with its input .*part-00001.parquet: row 0"):
-        list(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
+        list(read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8))
 
 
 def test_several_caption_outputs_of_one_input_fill_the_caption_slots(tmp_path):
@@ -257,15 +257,14 @@ def test_validate_checks_caption_tables_against_their_inputs(tmp_path):
 
 def test_caption_tables_on_s3_join_and_validate(tmp_path, s3_bucket):
     from veclip.train.data import plan_data, read_window
-    from veclip.train.order import Position, worker_windows
+    from veclip.train.order import Position
     from veclip.validate import ValidateConfig, validate
 
     url, options = s3_bucket
     _rewrite_in_process(tmp_path, url, options, layout="captions")
     plan = plan_data(url + "/out", options, schema.ColumnMap(), workers=1, log=lambda *_: None)
     assert plan.dataset.images_url == url + "/sample/train"
-    windows = worker_windows(list(plan.units), 0, 0, 0, 1, 8)
-    rows = pa.concat_tables(read_window({"window": pa.array([0]).to_numpy()}, plan, windows, Position(), 0, 0))
+    rows = pa.concat_tables(read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8))
     assert rows.num_rows == 12 and rows.column("image").null_count == 0 and rows.column(schema.VLM_CAPTION).null_count == 1
     report = validate(ValidateConfig(url + "/out", images="none"), options)
     assert report.usable and report.caption_tables_of == url + "/out" and report.totals.rows == 12

@@ -43,6 +43,25 @@ def test_param_groups_and_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
+def test_fused_adamw_takes_the_same_step():
+    # the fused kernel (GPU default) is exercised on the CPU: the same update as the loop's default
+    from veclip.train.config import OptimConfig
+    from veclip.train.model import adamw
+
+    models = [create_model("veclip-tiny") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    images, texts = torch.randn(4, 3, 64, 64), torch.randint(0, 100, (4, models[0].context_length))
+    for model, fused in zip(models, (False, True)):
+        optimizer = adamw(model, OptimConfig(lr=1e-3, fused=fused), torch.device("cpu"))
+        assert optimizer.defaults["fused"] is fused
+        image_features, text_features, scale = model(images, texts)[:3]
+        (image_features @ text_features.T * scale).logsumexp(1).mean().backward()
+        optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert adamw(models[0], OptimConfig(), torch.device("cpu")).defaults["fused"] is False  # auto: GPUs only
+
+
 @pytest.fixture(scope="module")
 def ref_data(tmp_path_factory) -> Path:
     """Sample data whose `vecap` column is the reference caption (a perfect captioner),

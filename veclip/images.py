@@ -67,7 +67,11 @@ def open_image(data: bytes | None, limits: ImageLimits = ImageLimits()) -> Image
 
 def decode_image(data: bytes | None, limits: ImageLimits = ImageLimits(), mode: str = "RGB") -> Image.Image:
     """Fully decode to ``mode``; truncated files fail here, not later in a worker."""
-    image = open_image(data, limits)
+    return decode_loaded(open_image(data, limits), mode)
+
+
+def decode_loaded(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """Decode an opened image's pixels to ``mode``; a truncated or corrupt file fails here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -81,3 +85,15 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def resize_jpeg(data: bytes, short_side: int, limits: ImageLimits = ImageLimits(), quality: int = 90) -> tuple[bytes, tuple[int, int]]:
+    """The image with its short side scaled down to ``short_side``, as JPEG bytes, and its new size.
+    JPEG decodes at a reduced scale first (``draft``), so a large photo costs little more than a small one."""
+    image = open_image(data, limits)
+    width, height = image.size
+    scale = short_side / min(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image.draft(None, size)  # JPEG only (a no-op for other formats): DCT scaling to >= size
+    image = decode_loaded(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return encode_jpeg(image, quality), size

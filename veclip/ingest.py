@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from veclip import schema
-from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image
+from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image, resize_jpeg
 from veclip.storage import Location, ShardStore, StorageOptions, filesystem, list_files, output_shard_name
 
 FORMATS = ("auto", "webdataset", "csv")
@@ -49,12 +49,15 @@ class ImportConfig:
     rows_per_shard: int = 10_000  # CSV: rows per output shard
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # max_bytes also bounds every tar member
     allow_outside_paths: bool = False  # CSV: also read absolute paths, URLs and paths above the CSV's folder
+    resize: int = 0  # > 0: images whose short side is larger are resized to it and re-encoded as JPEG (quality 90)
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"import: format must be one of {FORMATS}, got {self.format!r}")
         if self.rows_per_shard < 1:
             raise ValueError("import: rows_per_shard must be >= 1")
+        if self.resize < 0:
+            raise ValueError("import: resize must be >= 0 (0 keeps the images' bytes)")
 
     def resolved_format(self) -> str:
         if self.format != "auto":
@@ -67,17 +70,20 @@ class ImportSummary:
     shards_written: int = 0
     shards_skipped: int = 0
     rows: int = 0
+    resized: int = 0
     quarantined: Counter = field(default_factory=Counter)
 
     def add(self, marker: dict) -> None:
         self.shards_written += 1
         self.rows += marker["rows"]
+        self.resized += marker.get("resized", 0)
         self.quarantined.update(marker.get("quarantine_reasons", {}))
 
     def render(self) -> str:
         lines = [
             f"import: {self.shards_written} shards written, {self.shards_skipped} already done (skipped), "
             f"{self.rows} rows, {sum(self.quarantined.values())} quarantined"
+            + (f", {self.resized} images resized" if self.resized else "")
         ]
         lines += [f"  quarantined {n:>6}  {reason}" for reason, n in self.quarantined.most_common()]
         return "\n".join(lines)
@@ -86,16 +92,20 @@ class ImportSummary:
 class _ShardBuilder:
     """Collects one output shard's good rows and quarantined rows."""
 
-    def __init__(self, limits: ImageLimits):
-        self.limits = limits
+    def __init__(self, limits: ImageLimits, resize: int = 0):
+        self.limits, self.resize = limits, resize
         self.rows: list[dict] = []
         self.bad: list[dict] = []
+        self.resized = 0
 
     def add(self, key: str, image: bytes | None, alt_text: str | None, url: str | None = None, reason: str | None = None, detail: str = "") -> None:
         row = {schema.KEY: key, schema.IMAGE: image, schema.ALT_TEXT: alt_text, schema.URL: url}
         if reason is None:
             try:
                 width, height = open_image(image, self.limits).size
+                if self.resize and min(width, height) > self.resize:
+                    row[schema.IMAGE], (width, height) = resize_jpeg(image, self.resize, self.limits)
+                    self.resized += 1
                 row.update({schema.WIDTH: width, schema.HEIGHT: height})
             except ImageError as err:
                 reason, detail = err.reason, err.detail
@@ -108,7 +118,7 @@ class _ShardBuilder:
         table = pa.Table.from_pylist(self.rows, schema=schema.INPUT_SCHEMA)
         quarantine = schema.quarantine_table(self.bad, STAGE, schema.INPUT_SCHEMA)
         reasons = Counter(row["reason"] for row in self.bad)
-        return store.write(name, table, quarantine, stats={"quarantine_reasons": dict(reasons)})
+        return store.write(name, table, quarantine, stats={"quarantine_reasons": dict(reasons), "resized": self.resized})
 
 
 # -- webdataset -------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
         if name in done:
             summary.shards_skipped += 1
             continue
-        builder = _ShardBuilder(config.image_limits)
+        builder = _ShardBuilder(config.image_limits, config.resize)
         try:
             with source.fs.open(path, "rb") as f:
                 for key, files in _tar_samples(f, config.image_limits.max_bytes):
@@ -248,7 +258,7 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
         if name in done:
             summary.shards_skipped += 1
             return
-        builder = _ShardBuilder(config.image_limits)
+        builder = _ShardBuilder(config.image_limits, config.resize)
         contents = _fetch([r.get(cols.image) or "" for r in rows], base, options, config.allow_outside_paths)
         for row, content in zip(rows, contents):
             key, text, path = row["__key"], row.get(cols.alt_text), row.get(cols.image) or ""

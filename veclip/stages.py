@@ -156,6 +156,8 @@ def _import_flags(p):
     p.add_argument("--format", choices=("auto", "webdataset", "csv"))
     _columns_flag(p)
     p.add_argument("--rows-per-shard", type=int, help="CSV rows per output shard (default 10000)")
+    p.add_argument("--resize", type=int, metavar="PX",
+                   help="pre-resize: images with a larger short side are scaled to PX (e.g. 384) and re-encoded as JPEG")
     p.add_argument("--allow-outside-paths", action="store_true", default=None,
                    help="CSV: also read absolute paths, URLs and paths above the CSV's folder (refused by default)")
 
@@ -314,7 +316,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _fields("url", "columns", "images", "sample_per_shard", "sample_row_groups", "max_bad_image_share", "max_keys_in_memory"),
           _only_default("veclip.validate:ValidateConfig"), _validate_run),
     Stage("import", "convert webdataset tars or a CSV of image paths into Parquet shards", _import_flags,
-          _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths"), _only_default("veclip.ingest:ImportConfig"), _import_run),
+          _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths", "resize"), _only_default("veclip.ingest:ImportConfig"), _import_run),
     Stage("rewrite", "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites", _rewrite_flags,
           _fields("input", "output", "mode", "layout", "columns"), _lazy("veclip.rewrite.config:preset"), _rewrite_run,
           presets="default (LLaVA-1.5 + Llama-3-8B), qwen2-vl, qwen2.5-vl: real models on GPU actors; tiny: tiny random models on CPU; trained, trained-quick: small models trained here (veclip models build) on CPU",

@@ -140,14 +140,22 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
             "generated_tokens_per_s": total.get("generated_tokens", 0) / seconds,
         }
 
-    def pool_actors(source: dict) -> dict:
-        """How many actors did this run's shards, and when each started its first one (s after the run began)."""
+    def pool_actors(source: dict, pool: str) -> dict:
+        """How many actors did this run's shards, when each started its first one (s after the run
+        began), and the engine's busy share: its seconds over the actors' wall seconds from their
+        first shard's start to their last one's end (I/O, prompts and cleaning are the rest)."""
         first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        engine = 0.0
         for name in written:
             marker = source.get(name, {})
             if "actor" in marker:
                 first[marker["actor"]] = min(first.get(marker["actor"], marker["started_at"]), marker["started_at"])
-        return {"actors": len(first), "actor_first_shard_s": sorted(t - (started_at or 0.0) for t in first.values())}
+                last[marker["actor"]] = max(last.get(marker["actor"], 0.0), marker.get("finished_at", marker["started_at"]))
+                engine += marker.get(f"{pool}_engine_seconds", 0.0)
+        wall = sum(last[a] - first[a] for a in first)
+        return {"actors": len(first), "actor_first_shard_s": sorted(t - (started_at or 0.0) for t in first.values()),
+                "actor_seconds": wall, "engine_busy_share": engine / wall if wall > 0 else None}
 
     quarantined, flags = Counter(), Counter()
     for marker in markers.values():
@@ -155,10 +163,10 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
         flags.update(marker.get("flags", {}))
     pools = {}
     if config.uses_captioner:
-        pools["captioner"] = {**pool_stats("captioner", captions), **pool_actors(captions)}
-        pools["fuser"] = {**pool_stats("fuser", markers), **pool_actors(markers)}
+        pools["captioner"] = {**pool_stats("captioner", captions), **pool_actors(captions, "captioner")}
+        pools["fuser"] = {**pool_stats("fuser", markers), **pool_actors(markers, "fuser")}
     if config.uses_laclip:
-        pools["laclip"] = {**pool_stats("laclip", markers), **pool_actors(markers)}
+        pools["laclip"] = {**pool_stats("laclip", markers), **pool_actors(markers, "laclip")}
     return redact({  # engine env may hold tokens: they never reach the summary
         "input": config.input,
         "output": config.output,
@@ -261,7 +269,8 @@ def render_summary(summary: dict) -> str:
         )
         if pool.get("actors"):
             starts = ", ".join(f"{t:.0f}" for t in pool["actor_first_shard_s"])
-            lines.append(f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s")
+            busy = f"; engine busy {pool['engine_busy_share']:.0%} of their time since" if pool.get("engine_busy_share") is not None else ""
+            lines.append(f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s{busy}")
     if summary["failed"]:
         rows = f" ({summary['rows_in_failed_shards']} rows in those with a readable footer)" if summary["rows_in_failed_shards"] else ""
         lines.append(f"FAILED: {len(summary['failed'])} shard(s){rows} kept failing; "

@@ -18,6 +18,7 @@ class OptimConfig:
     beta2: float = 0.98  # AdamW beta2
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = 500  # linear warm-up, then cosine decay to 0
+    fused: bool | None = None  # fused AdamW kernel (one kernel for all parameters); None: on GPUs only
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class ScaleConfig:
 
     num_workers: int = 8  # Ray Train workers (one GPU each with use_gpu)
     use_gpu: bool = True  # train on GPUs (NCCL); false: CPU (gloo)
-    cpus_per_worker: float = 8.0  # CPUs per train worker; its torch threads follow (whole CPUs)
+    cpus_per_worker: float = 8.0  # CPUs per train worker
+    torch_threads: int = 0  # the worker's torch threads; 0: the whole CPUs it holds (at least 1)
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
     preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
     accelerator_type: str | None = None  # e.g. "H100": train only on that node type

@@ -120,7 +120,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     from open_clip.loss import ClipLoss
 
-    from veclip.train.model import cosine_with_warmup, create_model, param_groups, peak_flops, train_flops_per_sample
+    from veclip.train.model import adamw, cosine_with_warmup, create_model, peak_flops, train_flops_per_sample
 
     config: TrainConfig = loop_config["config"]
     hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
@@ -129,7 +129,7 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
-    torch.set_num_threads(max(1, int(config.scale.cpus_per_worker)))  # whole CPUs held: spinning OpenMP threads on a core that decode tasks share cost 3x
+    torch.set_num_threads(config.scale.torch_threads or max(1, int(config.scale.cpus_per_worker)))  # Ray would give it 1
     device = ray.train.torch.get_device()
 
     model = create_model(config.model, config.pretrained)
@@ -138,10 +138,7 @@ def train_loop(loop_config: dict) -> None:
     flops = train_flops_per_sample(model, model.visual.image_size[0], model.context_length)
     mean = torch.tensor(model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-        betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
-    )
+    optimizer = adamw(model, config.optim, device)
     scheduler = cosine_with_warmup(optimizer, config.optim.warmup_steps, config.steps)
     progress, me, history = Progress(), WorkerProgress(), []
     resumed_from = None

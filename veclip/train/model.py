@@ -38,6 +38,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as configured (an ``OptimConfig``); fused on GPUs unless ``optim.fused`` says otherwise."""
+    fused = optim.fused if optim.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                             eps=optim.eps, fused=fused)
+
+
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup_steps:
