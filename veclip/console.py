@@ -14,6 +14,14 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+def eta(remaining: float, rate: float) -> str:
+    """The time left at ``rate`` units per second, in the unit a person reads it in."""
+    if rate <= 0:
+        return "unknown"
+    seconds = remaining / rate
+    return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.1f} min" if seconds > 90 else f"{seconds:.0f} s"
+
+
 def start_ray(log=print) -> None:
     """Connect to (or start) Ray as a stage's driver, quiet unless verbose."""
     import ray

@@ -87,10 +87,9 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def resize_jpeg(data: bytes, short_side: int, limits: ImageLimits = ImageLimits(), quality: int = 90) -> tuple[bytes, tuple[int, int]]:
-    """The image with its short side scaled down to ``short_side``, as JPEG bytes, and its new size.
-    JPEG decodes at a reduced scale first (``draft``), so a large photo costs little more than a small one."""
-    image = open_image(data, limits)
+def resize_jpeg(image: Image.Image, short_side: int, quality: int = 90) -> tuple[bytes, tuple[int, int]]:
+    """An opened image (:func:`open_image`) with its short side scaled to ``short_side``, as JPEG bytes, and
+    its new size. JPEG decodes at a reduced scale first (``draft``), so a large photo costs little more than a small one."""
     width, height = image.size
     scale = short_side / min(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))

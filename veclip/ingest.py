@@ -102,9 +102,10 @@ class _ShardBuilder:
         row = {schema.KEY: key, schema.IMAGE: image, schema.ALT_TEXT: alt_text, schema.URL: url}
         if reason is None:
             try:
-                width, height = open_image(image, self.limits).size
+                opened = open_image(image, self.limits)
+                width, height = opened.size
                 if self.resize and min(width, height) > self.resize:
-                    row[schema.IMAGE], (width, height) = resize_jpeg(image, self.resize, self.limits)
+                    row[schema.IMAGE], (width, height) = resize_jpeg(opened, self.resize)
                     self.resized += 1
                 row.update({schema.WIDTH: width, schema.HEIGHT: height})
             except ImageError as err:

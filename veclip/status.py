@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from veclip.console import eta
 from veclip.storage import Location, ShardStore, StorageOptions, read_json
 
 PLAN_FILE = "_plan.json"  # a rewrite run's plan: the shards and rows it set out to write
@@ -36,13 +37,6 @@ class Status:
     def render(self) -> str:
         head = f"{self.kind} {self.url}: {'DONE' if self.done else 'NOT DONE'}"
         return "\n".join([head, *("  " + line for line in self.lines)])
-
-
-def _eta(remaining: float, rate: float) -> str:
-    if rate <= 0:
-        return "unknown"
-    seconds = remaining / rate
-    return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.1f} min" if seconds > 90 else f"{seconds:.0f} s"
 
 
 def _rows_in(marker: dict) -> int:
@@ -75,7 +69,7 @@ def rewrite_status(location: Location) -> Status:
         f"shards: {len(markers)} done, {len(failed)} failed, {remaining} remaining of {total}",
         f"rows: {rows_done:,} done" + (f" of {rows_total:,}" if rows_total else "")
         + (f"; {rate:.1f} rows/s this run" if rate else "")
-        + (f", ETA {_eta(rows_total - rows_done, rate)}" if live and rows_total else ""),
+        + (f", ETA {eta(rows_total - rows_done, rate)}" if live and rows_total else ""),
         f"run: {'running (lease held by ' + lease['run_id'] + ')' if live else 'not running'}; fingerprint "
         + ", ".join(sorted({m.get('fingerprint', '?') for m in markers.values()} or {plan.get('fingerprint', '?')})),
     ]
@@ -110,8 +104,8 @@ def train_status(location: Location) -> Status:
         rate = last.get("samples_per_s")
         if rate:
             per_step = rate / max(1, run.get("batch_size", 1) * run.get("num_workers", 1))
-            eta = f", ETA {_eta(steps - step, per_step)}" if steps and not summary else ""
-            lines.append(f"speed: {rate:,.1f} samples/s at step {last.get('step')}{eta}")
+            left = f", ETA {eta(steps - step, per_step)}" if steps and not summary else ""
+            lines.append(f"speed: {rate:,.1f} samples/s at step {last.get('step')}{left}")
         if "loss" in last:
             lines.append(f"loss: {last['loss']:.4f} at step {last.get('step')}")
     if progress.get("resumes"):

@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from veclip.console import start_ray
+from veclip.console import eta, start_ray
 from veclip.config import SECRET_NAME, redact
 from veclip.lease import OutputLease
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
@@ -247,8 +247,8 @@ def _rewrite_shards(config: RewriteConfig, options: StorageOptions, run: RunCont
         note = "" if row["status"] == DONE else f" (see {config.output}/_failed/{output_shard_name(row['shard'])}.json)"
         done += rows.get(row["shard"], 0)
         rate = done / max(time.perf_counter() - start, 1e-9)  # engine start-up included: the ETA errs long
-        eta = f", ETA {(total - done) / rate:.0f}s" if rate and done < total else ""
-        log(f"rewrite: [{n}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.1f} rows/s{eta}] {row['status']} "
+        left = f", ETA {eta(total - done, rate)}" if rate and done < total else ""
+        log(f"rewrite: [{n}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] {row['status']} "
             f"{posixpath.basename(row['shard'])}{note}")
 
 

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from veclip.console import eta
+
 
 class _Board:
     """Holds rank 0's latest step metrics (a Ray actor with no CPU)."""
@@ -26,12 +28,6 @@ class _Board:
 
     def latest(self) -> dict | None:
         return self._latest
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 @dataclass
@@ -64,9 +60,9 @@ class LiveProgress:
     def line(self, metrics: dict, first: tuple[float, int], now: float) -> str:
         step = metrics["step"]
         steps_per_s = (step - first[1]) / max(now - first[0], 1e-9)
-        eta = f", ETA {_eta((self.steps - step) / steps_per_s)}" if steps_per_s > 0 and step < self.steps else ""
+        left = f", ETA {eta(self.steps - step, steps_per_s)}" if steps_per_s > 0 and step < self.steps else ""
         return (f"train: [step {step}/{self.steps} ({step / self.steps:.0%}), {steps_per_s * self.samples_per_step:.0f} samples/s"
-                f"{eta}] loss {metrics['loss']:.4f}, data wait {metrics['data_wait_share']:.0%} (last step)")
+                f"{left}] loss {metrics['loss']:.4f}, data wait {metrics['data_wait_share']:.0%} (last step)")
 
     def _watch(self) -> None:
         import ray

@@ -108,8 +108,10 @@ def _next_common(batches, world: int, device: torch.device) -> Batch | None:
     batch = next(batches, None)
     while True:
         low, high = _epoch_range(batch.epoch if batch else STREAM_END, world, device)
-        if low == high or high == STREAM_END:
-            return batch if high != STREAM_END else None
+        if high == STREAM_END:
+            return None
+        if low == high:
+            return batch
         while batch is not None and batch.epoch < high:
             batch = next(batches, None)
 
