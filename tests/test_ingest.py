@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from veclip import schema
-from veclip.images import encode_jpeg
+from veclip.images import UNDECODABLE, encode_jpeg
 from veclip.ingest import ImportConfig, run_import
 from veclip.storage import Location, ShardStore
 from veclip.validate import ValidateConfig, validate
@@ -214,5 +214,9 @@ def test_import_pre_resizes_large_images(tmp_path):
     assert (rows["tall"]["width"], rows["tall"]["height"]) == (256, 512) == Image.open(io.BytesIO(rows["tall"]["image"])).size
     assert Image.open(io.BytesIO(rows["big"]["image"])).format == "JPEG" and len(rows["big"]["image"]) < len(big)
     assert rows["small"]["image"] == _jpeg(1)
+    # a header that parses over truncated pixels: resizing must decode them, and quarantines the row
+    _write_tar(src / "00001.tar", {"cut": {"jpg": big[: len(big) // 2], "txt": b"half a jpeg"}})
+    summary = run_import(ImportConfig(str(src), out.url, resize=256), log=quiet)
+    assert summary.rows == 0 and summary.quarantined == {UNDECODABLE: 1}
     with pytest.raises(ValueError, match="resize"):
         ImportConfig(str(src), out.url, resize=-1)
