@@ -63,13 +63,24 @@ def enrich(source: Path, dest: Path, rewrites: int = 3) -> None:
         pq.write_table(table, dest / path.name)
 
 
+# mode -> its train overrides; the multi rows put several captions of each image in the step (loss.py)
+MODES = {
+    "alttext": ["captions.mode=alttext"],
+    "vecap": ["captions.mode=vecap"],
+    "mix": ["captions.mode=mix"],
+    "laclip": ["captions.mode=laclip"],
+    "multi": ["captions.mode=mix", "captions.per_image=2"],
+    "multi-neutral": ["captions.mode=mix", "captions.per_image=2", "captions.budget_neutral=true"],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--captions", choices=("pipeline", "reference"), default="pipeline")
     parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--modes", nargs="+", default=["alttext", "vecap", "mix", "laclip"])
+    parser.add_argument("--modes", nargs="+", default=["alttext", "vecap", "mix", "laclip", "multi", "multi-neutral"], choices=list(MODES))
     parser.add_argument("--model", default="veclip-tiny", help="veclip-tiny (16 px patches) or veclip-tiny-p8 (8 px)")
     args = parser.parse_args()
 
@@ -107,7 +118,7 @@ def main() -> None:
             name = f"{mode}-{seed}"
             # the tiny preset's scale, as the demo: 2 workers x 0.5 CPU, 32 rows each per step (64 a step)
             overrides = [f"steps={args.steps}", "batch_size=32", f"seed={seed}",
-                         f"captions.mode={mode}", f"model={args.model}", f"checkpoint_every={args.steps}", "report_every=50", "captions.max_rewrites=4"]
+                         *MODES[mode], f"model={args.model}", f"checkpoint_every={args.steps}", "report_every=50", "captions.max_rewrites=4"]
             config = build_config("tiny", None, overrides, data=str(data), output=str(tmp / "runs"), name=name)
             run_train(config, log=lambda *_: None)
             model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
@@ -120,7 +131,9 @@ def main() -> None:
     fmt = lambda xs: f"{100 * statistics.mean(xs):.1f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0):.1f}"
     what = "the trained models' captions" if args.captions == "pipeline" else "reference captions, stand-ins"
     names = {"alttext": "AltText only", "vecap": f"VeCap only ({what})", "mix": f"VeCLIP mix p=0.5 ({what})",
-             "laclip": "LaCLIP uniform (AltText + 4 rewrites)" if args.captions == "pipeline" else "LaCLIP uniform (AltText + 3 paraphrases of the reference)"}
+             "laclip": "LaCLIP uniform (AltText + 4 rewrites)" if args.captions == "pipeline" else "LaCLIP uniform (AltText + 3 paraphrases of the reference)",
+             "multi": f"multi-positive: AltText and VeCap of each image, 64 images x 2 texts a step ({what})",
+             "multi-neutral": f"multi-positive, budget-neutral: 32 images x 2 texts a step ({what})"}
     print(f"\n{args.rows} train rows, {args.model}, {args.steps} steps x 64 (2 workers), seeds {args.seeds}; eval: 500 images\n")
     print("| captions | zero-shot shape top-1 (%) | zero-shot colour+shape top-1 (%) | zero-shot brand top-1 (%) | R@1 (%, mean of both ways) | R@5 (%) |")
     print("| --- | --- | --- | --- | --- | --- |")

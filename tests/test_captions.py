@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from veclip.train.captions import CaptionConfig, choose, key_hash, trainable
+from veclip.train.captions import CaptionConfig, choose, choose_several, key_hash, trainable
 
 N = 6000
 KEYS = np.array([key_hash(f"train-{i:08d}") for i in range(N)])
@@ -95,3 +95,31 @@ def test_rows_without_any_usable_caption_are_not_trainable():
 def test_key_hash_is_stable():
     assert key_hash("train-00000001") == key_hash("train-00000001") != key_hash("train-00000002")
     assert key_hash("abc") == 6455300059550759896  # blake2b: the same in every process, run and machine
+
+
+def test_several_captions_are_distinct_usable_slots_drawn_by_weight():
+    weights = CaptionConfig("weighted", weights={"alt_text": 1, "vecap": 2, "rewrites": 4}).slot_weights()  # 1 per rewrite
+    present, usable = _rows(rewrites=4)
+    usable[: N // 2, 1] = False  # half the rows: VeCap unusable
+    chosen = choose_several(KEYS, usable, weights, seed=0, epoch=0, k=2)
+    assert chosen.shape == (N, 2) and (chosen[:, 0] != chosen[:, 1]).all()
+    assert not np.isin(chosen[: N // 2], [1, 2]).any()  # never an unusable slot, nor one of weight 0 (vlm_caption)
+    # the first draw is the weighted choice: P(vecap) = 2 / (1 + 2 + 4) where it is usable
+    share = (chosen[N // 2 :, 0] == 1).mean()
+    assert abs(share - 2 / 7) < 4 * np.sqrt(2 / 7 * 5 / 7 / (N // 2))
+    # a pure function of (seed, epoch, key): the same whatever the split, another set next epoch
+    again = np.concatenate([choose_several(KEYS[:100], usable[:100], weights, 0, 0, 2), choose_several(KEYS[100:], usable[100:], weights, 0, 0, 2)])
+    assert np.array_equal(chosen, again)
+    assert not np.array_equal(chosen, choose_several(KEYS, usable, weights, 0, 1, 2))
+
+
+def test_a_row_with_fewer_usable_captions_than_k_repeats_its_own():
+    weights = CaptionConfig("mix").slot_weights()  # alt_text and vecap only
+    present, usable = _rows(n=3)
+    usable[1, 1] = False  # only the AltText
+    usable[2] = False  # nothing
+    chosen = choose_several(KEYS[:3], usable, weights, 0, 0, k=3)
+    assert sorted(chosen[0][:2]) == [0, 1] and chosen[0][2] == chosen[0][0]
+    assert chosen[1].tolist() == [0, 0, 0] and chosen[2].tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="per_image"):
+        CaptionConfig(per_image=0)

@@ -16,7 +16,7 @@ from veclip.train.config import build_config, preset
 from veclip.train.checkpoint import latest, metric_history, read_model
 from veclip.train.export import export
 from veclip.train.checkpoint import load_state
-from veclip.train.model import cosine_with_warmup, create_model, param_groups
+from veclip.train.model import cosine_with_warmup, create_model, param_groups, train_flops_per_sample
 from veclip.train.loop import TrainHooks
 from veclip.train.trainer import run_train
 
@@ -128,6 +128,26 @@ def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session
     assert set(Path(tempfile.gettempdir()).iterdir()) == before
     with torch.no_grad():
         assert torch.equal(in_memory.encode_image(images), trained.encode_image(images))
+
+
+@pytest.mark.slow
+def test_several_captions_per_image_decoded_on_the_device(ref_data, tmp_path, ray_session):
+    # multi-positive training (AltText and VeCap of each image in the step) with JPEGs decoded by
+    # the workers (torchvision's CPU decoder here; nvJPEG on a GPU), end to end on 2 Ray Train workers
+    config = build_config("tiny", None, ["steps=40", "checkpoint_every=40", "captions.mode=mix", "captions.per_image=2",
+                                         "decode=device", "seed=1"], data=str(ref_data), output=str(tmp_path), name="multi")
+    console = []
+    summary = run_train(config, log=console.append)
+    assert any("x 2 captions each (multi-positive)" in line for line in console), console
+    history = metric_history(str(tmp_path / "multi"))
+    first, last = np.mean([m["loss"] for m in history[:5]]), np.mean([m["loss"] for m in history[-5:]])
+    assert last < first - 0.3, (first, last)
+    assert history[-1]["samples_seen"] == 40 * 32 * 2  # images: each with its 2 captions
+    assert summary["rows_skipped_by_reason"]["image_unusable"] >= 1  # the junk image, refused in the task as before
+    flops = history[-1]["train_flops_per_sample"]
+    assert flops > train_flops_per_sample(create_model("veclip-tiny"), 64, 32)  # a second text per image
+    budget = build_config("tiny", None, ["captions.per_image=4", "captions.budget_neutral=true"], data="x", output="y")
+    assert budget.images_per_step == budget.batch_size // 4
 
 
 def _trained_samples(folder: Path) -> dict[tuple[int, int], tuple[int, list[int]]]:

@@ -182,3 +182,64 @@ def test_the_resized_crop_draws_torchvisions_parameters(monkeypatch):
     assert again == boxes  # ...and the same for the same seed
     _resized_crop(crop, Image.new("RGB", (200, 4)), random.Random(0))  # no crop fits: torchvision's central fallback
     assert again[-1] == (0, (200 - round(4 * 4 / 3)) // 2, 4, round(4 * 4 / 3)) and math.isfinite(again[-1][2])
+
+
+def test_device_decode_matches_the_cpu_path_and_refuses_what_it_refuses(sample_table):
+    # decode=device: the task proves each JPEG decodes and draws its crop box; the worker decodes
+    # (here torchvision's CPU decoder stands in for nvJPEG) and crops. Other formats decode in the task.
+    import io
+
+    import torch
+    from PIL import Image
+
+    from veclip.images import encode_jpeg
+    from veclip.train.data import decode_on_device, device_crop_for
+
+    rows = sample_table.slice(0, 12).to_pylist()
+    big = Image.effect_mandelbrot((300, 200), (-2, -1, 1, 1), 60).convert("RGB")
+    png = io.BytesIO()
+    big.save(png, format="PNG")
+    rows[0]["image"] = encode_jpeg(big)  # another size than the sample's
+    rows[1]["image"] = png.getvalue()
+    rows[2]["image"] = rows[3]["image"][: len(rows[3]["image"]) // 2]  # truncated: its header still parses
+    for row in rows:
+        row["alt_text"] = "a small picture of shapes on a plain background"  # every row trainable but for its image
+    table = _with_positions(pa.Table.from_pylist(rows, schema=sample_table.schema), 3)
+    args = ("veclip-tiny", CaptionConfig("alttext"), ImageLimits(), 0)
+    cpu, device = preprocess(table, *args), preprocess(table, *args, decode="device")
+
+    assert np.array_equal(cpu["skip"], device["skip"]) and device["skip"][2] == SKIP_REASONS.index("image_unusable")
+    assert np.array_equal(cpu["tokens"], device["tokens"])
+    assert device["on_device"][1] == 0 and np.array_equal(device["image"][1], cpu["image"][1])  # the PNG: decoded in the task
+    on_device = np.flatnonzero(device["on_device"])
+    assert set(on_device) == set(range(12)) - {1, 2} and not device["skip"][on_device].any() and not device["image"][on_device].any()
+    images = torch.from_numpy(device["image"])
+    decode_on_device(images, device["jpeg"], device["box"], on_device, device_crop_for("veclip-tiny"))
+    # the same crops, resized by torch instead of PIL: within a few levels per pixel
+    difference = (images[on_device].float() - torch.from_numpy(cpu["image"][on_device]).float()).abs()
+    assert difference.mean() < 3 and np.array_equal(images[~np.isin(np.arange(12), on_device)].numpy(), cpu["image"][~np.isin(np.arange(12), on_device)])
+
+
+def test_k_captions_per_image_are_tokenized_image_major(sample_table):
+    import open_clip
+
+    from veclip.train.model import register_configs
+
+    register_configs()
+    tokenizer = open_clip.get_tokenizer("veclip-tiny")
+    rows = sample_table.slice(0, 16)
+    rows = rows.append_column("vecap", pa.array([f"a visual caption number {i}" for i in range(rows.num_rows)]))
+    captions = CaptionConfig("mix", per_image=2)
+    out = preprocess(_with_positions(rows, 0), "veclip-tiny", captions, ImageLimits(), 0)
+    texts = captions.slot_texts(lambda name: rows.column(name).to_pylist() if name in rows.column_names else [None] * rows.num_rows)
+    trained = np.flatnonzero(out["skip"] == 0)
+    assert out["tokens"].shape == (16, 2, tokenizer.context_length) and out["slot"].shape == (16, 2)
+    both = 0
+    for i in trained:  # both captions of the mix where both are usable (else the usable one twice), in the row's order
+        usable = [s for s in (0, 1) if texts[s][i] and len(texts[s][i].split()) >= captions.min_words]
+        assert sorted(out["slot"][i]) == (usable if len(usable) == 2 else usable * 2)
+        both += len(usable) == 2
+        assert np.array_equal(out["tokens"][i], tokenizer([texts[s][i] for s in out["slot"][i]]).numpy())
+    assert both >= 8
+    batch = next(exact_batches(iter([out]), len(trained)))
+    assert batch.rows["tokens"].shape == (len(trained), 2, tokenizer.context_length)

@@ -81,6 +81,16 @@ def decode_loaded(image: Image.Image, mode: str = "RGB") -> Image.Image:
         raise ImageError(UNDECODABLE, f"{type(err).__name__}: {err}") from None
 
 
+def check_jpeg(image: Image.Image) -> None:
+    """Prove an opened JPEG decodes (truncated or corrupt data fails here) without paying for a full
+    decode: at 1/8 scale libjpeg still reads every coefficient but skips most of the inverse DCT and
+    colour work. For images that a training worker's device decodes (nvJPEG) later. ``image.size``
+    is the reduced one afterwards."""
+    width, height = image.size
+    image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+    decode_loaded(image)
+
+
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)

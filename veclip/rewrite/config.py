@@ -64,7 +64,8 @@ class PoolConfig:
     max_actors: int = 1  # Ray Data scales the pool up to this with the backlog
     num_gpus: float = 1.0  # per actor (one engine each)
     num_cpus: float = 1.0  # per actor
-    batch_size: int = 1024  # rows per engine call: vLLM schedules within it, so bigger keeps it busier
+    batch_size: int = 1024  # images the captioner decodes and submits at once (text pools submit a whole shard)
+    shards_in_flight: int = 2  # per actor: the next shard is read and queued in the engine while one generates
     python: str | None = None  # the actors' interpreter (runtime_env py_executable); None: the driver's
     accelerator_type: str | None = None  # e.g. "L40S": keep the pool on that node type (Ray's accelerator label)
 
@@ -121,6 +122,11 @@ class RewriteConfig:
             raise ValueError(f"rewrite: layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.num_rewrites < 1 or self.shots < 0:
             raise ValueError("rewrite: num_rewrites must be >= 1 and shots >= 0")
+        for role in ("captioner", "fuser", "laclip"):
+            pool = getattr(self, role).pool
+            if not (1 <= pool.min_actors <= pool.max_actors and pool.shards_in_flight >= 1 and pool.batch_size >= 1):
+                raise ValueError(f"rewrite: {role}.pool needs 1 <= min_actors <= max_actors, shards_in_flight >= 1 "
+                                 f"and batch_size >= 1, got {pool}")
 
     @property
     def uses_captioner(self) -> bool:

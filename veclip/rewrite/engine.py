@@ -1,13 +1,16 @@
 """Engines behind one small protocol; vLLM is the production one.
 
 Prompts, cleaning and parsing live elsewhere and do not care which engine
-runs. vLLM is imported only when an engine is built, so this module imports
+runs. :class:`VLLMEngine` may be called from several threads at once (the
+shards an actor works on): a feeder thread adds every call's requests to the
+one running engine, so vLLM's continuous batching spans shards. vLLM is imported only when an engine is built, so this module imports
 in the driver's environment too.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -83,6 +86,33 @@ def _watch_engine_processes(processes: list, every_seconds: float = 2.0) -> None
     threading.Thread(target=watch, name="veclip-engine-watchdog", daemon=True).start()
 
 
+def llm_kwargs(config: EngineConfig, multimodal: bool = False) -> dict:
+    """``vllm.LLM``'s arguments for an engine config (the benchmarks build bare engines from them too)."""
+    kwargs = dict(
+        model=config.model,
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        dtype=config.dtype,
+        enforce_eager=config.enforce_eager,
+        seed=0,
+    )
+    if not config.chunked_prefill:
+        kwargs["enable_chunked_prefill"] = False
+    if multimodal:
+        kwargs["limit_mm_per_prompt"] = {"image": config.limit_mm_per_prompt}
+        if config.mm_processor_kwargs:
+            kwargs["mm_processor_kwargs"] = dict(config.mm_processor_kwargs)
+    return kwargs
+
+
+def sampling_params(sampling: SamplingConfig, seed: int | None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                          stop=list(sampling.stop) or None, seed=seed)
+
+
 class VLLMEngine:
     """``vllm.LLM`` in-process: chat templates, image inputs, per-request seeds."""
 
@@ -90,27 +120,16 @@ class VLLMEngine:
         os.environ.update({k: str(v) for k, v in config.env.items()})  # before vLLM reads them
         import vllm
 
-        kwargs = dict(
-            model=config.model,
-            tensor_parallel_size=config.tensor_parallel_size,
-            max_model_len=config.max_model_len,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            dtype=config.dtype,
-            enforce_eager=config.enforce_eager,
-            seed=0,
-        )
-        if not config.chunked_prefill:
-            kwargs["enable_chunked_prefill"] = False
-        if multimodal:
-            kwargs["limit_mm_per_prompt"] = {"image": config.limit_mm_per_prompt}
-            if config.mm_processor_kwargs:
-                kwargs["mm_processor_kwargs"] = dict(config.mm_processor_kwargs)
         before = _descendants()
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = vllm.LLM(**llm_kwargs(config, multimodal))
         _watch_engine_processes([p for p in _descendants() if p.pid not in before])
         self.seeded = config.seeded_requests
         self.max_model_len = config.max_model_len
         self.name = f"vllm-{vllm.__version__}"
+        self.busy_seconds = 0.0  # wall seconds the engine had requests in it (the busy share's numerator)
+        self._dead: BaseException | None = None
+        self._submissions: queue.Queue[_Submission] = queue.Queue()
+        threading.Thread(target=self._feed, name="veclip-engine-feeder", daemon=True).start()
 
     def _prompt_tokens(self, request: Request) -> int:
         tokenizer = self.llm.get_tokenizer()
@@ -120,47 +139,68 @@ class VLLMEngine:
         return len(tokenizer.encode(request.prompt))
 
     def generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]:
-        """Requests whose text prompt leaves no room to generate come back with an
-        error instead of failing the whole batch (vLLM rejects a batch with one)."""
-        results: list[Completion | None] = [None] * len(requests)
-        runnable = []
-        for i, request in enumerate(requests):
-            if request.image is None and self._prompt_tokens(request) + sampling.max_tokens > self.max_model_len:
-                results[i] = Completion("", 0, 0, PROMPT_TOO_LONG)
-            else:
-                runnable.append(i)
-        for i, completion in zip(runnable, self._generate([requests[i] for i in runnable], sampling)):
-            results[i] = completion
-        return results
-
-    def _generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]:
-        from vllm import SamplingParams
-
+        """Safe from any thread: the requests join the running engine (see :meth:`_feed`)."""
         if not requests:
             return []
+        submission = _Submission(requests, sampling)
+        self._submissions.put(submission)
+        return submission.result(lambda: self._dead)
 
-        params = [
-            SamplingParams(
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                stop=list(sampling.stop) or None,
-                seed=r.seed if self.seeded else None,
-            )
+    # --- the feeder: one thread owns the engine and keeps it fed -----------------------------------
+
+    def _feed(self) -> None:
+        """Add every waiting submission to the engine between its steps, and step it while any
+        request is unfinished. Callers on other threads (the shards an actor works on at once)
+        only wait for their submission, so the next shard's requests join the running batch
+        instead of waiting for the last one's tail to drain. ``busy_seconds`` is the engine's
+        wall time with work in it."""
+        engine = self.llm.llm_engine
+        waiting: dict[str, tuple[_Submission, int]] = {}  # request id -> (submission, its index there)
+        while True:
+            arrived = _drain(self._submissions, block=not engine.has_unfinished_requests())
+            started = time.perf_counter()
+            try:
+                for submission in arrived:
+                    try:
+                        ids = self._enqueue(submission)
+                    except Exception as err:  # a request vLLM refuses: its caller's error, not the engine's
+                        submission.fail(err)
+                        continue
+                    # enqueue() answers "<n>-<suffix>"; finished outputs carry "<n>"
+                    waiting.update({rid.split("-", 1)[0]: (submission, i) for i, rid in zip(submission.runnable, ids)})
+                if not engine.has_unfinished_requests():
+                    continue
+                for output in engine.step():
+                    entry = waiting.pop(output.request_id, None) if output.finished else None
+                    if entry is not None:  # (None: a request of a submission that failed while being queued)
+                        entry[0].done(entry[1], _completion(output))
+            except Exception as err:  # the engine is gone (EngineDeadError): every caller, now and later, hears it
+                self._dead = err
+                for submission in {id(s): s for s, _ in waiting.values()}.values():
+                    submission.fail(err)
+                return
+            self.busy_seconds += time.perf_counter() - started
+
+    def _enqueue(self, submission: "_Submission") -> list[str]:
+        """Queue a submission's requests in the engine; those whose text prompt leaves no room to
+        generate are answered at once with an error (vLLM would refuse the whole call)."""
+        sampling = submission.sampling
+        for i, request in enumerate(submission.requests):
+            if request.image is None and self._prompt_tokens(request) + sampling.max_tokens > self.max_model_len:
+                submission.done(i, Completion("", 0, 0, PROMPT_TOO_LONG))
+            else:
+                submission.runnable.append(i)
+        requests = [submission.requests[i] for i in submission.runnable]
+        if not requests:
+            return []
+        params = [sampling_params(sampling, r.seed if self.seeded else None) for r in requests]
+        if all(r.messages is not None for r in requests):
+            return self.llm.enqueue_chat([self._chat(r) for r in requests], params, use_tqdm=False)
+        prompts = [
+            {"prompt": r.prompt, **({"multi_modal_data": {"image": r.image}} if r.image is not None else {})}
             for r in requests
         ]
-        if requests and all(r.messages is not None for r in requests):
-            outputs = self.llm.chat([self._chat(r) for r in requests], params, use_tqdm=False)
-        else:
-            prompts = [
-                {"prompt": r.prompt, **({"multi_modal_data": {"image": r.image}} if r.image is not None else {})}
-                for r in requests
-            ]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [
-            Completion(out.outputs[0].text, len(out.prompt_token_ids or ()), len(out.outputs[0].token_ids))
-            for out in outputs
-        ]
+        return self.llm.enqueue(prompts, params, use_tqdm=False)
 
     @staticmethod
     def _chat(request: Request) -> list[dict]:
@@ -170,3 +210,50 @@ class VLLMEngine:
         *head, last = request.messages
         parts = [{"type": "image_pil", "image_pil": request.image}, {"type": "text", "text": last["content"]}]
         return [*head, {**last, "content": parts}]
+
+
+def _completion(output) -> Completion:
+    return Completion(output.outputs[0].text, len(output.prompt_token_ids or ()), len(output.outputs[0].token_ids))
+
+
+class _Submission:
+    """One caller's requests, waiting for all their completions."""
+
+    def __init__(self, requests: list[Request], sampling: SamplingConfig):
+        self.requests, self.sampling = requests, sampling
+        self.runnable: list[int] = []  # indices sent to the engine
+        self.completions: list[Completion | None] = [None] * len(requests)
+        self.left = len(requests)
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        if not requests:
+            self.finished.set()
+
+    def done(self, index: int, completion: Completion) -> None:
+        self.completions[index] = completion
+        self.left -= 1
+        if self.left == 0:
+            self.finished.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.finished.set()
+
+    def result(self, engine_error) -> list[Completion]:
+        """Wait for every completion; raise the engine's error if it died first."""
+        while not self.finished.wait(1.0):
+            if engine_error() is not None:
+                raise engine_error()
+        if self.error is not None:
+            raise self.error
+        return self.completions
+
+
+def _drain(submissions: "queue.Queue[_Submission]", block: bool) -> list["_Submission"]:
+    """Everything waiting; with ``block``, wait for the first one (an idle engine has nothing to do)."""
+    items = [submissions.get()] if block else []
+    while True:
+        try:
+            items.append(submissions.get_nowait())
+        except queue.Empty:
+            return items

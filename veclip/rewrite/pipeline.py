@@ -62,7 +62,10 @@ def _map_pool(ds, actor_cls, stage: StageConfig, config: RewriteConfig, options:
         actor_cls,
         fn_constructor_kwargs={"config": config, "options": options, "run": run},
         batch_size=1,  # one shard per call: the shard is the unit of work
-        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        # Several shards per actor at once, on threads: one engine is fed by all of them (VLLMEngine._feed),
+        # so reading, decoding and writing overlap generation and a shard's tail never drains the engine.
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
+                                  max_concurrent_calls_per_actor=pool.shards_in_flight, enable_true_multi_threading=True),
         **_remote_args(pool, stage),
     )
 
@@ -130,32 +133,48 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
     written = sorted(n for n, m in markers.items() if m.get("run_id") == run.run_id)
 
     def pool_stats(prefix: str, source: dict) -> dict:
-        total = Counter()
-        for marker in source.values():
-            total.update({k[len(prefix) + 1 :]: v for k, v in marker.items() if k.startswith(prefix + "_")})
-        seconds = total.get("engine_seconds", 0.0) or 1e-9
+        """Token and request counts over every done shard; rates over this run's (its engines' busy time)."""
+        def totals(markers) -> Counter:
+            total = Counter()
+            for marker in markers:
+                total.update({k[len(prefix) + 1 :]: v for k, v in marker.items() if k.startswith(prefix + "_")})
+            return total
+
+        total, this_run = totals(source.values()), totals(source[n] for n in written if n in source)
+        actors = pool_actors(source, prefix)
+        seconds = actors["engine_busy_seconds"] or 1e-9
         return {
             **dict(total),
-            "prompt_tokens_per_s": total.get("prompt_tokens", 0) / seconds,
-            "generated_tokens_per_s": total.get("generated_tokens", 0) / seconds,
+            **actors,
+            "prompt_tokens_per_s": this_run.get("prompt_tokens", 0) / seconds,
+            "generated_tokens_per_s": this_run.get("generated_tokens", 0) / seconds,
         }
 
     def pool_actors(source: dict, pool: str) -> dict:
         """How many actors did this run's shards, when each started its first one (s after the run
-        began), and the engine's busy share: its seconds over the actors' wall seconds from their
-        first shard's start to their last one's end (I/O, prompts and cleaning are the rest)."""
+        began), and the engine's busy share: the seconds each actor's engine had requests in it
+        over the actor's wall seconds from its first shard's start to its last one's end (without
+        that count, a stub engine's: the shards' seconds waiting for it)."""
         first: dict[str, float] = {}
         last: dict[str, float] = {}
-        engine = 0.0
+        busy_from: dict[str, float] = {}
+        busy_to: dict[str, float] = {}
+        waited = 0.0
         for name in written:
             marker = source.get(name, {})
-            if "actor" in marker:
-                first[marker["actor"]] = min(first.get(marker["actor"], marker["started_at"]), marker["started_at"])
-                last[marker["actor"]] = max(last.get(marker["actor"], 0.0), marker.get("finished_at", marker["started_at"]))
-                engine += marker.get(f"{pool}_engine_seconds", 0.0)
+            if "actor" not in marker:
+                continue
+            actor = marker["actor"]
+            first[actor] = min(first.get(actor, marker["started_at"]), marker["started_at"])
+            last[actor] = max(last.get(actor, 0.0), marker.get("finished_at", marker["started_at"]))
+            waited += marker.get(f"{pool}_engine_seconds", 0.0)
+            if marker.get("engine_busy_to") is not None:
+                busy_from[actor] = min(busy_from.get(actor, marker["engine_busy_from"]), marker["engine_busy_from"])
+                busy_to[actor] = max(busy_to.get(actor, 0.0), marker["engine_busy_to"])
         wall = sum(last[a] - first[a] for a in first)
+        busy = sum(busy_to[a] - busy_from[a] for a in busy_to) if busy_to else waited
         return {"actors": len(first), "actor_first_shard_s": sorted(t - (started_at or 0.0) for t in first.values()),
-                "actor_seconds": wall, "engine_busy_share": engine / wall if wall > 0 else None}
+                "actor_seconds": wall, "engine_busy_seconds": busy, "engine_busy_share": busy / wall if wall > 0 else None}
 
     quarantined, flags = Counter(), Counter()
     for marker in markers.values():
@@ -163,10 +182,10 @@ def summarize(config: RewriteConfig, options: StorageOptions | None, plan: Plan,
         flags.update(marker.get("flags", {}))
     pools = {}
     if config.uses_captioner:
-        pools["captioner"] = {**pool_stats("captioner", captions), **pool_actors(captions, "captioner")}
-        pools["fuser"] = {**pool_stats("fuser", markers), **pool_actors(markers, "fuser")}
+        pools["captioner"] = pool_stats("captioner", captions)
+        pools["fuser"] = pool_stats("fuser", markers)
     if config.uses_laclip:
-        pools["laclip"] = {**pool_stats("laclip", markers), **pool_actors(markers, "laclip")}
+        pools["laclip"] = pool_stats("laclip", markers)
     return redact({  # engine env may hold tokens: they never reach the summary
         "input": config.input,
         "output": config.output,
@@ -265,7 +284,7 @@ def render_summary(summary: dict) -> str:
     for name, pool in summary["pools"].items():
         lines.append(
             f"  pool {name:<9} {pool.get('requests', 0):>7} requests  {pool.get('prompt_tokens_per_s', 0):9.1f} prompt tok/s  "
-            f"{pool.get('generated_tokens_per_s', 0):8.1f} generated tok/s  {pool.get('engine_seconds', 0):7.1f}s in engine"
+            f"{pool.get('generated_tokens_per_s', 0):8.1f} generated tok/s  {pool.get('engine_busy_seconds', 0):7.1f}s engine busy"
         )
         if pool.get("actors"):
             starts = ", ".join(f"{t:.0f}" for t in pool["actor_first_shard_s"])

@@ -43,7 +43,8 @@ def chunks(n: int, size: int) -> Iterator[range]:
 
 
 class Meter:
-    """Token and time counts of one shard's generation, for the run summary."""
+    """Token and time counts of one shard's generation, for the run summary. ``engine_seconds``
+    is the time this shard waited for the engine, which other shards may share."""
 
     def __init__(self):
         self.prompt_tokens = self.generated_tokens = self.requests = 0
@@ -152,18 +153,16 @@ def fuse(config: RewriteConfig, engine: Engine, prompt: FusionPrompt, keys: list
     for i, v in enumerate(visual):
         if not v:
             flags[i].append("vecap:no_visual_caption")
-    todo = [i for i, v in enumerate(visual) if v]
-    for part in chunks(len(todo), stage.pool.batch_size):
-        rows = [todo[j] for j in part]
-        requests = [Request(messages=prompt.messages(alts[i], visual[i], limits.max_alt_text_chars), seed=request_seed(config.seed, keys[i]))
-                    for i in rows]
-        for i, completion in zip(rows, meter.run(engine, requests, stage)):
-            text, reason = clean(completion, limits)
-            if text and cleaning.lost_entities(alts[i], text):
-                text, reason = None, cleaning.ENTITIES_LOST
-            vecaps[i] = text
-            if reason:
-                flags[i].append(f"vecap:{reason}")
+    rows = [i for i, v in enumerate(visual) if v]
+    requests = [Request(messages=prompt.messages(alts[i], visual[i], limits.max_alt_text_chars), seed=request_seed(config.seed, keys[i]))
+                for i in rows]
+    for i, completion in zip(rows, meter.run(engine, requests, stage)):  # the whole shard in one submission
+        text, reason = clean(completion, limits)
+        if text and cleaning.lost_entities(alts[i], text):
+            text, reason = None, cleaning.ENTITIES_LOST
+        vecaps[i] = text
+        if reason:
+            flags[i].append(f"vecap:{reason}")
     return vecaps
 
 
@@ -179,14 +178,12 @@ def rewrite(config: RewriteConfig, engine: Engine, prompt: LaClipPrompt, keys: l
             continue
         for n, text in enumerate(prompt.prompts(key, alt, config.num_rewrites, config.shots, config.seed, limits.max_alt_text_chars)):
             jobs.append((i, text, request_seed(config.seed, key, n + 1)))
-    for part in chunks(len(jobs), stage.pool.batch_size):
-        batch = [jobs[j] for j in part]
-        for (i, _, _), completion in zip(batch, meter.run(engine, [Request(prompt=p, seed=s) for _, p, s in batch], stage)):
-            text, reason = clean(completion, limits)
-            if text:
-                rewrites[i].append(text)
-            else:
-                flags[i].append(f"rewrites:{reason}")
+    for (i, _, _), completion in zip(jobs, meter.run(engine, [Request(prompt=p, seed=s) for _, p, s in jobs], stage)):
+        text, reason = clean(completion, limits)
+        if text:
+            rewrites[i].append(text)
+        else:
+            flags[i].append(f"rewrites:{reason}")
     return rewrites
 
 

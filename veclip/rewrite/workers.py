@@ -1,8 +1,10 @@
 """The actor classes of the rewrite pools; one call handles one whole shard.
 
 Each Ray Data row is an input shard path (the RayGen pattern): the actor
-reads the shard, generates for all its rows in micro-batches, cleans, writes
-its output whole and marks it done. A restarted actor or a rerun skips shards
+reads the shard, generates for all its rows, cleans, writes its output whole
+and marks it done. An actor runs ``pool.shards_in_flight`` such calls at once
+on threads, all feeding its one engine (:class:`~veclip.rewrite.engine.VLLMEngine`),
+so one shard's I/O overlaps another's generation. A restarted actor or a rerun skips shards
 already marked with this run's fingerprint, so work is never lost or
 duplicated. Each shard runs under a :class:`~veclip.rewrite.faults.ShardGuard`:
 retried on errors, recorded in ``_failed/`` when it keeps failing, while the
@@ -46,12 +48,18 @@ def read_input_shard(path: str, config: RewriteConfig, options: StorageOptions, 
     return config.columns.apply(pq.read_table(path, columns=source, filesystem=fs))
 
 
-def _work_stamp(started_at: float) -> dict:
-    """Which actor did a shard and when, so the run summary can show the pool scaling."""
+def _busy_seconds(engine: Engine) -> float | None:
+    return getattr(engine, "busy_seconds", None)  # VLLMEngine counts them; a test's stub may not
+
+
+def _work_stamp(started_at: float, engine: Engine, busy_from: float | None) -> dict:
+    """Which actor did a shard and when, and the actor's engine busy seconds (a running count)
+    then and now, so the run summary can show the pool scaling and each engine's busy share."""
     import ray
 
     actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
-    return {"actor": actor or "local", "started_at": started_at, "finished_at": time.time()}
+    return {"actor": actor or "local", "started_at": started_at, "finished_at": time.time(),
+            "engine_busy_from": busy_from, "engine_busy_to": _busy_seconds(engine)}
 
 
 class _ShardWorker(ABC):
@@ -109,7 +117,7 @@ class ShardCaptioner(_ShardWorker):
         name = output_shard_name(path)
         if self.marker_here(self.store, name):
             return
-        start, started_at, meter = time.perf_counter(), time.time(), Meter()
+        start, started_at, busy_from, meter = time.perf_counter(), time.time(), _busy_seconds(self.engine), Meter()
         table = read_input_shard(path, self.config, self.options, ["key", "image"])
         keys, images = table.column("key").to_pylist(), table.column("image")
         rows = []
@@ -117,7 +125,7 @@ class ShardCaptioner(_ShardWorker):
             decoded = list(self.decoder.map(lambda i: steps.decode_for_captioner(images[i].as_py(), self.config), part))
             rows += steps.caption(self.config, self.engine, self.prompt, keys[part.start : part.stop], decoded, meter)
         stats = {"rows_in": len(keys), "seconds": time.perf_counter() - start, "engine": self.engine.name, **meter.stats("captioner"),
-                 **_work_stamp(started_at)}
+                 **_work_stamp(started_at, self.engine, busy_from)}
         self.commit(self.store, name, path, pa.Table.from_pylist(rows, schema=CAPTION_WORK_SCHEMA), None, stats)
 
 
@@ -144,7 +152,7 @@ class ShardRewriter(_ShardWorker):
         name = output_shard_name(path)
         if self.marker_here(self.store, name):
             return
-        start, started_at, fuse_meter, laclip_meter = time.perf_counter(), time.time(), Meter(), Meter()
+        start, started_at, busy_from, fuse_meter, laclip_meter = time.perf_counter(), time.time(), _busy_seconds(self.engine), Meter(), Meter()
         table = read_input_shard(path, self.config, self.options)
         rows_in, input_keys = table.num_rows, table.column("key").to_pylist()
         visual, errors, captioner_engine = self._image_checks(table, name)
@@ -176,7 +184,7 @@ class ShardRewriter(_ShardWorker):
             "quarantine_reasons": steps.count(reason for reason, _ in errors.values()),
             **fuse_meter.stats("fuser"),
             **laclip_meter.stats("laclip"),
-            **_work_stamp(started_at),
+            **_work_stamp(started_at, self.engine, busy_from),
         }
         if out.num_rows != expected:  # never lose a row silently
             raise RuntimeError(f"{name}: {rows_in} rows in, {out.num_rows} written ({self.config.layout} layout) + {quarantine.num_rows} quarantined")

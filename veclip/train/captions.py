@@ -9,6 +9,11 @@ worker count, the block order or the batch. A drawn caption that is present
 but unusable (empty or under ``min_words`` words) falls back to the AltText,
 then to any other usable slot of the mode. Rows with no usable slot of the
 mode are dropped before training and counted.
+
+With ``per_image`` K > 1 each sample brings K captions (multi-positive
+training, :mod:`veclip.train.loss`): K distinct usable slots of the mode,
+drawn without replacement in proportion to their weights from uniforms of
+``(seed, epoch, key, slot)``; a row with fewer usable slots repeats its own.
 """
 
 from __future__ import annotations
@@ -33,12 +38,19 @@ class CaptionConfig:
     weights: dict = field(default_factory=dict)  # weighted mode: {"alt_text": 1, "vecap": 2, "rewrites": 1}
     max_rewrites: int = 4  # LaCLIP rewrite slots read per row
     min_words: int = 2  # a caption with fewer words is unusable (falls back to AltText)
+    # Captions of each image in a step, all positives (MultiPositiveClipLoss); the text tower then
+    # encodes K texts per image. budget_neutral: batch_size / K images per step instead, so as many
+    # texts as single-caption training.
+    per_image: int = 1
+    budget_neutral: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"train: caption mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 <= self.p_vecap <= 1.0:
             raise ValueError("train: p_vecap must be within [0, 1]")
+        if self.per_image < 1:
+            raise ValueError(f"train: captions.per_image must be >= 1, got {self.per_image}")
         if self.mode == "weighted":
             unknown = set(self.weights) - {*COLUMN_SLOTS, REWRITES}
             if unknown or not self.weights or any(w < 0 for w in self.weights.values()):
@@ -112,6 +124,19 @@ def choose(key_hashes: np.ndarray, present: np.ndarray, usable: np.ndarray, weig
     first_usable = np.where(candidates.any(axis=1), candidates.argmax(axis=1), -1)
     fallback = np.where(alt_ok, ALT_TEXT_SLOT, first_usable)
     return np.where(ok, drawn, fallback)
+
+
+def choose_several(key_hashes: np.ndarray, usable: np.ndarray, weights: np.ndarray, seed: int, epoch: int, k: int) -> np.ndarray:
+    """K slot indices per row [rows, k] (``-1``: nothing usable): the row's usable slots of the mode
+    drawn without replacement, each in proportion to its weight (Efraimidis-Spirakis: the K largest
+    ``log(u) / w``, one uniform per (seed, epoch, key, slot)); fewer than K usable slots repeat in order."""
+    candidates = usable & (weights[None, :] > 0)
+    u = np.stack([uniforms(key_hashes ^ key_hash(f"caption-slot-{j}"), seed, epoch) for j in range(len(weights))], axis=1)
+    scores = np.where(candidates, np.log(np.maximum(u, 1e-300)) / np.where(weights > 0, weights, 1.0)[None, :], -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    count = candidates.sum(axis=1)
+    chosen = np.take_along_axis(order, np.arange(k)[None, :] % np.maximum(count, 1)[:, None], axis=1)
+    return np.where(count[:, None] > 0, chosen, -1)
 
 
 def trainable(usable: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -57,6 +57,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     compile: bool = False  # torch.compile the model
+    # Where JPEGs are decoded: "cpu" (the preprocess tasks) or "device" (the train worker's, batched:
+    # nvJPEG on a GPU). Device decoding frees the CPUs for corpora that are not pre-resized.
+    decode: str = "cpu"
     # Each worker shuffles its rows within windows of this many row groups (the
     # rows of a window are held in memory at once; see veclip/train/order.py).
     window_units: int = 8
@@ -71,6 +74,15 @@ class TrainConfig:
             raise ValueError("train: seed must be >= 0 and window_units >= 1")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"train: precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.decode not in ("cpu", "device"):
+            raise ValueError(f"train: decode must be cpu or device, got {self.decode!r}")
+
+    @property
+    def images_per_step(self) -> int:
+        """Per worker: ``batch_size``, or ``batch_size / per_image`` when the text budget is kept (budget_neutral)."""
+        if self.captions.budget_neutral:
+            return max(2, self.batch_size // self.captions.per_image)
+        return self.batch_size
 
     def validate_for_run(self) -> None:
         if not self.data or not self.output:

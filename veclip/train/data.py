@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 
 from veclip import schema
-from veclip.images import ImageError, ImageLimits, decode_image
+from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
 from veclip.dataset import Dataset, Shard, join_captions, open_dataset
 from veclip.storage import Location, StorageOptions, no_shards
-from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, choose, key_hash, row_seeds, trainable
+from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, choose, choose_several, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
 CAPTION_COLUMNS = (*COLUMN_SLOTS, REWRITES)  # what the caption slots are read from
@@ -68,6 +68,7 @@ class StreamSpec:
     window_units: int
     preprocess_cpus: float
     prefetch_batches: int
+    decode: str = "cpu"  # or "device": JPEGs decode on the train worker's device
 
 
 def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, workers: int, add_captions: tuple[str, ...] = (),
@@ -165,7 +166,12 @@ def _resized_crop(crop, image, draw: random.Random):
     generator: ~5 us instead of ~130 us of single-element torch ops per image (a third of a 64 px decode)."""
     from torchvision.transforms import functional
 
-    width, height = image.size
+    top, left, h, w = _crop_box(crop, *image.size, draw)
+    return functional.resized_crop(image, top, left, h, w, crop.size, crop.interpolation, antialias=crop.antialias)
+
+
+def _crop_box(crop, width: int, height: int, draw: random.Random) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's (top, left, height, width) for an image of this size."""
     area, log_ratio = width * height, (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
     for _ in range(10):
         target = area * draw.uniform(*crop.scale)
@@ -179,15 +185,54 @@ def _resized_crop(crop, image, draw: random.Random):
         w, h = (width, round(width / min(crop.ratio))) if ratio < min(crop.ratio) else (
             (round(height * max(crop.ratio)), height) if ratio > max(crop.ratio) else (width, height))
         top, left = (height - h) // 2, (width - w) // 2
-    return functional.resized_crop(image, top, left, h, w, crop.size, crop.interpolation, antialias=crop.antialias)
+    return top, left, h, w
 
 
-def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int) -> dict:
-    """Decoded, augmented images and each row's chosen caption, tokenized; unusable rows flagged in ``skip``."""
+def _device_crop(augment: list):
+    """The one transform a device-decoded image still needs (RandomResizedCrop; the rest must be
+    open_clip's RGB conversion, which decoding to RGB does), or a clear error."""
+    from torchvision.transforms import RandomResizedCrop
+
+    crops = [t for t in augment if isinstance(t, RandomResizedCrop)]
+    rgb = lambda t: type(t).__name__ == "MaybeConvertMode" and t.mode == "RGB" or "convert_to_rgb" in getattr(t, "__name__", "")
+    others = [t for t in augment if not isinstance(t, RandomResizedCrop) and not rgb(t)]
+    if len(crops) != 1 or others:
+        raise ValueError(f"train: decode=device supports open_clip's default train transform (a random resized crop); "
+                         f"this model's has {augment}. Use decode=cpu.")
+    return crops[0]
+
+
+def device_crop_for(model_name: str):
+    """The crop a worker applies to the images it decodes (``decode="device"``)."""
+    return _device_crop(_augment_and_tokenizer(model_name)[0])
+
+
+def decode_on_device(images, jpegs: np.ndarray, boxes: np.ndarray, rows: np.ndarray, crop) -> None:
+    """Decode the JPEGs of ``rows`` on ``images``' device in one batched call (nvJPEG on a GPU) and
+    write their crops, resized like the CPU path, into ``images`` (uint8, N x 3 x H x W) in place."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional
+
+    if not len(rows):
+        return
+    data = [torch.frombuffer(bytearray(jpegs[i]), dtype=torch.uint8) for i in rows]
+    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=images.device)
+    for i, image in zip(rows, decoded):
+        top, left, h, w = (int(v) for v in boxes[i])
+        images[i] = functional.resized_crop(image, top, left, h, w, list(crop.size), crop.interpolation, antialias=True)
+
+
+def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int,
+               decode: str = "cpu") -> dict:
+    """Decoded, augmented images and each row's chosen caption, tokenized; unusable rows flagged in ``skip``.
+    With ``decode="device"`` a JPEG is only proven decodable here and travels as its bytes with its crop
+    box (``jpeg``, ``box``, ``on_device``), for :func:`decode_on_device` on the worker; other formats decode here."""
     import torch
     from torchvision.transforms import RandomResizedCrop
 
     augment, (height, width), tokenizer = _augment_and_tokenizer(model_name)
+    device_crop = _device_crop(augment) if decode == "device" else None
     n = batch.num_rows
     epochs = batch.column("_epoch").to_numpy()
     slots = captions.slot_texts(lambda name: batch.column(name).to_pylist() if name in batch.column_names else [None] * n)
@@ -198,16 +243,28 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
     skip = np.where(trainable(usable, weights), 0, SKIP_REASONS.index("no_usable_caption")).astype(np.int8)
     keys = batch.column(schema.KEY).to_pylist()
     hashes = np.array([key_hash(k) for k in keys], dtype=np.int64)
-    chosen, seeds = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    k = captions.per_image
+    chosen, seeds = np.zeros((n, k), np.int64), np.zeros(n, np.int64)
     for epoch in np.unique(epochs):  # one, unless Ray Data joined two windows' chunks
         rows = epochs == epoch
-        chosen[rows] = choose(hashes[rows], present[rows], usable[rows], weights, seed, int(epoch))
+        if k == 1:
+            chosen[rows, 0] = choose(hashes[rows], present[rows], usable[rows], weights, seed, int(epoch))
+        else:
+            chosen[rows] = choose_several(hashes[rows], usable[rows], weights, seed, int(epoch), k)
         seeds[rows] = row_seeds(hashes[rows], seed, int(epoch))
     images = np.zeros((n, 3, height, width), dtype=np.uint8)
+    jpegs, boxes, on_device = np.full(n, b"", dtype=object), np.zeros((n, 4), np.int32), np.zeros(n, np.int8)
     image_column = batch.column(schema.IMAGE)
     for i in np.flatnonzero(skip == 0):
+        data = image_column[i].as_py()
         try:
-            image = decode_image(image_column[i].as_py(), limits)
+            image = open_image(data, limits)
+            if device_crop is not None and image.format == "JPEG":
+                boxes[i] = _crop_box(device_crop, *image.size, random.Random(int(seeds[i])))  # the full size, before draft
+                check_jpeg(image)
+                jpegs[i], on_device[i] = data, 1
+                continue
+            image = decode_loaded(image)
         except ImageError:
             skip[i] = SKIP_REASONS.index("image_unusable")
             continue
@@ -218,12 +275,16 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
         for transform in augment:
             image = _resized_crop(transform, image, draw) if isinstance(transform, RandomResizedCrop) else transform(image)
         images[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    tokens = np.zeros((n, tokenizer.context_length), dtype=np.int32)
+    tokens = np.zeros((n, k, tokenizer.context_length), dtype=np.int32)
     rows = np.flatnonzero(skip == 0)
-    if len(rows):  # only the caption each row trains on this epoch
-        tokens[rows] = tokenizer([slots[chosen[i]][i] for i in rows]).numpy()
+    if len(rows):  # only the captions each row trains on this epoch
+        texts = tokenizer([slots[slot][i] for i in rows for slot in chosen[i]]).numpy()
+        tokens[rows] = texts.reshape(len(rows), k, -1)
+    if k == 1:
+        tokens, chosen = tokens[:, 0], chosen[:, 0]
     positions = {name: batch.column(name).to_numpy() for name in ("_epoch", "_window", "_offset")}
-    return {"image": images, "tokens": tokens, "slot": chosen.astype(np.int8), "key_hash": hashes, "skip": skip, **positions}
+    device = {"jpeg": jpegs, "box": boxes, "on_device": on_device} if device_crop is not None else {}
+    return {"image": images, "tokens": tokens, "slot": chosen.astype(np.int8), "key_hash": hashes, "skip": skip, **positions, **device}
 
 
 def epochs_to_read(plan: DataPlan, spec: StreamSpec, batch_size: int, steps_left: int, world: int) -> int:
@@ -258,7 +319,7 @@ def worker_stream(plan: DataPlan, spec: StreamSpec, position: Position, rank: in
         fn_kwargs=dict(plan=plan, start=position, rank=rank, world=world, seed=spec.seed, window_units=spec.window_units),
     ).map_batches(
         preprocess, batch_size=None, batch_format="pyarrow", num_cpus=spec.preprocess_cpus,
-        fn_kwargs=dict(model_name=spec.model, captions=spec.captions, limits=spec.limits, seed=spec.seed),
+        fn_kwargs=dict(model_name=spec.model, captions=spec.captions, limits=spec.limits, seed=spec.seed, decode=spec.decode),
     )
 
 
@@ -305,7 +366,8 @@ def _one_epoch_each(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[st
 
 
 def _assemble(parts: list[tuple[dict, np.ndarray, int, int]], epoch: int) -> Batch:
-    rows = {name: np.concatenate([block[name][take] for block, take, _, _ in parts]) for name in ("image", "tokens", "slot", "key_hash")}
+    names = ("image", "tokens", "slot", "key_hash", *(("jpeg", "box", "on_device") if "jpeg" in parts[0][0] else ()))
+    rows = {name: np.concatenate([block[name][take] for block, take, _, _ in parts]) for name in names}
     codes = np.concatenate([block["skip"][start:end] for block, _, start, end in parts])
     skipped = {reason: int((codes == i).sum()) for i, reason in enumerate(SKIP_REASONS) if i and (codes == i).any()}
     block, take, _, _ = parts[-1]

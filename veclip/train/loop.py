@@ -33,13 +33,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from veclip.metrics import publish_step
 from veclip.train import checkpoint as ckpt
 from veclip.train.checkpoint import Progress, WorkerProgress
 from veclip.train.config import TrainConfig
-from veclip.train.data import Batch, DataPlan, StreamSpec, epochs_to_read, exact_batches, worker_stream
+from veclip.train.data import (Batch, DataPlan, StreamSpec, decode_on_device, device_crop_for, epochs_to_read, exact_batches,
+                               worker_stream)
 from veclip.train.order import Position
 
 
@@ -122,6 +124,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     from open_clip.loss import ClipLoss
 
+    from veclip.train.loss import MultiPositiveClipLoss
     from veclip.train.model import adamw, cosine_with_warmup, create_model, peak_flops, train_flops_per_sample
 
     config: TrainConfig = loop_config["config"]
@@ -137,7 +140,7 @@ def train_loop(loop_config: dict) -> None:
     model = create_model(config.model, config.pretrained)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    flops = train_flops_per_sample(model, model.visual.image_size[0], model.context_length)
+    flops = train_flops_per_sample(model, model.visual.image_size[0], model.context_length, config.captions.per_image)
     mean = torch.tensor(model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     optimizer = adamw(model, config.optim, device)
@@ -171,17 +174,21 @@ def train_loop(loop_config: dict) -> None:
     mean, std = mean.to(device), std.to(device)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
+    gathered = dict(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
+    k = config.captions.per_image
+    loss_fn = MultiPositiveClipLoss(k, **gathered) if k > 1 else ClipLoss(**gathered)
+    per_step = config.images_per_step
     peak = peak_flops(device)
     spec = StreamSpec(config.model, config.captions, config.image_limits, config.seed, config.window_units,
-                      config.scale.preprocess_cpus, config.prefetch_batches)
+                      config.scale.preprocess_cpus, config.prefetch_batches, config.decode)
+    device_crop = device_crop_for(config.model) if config.decode == "device" else None
 
     while progress.step < config.steps:
         start = me.position
-        epochs = epochs_to_read(plan, spec, config.batch_size, config.steps - progress.step, world)
+        epochs = epochs_to_read(plan, spec, per_step, config.steps - progress.step, world)
         stream = worker_stream(plan, spec, start, rank, world, epochs)
         blocks = stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.prefetch_batches) if stream else iter(())
-        batches = exact_batches(blocks, config.batch_size)
+        batches = exact_batches(blocks, per_step)
         stream_steps = 0
         wait_start, report_seconds = time.perf_counter(), 0.0
         while progress.step < config.steps:
@@ -192,8 +199,12 @@ def train_loop(loop_config: dict) -> None:
             step, epoch = progress.step, batch.epoch
             hooks.before_step(step, rank, world, resumed_from is not None)
             rows = batch.rows
-            texts = torch.from_numpy(rows["tokens"]).long().to(device)  # each row's caption for this epoch, chosen in the stream
-            images = (torch.from_numpy(rows["image"]).to(device).float() / 255.0 - mean) / std
+            # each row's caption(s) for this epoch, chosen in the stream; K per image: image-major, as the loss expects
+            texts = torch.from_numpy(rows["tokens"]).long().to(device).flatten(0, -2)
+            images = torch.from_numpy(rows["image"]).to(device)
+            if device_crop is not None:  # the JPEGs the stream left encoded (decode=device)
+                decode_on_device(images, rows["jpeg"], rows["box"], np.flatnonzero(rows["on_device"]), device_crop)
+            images = (images.float() / 255.0 - mean) / std
             with autocast():
                 image_features, text_features, logit_scale = model(images, texts)[:3]
                 loss = loss_fn(image_features, text_features, logit_scale)
@@ -208,14 +219,14 @@ def train_loop(loop_config: dict) -> None:
             end = time.perf_counter()
 
             stream_steps += 1
-            progress.step, progress.samples_seen = step + 1, progress.samples_seen + config.batch_size * world
+            progress.step, progress.samples_seen = step + 1, progress.samples_seen + per_step * world
             me.position = batch.position
             for reason, n in batch.skipped.items():
                 me.skipped[reason] = me.skipped.get(reason, 0) + n
             hooks.after_step(progress.step, epoch, rank, rows["key_hash"])
             # wall time of this step since the previous one ended: data wait, reporting, compute
             step_seconds, wait_seconds = end - step_start, step_start - wait_start - report_seconds
-            per_worker = config.batch_size / (end - wait_start)
+            per_worker = per_step / (end - wait_start)
             metrics = {
                 "step": progress.step,
                 "epoch": epoch,
@@ -234,7 +245,7 @@ def train_loop(loop_config: dict) -> None:
                 "time": time.time(),  # the step's end, wall clock: throughput over any span of steps
             }
             history.append(metrics)
-            publish_step(config.name, rank, metrics, config.batch_size)
+            publish_step(config.name, rank, metrics, per_step)
             if rank == 0 and board is not None:
                 board.post.remote(metrics)
             last = progress.step >= config.steps
@@ -256,7 +267,7 @@ def train_loop(loop_config: dict) -> None:
         if stream_steps == 0 and start == Position(start.epoch):
             raise RuntimeError(
                 f"train: epoch {start.epoch} gave the workers no full batch: the data has fewer usable rows than "
-                f"batch_size x workers ({config.batch_size} x {world}); lower --set batch_size or add data"
+                f"batch_size x workers ({per_step} x {world}); lower --set batch_size or add data"
             )
         me.position = Position(start.epoch + epochs)  # the stream's epochs are all read
 

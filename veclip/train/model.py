@@ -55,13 +55,13 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_flops_per_sample(model: torch.nn.Module, image_size: int, context_length: int) -> float:
-    """Forward + backward FLOPs of one image-text pair, counted by torch on a batch of 2."""
+def train_flops_per_sample(model: torch.nn.Module, image_size: int, context_length: int, texts_per_image: int = 1) -> float:
+    """Forward + backward FLOPs of one image and its texts, counted by torch on a batch of 2."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     images = torch.zeros(2, 3, image_size, image_size, device=device)
-    texts = torch.zeros(2, context_length, dtype=torch.long, device=device)
+    texts = torch.zeros(2 * texts_per_image, context_length, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter:
         image_features, text_features, scale = model(images, texts)[:3]
         (image_features.sum() + text_features.sum() + scale).backward()

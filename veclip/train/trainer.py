@@ -34,11 +34,13 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     output = Location(config.output, options)
     scale = config.scale
     write_json(output.fs, output.join(config.name, RUN_FILE), {  # for `veclip status` while it runs
-        "steps": config.steps, "batch_size": config.batch_size, "num_workers": scale.num_workers, "model": config.model,
+        "steps": config.steps, "batch_size": config.images_per_step, "num_workers": scale.num_workers, "model": config.model,
         "data": config.data, "caption_mode": config.captions.mode, "started_at": time.time()})
-    log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.batch_size}/worker, "
+    k = config.captions.per_image
+    several = f" x {k} captions each (multi-positive)" if k > 1 else ""
+    log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.images_per_step} images/worker{several}, "
         f"captions {config.captions.mode}; {len(plan.units)} row groups in {plan.shards} shards")
-    with LiveProgress(config.steps, config.batch_size * scale.num_workers, log) as board:
+    with LiveProgress(config.steps, config.images_per_step * scale.num_workers, log) as board:
         result = _trainer(config, plan, output, hooks, board).fit()
     if result.error:
         raise result.error
