@@ -124,3 +124,11 @@ def test_presets_and_overrides(tmp_path):
     assert loaded.num_rewrites == 2 and loaded.laclip.engine.model == "/models/llama" and loaded.columns.image == "jpg"
     with pytest.raises(ValueError, match="--input and --output"):
         RewriteConfig().validate_for_run()
+
+
+def test_engine_feeder_matches_vllm_request_ids_or_fails_loudly():
+    from veclip.rewrite.engine import _external_id
+
+    assert _external_id("17-9f8a5b05") == _external_id("17") == "17"  # what enqueue answers / what outputs carry
+    with pytest.raises(RuntimeError, match="feeder needs updating"):
+        _external_id("chatcmpl-17")

@@ -166,12 +166,11 @@ class VLLMEngine:
                     except Exception as err:  # a request vLLM refuses: its caller's error, not the engine's
                         submission.fail(err)
                         continue
-                    # enqueue() answers "<n>-<suffix>"; finished outputs carry "<n>"
-                    waiting.update({rid.split("-", 1)[0]: (submission, i) for i, rid in zip(submission.runnable, ids)})
+                    waiting.update({_external_id(rid): (submission, i) for i, rid in zip(submission.runnable, ids)})
                 if not engine.has_unfinished_requests():
                     continue
                 for output in engine.step():
-                    entry = waiting.pop(output.request_id, None) if output.finished else None
+                    entry = waiting.pop(_external_id(output.request_id), None) if output.finished else None
                     if entry is not None:  # (None: a request of a submission that failed while being queued)
                         entry[0].done(entry[1], _completion(output))
             except Exception as err:  # the engine is gone (EngineDeadError): every caller, now and later, hears it
@@ -210,6 +209,15 @@ class VLLMEngine:
         *head, last = request.messages
         parts = [{"type": "image_pil", "image_pil": request.image}, {"type": "text", "text": last["content"]}]
         return [*head, {**last, "content": parts}]
+
+
+def _external_id(request_id: str) -> str:
+    """vLLM 0.32's ``enqueue`` answers internal ids ``"<n>-<suffix>"`` while finished outputs carry
+    ``"<n>"``: key both by ``<n>``. Refuse any other format loudly rather than wait for an output forever."""
+    counter = request_id.split("-", 1)[0]
+    if not counter.isdigit():
+        raise RuntimeError(f"vLLM request id {request_id!r} is not '<n>' or '<n>-<suffix>': the engine feeder needs updating")
+    return counter
 
 
 def _completion(output) -> Completion:

@@ -39,10 +39,9 @@ class CaptionConfig:
     max_rewrites: int = 4  # LaCLIP rewrite slots read per row
     min_words: int = 2  # a caption with fewer words is unusable (falls back to AltText)
     # Captions of each image in a step, all positives (MultiPositiveClipLoss); the text tower then
-    # encodes K texts per image. budget_neutral: batch_size / K images per step instead, so as many
-    # texts as single-caption training.
+    # encodes K texts per image.
     per_image: int = 1
-    budget_neutral: bool = False
+    budget_neutral: bool = False  # with per_image K: batch_size / K images per step, as many texts as single-caption
 
     def __post_init__(self):
         if self.mode not in MODES:
