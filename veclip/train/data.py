@@ -11,7 +11,9 @@ of (seed, epoch, key), :mod:`veclip.train.captions`) and tokenize only that
 one, decode each image (safely) and apply open_clip's train augmentation for
 the model with a seed that is a pure function of (seed, epoch, key). Images
 travel as uint8 (4x smaller than float) and are normalised on the worker's
-device. ``preserve_order`` keeps the rows in that order, so
+device; with ``decode="device"`` a JPEG travels as its bytes and crop box and
+the worker decodes it (:func:`decode_on_device`). With ``per_image`` K > 1 a
+row carries K captions' tokens. ``preserve_order`` keeps the rows in that order, so
 :func:`exact_batches` cuts the same batches every time, never across an epoch.
 
 Rows with an unusable image or no usable caption are not dropped in the tasks
