@@ -33,12 +33,9 @@ def bare(engine, multimodal: bool, calls) -> tuple[float, list]:
     """Seconds of each ``(method, inputs, params)`` call on one fresh ``vllm.LLM`` (start-up excluded), and the outputs."""
     import gc
 
-    import vllm
+    from veclip.rewrite.engine import start_llm
 
-    from veclip.rewrite.engine import llm_kwargs
-
-    os.environ.update({k: str(v) for k, v in engine.env.items()})  # as VLLMEngine does
-    llm = vllm.LLM(**llm_kwargs(engine, multimodal))
+    llm = start_llm(engine, multimodal)
     seconds, outputs = [], []
     for method, inputs, params in calls:
         start = time.perf_counter()
@@ -73,12 +70,9 @@ def bare_laclip(config, jobs: list[tuple[str, int]]) -> tuple[float, int]:
 
 def _engine_process(engine, multimodal: bool, method: str, inputs: list, sampling, seeds: list[int], barrier, seconds) -> None:
     """One bare engine in its own process: start it, wait for the others, time the call."""
-    import vllm
+    from veclip.rewrite.engine import start_llm
 
-    from veclip.rewrite.engine import llm_kwargs
-
-    os.environ.update({k: str(v) for k, v in engine.env.items()})
-    llm = vllm.LLM(**llm_kwargs(engine, multimodal))
+    llm = start_llm(engine, multimodal)
     params = params_for(sampling, seeds)
     barrier.wait()
     start = time.perf_counter()

@@ -3,8 +3,9 @@
 Prompts, cleaning and parsing live elsewhere and do not care which engine
 runs. :class:`VLLMEngine` may be called from several threads at once (the
 shards an actor works on): a feeder thread adds every call's requests to the
-one running engine, so vLLM's continuous batching spans shards. vLLM is imported only when an engine is built, so this module imports
-in the driver's environment too.
+one running engine, so vLLM's continuous batching spans shards. vLLM is
+imported only when an engine is built, so this module imports in the
+driver's environment too.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ def _watch_engine_processes(processes: list, every_seconds: float = 2.0) -> None
     threading.Thread(target=watch, name="veclip-engine-watchdog", daemon=True).start()
 
 
-def llm_kwargs(config: EngineConfig, multimodal: bool = False) -> dict:
-    """``vllm.LLM``'s arguments for an engine config (the benchmarks build bare engines from them too)."""
+def start_llm(config: EngineConfig, multimodal: bool = False):
+    """A ``vllm.LLM`` for an engine config, its environment set first (the benchmarks' bare engines too)."""
+    os.environ.update({k: str(v) for k, v in config.env.items()})  # before vLLM reads them
+    import vllm
+
     kwargs = dict(
         model=config.model,
         tensor_parallel_size=config.tensor_parallel_size,
@@ -103,7 +107,7 @@ def llm_kwargs(config: EngineConfig, multimodal: bool = False) -> dict:
         kwargs["limit_mm_per_prompt"] = {"image": config.limit_mm_per_prompt}
         if config.mm_processor_kwargs:
             kwargs["mm_processor_kwargs"] = dict(config.mm_processor_kwargs)
-    return kwargs
+    return vllm.LLM(**kwargs)
 
 
 def sampling_params(sampling: SamplingConfig, seed: int | None):
@@ -117,11 +121,10 @@ class VLLMEngine:
     """``vllm.LLM`` in-process: chat templates, image inputs, per-request seeds."""
 
     def __init__(self, config: EngineConfig, multimodal: bool = False):
-        os.environ.update({k: str(v) for k, v in config.env.items()})  # before vLLM reads them
         import vllm
 
         before = _descendants()
-        self.llm = vllm.LLM(**llm_kwargs(config, multimodal))
+        self.llm = start_llm(config, multimodal)
         _watch_engine_processes([p for p in _descendants() if p.pid not in before])
         self.seeded = config.seeded_requests
         self.max_model_len = config.max_model_len
@@ -234,8 +237,6 @@ class _Submission:
         self.left = len(requests)
         self.error: BaseException | None = None
         self.finished = threading.Event()
-        if not requests:
-            self.finished.set()
 
     def done(self, index: int, completion: Completion) -> None:
         self.completions[index] = completion
