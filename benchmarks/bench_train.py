@@ -52,17 +52,24 @@ def enrich(table: pa.Table) -> pa.Table:
             .append_column("vlm_caption", pa.array(described)).append_column("rewrites", pa.array(shuffled)))
 
 
-def bench_ingest(folder: Path, model: str) -> tuple[float, float, int]:
+def enriched_table(folder: Path) -> pa.Table:
+    """The folder's shards, enriched, with the stream's position columns (epoch 0)."""
     import numpy as np
+
+    table = enrich(pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]))
+    for name in ("_epoch", "_window", "_offset"):
+        table = table.append_column(name, pa.array(np.zeros(table.num_rows, np.int64)))
+    return table
+
+
+def bench_ingest(folder: Path, model: str) -> tuple[float, float, int]:
     from torchvision import transforms
 
     from veclip.images import ImageLimits
     from veclip.train.captions import CaptionConfig
     from veclip.train.data import _augment_and_tokenizer, preprocess
 
-    table = enrich(pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]))
-    for name in ("_epoch", "_window", "_offset"):
-        table = table.append_column(name, pa.array(np.zeros(table.num_rows, np.int64)))
+    table = enriched_table(folder)
     _augment_and_tokenizer(model)  # build once, outside the timing
     size = 224 if model != "veclip-tiny" else 64
     bare = transforms.Compose([
@@ -90,9 +97,7 @@ def bench_device_decode(folder: Path, model: str) -> tuple[float, float]:
     from veclip.train.captions import CaptionConfig
     from veclip.train.data import decode_on_device, device_crop_for, preprocess
 
-    table = enrich(pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]))
-    for name in ("_epoch", "_window", "_offset"):
-        table = table.append_column(name, pa.array(np.zeros(table.num_rows, np.int64)))
+    table = enriched_table(folder)
     crop = device_crop_for(model)
     task_seconds = worker_seconds = 0.0
     for offset in range(0, table.num_rows, 256):
