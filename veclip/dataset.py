@@ -21,6 +21,7 @@ from veclip import schema
 from veclip.storage import Location, StorageOptions, caption_tables, finished_shard_entries, no_shards
 
 GENERATED = (schema.VLM_CAPTION, schema.VECAP, schema.REWRITES)  # the caption columns a rewrite writes
+SCORES = (schema.CLIP_SCORES, schema.provenance_column(schema.CLIP_SCORES))  # the columns a score output adds
 
 
 class CaptionMismatch(ValueError):
@@ -60,8 +61,9 @@ class CaptionSource:
             raise ValueError(f"{self.url} has no column(s) {missing}; it has {sorted(set(names) & set(GENERATED))}")
         provenance = {schema.provenance_column(s): schema.provenance_column(t) for s, t in picked.items()
                       if schema.provenance_column(s) in names}
-        flags = {schema.REWRITE_FLAGS: schema.REWRITE_FLAGS} if schema.REWRITE_FLAGS in names else {}
-        return replace(self, columns={**picked, **provenance, **flags})
+        # flags, and a score output's scores (veclip score), ride along under their own names
+        extra = {c: c for c in (schema.REWRITE_FLAGS, *SCORES) if c in names}
+        return replace(self, columns={**picked, **provenance, **extra})
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def open_dataset(url: str, options: StorageOptions | None = None, add_captions: 
         if images.fs._strip_protocol(extra_tables.inputs_url) != images.fs._strip_protocol(images_url):
             raise ValueError(f"{wanted.url} holds captions of {extra_tables.inputs_url}, not of {images_url}")
         source = wanted.resolve(_column_names(extra, extra_entries[0]["name"]))
-        clash = sorted(t for t in source.columns.values() if t in taken and t in GENERATED)
+        clash = sorted(t for t in source.columns.values() if t in taken and t in (*GENERATED, *SCORES))
         if clash:
             raise ValueError(f"{wanted.url} would fill {clash}, which another source already fills; pick or rename "
                              f"columns with URL#COLUMNS, e.g. --input A#vecap --add-captions B#vecap=vlm_caption")

@@ -8,6 +8,10 @@ Three tables, one place:
 * **enriched** — the rewrite stage's output: the input columns plus
   ``vlm_caption``, ``vecap`` and ``rewrites``, each with a provenance struct
   (model, prompt version, engine) so mixed runs stay traceable.
+* **clip scores** — the caption gate's output (``veclip score``): per row the
+  image–text cosine of each caption slot, with its provenance, and a
+  ``<slot>:low_clip_score`` flag on the slots under the gate, which training
+  treats as unusable.
 * **quarantine** — rows a stage refused: ``key``, ``stage``, ``reason`` (a short
   code), ``detail`` (a human sentence) and the original row's columns.
 
@@ -34,6 +38,8 @@ VECAP = "vecap"
 REWRITES = "rewrites"
 CLASSES_FILE = "_classes.json"  # beside an eval set: its class names per label column
 REWRITE_FLAGS = "rewrite_flags"  # why a generated column is null or shorter, e.g. "vecap:entities_lost"
+CLIP_SCORES = "clip_scores"  # the caption gate's image-text cosine per caption slot (veclip score)
+LOW_CLIP_SCORE = "low_clip_score"  # the gate's flag reason: "<slot>:low_clip_score" makes the slot unusable in training
 
 # Where a generated caption came from; one struct column per generated column.
 PROVENANCE = pa.struct(
@@ -72,6 +78,21 @@ GENERATED_FIELDS = (
     pa.field(REWRITE_FLAGS, pa.list_(pa.string())),
 )
 ENRICHED_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS + GENERATED_FIELDS)
+
+# A score table: one row per input row, in order (a caption table: joined by key like the rewrite's).
+# Slots as training names them: alt_text, vecap, vlm_caption, and one score per rewrite, in order.
+SCORE_SLOTS = (ALT_TEXT, VECAP, VLM_CAPTION)
+SCORE_FIELDS = (
+    pa.field(KEY, pa.string()),
+    pa.field(CLIP_SCORES, pa.struct([pa.field(s, pa.float32()) for s in SCORE_SLOTS] + [pa.field(REWRITES, pa.list_(pa.float32()))])),
+    pa.field(provenance_column(CLIP_SCORES), pa.struct([
+        pa.field("model", pa.string()),  # as given: an exported folder, a run or checkpoint, an open_clip name
+        pa.field("weights", pa.string()),  # which weights exactly: a checkpoint folder, a weights file's digest, a tag
+        pa.field("gate", pa.string()),  # the rule that flagged, e.g. "cosine < 0.2 or under the shard's 10th percentile"
+    ])),
+    pa.field(REWRITE_FLAGS, pa.list_(pa.string())),
+)
+SCORE_SCHEMA = pa.schema(SCORE_FIELDS)
 
 QUARANTINE_FIELDS = (
     pa.field(KEY, pa.string()),

@@ -214,6 +214,28 @@ def _train_run(config, options, args) -> int:
     return 0
 
 
+def _score_flags(p):
+    p.add_argument("--input", metavar="URL", required=True,
+                   help="shards with captions, or a caption output (joined to its images by key): what training reads")
+    p.add_argument("--add-captions", action="append", metavar="URL[#COLUMNS]", help="another caption output of the same input (repeatable)")
+    p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for the score tables")
+    p.add_argument("--model", required=True, help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
+    p.add_argument("--threshold", type=float, help="flag captions whose cosine with their image is under this")
+    p.add_argument("--percentile", type=float, help="flag captions under this percentile of their column's scores in their shard, e.g. 10")
+    _columns_flag(p)
+    p.add_argument("--take-over-lease", action="store_true",
+                   help="take the output from another run's lease (only when that run is surely gone)")
+
+
+def _score_run(config, options, args) -> int:
+    from veclip.score.pipeline import render_summary, run_score
+
+    summary = run_score(config, options, take_over_lease=args.take_over_lease)
+    print(render_summary(summary))
+    return 1 if summary["failed"] else 0
+
+
 def _export_flags(p):
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
     p.add_argument("--output", "--out", dest="out", metavar="DIR", required=True, help="local output folder")
@@ -325,6 +347,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("train", "train CLIP with Ray Train on (enriched) shards", _train_flags, _train_fields, _lazy("veclip.train.config:preset"), _train_run,
           presets="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers", submittable=True,
           set_example="steps=2000, captions.p_vecap=0.3, scale.num_workers=4"),
+    Stage("score", "the caption gate: score every caption against its image with a CLIP model and flag the low ones",
+          _score_flags, _fields("input", "add_captions", "output", "model", "pretrained", "threshold", "percentile", "columns"),
+          _lazy("veclip.score.config:preset"), _score_run, presets="default: GPU actors (up to 8); cpu: one CPU actor",
+          submittable=True, set_example="pool.max_actors=16 or caption_columns=[\"vecap\"]"),
     Stage("export", "write a checkpoint as a folder stock open_clip loads", _export_flags,
           _fields("checkpoint", "out"), _only_default("veclip.train.export:ExportConfig"), _export_run),
     Stage("eval", "zero-shot classification and image<->text retrieval on a Parquet eval set", _eval_flags,

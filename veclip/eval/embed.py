@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from veclip import schema
-from veclip.images import ImageError, decode_image
+from veclip.images import ImageError, ImageLimits, decode_image
 
 
 @dataclass(frozen=True)
@@ -29,22 +29,35 @@ class EmbedSpec:
     batch_size: int = 256
 
 
-def embed_images(model, preprocess, images: list[bytes], batch_size: int) -> tuple[np.ndarray, list[str | None]]:
-    """Embeddings of the images that decode, and each image's decode error (None when it decoded)."""
+def embed_images(model, preprocess, images: list[bytes], batch_size: int, limits: ImageLimits = ImageLimits(),
+                 device=None) -> tuple[np.ndarray, list[str | None]]:
+    """Embeddings of the images that decode (on ``device``, default the CPU), and each image's decode error
+    (None when it decoded)."""
     import torch
 
     tensors, errors = [], []
     for data in images:
         try:
-            tensors.append(preprocess(decode_image(data)))
+            tensors.append(preprocess(decode_image(data, limits)))
             errors.append(None)
         except ImageError as e:
             errors.append(e.reason)
     out = []
     with torch.no_grad():
         for i in range(0, len(tensors), batch_size):
-            out.append(model.encode_image(torch.stack(tensors[i : i + batch_size])).float().numpy())
+            out.append(model.encode_image(torch.stack(tensors[i : i + batch_size]).to(device)).float().cpu().numpy())
     return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), errors
+
+
+def encode_texts(model, tokenizer, texts: list[str], batch_size: int, device=None) -> np.ndarray:
+    """Text embeddings, ``batch_size`` texts per forward pass (on ``device``, default the CPU)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            out.append(model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
 def _embedded_table(table: pa.Table, embeddings: np.ndarray, errors: list[str | None], carry) -> pa.Table:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.eval.embed import EmbedSpec, embed_local, embed_ray
+from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
 from veclip.eval.model import load_model
 from veclip.config import load_named_json
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
@@ -54,16 +54,6 @@ class EvalConfig:
 
 def load_templates(name_or_path: str) -> list[str]:
     return load_named_json(name_or_path, "veclip.eval", "zeroshot", "template set")["templates"]
-
-
-def _encode_texts(model, tokenizer, texts: list[str], batch: int) -> np.ndarray:
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            out.append(model.encode_text(tokenizer(texts[i : i + batch])).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1))
 
 
 def _class_names(config: EvalConfig, location: Location, column: str) -> list[str]:
@@ -121,7 +111,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
             continue
         classnames[column] = _class_names(config, location, column)
         prompts = [t.format(c) for c in classnames[column] for t in templates]
-        per_class = _encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames[column]), len(templates), -1)
+        per_class = encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames[column]), len(templates), -1)
         index = {name: i for i, name in enumerate(classnames[column])}
         unknown = sorted({kept[i][column] for i in rows} - set(index))
         if unknown:
@@ -137,7 +127,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         for caption in captions if isinstance(captions, list) else [captions]:
             texts.append(caption)
             text_image.append(i)
-    rt = retrieval(image_embeddings, _encode_texts(model, tokenizer, texts, config.batch_size), np.array(text_image))
+    rt = retrieval(image_embeddings, encode_texts(model, tokenizer, texts, config.batch_size), np.array(text_image))
 
     results = {
         "model": config.model,

@@ -7,8 +7,9 @@ weight; per sample and epoch one slot is drawn among the row's present slots,
 from a uniform number that depends only on ``(seed, epoch, key)`` — not on the
 worker count, the block order or the batch. A drawn caption that is present
 but unusable (empty or under ``min_words`` words) falls back to the AltText,
-then to any other usable slot of the mode. Rows with no usable slot of the
-mode are dropped before training and counted.
+then to any other usable slot of the mode. A slot the caption gate flagged
+(``veclip score``: its image–text score is too low) is unusable too. Rows with
+no usable slot of the mode are dropped before training and counted.
 
 With ``per_image`` K > 1 each sample brings K captions (multi-positive
 training, :mod:`veclip.train.loss`): K distinct usable slots of the mode,
@@ -136,6 +137,18 @@ def choose_several(key_hashes: np.ndarray, usable: np.ndarray, weights: np.ndarr
     count = candidates.sum(axis=1)
     chosen = np.take_along_axis(order, np.arange(k)[None, :] % np.maximum(count, 1)[:, None], axis=1)
     return np.where(count[:, None] > 0, chosen, -1)
+
+
+def gated(flags: list[list[str] | None], slots: list[str]) -> np.ndarray:
+    """bool [rows, slots]: the slots the caption gate flagged (``<slot>:low_clip_score``, written by
+    ``veclip score``); training treats them as unusable, so a drawn one falls back as above."""
+    index = {f"{slot}:{schema.LOW_CLIP_SCORE}": j for j, slot in enumerate(slots)}
+    out = np.zeros((len(flags), len(slots)), dtype=bool)
+    for i, row in enumerate(flags):
+        for flag in row or ():
+            if flag in index:
+                out[i, index[flag]] = True
+    return out
 
 
 def trainable(usable: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -37,10 +37,11 @@ from veclip import schema
 from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
 from veclip.dataset import Dataset, Shard, join_captions, open_dataset
 from veclip.storage import Location, StorageOptions, no_shards
-from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, choose, choose_several, key_hash, row_seeds, trainable
+from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, choose, choose_several, gated, key_hash, row_seeds, trainable
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
 CAPTION_COLUMNS = (*COLUMN_SLOTS, REWRITES)  # what the caption slots are read from
+READ_COLUMNS = (*CAPTION_COLUMNS, schema.REWRITE_FLAGS)  # and the flags, for the caption gate's (veclip score)
 CHUNK_ROWS = 256  # rows per block a window's read task emits, and per preprocess task
 SKIP_REASONS = ("", "image_unusable", "no_usable_caption")  # index = the ``skip`` code
 MAX_STREAM_WINDOWS = 2048  # (epoch, window) items per stream: bounds its plan; a longer run starts another
@@ -98,7 +99,7 @@ def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, work
             f"train: {len(units)} row groups in {shards} shards for {workers} workers; each worker reads whole row "
             "groups, so write more (smaller) row groups or use fewer workers"
         )
-    caption_columns = tuple(c for c in CAPTION_COLUMNS if c in dataset.caption_columns)
+    caption_columns = tuple(c for c in READ_COLUMNS if c in dataset.caption_columns)
     return DataPlan(dataset, tuple(units), tuple(read_columns(dataset.images, units[0].path, columns)), caption_columns,
                     columns, shards, skipped)
 
@@ -111,7 +112,7 @@ def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> li
         mapped = columns.apply_to_footer(pq.read_schema(f))
     schema.check_input_schema(mapped, path)
     names = mapped.names
-    wanted = [schema.KEY, schema.IMAGE] + [c for c in CAPTION_COLUMNS if c in names]
+    wanted = [schema.KEY, schema.IMAGE] + [c for c in READ_COLUMNS if c in names]
     renames = {dst: src for src, dst in columns.renames().items()}
     return [renames.get(c, c) for c in wanted]
 
@@ -241,6 +242,8 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
     present = np.array([[t is not None for t in slot] for slot in slots], dtype=bool).reshape(len(slots), n).T
     usable = np.array([[t is not None and len(t.split()) >= captions.min_words for t in slot] for slot in slots],
                       dtype=bool).reshape(len(slots), n).T
+    if schema.REWRITE_FLAGS in batch.column_names:  # slots the caption gate flagged
+        usable &= ~gated(batch.column(schema.REWRITE_FLAGS).to_pylist(), captions.slots)
     weights = captions.slot_weights()
     skip = np.where(trainable(usable, weights), 0, SKIP_REASONS.index("no_usable_caption")).astype(np.int8)
     keys = batch.column(schema.KEY).to_pylist()

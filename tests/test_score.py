@@ -1,0 +1,231 @@
+"""The caption gate (veclip score): the rules on hand-made scores, the cosines against open_clip,
+the stage on a local Ray cluster (exactly-once, joined by training), and a killed driver resumed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from veclip import schema
+from veclip.dataset import open_dataset, read_shard
+from veclip.score import steps
+from veclip.score.config import build_config
+from veclip.score.pipeline import FingerprintMismatch, run_score
+from veclip.storage import ShardStore, Location
+from veclip.train.captions import CaptionConfig, gated
+from veclip.train.data import SKIP_REASONS, preprocess
+
+LOW = schema.LOW_CLIP_SCORE
+
+
+def _captions(rows: list[dict], columns=("alt_text", "vecap", "rewrites")) -> tuple[pa.Table, list[steps.Caption]]:
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("alt_text", pa.string()), ("vecap", pa.string()), ("rewrites", pa.list_(pa.string()))]))
+    return table, steps.caption_slots(table, columns)
+
+
+def test_caption_slots_name_each_caption_as_training_does():
+    table, captions = _captions([{"alt_text": "a cat", "vecap": None, "rewrites": ["x y", "", "z w"]},
+                                 {"alt_text": "  ", "vecap": "a red star", "rewrites": None}])
+    assert [(c.row, c.slot, c.text) for c in captions] == [
+        (0, "alt_text", "a cat"), (1, "vecap", "a red star"), (0, "rewrites.0", "x y"), (0, "rewrites.2", "z w")]
+    assert [c.column for c in captions] == ["alt_text", "vecap", "rewrites", "rewrites"]
+    assert steps.caption_slots(table, ("vecap",)) == [captions[1]]
+
+
+def test_the_gate_by_threshold_and_by_shard_percentile():
+    captions = [steps.Caption(i, slot, "t") for i, slot in enumerate(["alt_text"] * 4 + ["vecap"] * 4)]
+    cosines = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, np.nan, 0.8], np.float32)
+    assert steps.gate(captions, cosines, None, None).tolist() == [False] * 8
+    assert steps.gate(captions, cosines, 0.25, None).tolist() == [True, True] + [False] * 6
+    # per column: the lowest quarter of alt_text (0.1) and of vecap's scored values (0.5); NaN is never flagged
+    assert steps.gate(captions, cosines, None, 25).tolist() == [True, False, False, False, True, False, False, False]
+    assert steps.gate(captions, cosines, 0.15, 50).tolist() == [True, True, False, False, True, False, False, False]
+
+
+def test_the_score_table_keeps_rows_in_order_and_rewrites_at_their_index():
+    table, captions = _captions([{"alt_text": "a cat", "vecap": "a black cat", "rewrites": ["x y", "", "z w"]},
+                                 {"alt_text": None, "vecap": None, "rewrites": None}])
+    cosines = np.arange(len(captions), dtype=np.float32) / 10
+    flagged = np.array([c.slot in ("vecap", "rewrites.2") for c in captions])
+    out = steps.score_table(["k0", "k1"], table, captions, cosines, flagged, {"model": "m", "weights": "w", "gate": "g"})
+    assert out.schema == schema.SCORE_SCHEMA
+    rows = out.to_pylist()
+    assert [r["key"] for r in rows] == ["k0", "k1"]
+    scores = rows[0][schema.CLIP_SCORES]
+    assert scores["alt_text"] == pytest.approx(0.0) and scores["vecap"] == pytest.approx(0.1)
+    assert scores["rewrites"][1] is None and scores["rewrites"][0] == pytest.approx(0.2) and scores["rewrites"][2] == pytest.approx(0.3)
+    assert rows[0][schema.REWRITE_FLAGS] == [f"vecap:{LOW}", f"rewrites.2:{LOW}"]
+    assert rows[1][schema.CLIP_SCORES] == {"alt_text": None, "vecap": None, "vlm_caption": None, "rewrites": None}
+    assert rows[1][schema.REWRITE_FLAGS] == [] and rows[1]["clip_scores_provenance"]["gate"] == "g"
+
+
+def test_training_treats_gated_slots_as_unusable(sample_root):
+    slots = CaptionConfig(max_rewrites=2).slots
+    assert gated([[f"vecap:{LOW}", "vecap:entities_lost", f"rewrites.1:{LOW}"], None], slots).tolist() == [
+        [False, True, False, False, True], [False] * 5]
+    rows = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0]).slice(0, 3)
+    batch = pa.table({
+        "key": rows.column("key"), "image": rows.column("image"), "alt_text": rows.column("alt_text"),
+        "vecap": pa.array(["a red star on a blue ground"] * 3),
+        "rewrite_flags": pa.array([[f"vecap:{LOW}"], [], [f"vecap:{LOW}", f"alt_text:{LOW}"]], pa.list_(pa.string())),
+        "_epoch": pa.array([0] * 3, pa.int64()), "_window": pa.array([0] * 3, pa.int64()), "_offset": pa.array([0, 1, 2], pa.int64())})
+    from veclip.images import ImageLimits
+
+    nothing = SKIP_REASONS.index("no_usable_caption")
+    out = preprocess(batch, "veclip-tiny", CaptionConfig(mode="vecap"), ImageLimits(), seed=0)
+    assert out["skip"].tolist() == [nothing, 0, nothing] and out["slot"][1] == 1  # VeCap only: a gated one leaves nothing
+    # where the mode has the AltText, a gated VeCap falls back to it; with both gated nothing is left
+    almost_vecap = CaptionConfig(mode="weighted", weights={"vecap": 1000, "alt_text": 1})
+    out = preprocess(batch, "veclip-tiny", almost_vecap, ImageLimits(), seed=0)
+    assert out["slot"].tolist()[:2] == [0, 1] and out["skip"].tolist() == [0, 0, nothing]
+
+
+def _random_model(folder: Path) -> Path:
+    """A random veclip-tiny as an exported folder (open_clip's local-dir layout), fixed by its seed."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from veclip.train.model import create_model, register_configs
+
+    register_configs()
+    torch.manual_seed(0)
+    model = create_model("veclip-tiny")
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}}))
+    return folder
+
+
+def test_the_scores_are_the_models_cosines(sample_root, tmp_path):
+    import torch
+
+    from veclip.eval.model import load_model
+
+    model, preprocess_image, tokenizer = load_model(str(_random_model(tmp_path / "model")), None, None)
+    rows = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0]).slice(0, 4)
+    images = rows.column("image").to_pylist()
+    images[2] = b"not an image"
+    table, captions = _captions([{"alt_text": a, "vecap": f"{a} again", "rewrites": None} for a in rows.column("alt_text").to_pylist()])
+    cosines, errors = steps.score(model, preprocess_image, tokenizer, images, captions, batch_size=3)
+    assert errors[2] == "image_undecodable" and errors.count(None) == 3
+    with torch.no_grad():
+        for caption, cosine in zip(captions, cosines):
+            if caption.row == 2:
+                assert np.isnan(cosine)
+                continue
+            from veclip.images import decode_image
+
+            image = model.encode_image(preprocess_image(decode_image(images[caption.row]))[None])
+            text = model.encode_text(tokenizer([caption.text]))
+            assert cosine == pytest.approx(torch.nn.functional.cosine_similarity(image, text).item(), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def enriched(sample_root, tmp_path_factory) -> Path:
+    """The sample's train split with captions in it (copy layout): VeCap is the reference caption, two rewrites."""
+    out = tmp_path_factory.mktemp("enriched")
+    for path in sorted((sample_root / "train").glob("*.parquet")):
+        table = pq.read_table(path)
+        table = table.append_column("vecap", table.column("ref_caption"))
+        table = table.append_column("rewrites", pa.array([[f"{a} photo", f"picture of {a}"] for a in table.column("alt_text").to_pylist()]))
+        pq.write_table(table, out / path.name)
+    return out
+
+
+def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_session):
+    model = str(_random_model(tmp_path / "model"))
+    out = str(tmp_path / "scores")
+    config = build_config("cpu", None, ["percentile=50"], input=str(enriched), output=out, model=model)
+    console = []
+    summary = run_score(config, log=console.append)
+    assert summary["rows"] == 60 and summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "left_out": {}}
+    assert any(re.match(r"score: \[3/3 shards, 60/60 rows", line) for line in console), console
+    alts = sum(bool((a or "").strip()) for p in enriched.glob("*.parquet") for a in pq.read_table(p).column("alt_text").to_pylist())
+    for column, n in {"alt_text": alts, "vecap": 60, "rewrites": 120}.items():
+        stats = summary["columns"][column]
+        assert stats["scored"] == n and 0.4 <= stats["flagged_share"] <= 0.5, (column, stats)  # the lower half of each shard
+    markers = ShardStore(Location(out)).markers()
+    assert {m["fingerprint"] for m in markers.values()} == {summary["fingerprint"]} and len(markers) == 3
+
+    # a rerun writes nothing and reports the same; another gate is refused in the same output
+    again = run_score(config, log=lambda *_: None)
+    assert again["shards"]["written_this_run"] == 0 and again["columns"] == summary["columns"]
+    assert {n: m["run_id"] for n, m in ShardStore(Location(out)).markers().items()} == {n: m["run_id"] for n, m in markers.items()}
+    with pytest.raises(FingerprintMismatch, match="another configuration"):
+        run_score(build_config("cpu", None, ["percentile=10"], input=str(enriched), output=out, model=model), log=lambda *_: None)
+
+    # the score tables are a caption output of the same images: training joins them by key
+    dataset = open_dataset(str(enriched), add_captions=(out,))
+    table = read_shard(dataset, dataset.shards[0])
+    assert table.column("key").equals(pq.read_table(dataset.shards[0].path).column("key"))
+    flags = table.column(schema.REWRITE_FLAGS).to_pylist()
+    assert sum(f"vecap:{LOW}" in f for f in flags) == pytest.approx(10, abs=1)
+    scores = table.column(schema.CLIP_SCORES).to_pylist()
+    low = [s["vecap"] for s, f in zip(scores, flags) if f"vecap:{LOW}" in f]
+    high = [s["vecap"] for s, f in zip(scores, flags) if f"vecap:{LOW}" not in f]
+    assert max(low) < min(high)
+    from veclip.train.data import plan_data
+
+    plan = plan_data(str(enriched), dataset.options, schema.ColumnMap(), 1, (out,), log=lambda *_: None)
+    assert schema.REWRITE_FLAGS in plan.caption_columns
+
+
+def test_score_refuses_random_weights_and_records_an_unreadable_shard(enriched, tmp_path, ray_session):
+    with pytest.raises(ValueError, match="weights would be random"):
+        run_score(build_config("cpu", None, [], input=str(enriched), output=str(tmp_path / "o"), model="veclip-tiny"))
+    data = Path(tmp_path / "data")
+    data.mkdir()
+    for path in sorted(enriched.glob("*.parquet")):
+        (data / path.name).write_bytes(path.read_bytes())
+    (data / "part-00001.parquet").write_bytes(b"PAR1 truncated")
+    model = str(_random_model(tmp_path / "model"))
+    config = build_config("cpu", None, [], input=str(data), output=str(tmp_path / "scores"), model=model)
+    summary = run_score(config, log=lambda *_: None)
+    assert summary["shards"]["done"] == 2 and list(summary["failed"]) == ["part-00001.parquet"]
+    assert summary["failed"]["part-00001.parquet"]["stage"] == "plan" and summary["gate"] == "none (scores only)"
+    assert all(s["flagged"] == 0 for s in summary["columns"].values())
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_resumed_without_writing_a_shard_twice(sample_root, tmp_path):
+    from test_rewrite_resume import descendants, kill_all, wait_for
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted((sample_root / "train").glob("*.parquet"))])
+    for k in range(12):
+        pq.write_table(rows.slice(k * 5, 5), data / f"part-{k:05d}.parquet")
+    model, out = str(_random_model(tmp_path / "model")), tmp_path / "scores"
+    cmd = [str(Path(sys.executable).with_name("veclip")), "score", "--preset", "cpu", "--input", str(data), "--output", str(out),
+           "--model", model, "--percentile", "20", "--set", "batch_size=1"]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def first_marker():
+            assert job.poll() is None, "the job ended before it could be killed"
+            return list((out / "_done").glob("*.json")) if (out / "_done").exists() else []
+        wait_for(first_marker, 300, "a first shard")
+    finally:
+        started = descendants(job.pid)  # Ray's agents outlive a killed driver: kill what it started, by PID
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        kill_all(started)
+    before = {p.name: json.loads(p.read_text())["run_id"] for p in (out / "_done").glob("*.json")}
+    assert 1 <= len(before) < 12
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert len(before) <= int(re.search(r"(\d+) already done", rerun.stdout).group(1)) < 12
+    after = {p.name: json.loads(p.read_text())["run_id"] for p in (out / "_done").glob("*.json")}
+    assert len(after) == 12 and all(after[n] == run_id for n, run_id in before.items())  # never written twice
+    keys = [k for p in sorted(out.glob("*.parquet")) for k in pq.read_table(p).column("key").to_pylist()]
+    assert keys == rows.column("key").to_pylist()
+    assert "60 rows in 12 shards" in rerun.stdout

@@ -1,0 +1,92 @@
+"""The actor of the score pool: loads the model once, then scores one whole shard per call.
+
+Each Ray Data row names a shard of the dataset (its images and the caption
+tables joined to them). The actor reads the shard with its captions, scores
+and gates every caption (:mod:`veclip.score.steps`), writes the score table
+whole and marks it done, under the same :class:`~veclip.rewrite.faults.ShardGuard`
+as the rewrite: retried on errors, recorded in ``_failed/`` when it keeps
+failing, a try counted before it starts so a killed actor's shard is not
+retried forever. A shard already marked with this run's fingerprint is skipped,
+so a restarted actor or a rerun never writes a shard twice.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.parquet as pq
+
+from veclip import schema
+from veclip.dataset import Dataset, Shard, read_shard
+from veclip.rewrite.faults import FAILED, RunContext, ShardGuard
+from veclip.score import steps
+from veclip.score.config import ScoreConfig
+from veclip.storage import DONE_DIR, Location, ShardStore, StorageOptions, output_shard_name, read_json
+
+STAGE = "score"
+
+
+def shard_columns(dataset: Dataset, config: ScoreConfig) -> list[str]:
+    """The image-shard columns a worker reads (source names): key, image, and the caption columns it holds."""
+    with dataset.images.fs.open(dataset.shards[0].path, "rb") as f:
+        names = config.columns.apply_to_footer(pq.read_schema(f)).names
+    wanted = [schema.KEY, schema.IMAGE] + [c for c in config.caption_columns if c in names]
+    renames = {dst: src for src, dst in config.columns.renames().items()}
+    return [renames.get(c, c) for c in wanted]
+
+
+class ShardScorer:
+    """Ray Data actor: ``{"shard": index into dataset.shards, "status": ""}`` -> the same with its status."""
+
+    def __init__(self, config: ScoreConfig, options: StorageOptions, run: RunContext, dataset: Dataset, model: str,
+                 weights: str, read: list[str]):
+        import torch
+
+        from veclip.eval.model import load_model
+
+        self.config, self.options, self.run, self.dataset, self.read = config, options, run, dataset, read
+        self.output = Location(config.output, options)
+        self.store = ShardStore(self.output)
+        faults = config.faults
+        self.guard = ShardGuard(self.output, run, STAGE, faults.max_attempts, faults.backoff_seconds)
+        self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.preprocess, self.tokenizer = load_model(model, config.pretrained, options)
+        self.model.to(self.device)
+        self.provenance = {"model": config.model, "weights": weights, "gate": config.gate}
+
+    def __call__(self, batch: dict) -> dict:
+        statuses = []
+        for index, status in zip(batch["shard"], batch["status"]):
+            shard = self.dataset.shards[int(index)]
+            if status != FAILED:
+                status = self.guard.run_shard(output_shard_name(shard.path), shard.path, lambda: self.process(shard))
+            statuses.append(status)
+        return {**batch, "status": statuses}
+
+    def process(self, shard: Shard) -> None:
+        name = output_shard_name(shard.path)
+        marker = read_json(self.output.fs, self.output.join(DONE_DIR, name + ".json"))
+        if marker is not None and marker.get("fingerprint") == self.run.fingerprint:
+            return
+        start, started_at = time.perf_counter(), time.time()
+        table = read_shard(self.dataset, shard, self.read, self.config.columns)
+        keys = table.column(schema.KEY).to_pylist()
+        captions = steps.caption_slots(table, self.config.caption_columns)
+        cosines, errors = steps.score(self.model, self.preprocess, self.tokenizer, table.column(schema.IMAGE).to_pylist(), captions,
+                                      self.config.batch_size, self.config.image_limits, self.device)
+        flagged = steps.gate(captions, cosines, self.config.threshold, self.config.percentile)
+        out = steps.score_table(keys, table, captions, cosines, flagged, self.provenance)
+        if out.num_rows != table.num_rows:  # never lose a row silently
+            raise RuntimeError(f"{name}: {table.num_rows} rows read, {out.num_rows} scored")
+        import ray
+
+        fs = self.dataset.images.fs
+        stats = {
+            "layout": "captions", "rows_in": table.num_rows, "captions": len(captions), "columns": steps.column_stats(captions, cosines, flagged),
+            "image_errors": sum(e is not None for e in errors), "seconds": time.perf_counter() - start,
+            "actor": (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local",
+            "started_at": started_at, "finished_at": time.time(), "fingerprint": self.run.fingerprint, "run_id": self.run.run_id,
+            "input": shard.path, "input_url": fs.unstrip_protocol(shard.path), "input_size": shard.size,
+        }
+        self.guard.lease.check()  # this run still holds the output
+        self.store.write(name, out, None, stats)
