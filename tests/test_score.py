@@ -173,6 +173,10 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     low = [s["vecap"] for s, f in zip(scores, flags) if f"vecap:{LOW}" in f]
     high = [s["vecap"] for s, f in zip(scores, flags) if f"vecap:{LOW}" not in f]
     assert max(low) < min(high)
+    from veclip.show import ShowConfig, show
+
+    shown = show(ShowConfig(str(enriched), rows=1, where=f"vecap:{LOW}", add_captions=(out,)), dataset.options)
+    assert f"vecap:{LOW}" in shown and re.search(r"clip_scores +(alt_text -?0\.\d{3}, )?vecap -?0\.\d{3}, rewrites\.0", shown), shown
     from veclip.train.data import plan_data
 
     plan = plan_data(str(enriched), dataset.options, schema.ColumnMap(), 1, (out,), log=lambda *_: None)

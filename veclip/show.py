@@ -26,7 +26,7 @@ from veclip.images import ImageError, decode_image
 from veclip.storage import StorageOptions
 
 CAPTIONS = (schema.ALT_TEXT, schema.VLM_CAPTION, schema.VECAP, schema.REWRITES)  # shown first, in this order
-WHY = ("reason", "detail", schema.REWRITE_FLAGS)  # why a row was refused or a caption flagged
+WHY = ("reason", "detail", schema.REWRITE_FLAGS, schema.CLIP_SCORES)  # why a row was refused or a caption flagged
 THUMBNAIL_SIDE = 256
 
 
@@ -90,7 +90,15 @@ def _columns(table: pa.Table) -> list[str]:
     return first + sorted(rest, key=lambda c: c.endswith("_provenance"))
 
 
+def _scores(value: dict) -> str:
+    """A score table's cosines (``veclip score``), three decimals, unscored slots left out."""
+    rewrites = [f"rewrites.{i} {v:.3f}" for i, v in enumerate(value.get(schema.REWRITES) or []) if v is not None]
+    return ", ".join([f"{k} {v:.3f}" for k, v in value.items() if k != schema.REWRITES and v is not None] + rewrites)
+
+
 def _text(value, width: int | None = None) -> str:
+    if isinstance(value, dict) and schema.REWRITES in value:
+        value = _scores(value)
     if isinstance(value, list):
         value = " | ".join(str(v) for v in value)
     text = "" if value is None else str(value)
