@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 def corrupt(source: Path, dest: Path, share: float, seed: int = 0) -> set[str]:
     """A copy of a caption output where ``share`` of the rows with a VeCap carry another such row's VeCap."""
+    shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(source, dest)  # markers and manifest too: still a caption output of the same images
     tables = {p: pq.read_table(p) for p in sorted(dest.glob("*.parquet"))}
     rows = [(p, i) for p, t in tables.items() for i, v in enumerate(t.column("vecap").to_pylist()) if v]
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps of the with/without-gate runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-training", action="store_true", help="only the gate's precision and recall")
+    parser.add_argument("--work", help="a folder to keep the data, captions and runs in (a rerun skips what is done)")
     args = parser.parse_args()
 
     import ray
@@ -104,7 +106,7 @@ def main() -> None:
     from veclip.score.pipeline import render_summary, run_score
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    tmp = Path(tempfile.mkdtemp(prefix="veclip-gate-"))
+    tmp = Path(args.work or tempfile.mkdtemp(prefix="veclip-gate-"))
     log = lambda text: print(text, flush=True)
     for seed in (0, 1):
         generate(SampleConfig(str(tmp / f"world-{seed}"), rows=args.rows, eval_rows=500 if seed == 0 else 1, shards=4, seed=seed), log=lambda *_: None)

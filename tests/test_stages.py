@@ -11,6 +11,7 @@ from conftest import REPO, veclip_cli
 from veclip.cli import command_reference
 from veclip.config import describe
 from veclip.stages import STAGES, parse_stage_args
+from veclip.train.config import build_config as train_config
 
 
 def _presets(name: str) -> tuple[str, ...]:
@@ -47,6 +48,9 @@ def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
     weighted = parse_stage_args("train", ["--data", "d#vecap", "--output", "o", "--add-captions", "e#vecap=vlm_caption",
                                           "--caption-mode", "weighted", "--set", 'captions.weights={"vecap": 1, "vlm_caption": 1}'])
     assert weighted.captions.weights == {"vecap": 1, "vlm_caption": 1} and weighted.add_captions == ("e#vecap=vlm_caption",)
+    # a tuple given in code stays that tuple (it was once wrapped into a tuple of one tuple)
+    assert train_config("tiny", None, [], data="d", output="o", add_captions=()).add_captions == ()
+    assert train_config("tiny", None, [], data="d", output="o", add_captions=("a", "b")).add_captions == ("a", "b")
     with pytest.raises(ValueError, match="weighted mode needs"):
         parse_stage_args("train", ["--data", "d", "--output", "o", "--caption-mode", "weighted"])
 

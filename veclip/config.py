@@ -40,7 +40,7 @@ def _coerce(value, hint):
     if hint in (int, float, str):
         return hint(value)
     if origin is tuple:
-        return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else tuple(value if isinstance(value, list) else [value])
+        return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else tuple(value if isinstance(value, (list, tuple)) else [value])
     if hint is dict or origin is dict:
         return json.loads(value) if isinstance(value, str) else dict(value)
     return value
