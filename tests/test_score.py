@@ -156,6 +156,10 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     markers = ShardStore(Location(out)).markers()
     assert {m["fingerprint"] for m in markers.values()} == {summary["fingerprint"]} and len(markers) == 3
 
+    from veclip.status import StatusConfig, status
+
+    report = status(StatusConfig(out))
+    assert report.done and report.kind == "score" and f"vecap:{LOW} " in report.render()
     # a rerun writes nothing and reports the same; another gate is refused in the same output
     again = run_score(config, log=lambda *_: None)
     assert again["shards"]["written_this_run"] == 0 and again["columns"] == summary["columns"]

@@ -1,4 +1,4 @@
-"""``veclip status URL``: how far a rewrite output or a training run is, live or finished.
+"""``veclip status URL``: how far a rewrite or score output or a training run is, live or finished.
 
 Read from what the stages leave in storage, listed fresh (another process
 writes it): a rewrite's ``_plan.json`` (written when a run starts), its done
@@ -24,12 +24,12 @@ RUN_FILE = "run.json"  # a training run's config, written when it starts
 
 @dataclass(frozen=True)
 class StatusConfig:
-    url: str = ""  # a rewrite output, or a training run folder (<output>/<name>)
+    url: str = ""  # a rewrite or score output, or a training run folder (<output>/<name>)
 
 
 @dataclass
 class Status:
-    kind: str  # rewrite or train
+    kind: str  # rewrite, score or train
     url: str
     done: bool
     lines: list[str] = field(default_factory=list)
@@ -78,7 +78,7 @@ def rewrite_status(location: Location) -> Status:
     for name, record in sorted(failed.items())[:5]:
         lines.append(f"failed: {name}: {record.get('error', '?')}")
     done = not live and not failed and remaining == 0 and bool(markers)
-    return Status("rewrite", location.url, done, lines)
+    return Status(plan.get("stage", "rewrite"), location.url, done, lines)  # or a score output
 
 
 def train_status(location: Location) -> Status:

@@ -32,7 +32,8 @@ from veclip.rewrite.faults import DONE, RunContext, record_failure
 from veclip.rewrite.pipeline import SUMMARY_FILE, ReconciliationError
 from veclip.score.config import ScoreConfig, fingerprint
 from veclip.score.worker import STAGE, ShardScorer, shard_columns
-from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name, read_footers
+from veclip.status import PLAN_FILE
+from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name, read_footers, write_json
 
 
 class FingerprintMismatch(ValueError):
@@ -100,7 +101,7 @@ def run_score(config: ScoreConfig, options: StorageOptions | None = None, log=pr
     are listed in ``summary["failed"]`` (the CLI exits non-zero); rerunning retries exactly them."""
     options = options or StorageOptions()
     config.validate_for_run()
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     model, weights = resolve_model(config, options)
     run = RunContext(run_id=uuid.uuid4().hex[:12], fingerprint=fingerprint(config, weights)[0])
     out = Location(config.output, options)
@@ -114,6 +115,9 @@ def run_score(config: ScoreConfig, options: StorageOptions | None = None, log=pr
         skipped = "".join(f", {n} left out ({why})" for why, n in plan.dataset.skipped.items())
         log(f"score: {len(plan.dataset.shards)} shards, {len(plan.done)} already done, {len(plan.todo)} to do, "
             f"{len(plan.unreadable)} unreadable{skipped} (model {config.model}, gate: {config.gate}, fingerprint {run.fingerprint})")
+        write_json(out.fs, out.join(PLAN_FILE), {  # what this run set out to do, for veclip status while it runs
+            "stage": STAGE, "run_id": run.run_id, "fingerprint": run.fingerprint, "started_at": started_at, "input": config.input,
+            "shards_total": len(plan.dataset.shards), "rows_total": sum(plan.rows.values()), "shards_todo": len(plan.todo)})
         if plan.todo:
             _score_shards(config, options, run, plan, model, weights, log)
         summary = summarize(config, options, plan, run, weights, time.perf_counter() - start)

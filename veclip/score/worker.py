@@ -80,9 +80,10 @@ class ShardScorer:
             raise RuntimeError(f"{name}: {table.num_rows} rows read, {out.num_rows} scored")
         import ray
 
-        fs = self.dataset.images.fs
+        fs, columns = self.dataset.images.fs, steps.column_stats(captions, cosines, flagged)
         stats = {
-            "layout": "captions", "rows_in": table.num_rows, "captions": len(captions), "columns": steps.column_stats(captions, cosines, flagged),
+            "layout": "captions", "rows_in": table.num_rows, "captions": len(captions), "columns": columns,
+            "flags": {f"{c}:{schema.LOW_CLIP_SCORE}": s["flagged"] for c, s in columns.items() if s["flagged"]},  # for veclip status
             "image_errors": sum(e is not None for e in errors), "seconds": time.perf_counter() - start,
             "actor": (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local",
             "started_at": started_at, "finished_at": time.time(), "fingerprint": self.run.fingerprint, "run_id": self.run.run_id,
