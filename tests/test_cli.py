@@ -1,5 +1,6 @@
 """The CLI as a user runs it: the installed `veclip` script in a subprocess."""
 
+import re
 import shutil
 
 import pytest
@@ -76,6 +77,7 @@ def test_demo(tmp_path, vllm_python):
     assert "rewrite (both): 40 rows in -> " in result.stdout and "captioner: fact recall" in result.stdout
     assert "train (veclip-tiny, captions alttext): step 20" in result.stdout and "train (veclip-tiny, captions mix): step 20" in result.stdout
     assert "| AltText only |" in result.stdout and "| VeCLIP mix |" in result.stdout  # the comparison, last
+    assert re.search(r"score: 40 rows in \d+ shards scored by .*models/mix", result.stdout) and "flagged" in result.stdout  # the gate
     # a person reads it: the stages' own lines; Ray's, Ray Data's and vLLM's logs are in a file
     console = result.stdout + result.stderr
     assert len(console.splitlines()) <= 150 and "ray: worker and engine logs in " in result.stdout, console
@@ -88,6 +90,8 @@ def test_demo(tmp_path, vllm_python):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Small models, trained here" in report and "| label_shape |" in report and "| label_brand |" in report
     assert "fusion keeps" in report and "LaCLIP rewrites:" in report
+    assert "## Caption gate" in report and "vecap " in report.split("## Caption gate")[1]
+    assert "clip_scores" in (tmp_path / "demo" / "gallery.html").read_text()  # scores and flags beside the images
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000 and (tmp_path / "demo" / "eval.png").stat().st_size > 1000
     # the report opens in a real browser: plots and the embedded gallery's scenes on screen, not a blank page
     pixels = browser_screenshot(tmp_path / "demo" / "report.html", tmp_path / "report.png", size="1000,4000")

@@ -4,11 +4,13 @@ Sample data -> validate -> the captioner and LLM trained here on the sample
 world (``veclip models build``; built once, then cached) -> rewrite (VeCap and
 LaCLIP through real vLLM, written as caption tables beside the images) ->
 validate the tables against their inputs -> caption quality against the world's
-truth -> ``gallery.html`` (``veclip show``) -> per caption mode (AltText only,
-then the VeCLIP mix) train a tiny CLIP on 2 Ray Train workers (images joined with
-their captions by key), export it for stock open_clip and evaluate it (zero-shot
-on shapes and brands, retrieval) -> ``report.md`` / ``report.html`` with the
-modes side by side and plots. Rerunning is cheap: every stage skips what is
+truth -> per caption mode (AltText only, then the VeCLIP mix) train a tiny CLIP
+on 2 Ray Train workers (images joined with their captions by key), export it
+for stock open_clip and evaluate it (zero-shot on shapes and brands, retrieval)
+-> the caption gate (``veclip score`` with the last CLIP: each caption's
+image-text score, the lowest tenth per column flagged) -> ``gallery.html``
+(``veclip show``: captions, scores and flags beside their images) ->
+``report.md`` / ``report.html`` with the modes side by side and plots. Rerunning is cheap: every stage skips what is
 done (training resumes from its last checkpoint, which is the end).
 """
 
@@ -29,6 +31,9 @@ from veclip.rewrite.config import TRAINED_PRESETS
 from veclip.rewrite.config import build_config as build_rewrite_config
 from veclip.rewrite.pipeline import render_summary as render_rewrite_summary
 from veclip.rewrite.pipeline import run_rewrite
+from veclip.score.config import build_config as build_score_config
+from veclip.score.pipeline import render_summary as render_score_summary
+from veclip.score.pipeline import run_score
 from veclip.sample import SampleConfig, generate
 from veclip.show import ShowConfig, show
 from veclip.storage import Location, StorageOptions
@@ -96,7 +101,6 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
         return 1
     quality = measure(read_rows(rewrite.output, options))
     print(render_quality(quality, "the demo's train split"))
-    print(show(ShowConfig(rewrite.output, rows=24, html=root.join("gallery.html")), options))  # the captions beside their images
 
     per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
     runs = {}
@@ -111,9 +115,16 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
                                          label_column="label_shape,label_brand"), options)  # what the images show; what only AltText names
         runs[mode] = {"train": summary, "eval": evaluation, "history": metric_history(root.child("train", name).url, options)}
         lap(f"train + eval: {MODE_NAMES.get(mode, mode)} (Ray Train, 2 CPU workers)")
+    # the caption gate: every caption scored against its image by the last CLIP trained here
+    gate = run_score(build_score_config("cpu", None, ["percentile=10"], input=rewrite.output, output=root.child("scores").url,
+                                        model=root.join("models", config.modes[-1])), options)
+    print(render_score_summary(gate))
+    lap("caption gate (veclip score)")
+    # the captions beside their images, with their scores and flags
+    print(show(ShowConfig(rewrite.output, rows=24, html=root.join("gallery.html"), add_captions=(gate["output"],)), options))
     timings["total"] = time.perf_counter() - start
 
-    report = write_report(Path(root.path), rewrite_summary, quality, models, runs, timings)
+    report = write_report(Path(root.path), rewrite_summary, quality, models, runs, timings, gate)
     print(comparison(runs))
     print(f"demo: done in {timings['total']:.0f}s; report: {report} (and report.html)")
     return 0

@@ -72,9 +72,10 @@ def _plot_eval(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: dict, timings: dict[str, float]) -> Path:
+def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: dict, timings: dict[str, float],
+                 gate: dict | None = None) -> Path:
     """Write ``report.md``, ``report.html``, ``loss.png`` and ``eval.png`` into ``out``. ``runs``: per
-    caption mode, its train summary, eval results and loss history."""
+    caption mode, its train summary, eval results and loss history; ``gate``: the score stage's summary."""
     from veclip.eval.run import render_markdown
     from veclip.models.build import render as render_models
     from veclip.models.quality import render as render_quality
@@ -127,6 +128,13 @@ def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: di
               comparison(runs), "", "![eval](eval.png)", ""]
     for mode, run in runs.items():
         lines += [f"### {MODE_NAMES.get(mode, mode)}", "", render_markdown(run["eval"]).replace("# Evaluation of", "Evaluation of", 1)]
+    if gate:
+        from veclip.score.pipeline import render_summary as render_gate
+
+        lines += ["## Caption gate", "",
+                  "Every caption scored against its image by the last CLIP above (`veclip score`); the lowest tenth of each",
+                  "column per shard is flagged, and training with `--add-captions` the scores passes over flagged captions.",
+                  "The gallery shows the scores and flags beside the images.", "", "```", render_gate(gate), "```", ""]
     if (out / "gallery.html").exists():
         lines += ["## Captions beside their images", "", "[gallery.html](gallery.html) (`veclip show`)", "", "@gallery.html", ""]
     (out / "report.md").write_text("\n".join(line for line in lines if not line.startswith("@")))

@@ -154,6 +154,8 @@ ol{margin:0;padding-left:20px}.prov{color:#888;font-size:12px}"""
 def _cell(name: str, value) -> str:
     if name == schema.REWRITE_FLAGS:
         return "".join(f'<span class="flag">{html.escape(str(f))}</span>' for f in value or []) or "—"
+    if name == schema.CLIP_SCORES:
+        return html.escape(_scores(value)) if value else "—"
     if isinstance(value, list):
         return "<ol>" + "".join(f"<li>{html.escape(str(v))}</li>" for v in value) + "</ol>"
     if isinstance(value, dict):
