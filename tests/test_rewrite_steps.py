@@ -183,7 +183,7 @@ def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_
 
     _rewrite_in_process(tmp_path, layout="captions")
     plan = plan_data(str(tmp_path / "out"), StorageOptions(), schema.ColumnMap(), workers=1, log=lambda *_: None)
-    assert plan.dataset.images_url.endswith("sample/train") and plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION)
+    assert plan.dataset.images_url.endswith("sample/train") and plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITE_FLAGS)
     assert all(u.captions and u.path.startswith(str(tmp_path / "sample")) for u in plan.units)
     rows = pa.concat_tables(read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8))
     source = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "sample" / "train").glob("*.parquet"))], promote_options="default")
@@ -214,7 +214,7 @@ def test_several_caption_outputs_of_one_input_fill_the_caption_slots(tmp_path):
     assert rows.column(schema.REWRITES).null_count < rows.num_rows / 2  # the LaCLIP run's, beside the VeCap run's
     assert rows.column(schema.provenance_column(schema.REWRITES))[0].as_py()["engine"] == "stub-llm"
     plan = plan_data(out, StorageOptions(), schema.ColumnMap(), workers=1, add_captions=(laclip,), log=lambda *_: None)
-    assert plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITES) and all(len(u.captions) == 2 for u in plan.units)
+    assert plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITES, schema.REWRITE_FLAGS) and all(len(u.captions) == 2 for u in plan.units)
 
     # a second captioner's VeCaps: they would take the first's column; renamed, they fill another slot
     _rewrite_in_process(tmp_path, output="second", layout="captions")
