@@ -37,8 +37,8 @@ class ScoreConfig:
     model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name (with pretrained)
     pretrained: str | None = None  # with an open_clip model name: a pretrained tag or a weights file
     caption_columns: tuple[str, ...] = SLOT_COLUMNS  # caption columns to score (and gate); rewrites: each rewrite
-    # Flag a caption whose cosine with its image is under this (absolute; e.g. DataComp used 0.28 with OpenAI's
-    # ViT-L/14); None: no absolute threshold
+    # Flag a caption whose cosine with its image is under this (absolute; e.g. LAION-5B dropped pairs under 0.28 with
+    # OpenAI's ViT-B/32, LAION-400M under 0.3); None: no absolute threshold
     threshold: float | None = None
     # Flag the captions under this percentile of their column's scores in their shard (0-100, e.g. 10: the
     # lowest tenth); None: no percentile rule. With neither rule the stage only scores.
