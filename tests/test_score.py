@@ -4,6 +4,7 @@ the stage on a local Ray cluster (exactly-once, joined by training), and a kille
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def enriched(sample_root, tmp_path_factory) -> Path:
 
 
 def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_session):
+    enriched = Path(shutil.copytree(enriched, tmp_path / "data"))  # changed below
     model = str(_random_model(tmp_path / "model"))
     out = str(tmp_path / "scores")
     config = build_config("cpu", None, ["percentile=50"], input=str(enriched), output=out, model=model)
@@ -185,6 +187,32 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
 
     plan = plan_data(str(enriched), dataset.options, schema.ColumnMap(), 1, (out,), log=lambda *_: None)
     assert schema.REWRITE_FLAGS in plan.caption_columns
+
+    # captions changed after they were scored (a rewrite redone in place): that shard is scored again, only it
+    changed = enriched / "part-00001.parquet"
+    vecap_scores = lambda: [s["vecap"] for s in pq.read_table(Path(out) / changed.name).column(schema.CLIP_SCORES).to_pylist()]
+    before, untouched = vecap_scores(), (Path(out) / "part-00000.parquet").read_bytes()
+    table = pq.read_table(changed)
+    pq.write_table(table.set_column(table.column_names.index("vecap"), "vecap", pa.array(["a caption written later"] * table.num_rows)), changed)
+    console = []
+    again = run_score(config, log=console.append)
+    assert again["shards"]["written_this_run"] == 1 and any("1 shard(s) whose images or captions changed" in line for line in console)
+    assert all(a != b for a, b in zip(before, vecap_scores())) and (Path(out) / "part-00000.parquet").read_bytes() == untouched
+    assert run_score(config, log=lambda *_: None)["shards"]["written_this_run"] == 0
+
+
+def test_score_on_s3_reruns_as_a_no_op(enriched, tmp_path, s3_bucket, ray_session):
+    """On S3 the versions of what a shard read are ETags from fresh listings: a rerun finds them unchanged."""
+    url, options = s3_bucket
+    fs = Location(url, options).fs
+    for path in sorted(enriched.glob("*.parquet")):
+        fs.put_file(str(path), f"{url[5:]}/in/{path.name}")
+    config = build_config("cpu", None, ["threshold=0.0"], input=url + "/in", output=url + "/scores", model=str(_random_model(tmp_path / "m")))
+    first = run_score(config, options, log=lambda *_: None)
+    assert first["shards"]["written_this_run"] == 3 and first["rows"] == 60
+    assert run_score(config, options, log=lambda *_: None)["shards"]["written_this_run"] == 0
+    dataset = open_dataset(url + "/in", options, add_captions=(url + "/scores",))
+    assert read_shard(dataset, dataset.shards[2]).column(schema.CLIP_SCORES).null_count == 0
 
 
 def test_score_refuses_random_weights_and_records_an_unreadable_shard(enriched, tmp_path, ray_session):

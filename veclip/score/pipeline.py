@@ -10,7 +10,8 @@ unusable (:func:`veclip.train.captions.gated`).
 
 Exactly-once as the rewrite: one run holds the output's lease, shards marked
 done with this run's fingerprint are skipped, shards that keep failing are
-recorded under ``_failed/`` and retried by a rerun, and at the end every row
+recorded under ``_failed/`` and retried by a rerun, a shard whose images or
+captions changed since it was scored is scored again, and at the end every row
 of every shard is reconciled against the output, loudly.
 """
 
@@ -33,7 +34,8 @@ from veclip.rewrite.pipeline import SUMMARY_FILE, ReconciliationError
 from veclip.score.config import ScoreConfig, fingerprint
 from veclip.score.worker import STAGE, ShardScorer, shard_columns
 from veclip.status import PLAN_FILE
-from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name, read_footers, write_json
+from veclip.storage import (Location, ShardStore, StorageOptions, list_file_entries, output_shard_name, read_footers, version_stamp,
+                            write_json)
 
 
 class FingerprintMismatch(ValueError):
@@ -47,6 +49,8 @@ class Plan:
     done: dict[str, dict]  # shard name -> its marker
     todo: list[int] = field(default_factory=list)  # indices into dataset.shards
     unreadable: dict[str, str] = field(default_factory=dict)  # shard name -> why its footer could not be read
+    stamps: dict[str, list[str]] = field(default_factory=dict)  # shard name -> versions of the files it reads (read_stamps)
+    changed: list[str] = field(default_factory=list)  # done shards whose images or captions changed since: scored again
 
 
 def resolve_model(config: ScoreConfig, options: StorageOptions) -> tuple[str, str]:
@@ -83,8 +87,11 @@ def plan_score(config: ScoreConfig, options: StorageOptions, run: RunContext) ->
             f"score: {config.output} holds {len(mismatched)} score table(s) of another configuration (model, weights, "
             f"columns, gate or input; fingerprint {done[mismatched[0]].get('fingerprint')}, this run's is {run.fingerprint}), "
             f"e.g. {mismatched[0]}. Write to a new --output, or restore the old configuration.")
-    plan = Plan(dataset, {n: m["rows"] for n, m in done.items()}, done)
-    left = [i for n, i in names.items() if n not in done]
+    stamps = read_stamps(dataset)
+    changed = sorted(n for n, m in done.items() if m.get("read_stamps") != stamps[n])
+    plan = Plan(dataset, {n: m["rows"] for n, m in done.items() if n not in changed},
+                {n: m for n, m in done.items() if n not in changed}, stamps=stamps, changed=changed)
+    left = [i for n, i in names.items() if n not in plan.done]
     footers = read_footers(dataset.images.fs, [(dataset.shards[i].path, dataset.shards[i].size) for i in left])
     for i in left:
         name, footer = output_shard_name(dataset.shards[i].path), footers[dataset.shards[i].path]
@@ -94,6 +101,15 @@ def plan_score(config: ScoreConfig, options: StorageOptions, run: RunContext) ->
             plan.todo.append(i)
             plan.rows[name] = footer.num_rows
     return plan
+
+
+def read_stamps(dataset: Dataset) -> dict[str, list[str]]:
+    """Per shard name, the version (ETag, or mtime and size) of its image shard and of each caption
+    table it reads, from one fresh listing per folder: a score table is current only while they hold."""
+    listed = {}
+    for url in (dataset.images_url, *(s.url for s in dataset.sources)):
+        listed |= {e["name"]: version_stamp(e) for e in list_file_entries(Location(url, dataset.options))}
+    return {output_shard_name(s.path): [listed.get(p, "") for p in (s.path, *s.captions)] for s in dataset.shards}
 
 
 def run_score(config: ScoreConfig, options: StorageOptions | None = None, log=print, *, take_over_lease: bool = False) -> dict:
@@ -113,6 +129,9 @@ def run_score(config: ScoreConfig, options: StorageOptions | None = None, log=pr
         for name, why in plan.unreadable.items():
             record_failure(store, name, shard_path(plan, name), "plan", run, 1, [why])
         skipped = "".join(f", {n} left out ({why})" for why, n in plan.dataset.skipped.items())
+        if plan.changed:
+            log(f"score: {len(plan.changed)} shard(s) whose images or captions changed since they were scored, e.g. "
+                f"{plan.changed[0]}: scoring them again")
         log(f"score: {len(plan.dataset.shards)} shards, {len(plan.done)} already done, {len(plan.todo)} to do, "
             f"{len(plan.unreadable)} unreadable{skipped} (model {config.model}, gate: {config.gate}, fingerprint {run.fingerprint})")
         write_json(out.fs, out.join(PLAN_FILE), {  # what this run set out to do, for veclip status while it runs
@@ -135,7 +154,8 @@ def _score_shards(config: ScoreConfig, options: StorageOptions, run: RunContext,
     pool = config.pool
     resources = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus} | (
         {"accelerator_type": pool.accelerator_type} if pool.accelerator_type else {})
-    ds = ray.data.from_items([{"shard": i, "status": ""} for i in plan.todo], override_num_blocks=len(plan.todo))
+    ds = ray.data.from_items([{"shard": i, "status": "", "read": json.dumps(plan.stamps[output_shard_name(plan.dataset.shards[i].path)])}
+                              for i in plan.todo], override_num_blocks=len(plan.todo))
     ds = ds.map_batches(
         ShardScorer, batch_size=1,  # one shard per call: the shard is the unit of work and of exactly-once
         fn_constructor_kwargs={"config": config, "options": options, "run": run, "dataset": plan.dataset, "model": model,

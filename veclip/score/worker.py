@@ -12,6 +12,7 @@ so a restarted actor or a rerun never writes a shard twice.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow.parquet as pq
@@ -36,7 +37,8 @@ def shard_columns(dataset: Dataset, config: ScoreConfig) -> list[str]:
 
 
 class ShardScorer:
-    """Ray Data actor: ``{"shard": index into dataset.shards, "status": ""}`` -> the same with its status."""
+    """Ray Data actor: ``{"shard": index into dataset.shards, "status": "", "read": the versions of the files the
+    shard reads, as the driver listed them (JSON)}`` -> the same with its status."""
 
     def __init__(self, config: ScoreConfig, options: StorageOptions, run: RunContext, dataset: Dataset, model: str,
                  weights: str, read: list[str]):
@@ -56,17 +58,19 @@ class ShardScorer:
 
     def __call__(self, batch: dict) -> dict:
         statuses = []
-        for index, status in zip(batch["shard"], batch["status"]):
+        for index, status, read in zip(batch["shard"], batch["status"], batch["read"]):
             shard = self.dataset.shards[int(index)]
             if status != FAILED:
-                status = self.guard.run_shard(output_shard_name(shard.path), shard.path, lambda: self.process(shard))
+                status = self.guard.run_shard(output_shard_name(shard.path), shard.path, lambda: self.process(shard, json.loads(read)))
             statuses.append(status)
         return {**batch, "status": statuses}
 
-    def process(self, shard: Shard) -> None:
+    def process(self, shard: Shard, read_stamps: list[str]) -> None:
+        """Score one shard; ``read_stamps``: its files' versions when planned (listed before they are read:
+        a change after that is seen by the next run, which scores the shard again)."""
         name = output_shard_name(shard.path)
         marker = read_json(self.output.fs, self.output.join(DONE_DIR, name + ".json"))
-        if marker is not None and marker.get("fingerprint") == self.run.fingerprint:
+        if marker is not None and marker.get("fingerprint") == self.run.fingerprint and marker.get("read_stamps") == read_stamps:
             return
         start, started_at = time.perf_counter(), time.time()
         table = read_shard(self.dataset, shard, self.read, self.config.columns)
@@ -87,7 +91,7 @@ class ShardScorer:
             "image_errors": sum(e is not None for e in errors), "seconds": time.perf_counter() - start,
             "actor": (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local",
             "started_at": started_at, "finished_at": time.time(), "fingerprint": self.run.fingerprint, "run_id": self.run.run_id,
-            "input": shard.path, "input_url": fs.unstrip_protocol(shard.path), "input_size": shard.size,
+            "input": shard.path, "input_url": fs.unstrip_protocol(shard.path), "input_size": shard.size, "read_stamps": read_stamps,
         }
         self.guard.lease.check()  # this run still holds the output
         self.store.write(name, out, None, stats)
