@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from processes import kill_job_when
 from veclip import schema
 from veclip.rewrite.config import build_config, fingerprint
 from veclip.rewrite.faults import RunContext
@@ -211,14 +211,8 @@ def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
         pq.write_table(pa.Table.from_pylist(rows[k * 10 : (k + 1) * 10]), source / f"part-{k:05d}.parquet")
     out = tmp_path / "output"
     cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--preset", "tiny", "--mode", "laclip", "--input", str(source), "--output", str(out)]
-    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python})
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "_done").is_dir() or not list((out / "_done").glob("*.json")):
-        assert job.poll() is None, "the job ended before it could be killed"
-        assert time.time() < deadline, "no shard finished in time"
-        time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    kill_job_when(cmd, lambda: (out / "_done").is_dir() and list((out / "_done").glob("*.json")), "a first shard", 240,
+                  env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python})
     finished = len(list((out / "_done").glob("*.json")))
     assert 1 <= finished < 6
 

@@ -9,69 +9,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from processes import kill_job_when, pids_matching, wait_for
 from s3_faults import Fault, FaultProxy
 from veclip.rewrite.config import build_config
 from veclip.rewrite.pipeline import run_rewrite
 from veclip.storage import Location, ShardStore
 
 pytestmark = pytest.mark.slow
-
-
-def pids_matching(pattern: str, parent: int | None = None) -> list[int]:
-    """Live processes whose command line matches ``pattern`` (and whose parent is ``parent``)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if re.search(pattern, cmdline) and (parent is None or ppid == parent):
-            found.append(int(entry.name))
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill_all(pids) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def six_shards(sample_root: Path, url: str, options) -> list[str]:
@@ -100,18 +50,11 @@ def test_driver_killed_on_s3_and_resumed(sample_root, s3_endpoint, s3_bucket, vl
     cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--preset", "tiny", "--mode", "laclip",
            "--input", url + "/in", "--output", url + "/out", "--s3-endpoint", s3_endpoint]
     env = {**os.environ, "VECLIP_VLLM_PYTHON": vllm_python}
-    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    try:
-        def first_marker():
-            assert job.poll() is None, "the job ended before it could be killed"
-            fs.invalidate_cache()
-            return fs.exists(f"{url[5:]}/out/_done") and fs.ls(f"{url[5:]}/out/_done")
-        wait_for(first_marker, 300, "a first shard")
-    finally:
-        started = descendants(job.pid)  # Ray's agents outlive a killed driver: kill what it started, by PID
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-        kill_all(started)
+
+    def first_marker():
+        fs.invalidate_cache()
+        return fs.exists(f"{url[5:]}/out/_done") and fs.ls(f"{url[5:]}/out/_done")
+    kill_job_when(cmd, first_marker, "a first shard", env=env)
     fs.invalidate_cache()
     finished = len(fs.ls(f"{url[5:]}/out/_done"))
     assert 1 <= finished < 6

@@ -2,10 +2,8 @@
 the stage on a local Ray cluster (exactly-once, joined by training), and a killed driver resumed."""
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from processes import kill_job_when
 from veclip import schema
 from veclip.dataset import open_dataset, read_shard
 from veclip.score import steps
@@ -233,8 +232,6 @@ def test_score_refuses_random_weights_and_records_an_unreadable_shard(enriched, 
 
 @pytest.mark.slow
 def test_a_killed_driver_is_resumed_without_writing_a_shard_twice(sample_root, tmp_path):
-    from test_rewrite_resume import descendants, kill_all, wait_for
-
     data = tmp_path / "data"
     data.mkdir()
     rows = pa.concat_tables([pq.read_table(p) for p in sorted((sample_root / "train").glob("*.parquet"))])
@@ -243,17 +240,7 @@ def test_a_killed_driver_is_resumed_without_writing_a_shard_twice(sample_root, t
     model, out = str(_random_model(tmp_path / "model")), tmp_path / "scores"
     cmd = [str(Path(sys.executable).with_name("veclip")), "score", "--preset", "cpu", "--input", str(data), "--output", str(out),
            "--model", model, "--percentile", "20", "--set", "batch_size=1"]
-    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        def first_marker():
-            assert job.poll() is None, "the job ended before it could be killed"
-            return list((out / "_done").glob("*.json")) if (out / "_done").exists() else []
-        wait_for(first_marker, 300, "a first shard")
-    finally:
-        started = descendants(job.pid)  # Ray's agents outlive a killed driver: kill what it started, by PID
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-        kill_all(started)
+    kill_job_when(cmd, lambda: list((out / "_done").glob("*.json")) if (out / "_done").exists() else [], "a first shard")
     before = {p.name: json.loads(p.read_text())["run_id"] for p in (out / "_done").glob("*.json")}
     assert 1 <= len(before) < 12
 
