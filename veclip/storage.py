@@ -388,6 +388,10 @@ class ShardStore:
     def marker(self, name: str) -> dict:
         return json.loads(self.location.fs.cat_file(self._marker_path(name)))
 
+    def find_marker(self, name: str) -> dict | None:
+        """The shard's done marker, or None when it is not done (read fresh: an actor checks before it works)."""
+        return read_json(self.location.fs, self._marker_path(name))
+
     def markers(self, save_manifest: bool = False) -> dict[str, dict]:
         """``{name: marker}`` of every done shard: one listing, the manifest, and
         only the markers the manifest lacks (or holds an older version of),

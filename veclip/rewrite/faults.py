@@ -36,6 +36,13 @@ class RunContext:
     fingerprint: str
 
 
+def current_actor() -> str:
+    """The Ray actor this runs in, recorded in the markers it writes ("local" outside one)."""
+    import ray
+
+    return (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local"
+
+
 def record_failure(store: ShardStore, name: str, input_path: str, stage: str, run: RunContext, tries: int, errors: list[str]) -> None:
     """``_failed/<name>.json``: what a rerun and a person need to know of a shard that kept failing."""
     store.record_failure(name, {

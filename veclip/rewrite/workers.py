@@ -34,10 +34,10 @@ from veclip.config import secret_values
 from veclip.rewrite import steps
 from veclip.rewrite.config import RewriteConfig
 from veclip.rewrite.engine import Engine, VLLMEngine
-from veclip.rewrite.faults import FAILED, RunContext, ShardGuard
+from veclip.rewrite.faults import FAILED, RunContext, ShardGuard, current_actor
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
 from veclip.rewrite.steps import CAPTION_WORK_SCHEMA, Meter
-from veclip.storage import DONE_DIR, Location, ShardStore, StorageOptions, output_shard_name, read_json
+from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name
 
 CAPTIONS_DIR = "_work/captions"
 
@@ -55,10 +55,7 @@ def _busy_seconds(engine: Engine) -> float | None:
 def _work_stamp(started_at: float, engine: Engine, busy_from: float | None) -> dict:
     """Which actor did a shard and when, and the actor's engine busy seconds (a running count)
     then and now, so the run summary can show the pool scaling and each engine's busy share."""
-    import ray
-
-    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
-    return {"actor": actor or "local", "started_at": started_at, "finished_at": time.time(),
+    return {"actor": current_actor(), "started_at": started_at, "finished_at": time.time(),
             "engine_busy_from": busy_from, "engine_busy_to": _busy_seconds(engine)}
 
 
@@ -88,7 +85,7 @@ class _ShardWorker(ABC):
 
     def marker_here(self, store: ShardStore, name: str) -> dict | None:
         """The shard's done marker, if a run of this configuration wrote it (another fingerprint's is redone)."""
-        marker = read_json(store.location.fs, store.location.join(DONE_DIR, name + ".json"))
+        marker = store.find_marker(name)
         return marker if marker is not None and marker.get("fingerprint") == self.run.fingerprint else None
 
     def commit(self, store: ShardStore, name: str, path: str, table: pa.Table, quarantine: pa.Table | None, stats: dict) -> None:

@@ -175,7 +175,9 @@ def _score_shards(config: ScoreConfig, options: StorageOptions, run: RunContext,
 def summarize(config: ScoreConfig, options: StorageOptions, plan: Plan, run: RunContext, weights: str, wall_seconds: float) -> dict:
     """The run summary over the whole output; raises if any row of a planned shard is unaccounted for."""
     store = ShardStore(Location(config.output, options))
-    markers = {n: m for n, m in store.markers(save_manifest=True).items() if n in plan.rows or n in plan.unreadable}
+    # nothing ran (a no-op rerun): the plan's markers are current, the lease kept other writers out
+    listed = store.markers(save_manifest=True) if plan.todo else plan.done
+    markers = {n: m for n, m in listed.items() if n in plan.rows or n in plan.unreadable}
     markers = {n: m for n, m in markers.items() if m.get("fingerprint") == run.fingerprint}
     failed = {n: f for n, f in store.failures().items() if n not in markers and (n in plan.rows or n in plan.unreadable)}
     problems = [f"{n}: not written" for n in sorted(set(plan.rows) - set(markers) - set(failed))]

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.dataset import Dataset, Shard, read_shard
-from veclip.rewrite.faults import FAILED, RunContext, ShardGuard
+from veclip.rewrite.faults import FAILED, RunContext, ShardGuard, current_actor
 from veclip.score import steps
 from veclip.score.config import ScoreConfig
-from veclip.storage import DONE_DIR, Location, ShardStore, StorageOptions, output_shard_name, read_json
+from veclip.storage import Location, ShardStore, StorageOptions, output_shard_name
 
 STAGE = "score"
 
@@ -46,7 +46,7 @@ class ShardScorer:
 
         from veclip.eval.model import load_model
 
-        self.config, self.options, self.run, self.dataset, self.read = config, options, run, dataset, read
+        self.config, self.run, self.dataset, self.read = config, run, dataset, read
         self.output = Location(config.output, options)
         self.store = ShardStore(self.output)
         faults = config.faults
@@ -69,7 +69,7 @@ class ShardScorer:
         """Score one shard; ``read_stamps``: its files' versions when planned (listed before they are read:
         a change after that is seen by the next run, which scores the shard again)."""
         name = output_shard_name(shard.path)
-        marker = read_json(self.output.fs, self.output.join(DONE_DIR, name + ".json"))
+        marker = self.store.find_marker(name)
         if marker is not None and marker.get("fingerprint") == self.run.fingerprint and marker.get("read_stamps") == read_stamps:
             return
         start, started_at = time.perf_counter(), time.time()
@@ -82,14 +82,12 @@ class ShardScorer:
         out = steps.score_table(keys, table, captions, cosines, flagged, self.provenance)
         if out.num_rows != table.num_rows:  # never lose a row silently
             raise RuntimeError(f"{name}: {table.num_rows} rows read, {out.num_rows} scored")
-        import ray
-
         fs, columns = self.dataset.images.fs, steps.column_stats(captions, cosines, flagged)
         stats = {
             "layout": "captions", "rows_in": table.num_rows, "captions": len(captions), "columns": columns,
             "flags": {f"{c}:{schema.LOW_CLIP_SCORE}": s["flagged"] for c, s in columns.items() if s["flagged"]},  # for veclip status
             "image_errors": sum(e is not None for e in errors), "seconds": time.perf_counter() - start,
-            "actor": (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local",
+            "actor": current_actor(),
             "started_at": started_at, "finished_at": time.time(), "fingerprint": self.run.fingerprint, "run_id": self.run.run_id,
             "input": shard.path, "input_url": fs.unstrip_protocol(shard.path), "input_size": shard.size, "read_stamps": read_stamps,
         }
