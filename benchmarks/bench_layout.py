@@ -35,22 +35,23 @@ class InstantEngine:
 
 
 def rewrite(source: str, out: str, layout: str) -> tuple[float, int]:
-    from veclip.lease import OutputLease
+    from veclip.shards.lease import OutputLease
     from veclip.rewrite.config import fingerprint, preset
-    from veclip.rewrite.faults import RunContext
-    from veclip.rewrite.plan import plan_run
+    from veclip.shards.guard import RunContext
+    from veclip.rewrite.pipeline import plan_run
     from veclip.rewrite.workers import ShardRewriter
+    from veclip.shards.driver import shard_rows
     from veclip.storage import Location, StorageOptions
 
     config = dataclasses.replace(preset("default"), input=source, output=out, mode="laclip", layout=layout)
     options, run = StorageOptions(), RunContext("bench", fingerprint(config)[0])
-    lease = OutputLease(Location(out, options), run.run_id, settle_seconds=0)
+    lease = OutputLease(Location(out, options), run.run_id)
     lease.acquire()
     try:
         plan = plan_run(config, options, run.fingerprint, False)
         worker = ShardRewriter(config, options, run, engine=InstantEngine())
         start = time.perf_counter()
-        statuses = worker({"shard": [s.path for s in plan.todo], "status": [""] * len(plan.todo)})["status"]
+        statuses = worker(shard_rows(plan))["status"]
         seconds = time.perf_counter() - start
     finally:
         lease.release()

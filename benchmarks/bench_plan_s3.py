@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from veclip.rewrite.config import fingerprint, preset
 from veclip.rewrite.pipeline import run_rewrite
-from veclip.rewrite.plan import list_inputs, plan_run
+from veclip.rewrite.pipeline import list_inputs, plan_run
 from veclip.storage import Location, StorageOptions, fresh_listing
 
 

@@ -136,7 +136,8 @@ def pipeline(config) -> tuple[dict, float, float]:
     """The run summary, its wall time and its steady seconds (first shard's start to last shard's end, all pools)."""
     from veclip.rewrite.pipeline import run_rewrite
     from veclip.rewrite.workers import CAPTIONS_DIR
-    from veclip.storage import Location, ShardStore
+    from veclip.shards.store import ShardStore
+    from veclip.storage import Location
 
     start = time.perf_counter()
     summary = run_rewrite(config, log=lambda *_: None)
@@ -145,7 +146,7 @@ def pipeline(config) -> tuple[dict, float, float]:
     markers = list(ShardStore(out).markers().values())
     if config.uses_captioner:
         markers += ShardStore(out.child(CAPTIONS_DIR)).markers().values()
-    steady = max(m["finished_at"] for m in markers) - min(m["started_at"] for m in markers)
+    steady = max(m.finished_at for m in markers) - min(m.started_at for m in markers)
     return summary, wall, steady
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 from veclip import schema
 from veclip.images import UNDECODABLE, encode_jpeg
 from veclip.ingest import ImportConfig, run_import
-from veclip.storage import Location, ShardStore
+from veclip.shards.store import ShardStore
+from veclip.storage import Location
 from veclip.validate import ValidateConfig, validate
 
 
@@ -60,7 +61,7 @@ def tars(tmp_path):
 
 def _reconcile(out: Location) -> tuple[int, int]:
     markers = ShardStore(out).markers().values()
-    return sum(m["rows"] for m in markers), sum(m["quarantined"] for m in markers)
+    return sum(m.rows for m in markers), sum(m.quarantined for m in markers)
 
 
 def test_webdataset_import(tars, tmp_path):

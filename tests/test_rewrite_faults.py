@@ -15,14 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3_faults import Fault, FaultProxy
-from veclip.lease import LeaseHeld, LeaseLost, OutputLease
+from veclip.shards.lease import LeaseHeld, LeaseLost, OutputLease
 from veclip.rewrite.config import FaultConfig, fingerprint, preset
 from veclip.rewrite.engine import Completion
-from veclip.rewrite.faults import DONE, FAILED, RunContext, ShardGuard
-from veclip.rewrite.pipeline import EngineUnavailable, check_engine_python, summarize
-from veclip.rewrite.plan import FingerprintMismatch, list_inputs, plan_run
+from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard
+from veclip.rewrite.pipeline import EngineUnavailable, Rewrite, check_engine_python, list_inputs, plan_run
+from veclip.shards.driver import record_plan, shard_rows, summarize
+from veclip.shards.plan import FingerprintMismatch
 from veclip.rewrite.workers import ShardRewriter
-from veclip.storage import Location, ShardStore, StorageOptions, read_footers, read_many
+from veclip.shards.marker import Marker
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, StorageOptions, read_footers, read_many
 
 from conftest import veclip_cli
 
@@ -58,16 +61,15 @@ def run_local(config, options=None, engine=None, run_id="r1", redo_mismatched=Fa
     """The driver's plan, the workers' loop and the summary, in-process (no Ray)."""
     options = options or StorageOptions()
     run = RunContext(run_id, fingerprint(config)[0])
-    lease = OutputLease(Location(config.output, options), run_id, settle_seconds=0)
+    lease = OutputLease(Location(config.output, options), run_id)
     lease.acquire()
     try:
         plan = plan_run(config, options, run.fingerprint, redo_mismatched)
         worker = ShardRewriter(config, options, run, engine=engine or ScriptedEngine())
-        statuses = worker({"shard": [s.path for s in plan.todo], "status": [""] * len(plan.todo)})["status"]
-        from veclip.rewrite.pipeline import _record_unreadable
-
-        _record_unreadable(ShardStore(Location(config.output, options)), plan, run)
-        return plan, statuses, summarize(config, options, plan, 1.0, run)
+        statuses = worker(shard_rows(plan))["status"]
+        stage = Rewrite(config, options, redo_mismatched)
+        record_plan(stage, plan, run, time.time())
+        return plan, statuses, summarize(stage, plan, run, 1.0)
     finally:
         lease.release()
 
@@ -76,24 +78,25 @@ def test_listings_are_fresh_when_another_process_writes(s3_bucket, tmp_path):
     """The resume bug: s3fs caches a listing per process; markers written by actors must still be seen."""
     url, options = s3_bucket
     store = ShardStore(Location(url + "/out", options))
-    store.write("a.parquet", pa.table({"key": ["x"]}))
+    store.write(Marker("a.parquet", 0), pa.table({"key": ["x"]}))
     assert store.done() == {"a.parquet"}
     store.location.fs.ls(store.location.join("_done"))  # warm s3fs's cache, as the driver's planning does
     code = (
-        "import pyarrow as pa, sys; from veclip.storage import *; "
+        "import pyarrow as pa, sys; from veclip.storage import *; from veclip.shards.store import ShardStore; "
+        "from veclip.shards.marker import Marker; "
         f"ShardStore(Location('{url}/out', StorageOptions(endpoint_url='{options.endpoint_url}', key='testing', secret='testing')))"
-        ".write('b.parquet', pa.table({'key': ['y']}))"
+        ".write(Marker('b.parquet', 0), pa.table({'key': ['y']}))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert store.done() == {"a.parquet", "b.parquet"}
     assert set(store.markers()) == {"a.parquet", "b.parquet"}
-    assert store.is_done("b.parquet")
+    assert store.find_marker("b.parquet") is not None
 
 
 def test_marker_manifest_reads_only_what_is_new(tmp_path, monkeypatch):
     store = ShardStore(Location(str(tmp_path)))
     for k in range(5):
-        store.write(f"s{k}.parquet", pa.table({"key": [str(k)]}), stats={"rows_in": 1})
+        store.write(Marker(f"s{k}.parquet", 0, rows_in=1), pa.table({"key": [str(k)]}))
     fetched = []
     real = read_many
 
@@ -101,16 +104,16 @@ def test_marker_manifest_reads_only_what_is_new(tmp_path, monkeypatch):
         fetched.extend(paths)
         return real(fs, paths)
 
-    monkeypatch.setattr("veclip.storage.read_many", counting)
+    monkeypatch.setattr("veclip.shards.store.read_many", counting)
     assert len(store.markers(save_manifest=True)) == 5 and len(fetched) == 5
     fetched.clear()
     assert len(store.markers()) == 5 and fetched == []  # all from the manifest
     time.sleep(0.01)
-    store.write("s1.parquet", pa.table({"key": ["1", "again"]}), stats={"rows_in": 2})  # a shard redone
-    store.write("s9.parquet", pa.table({"key": ["9"]}))
+    store.write(Marker("s1.parquet", 0, rows_in=2), pa.table({"key": ["1", "again"]}))  # a shard redone
+    store.write(Marker("s9.parquet", 0), pa.table({"key": ["9"]}))
     markers = store.markers(save_manifest=True)
     assert sorted(p.rsplit("/", 1)[1] for p in fetched) == ["s1.parquet.json", "s9.parquet.json"]
-    assert markers["s1.parquet"]["rows"] == 2 and len(markers) == 6
+    assert markers["s1.parquet"].rows == 2 and len(markers) == 6
     (tmp_path / "_done" / "s0.parquet.json").unlink()  # a marker removed by hand: its shard is not done
     assert "s0.parquet" not in store.markers()
 
@@ -128,11 +131,11 @@ def test_poison_shard_is_recorded_and_the_rest_finish(sample_root, tmp_path):
     engine = ScriptedEngine()
     plan, statuses, summary = run_local(config, engine=engine)
     assert statuses == [DONE, FAILED, DONE]
-    assert summary["shards"] == {"total": 3, "done": 2, "written_this_run": 2, "failed": 1, "redone": 0}
+    assert summary["shards"] == {"total": 3, "done": 2, "written_this_run": 2, "failed": 1, "redone": 0, "left_out": {}}
     failed = summary["failed"]["part-00001.parquet"]
     assert failed["stage"] == "rewrite" and failed["tries"] == 3 and "refuses this batch" in failed["error"]
     record = ShardStore(Location(config.output)).failures()["part-00001.parquet"]
-    assert len(record["errors"]) == 3 and record["input"].endswith("part-00001.parquet")
+    assert len(record.errors) == 3 and record.input.endswith("part-00001.parquet")
 
     # the poison is removed; a rerun retries exactly the failed shard, and the record goes
     rows[3]["alt_text"] = "a fine caption"
@@ -159,7 +162,7 @@ def test_a_shard_whose_tries_kill_the_process_is_recorded(tmp_path):
     ran = []
     assert guard.run_shard("x.parquet", "in/x.parquet", lambda: ran.append(1)) == FAILED and ran == []
     record = ShardStore(out).failures()["x.parquet"]
-    assert record["tries"] == 2 and "process died" in record["error"]
+    assert record.tries == 2 and "process died" in record.error
     # a new run starts its own count
     fresh = ShardGuard(out, RunContext("run-b", "fp"), "rewrite", max_attempts=2, backoff_seconds=0)
     assert fresh.run_shard("x.parquet", "in/x.parquet", lambda: ran.append(1)) == DONE and ran == [1]
@@ -195,7 +198,7 @@ def test_driver_reads_footers_and_markers_concurrently(sample_root, s3_endpoint,
     put_tree(local, url + "/in", options)
     store = ShardStore(Location(url + "/out", options))
     for k in range(12):
-        store.write(f"m{k}.parquet", pa.table({"key": [str(k)]}))
+        store.write(Marker(f"m{k}.parquet", 0), pa.table({"key": [str(k)]}))
     proxy = FaultProxy(s3_endpoint).start()
     try:
         proxy.delay = 0.05
@@ -225,14 +228,14 @@ def test_fingerprint_mismatch_stops_and_redo_rewrites(sample_root, tmp_path):
     assert len(plan.redo) == 3 and len(plan.todo) == 3 and plan.done == {} and statuses == [DONE] * 3
     assert summary["shards"]["redone"] == 3 and summary["fingerprint"] == digest
     markers = ShardStore(Location(config.output)).markers()
-    assert {m["fingerprint"] for m in markers.values()} == {digest}
+    assert {m.fingerprint for m in markers.values()} == {digest}
 
 
 def test_one_writer_per_output(tmp_path):
     out = Location(str(tmp_path))
-    first = OutputLease(out, "run-1", ttl_seconds=60, settle_seconds=0)
+    first = OutputLease(out, "run-1", ttl_seconds=60)
     first.acquire()
-    second = OutputLease(out, "run-2", ttl_seconds=60, settle_seconds=0)
+    second = OutputLease(out, "run-2", ttl_seconds=60)
     with pytest.raises(LeaseHeld, match="being written by run run-1"):
         second.acquire()
     first.check()
@@ -246,7 +249,7 @@ def test_one_writer_per_output(tmp_path):
     out.fs.pipe_file(out.join("_lease.json"), (
         '{"run_id": "gone", "host": "%s", "pid": %s, "expires_at": %f, "started_at": "x"}'
         % (os.uname().nodename, dead.stdout.strip(), time.time() + 600)).encode())
-    third = OutputLease(out, "run-3", settle_seconds=0)
+    third = OutputLease(out, "run-3")
     third.acquire()
     third.release()
     assert not out.fs.exists(out.join("_lease.json"))

@@ -19,10 +19,13 @@ from PIL import Image
 from processes import kill_job_when
 from veclip import schema
 from veclip.rewrite.config import build_config, fingerprint
-from veclip.rewrite.faults import RunContext
-from veclip.rewrite.pipeline import ReconciliationError, render_summary, run_rewrite, summarize
-from veclip.rewrite.plan import InputShard, Plan
-from veclip.storage import Location, ShardStore
+from veclip.shards.guard import RunContext
+from veclip.rewrite.pipeline import Rewrite, render_summary, run_rewrite
+from veclip.shards.driver import ReconciliationError, summarize
+from veclip.shards.marker import Marker
+from veclip.shards.plan import InputShard, Plan
+from veclip.shards.store import ShardStore
+from veclip.storage import Location
 
 pytestmark = pytest.mark.slow
 
@@ -125,32 +128,32 @@ def test_summary_reports_pools(vecap_run):
         assert 0 < pool["engine_busy_share"] <= 1 and 0 < pool["engine_busy_seconds"] <= pool["actor_seconds"]
     assert "engine busy" in render_summary(summary)
     # an actor works on two shards at once (shards_in_flight): the next is read and queued while one generates
-    spans = sorted((m["started_at"], m["finished_at"]) for m in ShardStore(out.child("_work/captions")).markers().values())
+    spans = sorted((m.started_at, m.finished_at) for m in ShardStore(out.child("_work/captions")).markers().values())
     assert any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:])), spans
-    assert summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "redone": 0}
+    assert summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "redone": 0, "left_out": {}}
     assert summary["stage_seconds"]["caption"] > 0 and summary["rows_per_second_this_run"] > 0
     assert Location(out.url).fs.exists(out.join("_summary.json"))
 
 
 def test_rerun_is_a_no_op(vecap_run):
     source, out, _, config = vecap_run
-    before = {n: m["written_at"] for n, m in ShardStore(out).markers().items()}
+    before = {n: m.written_at for n, m in ShardStore(out).markers().items()}
     start = time.perf_counter()
     again = run_rewrite(config, log=lambda *_: None)
     assert again["shards"]["written_this_run"] == 0 and again["rows_out"] + again["rows_quarantined"] == 60
     assert time.perf_counter() - start < 10  # no engine was started
-    assert {n: m["written_at"] for n, m in ShardStore(out).markers().items()} == before
+    assert {n: m.written_at for n, m in ShardStore(out).markers().items()} == before
 
 
 def test_reconciliation_fails_loudly(tmp_path):
     config = build_config("default", input="unused", output=str(tmp_path), mode="laclip")
     run = RunContext("r", fingerprint(config)[0])
-    ShardStore(Location(str(tmp_path))).write("a.parquet", pa.table({"key": ["x"]}), stats={"fingerprint": run.fingerprint})
+    ShardStore(Location(str(tmp_path))).write(Marker("a.parquet", 0, fingerprint=run.fingerprint), pa.table({"key": ["x"]}))
     inputs = {n: InputShard(f"in/{n}", 1) for n in ("a.parquet", "b.parquet")}
     with pytest.raises(ReconciliationError, match="a.parquet: 2 input rows but 1 out"):
-        summarize(config, None, Plan({"a.parquet": inputs["a.parquet"]}, {}, [inputs["a.parquet"]], {"a.parquet": 2}), 1.0, run)
+        summarize(Rewrite(config), Plan({"a.parquet": inputs["a.parquet"]}, {}, [inputs["a.parquet"]], {"a.parquet": 2}), run, 1.0)
     with pytest.raises(ReconciliationError, match="b.parquet: not written"):
-        summarize(config, None, Plan(inputs, {}, list(inputs.values()), {"a.parquet": 1, "b.parquet": 3}), 1.0, run)
+        summarize(Rewrite(config), Plan(inputs, {}, list(inputs.values()), {"a.parquet": 1, "b.parquet": 3}), run, 1.0)
 
 
 def test_laclip_on_s3(sample_root, s3_bucket, tmp_path, vllm_python, ray_session):

@@ -46,7 +46,7 @@ def test_caption_describes_good_images_and_reports_bad_ones():
     assert rows[1]["image_error"] == images[1].reason and rows[0]["flags"] == []
     assert len(engine.requests) == 2 and all(r.image is not None and r.messages for r in engine.requests)  # chat, with the image
     assert [r.seed for r in engine.requests] == [steps.request_seed(7, "a"), steps.request_seed(7, "c")]
-    assert meter.requests == 2 and meter.generated_tokens == 10
+    assert meter.stats.requests == 2 and meter.stats.generated_tokens == 10
 
 
 def test_split_quarantines_refused_rows_with_their_reason():
@@ -107,11 +107,11 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
     on local disk, or under ``url`` (with ``options``) on S3."""
     import pyarrow.parquet as pq
 
-    from veclip.lease import OutputLease
+    from veclip.shards.lease import OutputLease
     from veclip.rewrite.config import fingerprint
-    from veclip.rewrite.faults import RunContext
-    from veclip.rewrite.pipeline import summarize, write_plan
-    from veclip.rewrite.plan import plan_run
+    from veclip.shards.guard import RunContext
+    from veclip.rewrite.pipeline import Rewrite, plan_run
+    from veclip.shards.driver import record_plan, shard_rows, summarize
     from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
     from veclip.sample import SampleConfig, generate
     from veclip.storage import Location, StorageOptions
@@ -127,16 +127,17 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
             Location(url, options).fs.put(str(tmp_path / "sample") + "/", url[len("s3://"):] + "/sample", recursive=True)
     config = dataclasses.replace(CONFIG, input=f"{root}/sample/{split}", output=f"{root}/{output}", mode=mode, **fields)
     options, run = options or StorageOptions(), RunContext("r1", fingerprint(config)[0])
-    lease = OutputLease(Location(config.output, options), run.run_id, settle_seconds=0)
+    lease = OutputLease(Location(config.output, options), run.run_id)
     lease.acquire()
     try:
         plan = plan_run(config, options, run.fingerprint, False)
-        write_plan(Location(config.output, options), config, run, plan, time.time())
-        batch = {"shard": [s.path for s in plan.todo], "status": [""] * len(plan.todo)}
+        stage = Rewrite(config, options)
+        record_plan(stage, plan, run, time.time())
+        batch = shard_rows(plan)
         batch = ShardCaptioner(config, options, run, engine=StubEngine("stub-vlm"))(batch)
         batch = ShardRewriter(config, options, run, engine=StubEngine("stub-llm", answer=lambda r: _echo_alt_text(r)))(batch)
         assert batch["status"] == ["done", "done"], batch
-        return config, summarize(config, options, plan, 1.0, run)
+        return config, summarize(stage, plan, run, 1.0)
     finally:
         lease.release()
 

@@ -8,7 +8,8 @@ from veclip import schema
 from veclip.images import decode_image
 from veclip.sample import SampleConfig, generate
 from veclip.sample.generate import EVAL_SCHEMA, SAMPLE_SCHEMA, class_names, make_row, shard_ranges
-from veclip.storage import Location, ShardStore, list_shards
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, list_shards
 
 
 def _read(folder) -> list[dict]:

@@ -19,7 +19,8 @@ from veclip.dataset import open_dataset, read_shard
 from veclip.score import steps
 from veclip.score.config import build_config
 from veclip.score.pipeline import FingerprintMismatch, run_score
-from veclip.storage import ShardStore, Location
+from veclip.shards.store import ShardStore
+from veclip.storage import Location
 from veclip.train.captions import CaptionConfig, gated
 from veclip.train.data import SKIP_REASONS, preprocess
 
@@ -148,14 +149,14 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     config = build_config("cpu", None, ["percentile=50"], input=str(enriched), output=out, model=model)
     console = []
     summary = run_score(config, log=console.append)
-    assert summary["rows"] == 60 and summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "left_out": {}}
+    assert summary["rows"] == 60 and summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "redone": 0, "left_out": {}}
     assert any(re.match(r"score: \[3/3 shards, 60/60 rows", line) for line in console), console
     alts = sum(bool((a or "").strip()) for p in enriched.glob("*.parquet") for a in pq.read_table(p).column("alt_text").to_pylist())
     for column, n in {"alt_text": alts, "vecap": 60, "rewrites": 120}.items():
         stats = summary["columns"][column]
         assert stats["scored"] == n and 0.4 <= stats["flagged_share"] <= 0.5, (column, stats)  # the lower half of each shard
     markers = ShardStore(Location(out)).markers()
-    assert {m["fingerprint"] for m in markers.values()} == {summary["fingerprint"]} and len(markers) == 3
+    assert {m.fingerprint for m in markers.values()} == {summary["fingerprint"]} and len(markers) == 3
 
     from veclip.status import StatusConfig, status
 
@@ -164,7 +165,7 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     # a rerun writes nothing and reports the same; another gate is refused in the same output
     again = run_score(config, log=lambda *_: None)
     assert again["shards"]["written_this_run"] == 0 and again["columns"] == summary["columns"]
-    assert {n: m["run_id"] for n, m in ShardStore(Location(out)).markers().items()} == {n: m["run_id"] for n, m in markers.items()}
+    assert {n: m.run_id for n, m in ShardStore(Location(out)).markers().items()} == {n: m.run_id for n, m in markers.items()}
     with pytest.raises(FingerprintMismatch, match="another configuration"):
         run_score(build_config("cpu", None, ["percentile=10"], input=str(enriched), output=out, model=model), log=lambda *_: None)
 

@@ -69,7 +69,7 @@ def test_status_of_a_rewrite_output_finished_then_live(tmp_path):
     live = veclip_cli("status", str(out))
     assert live.returncode == 1 and "NOT DONE" in live.stdout and "1 remaining of 2" in live.stdout and "running (lease held by r2)" in live.stdout
     assert "ETA" in live.stdout
-    assert "neither a rewrite output" in veclip_cli("status", str(tmp_path / "sample")).stderr
+    assert "neither a rewrite or score output" in veclip_cli("status", str(tmp_path / "sample")).stderr
 
 
 def test_the_gallery_renders_in_a_real_browser(tmp_path):

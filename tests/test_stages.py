@@ -115,7 +115,7 @@ def test_one_flag_vocabulary_with_the_old_spellings_kept():
 def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):
     from veclip.eval.run import EvalConfig, evaluate
     from veclip.rewrite.config import preset
-    from veclip.rewrite.plan import plan_run
+    from veclip.rewrite.pipeline import plan_run
     from veclip.storage import StorageOptions
 
     (tmp_path / "in").mkdir()

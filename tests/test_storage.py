@@ -6,7 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from veclip import storage
-from veclip.storage import Location, ShardStore, StorageOptions
+from veclip.shards import store as shard_store
+from veclip.shards.layout import output_shard_name
+from veclip.shards.marker import Failure, Marker, PoolStats
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, StorageOptions
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -26,16 +30,16 @@ def test_round_trip_markers_and_listing(root):
     assert store.done() == set()
     # written out of order: listing is by name, the order every rerun sees
     for name in ("b-00001.parquet", "a-00000.parquet", "c-00002.parquet"):
-        store.write(name, _table(5), stats={"note": name})
+        store.write(Marker(name, 0, stats={"note": name}), _table(5))
     quarantine = pa.table({"key": ["bad"], "stage": ["test"], "reason": ["image_undecodable"], "detail": ["x"]})
-    marker = store.write("d-00003.parquet", _table(3), quarantine)
-    assert marker["rows"] == 3 and marker["quarantined"] == 1
+    marker = store.write(Marker("d-00003.parquet", 0), _table(3), quarantine)
+    assert marker.rows == 3 and marker.quarantined == 1 and marker.input_rows == 4
     assert store.done() == {"a-00000.parquet", "b-00001.parquet", "c-00002.parquet", "d-00003.parquet"}
     assert [p.rsplit("/", 1)[1] for p in storage.list_shards(root)] == [
         "a-00000.parquet", "b-00001.parquet", "c-00002.parquet", "d-00003.parquet",
     ]
-    assert store.marker("b-00001.parquet")["note"] == "b-00001.parquet"
-    assert store.is_done("a-00000.parquet") and not store.is_done("zzz.parquet")
+    assert store.find_marker("b-00001.parquet").stats["note"] == "b-00001.parquet"
+    assert store.find_marker("zzz.parquet") is None
     assert [p.rsplit("/", 1)[1] for p in store.quarantine_shards()] == ["d-00003.parquet"]
     # pyarrow reads back through the same filesystem
     back = pq.read_table(store.shards()[0], filesystem=root.fs)
@@ -53,10 +57,10 @@ def test_shard_without_marker_is_not_done(root):
 
 def test_rewrite_overwrites_in_place(root):
     store = ShardStore(root)
-    store.write("s.parquet", _table(4))
-    store.write("s.parquet", _table(2, offset=10))
+    store.write(Marker("s.parquet", 0), _table(4))
+    store.write(Marker("s.parquet", 0), _table(2, offset=10))
     assert pq.read_table(root.join("s.parquet"), filesystem=root.fs).column("key").to_pylist() == ["k10", "k11"]
-    assert store.marker("s.parquet")["rows"] == 2
+    assert store.find_marker("s.parquet").rows == 2
     assert not [p for p in root.fs.ls(root.path, detail=False) if p.endswith(".tmp")]
 
 
@@ -70,7 +74,7 @@ def test_missing_folder_is_a_clear_error(root):
     [("s3://b/in/00042.tar", "00042.parquet"), ("/x/part-00001.parquet", "part-00001.parquet"), ("data.csv", "data.parquet"), ("a/b.tar.gz", "b.parquet")],
 )
 def test_output_shard_name(url, name):
-    assert storage.output_shard_name(url) == name
+    assert output_shard_name(url) == name
 
 
 def test_resolver():
@@ -86,7 +90,7 @@ def test_endpoint_from_standard_environment(s3_bucket, monkeypatch):
     """With no explicit options, AWS_ENDPOINT_URL and the AWS credential chain apply."""
     url, options = s3_bucket
     monkeypatch.setenv("AWS_ENDPOINT_URL", options.endpoint_url)
-    ShardStore(Location(url + "/env")).write("e.parquet", _table(1))
+    ShardStore(Location(url + "/env")).write(Marker("e.parquet", 0), _table(1))
     assert ShardStore(Location(url + "/env", options)).done() == {"e.parquet"}
 
 
@@ -99,13 +103,19 @@ def test_row_groups_are_sized_by_bytes(tmp_path):
     assert meta.num_row_groups == -(-100 // rows) and meta.row_group(0).num_rows == rows
 
 
-def test_guard_large_binary_widens_only_big_columns():
-    table = pa.table({"key": ["a", "b"], "image": [b"x" * 600, b"y" * 600]})
-    guarded = storage.guard_large_binary(table, limit=1000)
-    assert guarded.schema.field("image").type == pa.large_binary()
-    assert guarded.schema.field("key").type == pa.string()
-    assert guarded.column("image").to_pylist() == table.column("image").to_pylist()
-    assert storage.guard_large_binary(table).equals(table)
+def test_markers_written_before_the_typed_marker_still_read(root):
+    """A version-1 marker (pool figures as <pool>_<count> keys, no rows_in, stage figures at the top) reads
+    into the typed marker, from its file and from the manifest alike."""
+    old = {"shard": "o.parquet", "rows": 4, "quarantined": 1, "written_at": "2026-11-01T00:00:00Z", "layout": "copy",
+           "fingerprint": "f", "run_id": "r", "fuser_prompt_tokens": 40, "fuser_requests": 4, "laclip_generated_tokens": 9,
+           "resized": 2, "flags": {"vecap:empty": 1}}
+    storage.write_json(root.fs, root.join("_done", "o.parquet.json"), old)
+    for save in (True, False):  # the second read comes from the manifest
+        marker = ShardStore(root).markers(save_manifest=save)["o.parquet"]
+        assert (marker.input_rows, marker.rows_out, marker.fingerprint, marker.flags) == (5, 4, "f", {"vecap:empty": 1})
+        assert marker.pools == {"fuser": PoolStats(requests=4, prompt_tokens=40), "laclip": PoolStats(generated_tokens=9)}
+        assert marker.stats == {"resized": 2}
+    assert Marker.from_json(marker.to_json()) == marker
 
 
 def test_ray_data_reads_through_the_same_filesystem(s3_bucket, ray_session):
@@ -113,8 +123,8 @@ def test_ray_data_reads_through_the_same_filesystem(s3_bucket, ray_session):
     url, options = s3_bucket
     root = Location(url + "/ray", options)
     store = ShardStore(root)
-    store.write("a.parquet", _table(3))
-    store.write("b.parquet", _table(4, offset=3))
+    store.write(Marker("a.parquet", 0), _table(3))
+    store.write(Marker("b.parquet", 0), _table(4, offset=3))
     rows = ray_session.data.read_parquet(store.shards(), filesystem=root.arrow_fs).take_all()
     assert sorted(r["key"] for r in rows) == [f"k{i}" for i in range(7)]
 
@@ -122,16 +132,17 @@ def test_ray_data_reads_through_the_same_filesystem(s3_bucket, ray_session):
 def test_readers_use_only_finished_shards(tmp_path):
     """A rewrite output still being written (or crashed) holds shards without markers: readers skip them."""
     root = storage.Location(str(tmp_path))
-    store = storage.ShardStore(root)
+    store = ShardStore(root)
     for name in ("a.parquet", "b.parquet"):
-        store.write(name, pa.table({"key": [name]}))
+        store.write(Marker(name, 0), pa.table({"key": [name]}))
     pq.write_table(pa.table({"key": ["half"]}), tmp_path / "c.parquet")  # written, marker not yet
     pq.write_table(pa.table({"key": ["bad"]}), tmp_path / "d.parquet")
-    store.record_failure("d.parquet", {"error": "x"})
-    paths, skipped = storage.finished_shards(root)
+    store.record_failure(Failure("d.parquet", "in/d.parquet", "test", "r", "f", 1, ["x"]))
+    assert store.failures()["d.parquet"].error == "x"
+    paths, skipped = shard_store.finished_shards(root)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["a.parquet", "b.parquet"]
-    assert skipped == {storage.NOT_MARKED: 1, storage.RECORDED_FAILED: 1}
+    assert skipped == {shard_store.NOT_MARKED: 1, shard_store.RECORDED_FAILED: 1}
     plain = tmp_path / "plain"
     plain.mkdir()
     pq.write_table(pa.table({"key": ["x"]}), plain / "x.parquet")
-    assert storage.finished_shards(storage.Location(str(plain))) == ([str(plain / "x.parquet")], {})
+    assert shard_store.finished_shards(storage.Location(str(plain))) == ([str(plain / "x.parquet")], {})

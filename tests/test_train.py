@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from veclip.sample import SampleConfig, generate
-from veclip.storage import NOT_MARKED, Location
+from veclip.shards.store import NOT_MARKED
+from veclip.storage import Location
 from veclip.train.config import build_config, preset
 from veclip.train.checkpoint import latest, metric_history, read_model
 from veclip.train.export import export

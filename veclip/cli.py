@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
     from veclip.console import VERBOSE_ENV
     from veclip.jobs import load_job_secrets
-    from veclip.lease import LeaseHeld
+    from veclip.shards.lease import LeaseHeld
 
     load_job_secrets()
     if getattr(args, "verbose", False):

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.storage import Location, StorageOptions, caption_tables, finished_shard_entries, no_shards
+from veclip.shards.store import caption_tables, finished_shard_entries
+from veclip.storage import Location, StorageOptions, no_shards
 
 GENERATED = (schema.VLM_CAPTION, schema.VECAP, schema.REWRITES)  # the caption columns a rewrite writes
 SCORES = (schema.CLIP_SCORES, schema.provenance_column(schema.CLIP_SCORES))  # the columns a score output adds

@@ -31,7 +31,10 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image, resize_jpeg
-from veclip.storage import Location, ShardStore, StorageOptions, filesystem, list_files, output_shard_name
+from veclip.shards.layout import output_shard_name
+from veclip.shards.marker import Marker
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, StorageOptions, filesystem, list_files
 
 FORMATS = ("auto", "webdataset", "csv")
 STAGE = "import"
@@ -73,11 +76,11 @@ class ImportSummary:
     resized: int = 0
     quarantined: Counter = field(default_factory=Counter)
 
-    def add(self, marker: dict) -> None:
+    def add(self, marker: Marker) -> None:
         self.shards_written += 1
-        self.rows += marker["rows"]
-        self.resized += marker.get("resized", 0)
-        self.quarantined.update(marker.get("quarantine_reasons", {}))
+        self.rows += marker.rows
+        self.resized += marker.stats.get("resized", 0)
+        self.quarantined.update(marker.quarantine_reasons)
 
     def render(self) -> str:
         lines = [
@@ -115,11 +118,11 @@ class _ShardBuilder:
         else:
             self.bad.append({**row, "reason": reason, "detail": detail})
 
-    def write(self, store: ShardStore, name: str) -> dict:
+    def write(self, store: ShardStore, name: str) -> Marker:
         table = pa.Table.from_pylist(self.rows, schema=schema.INPUT_SCHEMA)
         quarantine = schema.quarantine_table(self.bad, STAGE, schema.INPUT_SCHEMA)
         reasons = Counter(row["reason"] for row in self.bad)
-        return store.write(name, table, quarantine, stats={"quarantine_reasons": dict(reasons), "resized": self.resized})
+        return store.write(Marker(name, 0, quarantine_reasons=dict(reasons), stats={"resized": self.resized}), table, quarantine)
 
 
 # -- webdataset -------------------------------------------------------------------------------

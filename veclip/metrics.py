@@ -1,6 +1,6 @@
 """Ray metrics, where Ray users look: the dashboard's Prometheus endpoint and Grafana.
 
-Rewrite actors publish, per shard they write, its rows, engine tokens by pool,
+The sharded stages' actors (rewrite, score) publish, per shard they write, its rows, engine tokens by pool,
 flags and quarantines by reason, and its seconds; train workers publish, per
 step, the step, samples/s, data wait and MFU. Each process makes its metrics on
 first use (Ray metrics belong to the process that records them); names start
@@ -15,7 +15,7 @@ SHARD_SECONDS = [1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600]
 
 
 @functools.cache
-def _rewrite():
+def _shards():
     from ray.util.metrics import Counter, Histogram
 
     return {
@@ -27,18 +27,18 @@ def _rewrite():
     }
 
 
-def publish_shard(stage: str, stats: dict) -> None:
-    """One written shard's figures (its marker's ``stats``)."""
-    m = _rewrite()
-    m["rows"].inc(stats.get("rows_in", 0), {"stage": stage})
-    m["shard_seconds"].observe(stats.get("seconds", 0.0), {"stage": stage})
-    for pool in ("captioner", "fuser", "laclip"):
-        for kind in ("prompt", "generated"):
-            if n := stats.get(f"{pool}_{kind}_tokens"):
+def publish_shard(stage: str, marker) -> None:
+    """One written shard's figures (its :class:`~veclip.shards.marker.Marker`)."""
+    m = _shards()
+    m["rows"].inc(marker.input_rows, {"stage": stage})
+    m["shard_seconds"].observe(marker.seconds, {"stage": stage})
+    for pool, counts in marker.pools.items():
+        for kind, n in (("prompt", counts.prompt_tokens), ("generated", counts.generated_tokens)):
+            if n:
                 m["tokens"].inc(n, {"pool": pool, "kind": kind})
-    for reason, n in stats.get("flags", {}).items():
+    for reason, n in marker.flags.items():
         m["flags"].inc(n, {"reason": reason})
-    for reason, n in stats.get("quarantine_reasons", {}).items():
+    for reason, n in marker.quarantine_reasons.items():
         m["quarantined"].inc(n, {"reason": reason})
 
 

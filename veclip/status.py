@@ -1,8 +1,8 @@
-"""``veclip status URL``: how far a rewrite or score output or a training run is, live or finished.
+"""``veclip status URL``: how far a sharded stage's output (rewrite, score) or a training run is, live or finished.
 
 Read from what the stages leave in storage, listed fresh (another process
-writes it): a rewrite's ``_plan.json`` (written when a run starts), its done
-markers, ``_failed/`` records and lease; a training run's ``run.json`` (written
+writes it): a sharded output's ``_plan.json`` (written when a run starts), its
+done markers, ``_failed/`` records and lease (:mod:`veclip.shards.layout`); a training run's ``run.json`` (written
 when it starts), its newest checkpoint's ``progress.json`` and ``metrics.jsonl``,
 and ``summary.json`` once it ends. The exit code says whether it is done.
 """
@@ -16,10 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from veclip.console import eta
-from veclip.storage import Location, ShardStore, StorageOptions, read_json
-
-PLAN_FILE = "_plan.json"  # a rewrite run's plan: the shards and rows it set out to write
-RUN_FILE = "run.json"  # a training run's config, written when it starts
+from veclip.shards.layout import LEASE_FILE, PLAN_FILE, is_output_folder
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, StorageOptions, read_json
 
 
 @dataclass(frozen=True)
@@ -39,31 +38,26 @@ class Status:
         return "\n".join([head, *("  " + line for line in self.lines)])
 
 
-def _rows_in(marker: dict) -> int:
-    """A done shard's input rows (markers before ``rows_in`` existed: written + quarantined)."""
-    return marker.get("rows_in", marker["rows"] + marker["quarantined"])
-
-
-def rewrite_status(location: Location) -> Status:
+def output_status(location: Location) -> Status:
     fs = location.fs
     fs.invalidate_cache(location.path)  # markers and records change under us
     plan = read_json(fs, location.join(PLAN_FILE)) or {}
     store = ShardStore(location)
     markers = store.markers()
     failed = {name: record for name, record in store.failures().items() if name not in markers}
-    lease = read_json(fs, location.join("_lease.json"))
+    lease = read_json(fs, location.join(LEASE_FILE))
     live = bool(lease and lease["expires_at"] > time.time())
     total = plan.get("shards_total", len(markers) + len(failed))
-    rows_done = sum(map(_rows_in, markers.values()))
+    rows_done = sum(m.input_rows for m in markers.values())
     rows_total = plan.get("rows_total")
-    this_run = [m for m in markers.values() if m.get("run_id") == plan.get("run_id")]
-    finished = max((m.get("finished_at", 0) for m in this_run), default=0)
+    this_run = [m for m in markers.values() if m.run_id == plan.get("run_id")]
+    finished = max((m.finished_at or 0 for m in this_run), default=0)
     seconds = (time.time() if live else finished) - plan.get("started_at", time.time())
-    rate = sum(map(_rows_in, this_run)) / seconds if this_run and seconds > 0 else 0.0
+    rate = sum(m.input_rows for m in this_run) / seconds if this_run and seconds > 0 else 0.0
     flags = Counter()
     for marker in markers.values():
-        flags.update(marker.get("flags") or {})
-        flags.update({f"quarantined:{k}": v for k, v in (marker.get("quarantine_reasons") or {}).items()})
+        flags.update(marker.flags)
+        flags.update({f"quarantined:{k}": v for k, v in marker.quarantine_reasons.items()})
     remaining = total - len(markers) - len(failed)
     lines = [
         f"shards: {len(markers)} done, {len(failed)} failed, {remaining} remaining of {total}",
@@ -71,23 +65,23 @@ def rewrite_status(location: Location) -> Status:
         + (f"; {rate:.1f} rows/s this run" if rate else "")
         + (f", ETA {eta(rows_total - rows_done, rate)}" if live and rows_total else ""),
         f"run: {'running (lease held by ' + lease['run_id'] + ')' if live else 'not running'}; fingerprint "
-        + ", ".join(sorted({m.get('fingerprint', '?') for m in markers.values()} or {plan.get('fingerprint', '?')})),
+        + ", ".join(sorted({m.fingerprint or '?' for m in markers.values()} or {plan.get('fingerprint', '?')})),
     ]
     if flags:
         lines.append("flags: " + ", ".join(f"{reason} {n}" for reason, n in flags.most_common()))
     for name, record in sorted(failed.items())[:5]:
-        lines.append(f"failed: {name}: {record.get('error', '?')}")
+        lines.append(f"failed: {name}: {record.error}")
     done = not live and not failed and remaining == 0 and bool(markers)
-    return Status(plan.get("stage", "rewrite"), location.url, done, lines)  # or a score output
+    return Status(plan.get("stage", "rewrite"), location.url, done, lines)  # plans before the stage field: a rewrite's
 
 
 def train_status(location: Location) -> Status:
-    from veclip.train.checkpoint import METRICS_FILE, PROGRESS_FILE
+    from veclip.train.checkpoint import METRICS_FILE, PROGRESS_FILE, RUN_FILE, RUN_SUMMARY_FILE
 
     fs = location.fs
     fs.invalidate_cache(location.path)
     run = read_json(fs, location.join(RUN_FILE)) or {}
-    summary = read_json(fs, location.join("summary.json"))
+    summary = read_json(fs, location.join(RUN_SUMMARY_FILE))
     checkpoints = sorted(e["name"] for e in fs.ls(location.path, detail=True)
                          if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_"))
     progress, history = {}, []
@@ -126,10 +120,12 @@ def status(config: StatusConfig, options: StorageOptions | None = None) -> Statu
     fs = location.fs
     if not location.exists():
         raise FileNotFoundError(f"status: no such folder: {config.url}")
+    from veclip.train.checkpoint import RUN_FILE, RUN_SUMMARY_FILE
+
     names = {posixpath.basename(p) for p in fs.ls(location.path, detail=False, refresh=True)}
-    if names & {RUN_FILE, "summary.json"} or any(n.startswith("checkpoint_") for n in names):
+    if names & {RUN_FILE, RUN_SUMMARY_FILE} or any(n.startswith("checkpoint_") for n in names):
         return train_status(location)
-    if names & {PLAN_FILE, "_done", "_failed", "_lease.json"}:
-        return rewrite_status(location)
-    raise ValueError(f"status: {config.url} is neither a rewrite output (no {PLAN_FILE}, _done/) nor a training run "
+    if is_output_folder(names):
+        return output_status(location)
+    raise ValueError(f"status: {config.url} is neither a rewrite or score output (no {PLAN_FILE}, _done/) nor a training run "
                      f"(no {RUN_FILE}, checkpoint_*); for a training run pass <output>/<name>")

@@ -29,7 +29,8 @@ from veclip import schema
 from veclip.dataset import first_difference
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
-from veclip.storage import (CaptionTables, Location, ShardStore, StorageOptions, caption_tables, finished_shard_entries, list_file_entries,
+from veclip.shards.store import CaptionTables, ShardStore, caption_tables, finished_shard_entries
+from veclip.storage import (Location, StorageOptions, list_file_entries,
                             read_footers)
 
 IMAGE_CHECKS = ("sample", "full", "none")

@@ -23,7 +23,9 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import IMAGE_EXTENSIONS, ImageError, open_image
-from veclip.storage import Location, ShardStore, StorageOptions, write_json
+from veclip.shards.marker import Marker
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, StorageOptions, write_json
 
 
 
@@ -31,7 +33,7 @@ def _write(rows: list[dict], out: str, options: StorageOptions, rows_per_shard: 
     table_schema = pa.schema(list(schema.INPUT_SCHEMA) + [pa.field("label", pa.string()), pa.field("caption", caption_type)])
     store = ShardStore(Location(out, options))
     for k, start in enumerate(range(0, len(rows), rows_per_shard)):
-        store.write(f"part-{k:05d}.parquet", pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=table_schema))
+        store.write(Marker(f"part-{k:05d}.parquet", 0), pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=table_schema))
     if classes is not None:
         location = store.location
         write_json(location.fs, location.join(schema.CLASSES_FILE), classes)

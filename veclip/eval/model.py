@@ -1,12 +1,43 @@
-"""The model eval runs: an exported folder, a training run or checkpoint (read into memory), or an open_clip name."""
+"""The model eval and score run: an exported folder, a training run or checkpoint (read into memory),
+or an open_clip name with its pretrained weights; :func:`resolve_model` names its weights exactly."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from veclip.storage import StorageOptions
+from veclip.storage import Location, StorageOptions
+from veclip.train.export import CONFIG_FILE, WEIGHTS_FILE
 
-EXPORTED_CONFIG = "open_clip_config.json"  # what `veclip export` writes beside the weights
+
+def is_exported(spec: str) -> bool:
+    """A folder `veclip export` wrote (open_clip's ``local-dir:`` layout)."""
+    return Path(spec).is_dir() and (Path(spec) / CONFIG_FILE).exists()
+
+
+def is_run(spec: str) -> bool:
+    """A training run or one of its checkpoints, local or on S3."""
+    return not is_exported(spec) and (spec.startswith("s3://") or Path(spec).is_dir())
+
+
+def resolve_model(spec: str, pretrained: str | None, options: StorageOptions) -> tuple[str, str]:
+    """``(what the actors load, which weights exactly)``: a run folder resolves to its latest checkpoint
+    (it may move on while a stage runs), an exported folder is named by its weights' digest."""
+    from veclip.train.checkpoint import latest
+
+    if is_exported(spec):
+        digest = hashlib.sha256()
+        with open(Path(spec) / WEIGHTS_FILE, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        return spec, f"sha256:{digest.hexdigest()[:16]}"
+    if is_run(spec):
+        checkpoint = latest(Location(spec, options)).url
+        return checkpoint, checkpoint
+    if not pretrained:
+        raise ValueError(f"{spec!r} is an open_clip model name without --pretrained: its weights would be random, "
+                         "and different in every actor. Name a pretrained tag or weights file, an exported folder or a training run.")
+    return spec, f"{spec}:{pretrained}"
 
 
 def load_model(spec: str, pretrained: str | None, options: StorageOptions | None):
@@ -17,9 +48,9 @@ def load_model(spec: str, pretrained: str | None, options: StorageOptions | None
     from veclip.train.model import register_configs
 
     register_configs()
-    if Path(spec).is_dir() and (Path(spec) / EXPORTED_CONFIG).exists():
+    if is_exported(spec):
         spec = f"local-dir:{spec}"
-    elif spec.startswith("s3://") or Path(spec).is_dir():  # a training run or one of its checkpoints
+    elif is_run(spec):
         return read_model(spec, options).create()
     model, _, preprocess = open_clip.create_model_and_transforms(spec, pretrained=pretrained)
     return model.eval(), preprocess, open_clip.get_tokenizer(spec)

@@ -18,6 +18,7 @@ from veclip.config import build
 from veclip.environments import cache_dir, default_vllm_python  # noqa: F401 (default_vllm_python: where callers have found it)
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
+from veclip.shards.worker import FaultConfig
 
 LAYOUTS = ("copy", "captions")
 MODES = ("vecap", "laclip", "both")
@@ -83,15 +84,6 @@ class CleaningConfig:
     max_words: int = 60  # longer generations are cut at a sentence end (and flagged)
     min_words: int = 2  # shorter generations are flagged and not used
     max_alt_text_chars: int = 1000  # longer AltText is cut before prompting (and flagged)
-
-
-@dataclass(frozen=True)
-class FaultConfig:
-    """How a run survives faults (not part of the fingerprint: they change no output)."""
-
-    max_attempts: int = 3  # tries per shard and run, crashes of the actor's process included
-    backoff_seconds: float = 2.0  # before the 2nd try; doubled for each next one, with jitter
-    lease_seconds: float = 120.0  # one writer per output: the lease lapses this long after its run stops renewing
 
 
 @dataclass(frozen=True)

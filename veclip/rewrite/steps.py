@@ -26,6 +26,7 @@ from veclip.rewrite import cleaning
 from veclip.rewrite.config import CleaningConfig, RewriteConfig, StageConfig
 from veclip.rewrite.engine import Completion, Engine, Request
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt, request_seed
+from veclip.shards.marker import PoolStats
 
 STAGE = "rewrite"
 CAPTION_WORK_SCHEMA = pa.schema([
@@ -43,24 +44,17 @@ def chunks(n: int, size: int) -> Iterator[range]:
 
 
 class Meter:
-    """Token and time counts of one shard's generation, for the run summary. ``engine_seconds``
-    is the time this shard waited for the engine, which other shards may share."""
+    """Token and time counts of one shard's generation (a marker's :class:`PoolStats`)."""
 
     def __init__(self):
-        self.prompt_tokens = self.generated_tokens = self.requests = 0
-        self.engine_seconds = 0.0
+        self.stats = PoolStats()
 
     def run(self, engine: Engine, requests: list[Request], stage: StageConfig) -> list[Completion]:
         start = time.perf_counter()
         out = engine.generate(requests, stage.sampling) if requests else []
-        self.engine_seconds += time.perf_counter() - start
-        self.requests += len(requests)
-        self.prompt_tokens += sum(c.prompt_tokens for c in out)
-        self.generated_tokens += sum(c.generated_tokens for c in out)
+        self.stats = self.stats.add(PoolStats(len(requests), sum(c.prompt_tokens for c in out),
+                                              sum(c.generated_tokens for c in out), time.perf_counter() - start))
         return out
-
-    def stats(self, prefix: str) -> dict:
-        return {f"{prefix}_{k}": v for k, v in vars(self).items()}
 
 
 def clean(completion: Completion, limits: CleaningConfig) -> tuple[str | None, str | None]:
@@ -69,13 +63,6 @@ def clean(completion: Completion, limits: CleaningConfig) -> tuple[str | None, s
         return None, completion.error
     first_line = next((line for line in completion.text.splitlines() if line.strip()), "")
     return cleaning.clean(first_line, limits.max_words, limits.min_words)
-
-
-def count(items) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return counts
 
 
 # --- images ----------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ from veclip import schema
 from veclip.images import encode_jpeg
 from veclip.sample.alt_text import alt_text
 from veclip.sample.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
-from veclip.storage import Location, ShardStore, StorageOptions, write_json
+from veclip.shards.marker import Marker
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, StorageOptions, write_json
 
 SPLITS = ("train", "eval")
 WORLD_VERSION = 2  # 2: brands with a visual identity that only the AltText names
@@ -134,7 +136,7 @@ def generate(config: SampleConfig, options: StorageOptions | None = None, log=pr
             if name in done:
                 continue
             rows = [make_row(split, i, config) for i in indices]
-            store.write(name, pa.Table.from_pylist(rows, schema=table_schema))
+            store.write(Marker(name, 0), pa.Table.from_pylist(rows, schema=table_schema))
             log(f"sample: wrote {split}/{name} ({len(rows)} rows)")
         if split == "eval":
             write_json(store.location.fs, store.location.join(schema.CLASSES_FILE), class_names())

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from veclip import schema
 from veclip.config import build
 from veclip.images import ImageLimits
-from veclip.rewrite.config import FaultConfig
+from veclip.shards.worker import FaultConfig
 from veclip.schema import ColumnMap
 
 SLOT_COLUMNS = (*schema.SCORE_SLOTS, schema.REWRITES)  # the caption columns that can be scored

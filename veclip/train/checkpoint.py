@@ -31,6 +31,9 @@ STATE_FILE = "state.pt"
 MODEL_CONFIG_FILE = "model.json"
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
+# the run folder's own files, beside its checkpoint_* folders
+RUN_FILE = "run.json"  # the run's config, written when it starts (veclip status reads it)
+RUN_SUMMARY_FILE = "summary.json"  # the run's summary, written when it ends
 
 
 def rng_file(rank: int) -> str:

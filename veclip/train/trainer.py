@@ -16,9 +16,8 @@ import time
 
 from veclip.console import start_ray
 from veclip.config import redact
-from veclip.status import RUN_FILE
 from veclip.storage import Location, StorageOptions, write_json
-from veclip.train.checkpoint import PROGRESS_FILE, Progress
+from veclip.train.checkpoint import PROGRESS_FILE, RUN_FILE, RUN_SUMMARY_FILE, Progress
 from veclip.train.config import TrainConfig
 from veclip.train.data import plan_data
 from veclip.train.live import LiveProgress
@@ -57,7 +56,7 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
         "resumes": progress.resumes if progress else [],
         "wall_seconds": time.perf_counter() - start,
     }
-    summary_path = output.join(config.name, "summary.json")
+    summary_path = output.join(config.name, RUN_SUMMARY_FILE)
     write_json(output.fs, summary_path, summary)
     return summary
 

@@ -1,4 +1,4 @@
-"""Faults stay inside their shard: retries with backoff, a durable try count, ``_failed/`` records.
+"""Faults stay inside their shard (the guard every sharded stage runs its shards under): retries with backoff, a durable try count, ``_failed/`` records.
 
 A shard's work is retried in the actor with exponential backoff (S3 throttling
 or a reset that outlived s3fs's own retries, a poison row). A try that kills
@@ -21,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from veclip.config import scrub
-from veclip.lease import LeaseLost, OutputLease
-from veclip.storage import Location, ShardStore, read_json, write_json
+from veclip.shards.layout import ATTEMPTS_DIR, RECORD_SUFFIX
+from veclip.shards.lease import LeaseLost, OutputLease
+from veclip.shards.marker import Failure
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, read_json, write_json
 
-ATTEMPTS_DIR = "_work/attempts"
-DONE, FAILED = "done", "failed"
+DONE, FAILED = "done", "failed"  # what became of a shard: the status a pool passes to the next one
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,7 @@ def current_actor() -> str:
 
 def record_failure(store: ShardStore, name: str, input_path: str, stage: str, run: RunContext, tries: int, errors: list[str]) -> None:
     """``_failed/<name>.json``: what a rerun and a person need to know of a shard that kept failing."""
-    store.record_failure(name, {
-        "input": input_path, "stage": stage, "run_id": run.run_id, "fingerprint": run.fingerprint,
-        "tries": tries, "error": errors[-1], "errors": errors, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    store.record_failure(Failure(name, input_path, stage, run.run_id, run.fingerprint, tries, errors))
 
 
 def engine_died(err: BaseException) -> bool:
@@ -68,7 +67,7 @@ class ShardGuard:
         self.lease = OutputLease(output, run.run_id)
 
     def _attempts_path(self, name: str) -> str:
-        return self.output.join(ATTEMPTS_DIR, self.stage, name + ".json")
+        return self.output.join(ATTEMPTS_DIR, self.stage, name + RECORD_SUFFIX)
 
     def _begin(self, name: str) -> dict:
         """Count one more try of ``name`` in this run, durably, before it starts."""

@@ -1,0 +1,247 @@
+"""The driver of a sharded run: lease, plan, pools, progress, reconciliation, summary.
+
+:func:`run_stage` is the whole run of any :class:`ShardedStage`. It holds the
+output's lease (one writer), lists the inputs and the done markers at once,
+plans (:mod:`veclip.shards.plan`), records what cannot run, writes
+``_plan.json`` for ``veclip status``, streams the shards left through the
+stage's actor pools with a progress line per shard, and at the end reconciles
+every input row against the output, quarantine and failure records, loudly,
+before it writes ``_summary.json``. A rerun of a finished run plans nothing
+and starts no pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import time
+import uuid
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from veclip.console import eta, start_ray
+from veclip.shards.guard import DONE, RunContext, record_failure
+from veclip.shards.layout import PLAN_FILE, SUMMARY_FILE, output_shard_name
+from veclip.shards.lease import OutputLease
+from veclip.shards.marker import Marker
+from veclip.shards.plan import InputShard, Plan
+from veclip.shards.store import ShardStore
+from veclip.shards.worker import FaultConfig
+from veclip.storage import Location, StorageOptions, write_json
+
+SUMMARY_VERSION = 2
+
+
+class ReconciliationError(RuntimeError):
+    """Input rows and output + quarantine rows disagree: something was lost or duplicated."""
+
+
+@dataclass
+class ShardCounts:
+    total: int
+    done: int
+    written_this_run: int
+    failed: int
+    redone: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)  # input shards the reader left out, by why
+
+
+@dataclass
+class RunSummary:
+    """What a run did, over the whole output (``_summary.json``): the stage's own figures in ``details``."""
+
+    stage: str
+    input: str
+    output: str
+    run_id: str
+    fingerprint: str
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int
+    rows_in_failed_shards: int
+    shards: ShardCounts
+    failed: dict[str, dict]  # shard -> input, stage, tries, error
+    wall_seconds: float
+    rows_per_second_this_run: float
+    details: dict = field(default_factory=dict)
+    version: int = SUMMARY_VERSION
+
+    def to_json(self) -> dict:
+        """One flat object: the common fields, then the stage's."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "details"}
+        return {**common, "shards": dataclasses.asdict(self.shards), **self.details}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunSummary:
+        names = {f.name for f in dataclasses.fields(cls)} - {"details", "shards"}
+        return cls(**{k: data[k] for k in names if k in data}, shards=ShardCounts(**data["shards"]),
+                   details={k: v for k, v in data.items() if k not in names | {"shards"}})
+
+
+class ShardedStage(ABC):
+    """A stage that maps input shards to output shards exactly once: rewrite, score, the next one."""
+
+    name = ""  # in every log line, record and summary
+
+    def __init__(self, config, options: StorageOptions | None = None):
+        self.config, self.options = config, options or StorageOptions()
+
+    @property
+    def output(self) -> Location:
+        return Location(self.config.output, self.options)
+
+    @property
+    def faults(self) -> FaultConfig:
+        return self.config.faults
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """What decides the output's content, hashed: markers of another one are never reused."""
+
+    @abstractmethod
+    def list_inputs(self) -> dict[str, InputShard]:
+        """Every input shard, by output name (one listing)."""
+
+    @abstractmethod
+    def plan(self, run: RunContext, inputs: dict[str, InputShard], markers: dict[str, Marker]) -> Plan:
+        """What is done and what is left (:func:`veclip.shards.plan.plan_shards` with the stage's checks)."""
+
+    def describe(self, plan: Plan, run: RunContext) -> str:
+        """The plan line's tail: the settings a user checks before the run goes on."""
+        return f"fingerprint {run.fingerprint}"
+
+    def prepare(self, plan: Plan, run: RunContext, log) -> None:  # noqa: B027 - optional
+        """Before any pool starts, with work to do (check that the workers can run)."""
+
+    @abstractmethod
+    def map_pools(self, ds, plan: Plan, run: RunContext):
+        """The Ray Dataset of shard rows through the stage's actor pools (:func:`map_pool`)."""
+
+    @abstractmethod
+    def details(self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str],
+                started_at: float) -> dict:
+        """The stage's own summary figures over its ``markers`` (``written``: this run's)."""
+
+
+def map_pool(ds, actor_cls, kwargs: dict, *, min_actors: int, max_actors: int, in_flight: int = 1, **resources):
+    """One autoscaling actor pool over the shard rows: one shard per call (the unit of work); an actor
+    may work on ``in_flight`` shards at once, on threads."""
+    from ray.data import ActorPoolStrategy
+
+    threads = {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True} if in_flight > 1 else {}
+    return ds.map_batches(actor_cls, fn_constructor_kwargs=kwargs, batch_size=1,
+                          compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors, **threads), **resources)
+
+
+def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) -> dict:
+    """Work on every input shard not yet done; returns (and writes) the run summary.
+
+    Shards that keep failing are recorded and listed in ``summary["failed"]``
+    (the CLI exits non-zero); rerunning the same command retries exactly them.
+    """
+    start, started_at = time.perf_counter(), time.time()
+    run = RunContext(run_id=uuid.uuid4().hex[:12], fingerprint=stage.fingerprint())
+    out = stage.output
+    lease = OutputLease(out, run.run_id, stage.faults.lease_seconds)
+    lease.acquire(take_over=take_over_lease)
+    try:
+        plan = plan_stage(stage, run)
+        record_plan(stage, plan, run, started_at)
+        left_out = "".join(f", {n} left out ({why})" for why, n in plan.left_out.items())
+        redo = f", {len(plan.redo)} to redo" if plan.redo else ""
+        log(f"{stage.name}: {len(plan.inputs)} shards, {len(plan.done)} already done, {len(plan.todo)} to do{redo}, "
+            f"{len(plan.unreadable)} unreadable{left_out} ({stage.describe(plan, run)})")
+        if plan.todo:
+            stage.prepare(plan, run, log)
+            _run_pools(stage, plan, run, log)
+        summary = summarize(stage, plan, run, time.perf_counter() - start, started_at)
+        out.fs.pipe_file(out.join(SUMMARY_FILE), json.dumps(summary, indent=1).encode())
+        return summary
+    finally:
+        lease.release()
+
+
+def plan_stage(stage: ShardedStage, run: RunContext) -> Plan:
+    """The stage's plan from one listing of its inputs and of the output's markers, made at once (the
+    caller holds the lease: it is the one writer, and folds the markers into the manifest)."""
+    with ThreadPoolExecutor(2) as pool:  # two long paginated listings: at once, not one after the other
+        inputs = pool.submit(stage.list_inputs)
+        markers = ShardStore(stage.output).markers(save_manifest=True)
+        return stage.plan(run, inputs.result(), markers)
+
+
+def shard_rows(plan: Plan) -> dict[str, list]:
+    """The shards to do as the pools' rows, column by column (a batch the workers take as it is)."""
+    return {"shard": [s.path for s in plan.todo], "size": [s.size for s in plan.todo], "status": [""] * len(plan.todo)}
+
+
+def record_plan(stage: ShardedStage, plan: Plan, run: RunContext, started_at: float) -> None:
+    """The shards that cannot run, in ``_failed/``; what this run set out to do, for ``veclip status`` while it runs."""
+    out = stage.output
+    for name, why in plan.unreadable.items():
+        record_failure(ShardStore(out), name, plan.inputs[name].path, "plan", run, 1, [why])
+    write_json(out.fs, out.join(PLAN_FILE), {
+        "stage": stage.name, "run_id": run.run_id, "fingerprint": run.fingerprint, "started_at": started_at,
+        "input": stage.config.input, "shards_total": len(plan.inputs), "rows_total": sum(plan.rows.values()),
+        "shards_todo": len(plan.todo)})
+
+
+def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
+    import ray
+
+    start_ray(log)
+    batch = shard_rows(plan)
+    ds = ray.data.from_items([dict(zip(batch, row)) for row in zip(*batch.values())], override_num_blocks=len(plan.todo))
+    rows = {s.path: plan.rows.get(s.name, 0) for s in plan.todo}
+    total, done, began = sum(rows.values()), 0, time.perf_counter()
+    for n, row in enumerate(stage.map_pools(ds, plan, run).iter_rows(), 1):
+        name = output_shard_name(row["shard"])
+        note = "" if row["status"] == DONE else f" (see {stage.config.output}/_failed/{name}.json)"
+        done += rows.get(row["shard"], 0)
+        rate = done / max(time.perf_counter() - began, 1e-9)  # workers' start-up included: the ETA errs long
+        left = f", ETA {eta(total - done, rate)}" if rate and done < total else ""
+        log(f"{stage.name}: [{n}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] {row['status']} "
+            f"{posixpath.basename(row['shard'])}{note}")
+
+
+def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: float, started_at: float = 0.0) -> dict:
+    """The run summary over the whole output; raises if any row is unaccounted for.
+
+    A shard is done (marked with this run's fingerprint, rows reconciled),
+    failed (recorded under ``_failed/`` with its error), or lost: that raises.
+    """
+    store = ShardStore(stage.output)
+    # Nothing ran (a no-op rerun): the plan's markers are current, the lease kept other writers out.
+    listed = store.markers(save_manifest=True) if plan.todo else plan.done
+    markers = {n: m for n, m in listed.items() if n in plan.inputs and m.fingerprint == run.fingerprint}
+    failed = {n: f for n, f in store.failures().items() if n in plan.inputs and n not in markers}
+    problems = [f"{name}: not written" for name in sorted(set(plan.inputs) - set(markers) - set(failed))]
+    for name, m in markers.items():
+        if name in plan.rows and m.rows_out + m.quarantined != plan.rows[name]:
+            problems.append(f"{name}: {plan.rows[name]} input rows but {m.rows} out + {m.quarantined} quarantined")
+    if problems:
+        raise ReconciliationError(f"{stage.name}: rows unaccounted for: " + "; ".join(problems))
+    written = sorted(n for n, m in markers.items() if m.run_id == run.run_id)
+    return RunSummary(
+        stage=stage.name, input=stage.config.input, output=stage.config.output, run_id=run.run_id,
+        fingerprint=run.fingerprint,
+        rows_in=sum(plan.rows.get(n, 0) for n in markers), rows_out=sum(m.rows_out for m in markers.values()),
+        rows_quarantined=sum(m.quarantined for m in markers.values()),
+        rows_in_failed_shards=sum(plan.rows.get(n, 0) for n in failed),
+        shards=ShardCounts(len(plan.inputs), len(markers), len(written), len(failed), len(plan.redo), dict(plan.left_out)),
+        failed={n: f.brief() for n, f in sorted(failed.items())},
+        wall_seconds=wall_seconds,
+        rows_per_second_this_run=sum(plan.rows.get(n, 0) for n in written) / wall_seconds,
+        details=stage.details(plan, run, markers, written, started_at),
+    ).to_json()
+
+
+def render_failed(summary: dict) -> list[str]:
+    """The summary lines of the shards that kept failing (every stage prints them the same way)."""
+    if not summary["failed"]:
+        return []
+    return [f"FAILED: {len(summary['failed'])} shard(s) kept failing; their errors are in {summary['output']}/_failed/. "
+            "Rerun the same command to retry exactly these:",
+            *(f"  {name}  [{f['stage']}, {f['tries']} tries]  {(f['error'] or '')[:200]}" for name, f in summary["failed"].items())]

@@ -1,0 +1,175 @@
+"""An output dataset of whole shards, their quarantines, done markers and failure records.
+
+The shard is the unit of work: a shard is written whole (temp file, then rename
+or one upload) and only then marked done. A rerun lists the markers and skips
+those shards, so a killed job neither loses nor duplicates rows. Every listing
+here is fresh: actors in other processes write markers while the driver
+watches, and s3fs would otherwise answer from a stale cache. Local disk and S3
+behave the same. The names are :mod:`veclip.shards.layout`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from veclip.shards.layout import DONE_DIR, FAILED_DIR, MANIFEST_FILE, QUARANTINE_DIR, RECORD_SUFFIX
+from veclip.shards.marker import CAPTIONS, Failure, Marker
+from veclip.storage import (PARQUET, Location, fresh_listing, list_file_entries, list_shards, read_json, read_many,
+                            small_file_kwargs, version_stamp, write_json, write_parquet)
+
+STAMP = "_listed_version"  # the marker's listing stamp, kept in the manifest only
+NOT_MARKED = "no done marker (still being written, or its writer stopped)"
+RECORDED_FAILED = "recorded as failed in _failed/"
+
+
+class ShardStore:
+    """The shards under one output folder (:mod:`veclip.shards.layout`)."""
+
+    def __init__(self, location: Location):
+        self.location = location
+
+    def write(self, marker: Marker, table: pa.Table, quarantine: pa.Table | None = None) -> Marker:
+        """Write the shard and its quarantine whole, then its marker (rows counted from the tables)."""
+        fs, name = self.location.fs, marker.shard
+        write_parquet(fs, self.location.join(name), table)
+        marker.rows, marker.quarantined = table.num_rows, 0 if quarantine is None else quarantine.num_rows
+        if marker.quarantined:
+            write_parquet(fs, self.location.join(QUARANTINE_DIR, name), quarantine)
+        write_json(fs, self._marker_path(name), marker.to_json())
+        self.clear_failure(name)
+        return marker
+
+    def _marker_path(self, name: str) -> str:
+        return self.location.join(DONE_DIR, name + RECORD_SUFFIX)
+
+    def _failure_path(self, name: str) -> str:
+        return self.location.join(FAILED_DIR, name + RECORD_SUFFIX)
+
+    def _listed(self, folder: str) -> dict[str, dict]:
+        """``{name: listing entry}`` of the records in a subfolder, listed fresh."""
+        entries = fresh_listing(self.location.fs, self.location.join(folder))
+        named = ((posixpath.basename(e["name"]), e) for e in entries if e["type"] == "file")
+        return {n[: -len(RECORD_SUFFIX)]: e for n, e in named if n.endswith(RECORD_SUFFIX)}
+
+    def done(self) -> set[str]:
+        """Names of the shards written whole."""
+        return set(self._listed(DONE_DIR))
+
+    def find_marker(self, name: str) -> Marker | None:
+        """The shard's done marker, or None when it is not done (read fresh: an actor checks before it works)."""
+        data = read_json(self.location.fs, self._marker_path(name))
+        return None if data is None else Marker.from_json(data)
+
+    def markers(self, save_manifest: bool = False) -> dict[str, Marker]:
+        """``{name: marker}`` of every done shard: one listing, the manifest, and
+        only the markers the manifest lacks (or holds an older version of),
+        fetched concurrently. ``save_manifest`` (the output's one writer only)
+        folds what was fetched into the manifest for the next reader."""
+        listed = self._listed(DONE_DIR)
+        manifest = self._manifest()
+        known = {n: m for n, m in manifest.items() if n in listed and m.get(STAMP) == version_stamp(listed[n])}
+        missing = sorted(set(listed) - set(known))
+        fetched = read_many(self.location.fs, [self._marker_path(n) for n in missing])
+        for name in missing:
+            known[name] = {**json.loads(fetched[self._marker_path(name)]), STAMP: version_stamp(listed[name])}
+        if save_manifest and (missing or len(known) != len(manifest)):
+            lines = (json.dumps(known[n], sort_keys=True) for n in sorted(known))
+            self.location.fs.pipe_file(self.location.join(MANIFEST_FILE), ("\n".join(lines) + "\n").encode())
+        return {n: Marker.from_json({k: v for k, v in m.items() if k != STAMP}) for n, m in sorted(known.items())}
+
+    def _manifest(self) -> dict[str, dict]:
+        fs = self.location.fs
+        try:
+            text = fs.cat_file(self.location.join(MANIFEST_FILE), **small_file_kwargs(fs)).decode()
+        except FileNotFoundError:
+            return {}
+        return {m["shard"]: m for m in map(json.loads, text.splitlines()) if m}
+
+    def shards(self) -> list[str]:
+        """Paths of the shards marked done, in name order (stray files are ignored)."""
+        return [self.location.join(name) for name in sorted(self.done())]
+
+    def quarantine_shards(self) -> list[str]:
+        folder = self.location.child(QUARANTINE_DIR)
+        return list_shards(folder) if self.location.fs.isdir(folder.path) else []
+
+    # Shards that kept failing: recorded so the run can finish the rest, and a rerun retries exactly them.
+    def record_failure(self, failure: Failure) -> None:
+        write_json(self.location.fs, self._failure_path(failure.shard), failure.to_json())
+
+    def clear_failure(self, name: str) -> None:
+        try:
+            self.location.fs.rm_file(self._failure_path(name))
+        except FileNotFoundError:
+            pass
+
+    def failed(self) -> set[str]:
+        """Names of the shards recorded as failed."""
+        return set(self._listed(FAILED_DIR))
+
+    def failures(self) -> dict[str, Failure]:
+        """``{name: failure record}`` of shards recorded as failed and not done since."""
+        paths = [self._failure_path(n) for n in sorted(self.failed())]
+        records = (Failure.from_json(json.loads(data)) for data in read_many(self.location.fs, paths).values())
+        return {record.shard: record for record in records}
+
+
+# --- reading an output -------------------------------------------------------------------------
+
+
+def finished_shard_entries(location: Location) -> tuple[list[dict], dict[str, int]]:
+    """The listing entries (name, size) of the shards a reader may use, and
+    ``{why skipped: count}`` for the others.
+
+    A folder with ``_done/`` markers is a stage's output: only marked shards are
+    finished (a rewrite still running, or one that crashed, leaves others beside
+    them). A folder without markers is plain input: every shard is used.
+    """
+    entries = [e for e in list_file_entries(location) if e["name"].endswith(PARQUET)]
+    store = ShardStore(location)
+    done = store.done()
+    if not done:
+        return entries, {}
+    failed = store.failed()
+    kept, skipped = [], {}
+    for entry in entries:
+        name = posixpath.basename(entry["name"])
+        if name in done:
+            kept.append(entry)
+        else:
+            reason = RECORDED_FAILED if name in failed else NOT_MARKED
+            skipped[reason] = skipped.get(reason, 0) + 1
+    return kept, skipped
+
+
+def finished_shards(location: Location) -> tuple[list[str], dict[str, int]]:
+    """The paths of :func:`finished_shard_entries`."""
+    entries, skipped = finished_shard_entries(location)
+    return [e["name"] for e in entries], skipped
+
+
+@dataclass(frozen=True)
+class CaptionTables:
+    """A caption-layout output (``rewrite --layout captions``, ``score``): its caption tables, each
+    with the input shard it belongs to (from the markers, which record the input)."""
+
+    inputs_url: str  # the folder of the input shards
+    inputs: dict[str, tuple[str, int]]  # caption table path -> (input shard path, input size)
+
+
+def caption_tables(location: Location, entries: list[dict]) -> CaptionTables | None:
+    """The caption tables among ``entries`` (finished shards) of ``location``; None for whole shards."""
+    markers = ShardStore(location).markers() if entries else {}
+    layouts = {markers[n].layout if n in markers else "copy" for n in (posixpath.basename(e["name"]) for e in entries)}
+    if layouts != {CAPTIONS}:
+        if len(layouts) > 1:
+            raise ValueError(f"{location.url} mixes output layouts {sorted(layouts)}: rewrite it into one layout")
+        return None
+    marked = {e["name"]: markers[posixpath.basename(e["name"])] for e in entries}
+    inputs_url = posixpath.dirname(next(iter(marked.values())).input_url)
+    fs = Location(inputs_url, location.options).fs
+    return CaptionTables(inputs_url, {path: (fs._strip_protocol(m.input_url), int(m.input_size)) for path, m in marked.items()})
