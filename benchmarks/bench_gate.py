@@ -80,7 +80,7 @@ def train(data: str, output: Path, name: str, steps: int, seed: int, add: tuple[
     from veclip.train.trainer import run_train
 
     overrides = [f"steps={steps}", "batch_size=32", f"seed={seed}", "captions.mode=vecap", f"checkpoint_every={steps}", "report_every=50"]
-    summary = run_train(build_config("tiny", None, overrides, data=data, output=str(output), name=name, add_captions=add), log=lambda *_: None)
+    summary = run_train(build_config("tiny", None, overrides, input=data, output=str(output), name=name, add_captions=add), log=lambda *_: None)
     print(json.dumps({"run": name, "rows_skipped": summary.get("rows_skipped_by_reason")}), flush=True)
     return export(str(output / name), str(output.parent / "models" / name))
 
@@ -100,7 +100,7 @@ def main() -> None:
 
     from veclip.eval.run import EvalConfig, evaluate
     from veclip.report import mean_recall
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
     from veclip.score import steps
     from veclip.score.config import build_config
     from veclip.score.pipeline import render_summary, run_score
@@ -154,7 +154,7 @@ def main() -> None:
     for seed in args.seeds:
         for name, (data, add) in runs.items():
             model = train(data, tmp / "runs", f"{name.replace(', ', '-').replace(' ', '-')}-{seed}", args.steps, seed, add)
-            ev = evaluate(EvalConfig(model=str(model), data=str(tmp / "world-0" / "eval"), label_column=",".join(labels)))
+            ev = evaluate(EvalConfig(model=str(model), input=str(tmp / "world-0" / "eval"), label_column=",".join(labels)))
             row = {f"zs_{label}": ev["zero_shot"][label]["top1"] for label in labels} | {f"R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)}
             results[name].append(row)
             log(json.dumps({"run": name, "seed": seed, **row}))

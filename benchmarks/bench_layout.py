@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
 
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(SampleConfig(tmp + "/sample", rows=args.rows, eval_rows=1, shards=8, image_size=args.image_size), log=lambda *_: None)

@@ -88,7 +88,7 @@ def main() -> None:
 
     from veclip.eval.run import EvalConfig, evaluate
     from veclip.report import mean_recall
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
     from veclip.train.config import build_config
     from veclip.train.export import export
     from veclip.train.trainer import run_train
@@ -97,7 +97,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="veclip-mixing-"))
     generate(SampleConfig(str(tmp / "sample"), rows=args.rows, eval_rows=500, shards=4, seed=0), log=lambda *_: None)
     if args.captions == "pipeline":
-        from veclip.models.quality import measure, read_rows, render
+        from veclip.world.quality import measure, read_rows, render
         from veclip.rewrite.config import build_config as rewrite_config
         from veclip.rewrite.config import ensure_models
         from veclip.rewrite.pipeline import run_rewrite
@@ -119,10 +119,10 @@ def main() -> None:
             # the tiny preset's scale, as the demo: 2 workers x 0.5 CPU, 32 rows each per step (64 a step)
             overrides = [f"steps={args.steps}", "batch_size=32", f"seed={seed}",
                          *MODES[mode], f"model={args.model}", f"checkpoint_every={args.steps}", "report_every=50", "captions.max_rewrites=4"]
-            config = build_config("tiny", None, overrides, data=str(data), output=str(tmp / "runs"), name=name)
+            config = build_config("tiny", None, overrides, input=str(data), output=str(tmp / "runs"), name=name)
             run_train(config, log=lambda *_: None)
             model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
-            ev = evaluate(EvalConfig(model=str(model), data=str(tmp / "sample" / "eval"), label_column=",".join(labels_zs)))
+            ev = evaluate(EvalConfig(model=str(model), input=str(tmp / "sample" / "eval"), label_column=",".join(labels_zs)))
             row = {f"zs_{label}": ev["zero_shot"][label]["top1"] for label in labels_zs}
             row.update({f"R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)})
             results[mode].append(row)

@@ -50,7 +50,7 @@ OPEN_CLIP = "import sys; from veclip.train.model import register_configs; regist
 
 def make_data(tmp: Path, rows: int) -> tuple[Path, Path, int]:
     """The same rows twice: Parquet shards for veclip, webdataset tars for open_clip_train."""
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
 
     generate(SampleConfig(str(tmp / "sample"), rows=rows, eval_rows=1, shards=4, image_size=64), log=lambda *_: None)
     parquet, tars = tmp / "parquet", tmp / "tars"

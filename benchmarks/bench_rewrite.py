@@ -187,7 +187,7 @@ def main() -> None:
     import ray
 
     from veclip.rewrite.config import build_config
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
 
     def setup(rows: int, mode: str):
         tmp = tempfile.mkdtemp()

@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--ingest-only", action="store_true", help="skip the train loop")
     args = parser.parse_args()
 
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
     from veclip.train.config import build_config
     from veclip.train.checkpoint import metric_history
     from veclip.train.trainer import run_train
@@ -170,7 +170,7 @@ def main() -> None:
         bare = bench_bare_loop("veclip-tiny", args.batch, args.steps)
         config = build_config("tiny", None, [f"steps={args.steps}", f"batch_size={args.batch}", "scale.num_workers=1", "scale.cpus_per_worker=1",
                                              "scale.preprocess_cpus=0.5", "captions.mode=alttext", "captions.min_words=1", f"checkpoint_every={args.steps}"],
-                              data=tmp + "/s64/train", output=tmp + "/runs", name="bench")
+                              input=tmp + "/s64/train", output=tmp + "/runs", name="bench")
         run_train(config, log=lambda *_: None)
         history = {m["step"]: m for m in metric_history(tmp + "/runs/bench")}
         passes = args.steps * args.batch / args.rows

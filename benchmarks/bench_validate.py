@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from veclip.sample import SampleConfig, generate
+from veclip.world.generate import SampleConfig, generate
 from veclip.validate import ValidateConfig, validate
 
 

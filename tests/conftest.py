@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from veclip.sample import SampleConfig, generate
+from veclip.world.generate import SampleConfig, generate
 from veclip.storage import StorageOptions
 
 REPO = Path(__file__).resolve().parents[1]

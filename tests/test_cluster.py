@@ -234,7 +234,7 @@ class MetricsWatch:
 def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint, vllm_python):
     import threading
 
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
     from veclip.storage import Location
 
     url, options = s3_bucket

@@ -9,7 +9,7 @@ from conftest import REPO
 
 # Modules the rewrite stage runs inside vLLM workers: no open_clip (the trainer's).
 REWRITE_SIDE = (
-    "veclip.schema", "veclip.storage", "veclip.images", "veclip.validate", "veclip.ingest", "veclip.sample",
+    "veclip.schema", "veclip.storage", "veclip.images", "veclip.validate", "veclip.ingest", "veclip.world.generate", "veclip.shards.driver",
     "veclip.rewrite.workers", "veclip.rewrite.engine", "veclip.rewrite.prompts", "veclip.rewrite.cleaning",
 )
 

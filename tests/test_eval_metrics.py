@@ -104,9 +104,9 @@ def test_converters_feed_eval(tmp_path):
     from veclip.eval.run import EvalConfig, evaluate
 
     model_dir = _random_tiny_export(tmp_path / "model")
-    folders = evaluate(EvalConfig(model=str(model_dir), data=str(tmp_path / "imagenet"), label_column="label"))
+    folders = evaluate(EvalConfig(model=str(model_dir), input=str(tmp_path / "imagenet"), label_column="label"))
     assert folders["images"] == 6 and folders["classes"] == 2 and folders["zero_shot"]["label"]["top5"] == 1.0
-    captions = evaluate(EvalConfig(model=str(model_dir), data=str(tmp_path / "coco"), label_column="label"))
+    captions = evaluate(EvalConfig(model=str(model_dir), input=str(tmp_path / "coco"), label_column="label"))
     assert captions["zero_shot"] == {} and captions["captions"] == 3 and captions["images"] == 2
 
 
@@ -128,14 +128,14 @@ def test_eval_over_ray_actors_matches_in_process(sample_root, tmp_path, ray_sess
     pq.write_table(table.set_column(table.column_names.index("image"), "image", pa.array(images, table.schema.field("image").type)), first)
 
     model_dir = _random_tiny_export(tmp_path / "model")
-    local = evaluate(EvalConfig(model=str(model_dir), data=str(data), batch_size=4))
-    spread = evaluate(EvalConfig(model=str(model_dir), data=str(data), batch_size=4, workers=2, cpus_per_worker=0.5))
+    local = evaluate(EvalConfig(model=str(model_dir), input=str(data), batch_size=4))
+    spread = evaluate(EvalConfig(model=str(model_dir), input=str(data), batch_size=4, workers=2, cpus_per_worker=0.5))
     assert local["images"] == spread["images"] == 19
     assert local["images_skipped_by_reason"] == spread["images_skipped_by_reason"] == {"image_undecodable": 1}
     from veclip.schema import SchemaError
 
     with pytest.raises(SchemaError, match=r"no column\(s\) \['nope'\]"):  # checked from the footer, before any actor starts
-        evaluate(EvalConfig(model=str(model_dir), data=str(data), workers=2, label_column="nope"))
+        evaluate(EvalConfig(model=str(model_dir), input=str(data), workers=2, label_column="nope"))
     assert spread["zero_shot"]["label_shape"] == pytest.approx(local["zero_shot"]["label_shape"]) and spread["retrieval"] == pytest.approx(local["retrieval"])
 
 
@@ -147,7 +147,7 @@ def test_eval_on_a_caption_output_retrieves_with_its_generated_captions(tmp_path
 
     _rewrite_in_process(tmp_path, split="eval", layout="captions")  # the first image is broken
     model_dir = _random_tiny_export(tmp_path / "model")
-    config = EvalConfig(model=str(model_dir), data=str(tmp_path / "out"), caption_column="vecap", batch_size=4)
+    config = EvalConfig(model=str(model_dir), input=str(tmp_path / "out"), caption_column="vecap", batch_size=4)
     local = evaluate(config)
     spread = evaluate(dataclasses.replace(config, workers=2, cpus_per_worker=0.5))
     assert local["images"] == spread["images"] == 11 and local["images_skipped_by_reason"] == {"image_undecodable": 1}

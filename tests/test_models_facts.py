@@ -2,9 +2,9 @@
 
 import random
 
-from veclip.models import facts, teacher
-from veclip.sample.alt_text import alt_text
-from veclip.sample.scene import describe
+from veclip.world import facts, teacher
+from veclip.world.alt_text import alt_text
+from veclip.world.scene import describe
 
 
 def test_the_reference_description_states_exactly_the_scene_facts():
@@ -54,7 +54,7 @@ def test_teacher_targets_keep_the_alt_texts_names_and_every_visual_fact():
 
 def test_model_scenes_are_their_own_stream():
     """The models learn from split "models": never the rows of the train or eval split."""
-    from veclip.sample.generate import SampleConfig, make_row
+    from veclip.world.generate import SampleConfig, make_row
 
     config = SampleConfig(rows=50, eval_rows=50)
     sample_facts = {make_row(split, i, config)["ref_facts"] for split in ("train", "eval") for i in range(50)}

@@ -231,30 +231,6 @@ def test_fingerprint_mismatch_stops_and_redo_rewrites(sample_root, tmp_path):
     assert {m.fingerprint for m in markers.values()} == {digest}
 
 
-def test_one_writer_per_output(tmp_path):
-    out = Location(str(tmp_path))
-    first = OutputLease(out, "run-1", ttl_seconds=60)
-    first.acquire()
-    second = OutputLease(out, "run-2", ttl_seconds=60)
-    with pytest.raises(LeaseHeld, match="being written by run run-1"):
-        second.acquire()
-    first.check()
-    second.acquire(take_over=True)
-    with pytest.raises(LeaseLost):
-        first.check()  # its workers stop at their next commit
-    second.release()
-    first._stop.set()
-    # a lease left by a driver killed on this host is free at once
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    out.fs.pipe_file(out.join("_lease.json"), (
-        '{"run_id": "gone", "host": "%s", "pid": %s, "expires_at": %f, "started_at": "x"}'
-        % (os.uname().nodename, dead.stdout.strip(), time.time() + 600)).encode())
-    third = OutputLease(out, "run-3")
-    third.acquire()
-    third.release()
-    assert not out.fs.exists(out.join("_lease.json"))
-
-
 def test_transient_s3_faults_lose_nothing(sample_root, s3_endpoint, s3_bucket, tmp_path):
     """503 SlowDown, 500s and dropped connections on a share of all requests: the run finishes whole."""
     url, options = s3_bucket

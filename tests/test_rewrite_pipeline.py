@@ -175,7 +175,7 @@ def test_chat_vlm_captioners_through_the_pipeline(captioner, where, sample_root,
     """The production path: a LLaVA- or Qwen2-VL-architecture captioner (tiny, random) through vLLM's
     chat API with an image part, seeded requests and the default preset's prompt files, on local
     disk and S3. (LLaVA on local disk is the tiny preset's own captioner: the runs above.)"""
-    from veclip.rewrite.config import tiny_captioner
+    from veclip.world.presets import tiny_captioner
 
     source = make_input(sample_root, tmp_path / "input")
     for extra in sorted(source.glob("*.parquet"))[1:]:  # one shard of 20 rows, bad rows included

@@ -113,7 +113,7 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
     from veclip.rewrite.pipeline import Rewrite, plan_run
     from veclip.shards.driver import record_plan, shard_rows, summarize
     from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
     from veclip.storage import Location, StorageOptions
 
     root = str(tmp_path) if url is None else url
@@ -278,7 +278,7 @@ def test_training_runs_on_a_caption_layout_output(tmp_path, ray_session):
 
     _rewrite_in_process(tmp_path, layout="captions")
     config = build_config("tiny", None, ["steps=3", "checkpoint_every=3", "scale.num_workers=1", "batch_size=4", "captions.mode=vecap"],
-                          data=str(tmp_path / "out"), output=str(tmp_path / "runs"), name="joined")
+                          input=str(tmp_path / "out"), output=str(tmp_path / "runs"), name="joined")
     summary = run_train(config, log=lambda *_: None)
     assert summary["metrics"]["step"] == 3
     from veclip.status import StatusConfig, status

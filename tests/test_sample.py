@@ -6,8 +6,8 @@ import pytest
 
 from veclip import schema
 from veclip.images import decode_image
-from veclip.sample import SampleConfig, generate
-from veclip.sample.generate import EVAL_SCHEMA, SAMPLE_SCHEMA, class_names, make_row, shard_ranges
+from veclip.world.generate import SampleConfig, generate
+from veclip.world.generate import EVAL_SCHEMA, SAMPLE_SCHEMA, class_names, make_row, shard_ranges
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, list_shards
 
@@ -57,7 +57,7 @@ def test_eval_labels_match_the_facts(sample_root):
 def test_brands_have_a_visual_identity_that_only_the_alt_text_names():
     """VeCLIP's premise, in the sample world: the image shows a brand's frame and emblem,
     the visual description says what they look like, and only the AltText knows the name."""
-    from veclip.sample.scene import BRAND_STYLES
+    from veclip.world.scene import BRAND_STYLES
 
     config = SampleConfig("unused", image_size=32)
     rows = [make_row("eval", i, config) for i in range(400)]

@@ -39,7 +39,7 @@ def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
                                         "--caption-mode", "laclip", "--set", "batch_size=8"])
     assert (config.steps, config.batch_size, config.captions.mode, config.model) == (7, 8, "laclip", "veclip-tiny")
     sample = parse_stage_args("sample", ["--out", "x", "--rows", "10", "--set", "jpeg_quality=70"])
-    assert (sample.out, sample.rows, sample.jpeg_quality, sample.eval_rows) == ("x", 10, 70, 500)
+    assert (sample.output, sample.rows, sample.jpeg_quality, sample.eval_rows) == ("x", 10, 70, 500)
     evaluation = parse_stage_args("eval", ["--model", "m", "--data", "d", "--batch-size", "32", "--cpus-per-worker", "0.5"])
     assert (evaluation.batch_size, evaluation.cpus_per_worker) == (32, 0.5)  # once set only in code
     with pytest.raises(ValueError, match="unknown config field"):
@@ -49,8 +49,8 @@ def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
                                           "--caption-mode", "weighted", "--set", 'captions.weights={"vecap": 1, "vlm_caption": 1}'])
     assert weighted.captions.weights == {"vecap": 1, "vlm_caption": 1} and weighted.add_captions == ("e#vecap=vlm_caption",)
     # a tuple given in code stays that tuple (it was once wrapped into a tuple of one tuple)
-    assert train_config("tiny", None, [], data="d", output="o", add_captions=()).add_captions == ()
-    assert train_config("tiny", None, [], data="d", output="o", add_captions=("a", "b")).add_captions == ("a", "b")
+    assert train_config("tiny", None, [], input="d", output="o", add_captions=()).add_captions == ()
+    assert train_config("tiny", None, [], input="d", output="o", add_captions=("a", "b")).add_captions == ("a", "b")
     with pytest.raises(ValueError, match="weighted mode needs"):
         parse_stage_args("train", ["--data", "d", "--output", "o", "--caption-mode", "weighted"])
 
@@ -80,19 +80,32 @@ def _imports(path: Path, package_root: Path) -> set[str]:
     return out
 
 
-def test_the_import_graph_has_no_circles():
+def _graph(package_level: bool) -> dict[str, set[str]]:
+    """veclip's import graph: of modules, or of packages (a subpackage is one node; a top-level module its own)."""
     root = REPO / "veclip"
     modules = {}
     for path in root.rglob("*.py"):
         name = ".".join(path.relative_to(REPO).with_suffix("").parts)
         modules[name.removesuffix(".__init__")] = path
-    graph = {m: {t for t in _imports(p, root) if t in modules and t != m and not m.startswith(t + ".")} for m, p in modules.items()}
+
+    def node(module: str) -> str:
+        parts = module.split(".")
+        return ".".join(parts[:2]) if package_level and len(parts) > 2 else module
+
+    graph: dict[str, set[str]] = {}
+    for m, p in modules.items():
+        targets = {t for t in _imports(p, root) if t in modules and t != m and not m.startswith(t + ".")}
+        graph.setdefault(node(m), set()).update(node(t) for t in targets if node(t) != node(m) and t != "veclip")
+    return graph
+
+
+def _find_circle(graph: dict[str, set[str]]) -> None:
     state, stack = {}, []
 
     def visit(module):
         state[module] = "open"
         stack.append(module)
-        for target in sorted(graph[module]):
+        for target in sorted(graph.get(module, ())):
             if state.get(target) == "open":
                 raise AssertionError("import circle: " + " -> ".join(stack[stack.index(target):] + [target]))
             if target not in state:
@@ -105,11 +118,32 @@ def test_the_import_graph_has_no_circles():
             visit(module)
 
 
+def test_the_import_graph_has_no_circles_between_modules_or_packages():
+    _find_circle(_graph(package_level=False))
+    _find_circle(_graph(package_level=True))
+
+
+def test_production_code_never_imports_the_sample_world():
+    """The world registers its presets through an entry point; only the demo, the CLI's registry and the
+    demo's report reach into it."""
+    users = {"veclip.world", "veclip.demo", "veclip.stages", "veclip.report"}
+    graph = _graph(package_level=True)
+    offenders = sorted(m for m, targets in graph.items() if "veclip.world" in targets and m not in users)
+    assert not offenders, f"production packages import veclip.world: {offenders}"
+
+
+def test_the_sharded_stages_share_the_engine_and_not_each_other():
+    graph = _graph(package_level=True)
+    assert "veclip.shards" in graph["veclip.rewrite"] and "veclip.shards" in graph["veclip.score"]
+    assert "veclip.score" not in graph["veclip.rewrite"] and "veclip.rewrite" not in graph["veclip.score"]
+    assert not graph["veclip.shards"] & {"veclip.rewrite", "veclip.score", "veclip.train", "veclip.eval", "veclip.world"}
+
+
 def test_one_flag_vocabulary_with_the_old_spellings_kept():
     assert parse_stage_args("train", ["--input", "d", "--output", "o"]) == parse_stage_args("train", ["--data", "d", "--output", "o"])
     assert parse_stage_args("eval", ["--model", "m", "--input", "d", "--output", "x"]) == parse_stage_args(
         "eval", ["--model", "m", "--data", "d", "--out", "x"])
-    assert parse_stage_args("sample", ["--output", "x"]).out == parse_stage_args("sample", ["--out", "x"]).out == "x"
+    assert parse_stage_args("sample", ["--output", "x"]).output == parse_stage_args("sample", ["--out", "x"]).output == "x"
 
 
 def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):
@@ -120,7 +154,7 @@ def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):
 
     (tmp_path / "in").mkdir()
     with pytest.raises(FileNotFoundError, match=r"eval: no .parquet shards in .*veclip import"):
-        evaluate(EvalConfig(model="unused", data=str(tmp_path / "in")))
+        evaluate(EvalConfig(model="unused", input=str(tmp_path / "in")))
     config = dataclasses.replace(preset("default"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match=r"rewrite: no .parquet shards in .*veclip import"):
         plan_run(config, StorageOptions(), "f", False)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from veclip.sample import SampleConfig, generate
+from veclip.world.generate import SampleConfig, generate
 from veclip.shards.store import NOT_MARKED
 from veclip.storage import Location
 from veclip.train.config import build_config, preset
@@ -87,7 +87,7 @@ def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session
     # A tiny contrastive run sits on the chance plateau for a seed-dependent number of steps
     # (seed 0's data order: ~80 here; seeds 1 and 2: ~10); this test is about leaving it.
     config = build_config("tiny", None, ["steps=60", "checkpoint_every=20", "keep_checkpoints=2", "captions.mode=vecap", "seed=1"],
-                          data=str(ref_data), output=str(tmp_path), name="learn")
+                          input=str(ref_data), output=str(tmp_path), name="learn")
     console = []
     summary = run_train(config, log=console.append)
     run = tmp_path / "learn"
@@ -136,7 +136,7 @@ def test_several_captions_per_image_decoded_on_the_device(ref_data, tmp_path, ra
     # multi-positive training (AltText and VeCap of each image in the step) with JPEGs decoded by
     # the workers (torchvision's CPU decoder here; nvJPEG on a GPU), end to end on 2 Ray Train workers
     config = build_config("tiny", None, ["steps=40", "checkpoint_every=40", "captions.mode=mix", "captions.per_image=2",
-                                         "decode=device", "seed=1"], data=str(ref_data), output=str(tmp_path), name="multi")
+                                         "decode=device", "seed=1"], input=str(ref_data), output=str(tmp_path), name="multi")
     console = []
     summary = run_train(config, log=console.append)
     assert any("x 2 captions each (multi-positive)" in line for line in console), console
@@ -147,7 +147,7 @@ def test_several_captions_per_image_decoded_on_the_device(ref_data, tmp_path, ra
     assert summary["rows_skipped_by_reason"]["image_unusable"] >= 1  # the junk image, refused in the task as before
     flops = history[-1]["train_flops_per_sample"]
     assert flops > train_flops_per_sample(create_model("veclip-tiny"), 64, 32)  # a second text per image
-    budget = build_config("tiny", None, ["captions.per_image=4", "captions.budget_neutral=true"], data="x", output="y")
+    budget = build_config("tiny", None, ["captions.per_image=4", "captions.budget_neutral=true"], input="x", output="y")
     assert budget.images_per_step == budget.batch_size // 4
 
 
@@ -169,7 +169,7 @@ def test_a_killed_worker_resumes_exactly(ref_data, tmp_path, ray_session):
     common = ["steps=20", "checkpoint_every=8", "captions.mode=mix"]
     runs = {}
     for name, kill_at_step in (("straight", None), ("killed", 9)):
-        config = build_config("tiny", None, common, data=str(ref_data), output=str(tmp_path / name), name=name)
+        config = build_config("tiny", None, common, input=str(ref_data), output=str(tmp_path / name), name=name)
         runs[name] = run_train(config, log=quiet, hooks=TrainHooks(kill_at_step, sample_log=str(tmp_path / name / "samples")))
     straight, killed = runs["straight"], runs["killed"]
     assert straight["resumes"] == [] and killed["metrics"]["step"] == 20
@@ -199,7 +199,7 @@ def test_data_and_checkpoints_on_s3(ref_data, s3_bucket, ray_session):
     fs.put_file(str(ref_data / "part-00001.parquet"), f"{url[5:]}/data/part-00099.parquet")
     # bf16 autocast (a GPU's default) runs here on CPU: the loop's mixed-precision path, exercised
     config = build_config("tiny", None, ["steps=4", "checkpoint_every=2", "scale.num_workers=1", "precision=bf16"],
-                          data=url + "/data", output=url + "/runs", name="s3")
+                          input=url + "/data", output=url + "/runs", name="s3")
     summary = run_train(config, options, log=quiet)
     assert summary["metrics"]["step"] == 4 and np.isfinite(summary["metrics"]["loss"])
     assert summary["shards_skipped_by_reason"] == {NOT_MARKED: 1}

@@ -99,7 +99,7 @@ def test_resume_point_is_exact_only_with_the_same_worker_count():
 
 @pytest.fixture(scope="module")
 def sample_table(tmp_path_factory):
-    from veclip.sample import SampleConfig, generate
+    from veclip.world.generate import SampleConfig, generate
 
     root = tmp_path_factory.mktemp("order")
     generate(SampleConfig(str(root), rows=40, eval_rows=1, shards=1, image_size=64, seed=1), log=lambda *_: None)

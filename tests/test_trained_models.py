@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from veclip.models.build import ModelsConfig, ensure_built
-from veclip.models.quality import measure, read_rows
+from veclip.world.build import ModelsConfig, ensure_built
+from veclip.world.quality import measure, read_rows
 from veclip.rewrite.config import build_config, ensure_models
 from veclip.rewrite.pipeline import run_rewrite
-from veclip.sample import SampleConfig, generate
+from veclip.world.generate import SampleConfig, generate
 
 pytestmark = pytest.mark.slow
 ROWS, STEPS = 320, 300
@@ -72,9 +72,9 @@ def test_misaligned_captions_destroy_the_gain(world, tmp_path):
     for name, data in (("aligned", world / "trained"), ("shuffled", tmp_path / "shuffled")):
         overrides = [f"steps={STEPS}", "batch_size=64", "scale.num_workers=1", "scale.cpus_per_worker=1", "captions.mode=vecap",
                      f"checkpoint_every={STEPS}", "report_every=50"]
-        run_train(train_config("tiny", None, overrides, data=str(data), output=str(tmp_path / "runs"), name=name), log=lambda *_: None)
+        run_train(train_config("tiny", None, overrides, input=str(data), output=str(tmp_path / "runs"), name=name), log=lambda *_: None)
         model = export(str(tmp_path / "runs" / name), str(tmp_path / "models" / name))
-        r5[name] = mean_recall(evaluate(EvalConfig(model=str(model), data=str(world / "data" / "eval")))["retrieval"], 5)
+        r5[name] = mean_recall(evaluate(EvalConfig(model=str(model), input=str(world / "data" / "eval")))["retrieval"], 5)
     print(r5)
     chance = 5 / 200  # R@5 over 200 eval images
     assert r5["shuffled"] <= 2 * chance  # captions of other images teach nothing about these

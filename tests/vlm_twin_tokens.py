@@ -8,9 +8,10 @@ import json
 from PIL import Image
 from transformers import AutoProcessor
 
-from veclip.rewrite.config import PRESETS, preset, tiny_models_dir
+from veclip.rewrite.config import PRESETS, preset
+from veclip.world.presets import tiny_models_dir
 from veclip.rewrite.prompts import CaptionerPrompt
-from veclip.rewrite.tiny import build, model_paths
+from veclip.world.tiny import build, model_paths
 
 if __name__ == "__main__":
     build(tiny_models_dir())

@@ -14,6 +14,7 @@ import re
 import tokenize
 import types
 import typing
+import warnings
 from pathlib import Path
 
 from veclip.schema import ColumnMap
@@ -46,11 +47,19 @@ def _coerce(value, hint):
     return value
 
 
+# Config fields renamed to match their flags (--input, --output): the old names still read, with a note.
+RENAMED_FIELDS = {"data": "input", "out": "output"}
+
+
 def _merge(obj, values: dict):
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     changes = {}
     for key, value in values.items():
+        if key not in names and RENAMED_FIELDS.get(key) in names:
+            warnings.warn(f"config field {key!r} of {type(obj).__name__} is now {RENAMED_FIELDS[key]!r} "
+                          f"(as its flag, --{RENAMED_FIELDS[key]}); the old name still works", FutureWarning, stacklevel=2)
+            key = RENAMED_FIELDS[key]
         if key not in names:
             raise ValueError(f"unknown config field {key!r} in {type(obj).__name__}; fields: {sorted(names)}")
         current = getattr(obj, key)

@@ -21,20 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from veclip.eval.run import EvalConfig, evaluate
-from veclip.models.build import ModelsConfig
-from veclip.models.build import ensure_built as ensure_models
-from veclip.models.build import render as render_models
-from veclip.models.quality import measure, read_rows
-from veclip.models.quality import render as render_quality
+from veclip.world.build import ModelsConfig
+from veclip.world.build import ensure_built as ensure_models
+from veclip.world.build import render as render_models
+from veclip.world.quality import measure, read_rows
+from veclip.world.quality import render as render_quality
 from veclip.report import MODE_NAMES, comparison, write_report
-from veclip.rewrite.config import TRAINED_PRESETS
+from veclip.world.presets import TRAINED_PRESETS
 from veclip.rewrite.config import build_config as build_rewrite_config
 from veclip.rewrite.pipeline import render_summary as render_rewrite_summary
 from veclip.rewrite.pipeline import run_rewrite
 from veclip.score.config import build_config as build_score_config
 from veclip.score.pipeline import render_summary as render_score_summary
 from veclip.score.pipeline import run_score
-from veclip.sample import SampleConfig, generate
+from veclip.world.generate import SampleConfig, generate
 from veclip.show import ShowConfig, show
 from veclip.storage import Location, StorageOptions
 from veclip.train.config import build_config as build_train_config
@@ -47,7 +47,7 @@ from veclip.validate import ValidateConfig, validate
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "runs/demo"  # a local folder: data, outputs, the models and the report
+    output: str = "runs/demo"  # a local folder: data, outputs, the models and the report
     rows: int = 1000  # train rows of sample data
     eval_rows: int = 500  # eval rows of sample data
     shards: int = 4  # shards per split
@@ -60,7 +60,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     """Returns a process exit code: 0 when every step succeeded."""
     options = options or StorageOptions()
-    root = Location(config.out, options)
+    root = Location(config.output, options)
     if not root.is_local:
         raise ValueError("demo: --out must be a local folder (the report and the exported models are local files)")
     data = root.child("data")
@@ -107,11 +107,11 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     for mode in config.modes:
         name = f"demo-{mode}"
         overrides = [f"batch_size={per_worker}", f"steps={config.steps}", f"captions.mode={mode}", f"checkpoint_every={config.steps}"]
-        train = build_train_config("tiny", None, overrides, data=rewrite.output, output=root.child("train").url, name=name)
+        train = build_train_config("tiny", None, overrides, input=rewrite.output, output=root.child("train").url, name=name)
         summary = run_train(train, options)
         print(render_train_summary(summary))
         model = export(root.child("train", name).url, root.join("models", mode), options)
-        evaluation = evaluate(EvalConfig(model=str(model), data=data.child("eval").url, out=root.child("eval", mode).url,
+        evaluation = evaluate(EvalConfig(model=str(model), input=data.child("eval").url, output=root.child("eval", mode).url,
                                          label_column="label_shape,label_brand"), options)  # what the images show; what only AltText names
         runs[mode] = {"train": summary, "eval": evaluation, "history": metric_history(root.child("train", name).url, options)}
         lap(f"train + eval: {MODE_NAMES.get(mode, mode)} (Ray Train, 2 CPU workers)")

@@ -45,7 +45,7 @@ PATH_OUTSIDE_SOURCE = "path_outside_source"  # a CSV image path outside the CSV'
 @dataclass(frozen=True)
 class ImportConfig:
     source: str = ""  # a folder of .tar shards, or a .csv file
-    out: str = ""  # output folder or s3:// prefix
+    output: str = ""  # output folder or s3:// prefix
     format: str = "auto"  # auto (from the source), webdataset or csv
     # For CSV: which columns hold the image path, the caption and (optionally) the key.
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
@@ -188,7 +188,7 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
     tars = [p for p in list_files(source) if p.endswith((".tar", ".tar.gz", ".tgz"))]
     if not tars:
         raise FileNotFoundError(f"no .tar shards in {config.source}")
-    store, summary = ShardStore(Location(config.out, options)), ImportSummary()
+    store, summary = ShardStore(Location(config.output, options)), ImportSummary()
     done = store.done()
     for path in tars:
         name = output_shard_name(path)
@@ -253,7 +253,7 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
         raise FileNotFoundError(f"no such CSV file: {config.source}")
     base = Location(config.source.rsplit("/", 1)[0] if "/" in config.source else ".", options)
     stem = output_shard_name(csv_path)[: -len(".parquet")]
-    store, summary = ShardStore(Location(config.out, options)), ImportSummary()
+    store, summary = ShardStore(Location(config.output, options)), ImportSummary()
     done = store.done()
     cols = config.columns
 

@@ -77,8 +77,8 @@ def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: di
     """Write ``report.md``, ``report.html``, ``loss.png`` and ``eval.png`` into ``out``. ``runs``: per
     caption mode, its train summary, eval results and loss history; ``gate``: the score stage's summary."""
     from veclip.eval.run import render_markdown
-    from veclip.models.build import render as render_models
-    from veclip.models.quality import render as render_quality
+    from veclip.world.build import render as render_models
+    from veclip.world.quality import render as render_quality
     from veclip.rewrite.pipeline import render_summary as render_rewrite
     from veclip.train.trainer import run_samples_per_s
 

@@ -114,7 +114,7 @@ def _only_default(config_type: str) -> Callable[[str], Any]:
 
 
 def _sample_flags(p):
-    p.add_argument("--output", "--out", dest="out", metavar="URL", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--output", "--out", dest="output", metavar="URL", required=True, help="output folder or s3:// prefix")
     p.add_argument("--rows", type=int, help="train rows (default 2000)")
     p.add_argument("--eval-rows", type=int, help="eval rows (default 500)")
     p.add_argument("--shards", type=int, help="shards per split (default 4)")
@@ -123,10 +123,10 @@ def _sample_flags(p):
 
 
 def _sample_run(config, options, args) -> int:
-    from veclip.sample import generate
+    from veclip.world.generate import generate
 
     written = generate(config, options)
-    print(f"sample: {written['train']} train + {written['eval']} eval rows in {config.out}")
+    print(f"sample: {written['train']} train + {written['eval']} eval rows in {config.output}")
     return 0
 
 
@@ -152,7 +152,7 @@ def _validate_run(config, options, args) -> int:
 
 def _import_flags(p):
     p.add_argument("source", help="folder of .tar shards, or a .csv file")
-    p.add_argument("--output", "--out", dest="out", metavar="URL", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--output", "--out", dest="output", metavar="URL", required=True, help="output folder or s3:// prefix")
     p.add_argument("--format", choices=("auto", "webdataset", "csv"))
     _columns_flag(p)
     p.add_argument("--rows-per-shard", type=int, help="CSV rows per output shard (default 10000)")
@@ -191,7 +191,7 @@ def _rewrite_run(config, options, args) -> int:
 
 
 def _train_flags(p):
-    p.add_argument("--input", "--data", dest="data", metavar="URL", required=True, help="folder or s3:// prefix of (enriched) shards")
+    p.add_argument("--input", "--data", dest="input", metavar="URL", required=True, help="folder or s3:// prefix of (enriched) shards")
     p.add_argument("--output", metavar="URL", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
     p.add_argument("--model", help="open_clip model name, e.g. ViT-B-16 (default), or veclip-tiny")
     p.add_argument("--name", help="run name; rerun with the same name and output to resume")
@@ -203,7 +203,7 @@ def _train_flags(p):
 
 
 def _train_fields(args) -> dict:
-    fields = dict(data=args.data, add_captions=args.add_captions, output=args.output, model=args.model, name=args.name, columns=args.columns)
+    fields = dict(input=args.input, add_captions=args.add_captions, output=args.output, model=args.model, name=args.name, columns=args.columns)
     return {**fields, "captions.mode": args.caption_mode}
 
 
@@ -238,21 +238,21 @@ def _score_run(config, options, args) -> int:
 
 def _export_flags(p):
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
-    p.add_argument("--output", "--out", dest="out", metavar="DIR", required=True, help="local output folder")
+    p.add_argument("--output", "--out", dest="output", metavar="DIR", required=True, help="local output folder")
 
 
 def _export_run(config, options, args) -> int:
     from veclip.train.export import export
 
-    out = export(config.checkpoint, config.out, options)
+    out = export(config.checkpoint, config.output, options)
     print(f"export: wrote {out}; load it with open_clip.create_model_and_transforms('local-dir:{out}')")
     return 0
 
 
 def _eval_flags(p):
     p.add_argument("--model", required=True, help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)")
-    p.add_argument("--input", "--data", dest="data", metavar="URL", required=True, help="eval shards: folder or s3:// prefix")
-    p.add_argument("--output", "--out", dest="out", metavar="URL", help="write eval.json and eval.md here")
+    p.add_argument("--input", "--data", dest="input", metavar="URL", required=True, help="eval shards: folder or s3:// prefix")
+    p.add_argument("--output", "--out", dest="output", metavar="URL", help="write eval.json and eval.md here")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
     p.add_argument("--label-column", help="class-name column for zero-shot (default label_shape)")
     p.add_argument("--caption-column", help="caption (string or list) column for retrieval (default caption)")
@@ -301,19 +301,19 @@ def _status_run(config, options, args) -> int:
 
 def _models_flags(p):
     p.add_argument("action", choices=("build",), help="build: train the captioner VLM and the instruction LLM (cached)")
-    p.add_argument("--output", "--out", dest="out", metavar="DIR", help="where to build (default: the cache, see --help)")
+    p.add_argument("--output", "--out", dest="output", metavar="DIR", help="where to build (default: the cache, see --help)")
     p.add_argument("--scale", choices=("full", "quick"), help="full (~10 min on 2 cores, the demo's) or quick (tests)")
     p.add_argument("--seed", type=int)
 
 
 def _models_run(config, options, args) -> int:
-    from veclip.models.build import run
+    from veclip.world.build import run
 
     return run(config)
 
 
 def _demo_flags(p):
-    p.add_argument("--output", "--out", dest="out", metavar="URL", help="output folder (default runs/demo)")
+    p.add_argument("--output", "--out", dest="output", metavar="URL", help="output folder (default runs/demo)")
     p.add_argument("--rows", type=int, help="train rows of sample data (default 1000)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="CLIP training steps per caption mode (default 300)")
@@ -333,12 +333,12 @@ def _fields(*names: str) -> Callable[[argparse.Namespace], dict]:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sample", "write rendered sample data (train + eval splits)", _sample_flags,
-          _fields("out", "rows", "eval_rows", "shards", "seed", "image_size"), _only_default("veclip.sample:SampleConfig"), _sample_run),
+          _fields("output", "rows", "eval_rows", "shards", "seed", "image_size"), _only_default("veclip.world.generate:SampleConfig"), _sample_run),
     Stage("validate", "check a folder of Parquet shards against the input schema", _validate_flags,
           _fields("url", "columns", "images", "sample_per_shard", "sample_row_groups", "max_bad_image_share", "max_keys_in_memory"),
           _only_default("veclip.validate:ValidateConfig"), _validate_run),
     Stage("import", "convert webdataset tars or a CSV of image paths into Parquet shards", _import_flags,
-          _fields("source", "out", "format", "columns", "rows_per_shard", "allow_outside_paths", "resize"), _only_default("veclip.ingest:ImportConfig"), _import_run),
+          _fields("source", "output", "format", "columns", "rows_per_shard", "allow_outside_paths", "resize"), _only_default("veclip.ingest:ImportConfig"), _import_run),
     Stage("rewrite", "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites", _rewrite_flags,
           _fields("input", "output", "mode", "layout", "columns"), _lazy("veclip.rewrite.config:preset"), _rewrite_run,
           presets="default (LLaVA-1.5 + Llama-3-8B), qwen2-vl, qwen2.5-vl: real models on GPU actors; tiny: tiny random models on CPU; trained, trained-quick: small models trained here (veclip models build) on CPU",
@@ -352,9 +352,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _lazy("veclip.score.config:preset"), _score_run, presets="default: GPU actors (up to 8); cpu: one CPU actor",
           submittable=True, set_example="pool.max_actors=16 or caption_columns=[\"vecap\"]"),
     Stage("export", "write a checkpoint as a folder stock open_clip loads", _export_flags,
-          _fields("checkpoint", "out"), _only_default("veclip.train.export:ExportConfig"), _export_run),
+          _fields("checkpoint", "output"), _only_default("veclip.train.export:ExportConfig"), _export_run),
     Stage("eval", "zero-shot classification and image<->text retrieval on a Parquet eval set", _eval_flags,
-          _fields("model", "data", "out", "pretrained", "label_column", "caption_column", "classes", "templates", "workers",
+          _fields("model", "input", "output", "pretrained", "label_column", "caption_column", "classes", "templates", "workers",
                   "gpus_per_worker", "cpus_per_worker", "batch_size", "columns"),
           _only_default("veclip.eval.run:EvalConfig"), _eval_run, submittable=True),
     Stage("show", "look at rows of a dataset or stage output: captions beside their images, flags, reasons", _show_flags,
@@ -364,6 +364,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           lambda p: p.add_argument("url", help="a rewrite or score output, or a training run folder <output>/<name>"),
           _fields("url"), _only_default("veclip.status:StatusConfig"), _status_run),
     Stage("models", "train small real models on the sample world (captioner VLM, instruction LLM) for the trained presets",
-          _models_flags, _fields("out", "scale", "seed"), _only_default("veclip.models.build:ModelsConfig"), _models_run),
-    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("out", "rows", "seed", "steps", "models"), _only_default("veclip.demo:DemoConfig"), _demo_run),
+          _models_flags, _fields("output", "scale", "seed"), _only_default("veclip.world.build:ModelsConfig"), _models_run),
+    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("output", "rows", "seed", "steps", "models"), _only_default("veclip.demo:DemoConfig"), _demo_run),
 )}

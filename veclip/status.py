@@ -110,7 +110,7 @@ def train_status(location: Location) -> Status:
     if skipped:
         lines.append("rows passed over: " + ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()))
     if run:
-        lines.append(f"data: {run.get('data')}; model {run.get('model')}; captions {run.get('caption_mode')}")
+        lines.append(f"input: {run.get('input', run.get('data'))}; model {run.get('model')}; captions {run.get('caption_mode')}")
     finished = bool(summary) and (not steps or summary.get("metrics", {}).get("step", 0) >= steps)
     return Status("train", location.url, finished, lines)
 

@@ -34,8 +34,8 @@ from veclip.storage import Location, StorageOptions, write_json
 @dataclass(frozen=True)
 class EvalConfig:
     model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name
-    data: str = ""  # eval shards: folder or s3:// prefix
-    out: str | None = None  # write eval.json and eval.md here
+    input: str = ""  # eval shards: folder or s3:// prefix
+    output: str | None = None  # write eval.json and eval.md here
     pretrained: str | None = None  # with an open_clip model name
     label_column: str = "label_shape"  # class-name column(s) for zero-shot, comma-separated: label_shape,label_brand
     caption_column: str = "caption"  # caption (string or list) column for retrieval
@@ -64,7 +64,7 @@ def _class_names(config: EvalConfig, location: Location, column: str) -> list[st
         return json.loads(Path(config.classes).read_text())["classnames"]
     classes_path = location.join(schema.CLASSES_FILE)  # beside the images
     if not location.fs.exists(classes_path):
-        raise FileNotFoundError(f"eval: {config.data} has no _classes.json; pass --classes FILE")
+        raise FileNotFoundError(f"eval: {config.input} has no _classes.json; pass --classes FILE")
     return json.loads(location.fs.cat_file(classes_path))[column]
 
 
@@ -86,7 +86,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     """Zero-shot and retrieval on a set of shards, or on a caption output joined to its images
     (e.g. ``--caption-column vecap`` to retrieve with generated captions)."""
     options = options or StorageOptions()
-    dataset = open_dataset(config.data, options, stage="eval")
+    dataset = open_dataset(config.input, options, stage="eval")
     location = dataset.images
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
     spec = EmbedSpec(config.model, config.pretrained, (*config.label_columns, config.caption_column), config.batch_size)
@@ -131,7 +131,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
 
     results = {
         "model": config.model,
-        "data": config.data,
+        "data": config.input,
         "images": len(kept),
         "images_skipped": sum(skipped.values()),
         "images_skipped_by_reason": dict(skipped),
@@ -141,8 +141,8 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         "zero_shot": zs,
         "retrieval": rt,
     }
-    if config.out:
-        out = Location(config.out, options)
+    if config.output:
+        out = Location(config.output, options)
         write_json(out.fs, out.join("eval.json"), results)
         out.fs.pipe_file(out.join("eval.md"), render_markdown(results).encode())
     return results

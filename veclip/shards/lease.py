@@ -218,13 +218,19 @@ class OutputLease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_seconds / 4):
-            try:
-                self._version = self._cas.replace(self._record(), self._version)
-            except _Conflict:
-                return  # taken over: workers find out at their next check
-            except OSError:
-                pass  # a transient storage error: the next renewal tries again, well before expiry
+        while not self._stop.wait(self.ttl_seconds / 4) and self._renew_once():
+            pass
+
+    def _renew_once(self) -> bool:
+        """Extend the lease if it is still this run's; False once it was taken over."""
+        try:
+            self._version = self._cas.replace(self._record(), self._version)
+        except _Conflict:
+            self._stop.set()
+            return False  # taken over: workers find out at their next check
+        except OSError:
+            pass  # a transient storage error: the next renewal tries again, well before expiry
+        return True
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this run still holds the lease (workers call it before each commit)."""

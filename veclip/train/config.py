@@ -37,7 +37,7 @@ class ScaleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = ""  # folder or s3:// prefix of shards, or a caption output (joined to its input's images by key)
+    input: str = ""  # folder or s3:// prefix of shards, or a caption output (joined to its input's images by key)
     # More caption outputs of the same input, joined by key beside data's: URL, or
     # URL#vecap=vlm_caption,rewrites to pick and rename columns (see veclip.dataset.CaptionSource)
     add_captions: tuple[str, ...] = ()

@@ -26,7 +26,7 @@ CONFIG_FILE = "open_clip_config.json"
 @dataclass(frozen=True)
 class ExportConfig:
     checkpoint: str = ""  # a checkpoint folder, or a run folder (its latest checkpoint is used)
-    out: str = ""  # local output folder
+    output: str = ""  # local output folder
 
 
 def export(checkpoint: str, out: str, options: StorageOptions | None = None) -> Path:

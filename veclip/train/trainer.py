@@ -29,12 +29,12 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     config.validate_for_run()
     start_ray(log)
     start = time.perf_counter()
-    plan = plan_data(config.data, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
+    plan = plan_data(config.input, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
     output = Location(config.output, options)
     scale = config.scale
     write_json(output.fs, output.join(config.name, RUN_FILE), {  # for `veclip status` while it runs
         "steps": config.steps, "batch_size": config.images_per_step, "num_workers": scale.num_workers, "model": config.model,
-        "data": config.data, "caption_mode": config.captions.mode, "started_at": time.time()})
+        "input": config.input, "caption_mode": config.captions.mode, "started_at": time.time()})
     k = config.captions.per_image
     several = f" x {k} captions each (multi-positive)" if k > 1 else ""
     log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.images_per_step} images/worker{several}, "

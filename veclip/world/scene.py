@@ -5,7 +5,7 @@ objects of one shape, colour and size placed in one region of the picture.
 Some scenes belong to a *brand*, whose visual identity is always the same: a
 frame of the brand's colour and a white emblem of its shape in the bottom-right
 corner. A captioner can see and describe the identity but not name the brand;
-the AltText, when it knows, names it (:mod:`veclip.sample.alt_text`).
+the AltText, when it knows, names it (:mod:`veclip.world.alt_text`).
 :func:`describe` states the visual facts in plain English — the caption a
 perfect captioner would write — and :func:`render` draws them.
 """

@@ -1,7 +1,7 @@
 """How good the rewrite's captions are, measured on its own output against the sample world's truth.
 
 Joins a caption output (or an enriched one) with the sample data's ``ref_*``
-columns by key and scores each generated column with :mod:`veclip.models.facts`:
+columns by key and scores each generated column with :mod:`veclip.world.facts`:
 the captioner's fact accuracy, the fuser's retention of AltText names and of the
 visual caption's facts, and the LaCLIP rewrites' diversity and meaning retention.
 Benchmarks and the demo use it; pipelines never read ``ref_*``.
@@ -13,8 +13,8 @@ import json
 
 from veclip import schema
 from veclip.dataset import open_dataset, read_shard
-from veclip.models import facts
-from veclip.sample.scene import Group, Scene
+from veclip.world import facts
+from veclip.world.scene import Group, Scene
 from veclip.storage import StorageOptions
 
 

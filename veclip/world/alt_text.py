@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from veclip.sample.scene import BRAND_STYLES, COLORS, SHAPES, Scene, describe, plural
+from veclip.world.scene import BRAND_STYLES, COLORS, SHAPES, Scene, describe, plural
 
 BRANDS = tuple(BRAND_STYLES)
 NAMES_ITS_BRAND = 0.7

@@ -15,7 +15,7 @@ The weights are random, so their text is gibberish: they exercise the real
 engine, prompts, batching and cleaning, not caption quality.
 
 Runs in the vLLM environment (it needs transformers):
-``python -m veclip.rewrite.tiny --out DIR`` writes ``DIR/llm``, ``DIR/vlm``, ``DIR/llava`` and ``DIR/qwen2_vl``.
+``python -m veclip.world.tiny --out DIR`` writes ``DIR/llm``, ``DIR/vlm``, ``DIR/llava`` and ``DIR/qwen2_vl``.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def ensure_built(out: str | Path, python: str | None) -> dict[str, str]:
     out = Path(out)
     if paths := _already_built(out):
         return paths
-    cmd = [python or sys.executable, "-m", "veclip.rewrite.tiny", "--out", str(out)]
+    cmd = [python or sys.executable, "-m", "veclip.world.tiny", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building tiny models failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")

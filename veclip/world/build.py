@@ -22,7 +22,7 @@ ROLES = ("captioner", "llm")
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    out: str = ""  # where to build (default: the cache, $VECLIP_CACHE/trained-models/...)
+    output: str = ""  # where to build (default: the cache, $VECLIP_CACHE/trained-models/...)
     scale: str = "full"  # full (the demo's, ~10 min on 2 cores) or quick (tests, ~3 min)
     seed: int = 0  # training data, initialisation and order all derive from it
 
@@ -32,8 +32,8 @@ class ModelsConfig:
 
 
 def models_dir(config: ModelsConfig = ModelsConfig()) -> Path:
-    if config.out:
-        return Path(config.out)
+    if config.output:
+        return Path(config.output)
     from veclip.environments import cache_dir
 
     return cache_dir() / "trained-models" / f"{BUILD_VERSION}-{config.scale}-seed{config.seed}"
@@ -62,7 +62,7 @@ def ensure_built(config: ModelsConfig = ModelsConfig(), python: str | None = Non
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    cmd = [python or default_vllm_python() or sys.executable, "-m", "veclip.models.train", "--out", str(partial),
+    cmd = [python or default_vllm_python() or sys.executable, "-m", "veclip.world.model_training", "--out", str(partial),
            "--scale", config.scale, "--seed", str(config.seed)]
     log(f"models: building {config.scale} models (seed {config.seed}) into {folder}; log: {folder}/build.log")
     with open(partial / "build.log", "w") as log_file:

@@ -14,8 +14,8 @@ import itertools
 import re
 from collections import Counter
 
-from veclip.sample.alt_text import BRANDS, PLACES, PRODUCTS
-from veclip.sample.scene import BACKGROUNDS, COLORS, NUMBERS, PATTERNS, REGION_PHRASES, SHAPES, SIZES, Scene
+from veclip.world.alt_text import BRANDS, PLACES, PRODUCTS
+from veclip.world.scene import BACKGROUNDS, COLORS, NUMBERS, PATTERNS, REGION_PHRASES, SHAPES, SIZES, Scene
 
 FACT_KINDS = ("colour", "shape", "object", "count", "size", "position", "background", "pattern", "identity")
 _WORD = "|".join
@@ -34,7 +34,7 @@ def scene_facts(scene: Scene) -> set[str]:
         out |= {f"colour={g.color}", f"shape={g.shape}", obj, f"{obj}: count={g.count}", f"{obj}: size={g.size}", f"{obj}: position={g.region}"}
     out |= {f"background={scene.background}", f"pattern={scene.pattern}"}
     if scene.brand:
-        from veclip.sample.scene import BRAND_STYLES
+        from veclip.world.scene import BRAND_STYLES
 
         frame, emblem = BRAND_STYLES[scene.brand]
         out |= {f"frame={frame}", f"emblem={emblem}"}

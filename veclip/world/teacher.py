@@ -1,11 +1,11 @@
 """What each model should write, derived from the sample generator's facts.
 
-The training examples of :mod:`veclip.models.train` are drawn from their own
+The training examples of :mod:`veclip.world.model_training` are drawn from their own
 stream of scenes (split ``"models"``: never the eval split) and formatted with
 the pipeline's own prompt builders, so the models learn exactly the requests
 the rewrite sends:
 
-* captioner: image -> :func:`veclip.sample.scene.describe` (it never sees AltText);
+* captioner: image -> :func:`veclip.world.scene.describe` (it never sees AltText);
 * fuser: (AltText, visual caption) -> the AltText's names, then the visual caption;
 * LaCLIP rewriter: AltText -> a paraphrase that keeps its words' meaning.
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 import random
 import re
 
-from veclip.models.facts import entities
-from veclip.sample.alt_text import BRANDS, PLACES, PRODUCTS, alt_text
-from veclip.sample.scene import Scene, describe, random_brand, random_scene, render
+from veclip.world.facts import entities
+from veclip.world.alt_text import BRANDS, PLACES, PRODUCTS, alt_text
+from veclip.world.scene import Scene, describe, random_brand, random_scene, render
 
 SPLIT = "models"  # the scenes the models learn from: their own random stream, not train or eval
 

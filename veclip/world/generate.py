@@ -25,8 +25,8 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import encode_jpeg
-from veclip.sample.alt_text import alt_text
-from veclip.sample.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
+from veclip.world.alt_text import alt_text
+from veclip.world.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, write_json
@@ -47,7 +47,7 @@ EVAL_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class SampleConfig:
-    out: str = ""  # output folder or s3:// prefix
+    output: str = ""  # output folder or s3:// prefix
     rows: int = 2000  # train rows
     eval_rows: int = 500  # eval rows (a separate split, with labels and captions)
     shards: int = 4  # per split
@@ -123,7 +123,7 @@ def _check_same_config(root: Location, config: SampleConfig) -> None:
 
 def generate(config: SampleConfig, options: StorageOptions | None = None, log=print) -> dict[str, int]:
     """Write both splits (skipping shards already done); returns rows per split."""
-    root = Location(config.out, options or StorageOptions())
+    root = Location(config.output, options or StorageOptions())
     _check_same_config(root, config)
     written = {}
     for split in SPLITS:

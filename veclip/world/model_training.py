@@ -1,12 +1,12 @@
 """Train the captioner VLM and the instruction LLM on the sample world (CPU, minutes).
 
 Runs in the vLLM environment (it has transformers):
-``python -m veclip.models.train --out DIR [--scale quick]``. Writes ``DIR/captioner``
+``python -m veclip.world.model_training --out DIR [--scale quick]``. Writes ``DIR/captioner``
 (LLaVA: CLIP ViT + MLP projector + Llama, served through vLLM's chat path) and
 ``DIR/llm`` (Llama; fusion as chat, LaCLIP rewriting as completion), both in Hugging
 Face format with one shared byte-level BPE tokenizer trained here, and
 ``DIR/quality.json``: each model's scores on held-out scenes, generated with
-transformers (the pipeline's own figures come from vLLM, see ``veclip.models.quality``).
+transformers (the pipeline's own figures come from vLLM, see ``veclip.world.quality``).
 
 Every example is formatted by the pipeline's own prompt builders and templates and
 tokenized as vLLM tokenizes a request, so the models learn the requests they serve.
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from veclip.models import facts, teacher
+from veclip.world import facts, teacher
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt, load_prompt_file
-from veclip.rewrite.tiny import CHAT_TEMPLATE, LLAVA_TEMPLATE, LLAVA_TOWER_NAMES, _rename_weights, _tokenizer
-from veclip.sample.alt_text import alt_text
-from veclip.sample.scene import describe
+from veclip.world.tiny import CHAT_TEMPLATE, LLAVA_TEMPLATE, LLAVA_TOWER_NAMES, _rename_weights, _tokenizer
+from veclip.world.alt_text import alt_text
+from veclip.world.scene import describe
 
 
 @dataclass(frozen=True)
