@@ -61,7 +61,7 @@ def corrupt(source: Path, dest: Path, share: float, seed: int = 0) -> set[str]:
 def roc_auc(bad: np.ndarray, good: np.ndarray) -> float:
     """P(a corrupted caption scores lower than a clean one): the gate's ranking quality, free of any threshold."""
     ranks = np.concatenate([bad, good]).argsort().argsort() + 1.0
-    return float((ranks[len(bad):].sum() - len(good) * (len(good) + 1) / 2) / (len(bad) * len(good)))
+    return float((ranks[len(bad) :].sum() - len(good) * (len(good) + 1) / 2) / (len(bad) * len(good)))
 
 
 def rewrite(world: Path, out: Path, log) -> None:
@@ -79,8 +79,18 @@ def train(data: str, output: Path, name: str, steps: int, seed: int, add: tuple[
     from veclip.train.export import export
     from veclip.train.trainer import run_train
 
-    overrides = [f"steps={steps}", "batch_size=32", f"seed={seed}", "captions.mode=vecap", f"checkpoint_every={steps}", "report_every=50"]
-    summary = run_train(build_config("tiny", None, overrides, input=data, output=str(output), name=name, add_captions=add), log=lambda *_: None)
+    overrides = [
+        f"steps={steps}",
+        "batch_size=32",
+        f"seed={seed}",
+        "captions.mode=vecap",
+        f"checkpoint_every={steps}",
+        "report_every=50",
+    ]
+    summary = run_train(
+        build_config("tiny", None, overrides, input=data, output=str(output), name=name, add_captions=add),
+        log=lambda *_: None,
+    )
     print(json.dumps({"run": name, "rows_skipped": summary.get("rows_skipped_by_reason")}), flush=True)
     return export(str(output / name), str(output.parent / "models" / name))
 
@@ -100,29 +110,42 @@ def main() -> None:
 
     from veclip.eval.run import EvalConfig, evaluate
     from veclip.report import mean_recall
-    from veclip.world.generate import SampleConfig, generate
     from veclip.score import steps
     from veclip.score.config import build_config
     from veclip.score.pipeline import render_summary, run_score
+    from veclip.world.generate import SampleConfig, generate
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(args.work or tempfile.mkdtemp(prefix="veclip-gate-"))
     log = lambda text: print(text, flush=True)
     for seed in (0, 1):
-        generate(SampleConfig(str(tmp / f"world-{seed}"), rows=args.rows, eval_rows=500 if seed == 0 else 1, shards=4, seed=seed), log=lambda *_: None)
+        generate(
+            SampleConfig(
+                str(tmp / f"world-{seed}"), rows=args.rows, eval_rows=500 if seed == 0 else 1, shards=4, seed=seed
+            ),
+            log=lambda *_: None,
+        )
         rewrite(tmp / f"world-{seed}", tmp / f"captions-{seed}", log)
     scorer = train(str(tmp / "captions-1"), tmp / "runs", "scorer", args.scorer_steps, seed=1)
     bad_keys = corrupt(tmp / "captions-0", tmp / "corrupted", args.corrupt)
 
     percentile = 100 * args.corrupt
-    config = build_config("cpu", None, [f"percentile={percentile:g}", 'caption_columns=["vecap","alt_text"]'],
-                          input=str(tmp / "corrupted"), output=str(tmp / "scores"), model=str(scorer))
+    config = build_config(
+        "cpu",
+        None,
+        [f"percentile={percentile:g}", 'caption_columns=["vecap","alt_text"]'],
+        input=str(tmp / "corrupted"),
+        output=str(tmp / "scores"),
+        model=str(scorer),
+    )
     summary = run_score(config, log=lambda *_: None)
     log(render_summary(summary))
 
     scores = pa.concat_tables([pq.read_table(p) for p in sorted((tmp / "scores").glob("*.parquet"))])
     keys = scores.column("key").to_pylist()
-    vecap = np.array([s["vecap"] if s["vecap"] is not None else np.nan for s in scores.column("clip_scores").to_pylist()], np.float32)
+    vecap = np.array(
+        [s["vecap"] if s["vecap"] is not None else np.nan for s in scores.column("clip_scores").to_pylist()], np.float32
+    )
     flagged = np.array(["vecap:low_clip_score" in f for f in scores.column("rewrite_flags").to_pylist()])
     bad = np.array([k in bad_keys for k in keys])
     scored = ~np.isnan(vecap)
@@ -131,8 +154,10 @@ def main() -> None:
         hit = (flags & bad & scored).sum()
         return hit / max(flags[scored].sum(), 1), hit / max((bad & scored).sum(), 1)
 
-    print(f"\n{scored.sum()} VeCaps scored, {(bad & scored).sum()} of them another image's ({args.corrupt:.0%}); scorer: veclip-tiny, "
-          f"VeCap only, {args.scorer_steps} steps on the seed-1 world's captions; ROC AUC {roc_auc(vecap[bad & scored], vecap[~bad & scored]):.3f}\n")
+    print(
+        f"\n{scored.sum()} VeCaps scored, {(bad & scored).sum()} of them another image's ({args.corrupt:.0%}); scorer: veclip-tiny, "
+        f"VeCap only, {args.scorer_steps} steps on the seed-1 world's captions; ROC AUC {roc_auc(vecap[bad & scored], vecap[~bad & scored]):.3f}\n"
+    )
     print("| gate | flagged | precision | recall |\n| --- | --- | --- | --- |")
     precision, recall = pr(flagged)
     print(f"| the run's: {summary['gate']} | {flagged[scored].sum()} | {precision:.2f} | {recall:.2f} |")
@@ -148,22 +173,37 @@ def main() -> None:
         return
 
     labels = ("label_shape", "label_color_shape", "label_brand")
-    runs = {"corrupted, no gate": (str(tmp / "corrupted"), ()), "corrupted, gated": (str(tmp / "corrupted"), (str(tmp / "scores"),)),
-            "clean": (str(tmp / "captions-0"), ())}
+    runs = {
+        "corrupted, no gate": (str(tmp / "corrupted"), ()),
+        "corrupted, gated": (str(tmp / "corrupted"), (str(tmp / "scores"),)),
+        "clean": (str(tmp / "captions-0"), ()),
+    }
     results: dict[str, list[dict]] = {name: [] for name in runs}
     for seed in args.seeds:
         for name, (data, add) in runs.items():
-            model = train(data, tmp / "runs", f"{name.replace(', ', '-').replace(' ', '-')}-{seed}", args.steps, seed, add)
-            ev = evaluate(EvalConfig(model=str(model), input=str(tmp / "world-0" / "eval"), label_column=",".join(labels)))
-            row = {f"zs_{label}": ev["zero_shot"][label]["top1"] for label in labels} | {f"R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)}
+            model = train(
+                data, tmp / "runs", f"{name.replace(', ', '-').replace(' ', '-')}-{seed}", args.steps, seed, add
+            )
+            ev = evaluate(
+                EvalConfig(model=str(model), input=str(tmp / "world-0" / "eval"), label_column=",".join(labels))
+            )
+            row = {f"zs_{label}": ev["zero_shot"][label]["top1"] for label in labels} | {
+                f"R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)
+            }
             results[name].append(row)
             log(json.dumps({"run": name, "seed": seed, **row}))
     fmt = lambda xs: f"{100 * statistics.mean(xs):.1f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0):.1f}"
-    print(f"\nVeCap-only training, veclip-tiny, {args.steps} steps x 64, seeds {args.seeds}; eval: 500 images of the seed-0 world\n")
-    print("| VeCap captions | zero-shot shape (%) | colour+shape (%) | brand (%) | R@1 (%) | R@5 (%) |\n| --- | --- | --- | --- | --- | --- |")
+    print(
+        f"\nVeCap-only training, veclip-tiny, {args.steps} steps x 64, seeds {args.seeds}; eval: 500 images of the seed-0 world\n"
+    )
+    print(
+        "| VeCap captions | zero-shot shape (%) | colour+shape (%) | brand (%) | R@1 (%) | R@5 (%) |\n| --- | --- | --- | --- | --- | --- |"
+    )
     for name, rows in results.items():
-        col = lambda key: fmt([r[key] for r in rows])
-        print(f"| {name} | {col('zs_label_shape')} | {col('zs_label_color_shape')} | {col('zs_label_brand')} | {col('R@1')} | {col('R@5')} |")
+        col = lambda key, rows=rows: fmt([r[key] for r in rows])
+        print(
+            f"| {name} | {col('zs_label_shape')} | {col('zs_label_color_shape')} | {col('zs_label_brand')} | {col('R@1')} | {col('R@5')} |"
+        )
     for name, rows in results.items():
         print(f"per seed R@5 {name}: " + " / ".join(f"{100 * r['R@5']:.1f}" for r in rows))
     ray.shutdown()

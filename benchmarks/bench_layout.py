@@ -35,12 +35,12 @@ class InstantEngine:
 
 
 def rewrite(source: str, out: str, layout: str) -> tuple[float, int]:
-    from veclip.shards.lease import OutputLease
     from veclip.rewrite.config import fingerprint, preset
-    from veclip.shards.guard import RunContext
     from veclip.rewrite.pipeline import plan_run
     from veclip.rewrite.workers import ShardRewriter
     from veclip.shards.driver import shard_rows
+    from veclip.shards.guard import RunContext
+    from veclip.shards.lease import OutputLease
     from veclip.storage import Location, StorageOptions
 
     config = dataclasses.replace(preset("default"), input=source, output=out, mode="laclip", layout=layout)
@@ -75,7 +75,11 @@ def ingest(url: str, decode: bool = True) -> tuple[float, int]:
     start, rows = time.perf_counter(), 0
     for w in range(len(windows)):
         for chunk in read_window({"epoch": np.array([0]), "window": np.array([w])}, plan, Position(), 0, 1, 0, 8):
-            rows += len(preprocess(chunk, "veclip-tiny", CaptionConfig("laclip"), ImageLimits(), 0)["skip"]) if decode else chunk.num_rows
+            rows += (
+                len(preprocess(chunk, "veclip-tiny", CaptionConfig("laclip"), ImageLimits(), 0)["skip"])
+                if decode
+                else chunk.num_rows
+            )
     return time.perf_counter() - start, rows
 
 
@@ -89,7 +93,10 @@ def main() -> None:
     from veclip.world.generate import SampleConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        generate(SampleConfig(tmp + "/sample", rows=args.rows, eval_rows=1, shards=8, image_size=args.image_size), log=lambda *_: None)
+        generate(
+            SampleConfig(tmp + "/sample", rows=args.rows, eval_rows=1, shards=8, image_size=args.image_size),
+            log=lambda *_: None,
+        )
         source = tmp + "/sample/train"
         input_bytes = sum(p.stat().st_size for p in Path(source).glob("*.parquet"))
         results = {layout: rewrite(source, f"{tmp}/{layout}", layout) for layout in ("copy", "captions")}
@@ -107,22 +114,31 @@ def main() -> None:
 
     per_k = 1000 / args.rows
     print(f"Input: {args.rows} rows of {args.image_size}px JPEG in 8 shards, {input_bytes / 1e6:.1f} MB.\n")
-    print("| rewrite output layout (LaCLIP mode, instant stand-in engine) | bytes written per 1,000 rows | wall s per 1,000 rows |")
+    print(
+        "| rewrite output layout (LaCLIP mode, instant stand-in engine) | bytes written per 1,000 rows | wall s per 1,000 rows |"
+    )
     print("| --- | --- | --- |")
     for layout, (seconds, written) in results.items():
         print(f"| {layout} | {written * per_k / 1e6:,.2f} MB | {seconds * per_k:.3f} |")
     ratio = results["captions"][1] / results["copy"][1]
-    print(f"\ncaption tables write {ratio:.1%} of the copying layout's bytes, in {results['captions'][0] / results['copy'][0]:.0%} of its time.\n")
-    print(f"| training ingest, 1 process, median of {args.rounds} | read (+ join) rows/s | + decode, augment, tokenize rows/s |")
+    print(
+        f"\ncaption tables write {ratio:.1%} of the copying layout's bytes, in {results['captions'][0] / results['copy'][0]:.0%} of its time.\n"
+    )
+    print(
+        f"| training ingest, 1 process, median of {args.rounds} | read (+ join) rows/s | + decode, augment, tokenize rows/s |"
+    )
     print("| --- | --- | --- |")
     print(f"| copied shards | {reads['copy']:,.0f} | {rates['copy']:,.0f} |")
     print(f"| caption tables joined to their inputs by key | {reads['captions']:,.0f} | {rates['captions']:,.0f} |")
     join_us = (1 / reads["captions"] - 1 / reads["copy"]) * 1e6
     share = join_us / (1e6 / rates["copy"])
     paired = sorted(paired)
-    print(f"\nthe join costs {join_us:.1f} us per row, {share:.2%} of a row's ingest ({1e6 / rates['copy']:.0f} us); "
-          f"end to end, joined / copied per round: median {statistics.median(paired):.3f}, "
-          f"middle half {paired[len(paired) // 4]:.3f}-{paired[(3 * len(paired)) // 4]:.3f}, range {paired[0]:.3f}-{paired[-1]:.3f}")
+    print(
+        f"\nthe join costs {join_us:.1f} us per row, {share:.2%} of a row's ingest ({1e6 / rates['copy']:.0f} us); "
+        f"end to end, joined / copied per round: median {statistics.median(paired):.3f}, "
+        f"middle half {paired[len(paired) // 4]:.3f}-{paired[(3 * len(paired)) // 4]:.3f}, range {paired[0]:.3f}-{paired[-1]:.3f}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -29,8 +29,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SWAPS = [("large", "big"), ("small", "little"), ("on the left", "to the left"), ("on the right", "to the right"),
-         ("background", "backdrop"), ("in the center", "in the middle"), ("at the top", "near the top"), ("at the bottom", "near the bottom")]
+SWAPS = [
+    ("large", "big"),
+    ("small", "little"),
+    ("on the left", "to the left"),
+    ("on the right", "to the right"),
+    ("background", "backdrop"),
+    ("in the center", "in the middle"),
+    ("at the top", "near the top"),
+    ("at the bottom", "near the bottom"),
+]
 
 
 def paraphrase(text: str, variant: int) -> str:
@@ -59,7 +67,9 @@ def enrich(source: Path, dest: Path, rewrites: int = 3) -> None:
         table = pq.read_table(path)
         refs = table.column("ref_caption").to_pylist()
         table = table.append_column("vecap", pa.array(refs))
-        table = table.append_column("rewrites", pa.array([[paraphrase(r, i) for i in range(rewrites)] for r in refs], pa.list_(pa.string())))
+        table = table.append_column(
+            "rewrites", pa.array([[paraphrase(r, i) for i in range(rewrites)] for r in refs], pa.list_(pa.string()))
+        )
         pq.write_table(table, dest / path.name)
 
 
@@ -80,7 +90,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--captions", choices=("pipeline", "reference"), default="pipeline")
     parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--modes", nargs="+", default=["alttext", "vecap", "mix", "laclip", "multi", "multi-neutral"], choices=list(MODES))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["alttext", "vecap", "mix", "laclip", "multi", "multi-neutral"],
+        choices=list(MODES),
+    )
     parser.add_argument("--model", default="veclip-tiny", help="veclip-tiny (16 px patches) or veclip-tiny-p8 (8 px)")
     args = parser.parse_args()
 
@@ -88,21 +103,23 @@ def main() -> None:
 
     from veclip.eval.run import EvalConfig, evaluate
     from veclip.report import mean_recall
-    from veclip.world.generate import SampleConfig, generate
     from veclip.train.config import build_config
     from veclip.train.export import export
     from veclip.train.trainer import run_train
+    from veclip.world.generate import SampleConfig, generate
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="veclip-mixing-"))
     generate(SampleConfig(str(tmp / "sample"), rows=args.rows, eval_rows=500, shards=4, seed=0), log=lambda *_: None)
     if args.captions == "pipeline":
-        from veclip.world.quality import measure, read_rows, render
         from veclip.rewrite.config import build_config as rewrite_config
         from veclip.rewrite.config import ensure_models
         from veclip.rewrite.pipeline import run_rewrite
+        from veclip.world.quality import measure, read_rows, render
 
-        rewrite = rewrite_config("trained", input=str(tmp / "sample" / "train"), output=str(tmp / "captions"), mode="both")
+        rewrite = rewrite_config(
+            "trained", input=str(tmp / "sample" / "train"), output=str(tmp / "captions"), mode="both"
+        )
         ensure_models(rewrite)
         summary = run_rewrite(rewrite, log=lambda *_: None)
         print(f"rewrite: {summary['rows_out']} rows in {summary['wall_seconds']:.0f}s", flush=True)
@@ -117,12 +134,22 @@ def main() -> None:
         for seed in args.seeds:
             name = f"{mode}-{seed}"
             # the tiny preset's scale, as the demo: 2 workers x 0.5 CPU, 32 rows each per step (64 a step)
-            overrides = [f"steps={args.steps}", "batch_size=32", f"seed={seed}",
-                         *MODES[mode], f"model={args.model}", f"checkpoint_every={args.steps}", "report_every=50", "captions.max_rewrites=4"]
+            overrides = [
+                f"steps={args.steps}",
+                "batch_size=32",
+                f"seed={seed}",
+                *MODES[mode],
+                f"model={args.model}",
+                f"checkpoint_every={args.steps}",
+                "report_every=50",
+                "captions.max_rewrites=4",
+            ]
             config = build_config("tiny", None, overrides, input=str(data), output=str(tmp / "runs"), name=name)
             run_train(config, log=lambda *_: None)
             model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
-            ev = evaluate(EvalConfig(model=str(model), input=str(tmp / "sample" / "eval"), label_column=",".join(labels_zs)))
+            ev = evaluate(
+                EvalConfig(model=str(model), input=str(tmp / "sample" / "eval"), label_column=",".join(labels_zs))
+            )
             row = {f"zs_{label}": ev["zero_shot"][label]["top1"] for label in labels_zs}
             row.update({f"R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)})
             results[mode].append(row)
@@ -130,16 +157,28 @@ def main() -> None:
 
     fmt = lambda xs: f"{100 * statistics.mean(xs):.1f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0):.1f}"
     what = "the trained models' captions" if args.captions == "pipeline" else "reference captions, stand-ins"
-    names = {"alttext": "AltText only", "vecap": f"VeCap only ({what})", "mix": f"VeCLIP mix p=0.5 ({what})",
-             "laclip": "LaCLIP uniform (AltText + 4 rewrites)" if args.captions == "pipeline" else "LaCLIP uniform (AltText + 3 paraphrases of the reference)",
-             "multi": f"multi-positive: AltText and VeCap of each image, 64 images x 2 texts a step ({what})",
-             "multi-neutral": f"multi-positive, budget-neutral: 32 images x 2 texts a step ({what})"}
-    print(f"\n{args.rows} train rows, {args.model}, {args.steps} steps x 64 (2 workers), seeds {args.seeds}; eval: 500 images\n")
-    print("| captions | zero-shot shape top-1 (%) | zero-shot colour+shape top-1 (%) | zero-shot brand top-1 (%) | R@1 (%, mean of both ways) | R@5 (%) |")
+    names = {
+        "alttext": "AltText only",
+        "vecap": f"VeCap only ({what})",
+        "mix": f"VeCLIP mix p=0.5 ({what})",
+        "laclip": "LaCLIP uniform (AltText + 4 rewrites)"
+        if args.captions == "pipeline"
+        else "LaCLIP uniform (AltText + 3 paraphrases of the reference)",
+        "multi": f"multi-positive: AltText and VeCap of each image, 64 images x 2 texts a step ({what})",
+        "multi-neutral": f"multi-positive, budget-neutral: 32 images x 2 texts a step ({what})",
+    }
+    print(
+        f"\n{args.rows} train rows, {args.model}, {args.steps} steps x 64 (2 workers), seeds {args.seeds}; eval: 500 images\n"
+    )
+    print(
+        "| captions | zero-shot shape top-1 (%) | zero-shot colour+shape top-1 (%) | zero-shot brand top-1 (%) | R@1 (%, mean of both ways) | R@5 (%) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for mode, rows in results.items():
-        col = lambda name: fmt([r[name] for r in rows])
-        print(f"| {names[mode]} | {col('zs_label_shape')} | {col('zs_label_color_shape')} | {col('zs_label_brand')} | {col('R@1')} | {col('R@5')} |")
+        col = lambda name, rows=rows: fmt([r[name] for r in rows])
+        print(
+            f"| {names[mode]} | {col('zs_label_shape')} | {col('zs_label_color_shape')} | {col('zs_label_brand')} | {col('R@1')} | {col('R@5')} |"
+        )
     ray.shutdown()
 
 

@@ -35,8 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip.rewrite.config import fingerprint, preset
-from veclip.rewrite.pipeline import run_rewrite
-from veclip.rewrite.pipeline import list_inputs, plan_run
+from veclip.rewrite.pipeline import list_inputs, plan_run, run_rewrite
 from veclip.storage import Location, StorageOptions, fresh_listing
 
 
@@ -64,7 +63,9 @@ def timed(fn):
 
 def shard_bytes(k: int) -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(pa.table({"key": [f"k{k:08d}"], "image": [b"\xff\xd8 not decoded here"], "alt_text": [f"row {k}"]}), buffer)
+    pq.write_table(
+        pa.table({"key": [f"k{k:08d}"], "image": [b"\xff\xd8 not decoded here"], "alt_text": [f"row {k}"]}), buffer
+    )
     return buffer.getvalue()
 
 
@@ -78,10 +79,19 @@ def make_markers(fs, bucket: str, config, options) -> None:
     digest = fingerprint(config)[0]
     inputs = list_inputs(Location(config.input, options))
     markers = {
-        f"{bucket}/out/_done/{name}.json": json.dumps({
-            "shard": name, "rows": 1, "quarantined": 0, "rows_in": 1, "fingerprint": digest, "run_id": "bench",
-            "input": shard.path, "input_size": shard.size, "written_at": "2026-11-23T00:00:00Z",
-        }).encode()
+        f"{bucket}/out/_done/{name}.json": json.dumps(
+            {
+                "shard": name,
+                "rows": 1,
+                "quarantined": 0,
+                "rows_in": 1,
+                "fingerprint": digest,
+                "run_id": "bench",
+                "input": shard.path,
+                "input_size": shard.size,
+                "written_at": "2026-11-23T00:00:00Z",
+            }
+        ).encode()
         for name, shard in inputs.items()
     }
     items = list(markers.items())
@@ -93,7 +103,7 @@ def old_driver(fs, bucket: str, paths: list[str], marker_paths: list[str]) -> No
     """Before: every input footer opened, then every marker read, one after another."""
     for path in paths:
         with fs.open(path, "rb") as f:
-            pq.ParquetFile(f).metadata.num_rows
+            _ = pq.ParquetFile(f).metadata.num_rows
     for path in marker_paths:
         json.loads(fs.cat_file(path))
 
@@ -104,12 +114,19 @@ def main() -> None:
     parser.add_argument("--serial-sample", type=int, default=1_500)
     args = parser.parse_args()
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(name, value)
     port = free_port()
     # moto in its own process, as a bucket is: in this one it would share the driver's GIL
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_port(port)
     options = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", key="testing", secret="testing")
     bucket = "bench-plan"
@@ -117,7 +134,9 @@ def main() -> None:
     fs.mkdir(bucket)
     made, _ = timed(lambda: make_shards(fs, bucket, args.shards))
     print(f"made {args.shards} input shards in {made:.0f} s")
-    config = dataclasses.replace(preset("default"), input=f"s3://{bucket}/in", output=f"s3://{bucket}/out", mode="laclip")
+    config = dataclasses.replace(
+        preset("default"), input=f"s3://{bucket}/in", output=f"s3://{bucket}/out", mode="laclip"
+    )
 
     bare, listed = timed(lambda: fresh_listing(fs, f"{bucket}/in"))
     assert len(listed) == args.shards
@@ -142,10 +161,16 @@ def main() -> None:
     print(f"\n| step ({args.shards:,} shards, local moto S3) | seconds | s per 10k shards | ratio to one bare ls |")
     print("| --- | --- | --- | --- |")
     print(f"| bare fresh `ls` of the input prefix | {bare:.1f} | {bare * per10k:.1f} | 1.0 |")
-    print(f"| plan a first run (list + all footers, concurrent) | {first_plan:.1f} | {first_plan * per10k:.1f} | {first_plan / bare:.1f} |")
-    print(f"| no-op rerun, no manifest yet (lease, plan, all markers concurrent, summary) | {cold:.1f} | {cold * per10k:.1f} | {cold / bare:.1f} |")
+    print(
+        f"| plan a first run (list + all footers, concurrent) | {first_plan:.1f} | {first_plan * per10k:.1f} | {first_plan / bare:.1f} |"
+    )
+    print(
+        f"| no-op rerun, no manifest yet (lease, plan, all markers concurrent, summary) | {cold:.1f} | {cold * per10k:.1f} | {cold / bare:.1f} |"
+    )
     print(f"| no-op rerun with the marker manifest | {warm:.1f} | {warm * per10k:.1f} | {warm / bare:.1f} |")
-    print(f"| old driver: footers + markers in series (measured on {len(sample):,}, scaled) | {serial_scaled:.1f} | {serial_scaled * per10k:.1f} | {serial_scaled / bare:.1f} |")
+    print(
+        f"| old driver: footers + markers in series (measured on {len(sample):,}, scaled) | {serial_scaled:.1f} | {serial_scaled * per10k:.1f} | {serial_scaled / bare:.1f} |"
+    )
 
 
 if __name__ == "__main__":

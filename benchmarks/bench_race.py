@@ -44,8 +44,10 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
-OPEN_CLIP = "import sys; from veclip.train.model import register_configs; register_configs(); " \
-            "from open_clip_train.main import main; main(sys.argv[1:])"
+OPEN_CLIP = (
+    "import sys; from veclip.train.model import register_configs; register_configs(); "
+    "from open_clip_train.main import main; main(sys.argv[1:])"
+)
 
 
 def make_data(tmp: Path, rows: int) -> tuple[Path, Path, int]:
@@ -123,32 +125,105 @@ def run_measured(command: list[str], env: dict) -> dict:
 
 
 def open_clip_run(tars: Path, tmp: Path, name: str, steps: int, shards: int) -> dict:
-    args = ["--train-data", f"{tars}/{{00000..{shards - 1:05d}}}.tar", "--dataset-type", "webdataset", "--dataset-resampled",
-            "--train-num-samples", str(steps * BATCH), "--epochs", "1", "--batch-size", str(BATCH), "--workers", "1",
-            "--model", "veclip-tiny", "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--wd", "0.1", "--warmup", "5",
-            "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--seed", "0", "--logs", str(tmp / "open_clip"), "--name", name,
-            "--log-every-n-steps", "1", "--report-to", "", "--save-frequency", "1"]
+    args = [
+        "--train-data",
+        f"{tars}/{{00000..{shards - 1:05d}}}.tar",
+        "--dataset-type",
+        "webdataset",
+        "--dataset-resampled",
+        "--train-num-samples",
+        str(steps * BATCH),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(BATCH),
+        "--workers",
+        "1",
+        "--model",
+        "veclip-tiny",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--lr",
+        "1e-3",
+        "--wd",
+        "0.1",
+        "--warmup",
+        "5",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--seed",
+        "0",
+        "--logs",
+        str(tmp / "open_clip"),
+        "--name",
+        name,
+        "--log-every-n-steps",
+        "1",
+        "--report-to",
+        "",
+        "--save-frequency",
+        "1",
+    ]
     result = run_measured([sys.executable, "-c", OPEN_CLIP, *args], {**os.environ, "OMP_NUM_THREADS": "2"})
     # "Train Epoch: 0 [ 6464/12800 (50%)] Data (t): 0.001 Batch (t): 0.190, ..." -> per-step seconds
-    step_seconds = {int(n) // BATCH: float(t) for n, t in re.findall(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([\d.]+)", result["console"])}
+    step_seconds = {
+        int(n) // BATCH: float(t)
+        for n, t in re.findall(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([\d.]+)", result["console"])
+    }
     if len(step_seconds) < steps:
         raise SystemExit(f"open_clip_train logged {len(step_seconds)} of {steps} steps:\n{result['console'][-3000:]}")
     steady = range(steps // 2 + 2, steps + 1)
-    return {**result, "steady": BATCH * len(steady) / sum(step_seconds[s] for s in steady), "first_step_s": step_seconds[1]}
+    return {
+        **result,
+        "steady": BATCH * len(steady) / sum(step_seconds[s] for s in steady),
+        "first_step_s": step_seconds[1],
+    }
 
 
 def veclip_run(parquet: Path, tmp: Path, name: str, steps: int) -> dict:
     from veclip.train.checkpoint import metric_history
 
-    sets = [f"steps={steps}", f"batch_size={BATCH}", "scale.num_workers=1", "scale.cpus_per_worker=1", "scale.torch_threads=2", "scale.preprocess_cpus=0.5",
-            f"checkpoint_every={steps}", "optim.warmup_steps=5", "seed=0", "captions.min_words=1"]  # open_clip trains on every caption
-    command = [str(Path(sys.executable).with_name("veclip")), "train", "--preset", "tiny", "--input", str(parquet),
-               "--output", str(tmp / "veclip"), "--name", name, "--caption-mode", "alttext", *(a for s in sets for a in ("--set", s))]
+    sets = [
+        f"steps={steps}",
+        f"batch_size={BATCH}",
+        "scale.num_workers=1",
+        "scale.cpus_per_worker=1",
+        "scale.torch_threads=2",
+        "scale.preprocess_cpus=0.5",
+        f"checkpoint_every={steps}",
+        "optim.warmup_steps=5",
+        "seed=0",
+        "captions.min_words=1",
+    ]  # open_clip trains on every caption
+    command = [
+        str(Path(sys.executable).with_name("veclip")),
+        "train",
+        "--preset",
+        "tiny",
+        "--input",
+        str(parquet),
+        "--output",
+        str(tmp / "veclip"),
+        "--name",
+        name,
+        "--caption-mode",
+        "alttext",
+        *(a for s in sets for a in ("--set", s)),
+    ]
     result = run_measured(command, dict(os.environ))
     history = {m["step"]: m for m in metric_history(str(tmp / "veclip" / name))}
     first, last = steps // 2 + 1, steps
-    return {**result, "steady": BATCH * (last - first) / (history[last]["time"] - history[first]["time"]),
-            "first_step_s": BATCH / history[1]["samples_per_s"]}
+    return {
+        **result,
+        "steady": BATCH * (last - first) / (history[last]["time"] - history[first]["time"]),
+        "first_step_s": BATCH / history[1]["samples_per_s"],
+    }
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -165,26 +240,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
         parquet, tars, rows = make_data(tmp, args.rows)
-        print(f"data: {rows} rows with an AltText, 64 px JPEG; {args.steps} steps of {BATCH}; {args.rounds} rounds", file=sys.stderr)
+        print(
+            f"data: {rows} rows with an AltText, 64 px JPEG; {args.steps} steps of {BATCH}; {args.rounds} rounds",
+            file=sys.stderr,
+        )
         for round_ in range(args.rounds):
             order = ["open_clip_train", "veclip train"][:: 1 if round_ % 2 == 0 else -1]
             for tool in order:
                 name = f"r{round_}"
-                result = (open_clip_run(tars, tmp, name, args.steps, 4) if tool == "open_clip_train"
-                          else veclip_run(parquet, tmp, name, args.steps))
+                result = (
+                    open_clip_run(tars, tmp, name, args.steps, 4)
+                    if tool == "open_clip_train"
+                    else veclip_run(parquet, tmp, name, args.steps)
+                )
                 runs[tool].append(result)
-                print(f"round {round_}: {tool}: steady {result['steady']:.0f} samples/s, whole {result['wall_s']:.1f} s, "
-                      f"first step {result['first_step_s']:.2f} s, peak PSS {result['pss_kb'] / 2**20:.2f} GB, "
-                      f"{result['processes']} processes, console {result['console_bytes'] / 1024:.0f} KB", file=sys.stderr)
+                print(
+                    f"round {round_}: {tool}: steady {result['steady']:.0f} samples/s, whole {result['wall_s']:.1f} s, "
+                    f"first step {result['first_step_s']:.2f} s, peak PSS {result['pss_kb'] / 2**20:.2f} GB, "
+                    f"{result['processes']} processes, console {result['console_bytes'] / 1024:.0f} KB",
+                    file=sys.stderr,
+                )
     base = runs["open_clip_train"]
-    print(f"| {rows} rows, {args.steps} steps x {BATCH}, {args.rounds} rounds: median (range) | open_clip_train | veclip train | ratio (medians) |")
+    print(
+        f"| {rows} rows, {args.steps} steps x {BATCH}, {args.rounds} rounds: median (range) | open_clip_train | veclip train | ratio (medians) |"
+    )
     print("| --- | --- | --- | --- |")
-    for label, key, fmt, scale in (("steady samples/s (wall of the second half)", "steady", ".0f", 1),
-                                   ("whole command, s", "wall_s", ".1f", 1), ("first step, s", "first_step_s", ".2f", 1),
-                                   ("peak memory, PSS of the process tree, GB", "pss_kb", ".2f", 2**20),
-                                   ("processes (peak)", "processes", ".0f", 1), ("console, KB", "console_bytes", ".0f", 1024)):
+    for label, key, fmt, scale in (
+        ("steady samples/s (wall of the second half)", "steady", ".0f", 1),
+        ("whole command, s", "wall_s", ".1f", 1),
+        ("first step, s", "first_step_s", ".2f", 1),
+        ("peak memory, PSS of the process tree, GB", "pss_kb", ".2f", 2**20),
+        ("processes (peak)", "processes", ".0f", 1),
+        ("console, KB", "console_bytes", ".0f", 1024),
+    ):
         a, b = [r[key] / scale for r in base], [r[key] / scale for r in runs["veclip train"]]
-        print(f"| {label} | {_spread(a, fmt)} | {_spread(b, fmt)} | {statistics.median(b) / statistics.median(a):.2f}x |")
+        print(
+            f"| {label} | {_spread(a, fmt)} | {_spread(b, fmt)} | {statistics.median(b) / statistics.median(a):.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,11 @@ def enrich(table: pa.Table) -> pa.Table:
             rewrites.append(" ".join(words))
         shuffled.append(rewrites)
     table = table.drop_columns([c for c in ("vecap", "vlm_caption", "rewrites") if c in table.column_names])
-    return (table.append_column("vecap", pa.array([f"{a}: {d}" for a, d in zip(alt, described)]))
-            .append_column("vlm_caption", pa.array(described)).append_column("rewrites", pa.array(shuffled)))
+    return (
+        table.append_column("vecap", pa.array([f"{a}: {d}" for a, d in zip(alt, described)]))
+        .append_column("vlm_caption", pa.array(described))
+        .append_column("rewrites", pa.array(shuffled))
+    )
 
 
 def enriched_table(folder: Path) -> pa.Table:
@@ -72,11 +75,13 @@ def bench_ingest(folder: Path, model: str) -> tuple[float, float, int]:
     table = enriched_table(folder)
     _augment_and_tokenizer(model)  # build once, outside the timing
     size = 224 if model != "veclip-tiny" else 64
-    bare = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    ])
+    bare = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
     start = time.perf_counter()
     for data in table.column("image").to_pylist():
         bare(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -102,10 +107,14 @@ def bench_device_decode(folder: Path, model: str) -> tuple[float, float]:
     task_seconds = worker_seconds = 0.0
     for offset in range(0, table.num_rows, 256):
         start = time.perf_counter()
-        out = preprocess(table.slice(offset, 256), model, CaptionConfig("laclip"), ImageLimits(), seed=0, decode="device")
+        out = preprocess(
+            table.slice(offset, 256), model, CaptionConfig("laclip"), ImageLimits(), seed=0, decode="device"
+        )
         task_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        decode_on_device(torch.from_numpy(out["image"]), out["jpeg"], out["box"], np.flatnonzero(out["on_device"]), crop)
+        decode_on_device(
+            torch.from_numpy(out["image"]), out["jpeg"], out["box"], np.flatnonzero(out["on_device"]), crop
+        )
         worker_seconds += time.perf_counter() - start
     return table.num_rows / task_seconds, table.num_rows / worker_seconds
 
@@ -134,13 +143,21 @@ def bench_bare_loop(model_name: str, batch: int, steps: int) -> float:
 
 
 def print_ingest(ingest: list, device: tuple[float, float]) -> None:
-    print("| ingest (1 process), enriched table: 7 caption slots filled | source px -> crop | bare PIL+torchvision (img/s) | veclip preprocess (img/s) | ratio |")
+    print(
+        "| ingest (1 process), enriched table: 7 caption slots filled | source px -> crop | bare PIL+torchvision (img/s) | veclip preprocess (img/s) | ratio |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for (bare_rate, ours_rate, size), source in zip(ingest, (256, 64)):
-        print(f"| decode + augment (+ choose a caption, tokenize it) | {source} -> {size} | {bare_rate:,.0f} | {ours_rate:,.0f} | {ours_rate / bare_rate:.2f} |")
+        print(
+            f"| decode + augment (+ choose a caption, tokenize it) | {source} -> {size} | {bare_rate:,.0f} | {ours_rate:,.0f} | {ours_rate / bare_rate:.2f} |"
+        )
     bare_256 = ingest[0][0]
-    print(f"| decode=device, the CPU task (header, 1/8-scale check, crop box, caption) | 256 -> 224 | {bare_256:,.0f} | {device[0]:,.0f} | {device[0] / bare_256:.2f} |")
-    print(f"| decode=device, the worker's decode + crop (torchvision CPU decoder standing in for nvJPEG) | 256 -> 224 | {bare_256:,.0f} | {device[1]:,.0f} | {device[1] / bare_256:.2f} |")
+    print(
+        f"| decode=device, the CPU task (header, 1/8-scale check, crop box, caption) | 256 -> 224 | {bare_256:,.0f} | {device[0]:,.0f} | {device[0] / bare_256:.2f} |"
+    )
+    print(
+        f"| decode=device, the worker's decode + crop (torchvision CPU decoder standing in for nvJPEG) | 256 -> 224 | {bare_256:,.0f} | {device[1]:,.0f} | {device[1] / bare_256:.2f} |"
+    )
     print()
 
 
@@ -152,25 +169,44 @@ def main() -> None:
     parser.add_argument("--ingest-only", action="store_true", help="skip the train loop")
     args = parser.parse_args()
 
-    from veclip.world.generate import SampleConfig, generate
-    from veclip.train.config import build_config
     from veclip.train.checkpoint import metric_history
+    from veclip.train.config import build_config
     from veclip.train.trainer import run_train
+    from veclip.world.generate import SampleConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        generate(SampleConfig(tmp + "/s256", rows=args.rows // 4, eval_rows=1, shards=2, image_size=256), log=lambda *_: None)
+        generate(
+            SampleConfig(tmp + "/s256", rows=args.rows // 4, eval_rows=1, shards=2, image_size=256), log=lambda *_: None
+        )
         generate(SampleConfig(tmp + "/s64", rows=args.rows, eval_rows=1, shards=4, image_size=64), log=lambda *_: None)
         torch.set_num_threads(1)  # one process, one core: per-core figures
-        ingest = [bench_ingest(Path(tmp) / "s256" / "train", "ViT-B-16"), bench_ingest(Path(tmp) / "s64" / "train", "veclip-tiny")]
+        ingest = [
+            bench_ingest(Path(tmp) / "s256" / "train", "ViT-B-16"),
+            bench_ingest(Path(tmp) / "s64" / "train", "veclip-tiny"),
+        ]
         device = bench_device_decode(Path(tmp) / "s256" / "train", "ViT-B-16")
         print_ingest(ingest, device)
         if args.ingest_only:
             return
 
         bare = bench_bare_loop("veclip-tiny", args.batch, args.steps)
-        config = build_config("tiny", None, [f"steps={args.steps}", f"batch_size={args.batch}", "scale.num_workers=1", "scale.cpus_per_worker=1",
-                                             "scale.preprocess_cpus=0.5", "captions.mode=alttext", "captions.min_words=1", f"checkpoint_every={args.steps}"],
-                              input=tmp + "/s64/train", output=tmp + "/runs", name="bench")
+        config = build_config(
+            "tiny",
+            None,
+            [
+                f"steps={args.steps}",
+                f"batch_size={args.batch}",
+                "scale.num_workers=1",
+                "scale.cpus_per_worker=1",
+                "scale.preprocess_cpus=0.5",
+                "captions.mode=alttext",
+                "captions.min_words=1",
+                f"checkpoint_every={args.steps}",
+            ],
+            input=tmp + "/s64/train",
+            output=tmp + "/runs",
+            name="bench",
+        )
         run_train(config, log=lambda *_: None)
         history = {m["step"]: m for m in metric_history(tmp + "/runs/bench")}
         passes = args.steps * args.batch / args.rows
@@ -180,8 +216,10 @@ def main() -> None:
     print(f"| train loop (veclip-tiny, CPU, 1 torch thread, batch {args.batch}) | samples/s | ratio |")
     print("| --- | --- | --- |")
     print(f"| bare torch loop, in-memory tensors (median step, second half) | {bare:.1f} | 1.00 |")
-    print(f"| Ray Train, 1 worker (1 CPU), Ray Data stream re-decoding every pass: wall clock of steps 2-{args.steps} "
-          f"({passes:.1f} passes; data wait median {statistics.median(waits):.0%}, max {waits[-1]:.0%}) | {ray_rate:.1f} | {ray_rate / bare:.2f} |")
+    print(
+        f"| Ray Train, 1 worker (1 CPU), Ray Data stream re-decoding every pass: wall clock of steps 2-{args.steps} "
+        f"({passes:.1f} passes; data wait median {statistics.median(waits):.0%}, max {waits[-1]:.0%}) | {ray_rate:.1f} | {ray_rate / bare:.2f} |"
+    )
 
 
 if __name__ == "__main__":

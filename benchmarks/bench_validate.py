@@ -25,8 +25,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
-from veclip.world.generate import SampleConfig, generate
 from veclip.validate import ValidateConfig, validate
+from veclip.world.generate import SampleConfig, generate
 
 
 def bare_loop(folder: Path) -> int:
@@ -57,11 +57,10 @@ def noise_jpeg(side: int = 96) -> bytes:
 
 
 def scale(shards: int, rows_per_shard: int, repeats: int) -> None:
+    import numpy as np
     import pyarrow as pa
 
     from veclip.storage import Location, fresh_listing, read_footers
-
-    import numpy as np
 
     image, rng = noise_jpeg(), np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,11 +86,15 @@ def scale(shards: int, rows_per_shard: int, repeats: int) -> None:
         ours = best_of(lambda: validate(sample), repeats)
         before = best_of(lambda: validate(every_group), repeats)
         size_mb = sum(e["size"] for e in fresh_listing(location.fs, location.path)) / 1e6
-    print(f"| data | rows/s | ratio to footers only |")
+    print("| data | rows/s | ratio to footers only |")
     print("| --- | --- | --- |")
-    print(f"| footers only (the floor), {shards} shards x {rows_per_shard} rows, {size_mb:,.0f} MB | {rows / floor:,.0f} | 1.00 |")
+    print(
+        f"| footers only (the floor), {shards} shards x {rows_per_shard} rows, {size_mb:,.0f} MB | {rows / floor:,.0f} | 1.00 |"
+    )
     print(f"| validate --images sample (32 rows from 1 of 8 row groups) | {rows / ours:,.0f} | {floor / ours:.2f} |")
-    print(f"| validate --images sample, drawn from all 8 row groups (the old read) | {rows / before:,.0f} | {floor / before:.2f} |")
+    print(
+        f"| validate --images sample, drawn from all 8 row groups (the old read) | {rows / before:,.0f} | {floor / before:.2f} |"
+    )
 
 
 def main() -> None:
@@ -107,7 +110,9 @@ def main() -> None:
         scale(args.shards, args.rows_per_shard, args.repeats)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        generate(SampleConfig(tmp, rows=args.rows, eval_rows=1, shards=4, image_size=args.image_size), log=lambda *_: None)
+        generate(
+            SampleConfig(tmp, rows=args.rows, eval_rows=1, shards=4, image_size=args.image_size), log=lambda *_: None
+        )
         folder = Path(tmp) / "train"
         config = ValidateConfig(str(folder), images="full")
         assert validate(config).usable and bare_loop(folder) == args.rows
@@ -115,7 +120,9 @@ def main() -> None:
         ours = best_of(lambda: validate(config), args.repeats)
     print("| benchmark | rows | image px | bare PIL loop (img/s) | veclip validate --images full (img/s) | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| validate, 1 process | {args.rows} | {args.image_size} | {args.rows / bare:,.0f} | {args.rows / ours:,.0f} | {bare / ours:.2f} |")
+    print(
+        f"| validate, 1 process | {args.rows} | {args.image_size} | {args.rows / bare:,.0f} | {args.rows / ours:,.0f} | {bare / ours:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from veclip.world.generate import SampleConfig, generate
 from veclip.storage import StorageOptions
+from veclip.world.generate import SampleConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,11 @@ def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (never another address), as s3fs's own tests do."""
     from moto.server import ThreadedMotoServer
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(name, value)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -106,9 +110,25 @@ def browser_screenshot(page: Path, shot: Path, size: str = "1000,1400"):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("no chromium (make test installs Debian's package where apt-get is available)")
-    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                             f"--user-data-dir={shot.parent / 'chromium-profile'}", f"--window-size={size}", f"--screenshot={shot}",
-                             page.as_uri()], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={shot.parent / 'chromium-profile'}",
+            f"--window-size={size}",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.exists(), result.stderr[-2000:]
     return np.asarray(Image.open(shot).convert("RGB")).astype(int)

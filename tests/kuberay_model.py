@@ -25,44 +25,109 @@ def closed(properties: dict, required=()) -> dict:
     return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
 
 
-AUTOSCALER_OPTIONS = closed({
-    "resources": {"type": "object"}, "image": {"type": "string"}, "imagePullPolicy": {"type": "string"},
-    "securityContext": {"type": "object"}, "idleTimeoutSeconds": INT,
-    "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}, "version": {"enum": ["v1", "v2"]},
-    "env": {"type": "array"}, "envFrom": {"type": "array"}, "volumeMounts": {"type": "array"},
-    "command": {"type": "array"}, "args": {"type": "array"},
-})
-HEAD_GROUP = closed({
-    "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "headService": {"type": "object"},
-    "enableIngress": {"type": "boolean"}, "rayStartParams": STR_MAP, "template": POD_TEMPLATE,
-    "resources": STR_MAP, "labels": STR_MAP,
-}, required=["template"])
-WORKER_GROUP = closed({
-    "groupName": {"type": "string", "minLength": 1}, "replicas": INT, "minReplicas": INT, "maxReplicas": INT,
-    "idleTimeoutSeconds": INT, "suspend": {"type": "boolean"}, "numOfHosts": INT, "rayStartParams": STR_MAP,
-    "template": POD_TEMPLATE, "scaleStrategy": {"type": "object"}, "resources": STR_MAP, "labels": STR_MAP,
-}, required=["groupName", "template"])
-CLUSTER_SPEC = closed({
-    "upgradeStrategy": {"type": "object"}, "authOptions": {"type": "object"}, "suspend": {"type": "boolean"},
-    "managedBy": {"type": "string"}, "autoscalerOptions": AUTOSCALER_OPTIONS, "headServiceAnnotations": STR_MAP,
-    "enableInTreeAutoscaling": {"type": "boolean"}, "gcsFaultToleranceOptions": {"type": "object"},
-    "headGroupSpec": HEAD_GROUP, "rayVersion": {"type": "string"}, "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
-}, required=["headGroupSpec"])
-JOB_SPEC = closed({
-    "activeDeadlineSeconds": {"type": "integer", "minimum": 1}, "backoffLimit": INT, "rayClusterSpec": CLUSTER_SPEC,
-    "submitterPodTemplate": POD_TEMPLATE, "metadata": STR_MAP, "clusterSelector": STR_MAP, "submitterConfig": {"type": "object"},
-    "managedBy": {"type": "string"}, "deletionStrategy": {"type": "object"}, "entrypoint": {"type": "string"},
-    "runtimeEnvYAML": {"type": "string"}, "jobId": {"type": "string"},
-    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-    "entrypointResources": {"type": "string"}, "entrypointNumCpus": {"type": "number"}, "entrypointNumGpus": {"type": "number"},
-    "ttlSecondsAfterFinished": INT, "shutdownAfterJobFinishes": {"type": "boolean"}, "suspend": {"type": "boolean"},
-})
-METADATA = {"type": "object", "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}}, "required": ["name"]}
+AUTOSCALER_OPTIONS = closed(
+    {
+        "resources": {"type": "object"},
+        "image": {"type": "string"},
+        "imagePullPolicy": {"type": "string"},
+        "securityContext": {"type": "object"},
+        "idleTimeoutSeconds": INT,
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        "version": {"enum": ["v1", "v2"]},
+        "env": {"type": "array"},
+        "envFrom": {"type": "array"},
+        "volumeMounts": {"type": "array"},
+        "command": {"type": "array"},
+        "args": {"type": "array"},
+    }
+)
+HEAD_GROUP = closed(
+    {
+        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+        "headService": {"type": "object"},
+        "enableIngress": {"type": "boolean"},
+        "rayStartParams": STR_MAP,
+        "template": POD_TEMPLATE,
+        "resources": STR_MAP,
+        "labels": STR_MAP,
+    },
+    required=["template"],
+)
+WORKER_GROUP = closed(
+    {
+        "groupName": {"type": "string", "minLength": 1},
+        "replicas": INT,
+        "minReplicas": INT,
+        "maxReplicas": INT,
+        "idleTimeoutSeconds": INT,
+        "suspend": {"type": "boolean"},
+        "numOfHosts": INT,
+        "rayStartParams": STR_MAP,
+        "template": POD_TEMPLATE,
+        "scaleStrategy": {"type": "object"},
+        "resources": STR_MAP,
+        "labels": STR_MAP,
+    },
+    required=["groupName", "template"],
+)
+CLUSTER_SPEC = closed(
+    {
+        "upgradeStrategy": {"type": "object"},
+        "authOptions": {"type": "object"},
+        "suspend": {"type": "boolean"},
+        "managedBy": {"type": "string"},
+        "autoscalerOptions": AUTOSCALER_OPTIONS,
+        "headServiceAnnotations": STR_MAP,
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "gcsFaultToleranceOptions": {"type": "object"},
+        "headGroupSpec": HEAD_GROUP,
+        "rayVersion": {"type": "string"},
+        "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
+    },
+    required=["headGroupSpec"],
+)
+JOB_SPEC = closed(
+    {
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+        "backoffLimit": INT,
+        "rayClusterSpec": CLUSTER_SPEC,
+        "submitterPodTemplate": POD_TEMPLATE,
+        "metadata": STR_MAP,
+        "clusterSelector": STR_MAP,
+        "submitterConfig": {"type": "object"},
+        "managedBy": {"type": "string"},
+        "deletionStrategy": {"type": "object"},
+        "entrypoint": {"type": "string"},
+        "runtimeEnvYAML": {"type": "string"},
+        "jobId": {"type": "string"},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "entrypointResources": {"type": "string"},
+        "entrypointNumCpus": {"type": "number"},
+        "entrypointNumGpus": {"type": "number"},
+        "ttlSecondsAfterFinished": INT,
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "suspend": {"type": "boolean"},
+    }
+)
+METADATA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}},
+    "required": ["name"],
+}
 RESOURCES = {
-    "RayCluster": closed({"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayCluster"}, "metadata": METADATA, "spec": CLUSTER_SPEC},
-                         required=["apiVersion", "kind", "metadata", "spec"]),
-    "RayJob": closed({"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"}, "metadata": METADATA, "spec": JOB_SPEC},
-                     required=["apiVersion", "kind", "metadata", "spec"]),
+    "RayCluster": closed(
+        {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": "RayCluster"},
+            "metadata": METADATA,
+            "spec": CLUSTER_SPEC,
+        },
+        required=["apiVersion", "kind", "metadata", "spec"],
+    ),
+    "RayJob": closed(
+        {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"}, "metadata": METADATA, "spec": JOB_SPEC},
+        required=["apiVersion", "kind", "metadata", "spec"],
+    ),
 }
 
 

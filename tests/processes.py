@@ -69,9 +69,11 @@ def kill_job_when(cmd: list[str], ready, what: str, timeout: float = 300, env: d
     kill -9 its process group and every process it had started."""
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
+
         def running_and_ready():
             assert job.poll() is None, "the job ended before it could be killed"
             return ready()
+
         wait_for(running_and_ready, timeout, what)
     finally:
         started = descendants(job.pid)

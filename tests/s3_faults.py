@@ -90,7 +90,10 @@ class FaultProxy:
                     return
                 if fault is not None:
                     code, message = ERRORS[fault.status]
-                    payload = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+                    payload = (
+                        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                        f"<Message>{message}</Message></Error>"
+                    ).encode()
                     self.send_response(fault.status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -109,7 +112,9 @@ class FaultProxy:
 
             def _relay(self, body):
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")
+                }
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 response = upstream.getresponse()
                 data = response.read()
@@ -118,7 +123,10 @@ class FaultProxy:
                     if name.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
                         self.send_header(name, value)
                 # a HEAD answer carries the object's length, not its own
-                self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.send_header(
+                    "Content-Length",
+                    response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)),
+                )
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

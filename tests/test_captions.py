@@ -98,7 +98,9 @@ def test_key_hash_is_stable():
 
 
 def test_several_captions_are_distinct_usable_slots_drawn_by_weight():
-    weights = CaptionConfig("weighted", weights={"alt_text": 1, "vecap": 2, "rewrites": 4}).slot_weights()  # 1 per rewrite
+    weights = CaptionConfig(
+        "weighted", weights={"alt_text": 1, "vecap": 2, "rewrites": 4}
+    ).slot_weights()  # 1 per rewrite
     present, usable = _rows(rewrites=4)
     usable[: N // 2, 1] = False  # half the rows: VeCap unusable
     chosen = choose_several(KEYS, usable, weights, seed=0, epoch=0, k=2)
@@ -108,7 +110,12 @@ def test_several_captions_are_distinct_usable_slots_drawn_by_weight():
     share = (chosen[N // 2 :, 0] == 1).mean()
     assert abs(share - 2 / 7) < 4 * np.sqrt(2 / 7 * 5 / 7 / (N // 2))
     # a pure function of (seed, epoch, key): the same whatever the split, another set next epoch
-    again = np.concatenate([choose_several(KEYS[:100], usable[:100], weights, 0, 0, 2), choose_several(KEYS[100:], usable[100:], weights, 0, 0, 2)])
+    again = np.concatenate(
+        [
+            choose_several(KEYS[:100], usable[:100], weights, 0, 0, 2),
+            choose_several(KEYS[100:], usable[100:], weights, 0, 0, 2),
+        ]
+    )
     assert np.array_equal(chosen, again)
     assert not np.array_equal(chosen, choose_several(KEYS, usable, weights, 0, 1, 2))
 

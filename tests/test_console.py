@@ -47,6 +47,8 @@ def test_the_verbose_flag_reaches_ray_workers(monkeypatch, tmp_path):
     from veclip.console import VERBOSE_ENV, verbose
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
-    monkeypatch.setattr("veclip.train.trainer.run_train", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop here")))
+    monkeypatch.setattr(
+        "veclip.train.trainer.run_train", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop here"))
+    )
     cli.main(["train", "--data", str(tmp_path), "--output", str(tmp_path), "--verbose"])
     assert verbose()  # set in the environment, which Ray jobs and workers inherit

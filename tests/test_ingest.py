@@ -42,16 +42,26 @@ def _meta(key, caption):
 def tars(tmp_path):
     src = tmp_path / "wds"
     src.mkdir()
-    _write_tar(src / "00000.tar", {
-        f"00000{i:04d}": {"jpg": _jpeg(i), "txt": f"caption {i}".encode(), "json": _meta(f"00000{i:04d}", f"caption {i}")}
-        for i in range(5)
-    })
-    _write_tar(src / "00001.tar", {
-        "000010000": {"jpg": _jpeg(1), "json": _meta("000010000", "from json")},  # caption only in json
-        "000010001": {"jpg": b"not a jpeg", "txt": b"corrupt image"},
-        "000010002": {"txt": b"no image at all"},
-        "000010003": {"png": _jpeg(3), "txt": b"png extension"},
-    })
+    _write_tar(
+        src / "00000.tar",
+        {
+            f"00000{i:04d}": {
+                "jpg": _jpeg(i),
+                "txt": f"caption {i}".encode(),
+                "json": _meta(f"00000{i:04d}", f"caption {i}"),
+            }
+            for i in range(5)
+        },
+    )
+    _write_tar(
+        src / "00001.tar",
+        {
+            "000010000": {"jpg": _jpeg(1), "json": _meta("000010000", "from json")},  # caption only in json
+            "000010001": {"jpg": b"not a jpeg", "txt": b"corrupt image"},
+            "000010002": {"txt": b"no image at all"},
+            "000010003": {"png": _jpeg(3), "txt": b"png extension"},
+        },
+    )
     # a truncated tar: 3 samples written, the file cut mid-way
     _write_tar(src / "00002.tar", {f"2{i}": {"jpg": _jpeg(i) * 20, "txt": b"t"} for i in range(3)})
     data = (src / "00002.tar").read_bytes()
@@ -123,7 +133,9 @@ def csv_set(tmp_path):
 
 def test_csv_import(csv_set, tmp_path):
     out = Location(str(tmp_path / "out"))
-    config = ImportConfig(str(csv_set), out.url, columns=schema.ColumnMap.parse("image=filepath,alt_text=title"), rows_per_shard=4)
+    config = ImportConfig(
+        str(csv_set), out.url, columns=schema.ColumnMap.parse("image=filepath,alt_text=title"), rows_per_shard=4
+    )
     summary = run_import(config, log=quiet)
     assert summary.shards_written == 3 and summary.rows == 7
     assert dict(summary.quarantined) == {"missing_file": 1, "image_undecodable": 1}
@@ -143,7 +155,9 @@ def test_csv_import_names_missing_columns(csv_set, tmp_path):
 def test_csv_import_from_s3(csv_set, s3_bucket):
     url, options = s3_bucket
     Location(url, options).fs.put(str(csv_set.parent) + "/", Location(url + "/set", options).path, recursive=True)
-    config = ImportConfig(url + "/set/index.csv", url + "/out", columns=schema.ColumnMap.parse("image=filepath,alt_text=title"))
+    config = ImportConfig(
+        url + "/set/index.csv", url + "/out", columns=schema.ColumnMap.parse("image=filepath,alt_text=title")
+    )
     summary = run_import(config, options, log=quiet)
     assert summary.rows == 7 and sum(summary.quarantined.values()) == 2
 
@@ -194,25 +208,40 @@ def test_csv_paths_stay_in_the_csv_folder(csv_set, tmp_path):
     out = Location(str(tmp_path / "out"))
     summary = run_import(ImportConfig(str(csv_set), out.url, columns=columns), log=quiet)
     assert summary.rows == 7 and summary.quarantined["path_outside_source"] == 3
-    allowed = run_import(ImportConfig(str(csv_set), str(tmp_path / "out2"), columns=columns, allow_outside_paths=True), log=quiet)
+    allowed = run_import(
+        ImportConfig(str(csv_set), str(tmp_path / "out2"), columns=columns, allow_outside_paths=True), log=quiet
+    )
     assert allowed.rows == 9 and allowed.quarantined["missing_file"] == 2  # the URL's host does not answer
 
 
 def test_import_pre_resizes_large_images(tmp_path):
-    # --resize: a short side above it is scaled down (JPEG re-encoded, width/height updated); smaller images keep their bytes
+    # --resize: a short side above it is scaled down (JPEG re-encoded, width/height updated);
+    # smaller images keep their bytes
     src = tmp_path / "wds"
     src.mkdir()
     big = encode_jpeg(Image.new("RGB", (900, 600), (200, 30, 30)))
     png = io.BytesIO()
     Image.new("L", (500, 1000), 128).save(png, format="PNG")
-    _write_tar(src / "00000.tar", {"big": {"jpg": big, "txt": b"a big one"}, "small": {"jpg": _jpeg(1), "txt": b"small"},
-                                   "tall": {"png": png.getvalue(), "txt": b"a tall grey png"}})
+    _write_tar(
+        src / "00000.tar",
+        {
+            "big": {"jpg": big, "txt": b"a big one"},
+            "small": {"jpg": _jpeg(1), "txt": b"small"},
+            "tall": {"png": png.getvalue(), "txt": b"a tall grey png"},
+        },
+    )
     out = Location(str(tmp_path / "out"))
     summary = run_import(ImportConfig(str(src), out.url, resize=256), log=quiet)
     assert summary.rows == 3 and summary.resized == 2 and "2 images resized" in summary.render()
     rows = {r["key"]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
-    assert (rows["big"]["width"], rows["big"]["height"]) == (384, 256) == Image.open(io.BytesIO(rows["big"]["image"])).size
-    assert (rows["tall"]["width"], rows["tall"]["height"]) == (256, 512) == Image.open(io.BytesIO(rows["tall"]["image"])).size
+    assert (
+        (rows["big"]["width"], rows["big"]["height"]) == (384, 256) == Image.open(io.BytesIO(rows["big"]["image"])).size
+    )
+    assert (
+        (rows["tall"]["width"], rows["tall"]["height"])
+        == (256, 512)
+        == Image.open(io.BytesIO(rows["tall"]["image"])).size
+    )
     assert Image.open(io.BytesIO(rows["big"]["image"])).format == "JPEG" and len(rows["big"]["image"]) < len(big)
     assert rows["small"]["image"] == _jpeg(1)
     # a header that parses over truncated pixels: resizing must decode them, and quarantines the row

@@ -29,7 +29,7 @@ def out(request, tmp_path) -> Location:
 def test_the_test_s3_server_honours_conditional_writes(s3_bucket):
     url, options = s3_bucket
     fs = Location(url, options).fs
-    bucket = url[len("s3://"):]
+    bucket = url[len("s3://") :]
     first = fs.call_s3("put_object", Bucket=bucket, Key="k", Body=b"1", IfNoneMatch="*")
     with pytest.raises(OSError, match="pre-condition"):
         fs.call_s3("put_object", Bucket=bucket, Key="k", Body=b"2", IfNoneMatch="*")
@@ -91,7 +91,10 @@ def test_runs_that_start_together_get_one_winner(out):
     for attempt in range(3):
         results = ctx.Queue()
         start_at = time.time() + 3.0  # after every process has imported
-        procs = [ctx.Process(target=_contend, args=(out.url, endpoint, f"r{attempt}-{i}", start_at, results)) for i in range(6)]
+        procs = [
+            ctx.Process(target=_contend, args=(out.url, endpoint, f"r{attempt}-{i}", start_at, results))
+            for i in range(6)
+        ]
         for p in procs:
             p.start()
         winners = [w for w in (results.get(timeout=60) for _ in procs) if w]
@@ -107,8 +110,12 @@ def test_a_lease_left_by_a_killed_driver_on_this_host_is_free_at_once(out):
     import os
 
     out.fs.makedirs(out.path, exist_ok=True)
-    out.fs.pipe_file(out.join(LEASE_FILE), json.dumps({"run_id": "gone", "host": os.uname().nodename,
-                                                        "pid": int(dead.stdout), "expires_at": time.time() + 600}).encode())
+    out.fs.pipe_file(
+        out.join(LEASE_FILE),
+        json.dumps(
+            {"run_id": "gone", "host": os.uname().nodename, "pid": int(dead.stdout), "expires_at": time.time() + 600}
+        ).encode(),
+    )
     lease = OutputLease(out, "next")
     lease.acquire()
     assert lease.holder()["run_id"] == "next"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import socket
 
 import pytest
@@ -45,7 +44,11 @@ def test_an_images_other_captions_are_not_negatives():
     # image->text positive term for it changes, never a "negative" between the two
     torch.manual_seed(1)
     images, texts = F.normalize(torch.randn(4, 16), dim=1), F.normalize(torch.randn(12, 16), dim=1)
-    assert math.isclose(MultiPositiveClipLoss(3)(images, texts, torch.tensor(20.0)).item(), reference(images, texts, 20.0, 3), rel_tol=1e-5)
+    assert math.isclose(
+        MultiPositiveClipLoss(3)(images, texts, torch.tensor(20.0)).item(),
+        reference(images, texts, 20.0, 3),
+        rel_tol=1e-5,
+    )
 
 
 def test_texts_must_come_k_per_image():
@@ -70,8 +73,12 @@ def _ddp_worker(rank: int, world: int, port: int, batch: dict, out: dict) -> Non
     weight = batch["weight"].clone().requires_grad_(True)
     per = batch["images"].shape[0] // world
     k = batch["k"]
-    images, texts = _features(weight, batch["images"][rank * per : (rank + 1) * per], batch["texts"][rank * per * k : (rank + 1) * per * k])
-    loss = MultiPositiveClipLoss(k, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(images, texts, torch.tensor(10.0))
+    images, texts = _features(
+        weight, batch["images"][rank * per : (rank + 1) * per], batch["texts"][rank * per * k : (rank + 1) * per * k]
+    )
+    loss = MultiPositiveClipLoss(k, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
+        images, texts, torch.tensor(10.0)
+    )
     loss.backward()
     dist.all_reduce(weight.grad)  # what DDP does to a parameter's gradient (then divides by the world size)
     losses = [torch.zeros(1) for _ in range(world)]

@@ -13,21 +13,20 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
+from conftest import veclip_cli
 from s3_faults import Fault, FaultProxy
-from veclip.shards.lease import LeaseHeld, LeaseLost, OutputLease
+
 from veclip.rewrite.config import FaultConfig, fingerprint, preset
 from veclip.rewrite.engine import Completion
-from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard
 from veclip.rewrite.pipeline import EngineUnavailable, Rewrite, check_engine_python, list_inputs, plan_run
-from veclip.shards.driver import record_plan, shard_rows, summarize
-from veclip.shards.plan import FingerprintMismatch
 from veclip.rewrite.workers import ShardRewriter
+from veclip.shards.driver import record_plan, shard_rows, summarize
+from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard
+from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker
+from veclip.shards.plan import FingerprintMismatch
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, read_footers, read_many
-
-from conftest import veclip_cli
 
 
 class ScriptedEngine:
@@ -49,12 +48,17 @@ class ScriptedEngine:
 
 def laclip_config(source, output, **faults) -> "RewriteConfig":  # noqa: F821
     base = preset("default")
-    return dataclasses.replace(base, input=str(source), output=str(output), mode="laclip",
-                               faults=FaultConfig(**{"backoff_seconds": 0.01, **faults}))
+    return dataclasses.replace(
+        base,
+        input=str(source),
+        output=str(output),
+        mode="laclip",
+        faults=FaultConfig(**{"backoff_seconds": 0.01, **faults}),
+    )
 
 
 def put_tree(local, url, options):
-    Location(url, options).fs.put(str(local) + "/", url[len("s3://"):], recursive=True)
+    Location(url, options).fs.put(str(local) + "/", url[len("s3://") :], recursive=True)
 
 
 def run_local(config, options=None, engine=None, run_id="r1", redo_mismatched=False):
@@ -84,7 +88,8 @@ def test_listings_are_fresh_when_another_process_writes(s3_bucket, tmp_path):
     code = (
         "import pyarrow as pa, sys; from veclip.storage import *; from veclip.shards.store import ShardStore; "
         "from veclip.shards.marker import Marker; "
-        f"ShardStore(Location('{url}/out', StorageOptions(endpoint_url='{options.endpoint_url}', key='testing', secret='testing')))"
+        f"ShardStore(Location('{url}/out', StorageOptions(endpoint_url='{options.endpoint_url}', key='testing', "
+        "secret='testing')))"
         ".write(Marker('b.parquet', 0), pa.table({'key': ['y']}))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -150,7 +155,9 @@ def test_transient_errors_are_retried(sample_root, tmp_path):
     config = laclip_config(sample_root / "train", tmp_path / "out")
     plan, statuses, summary = run_local(config, engine=ScriptedEngine(fail_first=2))
     assert statuses == [DONE] * 3 and summary["failed"] == {}
-    assert not ShardStore(Location(config.output)).location.fs.exists(str(tmp_path / "out" / "_work" / "attempts" / "rewrite" / "part-00000.parquet.json"))
+    assert not ShardStore(Location(config.output)).location.fs.exists(
+        str(tmp_path / "out" / "_work" / "attempts" / "rewrite" / "part-00000.parquet.json")
+    )
 
 
 def test_a_shard_whose_tries_kill_the_process_is_recorded(tmp_path):
@@ -181,7 +188,9 @@ def test_planning_records_unreadable_shards_and_fails_fast_on_bad_schema(sample_
     assert "truncated" in plan.unreadable["part-00002.parquet"] or "Parquet" in plan.unreadable["part-00002.parquet"]
     assert summary["failed"]["part-00002.parquet"]["stage"] == "plan" and summary["shards"]["done"] == 2
 
-    bad = dataclasses.replace(config, output=str(tmp_path / "out2"), columns=type(config.columns).parse("image=alt_text"))
+    bad = dataclasses.replace(
+        config, output=str(tmp_path / "out2"), columns=type(config.columns).parse("image=alt_text")
+    )
     with pytest.raises(ValueError, match="no input shard fits the column mapping"):
         plan_run(bad, None, fingerprint(bad)[0])
 
@@ -218,8 +227,21 @@ def test_driver_reads_footers_and_markers_concurrently(sample_root, s3_endpoint,
 def test_fingerprint_mismatch_stops_and_redo_rewrites(sample_root, tmp_path):
     config = laclip_config(sample_root / "train", tmp_path / "out")
     run_local(config)
-    assert fingerprint(dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, pool=dataclasses.replace(config.laclip.pool, max_actors=64))))[0] == fingerprint(config)[0]
-    hotter = dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, sampling=dataclasses.replace(config.laclip.sampling, temperature=0.3)))
+    assert (
+        fingerprint(
+            dataclasses.replace(
+                config,
+                laclip=dataclasses.replace(config.laclip, pool=dataclasses.replace(config.laclip.pool, max_actors=64)),
+            )
+        )[0]
+        == fingerprint(config)[0]
+    )
+    hotter = dataclasses.replace(
+        config,
+        laclip=dataclasses.replace(
+            config.laclip, sampling=dataclasses.replace(config.laclip.sampling, temperature=0.3)
+        ),
+    )
     digest = fingerprint(hotter)[0]
     assert digest != fingerprint(config)[0]
     with pytest.raises(FingerprintMismatch, match="--redo-mismatched"):
@@ -237,7 +259,11 @@ def test_transient_s3_faults_lose_nothing(sample_root, s3_endpoint, s3_bucket, t
     put_tree(sample_root / "train", url + "/in", options)
     proxy = FaultProxy(s3_endpoint).start()
     try:
-        proxy.faults = [Fault(r"/", 503, probability=0.15), Fault(r"/", 500, probability=0.05), Fault(r"/", "reset", probability=0.05)]
+        proxy.faults = [
+            Fault(r"/", 503, probability=0.15),
+            Fault(r"/", 500, probability=0.05),
+            Fault(r"/", "reset", probability=0.05),
+        ]
         faulty = dataclasses.replace(options, endpoint_url=proxy.url)
         config = laclip_config(url + "/in", url + "/out")
         import s3fs
@@ -273,17 +299,34 @@ def test_persistent_s3_failure_is_recorded_then_retried(sample_root, s3_endpoint
 def test_engine_python_is_found_from_any_folder(tmp_path, vllm_python):
     env = {k: v for k, v in os.environ.items() if k != "VECLIP_VLLM_PYTHON"}
     code = "from veclip.rewrite.config import default_vllm_python; print(default_vllm_python())"
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, check=True
+    )
     assert os.path.realpath(found.stdout.strip()) == os.path.realpath(vllm_python)
 
 
 def test_a_pool_python_without_vllm_fails_before_any_pool_starts(sample_root, tmp_path):
     config = laclip_config(sample_root / "train", tmp_path / "out")
-    config = dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, pool=dataclasses.replace(config.laclip.pool, python=sys.executable)))
+    config = dataclasses.replace(
+        config,
+        laclip=dataclasses.replace(config.laclip, pool=dataclasses.replace(config.laclip.pool, python=sys.executable)),
+    )
     with pytest.raises(EngineUnavailable, match="cannot import vllm.*make env"):
         check_engine_python(config)
-    result = veclip_cli("rewrite", "--preset", "tiny", "--mode", "laclip", "--input", str(sample_root / "train"), "--output", str(tmp_path / "o"),
-                        "--set", f"laclip.pool.python={tmp_path}/nope/python", timeout=120)
+    result = veclip_cli(
+        "rewrite",
+        "--preset",
+        "tiny",
+        "--mode",
+        "laclip",
+        "--input",
+        str(sample_root / "train"),
+        "--output",
+        str(tmp_path / "o"),
+        "--set",
+        f"laclip.pool.python={tmp_path}/nope/python",
+        timeout=120,
+    )
     assert result.returncode != 0 and "does not exist" in result.stderr
 
 
@@ -308,7 +351,18 @@ def test_cli_exits_non_zero_listing_failed_shards(sample_root, tmp_path):
     (source / "part-00003.parquet").write_bytes(b"PAR1 an upload cut short")
     config = laclip_config(source, tmp_path / "out")
     run_local(config)  # the three good shards are done; the cut one is recorded
-    result = veclip_cli("rewrite", "--preset", "default", "--mode", "laclip", "--input", str(source), "--output", str(tmp_path / "out"), timeout=120)
+    result = veclip_cli(
+        "rewrite",
+        "--preset",
+        "default",
+        "--mode",
+        "laclip",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "out"),
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "FAILED: 1 shard(s) kept failing" in result.stdout and "part-00003.parquet  [plan, 1 tries]" in result.stdout
     assert "3 already done, 0 to do, 1 unreadable" in result.stdout
@@ -318,7 +372,10 @@ def test_engine_secrets_never_reach_the_summary_or_records(sample_root, tmp_path
     token = "hf_s3cr3tT0kenValue"
     config = laclip_config(sample_root / "train", tmp_path / "out")
     engine_env = {"HF_TOKEN": token, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    config = dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, engine=dataclasses.replace(config.laclip.engine, env=engine_env)))
+    config = dataclasses.replace(
+        config,
+        laclip=dataclasses.replace(config.laclip, engine=dataclasses.replace(config.laclip.engine, env=engine_env)),
+    )
     leaky = ScriptedEngine()
     leaky.generate = lambda requests, sampling: (_ for _ in ()).throw(ValueError(f"401 for token {token}"))
     plan, statuses, summary = run_local(config, engine=leaky)  # every shard fails, quoting the token
@@ -327,10 +384,14 @@ def test_engine_secrets_never_reach_the_summary_or_records(sample_root, tmp_path
     assert token not in text
     assert summary["config"]["laclip"]["engine"]["env"] == {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1"}
     assert summary["failed"]["part-00000.parquet"]["error"] == "ValueError: 401 for token <redacted>"
-    assert summary["fingerprint_fields"]["laclip"]["sampling"]["max_tokens"] == 77  # names like *_tokens are not secrets
+    assert (
+        summary["fingerprint_fields"]["laclip"]["sampling"]["max_tokens"] == 77
+    )  # names like *_tokens are not secrets
     records = list((tmp_path / "out").rglob("*.json"))
     assert len(records) >= 6 and not [r for r in records if token in r.read_text()]
     from veclip.rewrite.pipeline import _remote_args
 
     env_vars = _remote_args(config.laclip.pool, config.laclip)["runtime_env"]["env_vars"]
-    assert env_vars == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # Ray shows runtime_envs: the token goes only to the engine's process
+    assert env_vars == {
+        "VLLM_CPU_KVCACHE_SPACE": "1"
+    }  # Ray shows runtime_envs: the token goes only to the engine's process

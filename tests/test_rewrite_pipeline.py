@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
 from processes import kill_job_when
+
 from veclip import schema
 from veclip.rewrite.config import build_config, fingerprint
-from veclip.shards.guard import RunContext
 from veclip.rewrite.pipeline import Rewrite, render_summary, run_rewrite
 from veclip.shards.driver import ReconciliationError, summarize
+from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.store import ShardStore
@@ -56,18 +56,26 @@ def make_input(sample_root: Path, dest: Path, shards: int | None = None) -> Path
 
 
 def keys_of(folder: Location, names) -> list[str]:
-    return [k for n in names for k in pq.read_table(folder.join(n), columns=["key"], filesystem=folder.fs).column("key").to_pylist()]
+    return [
+        k
+        for n in names
+        for k in pq.read_table(folder.join(n), columns=["key"], filesystem=folder.fs).column("key").to_pylist()
+    ]
 
 
 def input_keys(folder: Path) -> list[str]:
-    return [k for p in sorted(folder.glob("*.parquet")) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
+    return [
+        k for p in sorted(folder.glob("*.parquet")) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()
+    ]
 
 
 @pytest.fixture(scope="session")
 def vecap_run(sample_root, tmp_path_factory, vllm_python, ray_session):
     root = tmp_path_factory.mktemp("rewrite")
     source = make_input(sample_root, root / "input")
-    config = build_config("tiny", input=str(source), output=str(root / "output"), mode="both", layout="copy")  # self-contained shards
+    config = build_config(
+        "tiny", input=str(source), output=str(root / "output"), mode="both", layout="copy"
+    )  # self-contained shards
     summary = run_rewrite(config, log=lambda *_: None)
     return source, Location(str(root / "output")), summary, config
 
@@ -99,8 +107,14 @@ def test_enriched_columns_provenance_and_flags(vecap_run):
     assert {"ref_caption", "url", "width"} <= set(table.column_names)  # extra columns ride along
     rows = {r["key"]: r for r in table.to_pylist()}
     first = rows["train-00000007"]
-    assert first["vlm_caption_provenance"] == {"model": config.captioner.engine.model, "prompt_version": "captioner-v1", "engine": first["vecap_provenance"]["engine"]}
-    assert first["vecap_provenance"]["prompt_version"] == "fusion-v1" and first["vecap_provenance"]["engine"].startswith("vllm-")
+    assert first["vlm_caption_provenance"] == {
+        "model": config.captioner.engine.model,
+        "prompt_version": "captioner-v1",
+        "engine": first["vecap_provenance"]["engine"],
+    }
+    assert first["vecap_provenance"]["prompt_version"] == "fusion-v1" and first["vecap_provenance"][
+        "engine"
+    ].startswith("vllm-")
     assert first["rewrites_provenance"]["prompt_version"] == "laclip-v1"
     assert "rewrites:empty_alt_text" in rows["train-00000002"]["rewrite_flags"]
     assert rows["train-00000003"]["rewrites"] == []
@@ -148,10 +162,17 @@ def test_rerun_is_a_no_op(vecap_run):
 def test_reconciliation_fails_loudly(tmp_path):
     config = build_config("default", input="unused", output=str(tmp_path), mode="laclip")
     run = RunContext("r", fingerprint(config)[0])
-    ShardStore(Location(str(tmp_path))).write(Marker("a.parquet", 0, fingerprint=run.fingerprint), pa.table({"key": ["x"]}))
+    ShardStore(Location(str(tmp_path))).write(
+        Marker("a.parquet", 0, fingerprint=run.fingerprint), pa.table({"key": ["x"]})
+    )
     inputs = {n: InputShard(f"in/{n}", 1) for n in ("a.parquet", "b.parquet")}
     with pytest.raises(ReconciliationError, match="a.parquet: 2 input rows but 1 out"):
-        summarize(Rewrite(config), Plan({"a.parquet": inputs["a.parquet"]}, {}, [inputs["a.parquet"]], {"a.parquet": 2}), run, 1.0)
+        summarize(
+            Rewrite(config),
+            Plan({"a.parquet": inputs["a.parquet"]}, {}, [inputs["a.parquet"]], {"a.parquet": 2}),
+            run,
+            1.0,
+        )
     with pytest.raises(ReconciliationError, match="b.parquet: not written"):
         summarize(Rewrite(config), Plan(inputs, {}, list(inputs.values()), {"a.parquet": 1, "b.parquet": 3}), run, 1.0)
 
@@ -159,7 +180,7 @@ def test_reconciliation_fails_loudly(tmp_path):
 def test_laclip_on_s3(sample_root, s3_bucket, tmp_path, vllm_python, ray_session):
     url, options = s3_bucket
     source = make_input(sample_root, tmp_path / "input")
-    Location(url, options).fs.put(str(source) + "/", url[len("s3://"):] + "/input", recursive=True)
+    Location(url, options).fs.put(str(source) + "/", url[len("s3://") :] + "/input", recursive=True)
     config = build_config("tiny", input=url + "/input", output=url + "/output", mode="laclip")
     summary = run_rewrite(config, options, log=lambda *_: None)
     assert summary["rows_out"] == 58 and summary["rows_quarantined"] == 2
@@ -171,7 +192,9 @@ def test_laclip_on_s3(sample_root, s3_bucket, tmp_path, vllm_python, ray_session
 
 
 @pytest.mark.parametrize("captioner,where", [("llava", "s3"), ("qwen2_vl", "local"), ("qwen2_vl", "s3")])
-def test_chat_vlm_captioners_through_the_pipeline(captioner, where, sample_root, tmp_path, request, vllm_python, ray_session):
+def test_chat_vlm_captioners_through_the_pipeline(
+    captioner, where, sample_root, tmp_path, request, vllm_python, ray_session
+):
     """The production path: a LLaVA- or Qwen2-VL-architecture captioner (tiny, random) through vLLM's
     chat API with an image part, seeded requests and the default preset's prompt files, on local
     disk and S3. (LLaVA on local disk is the tiny preset's own captioner: the runs above.)"""
@@ -183,7 +206,7 @@ def test_chat_vlm_captioners_through_the_pipeline(captioner, where, sample_root,
     root, options = str(tmp_path), None
     if where == "s3":
         url, options = request.getfixturevalue("s3_bucket")
-        Location(url, options).fs.put(str(source) + "/", url[len("s3://"):] + "/input", recursive=True)
+        Location(url, options).fs.put(str(source) + "/", url[len("s3://") :] + "/input", recursive=True)
         root = url
     overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in tiny_captioner(captioner).items()]
     config = build_config("tiny", input=root + "/input", output=root + "/output", mode="vecap", overrides=overrides)
@@ -197,9 +220,14 @@ def test_chat_vlm_captioners_through_the_pipeline(captioner, where, sample_root,
     out = Location(root + "/output", options)
     table = pq.read_table(out.join("part-00000.parquet"), filesystem=out.fs)
     rows = table.to_pylist()
-    assert len(rows) == 20 and [r["rewrite_flags"][0].split(":")[0] for r in rows[:2]] == ["image", "image"]  # the refused images
+    assert len(rows) == 20 and [r["rewrite_flags"][0].split(":")[0] for r in rows[:2]] == [
+        "image",
+        "image",
+    ]  # the refused images
     # random weights: most captions are garbled bytes and flagged so; a null caption always says why
-    assert all(r["vlm_caption"] or any(f.startswith(("image:", "vlm_caption:")) for f in r["rewrite_flags"]) for r in rows)
+    assert all(
+        r["vlm_caption"] or any(f.startswith(("image:", "vlm_caption:")) for f in r["rewrite_flags"]) for r in rows
+    )
     assert pool["generated_tokens"] >= 18 * 4
     provenance = table.column("vlm_caption_provenance").to_pylist()[2]
     assert provenance["model"] == config.captioner.engine.model and provenance["prompt_version"] == "captioner-v1"
@@ -213,13 +241,31 @@ def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
     for k in range(6):  # 6 shards of 10 rows
         pq.write_table(pa.Table.from_pylist(rows[k * 10 : (k + 1) * 10]), source / f"part-{k:05d}.parquet")
     out = tmp_path / "output"
-    cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--preset", "tiny", "--mode", "laclip", "--input", str(source), "--output", str(out)]
-    kill_job_when(cmd, lambda: (out / "_done").is_dir() and list((out / "_done").glob("*.json")), "a first shard", 240,
-                  env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python})
+    cmd = [
+        str(Path(sys.executable).with_name("veclip")),
+        "rewrite",
+        "--preset",
+        "tiny",
+        "--mode",
+        "laclip",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+    ]
+    kill_job_when(
+        cmd,
+        lambda: (out / "_done").is_dir() and list((out / "_done").glob("*.json")),
+        "a first shard",
+        240,
+        env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python},
+    )
     finished = len(list((out / "_done").glob("*.json")))
     assert 1 <= finished < 6
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python})
+    rerun = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python}
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # actors of the killed job may finish a shard more before Ray reaps them: that is fine
     already = int(re.search(r"(\d+) already done", rerun.stdout).group(1))

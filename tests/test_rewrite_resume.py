@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from processes import kill_job_when, pids_matching, wait_for
 from s3_faults import Fault, FaultProxy
+
 from veclip.rewrite.config import build_config
 from veclip.rewrite.pipeline import run_rewrite
 from veclip.shards.store import ShardStore
@@ -30,7 +30,7 @@ def six_shards(sample_root: Path, url: str, options) -> list[str]:
     rows = [r for p in sorted((sample_root / "train").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     fs = Location(url, options).fs
     for k in range(6):
-        with fs.open(f"{url[len('s3://'):]}/part-{k:05d}.parquet", "wb") as f:
+        with fs.open(f"{url[len('s3://') :]}/part-{k:05d}.parquet", "wb") as f:
             pq.write_table(pa.Table.from_pylist(rows[k * 10 : (k + 1) * 10]), f)
     return [r["key"] for r in rows]
 
@@ -38,8 +38,16 @@ def six_shards(sample_root: Path, url: str, options) -> list[str]:
 def output_keys(url: str, options) -> list[str]:
     out = Location(url, options)
     store = ShardStore(out)
-    keys = [k for p in store.shards() for k in pq.read_table(p, columns=["key"], filesystem=out.fs).column("key").to_pylist()]
-    return keys + [k for p in store.quarantine_shards() for k in pq.read_table(p, columns=["key"], filesystem=out.fs).column("key").to_pylist()]
+    keys = [
+        k
+        for p in store.shards()
+        for k in pq.read_table(p, columns=["key"], filesystem=out.fs).column("key").to_pylist()
+    ]
+    return keys + [
+        k
+        for p in store.quarantine_shards()
+        for k in pq.read_table(p, columns=["key"], filesystem=out.fs).column("key").to_pylist()
+    ]
 
 
 def test_driver_killed_on_s3_and_resumed(sample_root, s3_endpoint, s3_bucket, vllm_python):
@@ -48,13 +56,26 @@ def test_driver_killed_on_s3_and_resumed(sample_root, s3_endpoint, s3_bucket, vl
     url, options = s3_bucket
     keys = six_shards(sample_root, url + "/in", options)
     fs = Location(url, options).fs
-    cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--preset", "tiny", "--mode", "laclip",
-           "--input", url + "/in", "--output", url + "/out", "--s3-endpoint", s3_endpoint]
+    cmd = [
+        str(Path(sys.executable).with_name("veclip")),
+        "rewrite",
+        "--preset",
+        "tiny",
+        "--mode",
+        "laclip",
+        "--input",
+        url + "/in",
+        "--output",
+        url + "/out",
+        "--s3-endpoint",
+        s3_endpoint,
+    ]
     env = {**os.environ, "VECLIP_VLLM_PYTHON": vllm_python}
 
     def first_marker():
         fs.invalidate_cache()
         return fs.exists(f"{url[5:]}/out/_done") and fs.ls(f"{url[5:]}/out/_done")
+
     kill_job_when(cmd, first_marker, "a first shard", env=env)
     fs.invalidate_cache()
     finished = len(fs.ls(f"{url[5:]}/out/_done"))
@@ -68,7 +89,9 @@ def test_driver_killed_on_s3_and_resumed(sample_root, s3_endpoint, s3_bucket, vl
     assert Location(url + "/out", options).fs.exists(f"{url[5:]}/out/_summary.json")
 
 
-def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(sample_root, s3_endpoint, s3_bucket, vllm_python, ray_session):
+def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(
+    sample_root, s3_endpoint, s3_bucket, vllm_python, ray_session
+):
     """An actor killed with kill -9 mid-shard, then a vLLM engine process killed mid-shard, while S3
     throttles a share of requests: Ray replaces the actor, the shards are retried, nothing is lost."""
     url, options = s3_bucket
@@ -77,11 +100,15 @@ def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(sample_root, s3_en
     proxy.faults = [Fault(r"/", 503, probability=0.05), Fault(r"/", "reset", probability=0.02)]
     faulty = type(options)(**{**options.__dict__, "endpoint_url": proxy.url})
     # one row per engine call, so a shard spans many calls and a kill lands mid-shard
-    config = build_config("tiny", input=url + "/in", output=url + "/out", mode="laclip", overrides=["laclip.pool.batch_size=4"])
+    config = build_config(
+        "tiny", input=url + "/in", output=url + "/out", mode="laclip", overrides=["laclip.pool.batch_size=4"]
+    )
     attempts = f"{url[5:]}/out/_work/attempts/rewrite"
     fs = Location(url, options).fs
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(summary=run_rewrite(config, faulty, log=lambda *_: None)), daemon=True)
+    runner = threading.Thread(
+        target=lambda: result.update(summary=run_rewrite(config, faulty, log=lambda *_: None)), daemon=True
+    )
     runner.start()
 
     def in_progress():  # a shard whose try has begun, and the actor working on it
@@ -101,7 +128,11 @@ def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(sample_root, s3_en
     wait_for(lambda: done_count() > done_before, 300, "the replacement actor's first shard")
 
     def engine_mid_shard():
-        engines = [e for a in pids_matching(r"ray::MapWorker\(MapBatches\(ShardRewriter\)\)") for e in pids_matching("VLLM::EngineCore", parent=a)]
+        engines = [
+            e
+            for a in pids_matching(r"ray::MapWorker\(MapBatches\(ShardRewriter\)\)")
+            for e in pids_matching("VLLM::EngineCore", parent=a)
+        ]
         return in_progress() and engines
 
     engine = wait_for(engine_mid_shard, 300, "a replacement actor's engine at work")[0]

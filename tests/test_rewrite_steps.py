@@ -44,7 +44,9 @@ def test_caption_describes_good_images_and_reports_bad_ones():
     rows = steps.caption(CONFIG, engine, CaptionerPrompt.load(CONFIG.captioner.prompts), ["a", "b", "c"], images, meter)
     assert [r["vlm_caption"] for r in rows] == ["a red star on a blue wall", None, "a red star on a blue wall"]
     assert rows[1]["image_error"] == images[1].reason and rows[0]["flags"] == []
-    assert len(engine.requests) == 2 and all(r.image is not None and r.messages for r in engine.requests)  # chat, with the image
+    assert len(engine.requests) == 2 and all(
+        r.image is not None and r.messages for r in engine.requests
+    )  # chat, with the image
     assert [r.seed for r in engine.requests] == [steps.request_seed(7, "a"), steps.request_seed(7, "c")]
     assert meter.stats.requests == 2 and meter.stats.generated_tokens == 10
 
@@ -63,7 +65,9 @@ def test_fuse_keeps_names_or_refuses_and_flags():
     engine = StubEngine("llm", answer=lambda r: answers[next(k for k in answers if k in r.messages[-1]["content"])])
     alts, visual = ["Acme mug", "Paris trip", "anything"], ["a white mug", "a street", None]
     flags = steps.alt_text_flags(alts, CONFIG)
-    vecaps = steps.fuse(CONFIG, engine, FusionPrompt.load(CONFIG.fuser.prompts), ["a", "b", "c"], alts, visual, flags, steps.Meter())
+    vecaps = steps.fuse(
+        CONFIG, engine, FusionPrompt.load(CONFIG.fuser.prompts), ["a", "b", "c"], alts, visual, flags, steps.Meter()
+    )
     assert vecaps == [None, "a Paris street at dusk", None]
     assert flags == [["vecap:entities_lost"], [], ["vecap:no_visual_caption"]]  # "Acme" was dropped: refused
     assert len(engine.requests) == 2  # no request without a visual caption
@@ -74,7 +78,9 @@ def test_rewrite_makes_n_rewrites_per_row_with_exemplars():
     engine = StubEngine("llm", answer=lambda r: "a photo of a small red star")
     alts = ["red star sticker", "", "blue circle"]
     flags = [[] for _ in alts]
-    rewrites = steps.rewrite(config, engine, LaClipPrompt.load(config.laclip.prompts), ["a", "b", "c"], alts, flags, steps.Meter())
+    rewrites = steps.rewrite(
+        config, engine, LaClipPrompt.load(config.laclip.prompts), ["a", "b", "c"], alts, flags, steps.Meter()
+    )
     assert [len(r) for r in rewrites] == [3, 0, 3] and flags == [[], ["rewrites:empty_alt_text"], []]
     assert len(engine.requests) == 6 and len({r.seed for r in engine.requests}) == 6  # one seed per (key, rewrite)
     assert all(r.prompt.count("=>") >= 3 for r in engine.requests)  # 2 exemplars + the row itself
@@ -94,10 +100,14 @@ def test_assemble_writes_every_generated_column_with_provenance():
 def test_both_mode_never_hides_a_second_engine_or_pool():
     both = dataclasses.replace(CONFIG, mode="both")
     both.validate_for_run()  # the presets share one LLM and one pool
-    other_model = dataclasses.replace(both, laclip=dataclasses.replace(both.laclip, engine=dataclasses.replace(both.laclip.engine, model="other")))
+    other_model = dataclasses.replace(
+        both, laclip=dataclasses.replace(both.laclip, engine=dataclasses.replace(both.laclip.engine, model="other"))
+    )
     with pytest.raises(ValueError, match=r"laclip.engine differs from fuser.engine in \['model'\]"):
         other_model.validate_for_run()
-    bigger_pool = dataclasses.replace(both, laclip=dataclasses.replace(both.laclip, pool=dataclasses.replace(both.laclip.pool, max_actors=64)))
+    bigger_pool = dataclasses.replace(
+        both, laclip=dataclasses.replace(both.laclip, pool=dataclasses.replace(both.laclip.pool, max_actors=64))
+    )
     with pytest.raises(ValueError, match=r"laclip.pool differs from fuser.pool in \['max_actors'\]"):
         bigger_pool.validate_for_run()
 
@@ -107,24 +117,28 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
     on local disk, or under ``url`` (with ``options``) on S3."""
     import pyarrow.parquet as pq
 
-    from veclip.shards.lease import OutputLease
     from veclip.rewrite.config import fingerprint
-    from veclip.shards.guard import RunContext
     from veclip.rewrite.pipeline import Rewrite, plan_run
-    from veclip.shards.driver import record_plan, shard_rows, summarize
     from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
-    from veclip.world.generate import SampleConfig, generate
+    from veclip.shards.driver import record_plan, shard_rows, summarize
+    from veclip.shards.guard import RunContext
+    from veclip.shards.lease import OutputLease
     from veclip.storage import Location, StorageOptions
+    from veclip.world.generate import SampleConfig, generate
 
     root = str(tmp_path) if url is None else url
     if not (tmp_path / "sample").exists():
-        generate(SampleConfig(str(tmp_path / "sample"), rows=12, eval_rows=12, shards=2, image_size=32), log=lambda *_: None)
+        generate(
+            SampleConfig(str(tmp_path / "sample"), rows=12, eval_rows=12, shards=2, image_size=32), log=lambda *_: None
+        )
         first = tmp_path / "sample" / split / "part-00000.parquet"
         table = pq.read_table(first)
         images = pa.array([b"junk"] + table.column("image").to_pylist()[1:], pa.binary())
         pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", images), first)
         if url is not None:
-            Location(url, options).fs.put(str(tmp_path / "sample") + "/", url[len("s3://"):] + "/sample", recursive=True)
+            Location(url, options).fs.put(
+                str(tmp_path / "sample") + "/", url[len("s3://") :] + "/sample", recursive=True
+            )
     config = dataclasses.replace(CONFIG, input=f"{root}/sample/{split}", output=f"{root}/{output}", mode=mode, **fields)
     options, run = options or StorageOptions(), RunContext("r1", fingerprint(config)[0])
     lease = OutputLease(Location(config.output, options), run.run_id)
@@ -135,7 +149,9 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
         record_plan(stage, plan, run, time.time())
         batch = shard_rows(plan)
         batch = ShardCaptioner(config, options, run, engine=StubEngine("stub-vlm"))(batch)
-        batch = ShardRewriter(config, options, run, engine=StubEngine("stub-llm", answer=lambda r: _echo_alt_text(r)))(batch)
+        batch = ShardRewriter(config, options, run, engine=StubEngine("stub-llm", answer=lambda r: _echo_alt_text(r)))(
+            batch
+        )
         assert batch["status"] == ["done", "done"], batch
         return config, summarize(stage, plan, run, 1.0)
     finally:
@@ -169,34 +185,53 @@ def test_caption_tables_hold_every_input_row_in_order_and_no_images(tmp_path):
     captions = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert "image" not in captions.column_names and "alt_text" not in captions.column_names
     assert captions.column("key").to_pylist() == source.column("key").to_pylist()  # every row, in the input's order
-    assert captions.column(schema.VECAP)[0].as_py() is None and captions.column(schema.REWRITE_FLAGS)[0].as_py()[0].startswith("image:")
-    assert summary["layout"] == "captions" and summary["rows_in"] == 12 == summary["rows_out"] + summary["rows_quarantined"]
+    assert captions.column(schema.VECAP)[0].as_py() is None and captions.column(schema.REWRITE_FLAGS)[0].as_py()[
+        0
+    ].startswith("image:")
+    assert (
+        summary["layout"] == "captions"
+        and summary["rows_in"] == 12 == summary["rows_out"] + summary["rows_quarantined"]
+    )
     assert summary["rows_quarantined"] == 1
 
 
 def test_training_joins_caption_tables_to_their_inputs_and_refuses_a_misaligned_one(tmp_path):
     import pyarrow.parquet as pq
 
-    from veclip.storage import StorageOptions
     from veclip.dataset import CaptionMismatch
+    from veclip.storage import StorageOptions
     from veclip.train.data import plan_data, read_window
     from veclip.train.order import Position
 
     _rewrite_in_process(tmp_path, layout="captions")
     plan = plan_data(str(tmp_path / "out"), StorageOptions(), schema.ColumnMap(), workers=1, log=lambda *_: None)
-    assert plan.dataset.images_url.endswith("sample/train") and plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITE_FLAGS)
+    assert plan.dataset.images_url.endswith("sample/train") and plan.caption_columns == (
+        schema.VECAP,
+        schema.VLM_CAPTION,
+        schema.REWRITE_FLAGS,
+    )
     assert all(u.captions and u.path.startswith(str(tmp_path / "sample")) for u in plan.units)
-    rows = pa.concat_tables(read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8))
-    source = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "sample" / "train").glob("*.parquet"))], promote_options="default")
+    rows = pa.concat_tables(
+        read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8)
+    )
+    source = pa.concat_tables(
+        [pq.read_table(p) for p in sorted((tmp_path / "sample" / "train").glob("*.parquet"))], promote_options="default"
+    )
     by_key = dict(zip(source.column("key").to_pylist(), source.column("image").to_pylist()))
-    assert rows.num_rows == 12 and all(by_key[k] == image for k, image in zip(rows.column("key").to_pylist(), rows.column("image").to_pylist()))
+    assert rows.num_rows == 12 and all(
+        by_key[k] == image for k, image in zip(rows.column("key").to_pylist(), rows.column("image").to_pylist())
+    )
     assert rows.column(schema.VLM_CAPTION).null_count == 1  # the broken image's row: joined, with no caption
 
     captions = tmp_path / "out" / "part-00001.parquet"  # break the alignment: swap two rows
     table = pq.read_table(captions)
     pq.write_table(table.take([1, 0] + list(range(2, table.num_rows))), captions)
-    with pytest.raises(CaptionMismatch, match=r"part-00001.parquet does not line up with its input .*part-00001.parquet: row 0"):
-        list(read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8))
+    with pytest.raises(
+        CaptionMismatch, match=r"part-00001.parquet does not line up with its input .*part-00001.parquet: row 0"
+    ):
+        list(
+            read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8)
+        )
 
 
 def test_several_caption_outputs_of_one_input_fill_the_caption_slots(tmp_path):
@@ -215,26 +250,39 @@ def test_several_caption_outputs_of_one_input_fill_the_caption_slots(tmp_path):
     assert rows.column(schema.REWRITES).null_count < rows.num_rows / 2  # the LaCLIP run's, beside the VeCap run's
     assert rows.column(schema.provenance_column(schema.REWRITES))[0].as_py()["engine"] == "stub-llm"
     plan = plan_data(out, StorageOptions(), schema.ColumnMap(), workers=1, add_captions=(laclip,), log=lambda *_: None)
-    assert plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITES, schema.REWRITE_FLAGS) and all(len(u.captions) == 2 for u in plan.units)
+    assert plan.caption_columns == (schema.VECAP, schema.VLM_CAPTION, schema.REWRITES, schema.REWRITE_FLAGS) and all(
+        len(u.captions) == 2 for u in plan.units
+    )
 
     # a second captioner's VeCaps: they would take the first's column; renamed, they fill another slot
     _rewrite_in_process(tmp_path, output="second", layout="captions")
     second = str(tmp_path / "second")
-    with pytest.raises(ValueError, match=r"second would fill \['vecap', 'vlm_caption'\].*--add-captions B#vecap=vlm_caption"):
+    with pytest.raises(
+        ValueError, match=r"second would fill \['vecap', 'vlm_caption'\].*--add-captions B#vecap=vlm_caption"
+    ):
         open_dataset(out, add_captions=(second,))
-    pairings = [(out + "#vecap", (second + "#vecap=vlm_caption",)),  # data is a caption output, or the input itself
-                (str(tmp_path / "sample" / "train"), (out + "#vecap", second + "#vecap=vlm_caption"))]
+    pairings = [
+        (out + "#vecap", (second + "#vecap=vlm_caption",)),  # data is a caption output, or the input itself
+        (str(tmp_path / "sample" / "train"), (out + "#vecap", second + "#vecap=vlm_caption")),
+    ]
     for data, more in pairings:
         both = open_dataset(data, add_captions=more)
         table = read_shard(both, both.shards[0])
-        assert table.column(schema.VLM_CAPTION).to_pylist() == table.column(schema.VECAP).to_pylist()  # the two stub runs agree
+        assert (
+            table.column(schema.VLM_CAPTION).to_pylist() == table.column(schema.VECAP).to_pylist()
+        )  # the two stub runs agree
         assert table.column(schema.VLM_CAPTION).null_count == 1 and schema.REWRITES not in table.column_names
-        assert "alt_text" in table.column_names and table.column(schema.REWRITE_FLAGS)[0].as_py() == ["image:image_undecodable"] * 2
+        assert (
+            "alt_text" in table.column_names
+            and table.column(schema.REWRITE_FLAGS)[0].as_py() == ["image:image_undecodable"] * 2
+        )
     with pytest.raises(ValueError, match="may rename vecap and vlm_caption into each other"):
         open_dataset(out, add_captions=(second + "#vecap=rewrites",))
     with pytest.raises(ValueError, match="is not a caption output"):
         open_dataset(out, add_captions=(str(tmp_path / "sample" / "train"),))
-    (tmp_path / "second" / "_done" / "part-00001.parquet.json").unlink()  # one shard unfinished there: left out, counted
+    (
+        tmp_path / "second" / "_done" / "part-00001.parquet.json"
+    ).unlink()  # one shard unfinished there: left out, counted
     partial = open_dataset(out + "#vecap", add_captions=(second + "#vecap=vlm_caption",))
     assert len(partial.shards) == 1 and list(partial.skipped.values()) == [1]
 
@@ -246,7 +294,9 @@ def test_validate_checks_caption_tables_against_their_inputs(tmp_path):
 
     _rewrite_in_process(tmp_path, layout="captions")
     report = validate(ValidateConfig(str(tmp_path / "out"), images="full"))
-    assert report.caption_tables_of == str(tmp_path / "out") and report.totals.rows == 12 and report.totals.bad_images == 1
+    assert (
+        report.caption_tables_of == str(tmp_path / "out") and report.totals.rows == 12 and report.totals.bad_images == 1
+    )
     assert "checked against their inputs" in report.render()
     captions = tmp_path / "out" / "part-00001.parquet"
     table = pq.read_table(captions)
@@ -265,8 +315,12 @@ def test_caption_tables_on_s3_join_and_validate(tmp_path, s3_bucket):
     _rewrite_in_process(tmp_path, url, options, layout="captions")
     plan = plan_data(url + "/out", options, schema.ColumnMap(), workers=1, log=lambda *_: None)
     assert plan.dataset.images_url == url + "/sample/train"
-    rows = pa.concat_tables(read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8))
-    assert rows.num_rows == 12 and rows.column("image").null_count == 0 and rows.column(schema.VLM_CAPTION).null_count == 1
+    rows = pa.concat_tables(
+        read_window({"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}, plan, Position(), 0, 1, 0, 8)
+    )
+    assert (
+        rows.num_rows == 12 and rows.column("image").null_count == 0 and rows.column(schema.VLM_CAPTION).null_count == 1
+    )
     report = validate(ValidateConfig(url + "/out", images="none"), options)
     assert report.usable and report.caption_tables_of == url + "/out" and report.totals.rows == 12
 
@@ -277,12 +331,22 @@ def test_training_runs_on_a_caption_layout_output(tmp_path, ray_session):
     from veclip.train.trainer import run_train
 
     _rewrite_in_process(tmp_path, layout="captions")
-    config = build_config("tiny", None, ["steps=3", "checkpoint_every=3", "scale.num_workers=1", "batch_size=4", "captions.mode=vecap"],
-                          input=str(tmp_path / "out"), output=str(tmp_path / "runs"), name="joined")
+    config = build_config(
+        "tiny",
+        None,
+        ["steps=3", "checkpoint_every=3", "scale.num_workers=1", "batch_size=4", "captions.mode=vecap"],
+        input=str(tmp_path / "out"),
+        output=str(tmp_path / "runs"),
+        name="joined",
+    )
     summary = run_train(config, log=lambda *_: None)
     assert summary["metrics"]["step"] == 3
     from veclip.status import StatusConfig, status
 
     report = status(StatusConfig(str(tmp_path / "runs" / "joined")))
     assert report.done and report.kind == "train" and "steps: 3 checkpointed of 3" in report.render()
-    assert summary["rows_skipped_by_reason"].get("image_unusable", 0) + summary["rows_skipped_by_reason"].get("no_usable_caption", 0) >= 1
+    assert (
+        summary["rows_skipped_by_reason"].get("image_unusable", 0)
+        + summary["rows_skipped_by_reason"].get("no_usable_caption", 0)
+        >= 1
+    )

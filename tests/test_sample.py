@@ -6,10 +6,17 @@ import pytest
 
 from veclip import schema
 from veclip.images import decode_image
-from veclip.world.generate import SampleConfig, generate
-from veclip.world.generate import EVAL_SCHEMA, SAMPLE_SCHEMA, class_names, make_row, shard_ranges
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, list_shards
+from veclip.world.generate import (
+    EVAL_SCHEMA,
+    SAMPLE_SCHEMA,
+    SampleConfig,
+    class_names,
+    generate,
+    make_row,
+    shard_ranges,
+)
 
 
 def _read(folder) -> list[dict]:
@@ -51,7 +58,9 @@ def test_eval_labels_match_the_facts(sample_root):
         assert row["label_shape"] == group["shape"] and row["label_shape"] in names["label_shape"]
         assert row["label_color_shape"] == f"{group['color']} {group['shape']}" in names["label_color_shape"]
         assert row["caption"] == row["ref_caption"] and group["color"] in row["caption"]
-        assert row["label_brand"] == json.loads(row["ref_facts"])["brand"] and row["label_brand"] in names["label_brand"] + [None]
+        assert row["label_brand"] == json.loads(row["ref_facts"])["brand"] and row["label_brand"] in names[
+            "label_brand"
+        ] + [None]
 
 
 def test_brands_have_a_visual_identity_that_only_the_alt_text_names():

@@ -6,7 +6,14 @@ from veclip import schema
 
 def test_input_schema_accepts_contract_and_large_types():
     assert schema.input_schema_problems(schema.INPUT_SCHEMA) == []
-    large = pa.schema([("key", pa.large_string()), ("image", pa.large_binary()), ("alt_text", pa.large_string()), ("extra", pa.int8())])
+    large = pa.schema(
+        [
+            ("key", pa.large_string()),
+            ("image", pa.large_binary()),
+            ("alt_text", pa.large_string()),
+            ("extra", pa.int8()),
+        ]
+    )
     assert schema.input_schema_problems(large) == []
 
 
@@ -30,7 +37,10 @@ def test_column_map_parse_and_apply():
     assert schema.ColumnMap.parse("") == schema.ColumnMap()
 
 
-@pytest.mark.parametrize("spec, message", [("image", "expected role=column"), ("picture=jpg", "unknown role 'picture'"), ("image=", "expected role=column")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [("image", "expected role=column"), ("picture=jpg", "unknown role 'picture'"), ("image=", "expected role=column")],
+)
 def test_column_map_rejects_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         schema.ColumnMap.parse(spec)

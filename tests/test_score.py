@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from processes import kill_job_when
+
 from veclip import schema
 from veclip.dataset import open_dataset, read_shard
 from veclip.score import steps
@@ -28,15 +28,25 @@ LOW = schema.LOW_CLIP_SCORE
 
 
 def _captions(rows: list[dict], columns=("alt_text", "vecap", "rewrites")) -> tuple[pa.Table, list[steps.Caption]]:
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("alt_text", pa.string()), ("vecap", pa.string()), ("rewrites", pa.list_(pa.string()))]))
+    table = pa.Table.from_pylist(
+        rows, schema=pa.schema([("alt_text", pa.string()), ("vecap", pa.string()), ("rewrites", pa.list_(pa.string()))])
+    )
     return table, steps.caption_slots(table, columns)
 
 
 def test_caption_slots_name_each_caption_as_training_does():
-    table, captions = _captions([{"alt_text": "a cat", "vecap": None, "rewrites": ["x y", "", "z w"]},
-                                 {"alt_text": "  ", "vecap": "a red star", "rewrites": None}])
+    table, captions = _captions(
+        [
+            {"alt_text": "a cat", "vecap": None, "rewrites": ["x y", "", "z w"]},
+            {"alt_text": "  ", "vecap": "a red star", "rewrites": None},
+        ]
+    )
     assert [(c.row, c.slot, c.text) for c in captions] == [
-        (0, "alt_text", "a cat"), (1, "vecap", "a red star"), (0, "rewrites.0", "x y"), (0, "rewrites.2", "z w")]
+        (0, "alt_text", "a cat"),
+        (1, "vecap", "a red star"),
+        (0, "rewrites.0", "x y"),
+        (0, "rewrites.2", "z w"),
+    ]
     assert [c.column for c in captions] == ["alt_text", "vecap", "rewrites", "rewrites"]
     assert steps.caption_slots(table, ("vecap",)) == [captions[1]]
 
@@ -52,17 +62,27 @@ def test_the_gate_by_threshold_and_by_shard_percentile():
 
 
 def test_the_score_table_keeps_rows_in_order_and_rewrites_at_their_index():
-    table, captions = _captions([{"alt_text": "a cat", "vecap": "a black cat", "rewrites": ["x y", "", "z w"]},
-                                 {"alt_text": None, "vecap": None, "rewrites": None}])
+    table, captions = _captions(
+        [
+            {"alt_text": "a cat", "vecap": "a black cat", "rewrites": ["x y", "", "z w"]},
+            {"alt_text": None, "vecap": None, "rewrites": None},
+        ]
+    )
     cosines = np.arange(len(captions), dtype=np.float32) / 10
     flagged = np.array([c.slot in ("vecap", "rewrites.2") for c in captions])
-    out = steps.score_table(["k0", "k1"], table, captions, cosines, flagged, {"model": "m", "weights": "w", "gate": "g"})
+    out = steps.score_table(
+        ["k0", "k1"], table, captions, cosines, flagged, {"model": "m", "weights": "w", "gate": "g"}
+    )
     assert out.schema == schema.SCORE_SCHEMA
     rows = out.to_pylist()
     assert [r["key"] for r in rows] == ["k0", "k1"]
     scores = rows[0][schema.CLIP_SCORES]
     assert scores["alt_text"] == pytest.approx(0.0) and scores["vecap"] == pytest.approx(0.1)
-    assert scores["rewrites"][1] is None and scores["rewrites"][0] == pytest.approx(0.2) and scores["rewrites"][2] == pytest.approx(0.3)
+    assert (
+        scores["rewrites"][1] is None
+        and scores["rewrites"][0] == pytest.approx(0.2)
+        and scores["rewrites"][2] == pytest.approx(0.3)
+    )
     assert rows[0][schema.REWRITE_FLAGS] == [f"vecap:{LOW}", f"rewrites.2:{LOW}"]
     assert rows[1][schema.CLIP_SCORES] == {"alt_text": None, "vecap": None, "vlm_caption": None, "rewrites": None}
     assert rows[1][schema.REWRITE_FLAGS] == [] and rows[1]["clip_scores_provenance"]["gate"] == "g"
@@ -71,18 +91,31 @@ def test_the_score_table_keeps_rows_in_order_and_rewrites_at_their_index():
 def test_training_treats_gated_slots_as_unusable(sample_root):
     slots = CaptionConfig(max_rewrites=2).slots
     assert gated([[f"vecap:{LOW}", "vecap:entities_lost", f"rewrites.1:{LOW}"], None], slots).tolist() == [
-        [False, True, False, False, True], [False] * 5]
+        [False, True, False, False, True],
+        [False] * 5,
+    ]
     rows = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0]).slice(0, 3)
-    batch = pa.table({
-        "key": rows.column("key"), "image": rows.column("image"), "alt_text": rows.column("alt_text"),
-        "vecap": pa.array(["a red star on a blue ground"] * 3),
-        "rewrite_flags": pa.array([[f"vecap:{LOW}"], [], [f"vecap:{LOW}", f"alt_text:{LOW}"]], pa.list_(pa.string())),
-        "_epoch": pa.array([0] * 3, pa.int64()), "_window": pa.array([0] * 3, pa.int64()), "_offset": pa.array([0, 1, 2], pa.int64())})
+    batch = pa.table(
+        {
+            "key": rows.column("key"),
+            "image": rows.column("image"),
+            "alt_text": rows.column("alt_text"),
+            "vecap": pa.array(["a red star on a blue ground"] * 3),
+            "rewrite_flags": pa.array(
+                [[f"vecap:{LOW}"], [], [f"vecap:{LOW}", f"alt_text:{LOW}"]], pa.list_(pa.string())
+            ),
+            "_epoch": pa.array([0] * 3, pa.int64()),
+            "_window": pa.array([0] * 3, pa.int64()),
+            "_offset": pa.array([0, 1, 2], pa.int64()),
+        }
+    )
     from veclip.images import ImageLimits
 
     nothing = SKIP_REASONS.index("no_usable_caption")
     out = preprocess(batch, "veclip-tiny", CaptionConfig(mode="vecap"), ImageLimits(), seed=0)
-    assert out["skip"].tolist() == [nothing, 0, nothing] and out["slot"][1] == 1  # VeCap only: a gated one leaves nothing
+    assert (
+        out["skip"].tolist() == [nothing, 0, nothing] and out["slot"][1] == 1
+    )  # VeCap only: a gated one leaves nothing
     # where the mode has the AltText, a gated VeCap falls back to it; with both gated nothing is left
     almost_vecap = CaptionConfig(mode="weighted", weights={"vecap": 1000, "alt_text": 1})
     out = preprocess(batch, "veclip-tiny", almost_vecap, ImageLimits(), seed=0)
@@ -102,7 +135,9 @@ def _random_model(folder: Path) -> Path:
     model = create_model("veclip-tiny")
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}}))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}})
+    )
     return folder
 
 
@@ -115,7 +150,9 @@ def test_the_scores_are_the_models_cosines(sample_root, tmp_path):
     rows = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0]).slice(0, 4)
     images = rows.column("image").to_pylist()
     images[2] = b"not an image"
-    table, captions = _captions([{"alt_text": a, "vecap": f"{a} again", "rewrites": None} for a in rows.column("alt_text").to_pylist()])
+    table, captions = _captions(
+        [{"alt_text": a, "vecap": f"{a} again", "rewrites": None} for a in rows.column("alt_text").to_pylist()]
+    )
     cosines, errors = steps.score(model, preprocess_image, tokenizer, images, captions, batch_size=3)
     assert errors[2] == "image_undecodable" and errors.count(None) == 3
     with torch.no_grad():
@@ -137,7 +174,9 @@ def enriched(sample_root, tmp_path_factory) -> Path:
     for path in sorted((sample_root / "train").glob("*.parquet")):
         table = pq.read_table(path)
         table = table.append_column("vecap", table.column("ref_caption"))
-        table = table.append_column("rewrites", pa.array([[f"{a} photo", f"picture of {a}"] for a in table.column("alt_text").to_pylist()]))
+        table = table.append_column(
+            "rewrites", pa.array([[f"{a} photo", f"picture of {a}"] for a in table.column("alt_text").to_pylist()])
+        )
         pq.write_table(table, out / path.name)
     return out
 
@@ -149,12 +188,26 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     config = build_config("cpu", None, ["percentile=50"], input=str(enriched), output=out, model=model)
     console = []
     summary = run_score(config, log=console.append)
-    assert summary["rows"] == 60 and summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "redone": 0, "left_out": {}}
+    assert summary["rows"] == 60 and summary["shards"] == {
+        "total": 3,
+        "done": 3,
+        "written_this_run": 3,
+        "failed": 0,
+        "redone": 0,
+        "left_out": {},
+    }
     assert any(re.match(r"score: \[3/3 shards, 60/60 rows", line) for line in console), console
-    alts = sum(bool((a or "").strip()) for p in enriched.glob("*.parquet") for a in pq.read_table(p).column("alt_text").to_pylist())
+    alts = sum(
+        bool((a or "").strip())
+        for p in enriched.glob("*.parquet")
+        for a in pq.read_table(p).column("alt_text").to_pylist()
+    )
     for column, n in {"alt_text": alts, "vecap": 60, "rewrites": 120}.items():
         stats = summary["columns"][column]
-        assert stats["scored"] == n and 0.4 <= stats["flagged_share"] <= 0.5, (column, stats)  # the lower half of each shard
+        assert stats["scored"] == n and 0.4 <= stats["flagged_share"] <= 0.5, (
+            column,
+            stats,
+        )  # the lower half of each shard
     markers = ShardStore(Location(out)).markers()
     assert {m.fingerprint for m in markers.values()} == {summary["fingerprint"]} and len(markers) == 3
 
@@ -165,9 +218,14 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     # a rerun writes nothing and reports the same; another gate is refused in the same output
     again = run_score(config, log=lambda *_: None)
     assert again["shards"]["written_this_run"] == 0 and again["columns"] == summary["columns"]
-    assert {n: m.run_id for n, m in ShardStore(Location(out)).markers().items()} == {n: m.run_id for n, m in markers.items()}
+    assert {n: m.run_id for n, m in ShardStore(Location(out)).markers().items()} == {
+        n: m.run_id for n, m in markers.items()
+    }
     with pytest.raises(FingerprintMismatch, match="another configuration"):
-        run_score(build_config("cpu", None, ["percentile=10"], input=str(enriched), output=out, model=model), log=lambda *_: None)
+        run_score(
+            build_config("cpu", None, ["percentile=10"], input=str(enriched), output=out, model=model),
+            log=lambda *_: None,
+        )
 
     # the score tables are a caption output of the same images: training joins them by key
     dataset = open_dataset(str(enriched), add_captions=(out,))
@@ -182,7 +240,9 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     from veclip.show import ShowConfig, show
 
     shown = show(ShowConfig(str(enriched), rows=1, where=f"vecap:{LOW}", add_captions=(out,)), dataset.options)
-    assert f"vecap:{LOW}" in shown and re.search(r"clip_scores +(alt_text -?0\.\d{3}, )?vecap -?0\.\d{3}, rewrites\.0", shown), shown
+    assert f"vecap:{LOW}" in shown and re.search(
+        r"clip_scores +(alt_text -?0\.\d{3}, )?vecap -?0\.\d{3}, rewrites\.0", shown
+    ), shown
     from veclip.train.data import plan_data
 
     plan = plan_data(str(enriched), dataset.options, schema.ColumnMap(), 1, (out,), log=lambda *_: None)
@@ -190,14 +250,26 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
 
     # captions changed after they were scored (a rewrite redone in place): that shard is scored again, only it
     changed = enriched / "part-00001.parquet"
-    vecap_scores = lambda: [s["vecap"] for s in pq.read_table(Path(out) / changed.name).column(schema.CLIP_SCORES).to_pylist()]
+    vecap_scores = lambda: [
+        s["vecap"] for s in pq.read_table(Path(out) / changed.name).column(schema.CLIP_SCORES).to_pylist()
+    ]
     before, untouched = vecap_scores(), (Path(out) / "part-00000.parquet").read_bytes()
     table = pq.read_table(changed)
-    pq.write_table(table.set_column(table.column_names.index("vecap"), "vecap", pa.array(["a caption written later"] * table.num_rows)), changed)
+    pq.write_table(
+        table.set_column(
+            table.column_names.index("vecap"), "vecap", pa.array(["a caption written later"] * table.num_rows)
+        ),
+        changed,
+    )
     console = []
     again = run_score(config, log=console.append)
-    assert again["shards"]["written_this_run"] == 1 and any("1 shard(s) whose images or captions changed" in line for line in console)
-    assert all(a != b for a, b in zip(before, vecap_scores())) and (Path(out) / "part-00000.parquet").read_bytes() == untouched
+    assert again["shards"]["written_this_run"] == 1 and any(
+        "1 shard(s) whose images or captions changed" in line for line in console
+    )
+    assert (
+        all(a != b for a, b in zip(before, vecap_scores()))
+        and (Path(out) / "part-00000.parquet").read_bytes() == untouched
+    )
     assert run_score(config, log=lambda *_: None)["shards"]["written_this_run"] == 0
 
 
@@ -207,7 +279,14 @@ def test_score_on_s3_reruns_as_a_no_op(enriched, tmp_path, s3_bucket, ray_sessio
     fs = Location(url, options).fs
     for path in sorted(enriched.glob("*.parquet")):
         fs.put_file(str(path), f"{url[5:]}/in/{path.name}")
-    config = build_config("cpu", None, ["threshold=0.0"], input=url + "/in", output=url + "/scores", model=str(_random_model(tmp_path / "m")))
+    config = build_config(
+        "cpu",
+        None,
+        ["threshold=0.0"],
+        input=url + "/in",
+        output=url + "/scores",
+        model=str(_random_model(tmp_path / "m")),
+    )
     first = run_score(config, options, log=lambda *_: None)
     assert first["shards"]["written_this_run"] == 3 and first["rows"] == 60
     assert run_score(config, options, log=lambda *_: None)["shards"]["written_this_run"] == 0
@@ -239,9 +318,25 @@ def test_a_killed_driver_is_resumed_without_writing_a_shard_twice(sample_root, t
     for k in range(12):
         pq.write_table(rows.slice(k * 5, 5), data / f"part-{k:05d}.parquet")
     model, out = str(_random_model(tmp_path / "model")), tmp_path / "scores"
-    cmd = [str(Path(sys.executable).with_name("veclip")), "score", "--preset", "cpu", "--input", str(data), "--output", str(out),
-           "--model", model, "--percentile", "20", "--set", "batch_size=1"]
-    kill_job_when(cmd, lambda: list((out / "_done").glob("*.json")) if (out / "_done").exists() else [], "a first shard")
+    cmd = [
+        str(Path(sys.executable).with_name("veclip")),
+        "score",
+        "--preset",
+        "cpu",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--model",
+        model,
+        "--percentile",
+        "20",
+        "--set",
+        "batch_size=1",
+    ]
+    kill_job_when(
+        cmd, lambda: list((out / "_done").glob("*.json")) if (out / "_done").exists() else [], "a first shard"
+    )
     before = {p.name: json.loads(p.read_text())["run_id"] for p in (out / "_done").glob("*.json")}
     assert 1 <= len(before) < 12
 

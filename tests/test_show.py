@@ -2,8 +2,6 @@
 
 import re
 
-import pytest
-
 from conftest import browser_screenshot, veclip_cli
 from test_rewrite_steps import _rewrite_in_process
 
@@ -18,7 +16,9 @@ def test_show_joins_a_caption_output_to_its_images_in_the_terminal_and_in_html(t
     assert text.startswith(f"3 row(s) of {out}; captions from {out} joined to images in ")
     first_key = text.splitlines()[2].split()[0]
     assert "[image: image_undecodable]" in text.splitlines()[2] and "image:image_undecodable" in text
-    assert "vecap" in text and "a red star on a blue wall" in text and re.search(r"\[image: 32x32, [\d,]+ bytes\]", text)
+    assert (
+        "vecap" in text and "a red star on a blue wall" in text and re.search(r"\[image: 32x32, [\d,]+ bytes\]", text)
+    )
 
     flagged = show(ShowConfig(out, where="image_undecodable", rows=5))
     assert flagged.startswith("1 row(s)") and first_key in flagged
@@ -31,7 +31,9 @@ def test_show_joins_a_caption_output_to_its_images_in_the_terminal_and_in_html(t
     said = show(ShowConfig(out, rows=12, html=str(page), page_rows=5))
     assert "12 row(s)" in said and "3 page(s)" in said and (tmp_path / "gallery-3.html").exists()
     first = page.read_text()
-    assert first.count("data:image/jpeg;base64,") == 4 and 'class="noimg">image_undecodable' in first  # one image broken
+    assert (
+        first.count("data:image/jpeg;base64,") == 4 and 'class="noimg">image_undecodable' in first
+    )  # one image broken
     assert first.count('class="key"') == 5 and 'href="gallery-2.html"' in first and "stub-vlm" in first  # provenance
 
 
@@ -62,12 +64,20 @@ def test_status_of_a_rewrite_output_finished_then_live(tmp_path):
     out = tmp_path / "out"
     result = veclip_cli("status", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith(f"rewrite {out}: DONE") and "shards: 2 done, 0 failed, 0 remaining of 2" in result.stdout
+    assert (
+        result.stdout.startswith(f"rewrite {out}: DONE")
+        and "shards: 2 done, 0 failed, 0 remaining of 2" in result.stdout
+    )
     assert "rows: 12 done of 12" in result.stdout and "quarantined:image_undecodable 1" in result.stdout
     (out / "_done" / "part-00001.parquet.json").unlink()  # a shard still being written, by a run that holds the lease
     (out / "_lease.json").write_text(json.dumps({"run_id": "r2", "expires_at": 4e9, "started_at": "now"}))
     live = veclip_cli("status", str(out))
-    assert live.returncode == 1 and "NOT DONE" in live.stdout and "1 remaining of 2" in live.stdout and "running (lease held by r2)" in live.stdout
+    assert (
+        live.returncode == 1
+        and "NOT DONE" in live.stdout
+        and "1 remaining of 2" in live.stdout
+        and "running (lease held by r2)" in live.stdout
+    )
     assert "ETA" in live.stdout
     assert "neither a rewrite or score output" in veclip_cli("status", str(tmp_path / "sample")).stderr
 
@@ -80,7 +90,9 @@ def test_the_gallery_renders_in_a_real_browser(tmp_path):
     show(ShowConfig(str(tmp_path / "out"), rows=4, html=str(page)))
     pixels = browser_screenshot(page, tmp_path / "gallery.png")
     assert pixels.std() > 20  # not blank
-    saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 90  # the page itself is black, white and pale; the scenes are not
+    saturated = (
+        pixels.max(axis=2) - pixels.min(axis=2)
+    ) > 90  # the page itself is black, white and pale; the scenes are not
     assert saturated.sum() > 2000, saturated.sum()
 
 
@@ -91,10 +103,26 @@ def test_the_report_page_stands_alone(tmp_path):
     from veclip.report import to_html
 
     Image.new("RGB", (4, 4), (200, 0, 0)).save(tmp_path / "loss.png")
-    page = to_html(["# veclip demo report", "> **tiny** and `random`", "| stage | seconds |", "| --- | --- |", "| rewrite | 1.5 |",
-                    "", "```", "rewrite (both): 40 rows <in>", "```", "![loss](loss.png)", "@gallery.html",
-                    "## Evaluation\n\n| zero-shot | top-1 |\n| --- | --- |\n| label_brand | 17.8% |\n"], tmp_path)
-    assert "<h1>veclip demo report</h1>" in page and "<blockquote><b>tiny</b> and <code>random</code></blockquote>" in page
+    page = to_html(
+        [
+            "# veclip demo report",
+            "> **tiny** and `random`",
+            "| stage | seconds |",
+            "| --- | --- |",
+            "| rewrite | 1.5 |",
+            "",
+            "```",
+            "rewrite (both): 40 rows <in>",
+            "```",
+            "![loss](loss.png)",
+            "@gallery.html",
+            "## Evaluation\n\n| zero-shot | top-1 |\n| --- | --- |\n| label_brand | 17.8% |\n",
+        ],
+        tmp_path,
+    )
+    assert (
+        "<h1>veclip demo report</h1>" in page and "<blockquote><b>tiny</b> and <code>random</code></blockquote>" in page
+    )
     assert "<tr><th>stage</th><th>seconds</th></tr><tr><td>rewrite</td><td>1.5</td></tr>" in page
     assert "<pre>rewrite (both): 40 rows &lt;in&gt;</pre>" in page and 'src="data:image/png;base64,' in page
     assert '<iframe src="gallery.html"' in page

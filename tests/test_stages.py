@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, veclip_cli
+
 from veclip.cli import command_reference
 from veclip.config import describe
 from veclip.stages import STAGES, parse_stage_args
@@ -35,19 +35,51 @@ def test_config_show_prints_fields_values_and_docs():
 def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
     config_file = tmp_path / "train.json"
     config_file.write_text(json.dumps({"steps": 7, "batch_size": 16, "captions": {"mode": "vecap"}}))
-    config = parse_stage_args("train", ["--data", "d", "--output", "o", "--preset", "tiny", "--config", str(config_file),
-                                        "--caption-mode", "laclip", "--set", "batch_size=8"])
+    config = parse_stage_args(
+        "train",
+        [
+            "--data",
+            "d",
+            "--output",
+            "o",
+            "--preset",
+            "tiny",
+            "--config",
+            str(config_file),
+            "--caption-mode",
+            "laclip",
+            "--set",
+            "batch_size=8",
+        ],
+    )
     assert (config.steps, config.batch_size, config.captions.mode, config.model) == (7, 8, "laclip", "veclip-tiny")
     sample = parse_stage_args("sample", ["--out", "x", "--rows", "10", "--set", "jpeg_quality=70"])
     assert (sample.output, sample.rows, sample.jpeg_quality, sample.eval_rows) == ("x", 10, 70, 500)
-    evaluation = parse_stage_args("eval", ["--model", "m", "--data", "d", "--batch-size", "32", "--cpus-per-worker", "0.5"])
+    evaluation = parse_stage_args(
+        "eval", ["--model", "m", "--data", "d", "--batch-size", "32", "--cpus-per-worker", "0.5"]
+    )
     assert (evaluation.batch_size, evaluation.cpus_per_worker) == (32, 0.5)  # once set only in code
     with pytest.raises(ValueError, match="unknown config field"):
         parse_stage_args("validate", ["u", "--set", "sample_per_shrad=3"])
     # a flag and the --set it needs are applied together: weighted mode is valid only with its weights
-    weighted = parse_stage_args("train", ["--data", "d#vecap", "--output", "o", "--add-captions", "e#vecap=vlm_caption",
-                                          "--caption-mode", "weighted", "--set", 'captions.weights={"vecap": 1, "vlm_caption": 1}'])
-    assert weighted.captions.weights == {"vecap": 1, "vlm_caption": 1} and weighted.add_captions == ("e#vecap=vlm_caption",)
+    weighted = parse_stage_args(
+        "train",
+        [
+            "--data",
+            "d#vecap",
+            "--output",
+            "o",
+            "--add-captions",
+            "e#vecap=vlm_caption",
+            "--caption-mode",
+            "weighted",
+            "--set",
+            'captions.weights={"vecap": 1, "vlm_caption": 1}',
+        ],
+    )
+    assert weighted.captions.weights == {"vecap": 1, "vlm_caption": 1} and weighted.add_captions == (
+        "e#vecap=vlm_caption",
+    )
     # a tuple given in code stays that tuple (it was once wrapped into a tuple of one tuple)
     assert train_config("tiny", None, [], input="d", output="o", add_captions=()).add_captions == ()
     assert train_config("tiny", None, [], input="d", output="o", add_captions=("a", "b")).add_captions == ("a", "b")
@@ -66,7 +98,9 @@ def test_the_tiny_rewrite_preset_is_pure(tmp_path, monkeypatch):
 def test_readme_commands_are_the_parsers():
     readme = (REPO / "README.md").read_text()
     block = readme.split("## Commands\n\n```bash\n", 1)[1].split("```", 1)[0]
-    assert block == command_reference(), "README's Commands block is stale; paste veclip.cli.command_reference():\n" + command_reference()
+    assert block == command_reference(), (
+        "README's Commands block is stale; paste veclip.cli.command_reference():\n" + command_reference()
+    )
 
 
 def _imports(path: Path, package_root: Path) -> set[str]:
@@ -107,7 +141,7 @@ def _find_circle(graph: dict[str, set[str]]) -> None:
         stack.append(module)
         for target in sorted(graph.get(module, ())):
             if state.get(target) == "open":
-                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(target):] + [target]))
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(target) :] + [target]))
             if target not in state:
                 visit(target)
         stack.pop()
@@ -136,14 +170,25 @@ def test_the_sharded_stages_share_the_engine_and_not_each_other():
     graph = _graph(package_level=True)
     assert "veclip.shards" in graph["veclip.rewrite"] and "veclip.shards" in graph["veclip.score"]
     assert "veclip.score" not in graph["veclip.rewrite"] and "veclip.rewrite" not in graph["veclip.score"]
-    assert not graph["veclip.shards"] & {"veclip.rewrite", "veclip.score", "veclip.train", "veclip.eval", "veclip.world"}
+    assert not graph["veclip.shards"] & {
+        "veclip.rewrite",
+        "veclip.score",
+        "veclip.train",
+        "veclip.eval",
+        "veclip.world",
+    }
 
 
 def test_one_flag_vocabulary_with_the_old_spellings_kept():
-    assert parse_stage_args("train", ["--input", "d", "--output", "o"]) == parse_stage_args("train", ["--data", "d", "--output", "o"])
+    assert parse_stage_args("train", ["--input", "d", "--output", "o"]) == parse_stage_args(
+        "train", ["--data", "d", "--output", "o"]
+    )
     assert parse_stage_args("eval", ["--model", "m", "--input", "d", "--output", "x"]) == parse_stage_args(
-        "eval", ["--model", "m", "--data", "d", "--out", "x"])
-    assert parse_stage_args("sample", ["--output", "x"]).output == parse_stage_args("sample", ["--out", "x"]).output == "x"
+        "eval", ["--model", "m", "--data", "d", "--out", "x"]
+    )
+    assert (
+        parse_stage_args("sample", ["--output", "x"]).output == parse_stage_args("sample", ["--out", "x"]).output == "x"
+    )
 
 
 def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):

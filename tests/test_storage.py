@@ -1,6 +1,5 @@
 """Storage behaves the same on local disk and on S3 (a moto server on 127.0.0.1)."""
 
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -36,7 +35,10 @@ def test_round_trip_markers_and_listing(root):
     assert marker.rows == 3 and marker.quarantined == 1 and marker.input_rows == 4
     assert store.done() == {"a-00000.parquet", "b-00001.parquet", "c-00002.parquet", "d-00003.parquet"}
     assert [p.rsplit("/", 1)[1] for p in storage.list_shards(root)] == [
-        "a-00000.parquet", "b-00001.parquet", "c-00002.parquet", "d-00003.parquet",
+        "a-00000.parquet",
+        "b-00001.parquet",
+        "c-00002.parquet",
+        "d-00003.parquet",
     ]
     assert store.find_marker("b-00001.parquet").stats["note"] == "b-00001.parquet"
     assert store.find_marker("zzz.parquet") is None
@@ -44,7 +46,9 @@ def test_round_trip_markers_and_listing(root):
     # pyarrow reads back through the same filesystem
     back = pq.read_table(store.shards()[0], filesystem=root.fs)
     assert back.equals(_table(5))
-    assert pq.read_table(store.quarantine_shards()[0], filesystem=root.fs).column("reason").to_pylist() == ["image_undecodable"]
+    assert pq.read_table(store.quarantine_shards()[0], filesystem=root.fs).column("reason").to_pylist() == [
+        "image_undecodable"
+    ]
 
 
 def test_shard_without_marker_is_not_done(root):
@@ -71,7 +75,12 @@ def test_missing_folder_is_a_clear_error(root):
 
 @pytest.mark.parametrize(
     "url, name",
-    [("s3://b/in/00042.tar", "00042.parquet"), ("/x/part-00001.parquet", "part-00001.parquet"), ("data.csv", "data.parquet"), ("a/b.tar.gz", "b.parquet")],
+    [
+        ("s3://b/in/00042.tar", "00042.parquet"),
+        ("/x/part-00001.parquet", "part-00001.parquet"),
+        ("data.csv", "data.parquet"),
+        ("a/b.tar.gz", "b.parquet"),
+    ],
 )
 def test_output_shard_name(url, name):
     assert output_shard_name(url) == name
@@ -106,14 +115,28 @@ def test_row_groups_are_sized_by_bytes(tmp_path):
 def test_markers_written_before_the_typed_marker_still_read(root):
     """A version-1 marker (pool figures as <pool>_<count> keys, no rows_in, stage figures at the top) reads
     into the typed marker, from its file and from the manifest alike."""
-    old = {"shard": "o.parquet", "rows": 4, "quarantined": 1, "written_at": "2026-11-01T00:00:00Z", "layout": "copy",
-           "fingerprint": "f", "run_id": "r", "fuser_prompt_tokens": 40, "fuser_requests": 4, "laclip_generated_tokens": 9,
-           "resized": 2, "flags": {"vecap:empty": 1}}
+    old = {
+        "shard": "o.parquet",
+        "rows": 4,
+        "quarantined": 1,
+        "written_at": "2026-11-01T00:00:00Z",
+        "layout": "copy",
+        "fingerprint": "f",
+        "run_id": "r",
+        "fuser_prompt_tokens": 40,
+        "fuser_requests": 4,
+        "laclip_generated_tokens": 9,
+        "resized": 2,
+        "flags": {"vecap:empty": 1},
+    }
     storage.write_json(root.fs, root.join("_done", "o.parquet.json"), old)
     for save in (True, False):  # the second read comes from the manifest
         marker = ShardStore(root).markers(save_manifest=save)["o.parquet"]
         assert (marker.input_rows, marker.rows_out, marker.fingerprint, marker.flags) == (5, 4, "f", {"vecap:empty": 1})
-        assert marker.pools == {"fuser": PoolStats(requests=4, prompt_tokens=40), "laclip": PoolStats(generated_tokens=9)}
+        assert marker.pools == {
+            "fuser": PoolStats(requests=4, prompt_tokens=40),
+            "laclip": PoolStats(generated_tokens=9),
+        }
         assert marker.stats == {"resized": 2}
     assert Marker.from_json(marker.to_json()) == marker
 

@@ -10,16 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from veclip.world.generate import SampleConfig, generate
 from veclip.shards.store import NOT_MARKED
 from veclip.storage import Location
+from veclip.train.checkpoint import load_state, metric_history, read_model
 from veclip.train.config import build_config, preset
-from veclip.train.checkpoint import latest, metric_history, read_model
 from veclip.train.export import export
-from veclip.train.checkpoint import load_state
-from veclip.train.model import cosine_with_warmup, create_model, param_groups, train_flops_per_sample
 from veclip.train.loop import TrainHooks
+from veclip.train.model import cosine_with_warmup, create_model, param_groups, train_flops_per_sample
 from veclip.train.trainer import run_train
+from veclip.world.generate import SampleConfig, generate
 
 
 def quiet(*_):
@@ -86,8 +85,14 @@ def ref_data(tmp_path_factory) -> Path:
 def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session):
     # A tiny contrastive run sits on the chance plateau for a seed-dependent number of steps
     # (seed 0's data order: ~80 here; seeds 1 and 2: ~10); this test is about leaving it.
-    config = build_config("tiny", None, ["steps=60", "checkpoint_every=20", "keep_checkpoints=2", "captions.mode=vecap", "seed=1"],
-                          input=str(ref_data), output=str(tmp_path), name="learn")
+    config = build_config(
+        "tiny",
+        None,
+        ["steps=60", "checkpoint_every=20", "keep_checkpoints=2", "captions.mode=vecap", "seed=1"],
+        input=str(ref_data),
+        output=str(tmp_path),
+        name="learn",
+    )
     console = []
     summary = run_train(config, log=console.append)
     run = tmp_path / "learn"
@@ -99,14 +104,25 @@ def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session
     first, last = np.mean([m["loss"] for m in history[:5]]), np.mean([m["loss"] for m in history[-5:]])
     chance = np.log(64)  # 32 per worker x 2 workers: each row's logits span the global batch
     assert last < first - 0.5 and last < chance - 0.3, (first, last)
-    for key in ("lr", "logit_scale", "samples_per_s", "samples_per_s_per_worker", "data_wait_share", "train_flops_per_sample"):
+    for key in (
+        "lr",
+        "logit_scale",
+        "samples_per_s",
+        "samples_per_s_per_worker",
+        "data_wait_share",
+        "train_flops_per_sample",
+    ):
         assert all(m[key] is not None for m in history), key
     assert history[-1]["samples_seen"] == 60 * 32 * 2
     assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # num_to_keep
     assert summary["metrics"]["step"] == 60 and summary["rows_skipped_by_reason"]["image_unusable"] >= 1
     assert summary["rows_skipped_by_reason"]["no_usable_caption"] >= 1
     written = json.loads((run / "summary.json").read_text())
-    assert written["caption_mode"] == "vecap" and written["config"]["steps"] == 60 and written["config"]["captions"]["mode"] == "vecap"
+    assert (
+        written["caption_mode"] == "vecap"
+        and written["config"]["steps"] == 60
+        and written["config"]["captions"]["mode"] == "vecap"
+    )
 
     # export -> stock open_clip gives the training model's embeddings
     import open_clip
@@ -135,8 +151,14 @@ def test_two_workers_learn_checkpoint_and_export(ref_data, tmp_path, ray_session
 def test_several_captions_per_image_decoded_on_the_device(ref_data, tmp_path, ray_session):
     # multi-positive training (AltText and VeCap of each image in the step) with JPEGs decoded by
     # the workers (torchvision's CPU decoder here; nvJPEG on a GPU), end to end on 2 Ray Train workers
-    config = build_config("tiny", None, ["steps=40", "checkpoint_every=40", "captions.mode=mix", "captions.per_image=2",
-                                         "decode=device", "seed=1"], input=str(ref_data), output=str(tmp_path), name="multi")
+    config = build_config(
+        "tiny",
+        None,
+        ["steps=40", "checkpoint_every=40", "captions.mode=mix", "captions.per_image=2", "decode=device", "seed=1"],
+        input=str(ref_data),
+        output=str(tmp_path),
+        name="multi",
+    )
     console = []
     summary = run_train(config, log=console.append)
     assert any("x 2 captions each (multi-positive)" in line for line in console), console
@@ -152,7 +174,8 @@ def test_several_captions_per_image_decoded_on_the_device(ref_data, tmp_path, ra
 
 
 def _trained_samples(folder: Path) -> dict[tuple[int, int], tuple[int, list[int]]]:
-    """{(step, rank): (epoch, sample key hashes)}; a step trained twice (before and after a kill) keeps its last record."""
+    """{(step, rank): (epoch, sample key hashes)}; a step trained twice (before and after a kill) keeps its
+    last record."""
     out = {}
     for path in sorted(folder.glob("rank-*.jsonl")):
         rank = int(path.stem.split("-")[1])
@@ -170,7 +193,9 @@ def test_a_killed_worker_resumes_exactly(ref_data, tmp_path, ray_session):
     runs = {}
     for name, kill_at_step in (("straight", None), ("killed", 9)):
         config = build_config("tiny", None, common, input=str(ref_data), output=str(tmp_path / name), name=name)
-        runs[name] = run_train(config, log=quiet, hooks=TrainHooks(kill_at_step, sample_log=str(tmp_path / name / "samples")))
+        runs[name] = run_train(
+            config, log=quiet, hooks=TrainHooks(kill_at_step, sample_log=str(tmp_path / name / "samples"))
+        )
     straight, killed = runs["straight"], runs["killed"]
     assert straight["resumes"] == [] and killed["metrics"]["step"] == 20
     [resume] = killed["resumes"]
@@ -192,14 +217,20 @@ def test_a_killed_worker_resumes_exactly(ref_data, tmp_path, ray_session):
 def test_data_and_checkpoints_on_s3(ref_data, s3_bucket, ray_session):
     url, options = s3_bucket
     fs = Location(url, options).fs
-    fs.put(str(ref_data) + "/", url[len("s3://"):] + "/data", recursive=True)
+    fs.put(str(ref_data) + "/", url[len("s3://") :] + "/data", recursive=True)
     # as a rewrite output that is still running: four shards marked done, one not yet
     for path in sorted(ref_data.glob("*.parquet")):
         fs.pipe_file(f"{url[5:]}/data/_done/{path.name}.json", b"{}")
     fs.put_file(str(ref_data / "part-00001.parquet"), f"{url[5:]}/data/part-00099.parquet")
     # bf16 autocast (a GPU's default) runs here on CPU: the loop's mixed-precision path, exercised
-    config = build_config("tiny", None, ["steps=4", "checkpoint_every=2", "scale.num_workers=1", "precision=bf16"],
-                          input=url + "/data", output=url + "/runs", name="s3")
+    config = build_config(
+        "tiny",
+        None,
+        ["steps=4", "checkpoint_every=2", "scale.num_workers=1", "precision=bf16"],
+        input=url + "/data",
+        output=url + "/runs",
+        name="s3",
+    )
     summary = run_train(config, options, log=quiet)
     assert summary["metrics"]["step"] == 4 and np.isfinite(summary["metrics"]["loss"])
     assert summary["shards_skipped_by_reason"] == {NOT_MARKED: 1}

@@ -25,7 +25,9 @@ def test_each_epoch_deals_every_unit_to_exactly_one_worker():
     assert worker_windows(UNITS, 7, 1, 2, 3, 2) == worker_windows(UNITS, 7, 1, 2, 3, 2)  # and always the same one
     assert [len(w) for w in worker_windows(UNITS, 7, 0, 0, 3, 3)] == [3, 1]
     assert sorted(window_order(50, 1, 2, 0, 4)) == list(range(50))
-    assert list(window_order(50, 1, 2, 0, 4)) == list(window_order(50, 1, 2, 0, 4)) != list(window_order(50, 1, 3, 0, 4))
+    assert (
+        list(window_order(50, 1, 2, 0, 4)) == list(window_order(50, 1, 2, 0, 4)) != list(window_order(50, 1, 3, 0, 4))
+    )
 
 
 def test_row_groups_come_from_the_footers(tmp_path):
@@ -42,9 +44,16 @@ def test_row_groups_come_from_the_footers(tmp_path):
 def _blocks(n: int, sizes: list[int], skip_every: int = 0, epoch: int = 0):
     """A stream of n rows over window 0 of ``epoch`` cut into blocks of the given sizes; every k-th row flagged."""
     skip = np.array([(i % skip_every == 3) if skip_every else False for i in range(n)], dtype=np.int8)
-    rows = {"image": np.arange(n).reshape(n, 1, 1, 1).astype(np.uint8), "tokens": np.zeros((n, 4), np.int32),
-            "slot": np.zeros(n, np.int8), "key_hash": np.arange(n, dtype=np.int64) + 1000 * epoch,
-            "skip": skip, "_epoch": np.full(n, epoch, np.int64), "_window": np.zeros(n, np.int64), "_offset": np.arange(n, dtype=np.int64)}
+    rows = {
+        "image": np.arange(n).reshape(n, 1, 1, 1).astype(np.uint8),
+        "tokens": np.zeros((n, 4), np.int32),
+        "slot": np.zeros(n, np.int8),
+        "key_hash": np.arange(n, dtype=np.int64) + 1000 * epoch,
+        "skip": skip,
+        "_epoch": np.full(n, epoch, np.int64),
+        "_window": np.zeros(n, np.int64),
+        "_offset": np.arange(n, dtype=np.int64),
+    }
     start = 0
     for size in sizes:
         yield {k: v[start : start + size] for k, v in rows.items()}
@@ -52,7 +61,9 @@ def _blocks(n: int, sizes: list[int], skip_every: int = 0, epoch: int = 0):
 
 
 def test_exact_batches_do_not_depend_on_block_sizes():
-    cut = lambda sizes: [(list(b.rows["key_hash"]), b.position, b.skipped) for b in exact_batches(_blocks(40, sizes, 5), 6)]
+    cut = lambda sizes: [
+        (list(b.rows["key_hash"]), b.position, b.skipped) for b in exact_batches(_blocks(40, sizes, 5), 6)
+    ]
     one = cut([40])
     assert one == cut([7, 1, 13, 19]) == cut([1] * 40)
     assert [len(keys) for keys, _, _ in one] == [6] * 5  # 32 usable rows: 5 full batches, the rest waits
@@ -88,13 +99,22 @@ def test_a_batch_never_spans_two_epochs():
 
 
 def test_resume_point_is_exact_only_with_the_same_worker_count():
-    saved = Progress(step=8, samples_seen=512, workers=[
-        WorkerProgress(Position(1, 2, 40), {"image_unusable": 1}), WorkerProgress(Position(1, 3, 5), {"no_usable_caption": 2})])
+    saved = Progress(
+        step=8,
+        samples_seen=512,
+        workers=[
+            WorkerProgress(Position(1, 2, 40), {"image_unusable": 1}),
+            WorkerProgress(Position(1, 3, 5), {"no_usable_caption": 2}),
+        ],
+    )
     progress, mine = resume_point(saved, 1, 2, "ckpt")
     assert mine.position == Position(1, 3, 5) and progress.resumes[-1]["exact"] and progress.step == 8
     progress, mine = resume_point(saved, 0, 4, "ckpt")
     assert mine.position == Position(2) and not progress.resumes[-1]["exact"]
-    assert "from 2 to 4" in progress.resumes[-1]["why"] and mine.skipped == {"image_unusable": 1, "no_usable_caption": 2}
+    assert "from 2 to 4" in progress.resumes[-1]["why"] and mine.skipped == {
+        "image_unusable": 1,
+        "no_usable_caption": 2,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +135,9 @@ def _with_positions(table: pa.Table, epoch: int) -> pa.Table:
 
 def test_augmentation_is_a_pure_function_of_seed_epoch_and_key(sample_table):
     rows = sample_table.slice(0, 8)
-    out = lambda table, epoch: preprocess(_with_positions(table, epoch), "veclip-tiny", CaptionConfig("alttext"), ImageLimits(), 0)
+    out = lambda table, epoch: preprocess(
+        _with_positions(table, epoch), "veclip-tiny", CaptionConfig("alttext"), ImageLimits(), 0
+    )
 
     a, b = out(rows, 0), out(rows.take([7, 6, 5, 4, 3, 2, 1, 0]), 0)
     assert np.array_equal(a["image"], b["image"][::-1])  # per key, whatever the batch order
@@ -135,7 +157,9 @@ def test_only_the_chosen_caption_is_tokenized(sample_table):
     chosen = {}
     for epoch in (0, 1):
         out = preprocess(_with_positions(rows, epoch), "veclip-tiny", captions, ImageLimits(), 0)
-        texts = captions.slot_texts(lambda name: rows.column(name).to_pylist() if name in rows.column_names else [None] * rows.num_rows)
+        texts = captions.slot_texts(
+            lambda name: rows.column(name).to_pylist() if name in rows.column_names else [None] * rows.num_rows
+        )
         trained = np.flatnonzero(out["skip"] == 0)
         assert out["tokens"].shape == (rows.num_rows, tokenizer.context_length)  # one caption per row, not one per slot
         assert np.array_equal(out["tokens"][trained], tokenizer([texts[out["slot"][i]][i] for i in trained]).numpy())
@@ -167,7 +191,9 @@ def test_the_resized_crop_draws_torchvisions_parameters(monkeypatch):
     from veclip.train.data import _resized_crop
 
     boxes = []
-    monkeypatch.setattr(functional, "resized_crop", lambda image, top, left, h, w, *_, **__: boxes.append((top, left, h, w)))
+    monkeypatch.setattr(
+        functional, "resized_crop", lambda image, top, left, h, w, *_, **__: boxes.append((top, left, h, w))
+    )
     crop = RandomResizedCrop(32, scale=(0.5, 1.0))
     for seed in range(300):
         _resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
@@ -176,7 +202,9 @@ def test_the_resized_crop_draws_torchvisions_parameters(monkeypatch):
         assert 0.5 * 4800 * 0.97 <= h * w <= 4800 and 3 / 4 * 0.93 <= w / h <= 4 / 3 * 1.07
     assert len(set(boxes)) > 250  # drawn afresh per seed...
     again = []
-    monkeypatch.setattr(functional, "resized_crop", lambda image, top, left, h, w, *_, **__: again.append((top, left, h, w)))
+    monkeypatch.setattr(
+        functional, "resized_crop", lambda image, top, left, h, w, *_, **__: again.append((top, left, h, w))
+    )
     for seed in range(300):
         _resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
     assert again == boxes  # ...and the same for the same seed
@@ -210,14 +238,22 @@ def test_device_decode_matches_the_cpu_path_and_refuses_what_it_refuses(sample_t
 
     assert np.array_equal(cpu["skip"], device["skip"]) and device["skip"][2] == SKIP_REASONS.index("image_unusable")
     assert np.array_equal(cpu["tokens"], device["tokens"])
-    assert device["on_device"][1] == 0 and np.array_equal(device["image"][1], cpu["image"][1])  # the PNG: decoded in the task
+    assert device["on_device"][1] == 0 and np.array_equal(
+        device["image"][1], cpu["image"][1]
+    )  # the PNG: decoded in the task
     on_device = np.flatnonzero(device["on_device"])
-    assert set(on_device) == set(range(12)) - {1, 2} and not device["skip"][on_device].any() and not device["image"][on_device].any()
+    assert (
+        set(on_device) == set(range(12)) - {1, 2}
+        and not device["skip"][on_device].any()
+        and not device["image"][on_device].any()
+    )
     images = torch.from_numpy(device["image"])
     decode_on_device(images, device["jpeg"], device["box"], on_device, device_crop_for("veclip-tiny"))
     # the same crops, resized by torch instead of PIL: within a few levels per pixel
     difference = (images[on_device].float() - torch.from_numpy(cpu["image"][on_device]).float()).abs()
-    assert difference.mean() < 3 and np.array_equal(images[~np.isin(np.arange(12), on_device)].numpy(), cpu["image"][~np.isin(np.arange(12), on_device)])
+    assert difference.mean() < 3 and np.array_equal(
+        images[~np.isin(np.arange(12), on_device)].numpy(), cpu["image"][~np.isin(np.arange(12), on_device)]
+    )
 
 
 def test_k_captions_per_image_are_tokenized_image_major(sample_table):
@@ -231,7 +267,9 @@ def test_k_captions_per_image_are_tokenized_image_major(sample_table):
     rows = rows.append_column("vecap", pa.array([f"a visual caption number {i}" for i in range(rows.num_rows)]))
     captions = CaptionConfig("mix", per_image=2)
     out = preprocess(_with_positions(rows, 0), "veclip-tiny", captions, ImageLimits(), 0)
-    texts = captions.slot_texts(lambda name: rows.column(name).to_pylist() if name in rows.column_names else [None] * rows.num_rows)
+    texts = captions.slot_texts(
+        lambda name: rows.column(name).to_pylist() if name in rows.column_names else [None] * rows.num_rows
+    )
     trained = np.flatnonzero(out["skip"] == 0)
     assert out["tokens"].shape == (16, 2, tokenizer.context_length) and out["slot"].shape == (16, 2)
     both = 0

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from veclip.world.build import ModelsConfig, ensure_built
-from veclip.world.quality import measure, read_rows
 from veclip.rewrite.config import build_config, ensure_models
 from veclip.rewrite.pipeline import run_rewrite
+from veclip.world.build import ModelsConfig, ensure_built
 from veclip.world.generate import SampleConfig, generate
+from veclip.world.quality import measure, read_rows
 
 pytestmark = pytest.mark.slow
 ROWS, STEPS = 320, 300
@@ -27,7 +27,9 @@ def world(tmp_path_factory, vllm_python, ray_session):
     root = tmp_path_factory.mktemp("trained")
     ensure_built(ModelsConfig(scale="quick"), python=vllm_python, log=lambda *_: None)
     generate(SampleConfig(str(root / "data"), rows=ROWS, eval_rows=200, shards=2, seed=7), log=lambda *_: None)
-    config = build_config("trained-quick", input=str(root / "data" / "train"), output=str(root / "trained"), mode="vecap")
+    config = build_config(
+        "trained-quick", input=str(root / "data" / "train"), output=str(root / "trained"), mode="vecap"
+    )
     summary = run_rewrite(config, log=lambda *_: None)
     assert summary["rows_out"] == ROWS and not summary["failed"]
     return root
@@ -35,7 +37,9 @@ def world(tmp_path_factory, vllm_python, ray_session):
 
 def test_trained_captions_state_the_facts_random_ones_do_not(world, tmp_path):
     trained = measure(read_rows(str(world / "trained")))
-    random_config = build_config("tiny", input=str(world / "data" / "train"), output=str(tmp_path / "random"), mode="vecap")
+    random_config = build_config(
+        "tiny", input=str(world / "data" / "train"), output=str(tmp_path / "random"), mode="vecap"
+    )
     ensure_models(random_config)
     run_rewrite(random_config, log=lambda *_: None)
     random_models = measure(read_rows(str(tmp_path / "random")))
@@ -70,11 +74,23 @@ def test_misaligned_captions_destroy_the_gain(world, tmp_path):
     shuffle_captions(world / "trained", tmp_path / "shuffled")
     r5 = {}
     for name, data in (("aligned", world / "trained"), ("shuffled", tmp_path / "shuffled")):
-        overrides = [f"steps={STEPS}", "batch_size=64", "scale.num_workers=1", "scale.cpus_per_worker=1", "captions.mode=vecap",
-                     f"checkpoint_every={STEPS}", "report_every=50"]
-        run_train(train_config("tiny", None, overrides, input=str(data), output=str(tmp_path / "runs"), name=name), log=lambda *_: None)
+        overrides = [
+            f"steps={STEPS}",
+            "batch_size=64",
+            "scale.num_workers=1",
+            "scale.cpus_per_worker=1",
+            "captions.mode=vecap",
+            f"checkpoint_every={STEPS}",
+            "report_every=50",
+        ]
+        run_train(
+            train_config("tiny", None, overrides, input=str(data), output=str(tmp_path / "runs"), name=name),
+            log=lambda *_: None,
+        )
         model = export(str(tmp_path / "runs" / name), str(tmp_path / "models" / name))
-        r5[name] = mean_recall(evaluate(EvalConfig(model=str(model), input=str(world / "data" / "eval")))["retrieval"], 5)
+        r5[name] = mean_recall(
+            evaluate(EvalConfig(model=str(model), input=str(world / "data" / "eval")))["retrieval"], 5
+        )
     print(r5)
     chance = 5 / 200  # R@5 over 200 eval images
     assert r5["shuffled"] <= 2 * chance  # captions of other images teach nothing about these

@@ -17,7 +17,9 @@ def _set(table, column, row, value):
     values = table.column(column).to_pylist()
     values[row] = value
     i = table.schema.get_field_index(column)
-    return table.set_column(i, table.schema.field(column).with_nullable(True), pa.array(values, table.schema.field(column).type))
+    return table.set_column(
+        i, table.schema.field(column).with_nullable(True), pa.array(values, table.schema.field(column).type)
+    )
 
 
 def _kinds(report):
@@ -49,7 +51,10 @@ def test_missing_column(train_copy):
 
 
 def test_wrong_type(train_copy):
-    _rewrite(train_copy / "part-00000.parquet", lambda t: t.set_column(1, "image", pa.array([f"img{i}.jpg" for i in range(t.num_rows)])))
+    _rewrite(
+        train_copy / "part-00000.parquet",
+        lambda t: t.set_column(1, "image", pa.array([f"img{i}.jpg" for i in range(t.num_rows)])),
+    )
     report = validate(ValidateConfig(str(train_copy)))
     assert not report.usable
     assert "column 'image' has type string, expected binary" in report.render()
@@ -88,7 +93,9 @@ def test_non_parquet_file(train_copy):
     report = validate(ValidateConfig(str(train_copy)))
     assert not report.usable and _kinds(report) == {"unreadable"}
     text = report.render()
-    assert "part-00003.parquet row" not in text and "[unreadable] part-00003.parquet: not a readable Parquet file" in text
+    assert (
+        "part-00003.parquet row" not in text and "[unreadable] part-00003.parquet: not a readable Parquet file" in text
+    )
     assert "ignored non-Parquet file README.txt" in text
 
 
@@ -105,7 +112,9 @@ def test_column_mapping_reads_img2dataset_names(tmp_path, sample_root):
     img2dataset = table.rename_columns(["key", "jpg", "caption", "url", "width", "height", *table.column_names[6:]])
     pq.write_table(img2dataset, tmp_path / "00000.parquet")
     assert not validate(ValidateConfig(str(tmp_path))).usable
-    report = validate(ValidateConfig(str(tmp_path), columns=ColumnMap.parse("image=jpg,alt_text=caption"), images="full"))
+    report = validate(
+        ValidateConfig(str(tmp_path), columns=ColumnMap.parse("image=jpg,alt_text=caption"), images="full")
+    )
     assert report.usable and report.totals.images_checked == table.num_rows
 
 

@@ -9,8 +9,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from veclip.rewrite.config import PRESETS, preset
-from veclip.world.presets import tiny_models_dir
 from veclip.rewrite.prompts import CaptionerPrompt
+from veclip.world.presets import tiny_models_dir
 from veclip.world.tiny import build, model_paths
 
 if __name__ == "__main__":
@@ -27,6 +27,16 @@ if __name__ == "__main__":
         image = Image.new("RGB", (config.max_image_side, config.max_image_side), (120, 40, 200))
         ids = processor(text=[text], images=[image], return_tensors="np")["input_ids"][0].tolist()
         image_token = processor.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
-        print(json.dumps({"preset": name, "family": family, "prompt_tokens": len(ids), "image_tokens": ids.count(image_token),
-                          "max_tokens": config.captioner.sampling.max_tokens, "max_model_len": engine.max_model_len,
-                          "limit_mm_per_prompt": engine.limit_mm_per_prompt}))
+        print(
+            json.dumps(
+                {
+                    "preset": name,
+                    "family": family,
+                    "prompt_tokens": len(ids),
+                    "image_tokens": ids.count(image_token),
+                    "max_tokens": config.captioner.sampling.max_tokens,
+                    "max_model_len": engine.max_model_len,
+                    "limit_mm_per_prompt": engine.limit_mm_per_prompt,
+                }
+            )
+        )

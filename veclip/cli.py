@@ -58,8 +58,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     stage_args = [a for a in args.stage_args if a != "--"]
     config = jobs.SubmitConfig(
-        stage=args.stage, stage_args=tuple(stage_args), address=args.address, python=args.python, env=dict(args.env),
-        ship_code=args.ship_code, working_dir=args.working_dir, runtime_env_file=args.runtime_env, job_id=args.job_id,
+        stage=args.stage,
+        stage_args=tuple(stage_args),
+        address=args.address,
+        python=args.python,
+        env=dict(args.env),
+        ship_code=args.ship_code,
+        working_dir=args.working_dir,
+        runtime_env_file=args.runtime_env,
+        job_id=args.job_id,
         secrets=tuple(args.secret),
     )
     job_id = jobs.submit(config)
@@ -71,7 +78,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             jobs.follow_logs(args.address, job_id)
         status = jobs.wait(args.address, job_id)
     except KeyboardInterrupt:
-        print(f"\nsubmit: stopped waiting; job {job_id} goes on (veclip jobs stop {job_id} to stop it)", file=sys.stderr)
+        print(
+            f"\nsubmit: stopped waiting; job {job_id} goes on (veclip jobs stop {job_id} to stop it)", file=sys.stderr
+        )
         return 130
     print(f"submit: job {job_id} {status}")
     if status != "SUCCEEDED" and not args.follow:  # say why without a second command
@@ -86,7 +95,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     client = jobs.client(args.address)
     if args.action == "list":
         for info in client.list_jobs():
-            print(f"{info.submission_id}\t{info.status}\t{(info.metadata or {}).get('veclip_stage', '-')}\t{info.entrypoint}")
+            print(
+                f"{info.submission_id}\t{info.status}\t"
+                f"{(info.metadata or {}).get('veclip_stage', '-')}\t{info.entrypoint}"
+            )
         return 0
     if not args.job_id:
         raise ValueError(f"jobs {args.action}: a job id is required")
@@ -115,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print a stage's config: every field, its value and what it does")
     p.add_argument("action", choices=("show",))
     p.add_argument("stage", choices=tuple(STAGES))
-    p.add_argument("--preset", default="default", help="the preset to start from (default, or tiny for rewrite and train)")
+    p.add_argument(
+        "--preset", default="default", help="the preset to start from (default, or tiny for rewrite and train)"
+    )
     p.set_defaults(func=cmd_config_show)
 
-    p = sub.add_parser("convert-eval", help="convert class folders (ImageNet-style) or a COCO captions JSON into an eval set")
+    p = sub.add_parser(
+        "convert-eval", help="convert class folders (ImageNet-style) or a COCO captions JSON into an eval set"
+    )
     p.add_argument("format", choices=("folders", "coco"))
     p.add_argument("source", help="folders: ROOT with one folder per class; coco: the captions JSON")
     p.add_argument("--images", help="coco: the folder of the images")
@@ -128,19 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_eval)
 
     address_help = "the cluster's dashboard URL, e.g. http://head:8265 (default: RAY_ADDRESS)"
-    p = sub.add_parser("submit", help="run a stage as a Ray job on a cluster: veclip submit rewrite --address URL [rewrite flags]",
-                       description="Submit a stage as a Ray job. Flags not listed here are the stage's own (see veclip STAGE --help); "
-                                   "its paths are read on the cluster, so use s3:// URLs.")
+    p = sub.add_parser(
+        "submit",
+        help="run a stage as a Ray job on a cluster: veclip submit rewrite --address URL [rewrite flags]",
+        description="Submit a stage as a Ray job. Flags not listed here are the stage's own (see veclip STAGE --help); "
+        "its paths are read on the cluster, so use s3:// URLs.",
+    )
     p.add_argument("stage", choices=tuple(name for name, stage in STAGES.items() if stage.submittable))
     p.add_argument("--address", help=address_help)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
-    p.add_argument("--no-wait", action="store_true", help="return after submitting (default: wait and exit with the job's status)")
-    p.add_argument("--python", default="python", help="the driver's interpreter on the cluster (default python, the head's PATH)")
-    p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE", help="environment for the job (repeatable)")
-    p.add_argument("--secret", action="append", default=[], metavar="NAME",
-                   help="send this environment's NAME (a token, a key) to every process of the job, outside the job's "
-                        "visible metadata (repeatable); secret-named --env values are refused")
-    p.add_argument("--ship-code", action="store_true", help="upload this machine's veclip package instead of using the installed one")
+    p.add_argument(
+        "--no-wait", action="store_true", help="return after submitting (default: wait and exit with the job's status)"
+    )
+    p.add_argument(
+        "--python", default="python", help="the driver's interpreter on the cluster (default python, the head's PATH)"
+    )
+    p.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the job (repeatable)",
+    )
+    p.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="send this environment's NAME (a token, a key) to every process of the job, outside the job's "
+        "visible metadata (repeatable); secret-named --env values are refused",
+    )
+    p.add_argument(
+        "--ship-code",
+        action="store_true",
+        help="upload this machine's veclip package instead of using the installed one",
+    )
     p.add_argument("--working-dir", help="a local folder to upload as the job's working directory")
     p.add_argument("--runtime-env", help="a JSON/YAML file of further runtime_env fields")
     p.add_argument("--job-id", help="the submission id (default: Ray picks one)")
@@ -163,7 +202,9 @@ def _flag(action: argparse.Action) -> str:
     value = "|".join(map(str, action.choices)) if action.choices else (action.metavar or short)
     if not action.option_strings:
         return f"[{value}]" if action.nargs == "?" else value
-    flag = next(o for o in action.option_strings if o.startswith("--"))  # the first long spelling; later ones are aliases
+    flag = next(
+        o for o in action.option_strings if o.startswith("--")
+    )  # the first long spelling; later ones are aliases
     text = flag if action.nargs == 0 else f"{flag} {value}"
     return text if action.required else f"[{text}{' ...' if isinstance(action, argparse._AppendAction) else ''}]"
 
@@ -174,7 +215,12 @@ def command_reference() -> str:
     width = max(map(len, sub.choices))
     lines = []
     for name, parser in sub.choices.items():
-        common = {id(a) for g in parser._action_groups if g.title and g.title.startswith(COMMON_GROUPS) for a in g._group_actions}
+        common = {
+            id(a)
+            for g in parser._action_groups
+            if g.title and g.title.startswith(COMMON_GROUPS)
+            for a in g._group_actions
+        }
         flags = [_flag(a) for a in parser._actions if not isinstance(a, argparse._HelpAction) and id(a) not in common]
         if name in STAGES:
             flags.append("[--preset P] [--config FILE] [--set KEY=VALUE ...] [--verbose]")

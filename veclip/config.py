@@ -41,7 +41,11 @@ def _coerce(value, hint):
     if hint in (int, float, str):
         return hint(value)
     if origin is tuple:
-        return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else tuple(value if isinstance(value, (list, tuple)) else [value])
+        return (
+            tuple(json.loads(value))
+            if isinstance(value, str) and value.startswith("[")
+            else tuple(value if isinstance(value, (list, tuple)) else [value])
+        )
     if hint is dict or origin is dict:
         return json.loads(value) if isinstance(value, str) else dict(value)
     return value
@@ -57,8 +61,12 @@ def _merge(obj, values: dict):
     changes = {}
     for key, value in values.items():
         if key not in names and RENAMED_FIELDS.get(key) in names:
-            warnings.warn(f"config field {key!r} of {type(obj).__name__} is now {RENAMED_FIELDS[key]!r} "
-                          f"(as its flag, --{RENAMED_FIELDS[key]}); the old name still works", FutureWarning, stacklevel=2)
+            warnings.warn(
+                f"config field {key!r} of {type(obj).__name__} is now {RENAMED_FIELDS[key]!r} "
+                f"(as its flag, --{RENAMED_FIELDS[key]}); the old name still works",
+                FutureWarning,
+                stacklevel=2,
+            )
             key = RENAMED_FIELDS[key]
         if key not in names:
             raise ValueError(f"unknown config field {key!r} in {type(obj).__name__}; fields: {sorted(names)}")
@@ -146,8 +154,11 @@ def field_docs(cls: type) -> dict[str, str]:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     lines = source.splitlines()
     docs = {}
     for node in ast.parse(source).body[0].body:
@@ -176,7 +187,9 @@ def describe(config, prefix: str = "") -> list[tuple[str, object, str]]:
 
 # Names of settings that hold secrets (an engine's HF_TOKEN, a key for a hub or a bucket).
 # Whole words of a name: HF_TOKEN and AWS_SECRET_ACCESS_KEY match, prompt_tokens does not.
-SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)(_|$)", re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)(_|$)", re.IGNORECASE
+)
 REDACTED = "<redacted>"
 
 

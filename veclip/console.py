@@ -19,7 +19,13 @@ def eta(remaining: float, rate: float) -> str:
     if rate <= 0:
         return "unknown"
     seconds = remaining / rate
-    return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.1f} min" if seconds > 90 else f"{seconds:.0f} s"
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds > 5400
+        else f"{seconds / 60:.1f} min"
+        if seconds > 90
+        else f"{seconds:.0f} s"
+    )
 
 
 def start_ray(log=print) -> None:

@@ -48,9 +48,15 @@ class CaptionSource:
         for item in filter(None, (p.strip() for p in picks.split(","))):
             source, _, target = item.partition("=")
             target = target or source
-            if source not in GENERATED or target not in GENERATED or (source == schema.REWRITES) != (target == schema.REWRITES):
-                raise ValueError(f"caption source {spec!r}: {item!r} must pick a generated column {GENERATED} and may rename "
-                                 "vecap and vlm_caption into each other, e.g. vecap=vlm_caption")
+            if (
+                source not in GENERATED
+                or target not in GENERATED
+                or (source == schema.REWRITES) != (target == schema.REWRITES)
+            ):
+                raise ValueError(
+                    f"caption source {spec!r}: {item!r} must pick a generated column {GENERATED} and may rename "
+                    "vecap and vlm_caption into each other, e.g. vecap=vlm_caption"
+                )
             columns[source] = target
         return cls(url.rstrip("/"), columns)
 
@@ -60,8 +66,11 @@ class CaptionSource:
         missing = sorted(set(picked) - set(names))
         if missing:
             raise ValueError(f"{self.url} has no column(s) {missing}; it has {sorted(set(names) & set(GENERATED))}")
-        provenance = {schema.provenance_column(s): schema.provenance_column(t) for s, t in picked.items()
-                      if schema.provenance_column(s) in names}
+        provenance = {
+            schema.provenance_column(s): schema.provenance_column(t)
+            for s, t in picked.items()
+            if schema.provenance_column(s) in names
+        }
         # flags, and a score output's scores (veclip score), ride along under their own names
         extra = {c: c for c in (schema.REWRITE_FLAGS, *SCORES) if c in names}
         return replace(self, columns={**picked, **provenance, **extra})
@@ -104,7 +113,9 @@ def _column_names(location: Location, path: str) -> list[str]:
         return pq.read_schema(f).names
 
 
-def open_dataset(url: str, options: StorageOptions | None = None, add_captions: tuple[str, ...] = (), stage: str = "read") -> Dataset:
+def open_dataset(
+    url: str, options: StorageOptions | None = None, add_captions: tuple[str, ...] = (), stage: str = "read"
+) -> Dataset:
     """The image shards of ``url`` (finished ones, for a stage's output) with the caption
     tables to join to each: ``url``'s own when it is a caption output, and those of
     every ``add_captions`` source (caption outputs of the same input). A shard some
@@ -127,14 +138,18 @@ def open_dataset(url: str, options: StorageOptions | None = None, add_captions: 
         wanted = CaptionSource.parse(spec)
         extra, extra_entries, _, extra_tables = _caption_output(wanted.url, options)
         if not extra_tables:
-            raise ValueError(f"{wanted.url} is not a caption output (rewrite --layout captions): only caption tables can be added")
+            raise ValueError(
+                f"{wanted.url} is not a caption output (rewrite --layout captions): only caption tables can be added"
+            )
         if images.fs._strip_protocol(extra_tables.inputs_url) != images.fs._strip_protocol(images_url):
             raise ValueError(f"{wanted.url} holds captions of {extra_tables.inputs_url}, not of {images_url}")
         source = wanted.resolve(_column_names(extra, extra_entries[0]["name"]))
         clash = sorted(t for t in source.columns.values() if t in taken and t in (*GENERATED, *SCORES))
         if clash:
-            raise ValueError(f"{wanted.url} would fill {clash}, which another source already fills; pick or rename "
-                             f"columns with URL#COLUMNS, e.g. --input A#vecap --add-captions B#vecap=vlm_caption")
+            raise ValueError(
+                f"{wanted.url} would fill {clash}, which another source already fills; pick or rename "
+                f"columns with URL#COLUMNS, e.g. --input A#vecap --add-captions B#vecap=vlm_caption"
+            )
         taken |= set(source.columns.values())
         by_input = {i: c for c, (i, _) in extra_tables.inputs.items()}
         missing = [path for path in shards if path not in by_input]
@@ -170,7 +185,9 @@ def first_difference(a: list, b: list) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def check_aligned(keys: pa.ChunkedArray, caption_keys: pa.ChunkedArray, first_row: int, captions_path: str, input_path: str) -> None:
+def check_aligned(
+    keys: pa.ChunkedArray, caption_keys: pa.ChunkedArray, first_row: int, captions_path: str, input_path: str
+) -> None:
     if len(keys) == len(caption_keys) and keys.equals(caption_keys):
         return
     a, b = keys.to_pylist(), caption_keys.to_pylist()
@@ -178,7 +195,8 @@ def check_aligned(keys: pa.ChunkedArray, caption_keys: pa.ChunkedArray, first_ro
     raise CaptionMismatch(
         f"caption table {captions_path} does not line up with its input {input_path}: row {first_row + at} "
         f"is {a[at] if at < len(a) else None!r} in the input but {b[at] if at < len(b) else None!r} in the captions; "
-        "rewrite that shard again")
+        "rewrite that shard again"
+    )
 
 
 def read_shard(dataset: Dataset, shard: Shard, columns: list[str] | None = None, column_map=None) -> pa.Table:

@@ -21,28 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from veclip.eval.run import EvalConfig, evaluate
-from veclip.world.build import ModelsConfig
-from veclip.world.build import ensure_built as ensure_models
-from veclip.world.build import render as render_models
-from veclip.world.quality import measure, read_rows
-from veclip.world.quality import render as render_quality
 from veclip.report import MODE_NAMES, comparison, write_report
-from veclip.world.presets import TRAINED_PRESETS
 from veclip.rewrite.config import build_config as build_rewrite_config
 from veclip.rewrite.pipeline import render_summary as render_rewrite_summary
 from veclip.rewrite.pipeline import run_rewrite
 from veclip.score.config import build_config as build_score_config
 from veclip.score.pipeline import render_summary as render_score_summary
 from veclip.score.pipeline import run_score
-from veclip.world.generate import SampleConfig, generate
 from veclip.show import ShowConfig, show
 from veclip.storage import Location, StorageOptions
-from veclip.train.config import build_config as build_train_config
 from veclip.train.checkpoint import metric_history
+from veclip.train.config import build_config as build_train_config
 from veclip.train.export import export
 from veclip.train.trainer import render_summary as render_train_summary
 from veclip.train.trainer import run_train
 from veclip.validate import ValidateConfig, validate
+from veclip.world.build import ModelsConfig
+from veclip.world.build import ensure_built as ensure_models
+from veclip.world.build import render as render_models
+from veclip.world.generate import SampleConfig, generate
+from veclip.world.presets import TRAINED_PRESETS
+from veclip.world.quality import measure, read_rows
+from veclip.world.quality import render as render_quality
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
         timings[name] = time.perf_counter() - last
         last = time.perf_counter()
 
-    generate(SampleConfig(data.url, config.rows, config.eval_rows, config.shards, config.seed), options, log=lambda *_: None)
+    generate(
+        SampleConfig(data.url, config.rows, config.eval_rows, config.shards, config.seed), options, log=lambda *_: None
+    )
     for split in ("train", "eval"):
         report = validate(ValidateConfig(data.child(split).url, images="full"), options)
         print(report.render())
@@ -87,7 +89,9 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
 
     # caption tables beside the sample images (the layout for scale): training joins them back by key
     preset = next(name for name, scale in TRAINED_PRESETS.items() if scale == config.models)
-    rewrite = build_rewrite_config(preset, input=data.child("train").url, output=root.child("captions").url, mode="both", layout="captions")
+    rewrite = build_rewrite_config(
+        preset, input=data.child("train").url, output=root.child("captions").url, mode="both", layout="captions"
+    )
     rewrite_summary = run_rewrite(rewrite, options)
     print(render_rewrite_summary(rewrite_summary))
     if rewrite_summary["failed"]:
@@ -106,22 +110,53 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     runs = {}
     for mode in config.modes:
         name = f"demo-{mode}"
-        overrides = [f"batch_size={per_worker}", f"steps={config.steps}", f"captions.mode={mode}", f"checkpoint_every={config.steps}"]
-        train = build_train_config("tiny", None, overrides, input=rewrite.output, output=root.child("train").url, name=name)
+        overrides = [
+            f"batch_size={per_worker}",
+            f"steps={config.steps}",
+            f"captions.mode={mode}",
+            f"checkpoint_every={config.steps}",
+        ]
+        train = build_train_config(
+            "tiny", None, overrides, input=rewrite.output, output=root.child("train").url, name=name
+        )
         summary = run_train(train, options)
         print(render_train_summary(summary))
         model = export(root.child("train", name).url, root.join("models", mode), options)
-        evaluation = evaluate(EvalConfig(model=str(model), input=data.child("eval").url, output=root.child("eval", mode).url,
-                                         label_column="label_shape,label_brand"), options)  # what the images show; what only AltText names
-        runs[mode] = {"train": summary, "eval": evaluation, "history": metric_history(root.child("train", name).url, options)}
+        evaluation = evaluate(
+            EvalConfig(
+                model=str(model),
+                input=data.child("eval").url,
+                output=root.child("eval", mode).url,
+                label_column="label_shape,label_brand",
+            ),
+            options,
+        )  # what the images show; what only AltText names
+        runs[mode] = {
+            "train": summary,
+            "eval": evaluation,
+            "history": metric_history(root.child("train", name).url, options),
+        }
         lap(f"train + eval: {MODE_NAMES.get(mode, mode)} (Ray Train, 2 CPU workers)")
     # the caption gate: every caption scored against its image by the last CLIP trained here
-    gate = run_score(build_score_config("cpu", None, ["percentile=10"], input=rewrite.output, output=root.child("scores").url,
-                                        model=root.join("models", config.modes[-1])), options)
+    gate = run_score(
+        build_score_config(
+            "cpu",
+            None,
+            ["percentile=10"],
+            input=rewrite.output,
+            output=root.child("scores").url,
+            model=root.join("models", config.modes[-1]),
+        ),
+        options,
+    )
     print(render_score_summary(gate))
     lap("caption gate (veclip score)")
     # the captions beside their images, with their scores and flags
-    print(show(ShowConfig(rewrite.output, rows=24, html=root.join("gallery.html"), add_captions=(gate["output"],)), options))
+    print(
+        show(
+            ShowConfig(rewrite.output, rows=24, html=root.join("gallery.html"), add_captions=(gate["output"],)), options
+        )
+    )
     timings["total"] = time.perf_counter() - start
 
     report = write_report(Path(root.path), rewrite_summary, quality, models, runs, timings, gate)

@@ -99,7 +99,8 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
 
 def resize_jpeg(image: Image.Image, short_side: int, quality: int = 90) -> tuple[bytes, tuple[int, int]]:
     """An opened image (:func:`open_image`) with its short side scaled to ``short_side``, as JPEG bytes, and
-    its new size. JPEG decodes at a reduced scale first (``draft``), so a large photo costs little more than a small one."""
+    its new size. JPEG decodes at a reduced scale first (``draft``), so a large photo costs little more than
+    a small one."""
     width, height = image.size
     scale = short_side / min(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))

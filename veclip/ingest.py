@@ -101,7 +101,15 @@ class _ShardBuilder:
         self.bad: list[dict] = []
         self.resized = 0
 
-    def add(self, key: str, image: bytes | None, alt_text: str | None, url: str | None = None, reason: str | None = None, detail: str = "") -> None:
+    def add(
+        self,
+        key: str,
+        image: bytes | None,
+        alt_text: str | None,
+        url: str | None = None,
+        reason: str | None = None,
+        detail: str = "",
+    ) -> None:
         row = {schema.KEY: key, schema.IMAGE: image, schema.ALT_TEXT: alt_text, schema.URL: url}
         if reason is None:
             try:
@@ -122,7 +130,9 @@ class _ShardBuilder:
         table = pa.Table.from_pylist(self.rows, schema=schema.INPUT_SCHEMA)
         quarantine = schema.quarantine_table(self.bad, STAGE, schema.INPUT_SCHEMA)
         reasons = Counter(row["reason"] for row in self.bad)
-        return store.write(Marker(name, 0, quarantine_reasons=dict(reasons), stats={"resized": self.resized}), table, quarantine)
+        return store.write(
+            Marker(name, 0, quarantine_reasons=dict(reasons), stats={"resized": self.resized}), table, quarantine
+        )
 
 
 # -- webdataset -------------------------------------------------------------------------------
@@ -156,7 +166,11 @@ def _tar_samples(fileobj, max_member_bytes: int):
                 yield key, files
                 files = {}
             key = member_key
-            files[ext] = _Oversized(member.name, member.size) if member.size > max_member_bytes else tar.extractfile(member).read()
+            files[ext] = (
+                _Oversized(member.name, member.size)
+                if member.size > max_member_bytes
+                else tar.extractfile(member).read()
+            )
     if key is not None:
         yield key, files
 
@@ -178,7 +192,9 @@ def _webdataset_row(key: str, files: dict, builder: _ShardBuilder) -> None:
     alt_text = text.decode("utf-8", errors="replace") if text is not None else meta.get("caption")
     row_key = str(meta.get("key") or posixpath.basename(key))
     if image is None:
-        builder.add(row_key, None, alt_text, meta.get("url"), "missing_image", f"sample {key} has files {sorted(files)}")
+        builder.add(
+            row_key, None, alt_text, meta.get("url"), "missing_image", f"sample {key} has files {sorted(files)}"
+        )
     else:
         builder.add(row_key, image, alt_text, meta.get("url"))
 
@@ -202,7 +218,9 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
                     _webdataset_row(key, files, builder)
         except (tarfile.TarError, EOFError, OSError) as err:
             # Keep what was read; the rest of the file is unreadable: say so in quarantine.
-            builder.add(posixpath.basename(path), None, None, reason="truncated_archive", detail=f"{type(err).__name__}: {err}")
+            builder.add(
+                posixpath.basename(path), None, None, reason="truncated_archive", detail=f"{type(err).__name__}: {err}"
+            )
         summary.add(builder.write(store, name))
         log(f"import: {posixpath.basename(path)} -> {name} ({len(builder.rows)} rows, {len(builder.bad)} quarantined)")
     return summary
@@ -229,7 +247,9 @@ def _resolve(path: str, base: Location, options: StorageOptions, allow_outside: 
     return base.fs, resolved
 
 
-def _fetch(paths: list[str], base: Location, options: StorageOptions, allow_outside: bool = False) -> list[bytes | Exception]:
+def _fetch(
+    paths: list[str], base: Location, options: StorageOptions, allow_outside: bool = False
+) -> list[bytes | Exception]:
     """Read many files, concurrently where the filesystem can (s3fs batches ``cat``)."""
     groups: dict[int, tuple] = {}
     results: list = [None] * len(paths)

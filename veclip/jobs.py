@@ -79,13 +79,20 @@ class SubmitConfig:
     def check_no_visible_secrets(self, stage_config) -> None:
         """Refuse secret-looking values where the job's metadata would show them."""
         where = "use --secret NAME to send it from this environment, or set it on the cluster's nodes"
-        env_vars = {**(_load_mapping(self.runtime_env_file).get("env_vars", {}) if self.runtime_env_file else {}), **self.env}
+        env_vars = {
+            **(_load_mapping(self.runtime_env_file).get("env_vars", {}) if self.runtime_env_file else {}),
+            **self.env,
+        }
         named = sorted(k for k in env_vars if SECRET_NAME.search(k))
         if named:
-            raise ValueError(f"submit: {', '.join(named)} would be shown to everyone who can list the cluster's jobs "
-                             f"(a job's runtime_env is public metadata); {where}")
+            raise ValueError(
+                f"submit: {', '.join(named)} would be shown to everyone who can list the cluster's jobs "
+                f"(a job's runtime_env is public metadata); {where}"
+            )
         if secret_values(dataclasses.asdict(stage_config)):
-            raise ValueError(f"submit: the stage arguments hold a secret-named value, which the job's entrypoint would show; {where}")
+            raise ValueError(
+                f"submit: the stage arguments hold a secret-named value, which the job's entrypoint would show; {where}"
+            )
 
 
 def load_job_secrets() -> None:
@@ -147,7 +154,9 @@ def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:
     from veclip.stages import STAGES
 
     if config.stage not in STAGES or not STAGES[config.stage].submittable:
-        raise ValueError(f"unknown stage {config.stage!r}: use one of {', '.join(n for n, s in STAGES.items() if s.submittable)}")
+        raise ValueError(
+            f"unknown stage {config.stage!r}: use one of {', '.join(n for n, s in STAGES.items() if s.submittable)}"
+        )
     config.check_no_visible_secrets(check_stage_args(config.stage, list(config.stage_args)))
     package = _secrets_package(config.secrets) if config.secrets else None
     try:
@@ -155,8 +164,10 @@ def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:
         while True:
             try:
                 return jobs.submit_job(
-                    entrypoint=config.entrypoint(), runtime_env=config.runtime_env(package) or None,
-                    submission_id=config.job_id, metadata={"veclip_stage": config.stage},
+                    entrypoint=config.entrypoint(),
+                    runtime_env=config.runtime_env(package) or None,
+                    submission_id=config.job_id,
+                    metadata={"veclip_stage": config.stage},
                 )
             except RuntimeError as err:  # a head that has just started has no job agent yet
                 if "No available agent" not in str(err) or time.monotonic() > deadline:

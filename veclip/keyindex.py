@@ -81,11 +81,15 @@ class KeyIndex:
             table = table.sort_by([("key", "ascending"), ("shard", "ascending"), ("row", "ascending")])
             keys = table.column("key").combine_chunks()
             shards, rows = table.column("shard").to_numpy(), table.column("row").to_numpy()
-            same = np.concatenate([[False], pc.equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False)])
+            same = np.concatenate(
+                [[False], pc.equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False)]
+            )
             index = np.arange(len(keys))
             first = np.maximum.accumulate(np.where(same, 0, index))  # where each run of one key starts
             for i in np.flatnonzero(same):
-                found.append(Duplicate(keys[i].as_py(), int(shards[i]), int(rows[i]), int(shards[first[i]]), int(rows[first[i]])))
+                found.append(
+                    Duplicate(keys[i].as_py(), int(shards[i]), int(rows[i]), int(shards[first[i]]), int(rows[first[i]]))
+                )
         if self._dir:
             self._dir.cleanup()
         return sorted(found, key=lambda d: (d.shard, d.row))

@@ -51,7 +51,9 @@ def _train():
         "step": Gauge("veclip_train_step", "the last step done", tags),
         "samples": Counter("veclip_train_samples", "samples trained on, per worker", tags),
         "samples_per_s": Gauge("veclip_train_samples_per_second", "the last step's samples/s, all workers", tags),
-        "data_wait": Gauge("veclip_train_data_wait_share", "the last step's share of time spent waiting for data", tags),
+        "data_wait": Gauge(
+            "veclip_train_data_wait_share", "the last step's share of time spent waiting for data", tags
+        ),
         "mfu": Gauge("veclip_train_mfu", "model FLOPs utilisation of the last step (GPU workers)", tags),
         "loss": Gauge("veclip_train_loss", "the last step's contrastive loss", tags),
     }
@@ -61,6 +63,11 @@ def publish_step(run: str, rank: int, metrics: dict, samples: int) -> None:
     m, tags = _train(), {"run": run, "rank": str(rank)}
     m["step"].set(metrics["step"], tags)
     m["samples"].inc(samples, tags)
-    for name, key in (("samples_per_s", "samples_per_s"), ("data_wait", "data_wait_share"), ("mfu", "mfu"), ("loss", "loss")):
+    for name, key in (
+        ("samples_per_s", "samples_per_s"),
+        ("data_wait", "data_wait_share"),
+        ("mfu", "mfu"),
+        ("loss", "loss"),
+    ):
         if metrics.get(key) is not None:
             m[name].set(metrics[key], tags)

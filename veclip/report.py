@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 MODE_NAMES = {"alttext": "AltText only", "vecap": "VeCap only", "mix": "VeCLIP mix", "laclip": "LaCLIP"}
 
 
@@ -21,8 +20,11 @@ def comparison(runs: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for mode, run in runs.items():
         ev = run["eval"]
-        cells = [MODE_NAMES.get(mode, mode), *[f"{100 * ev['zero_shot'][label]['top1']:.1f}%" for label in labels],
-                 *[f"{100 * mean_recall(ev['retrieval'], k):.1f}%" for k in (1, 5)]]
+        cells = [
+            MODE_NAMES.get(mode, mode),
+            *[f"{100 * ev['zero_shot'][label]['top1']:.1f}%" for label in labels],
+            *[f"{100 * mean_recall(ev['retrieval'], k):.1f}%" for k in (1, 5)],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,15 +74,22 @@ def _plot_eval(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: dict, timings: dict[str, float],
-                 gate: dict | None = None) -> Path:
+def write_report(
+    out: Path,
+    rewrite: dict,
+    quality: dict,
+    models: dict,
+    runs: dict,
+    timings: dict[str, float],
+    gate: dict | None = None,
+) -> Path:
     """Write ``report.md``, ``report.html``, ``loss.png`` and ``eval.png`` into ``out``. ``runs``: per
     caption mode, its train summary, eval results and loss history; ``gate``: the score stage's summary."""
     from veclip.eval.run import render_markdown
-    from veclip.world.build import render as render_models
-    from veclip.world.quality import render as render_quality
     from veclip.rewrite.pipeline import render_summary as render_rewrite
     from veclip.train.trainer import run_samples_per_s
+    from veclip.world.build import render as render_models
+    from veclip.world.quality import render as render_quality
 
     out.mkdir(parents=True, exist_ok=True)
     _plot_loss(runs, out / "loss.png")
@@ -119,24 +128,56 @@ def write_report(out: Path, rewrite: dict, quality: dict, models: dict, runs: di
     ]
     for mode, run in runs.items():
         train, metrics = run["train"], run["train"]["metrics"]
-        lines.append(f"- **{MODE_NAMES.get(mode, mode)}** (`{mode}`): {train['model']}, {metrics['step']} steps, final loss "
-                     f"{metrics['loss']:.3f}, {run_samples_per_s(train):.0f} samples/s over the run ({train['wall_seconds']:.0f} s); "
-                     f"rows skipped: {json.dumps(train['rows_skipped_by_reason'])}.")
-    lines += ["", "![loss](loss.png)", "", "## Evaluation", "",
-              "Held-out eval split: zero-shot on the shape (what the image shows) and on the brand (what only",
-              "AltText names; scenes of no brand are skipped), retrieval with the reference captions.", "",
-              comparison(runs), "", "![eval](eval.png)", ""]
+        lines.append(
+            f"- **{MODE_NAMES.get(mode, mode)}** (`{mode}`): {train['model']}, {metrics['step']} steps, final loss "
+            f"{metrics['loss']:.3f}, {run_samples_per_s(train):.0f} samples/s over the run "
+            f"({train['wall_seconds']:.0f} s); "
+            f"rows skipped: {json.dumps(train['rows_skipped_by_reason'])}."
+        )
+    lines += [
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Evaluation",
+        "",
+        "Held-out eval split: zero-shot on the shape (what the image shows) and on the brand (what only",
+        "AltText names; scenes of no brand are skipped), retrieval with the reference captions.",
+        "",
+        comparison(runs),
+        "",
+        "![eval](eval.png)",
+        "",
+    ]
     for mode, run in runs.items():
-        lines += [f"### {MODE_NAMES.get(mode, mode)}", "", render_markdown(run["eval"]).replace("# Evaluation of", "Evaluation of", 1)]
+        lines += [
+            f"### {MODE_NAMES.get(mode, mode)}",
+            "",
+            render_markdown(run["eval"]).replace("# Evaluation of", "Evaluation of", 1),
+        ]
     if gate:
         from veclip.score.pipeline import render_summary as render_gate
 
-        lines += ["## Caption gate", "",
-                  "Every caption scored against its image by the last CLIP above (`veclip score`); the lowest tenth of each",
-                  "column per shard is flagged, and training with `--add-captions` the scores passes over flagged captions.",
-                  "The gallery shows the scores and flags beside the images.", "", "```", render_gate(gate), "```", ""]
+        lines += [
+            "## Caption gate",
+            "",
+            "Every caption scored against its image by the last CLIP above (`veclip score`); the lowest tenth of each",
+            "column per shard is flagged, and training with `--add-captions` the scores passes over flagged captions.",
+            "The gallery shows the scores and flags beside the images.",
+            "",
+            "```",
+            render_gate(gate),
+            "```",
+            "",
+        ]
     if (out / "gallery.html").exists():
-        lines += ["## Captions beside their images", "", "[gallery.html](gallery.html) (`veclip show`)", "", "@gallery.html", ""]
+        lines += [
+            "## Captions beside their images",
+            "",
+            "[gallery.html](gallery.html) (`veclip show`)",
+            "",
+            "@gallery.html",
+            "",
+        ]
     (out / "report.md").write_text("\n".join(line for line in lines if not line.startswith("@")))
     (out / "report.html").write_text(to_html(lines, out))
     return out / "report.md"
@@ -177,8 +218,13 @@ def to_html(lines: list[str], folder: Path) -> str:
             items = []
         if table:
             head, *rows = table
-            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows)
+                + "</table>"
+            )
             table = []
         if line.startswith("```"):
             code = []
@@ -194,8 +240,12 @@ def to_html(lines: list[str], folder: Path) -> str:
             body.append(f"<blockquote>{inline(line.lstrip('> '))}</blockquote>")
         elif line.strip():
             body.append(f"<p>{inline(line)}</p>")
-    style = ("body{font:14px system-ui,sans-serif;margin:24px auto;max-width:960px;color:#222}table{border-collapse:collapse;margin:8px 0}"
-             "td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}pre{background:#f6f6f6;padding:8px;overflow:auto}"
-             "blockquote{margin:0;padding:0 12px;border-left:4px solid #e0b000;color:#555}img{max-width:100%}"
-             "iframe{width:100%;height:800px;border:1px solid #ddd}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>veclip demo report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    style = (
+        "body{font:14px system-ui,sans-serif;margin:24px auto;max-width:960px;color:#222}"
+        "table{border-collapse:collapse;margin:8px 0}"
+        "td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}pre{background:#f6f6f6;padding:8px;overflow:auto}"
+        "blockquote{margin:0;padding:0 12px;border-left:4px solid #e0b000;color:#555}img{max-width:100%}"
+        "iframe{width:100%;height:800px;border:1px solid #ddd}"
+    )
+    head = f"<head><meta charset='utf-8'><title>veclip demo report</title><style>{style}</style></head>"
+    return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"

@@ -84,12 +84,24 @@ ENRICHED_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS + GENE
 SCORE_SLOTS = (ALT_TEXT, VECAP, VLM_CAPTION)
 SCORE_FIELDS = (
     pa.field(KEY, pa.string()),
-    pa.field(CLIP_SCORES, pa.struct([pa.field(s, pa.float32()) for s in SCORE_SLOTS] + [pa.field(REWRITES, pa.list_(pa.float32()))])),
-    pa.field(provenance_column(CLIP_SCORES), pa.struct([
-        pa.field("model", pa.string()),  # as given: an exported folder, a run or checkpoint, an open_clip name
-        pa.field("weights", pa.string()),  # which weights exactly: a checkpoint folder, a weights file's digest, a tag
-        pa.field("gate", pa.string()),  # the rule that flagged, e.g. "cosine < 0.2 or under the shard's 10th percentile"
-    ])),
+    pa.field(
+        CLIP_SCORES,
+        pa.struct([pa.field(s, pa.float32()) for s in SCORE_SLOTS] + [pa.field(REWRITES, pa.list_(pa.float32()))]),
+    ),
+    pa.field(
+        provenance_column(CLIP_SCORES),
+        pa.struct(
+            [
+                pa.field("model", pa.string()),  # as given: an exported folder, a run or checkpoint, an open_clip name
+                pa.field(
+                    "weights", pa.string()
+                ),  # which weights exactly: a checkpoint folder, a weights file's digest, a tag
+                pa.field(
+                    "gate", pa.string()
+                ),  # the rule that flagged, e.g. "cosine < 0.2 or under the shard's 10th percentile"
+            ]
+        ),
+    ),
     pa.field(REWRITE_FLAGS, pa.list_(pa.string())),
 )
 SCORE_SCHEMA = pa.schema(SCORE_FIELDS)
@@ -187,8 +199,7 @@ class ColumnMap:
         clashes = [dst for src, dst in renames.items() if dst in table.column_names and dst not in renames]
         if clashes:
             raise SchemaError(
-                f"column mapping would rename onto existing column(s) {clashes}; "
-                "drop or rename those columns first"
+                f"column mapping would rename onto existing column(s) {clashes}; drop or rename those columns first"
             )
         return table.rename_columns([renames.get(name, name) for name in table.column_names])
 

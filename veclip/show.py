@@ -40,7 +40,9 @@ class ShowConfig:
     html: str | None = None  # write HTML pages here (a local file) instead of a terminal table
     page_rows: int = 50  # rows per HTML page
     add_captions: tuple[str, ...] = ()  # more caption outputs of the same input (see veclip train --add-captions)
-    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)  # the data's column names for the contract's roles
+    columns: schema.ColumnMap = field(
+        default_factory=schema.ColumnMap
+    )  # the data's column names for the contract's roles
 
 
 def matching_rows(config: ShowConfig, options: StorageOptions) -> tuple[Dataset, pa.Table]:
@@ -48,15 +50,19 @@ def matching_rows(config: ShowConfig, options: StorageOptions) -> tuple[Dataset,
     dataset = open_dataset(config.url, options, config.add_captions, stage="show")
     found, passed, have, wanted = [], 0, 0, set(config.keys)
     for table in _row_groups(dataset, config.columns):
-        keep = [i for i, row in enumerate(table.select(_filter_columns(table)).to_pylist()) if _matches(row, config, wanted)]
-        take = keep[max(0, config.offset - passed):][: config.rows - have]
+        keep = [
+            i for i, row in enumerate(table.select(_filter_columns(table)).to_pylist()) if _matches(row, config, wanted)
+        ]
+        take = keep[max(0, config.offset - passed) :][: config.rows - have]
         passed += len(keep)
         if take:
             found.append(table.take(take))
             have += len(take)
         if have >= config.rows:
             break
-    return dataset, pa.concat_tables(found, promote_options="default") if found else pa.table({schema.KEY: pa.array([], pa.string())})
+    return dataset, pa.concat_tables(found, promote_options="default") if found else pa.table(
+        {schema.KEY: pa.array([], pa.string())}
+    )
 
 
 def _row_groups(dataset: Dataset, column_map: schema.ColumnMap) -> Iterator[pa.Table]:
@@ -112,7 +118,10 @@ def render_terminal(table: pa.Table, dataset: Dataset, width: int = 100) -> str:
     columns = [c for c in _columns(table) if not c.endswith("_provenance")]
     for row in table.to_pylist():
         lines.append("")
-        lines.append(f"{row[schema.KEY]}" + (f"  [image: {_image_summary(row.get(schema.IMAGE))}]" if schema.IMAGE in row else ""))
+        lines.append(
+            f"{row[schema.KEY]}"
+            + (f"  [image: {_image_summary(row.get(schema.IMAGE))}]" if schema.IMAGE in row else "")
+        )
         for name in columns[1:]:
             text = _text(row.get(name), width)
             if text:
@@ -121,7 +130,11 @@ def render_terminal(table: pa.Table, dataset: Dataset, width: int = 100) -> str:
 
 
 def _header(dataset: Dataset, rows: int) -> str:
-    joined = f"; captions from {', '.join(s.url for s in dataset.sources)} joined to images in {dataset.images_url}" if dataset.sources else ""
+    joined = (
+        f"; captions from {', '.join(s.url for s in dataset.sources)} joined to images in {dataset.images_url}"
+        if dataset.sources
+        else ""
+    )
     return f"{rows} row(s) of {dataset.url}{joined}"
 
 
@@ -145,7 +158,8 @@ def _thumbnail(data: bytes | None) -> str:
 
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;width:100%}
-td,th{border-top:1px solid #ddd;padding:8px;vertical-align:top;text-align:left}th{width:150px;color:#666;font-weight:normal}
+td,th{border-top:1px solid #ddd;padding:8px;vertical-align:top;text-align:left}
+th{width:150px;color:#666;font-weight:normal}
 img{width:192px;height:auto;image-rendering:pixelated}.noimg{width:176px;height:96px;background:#fee;color:#a00;padding:8px}
 .key{font-family:monospace;color:#555}.flag{background:#fff3cd;padding:1px 4px;margin-right:4px}nav{margin:12px 0}
 ol{margin:0;padding-left:20px}.prov{color:#888;font-size:12px}"""
@@ -159,21 +173,32 @@ def _cell(name: str, value) -> str:
     if isinstance(value, list):
         return "<ol>" + "".join(f"<li>{html.escape(str(v))}</li>" for v in value) + "</ol>"
     if isinstance(value, dict):
-        return '<span class="prov">' + html.escape(", ".join(f"{k}: {v}" for k, v in value.items() if v is not None)) + "</span>"
+        return (
+            '<span class="prov">'
+            + html.escape(", ".join(f"{k}: {v}" for k, v in value.items() if v is not None))
+            + "</span>"
+        )
     return "—" if value is None or value == "" else html.escape(str(value))
 
 
 def render_html(table: pa.Table, dataset: Dataset, page: int, pages: int, name) -> str:
     columns = _columns(table)
-    nav = " ".join(f'<a href="{html.escape(name(p))}">{p + 1}</a>' if p != page else f"<b>{p + 1}</b>" for p in range(pages))
+    nav = " ".join(
+        f'<a href="{html.escape(name(p))}">{p + 1}</a>' if p != page else f"<b>{p + 1}</b>" for p in range(pages)
+    )
     rows = []
     for row in table.to_pylist():
         image = _thumbnail(row.get(schema.IMAGE)) if schema.IMAGE in row else ""
         fields = "".join(f"<tr><th>{html.escape(c)}</th><td>{_cell(c, row.get(c))}</td></tr>" for c in columns[1:])
-        rows.append(f'<tr><td>{image}</td><td><div class="key">{html.escape(str(row[schema.KEY]))}</div><table>{fields}</table></td></tr>')
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>veclip show: {html.escape(dataset.url)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(_header(dataset, table.num_rows))}</h1>"
-            f"<nav>page {nav}</nav><table>{''.join(rows)}</table><nav>page {nav}</nav></body></html>")
+        rows.append(
+            f"<tr><td>{image}</td><td><div "
+            f'class="key">{html.escape(str(row[schema.KEY]))}</div><table>{fields}</table></td></tr>'
+        )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>veclip show: {html.escape(dataset.url)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(_header(dataset, table.num_rows))}</h1>"
+        f"<nav>page {nav}</nav><table>{''.join(rows)}</table><nav>page {nav}</nav></body></html>"
+    )
 
 
 def write_html(table: pa.Table, dataset: Dataset, path: str, page_rows: int) -> list[str]:

@@ -58,9 +58,13 @@ def _column_map(spec: str) -> schema.ColumnMap:
 
 
 def _columns_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--columns", type=_column_map, default=None,
-                        help="column mapping role=column,..., e.g. image=jpg,alt_text=caption "
-                             "(roles: key, image, alt_text, url, width, height)")
+    parser.add_argument(
+        "--columns",
+        type=_column_map,
+        default=None,
+        help="column mapping role=column,..., e.g. image=jpg,alt_text=caption "
+        "(roles: key, image, alt_text, url, width, height)",
+    )
 
 
 def _config_flags(parser: argparse.ArgumentParser, stage: Stage) -> None:
@@ -69,8 +73,12 @@ def _config_flags(parser: argparse.ArgumentParser, stage: Stage) -> None:
     group.add_argument("--preset", default="default", help=stage.presets)
     group.add_argument("--config", help="a JSON/YAML file of config fields")
     example = f", e.g. {stage.set_example}" if stage.set_example else ""
-    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a field{example} (repeatable)")
-    group.add_argument("--verbose", action="store_true", help="print Ray's worker output, Ray Data's progress and vLLM's logs here too")
+    group.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a field{example} (repeatable)"
+    )
+    group.add_argument(
+        "--verbose", action="store_true", help="print Ray's worker output, Ray Data's progress and vLLM's logs here too"
+    )
 
 
 def add_stage_parser(sub, stage: Stage) -> argparse.ArgumentParser:
@@ -102,6 +110,7 @@ def _lazy(target: str) -> Callable:
 
 def _only_default(config_type: str) -> Callable[[str], Any]:
     """The presets of a stage that has one: the defaults of its config class (``module:Class``)."""
+
     def preset(name: str):
         if name != "default":
             raise ValueError(f"unknown preset {name!r}: this stage has only 'default'")
@@ -114,7 +123,9 @@ def _only_default(config_type: str) -> Callable[[str], Any]:
 
 
 def _sample_flags(p):
-    p.add_argument("--output", "--out", dest="output", metavar="URL", required=True, help="output folder or s3:// prefix")
+    p.add_argument(
+        "--output", "--out", dest="output", metavar="URL", required=True, help="output folder or s3:// prefix"
+    )
     p.add_argument("--rows", type=int, help="train rows (default 2000)")
     p.add_argument("--eval-rows", type=int, help="eval rows (default 500)")
     p.add_argument("--shards", type=int, help="shards per split (default 4)")
@@ -133,12 +144,20 @@ def _sample_run(config, options, args) -> int:
 def _validate_flags(p):
     p.add_argument("url", help="folder or s3:// prefix holding .parquet shards")
     _columns_flag(p)
-    p.add_argument("--images", choices=("sample", "full", "none"), help="decode a sample per shard (default), every image, or none")
+    p.add_argument(
+        "--images", choices=("sample", "full", "none"), help="decode a sample per shard (default), every image, or none"
+    )
     p.add_argument("--sample-per-shard", type=int, help="images decoded per shard with --images sample (default 32)")
-    p.add_argument("--sample-row-groups", type=int,
-                   help="row groups per shard the sample is drawn from; only their image bytes are read (default 1)")
-    p.add_argument("--max-keys-in-memory", type=int,
-                   help="keys held in memory for the duplicate check; beyond it they are spilled to local disk")
+    p.add_argument(
+        "--sample-row-groups",
+        type=int,
+        help="row groups per shard the sample is drawn from; only their image bytes are read (default 1)",
+    )
+    p.add_argument(
+        "--max-keys-in-memory",
+        type=int,
+        help="keys held in memory for the duplicate check; beyond it they are spilled to local disk",
+    )
     p.add_argument("--max-bad-image-share", type=float, help="share of checked images allowed to fail (default 0)")
 
 
@@ -152,14 +171,24 @@ def _validate_run(config, options, args) -> int:
 
 def _import_flags(p):
     p.add_argument("source", help="folder of .tar shards, or a .csv file")
-    p.add_argument("--output", "--out", dest="output", metavar="URL", required=True, help="output folder or s3:// prefix")
+    p.add_argument(
+        "--output", "--out", dest="output", metavar="URL", required=True, help="output folder or s3:// prefix"
+    )
     p.add_argument("--format", choices=("auto", "webdataset", "csv"))
     _columns_flag(p)
     p.add_argument("--rows-per-shard", type=int, help="CSV rows per output shard (default 10000)")
-    p.add_argument("--resize", type=int, metavar="PX",
-                   help="pre-resize: images with a larger short side are scaled to PX (e.g. 384) and re-encoded as JPEG")
-    p.add_argument("--allow-outside-paths", action="store_true", default=None,
-                   help="CSV: also read absolute paths, URLs and paths above the CSV's folder (refused by default)")
+    p.add_argument(
+        "--resize",
+        type=int,
+        metavar="PX",
+        help="pre-resize: images with a larger short side are scaled to PX (e.g. 384) and re-encoded as JPEG",
+    )
+    p.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        default=None,
+        help="CSV: also read absolute paths, URLs and paths above the CSV's folder (refused by default)",
+    )
 
 
 def _import_run(config, options, args) -> int:
@@ -173,13 +202,23 @@ def _rewrite_flags(p):
     p.add_argument("--input", metavar="URL", required=True, help="folder or s3:// prefix of input shards")
     p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for enriched shards")
     p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what to generate (default both)")
-    p.add_argument("--layout", choices=("copy", "captions"),
-                   help="captions (default): caption tables, joined to their input by key; copy: the input's columns + the new ones")
+    p.add_argument(
+        "--layout",
+        choices=("copy", "captions"),
+        help="captions (default): caption tables, joined to their input by key; "
+        "copy: the input's columns + the new ones",
+    )
     _columns_flag(p)
-    p.add_argument("--redo-mismatched", action="store_true",
-                   help="write again the shards an earlier run wrote with another configuration (fingerprint) into this output")
-    p.add_argument("--take-over-lease", action="store_true",
-                   help="take the output from another run's lease (only when that run is surely gone)")
+    p.add_argument(
+        "--redo-mismatched",
+        action="store_true",
+        help="write again the shards an earlier run wrote with another configuration (fingerprint) into this output",
+    )
+    p.add_argument(
+        "--take-over-lease",
+        action="store_true",
+        help="take the output from another run's lease (only when that run is surely gone)",
+    )
 
 
 def _rewrite_run(config, options, args) -> int:
@@ -191,19 +230,43 @@ def _rewrite_run(config, options, args) -> int:
 
 
 def _train_flags(p):
-    p.add_argument("--input", "--data", dest="input", metavar="URL", required=True, help="folder or s3:// prefix of (enriched) shards")
-    p.add_argument("--output", metavar="URL", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix")
+    p.add_argument(
+        "--input",
+        "--data",
+        dest="input",
+        metavar="URL",
+        required=True,
+        help="folder or s3:// prefix of (enriched) shards",
+    )
+    p.add_argument(
+        "--output", metavar="URL", required=True, help="run storage (checkpoints, summary): folder or s3:// prefix"
+    )
     p.add_argument("--model", help="open_clip model name, e.g. ViT-B-16 (default), or veclip-tiny")
     p.add_argument("--name", help="run name; rerun with the same name and output to resume")
-    p.add_argument("--add-captions", action="append", metavar="URL[#COLUMNS]",
-                   help="another caption output of the same input, joined beside --input's (repeatable); "
-                        "#vecap=vlm_caption,rewrites picks and renames its columns")
-    p.add_argument("--caption-mode", choices=("alttext", "vecap", "mix", "laclip", "weighted"), help="caption choice per sample (default mix)")
+    p.add_argument(
+        "--add-captions",
+        action="append",
+        metavar="URL[#COLUMNS]",
+        help="another caption output of the same input, joined beside --input's (repeatable); "
+        "#vecap=vlm_caption,rewrites picks and renames its columns",
+    )
+    p.add_argument(
+        "--caption-mode",
+        choices=("alttext", "vecap", "mix", "laclip", "weighted"),
+        help="caption choice per sample (default mix)",
+    )
     _columns_flag(p)
 
 
 def _train_fields(args) -> dict:
-    fields = dict(input=args.input, add_captions=args.add_captions, output=args.output, model=args.model, name=args.name, columns=args.columns)
+    fields = dict(
+        input=args.input,
+        add_captions=args.add_captions,
+        output=args.output,
+        model=args.model,
+        name=args.name,
+        columns=args.columns,
+    )
     return {**fields, "captions.mode": args.caption_mode}
 
 
@@ -215,17 +278,37 @@ def _train_run(config, options, args) -> int:
 
 
 def _score_flags(p):
-    p.add_argument("--input", metavar="URL", required=True,
-                   help="shards with captions, or a caption output (joined to its images by key): what training reads")
-    p.add_argument("--add-captions", action="append", metavar="URL[#COLUMNS]", help="another caption output of the same input (repeatable)")
+    p.add_argument(
+        "--input",
+        metavar="URL",
+        required=True,
+        help="shards with captions, or a caption output (joined to its images by key): what training reads",
+    )
+    p.add_argument(
+        "--add-captions",
+        action="append",
+        metavar="URL[#COLUMNS]",
+        help="another caption output of the same input (repeatable)",
+    )
     p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for the score tables")
-    p.add_argument("--model", required=True, help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)",
+    )
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
     p.add_argument("--threshold", type=float, help="flag captions whose cosine with their image is under this")
-    p.add_argument("--percentile", type=float, help="flag captions under this percentile of their column's scores in their shard, e.g. 10")
+    p.add_argument(
+        "--percentile",
+        type=float,
+        help="flag captions under this percentile of their column's scores in their shard, e.g. 10",
+    )
     _columns_flag(p)
-    p.add_argument("--take-over-lease", action="store_true",
-                   help="take the output from another run's lease (only when that run is surely gone)")
+    p.add_argument(
+        "--take-over-lease",
+        action="store_true",
+        help="take the output from another run's lease (only when that run is surely gone)",
+    )
 
 
 def _score_run(config, options, args) -> int:
@@ -237,7 +320,9 @@ def _score_run(config, options, args) -> int:
 
 
 def _export_flags(p):
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint is used)"
+    )
     p.add_argument("--output", "--out", dest="output", metavar="DIR", required=True, help="local output folder")
 
 
@@ -250,14 +335,23 @@ def _export_run(config, options, args) -> int:
 
 
 def _eval_flags(p):
-    p.add_argument("--model", required=True, help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)")
-    p.add_argument("--input", "--data", dest="input", metavar="URL", required=True, help="eval shards: folder or s3:// prefix")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="an exported folder, a training run/checkpoint folder, or an open_clip model name (with --pretrained)",
+    )
+    p.add_argument(
+        "--input", "--data", dest="input", metavar="URL", required=True, help="eval shards: folder or s3:// prefix"
+    )
     p.add_argument("--output", "--out", dest="output", metavar="URL", help="write eval.json and eval.md here")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
     p.add_argument("--label-column", help="class-name column for zero-shot (default label_shape)")
     p.add_argument("--caption-column", help="caption (string or list) column for retrieval (default caption)")
     p.add_argument("--classes", help='JSON file with "classnames" (default: the eval set\'s _classes.json)')
-    p.add_argument("--templates", help="prompt templates: generic (default), imagenet, scenes (the sample data's caption style), or a JSON file")
+    p.add_argument(
+        "--templates",
+        help="prompt templates: generic (default), imagenet, scenes (the sample data's caption style), or a JSON file",
+    )
     p.add_argument("--workers", type=int, help="embed images over up to N Ray actors (default 0: in this process)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per embedding actor with --workers (default 0)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per embedding actor with --workers (default 1)")
@@ -276,11 +370,22 @@ def _show_flags(p):
     p.add_argument("url", help="input, enriched or caption output, or a _quarantine folder: folder or s3:// prefix")
     p.add_argument("--rows", type=int, help="rows to show (default 10)")
     p.add_argument("--offset", type=int, help="matching rows to pass over first (default 0)")
-    p.add_argument("--keys", type=lambda text: tuple(k for k in text.split(",") if k), help="only these keys, comma-separated")
-    p.add_argument("--where", help="only rows with a flag or quarantine reason containing this text, e.g. entities_lost")
-    p.add_argument("--html", metavar="FILE", help="write self-contained HTML pages (images inline) instead of a terminal table")
+    p.add_argument(
+        "--keys", type=lambda text: tuple(k for k in text.split(",") if k), help="only these keys, comma-separated"
+    )
+    p.add_argument(
+        "--where", help="only rows with a flag or quarantine reason containing this text, e.g. entities_lost"
+    )
+    p.add_argument(
+        "--html", metavar="FILE", help="write self-contained HTML pages (images inline) instead of a terminal table"
+    )
     p.add_argument("--page-rows", type=int, help="rows per HTML page (default 50)")
-    p.add_argument("--add-captions", action="append", metavar="URL[#COLUMNS]", help="another caption output of the same input (repeatable)")
+    p.add_argument(
+        "--add-captions",
+        action="append",
+        metavar="URL[#COLUMNS]",
+        help="another caption output of the same input (repeatable)",
+    )
     _columns_flag(p)
 
 
@@ -301,7 +406,9 @@ def _status_run(config, options, args) -> int:
 
 def _models_flags(p):
     p.add_argument("action", choices=("build",), help="build: train the captioner VLM and the instruction LLM (cached)")
-    p.add_argument("--output", "--out", dest="output", metavar="DIR", help="where to build (default: the cache, see --help)")
+    p.add_argument(
+        "--output", "--out", dest="output", metavar="DIR", help="where to build (default: the cache, see --help)"
+    )
     p.add_argument("--scale", choices=("full", "quick"), help="full (~10 min on 2 cores, the demo's) or quick (tests)")
     p.add_argument("--seed", type=int)
 
@@ -317,7 +424,11 @@ def _demo_flags(p):
     p.add_argument("--rows", type=int, help="train rows of sample data (default 1000)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="CLIP training steps per caption mode (default 300)")
-    p.add_argument("--models", choices=("full", "quick"), help="the trained captioner and LLM's scale (default full; quick for tests)")
+    p.add_argument(
+        "--models",
+        choices=("full", "quick"),
+        help="the trained captioner and LLM's scale (default full; quick for tests)",
+    )
 
 
 def _demo_run(config, options, args) -> int:
@@ -331,39 +442,139 @@ def _fields(*names: str) -> Callable[[argparse.Namespace], dict]:
     return lambda args: {name: getattr(args, name) for name in names}
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("sample", "write rendered sample data (train + eval splits)", _sample_flags,
-          _fields("output", "rows", "eval_rows", "shards", "seed", "image_size"), _only_default("veclip.world.generate:SampleConfig"), _sample_run),
-    Stage("validate", "check a folder of Parquet shards against the input schema", _validate_flags,
-          _fields("url", "columns", "images", "sample_per_shard", "sample_row_groups", "max_bad_image_share", "max_keys_in_memory"),
-          _only_default("veclip.validate:ValidateConfig"), _validate_run),
-    Stage("import", "convert webdataset tars or a CSV of image paths into Parquet shards", _import_flags,
-          _fields("source", "output", "format", "columns", "rows_per_shard", "allow_outside_paths", "resize"), _only_default("veclip.ingest:ImportConfig"), _import_run),
-    Stage("rewrite", "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites", _rewrite_flags,
-          _fields("input", "output", "mode", "layout", "columns"), _lazy("veclip.rewrite.config:preset"), _rewrite_run,
-          presets="default (LLaVA-1.5 + Llama-3-8B), qwen2-vl, qwen2.5-vl: real models on GPU actors; tiny: tiny random models on CPU; trained, trained-quick: small models trained here (veclip models build) on CPU",
-          submittable=True,
-          set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7"),
-    Stage("train", "train CLIP with Ray Train on (enriched) shards", _train_flags, _train_fields, _lazy("veclip.train.config:preset"), _train_run,
-          presets="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers", submittable=True,
-          set_example="steps=2000, captions.p_vecap=0.3, scale.num_workers=4"),
-    Stage("score", "the caption gate: score every caption against its image with a CLIP model and flag the low ones",
-          _score_flags, _fields("input", "add_captions", "output", "model", "pretrained", "threshold", "percentile", "columns"),
-          _lazy("veclip.score.config:preset"), _score_run, presets="default: GPU actors (up to 8); cpu: one CPU actor",
-          submittable=True, set_example="pool.max_actors=16 or caption_columns=[\"vecap\"]"),
-    Stage("export", "write a checkpoint as a folder stock open_clip loads", _export_flags,
-          _fields("checkpoint", "output"), _only_default("veclip.train.export:ExportConfig"), _export_run),
-    Stage("eval", "zero-shot classification and image<->text retrieval on a Parquet eval set", _eval_flags,
-          _fields("model", "input", "output", "pretrained", "label_column", "caption_column", "classes", "templates", "workers",
-                  "gpus_per_worker", "cpus_per_worker", "batch_size", "columns"),
-          _only_default("veclip.eval.run:EvalConfig"), _eval_run, submittable=True),
-    Stage("show", "look at rows of a dataset or stage output: captions beside their images, flags, reasons", _show_flags,
-          _fields("url", "rows", "offset", "keys", "where", "html", "page_rows", "add_captions", "columns"),
-          _only_default("veclip.show:ShowConfig"), _show_run),
-    Stage("status", "how far a rewrite or score output or a training run is: shards/steps, rows/s, ETA, flags; exit 0 when done",
-          lambda p: p.add_argument("url", help="a rewrite or score output, or a training run folder <output>/<name>"),
-          _fields("url"), _only_default("veclip.status:StatusConfig"), _status_run),
-    Stage("models", "train small real models on the sample world (captioner VLM, instruction LLM) for the trained presets",
-          _models_flags, _fields("output", "scale", "seed"), _only_default("veclip.world.build:ModelsConfig"), _models_run),
-    Stage("demo", "the main job on built-in sample data (local)", _demo_flags, _fields("output", "rows", "seed", "steps", "models"), _only_default("veclip.demo:DemoConfig"), _demo_run),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "sample",
+            "write rendered sample data (train + eval splits)",
+            _sample_flags,
+            _fields("output", "rows", "eval_rows", "shards", "seed", "image_size"),
+            _only_default("veclip.world.generate:SampleConfig"),
+            _sample_run,
+        ),
+        Stage(
+            "validate",
+            "check a folder of Parquet shards against the input schema",
+            _validate_flags,
+            _fields(
+                "url",
+                "columns",
+                "images",
+                "sample_per_shard",
+                "sample_row_groups",
+                "max_bad_image_share",
+                "max_keys_in_memory",
+            ),
+            _only_default("veclip.validate:ValidateConfig"),
+            _validate_run,
+        ),
+        Stage(
+            "import",
+            "convert webdataset tars or a CSV of image paths into Parquet shards",
+            _import_flags,
+            _fields("source", "output", "format", "columns", "rows_per_shard", "allow_outside_paths", "resize"),
+            _only_default("veclip.ingest:ImportConfig"),
+            _import_run,
+        ),
+        Stage(
+            "rewrite",
+            "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites",
+            _rewrite_flags,
+            _fields("input", "output", "mode", "layout", "columns"),
+            _lazy("veclip.rewrite.config:preset"),
+            _rewrite_run,
+            presets="default (LLaVA-1.5 + Llama-3-8B), qwen2-vl, qwen2.5-vl: real models on GPU actors; "
+            "tiny: tiny random models on CPU; "
+            "trained, trained-quick: small models trained here (veclip models build) on CPU",
+            submittable=True,
+            set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7",
+        ),
+        Stage(
+            "train",
+            "train CLIP with Ray Train on (enriched) shards",
+            _train_flags,
+            _train_fields,
+            _lazy("veclip.train.config:preset"),
+            _train_run,
+            presets="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers",
+            submittable=True,
+            set_example="steps=2000, captions.p_vecap=0.3, scale.num_workers=4",
+        ),
+        Stage(
+            "score",
+            "the caption gate: score every caption against its image with a CLIP model and flag the low ones",
+            _score_flags,
+            _fields("input", "add_captions", "output", "model", "pretrained", "threshold", "percentile", "columns"),
+            _lazy("veclip.score.config:preset"),
+            _score_run,
+            presets="default: GPU actors (up to 8); cpu: one CPU actor",
+            submittable=True,
+            set_example='pool.max_actors=16 or caption_columns=["vecap"]',
+        ),
+        Stage(
+            "export",
+            "write a checkpoint as a folder stock open_clip loads",
+            _export_flags,
+            _fields("checkpoint", "output"),
+            _only_default("veclip.train.export:ExportConfig"),
+            _export_run,
+        ),
+        Stage(
+            "eval",
+            "zero-shot classification and image<->text retrieval on a Parquet eval set",
+            _eval_flags,
+            _fields(
+                "model",
+                "input",
+                "output",
+                "pretrained",
+                "label_column",
+                "caption_column",
+                "classes",
+                "templates",
+                "workers",
+                "gpus_per_worker",
+                "cpus_per_worker",
+                "batch_size",
+                "columns",
+            ),
+            _only_default("veclip.eval.run:EvalConfig"),
+            _eval_run,
+            submittable=True,
+        ),
+        Stage(
+            "show",
+            "look at rows of a dataset or stage output: captions beside their images, flags, reasons",
+            _show_flags,
+            _fields("url", "rows", "offset", "keys", "where", "html", "page_rows", "add_captions", "columns"),
+            _only_default("veclip.show:ShowConfig"),
+            _show_run,
+        ),
+        Stage(
+            "status",
+            "how far a rewrite or score output or a training run is: shards/steps, rows/s, ETA, flags; exit 0 when "
+            "done",
+            lambda p: p.add_argument("url", help="a rewrite or score output, or a training run folder <output>/<name>"),
+            _fields("url"),
+            _only_default("veclip.status:StatusConfig"),
+            _status_run,
+        ),
+        Stage(
+            "models",
+            "train small real models on the sample world (captioner VLM, instruction LLM) for the trained presets",
+            _models_flags,
+            _fields("output", "scale", "seed"),
+            _only_default("veclip.world.build:ModelsConfig"),
+            _models_run,
+        ),
+        Stage(
+            "demo",
+            "the main job on built-in sample data (local)",
+            _demo_flags,
+            _fields("output", "rows", "seed", "steps", "models"),
+            _only_default("veclip.demo:DemoConfig"),
+            _demo_run,
+        ),
+    )
+}

@@ -61,11 +61,12 @@ def output_status(location: Location) -> Status:
     remaining = total - len(markers) - len(failed)
     lines = [
         f"shards: {len(markers)} done, {len(failed)} failed, {remaining} remaining of {total}",
-        f"rows: {rows_done:,} done" + (f" of {rows_total:,}" if rows_total else "")
+        f"rows: {rows_done:,} done"
+        + (f" of {rows_total:,}" if rows_total else "")
         + (f"; {rate:.1f} rows/s this run" if rate else "")
         + (f", ETA {eta(rows_total - rows_done, rate)}" if live and rows_total else ""),
         f"run: {'running (lease held by ' + lease['run_id'] + ')' if live else 'not running'}; fingerprint "
-        + ", ".join(sorted({m.fingerprint or '?' for m in markers.values()} or {plan.get('fingerprint', '?')})),
+        + ", ".join(sorted({m.fingerprint or "?" for m in markers.values()} or {plan.get("fingerprint", "?")})),
     ]
     if flags:
         lines.append("flags: " + ", ".join(f"{reason} {n}" for reason, n in flags.most_common()))
@@ -82,17 +83,28 @@ def train_status(location: Location) -> Status:
     fs.invalidate_cache(location.path)
     run = read_json(fs, location.join(RUN_FILE)) or {}
     summary = read_json(fs, location.join(RUN_SUMMARY_FILE))
-    checkpoints = sorted(e["name"] for e in fs.ls(location.path, detail=True)
-                         if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_"))
+    checkpoints = sorted(
+        e["name"]
+        for e in fs.ls(location.path, detail=True)
+        if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_")
+    )
     progress, history = {}, []
     if checkpoints:
         newest = checkpoints[-1]
         progress = read_json(fs, posixpath.join(newest, PROGRESS_FILE)) or {}
         if fs.exists(posixpath.join(newest, METRICS_FILE)):
-            history = [json.loads(line) for line in fs.cat_file(posixpath.join(newest, METRICS_FILE)).decode().splitlines() if line]
+            history = [
+                json.loads(line)
+                for line in fs.cat_file(posixpath.join(newest, METRICS_FILE)).decode().splitlines()
+                if line
+            ]
     steps = run.get("steps")
     step = progress.get("step", 0)
-    lines = [f"steps: {step:,} checkpointed" + (f" of {steps:,}" if steps else "") + f"; {progress.get('samples_seen', 0):,} samples seen"]
+    lines = [
+        f"steps: {step:,} checkpointed"
+        + (f" of {steps:,}" if steps else "")
+        + f"; {progress.get('samples_seen', 0):,} samples seen"
+    ]
     if history:
         last = history[-1]
         rate = last.get("samples_per_s")
@@ -110,7 +122,9 @@ def train_status(location: Location) -> Status:
     if skipped:
         lines.append("rows passed over: " + ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()))
     if run:
-        lines.append(f"input: {run.get('input', run.get('data'))}; model {run.get('model')}; captions {run.get('caption_mode')}")
+        lines.append(
+            f"input: {run.get('input', run.get('data'))}; model {run.get('model')}; captions {run.get('caption_mode')}"
+        )
     finished = bool(summary) and (not steps or summary.get("metrics", {}).get("step", 0) >= steps)
     return Status("train", location.url, finished, lines)
 
@@ -127,5 +141,7 @@ def status(config: StatusConfig, options: StorageOptions | None = None) -> Statu
         return train_status(location)
     if is_output_folder(names):
         return output_status(location)
-    raise ValueError(f"status: {config.url} is neither a rewrite or score output (no {PLAN_FILE}, _done/) nor a training run "
-                     f"(no {RUN_FILE}, checkpoint_*); for a training run pass <output>/<name>")
+    raise ValueError(
+        f"status: {config.url} is neither a rewrite or score output (no {PLAN_FILE}, _done/) nor a training run "
+        f"(no {RUN_FILE}, checkpoint_*); for a training run pass <output>/<name>"
+    )

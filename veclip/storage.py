@@ -111,8 +111,11 @@ def list_file_entries(location: Location) -> list[dict]:
     (no ``_``/``.`` names), sorted by name, listed fresh."""
     if not location.fs.isdir(location.path):
         raise FileNotFoundError(f"no such folder: {location.url}")
-    entries = [e for e in fresh_listing(location.fs, location.path)
-               if e["type"] == "file" and not posixpath.basename(e["name"]).startswith(("_", "."))]
+    entries = [
+        e
+        for e in fresh_listing(location.fs, location.path)
+        if e["type"] == "file" and not posixpath.basename(e["name"]).startswith(("_", "."))
+    ]
     return sorted(entries, key=lambda e: e["name"])
 
 
@@ -128,7 +131,9 @@ def list_shards(location: Location, suffix: str = PARQUET) -> list[str]:
 
 def no_shards(stage: str, url: str, what: str = ".parquet shards") -> FileNotFoundError:
     """The error of a stage that found nothing to read (the same words in every stage)."""
-    return FileNotFoundError(f"{stage}: no {what} in {url} (tars or a CSV of images: convert them with `veclip import`)")
+    return FileNotFoundError(
+        f"{stage}: no {what} in {url} (tars or a CSV of images: convert them with `veclip import`)"
+    )
 
 
 def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES) -> int:
@@ -139,7 +144,9 @@ def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES) 
     return max(1, min(table.num_rows, target_bytes // bytes_per_row))
 
 
-def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES) -> None:
+def write_parquet(
+    fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES
+) -> None:
     """Write ``table`` to ``path`` all at once: readers never see half a file.
 
     Local disk: a temp file beside the target, then an atomic rename. Object
@@ -216,8 +223,16 @@ def read_footers(fs: fsspec.AbstractFileSystem, files: list[tuple[str, int]]) ->
     """``{path: footer metadata, or the error that kept it from being read}`` of ``(path, size)`` files:
     the last 64 KiB of each, all fetched in one concurrent ``cat_ranges`` (no HEAD
     per file); a footer wider than that costs one more read."""
-    tails = fs.cat_ranges([p for p, _ in files], [max(0, n - FOOTER_TAIL_BYTES) for _, n in files], [n for _, n in files],
-                          on_error="return") if files else []
+    tails = (
+        fs.cat_ranges(
+            [p for p, _ in files],
+            [max(0, n - FOOTER_TAIL_BYTES) for _, n in files],
+            [n for _, n in files],
+            on_error="return",
+        )
+        if files
+        else []
+    )
     footers: dict[str, pq.FileMetaData | str] = {}
     for (path, size), tail in zip(files, tails):
         try:

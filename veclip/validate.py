@@ -30,8 +30,7 @@ from veclip.dataset import first_difference
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
 from veclip.shards.store import CaptionTables, ShardStore, caption_tables, finished_shard_entries
-from veclip.storage import (Location, StorageOptions, list_file_entries,
-                            read_footers)
+from veclip.storage import Location, StorageOptions, list_file_entries, read_footers
 
 IMAGE_CHECKS = ("sample", "full", "none")
 # Problems that make a dataset unusable whatever the tolerance.
@@ -41,7 +40,9 @@ FATAL = ("no_shards", "unreadable", "schema", "null_key", "duplicate_key", "capt
 @dataclass(frozen=True)
 class ValidateConfig:
     url: str = ""  # folder or s3:// prefix holding .parquet shards
-    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)  # the dataset's column names for the contract's roles (see schema.ColumnMap)
+    columns: schema.ColumnMap = field(
+        default_factory=schema.ColumnMap
+    )  # the dataset's column names for the contract's roles (see schema.ColumnMap)
     images: str = "sample"  # sample | full | none
     sample_per_shard: int = 32  # images decoded per shard with images=sample
     sample_row_groups: int = 1  # row groups per shard the sample is drawn from (their image bytes are all that is read)
@@ -90,7 +91,9 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     ignored_files: list[str] = field(default_factory=list)
     key_partitions: int = 1  # >1: keys were spilled to disk in that many partitions (bounded memory)
-    caption_tables_of: str | None = None  # a caption-layout output: the inputs were checked, and each table against its input
+    caption_tables_of: str | None = (
+        None  # a caption-layout output: the inputs were checked, and each table against its input
+    )
 
     @property
     def totals(self) -> ShardReport:
@@ -120,14 +123,23 @@ class ValidationReport:
             empty = f"{report.empty_alt_text} ({report.empty_alt_text / report.rows:.0%})" if report.rows else "0"
             cells = (
                 report.shard if report.readable else report.shard + " (unreadable)",
-                report.rows, report.null_keys, report.duplicate_keys, report.images_checked, report.bad_images, empty,
+                report.rows,
+                report.null_keys,
+                report.duplicate_keys,
+                report.images_checked,
+                report.bad_images,
+                empty,
             )
             lines.append([str(c) for c in cells])
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        fmt = lambda cells: "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
         out = [f"dataset {self.url}  (columns: {self.config.columns}, images: {self.config.images})", fmt(header)]
         if self.caption_tables_of:
-            out.insert(0, f"caption tables {self.caption_tables_of}: checked against their inputs, row by row; the inputs:")
+            out.insert(
+                0, f"caption tables {self.caption_tables_of}: checked against their inputs, row by row; the inputs:"
+            )
         out += [fmt(line) for line in lines]
         for name in self.ignored_files:
             out.append(f"note: ignored non-Parquet file {name}")
@@ -142,12 +154,16 @@ class ValidationReport:
         else:
             reasons = ", ".join(f"{n} {k}" for k, n in kinds.items())
             if self.bad_image_share > self.config.max_bad_image_share:
-                reasons += f"; bad image share {self.bad_image_share:.2%} > allowed {self.config.max_bad_image_share:.2%}"
+                reasons += (
+                    f"; bad image share {self.bad_image_share:.2%} > allowed {self.config.max_bad_image_share:.2%}"
+                )
             out.append(f"NOT USABLE: {reasons}")
         return "\n".join(out)
 
 
-def _sample(footer: pq.FileMetaData, shard_name: str, config: ValidateConfig) -> tuple[list[int], list[tuple[int, int]]]:
+def _sample(
+    footer: pq.FileMetaData, shard_name: str, config: ValidateConfig
+) -> tuple[list[int], list[tuple[int, int]]]:
     """``(row groups to read, [(row to check, its index among the rows read)])``: every row for ``full``; else up to
     ``sample_per_shard`` rows spread evenly over ``sample_row_groups`` row groups,
     themselves spread over the shard from an offset that differs per shard (so a
@@ -166,7 +182,9 @@ def _sample(footer: pq.FileMetaData, shard_name: str, config: ValidateConfig) ->
     return chosen, [(pool[int(i * len(pool) / count)], int(i * len(pool) / count)) for i in range(count)]
 
 
-def _check_shard(location: Location, path: str, footer, config: ValidateConfig, keys_index: KeyIndex, report: ValidationReport) -> None:
+def _check_shard(
+    location: Location, path: str, footer, config: ValidateConfig, keys_index: KeyIndex, report: ValidationReport
+) -> None:
     name = posixpath.relpath(path, location.path)
     shard = ShardReport(name)
     report.shards.append(shard)
@@ -227,12 +245,22 @@ def _check_alignment(location: Location, tables: CaptionTables, report: Validati
         with location.fs.open(table, "rb") as f:
             captions = pq.read_table(f, columns=[schema.KEY]).column(schema.KEY).to_pylist()
         with inputs.fs.open(source, "rb") as f:
-            keys = report.config.columns.apply(pq.read_table(f, columns=[report.config.columns.key])).column(schema.KEY).to_pylist()
+            keys = (
+                report.config.columns.apply(pq.read_table(f, columns=[report.config.columns.key]))
+                .column(schema.KEY)
+                .to_pylist()
+            )
         if captions != keys:
             row = first_difference(keys, captions)
-            report.problems.append(Problem(
-                "caption_misaligned", posixpath.basename(table),
-                f"{len(captions)} caption rows for {len(keys)} input rows of {source}; first difference at row {row}", row))
+            report.problems.append(
+                Problem(
+                    "caption_misaligned",
+                    posixpath.basename(table),
+                    f"{len(captions)} caption rows for {len(keys)} input rows of {source}; first difference at row "
+                    f"{row}",
+                    row,
+                )
+            )
 
 
 def _validate_shards(config: ValidateConfig, location: Location) -> ValidationReport:
@@ -241,7 +269,11 @@ def _validate_shards(config: ValidateConfig, location: Location) -> ValidationRe
     shards = [e for e in entries if e["name"].endswith(".parquet")]
     report.ignored_files = [posixpath.basename(e["name"]) for e in entries if not e["name"].endswith(".parquet")]
     if not shards:
-        hint = f" (found {len(entries)} other files, e.g. {report.ignored_files[0]}: convert them with `veclip import`)" if entries else ""
+        hint = (
+            f" (found {len(entries)} other files, e.g. {report.ignored_files[0]}: convert them with `veclip import`)"
+            if entries
+            else ""
+        )
         report.problems.append(Problem("no_shards", config.url, "no .parquet shards in this folder" + hint))
         return report
     footers = read_footers(location.fs, [(e["name"], int(e["size"])) for e in shards])
@@ -254,5 +286,7 @@ def _validate_shards(config: ValidateConfig, location: Location) -> ValidationRe
         shard = report.shards[dup.shard]
         shard.duplicate_keys += 1
         first = report.shards[dup.first_shard].shard
-        report.problems.append(Problem("duplicate_key", shard.shard, f"key also used at {first} row {dup.first_row}", dup.row, dup.key))
+        report.problems.append(
+            Problem("duplicate_key", shard.shard, f"key also used at {first} row {dup.first_row}", dup.row, dup.key)
+        )
     return report

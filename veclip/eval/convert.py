@@ -28,12 +28,23 @@ from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, write_json
 
 
-
-def _write(rows: list[dict], out: str, options: StorageOptions, rows_per_shard: int, caption_type: pa.DataType, classes: dict | None) -> int:
-    table_schema = pa.schema(list(schema.INPUT_SCHEMA) + [pa.field("label", pa.string()), pa.field("caption", caption_type)])
+def _write(
+    rows: list[dict],
+    out: str,
+    options: StorageOptions,
+    rows_per_shard: int,
+    caption_type: pa.DataType,
+    classes: dict | None,
+) -> int:
+    table_schema = pa.schema(
+        list(schema.INPUT_SCHEMA) + [pa.field("label", pa.string()), pa.field("caption", caption_type)]
+    )
     store = ShardStore(Location(out, options))
     for k, start in enumerate(range(0, len(rows), rows_per_shard)):
-        store.write(Marker(f"part-{k:05d}.parquet", 0), pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=table_schema))
+        store.write(
+            Marker(f"part-{k:05d}.parquet", 0),
+            pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=table_schema),
+        )
     if classes is not None:
         location = store.location
         write_json(location.fs, location.join(schema.CLASSES_FILE), classes)
@@ -46,10 +57,22 @@ def _image_row(key: str, path: Path) -> tuple[dict | None, str | None]:
         width, height = open_image(data).size
     except ImageError as err:
         return None, f"{path}: {err.reason}"
-    return {schema.KEY: key, schema.IMAGE: data, schema.ALT_TEXT: None, schema.WIDTH: width, schema.HEIGHT: height}, None
+    return {
+        schema.KEY: key,
+        schema.IMAGE: data,
+        schema.ALT_TEXT: None,
+        schema.WIDTH: width,
+        schema.HEIGHT: height,
+    }, None
 
 
-def from_class_folders(root: str, out: str, class_names: str | None = None, rows_per_shard: int = 10_000, options: StorageOptions | None = None) -> dict:
+def from_class_folders(
+    root: str,
+    out: str,
+    class_names: str | None = None,
+    rows_per_shard: int = 10_000,
+    options: StorageOptions | None = None,
+) -> dict:
     folders = sorted(p for p in Path(root).iterdir() if p.is_dir())
     if not folders:
         raise FileNotFoundError(f"convert: no class folders in {root}")
@@ -68,7 +91,9 @@ def from_class_folders(root: str, out: str, class_names: str | None = None, rows
     return {"rows": written, "classes": len(names), "skipped": bad}
 
 
-def from_coco(captions_json: str, images_dir: str, out: str, rows_per_shard: int = 10_000, options: StorageOptions | None = None) -> dict:
+def from_coco(
+    captions_json: str, images_dir: str, out: str, rows_per_shard: int = 10_000, options: StorageOptions | None = None
+) -> dict:
     data = json.loads(Path(captions_json).read_text())
     captions = defaultdict(list)
     for annotation in data["annotations"]:

@@ -29,8 +29,9 @@ class EmbedSpec:
     batch_size: int = 256
 
 
-def embed_images(model, preprocess, images: list[bytes], batch_size: int, limits: ImageLimits = ImageLimits(),
-                 device=None) -> tuple[np.ndarray, list[str | None]]:
+def embed_images(
+    model, preprocess, images: list[bytes], batch_size: int, limits: ImageLimits = ImageLimits(), device=None
+) -> tuple[np.ndarray, list[str | None]]:
     """Embeddings of the images that decode (on ``device``, default the CPU), and each image's decode error
     (None when it decoded)."""
     import torch
@@ -64,8 +65,11 @@ def _embedded_table(table: pa.Table, embeddings: np.ndarray, errors: list[str | 
     """Every row: key, carried columns, the embedding (null where the image failed) and the error reason."""
     rows = iter(embeddings.tolist())
     vectors = [None if e else next(rows) for e in errors]
-    return table.select([schema.KEY, *carry]).append_column("embedding", pa.array(vectors, pa.list_(pa.float32()))).append_column(
-        "error", pa.array(errors, pa.string()))
+    return (
+        table.select([schema.KEY, *carry])
+        .append_column("embedding", pa.array(vectors, pa.list_(pa.float32())))
+        .append_column("error", pa.array(errors, pa.string()))
+    )
 
 
 class ImageEmbedder:
@@ -78,7 +82,9 @@ class ImageEmbedder:
         self.model, self.preprocess, _ = load_model(spec.model, spec.pretrained, options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        embeddings, errors = embed_images(self.model, self.preprocess, batch.column(schema.IMAGE).to_pylist(), self.spec.batch_size)
+        embeddings, errors = embed_images(
+            self.model, self.preprocess, batch.column(schema.IMAGE).to_pylist(), self.spec.batch_size
+        )
         return _embedded_table(batch, embeddings, errors, self.spec.carry)
 
 
@@ -94,11 +100,20 @@ def embed_local(tables: list[pa.Table], model, preprocess, spec: EmbedSpec) -> p
 def _read_joined(batch: dict, dataset, columns: schema.ColumnMap) -> pa.Table:
     from veclip.dataset import read_shard
 
-    return pa.concat_tables([read_shard(dataset, dataset.shards[i], column_map=columns) for i in batch["shard"].tolist()])
+    return pa.concat_tables(
+        [read_shard(dataset, dataset.shards[i], column_map=columns) for i in batch["shard"].tolist()]
+    )
 
 
-def embed_ray(dataset, columns: schema.ColumnMap, spec: EmbedSpec, options, workers: int,
-              gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0) -> pa.Table:
+def embed_ray(
+    dataset,
+    columns: schema.ColumnMap,
+    spec: EmbedSpec,
+    options,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+) -> pa.Table:
     """Rows with embeddings (or errors), computed by up to ``workers`` Ray actors, in key order.
     ``dataset``: a :class:`veclip.dataset.Dataset`; caption tables are joined shard by shard."""
     import ray
@@ -108,13 +123,22 @@ def embed_ray(dataset, columns: schema.ColumnMap, spec: EmbedSpec, options, work
 
     start_ray()
     if dataset.sources:  # a task per shard reads it and joins its caption tables (checked)
-        ds = ray.data.from_items([{"shard": i} for i in range(len(dataset.shards))], override_num_blocks=len(dataset.shards))
-        ds = ds.map_batches(_read_joined, batch_size=1, batch_format="numpy", fn_kwargs=dict(dataset=dataset, columns=columns))
+        ds = ray.data.from_items(
+            [{"shard": i} for i in range(len(dataset.shards))], override_num_blocks=len(dataset.shards)
+        )
+        ds = ds.map_batches(
+            _read_joined, batch_size=1, batch_format="numpy", fn_kwargs=dict(dataset=dataset, columns=columns)
+        )
     else:
         ds = ray.data.read_parquet([s.path for s in dataset.shards], filesystem=dataset.images.fs)
         ds = ds.map_batches(columns.apply, batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(
-        ImageEmbedder, fn_constructor_args=(spec, options), batch_format="pyarrow", batch_size=spec.batch_size,
-        compute=ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+        ImageEmbedder,
+        fn_constructor_args=(spec, options),
+        batch_format="pyarrow",
+        batch_size=spec.batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker,
     )
     return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(schema.KEY)

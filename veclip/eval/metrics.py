@@ -29,14 +29,18 @@ def _ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return better.sum(axis=1)
 
 
-def zero_shot(image_embeddings: np.ndarray, class_embeddings_: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[str, float]:
+def zero_shot(
+    image_embeddings: np.ndarray, class_embeddings_: np.ndarray, labels: np.ndarray, ks=(1, 5)
+) -> dict[str, float]:
     """Top-k accuracy of each image's label among all classes (k capped at the class count)."""
     scores = normalize(image_embeddings) @ normalize(class_embeddings_).T
     ranks = _ranks(scores, np.asarray(labels))
     return {f"top{k}": float((ranks < k).mean()) for k in ks}
 
 
-def retrieval(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+def retrieval(
+    image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)
+) -> dict[str, float]:
     """Recall@k both ways; ``text_image[j]`` is the image that caption ``j`` describes
     (several captions per image allowed). Image->text counts a hit when *any* of
     the image's captions is in the top k; text->image when its image is."""

@@ -35,8 +35,10 @@ def resolve_model(spec: str, pretrained: str | None, options: StorageOptions) ->
         checkpoint = latest(Location(spec, options)).url
         return checkpoint, checkpoint
     if not pretrained:
-        raise ValueError(f"{spec!r} is an open_clip model name without --pretrained: its weights would be random, "
-                         "and different in every actor. Name a pretrained tag or weights file, an exported folder or a training run.")
+        raise ValueError(
+            f"{spec!r} is an open_clip model name without --pretrained: its weights would be random, "
+            "and different in every actor. Name a pretrained tag or weights file, an exported folder or a training run."
+        )
     return spec, f"{spec}:{pretrained}"
 
 

@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
-from veclip.eval.model import load_model
 from veclip.config import load_named_json
-from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
 from veclip.dataset import Dataset, open_dataset, read_shard
+from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
+from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
+from veclip.eval.model import load_model
 from veclip.storage import Location, StorageOptions, write_json
 
 
@@ -45,7 +44,9 @@ class EvalConfig:
     workers: int = 0  # 0: embed images in this process; N: over up to N Ray actors
     gpus_per_worker: float = 0.0  # GPUs per embedding actor
     cpus_per_worker: float = 1.0  # CPUs per embedding actor
-    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)  # the set's column names for the contract's roles (see schema.ColumnMap)
+    columns: schema.ColumnMap = field(
+        default_factory=schema.ColumnMap
+    )  # the set's column names for the contract's roles (see schema.ColumnMap)
 
     @property
     def label_columns(self) -> tuple[str, ...]:
@@ -60,7 +61,9 @@ def _class_names(config: EvalConfig, location: Location, column: str) -> list[st
     """``--classes FILE``'s names (one label column), else the set's ``_classes.json`` entry for ``column``."""
     if config.classes:
         if len(config.label_columns) > 1:
-            raise ValueError("eval: --classes names one column's classes; with several label columns use the set's _classes.json")
+            raise ValueError(
+                "eval: --classes names one column's classes; with several label columns use the set's _classes.json"
+            )
         return json.loads(Path(config.classes).read_text())["classnames"]
     classes_path = location.join(schema.CLASSES_FILE)  # beside the images
     if not location.fs.exists(classes_path):
@@ -95,7 +98,9 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         with location.fs.open(first, "rb") as f:  # a clear schema error before any actor starts (footer only)
             names = config.columns.apply(pq.read_schema(f).empty_table()).column_names + list(dataset.caption_columns)
         _check_columns(names, first, config)
-        embedded = embed_ray(dataset, config.columns, spec, options, config.workers, config.gpus_per_worker, config.cpus_per_worker)
+        embedded = embed_ray(
+            dataset, config.columns, spec, options, config.workers, config.gpus_per_worker, config.cpus_per_worker
+        )
     else:
         embedded = embed_local(_read_tables(dataset, config), model, preprocess, spec)
     errors = embedded.column("error").to_pylist()
@@ -111,7 +116,9 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
             continue
         classnames[column] = _class_names(config, location, column)
         prompts = [t.format(c) for c in classnames[column] for t in templates]
-        per_class = encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(classnames[column]), len(templates), -1)
+        per_class = encode_texts(model, tokenizer, prompts, config.batch_size).reshape(
+            len(classnames[column]), len(templates), -1
+        )
         index = {name: i for i, name in enumerate(classnames[column])}
         unknown = sorted({kept[i][column] for i in rows} - set(index))
         if unknown:
@@ -159,13 +166,18 @@ def render_markdown(results: dict) -> str:
     if results["zero_shot"]:
         lines += ["| zero-shot | top-1 | top-5 | classes | images |", "| --- | --- | --- | --- | --- |"]
     for column, scores in results["zero_shot"].items():
-        lines.append(f"| {column} | {scores['top1']:.1%} | {scores['top5']:.1%} | {scores.get('classes', '')} | {scores.get('images', '')} |")
+        lines.append(
+            f"| {column} | {scores['top1']:.1%} | {scores['top5']:.1%} | {scores.get('classes', '')} | "
+            f"{scores.get('images', '')} |"
+        )
     r = results["retrieval"]
     lines += [
         "",
         "| retrieval | R@1 | R@5 | R@10 |",
         "| --- | --- | --- | --- |",
-        f"| image -> text | {r['image_to_text_R@1']:.1%} | {r['image_to_text_R@5']:.1%} | {r['image_to_text_R@10']:.1%} |",
-        f"| text -> image | {r['text_to_image_R@1']:.1%} | {r['text_to_image_R@5']:.1%} | {r['text_to_image_R@10']:.1%} |",
+        f"| image -> text | {r['image_to_text_R@1']:.1%} | {r['image_to_text_R@5']:.1%} | "
+        f"{r['image_to_text_R@10']:.1%} |",
+        f"| text -> image | {r['text_to_image_R@1']:.1%} | {r['text_to_image_R@5']:.1%} | "
+        f"{r['text_to_image_R@10']:.1%} |",
     ]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,8 @@ _PREFIXES = re.compile(
 )
 _QUOTES = "\"'“”‘’`"
 _REFUSALS = re.compile(
-    r"\b(i'?m sorry|i am sorry|i apologi[sz]e|as an ai\b|i cannot (help|provide|assist|describe)|i can'?t (help|provide|assist|describe)|i am unable|i'?m unable)",
+    r"\b(i'?m sorry|i am sorry|i apologi[sz]e|as an ai\b|i cannot (help|provide|assist|describe)|i can'?t "
+    r"(help|provide|assist|describe)|i am unable|i'?m unable)",
     re.IGNORECASE,
 )
 _RUN = re.compile(r"(.{2,}?)\1{3,}")  # a chunk repeated 4+ times in a row: "ThreeThreeThreeThree"
@@ -52,7 +53,9 @@ def is_repetitive(text: str) -> bool:
     return any(trigrams.count(t) >= 3 for t in set(trigrams))
 
 
-_WORD = re.compile(r"^[(\[\"'“‘]*(?:[^\W\d_]+(?:['’\-][^\W\d_]+)*|\d+(?:[.,:/]\d+)*(?:st|nd|rd|th|s|px|%)?)[)\]\"'”’.,;:!?]*$")
+_WORD = re.compile(
+    r"^[(\[\"'“‘]*(?:[^\W\d_]+(?:['’\-][^\W\d_]+)*|\d+(?:[.,:/]\d+)*(?:st|nd|rd|th|s|px|%)?)[)\]\"'”’.,;:!?]*$"
+)
 _BAD_CATEGORIES = ("Cc", "Cf", "Co", "Cs", "Cn")  # control, format, private-use, surrogate, unassigned
 
 
@@ -86,10 +89,48 @@ def clean(text: str | None, max_words: int, min_words: int = 1) -> tuple[str | N
 
 # Capitalised words that are not names; numbers count as knowledge to keep.
 _COMMON = {
-    "a", "an", "the", "this", "that", "these", "photo", "image", "picture", "img", "new", "best", "beautiful",
-    "free", "sale", "buy", "cheap", "modern", "poster", "print", "souvenir", "collection", "by", "from", "of",
-    "and", "with", "for", "in", "on", "at", "to", "my", "our", "view", "untitled", "stock", "hd", "dsc", "jpg",
-    "png", "jpeg",
+    "a",
+    "an",
+    "the",
+    "this",
+    "that",
+    "these",
+    "photo",
+    "image",
+    "picture",
+    "img",
+    "new",
+    "best",
+    "beautiful",
+    "free",
+    "sale",
+    "buy",
+    "cheap",
+    "modern",
+    "poster",
+    "print",
+    "souvenir",
+    "collection",
+    "by",
+    "from",
+    "of",
+    "and",
+    "with",
+    "for",
+    "in",
+    "on",
+    "at",
+    "to",
+    "my",
+    "our",
+    "view",
+    "untitled",
+    "stock",
+    "hd",
+    "dsc",
+    "jpg",
+    "png",
+    "jpeg",
 }
 _TOKEN = re.compile(r"[A-Za-z][A-Za-z&'\-]*|\d+(?:[.,]\d+)*")
 _FILE_JUNK = re.compile(r"\.(jpe?g|png|webp|gif)$|[A-Za-z][_\-]?\d|\d[_\-]?[A-Za-z]", re.IGNORECASE)

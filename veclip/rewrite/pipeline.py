@@ -53,9 +53,11 @@ def check_engine_python(config: RewriteConfig, timeout_s: float = 900) -> None:
     Ray would restart the failing actors forever ("No module named 'vllm'")."""
     import ray
 
-    fix = ("On a CPU host, `make env` creates the vLLM environment (.venv-vllm) and veclip finds it from any folder; "
-           "or point to one with VECLIP_VLLM_PYTHON=/path/to/python or --set <pool>.pool.python=/path/to/python. "
-           "On a cluster, run the pools in an image or runtime_env that has vllm.")
+    fix = (
+        "On a CPU host, `make env` creates the vLLM environment (.venv-vllm) and veclip finds it from any folder; "
+        "or point to one with VECLIP_VLLM_PYTHON=/path/to/python or --set <pool>.pool.python=/path/to/python. "
+        "On a cluster, run the pools in an image or runtime_env that has vllm."
+    )
     stages = [config.captioner, config.fuser] if config.uses_captioner else []
     stages += [config.laclip] if config.uses_laclip and not config.uses_captioner else []
     for stage in stages:
@@ -63,14 +65,18 @@ def check_engine_python(config: RewriteConfig, timeout_s: float = 900) -> None:
         if python:
             if not Path(python).exists():
                 raise EngineUnavailable(f"rewrite: the pool interpreter {python} does not exist. {fix}")
-            found = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"])
+            found = subprocess.run(
+                [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"]
+            )
             ok = found.returncode == 0
         else:  # the workers run the driver's environment, wherever Ray places them: ask one
             start_ray()
             probe = ray.remote(_can_import_vllm).options(**_remote_args(stage.pool, stage))
             ok = ray.get(probe.remote(), timeout=timeout_s)
         if not ok:
-            raise EngineUnavailable(f"rewrite: the rewrite workers' Python ({python or sys.executable}) cannot import vllm. {fix}")
+            raise EngineUnavailable(
+                f"rewrite: the rewrite workers' Python ({python or sys.executable}) cannot import vllm. {fix}"
+            )
 
 
 def list_inputs(location: Location) -> dict[str, InputShard]:
@@ -103,15 +109,26 @@ class Rewrite(ShardedStage):
             if marker.input_size is not None and marker.input_size != inputs[name].size:
                 raise RuntimeError(
                     f"rewrite: input shard {inputs[name].path} changed after its output was written "
-                    f"({marker.input_size} bytes then, {inputs[name].size} now); remove _done/{name}.json to write it again")
+                    f"({marker.input_size} bytes then, {inputs[name].size} now); remove _done/{name}.json to write "
+                    "it again"
+                )
             return False
 
         def fits(footer, shard: InputShard) -> None:
             schema.check_input_schema(config.columns.apply_to_footer(footer), shard.path)
 
-        return plan_shards("rewrite", config.output, inputs, markers, run.fingerprint, Location(config.input, self.options).fs,
-                           redo_mismatched=self.redo_mismatched, stale=changed, check=fits,
-                           fits=f"the column mapping {config.columns}")
+        return plan_shards(
+            "rewrite",
+            config.output,
+            inputs,
+            markers,
+            run.fingerprint,
+            Location(config.input, self.options).fs,
+            redo_mismatched=self.redo_mismatched,
+            stale=changed,
+            check=fits,
+            fits=f"the column mapping {config.columns}",
+        )
 
     def describe(self, plan: Plan, run: RunContext) -> str:
         return f"mode {self.config.mode}, fingerprint {run.fingerprint}"
@@ -124,34 +141,50 @@ class Rewrite(ShardedStage):
         stages = [(ShardCaptioner, config.captioner)] if config.uses_captioner else []
         stages.append((ShardRewriter, config.fuser if config.uses_captioner else config.laclip))
         for actor, stage in stages:
-            ds = map_pool(ds, actor, {"config": config, "options": self.options, "run": run},
-                          min_actors=stage.pool.min_actors, max_actors=stage.pool.max_actors,
-                          # several shards per actor at once, on threads: one engine is fed by all of them (VLLMEngine),
-                          # so reading, decoding and writing overlap generation and a shard's tail never drains the engine
-                          in_flight=stage.pool.shards_in_flight, **_remote_args(stage.pool, stage))
+            ds = map_pool(
+                ds,
+                actor,
+                {"config": config, "options": self.options, "run": run},
+                min_actors=stage.pool.min_actors,
+                max_actors=stage.pool.max_actors,
+                # several shards per actor at once, on threads: one engine is fed by all of them (VLLMEngine),
+                # so reading, decoding and writing overlap generation and a shard's tail never drains the engine
+                in_flight=stage.pool.shards_in_flight,
+                **_remote_args(stage.pool, stage),
+            )
         return ds
 
-    def details(self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float) -> dict:
+    def details(
+        self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float
+    ) -> dict:
         config = self.config
-        captions = ShardStore(self.output.child(CAPTIONS_DIR)).markers(save_manifest=True) if config.uses_captioner else {}
+        captions = (
+            ShardStore(self.output.child(CAPTIONS_DIR)).markers(save_manifest=True) if config.uses_captioner else {}
+        )
         quarantined, flags = Counter(), Counter()
         for marker in markers.values():
             quarantined.update(marker.quarantine_reasons)
             flags.update(marker.flags)
         roles = ["captioner", "fuser"] if config.uses_captioner else []
         roles += ["laclip"] if config.uses_laclip else []
-        pools = {role: pool_stats(role, captions if role == "captioner" else markers, written, started_at) for role in roles}
-        return redact({  # engine env may hold tokens: they never reach the summary
-            "mode": config.mode,
-            "layout": config.layout,
-            "quarantined_by_reason": dict(quarantined),
-            "flags_by_reason": dict(flags),
-            "stage_seconds": {"caption": sum(m.seconds for m in captions.values()),
-                              "rewrite": sum(m.seconds for m in markers.values())},
-            "pools": pools,
-            "config": to_dict(config),
-            "fingerprint_fields": fingerprint(config)[1],
-        })
+        pools = {
+            role: pool_stats(role, captions if role == "captioner" else markers, written, started_at) for role in roles
+        }
+        return redact(
+            {  # engine env may hold tokens: they never reach the summary
+                "mode": config.mode,
+                "layout": config.layout,
+                "quarantined_by_reason": dict(quarantined),
+                "flags_by_reason": dict(flags),
+                "stage_seconds": {
+                    "caption": sum(m.seconds for m in captions.values()),
+                    "rewrite": sum(m.seconds for m in markers.values()),
+                },
+                "pools": pools,
+                "config": to_dict(config),
+                "fingerprint_fields": fingerprint(config)[1],
+            }
+        )
 
 
 def pool_stats(role: str, markers: dict[str, Marker], written: list[str], started_at: float) -> dict:
@@ -181,18 +214,33 @@ def pool_stats(role: str, markers: dict[str, Marker], written: list[str], starte
     wall = sum(last[a] - first[a] for a in first)
     busy = sum(busy_to[a] - busy_from[a] for a in busy_to) if busy_to else this_run.engine_seconds
     seconds = busy or 1e-9
-    return {**vars(total), "actors": len(first), "actor_first_shard_s": sorted(t - started_at for t in first.values()),
-            "actor_seconds": wall, "engine_busy_seconds": busy, "engine_busy_share": busy / wall if wall > 0 else None,
-            "prompt_tokens_per_s": this_run.prompt_tokens / seconds, "generated_tokens_per_s": this_run.generated_tokens / seconds}
+    return {
+        **vars(total),
+        "actors": len(first),
+        "actor_first_shard_s": sorted(t - started_at for t in first.values()),
+        "actor_seconds": wall,
+        "engine_busy_seconds": busy,
+        "engine_busy_share": busy / wall if wall > 0 else None,
+        "prompt_tokens_per_s": this_run.prompt_tokens / seconds,
+        "generated_tokens_per_s": this_run.generated_tokens / seconds,
+    }
 
 
-def plan_run(config: RewriteConfig, options: StorageOptions | None, fingerprint: str, redo_mismatched: bool = False) -> Plan:
+def plan_run(
+    config: RewriteConfig, options: StorageOptions | None, fingerprint: str, redo_mismatched: bool = False
+) -> Plan:
     """The rewrite's plan alone (tests, benchmarks): what a run of ``config`` would do now."""
     return plan_stage(Rewrite(config, options, redo_mismatched), RunContext("plan", fingerprint))
 
 
-def run_rewrite(config: RewriteConfig, options: StorageOptions | None = None, log=print, *,
-                redo_mismatched: bool = False, take_over_lease: bool = False) -> dict:
+def run_rewrite(
+    config: RewriteConfig,
+    options: StorageOptions | None = None,
+    log=print,
+    *,
+    redo_mismatched: bool = False,
+    take_over_lease: bool = False,
+) -> dict:
     """Rewrite every input shard not yet done; returns (and writes) the run summary.
 
     Shards that keep failing are recorded and listed in ``summary["failed"]``
@@ -210,18 +258,28 @@ def render_summary(summary: dict) -> str:
         f"in {summary['wall_seconds']:.1f}s ({summary['rows_per_second_this_run']:.1f} rows/s)",
     ]
     if summary["shards"]["redone"]:
-        lines.append(f"  redone      {summary['shards']['redone']:>6}  shards of another fingerprint (--redo-mismatched)")
+        lines.append(
+            f"  redone      {summary['shards']['redone']:>6}  shards of another fingerprint (--redo-mismatched)"
+        )
     lines += [f"  quarantined {n:>6}  {reason}" for reason, n in sorted(summary["quarantined_by_reason"].items())]
     lines += [f"  flagged     {n:>6}  {flag}" for flag, n in sorted(summary["flags_by_reason"].items())]
     for name, pool in summary["pools"].items():
         lines.append(
-            f"  pool {name:<9} {pool.get('requests', 0):>7} requests  {pool.get('prompt_tokens_per_s', 0):9.1f} prompt tok/s  "
-            f"{pool.get('generated_tokens_per_s', 0):8.1f} generated tok/s  {pool.get('engine_busy_seconds', 0):7.1f}s engine busy"
+            f"  pool {name:<9} {pool.get('requests', 0):>7} requests  {pool.get('prompt_tokens_per_s', 0):9.1f} "
+            "prompt tok/s  "
+            f"{pool.get('generated_tokens_per_s', 0):8.1f} generated tok/s  "
+            f"{pool.get('engine_busy_seconds', 0):7.1f}s engine busy"
         )
         if pool.get("actors"):
             starts = ", ".join(f"{t:.0f}" for t in pool["actor_first_shard_s"])
-            busy = f"; engine busy {pool['engine_busy_share']:.0%} of their time since" if pool.get("engine_busy_share") is not None else ""
-            lines.append(f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s{busy}")
+            busy = (
+                f"; engine busy {pool['engine_busy_share']:.0%} of their time since"
+                if pool.get("engine_busy_share") is not None
+                else ""
+            )
+            lines.append(
+                f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s{busy}"
+            )
     if summary["failed"] and summary["rows_in_failed_shards"]:
         lines.append(f"  {summary['rows_in_failed_shards']} rows in the failed shards with a readable footer")
     return "\n".join(lines + render_failed(summary))

@@ -53,7 +53,9 @@ class FusionPrompt:
     @classmethod
     def load(cls, name: str) -> FusionPrompt:
         data = load_prompt_file(name)
-        return cls(data["version"], data["system"], tuple(data["examples"]), data["user_template"], data["empty_alt_text"])
+        return cls(
+            data["version"], data["system"], tuple(data["examples"]), data["user_template"], data["empty_alt_text"]
+        )
 
     def messages(self, alt_text: str | None, visual: str, max_chars: int = 1000) -> list[dict]:
         """Chat messages: system, few-shot turns, then this row's inputs as data."""
@@ -81,7 +83,9 @@ class LaClipPrompt:
         pools = {source: tuple(tuple(pair) for pair in pairs) for source, pairs in data["pools"].items()}
         return cls(data["version"], data["separator"], pools)
 
-    def prompts(self, key: str, alt_text: str | None, n: int, shots: int, seed: int, max_chars: int = 1000) -> list[str]:
+    def prompts(
+        self, key: str, alt_text: str | None, n: int, shots: int, seed: int, max_chars: int = 1000
+    ) -> list[str]:
         """``n`` completion prompts, the i-th with ``shots`` exemplars from source ``i mod sources``.
 
         Exemplars are drawn per row from ``(seed, key, i)``: reproducible, and

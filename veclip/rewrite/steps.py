@@ -29,13 +29,15 @@ from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt, 
 from veclip.shards.marker import PoolStats
 
 STAGE = "rewrite"
-CAPTION_WORK_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("vlm_caption", pa.string()),
-    ("flags", pa.list_(pa.string())),
-    ("image_error", pa.string()),
-    ("image_error_detail", pa.string()),
-])
+CAPTION_WORK_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("vlm_caption", pa.string()),
+        ("flags", pa.list_(pa.string())),
+        ("image_error", pa.string()),
+        ("image_error_detail", pa.string()),
+    ]
+)
 
 
 def chunks(n: int, size: int) -> Iterator[range]:
@@ -52,8 +54,14 @@ class Meter:
     def run(self, engine: Engine, requests: list[Request], stage: StageConfig) -> list[Completion]:
         start = time.perf_counter()
         out = engine.generate(requests, stage.sampling) if requests else []
-        self.stats = self.stats.add(PoolStats(len(requests), sum(c.prompt_tokens for c in out),
-                                              sum(c.generated_tokens for c in out), time.perf_counter() - start))
+        self.stats = self.stats.add(
+            PoolStats(
+                len(requests),
+                sum(c.prompt_tokens for c in out),
+                sum(c.generated_tokens for c in out),
+                time.perf_counter() - start,
+            )
+        )
         return out
 
 
@@ -94,14 +102,19 @@ def split(table: pa.Table, errors: dict[str, tuple[str, str]]) -> tuple[pa.Table
     refused = pa.array([k in errors for k in table.column(schema.KEY).to_pylist()], pa.bool_())
     rows = table.filter(refused).to_pylist()
     quarantine = schema.quarantine_table(
-        [{**row, "reason": errors[row[schema.KEY]][0], "detail": errors[row[schema.KEY]][1]} for row in rows], STAGE, table.schema)
+        [{**row, "reason": errors[row[schema.KEY]][0], "detail": errors[row[schema.KEY]][1]} for row in rows],
+        STAGE,
+        table.schema,
+    )
     return table.filter(pa.compute.invert(refused)), quarantine
 
 
 # --- the generation steps --------------------------------------------------------------------------
 
 
-def caption(config: RewriteConfig, engine: Engine, prompt: CaptionerPrompt, keys: list[str], images: list, meter: Meter) -> list[dict]:
+def caption(
+    config: RewriteConfig, engine: Engine, prompt: CaptionerPrompt, keys: list[str], images: list, meter: Meter
+) -> list[dict]:
     """Per row (CAPTION_WORK_SCHEMA): the visual caption and its flags, or the image's error.
     ``images``: decoded images or the ImageErrors that refused them."""
     settings = config.captioner.engine
@@ -132,8 +145,16 @@ def alt_text_flags(alts: list[str | None], config: RewriteConfig) -> list[list[s
     return [[f"alt_text:{cleaning.ALT_TEXT_TRUNCATED}"] if alt and len(alt) > limit else [] for alt in alts]
 
 
-def fuse(config: RewriteConfig, engine: Engine, prompt: FusionPrompt, keys: list[str], alts: list, visual: list,
-         flags: list[list[str]], meter: Meter) -> list[str | None]:
+def fuse(
+    config: RewriteConfig,
+    engine: Engine,
+    prompt: FusionPrompt,
+    keys: list[str],
+    alts: list,
+    visual: list,
+    flags: list[list[str]],
+    meter: Meter,
+) -> list[str | None]:
     """VeCap per row: AltText and visual caption fused, keeping the AltText's names (else refused)."""
     stage, limits = config.fuser, config.cleaning
     vecaps: list[str | None] = [None] * len(keys)
@@ -141,8 +162,13 @@ def fuse(config: RewriteConfig, engine: Engine, prompt: FusionPrompt, keys: list
         if not v:
             flags[i].append("vecap:no_visual_caption")
     rows = [i for i, v in enumerate(visual) if v]
-    requests = [Request(messages=prompt.messages(alts[i], visual[i], limits.max_alt_text_chars), seed=request_seed(config.seed, keys[i]))
-                for i in rows]
+    requests = [
+        Request(
+            messages=prompt.messages(alts[i], visual[i], limits.max_alt_text_chars),
+            seed=request_seed(config.seed, keys[i]),
+        )
+        for i in rows
+    ]
     for i, completion in zip(rows, meter.run(engine, requests, stage)):  # the whole shard in one submission
         text, reason = clean(completion, limits)
         if text and cleaning.lost_entities(alts[i], text):
@@ -153,8 +179,15 @@ def fuse(config: RewriteConfig, engine: Engine, prompt: FusionPrompt, keys: list
     return vecaps
 
 
-def rewrite(config: RewriteConfig, engine: Engine, prompt: LaClipPrompt, keys: list[str], alts: list,
-            flags: list[list[str]], meter: Meter) -> list[list[str]]:
+def rewrite(
+    config: RewriteConfig,
+    engine: Engine,
+    prompt: LaClipPrompt,
+    keys: list[str],
+    alts: list,
+    flags: list[list[str]],
+    meter: Meter,
+) -> list[list[str]]:
     """LaCLIP: up to ``num_rewrites`` rewrites of each row's AltText."""
     stage, limits = config.laclip, config.cleaning
     rewrites: list[list[str]] = [[] for _ in keys]
@@ -163,7 +196,9 @@ def rewrite(config: RewriteConfig, engine: Engine, prompt: LaClipPrompt, keys: l
         if not (alt or "").strip():
             flags[i].append("rewrites:empty_alt_text")
             continue
-        for n, text in enumerate(prompt.prompts(key, alt, config.num_rewrites, config.shots, config.seed, limits.max_alt_text_chars)):
+        for n, text in enumerate(
+            prompt.prompts(key, alt, config.num_rewrites, config.shots, config.seed, limits.max_alt_text_chars)
+        ):
             jobs.append((i, text, request_seed(config.seed, key, n + 1)))
     for (i, _, _), completion in zip(jobs, meter.run(engine, [Request(prompt=p, seed=s) for _, p, s in jobs], stage)):
         text, reason = clean(completion, limits)
@@ -178,27 +213,42 @@ def provenance(model: str, prompt_version: str, engine_name: str) -> dict:
     return {"model": model, "prompt_version": prompt_version, "engine": engine_name}
 
 
-def caption_table(keys: list[str], kept: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]],
-                  errors: dict[str, tuple[str, str]]) -> pa.Table:
+def caption_table(
+    keys: list[str],
+    kept: pa.Table,
+    generated: dict[str, tuple[list, dict | None]],
+    flags: list[list[str]],
+    errors: dict[str, tuple[str, str]],
+) -> pa.Table:
     """The caption-table layout: one row per input row (``keys``, in order), the columns this
     run generated (only those: another run's can be joined beside them) for the ``kept`` rows,
     and for a refused row nulls and its ``image:<reason>`` flag."""
     index = {key: i for i, key in enumerate(kept.column(schema.KEY).to_pylist())}
-    every = {name: ([values[index[k]] if k in index else None for k in keys], origin) for name, (values, origin) in generated.items()}
+    every = {
+        name: ([values[index[k]] if k in index else None for k in keys], origin)
+        for name, (values, origin) in generated.items()
+    }
     every_flags = [flags[index[k]] if k in index else [f"image:{errors[k][0]}"] for k in keys]
     return assemble(pa.table({schema.KEY: pa.array(keys, pa.string())}), every, every_flags, every_column=False)
 
 
-def assemble(table: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]],
-             every_column: bool = True) -> pa.Table:
+def assemble(
+    table: pa.Table, generated: dict[str, tuple[list, dict | None]], flags: list[list[str]], every_column: bool = True
+) -> pa.Table:
     """The enriched shard: the input rows, every generated column (null where this run made
     none; left out unless ``every_column``) with its provenance, and the flags."""
     n = table.num_rows
     for f in schema.GENERATED_FIELDS:
-        if f.name.endswith("_provenance") or f.name == schema.REWRITE_FLAGS or not (every_column or f.name in generated):
+        if (
+            f.name.endswith("_provenance")
+            or f.name == schema.REWRITE_FLAGS
+            or not (every_column or f.name in generated)
+        ):
             continue
         values, origin = generated.get(f.name, ([None] * n, None))
         table = table.append_column(f, pa.array(values, f.type))
         origin_field = schema.ENRICHED_SCHEMA.field(schema.provenance_column(f.name))
         table = table.append_column(origin_field, pa.array([origin] * n, origin_field.type))
-    return table.append_column(schema.ENRICHED_SCHEMA.field(schema.REWRITE_FLAGS), pa.array(flags, pa.list_(pa.string())))
+    return table.append_column(
+        schema.ENRICHED_SCHEMA.field(schema.REWRITE_FLAGS), pa.array(flags, pa.list_(pa.string()))
+    )

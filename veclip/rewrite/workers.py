@@ -42,7 +42,9 @@ from veclip.storage import Location, StorageOptions
 CAPTIONS_DIR = work_dir("captions")
 
 
-def read_input_shard(path: str, config: RewriteConfig, options: StorageOptions, columns: list[str] | None = None) -> pa.Table:
+def read_input_shard(
+    path: str, config: RewriteConfig, options: StorageOptions, columns: list[str] | None = None
+) -> pa.Table:
     fs = Location(config.input, options).fs
     source = None if columns is None else config.columns.source_columns(columns)
     return config.columns.apply(pq.read_table(path, columns=source, filesystem=fs))
@@ -56,15 +58,24 @@ class _RewriteWorker(ShardWorker):
     """What both pools share: the config, the input's filesystem, and the marker's timing."""
 
     def __init__(self, config: RewriteConfig, options: StorageOptions, run: RunContext):
-        super().__init__(config.output, options, run, config.faults, frozenset(secret_values(dataclasses.asdict(config))))
+        super().__init__(
+            config.output, options, run, config.faults, frozenset(secret_values(dataclasses.asdict(config)))
+        )
         self.config = config
         self.input_fs = Location(config.input, options).fs
 
     def new_marker(self, name: str, started_at: float, busy_from: float | None) -> Marker:
         """Which actor did a shard and when, and the actor's engine busy seconds (a running count)
         then and now, so the run summary can show the pool scaling and each engine's busy share."""
-        return Marker(shard=name, rows=0, started_at=started_at, finished_at=time.time(), engine=self.engine.name,
-                      engine_busy_from=busy_from, engine_busy_to=_busy_seconds(self.engine))
+        return Marker(
+            shard=name,
+            rows=0,
+            started_at=started_at,
+            finished_at=time.time(),
+            engine=self.engine.name,
+            engine_busy_from=busy_from,
+            engine_busy_to=_busy_seconds(self.engine),
+        )
 
 
 class ShardCaptioner(_RewriteWorker):
@@ -91,8 +102,14 @@ class ShardCaptioner(_RewriteWorker):
             decoded = list(self.decoder.map(lambda i: steps.decode_for_captioner(images[i].as_py(), self.config), part))
             rows += steps.caption(self.config, self.engine, self.prompt, keys[part.start : part.stop], decoded, meter)
         marker = self.new_marker(name, started_at, busy_from)
-        marker.rows_in, marker.seconds, marker.pools = len(keys), time.perf_counter() - start, {"captioner": meter.stats}
-        self.commit(self.store, marker, self.input_fs, path, size, pa.Table.from_pylist(rows, schema=CAPTION_WORK_SCHEMA))
+        marker.rows_in, marker.seconds, marker.pools = (
+            len(keys),
+            time.perf_counter() - start,
+            {"captioner": meter.stats},
+        )
+        self.commit(
+            self.store, marker, self.input_fs, path, size, pa.Table.from_pylist(rows, schema=CAPTION_WORK_SCHEMA)
+        )
 
 
 class ShardRewriter(_RewriteWorker):
@@ -108,7 +125,9 @@ class ShardRewriter(_RewriteWorker):
     def __init__(self, config: RewriteConfig, options: StorageOptions, run: RunContext, engine: Engine | None = None):
         super().__init__(config, options, run)
         self.fusion = FusionPrompt.load(config.fuser.prompts) if config.uses_captioner else None
-        self.captioner_version = CaptionerPrompt.load(config.captioner.prompts).version if config.uses_captioner else None
+        self.captioner_version = (
+            CaptionerPrompt.load(config.captioner.prompts).version if config.uses_captioner else None
+        )
         self.laclip = LaClipPrompt.load(config.laclip.prompts) if config.uses_laclip else None
         self.engine = engine or VLLMEngine((config.fuser if config.uses_captioner else config.laclip).engine)
         self.store = ShardStore(self.output)
@@ -118,7 +137,13 @@ class ShardRewriter(_RewriteWorker):
         name = output_shard_name(path)
         if self.current(self.store, name):
             return
-        start, started_at, busy_from, fuse_meter, laclip_meter = time.perf_counter(), time.time(), _busy_seconds(self.engine), Meter(), Meter()
+        start, started_at, busy_from, fuse_meter, laclip_meter = (
+            time.perf_counter(),
+            time.time(),
+            _busy_seconds(self.engine),
+            Meter(),
+            Meter(),
+        )
         table = read_input_shard(path, self.config, self.options)
         rows_in, input_keys = table.num_rows, table.column("key").to_pylist()
         visual, errors, captioner_engine = self._image_checks(table, name)
@@ -131,19 +156,30 @@ class ShardRewriter(_RewriteWorker):
             flags = [caption_flags + row_flags for (_, caption_flags), row_flags in zip(captions, flags)]
             texts = [c[0] for c in captions]
             vecaps = steps.fuse(self.config, self.engine, self.fusion, keys, alts, texts, flags, fuse_meter)
-            generated[schema.VLM_CAPTION] = (texts, steps.provenance(self.config.captioner.engine.model, self.captioner_version, captioner_engine))
-            generated[schema.VECAP] = (vecaps, steps.provenance(self.config.fuser.engine.model, self.fusion.version, self.engine.name))
+            generated[schema.VLM_CAPTION] = (
+                texts,
+                steps.provenance(self.config.captioner.engine.model, self.captioner_version, captioner_engine),
+            )
+            generated[schema.VECAP] = (
+                vecaps,
+                steps.provenance(self.config.fuser.engine.model, self.fusion.version, self.engine.name),
+            )
         if self.laclip:
             rewrites = steps.rewrite(self.config, self.engine, self.laclip, keys, alts, flags, laclip_meter)
-            generated[schema.REWRITES] = (rewrites, steps.provenance(self.config.laclip.engine.model, self.laclip.version, self.engine.name))
+            generated[schema.REWRITES] = (
+                rewrites,
+                steps.provenance(self.config.laclip.engine.model, self.laclip.version, self.engine.name),
+            )
         if self.config.layout == "captions":  # every input row, in order: training joins it back by key
             out = steps.caption_table(input_keys, table, generated, flags, errors)
             expected = rows_in
         else:
             out, expected = steps.assemble(table, generated, flags), rows_in - quarantine.num_rows
         if out.num_rows != expected:  # never lose a row silently
-            raise RuntimeError(f"{name}: {rows_in} rows in, {out.num_rows} written ({self.config.layout} layout) + "
-                               f"{quarantine.num_rows} quarantined")
+            raise RuntimeError(
+                f"{name}: {rows_in} rows in, {out.num_rows} written ({self.config.layout} layout) + "
+                f"{quarantine.num_rows} quarantined"
+            )
         marker = self.new_marker(name, started_at, busy_from)
         marker.layout, marker.rows_in, marker.seconds = self.config.layout, rows_in, time.perf_counter() - start
         marker.flags = dict(Counter(f for row in flags for f in row))

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from veclip import schema
 from veclip.config import build
 from veclip.images import ImageLimits
-from veclip.shards.worker import FaultConfig
 from veclip.schema import ColumnMap
+from veclip.shards.worker import FaultConfig
 
 SLOT_COLUMNS = (*schema.SCORE_SLOTS, schema.REWRITES)  # the caption columns that can be scored
 
@@ -33,7 +33,9 @@ class ScoreConfig:
     input: str = ""
     # more caption outputs of the same input, joined by key beside input's (as for veclip train --add-captions)
     add_captions: tuple[str, ...] = ()
-    output: str = ""  # folder or s3:// prefix for the score tables (a caption output: add it to training with --add-captions)
+    output: str = (
+        ""  # folder or s3:// prefix for the score tables (a caption output: add it to training with --add-captions)
+    )
     model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name (with pretrained)
     pretrained: str | None = None  # with an open_clip model name: a pretrained tag or a weights file
     caption_columns: tuple[str, ...] = SLOT_COLUMNS  # caption columns to score (and gate); rewrites: each rewrite
@@ -45,7 +47,9 @@ class ScoreConfig:
     percentile: float | None = None
     batch_size: int = 256  # images (and texts) per forward pass
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
-    columns: ColumnMap = field(default_factory=ColumnMap)  # the input's column names for the contract's roles (see schema.ColumnMap)
+    columns: ColumnMap = field(
+        default_factory=ColumnMap
+    )  # the input's column names for the contract's roles (see schema.ColumnMap)
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an image may have
     pool: ScorePool = field(default_factory=ScorePool)  # the actors that score
     faults: FaultConfig = field(default_factory=FaultConfig)  # retries, backoff and the output lease
@@ -59,13 +63,18 @@ class ScoreConfig:
         if self.threshold is not None and not -1 <= self.threshold <= 1:
             raise ValueError(f"score: threshold is a cosine, within [-1, 1]; got {self.threshold}")
         if not (1 <= self.pool.min_actors <= self.pool.max_actors) or self.batch_size < 1:
-            raise ValueError(f"score: needs 1 <= pool.min_actors <= pool.max_actors and batch_size >= 1, got {self.pool}")
+            raise ValueError(
+                f"score: needs 1 <= pool.min_actors <= pool.max_actors and batch_size >= 1, got {self.pool}"
+            )
 
     @property
     def gate(self) -> str:
         """The rule in words (it goes into every row's provenance)."""
         rules = ([f"cosine < {self.threshold:g}"] if self.threshold is not None else []) + (
-            [f"under the {self.percentile:g}th percentile of its column in its shard"] if self.percentile is not None else [])
+            [f"under the {self.percentile:g}th percentile of its column in its shard"]
+            if self.percentile is not None
+            else []
+        )
         return " or ".join(rules) or "none (scores only)"
 
     def validate_for_run(self) -> None:
@@ -82,7 +91,9 @@ def preset(name: str) -> ScoreConfig:
     raise ValueError(f"unknown preset {name!r}: use 'default' or 'cpu'")
 
 
-def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> ScoreConfig:
+def build_config(
+    preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields
+) -> ScoreConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides."""
     return build(preset(preset_name), config_file, fields, overrides)
 
@@ -91,8 +102,16 @@ def fingerprint(config: ScoreConfig, weights: str) -> tuple[str, dict]:
     """What decides the output's content: the rows scored (input and caption sources), the model's
     weights (resolved: ``weights``), the columns, the gate and the image limits. Pools, batch size,
     device and fault settings change no row."""
-    fields = {"input": config.input, "add_captions": list(config.add_captions), "model": config.model,
-              "pretrained": config.pretrained, "weights": weights,
-              "caption_columns": list(config.caption_columns), "columns": str(config.columns),
-              "threshold": config.threshold, "percentile": config.percentile, "image_limits": dataclasses.asdict(config.image_limits)}
+    fields = {
+        "input": config.input,
+        "add_captions": list(config.add_captions),
+        "model": config.model,
+        "pretrained": config.pretrained,
+        "weights": weights,
+        "caption_columns": list(config.caption_columns),
+        "columns": str(config.columns),
+        "threshold": config.threshold,
+        "percentile": config.percentile,
+        "image_limits": dataclasses.asdict(config.image_limits),
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16], fields

@@ -59,46 +59,87 @@ class Score(ShardedStage):
         return by_name("score", [InputShard(s.path, s.size) for s in self.dataset.shards], self.dataset.images_url)
 
     def plan(self, run: RunContext, inputs: dict[str, InputShard], markers: dict[str, Marker]) -> Plan:
-        plan = plan_shards("score", self.config.output, inputs, markers, run.fingerprint, self.dataset.images.fs,
-                           stale=lambda name, marker: marker.read_stamps != self.stamps[name], what="image shard")
+        plan = plan_shards(
+            "score",
+            self.config.output,
+            inputs,
+            markers,
+            run.fingerprint,
+            self.dataset.images.fs,
+            stale=lambda name, marker: marker.read_stamps != self.stamps[name],
+            what="image shard",
+        )
         plan.left_out = dict(self.dataset.skipped)
         return plan
 
     def describe(self, plan: Plan, run: RunContext) -> str:
-        changed = (f"; {len(plan.redo)} shard(s) whose images or captions changed since they were scored, e.g. "
-                   f"{plan.redo[0]}: scoring them again") if plan.redo else ""
+        changed = (
+            (
+                f"; {len(plan.redo)} shard(s) whose images or captions changed since they were scored, e.g. "
+                f"{plan.redo[0]}: scoring them again"
+            )
+            if plan.redo
+            else ""
+        )
         return f"model {self.config.model}, gate: {self.config.gate}, fingerprint {run.fingerprint}{changed}"
 
     def map_pools(self, ds, plan: Plan, run: RunContext):
         pool = self.config.pool
         resources = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus} | (
-            {"accelerator_type": pool.accelerator_type} if pool.accelerator_type else {})
-        kwargs = {"config": self.config, "options": self.options, "run": run, "dataset": self.dataset, "model": self.model,
-                  "weights": self.weights, "read": shard_columns(self.dataset, self.config), "stamps": self.stamps}
+            {"accelerator_type": pool.accelerator_type} if pool.accelerator_type else {}
+        )
+        kwargs = {
+            "config": self.config,
+            "options": self.options,
+            "run": run,
+            "dataset": self.dataset,
+            "model": self.model,
+            "weights": self.weights,
+            "read": shard_columns(self.dataset, self.config),
+            "stamps": self.stamps,
+        }
         return map_pool(ds, ShardScorer, kwargs, min_actors=pool.min_actors, max_actors=pool.max_actors, **resources)
 
-    def details(self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float) -> dict:
+    def details(
+        self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float
+    ) -> dict:
         columns: dict[str, Counter] = {}
         for marker in markers.values():
             for column, stats in marker.stats.get("columns", {}).items():
                 columns.setdefault(column, Counter()).update({k: v for k, v in stats.items() if k != "median"})
-        medians = {c: sorted(m.stats["columns"][c]["median"] for m in markers.values() if c in m.stats.get("columns", {}))
-                   for c in columns}
+        medians = {
+            c: sorted(m.stats["columns"][c]["median"] for m in markers.values() if c in m.stats.get("columns", {}))
+            for c in columns
+        }
         this_run = [markers[n] for n in written]
         seconds = sum(m.seconds for m in this_run)
         return {
-            "add_captions": list(self.config.add_captions), "model": self.config.model, "weights": self.weights,
-            "gate": self.config.gate, "rows": sum(m.rows for m in markers.values()),
+            "add_captions": list(self.config.add_captions),
+            "model": self.config.model,
+            "weights": self.weights,
+            "gate": self.config.gate,
+            "rows": sum(m.rows for m in markers.values()),
             "image_errors": sum(m.stats.get("image_errors", 0) for m in markers.values()),
-            "columns": {c: {"scored": s["scored"], "mean": s["sum"] / s["scored"], "flagged": s["flagged"],
-                            "flagged_share": s["flagged"] / s["scored"],
-                            "shard_median_range": [medians[c][0], medians[c][-1]]} for c, s in sorted(columns.items())},
-            "captions_per_actor_second": sum(m.stats.get("captions", 0) for m in this_run) / seconds if seconds else None,
+            "columns": {
+                c: {
+                    "scored": s["scored"],
+                    "mean": s["sum"] / s["scored"],
+                    "flagged": s["flagged"],
+                    "flagged_share": s["flagged"] / s["scored"],
+                    "shard_median_range": [medians[c][0], medians[c][-1]],
+                }
+                for c, s in sorted(columns.items())
+            },
+            "captions_per_actor_second": sum(m.stats.get("captions", 0) for m in this_run) / seconds
+            if seconds
+            else None,
             "actors_this_run": len({m.actor for m in this_run}),
         }
 
 
-def run_score(config: ScoreConfig, options: StorageOptions | None = None, log=print, *, take_over_lease: bool = False) -> dict:
+def run_score(
+    config: ScoreConfig, options: StorageOptions | None = None, log=print, *, take_over_lease: bool = False
+) -> dict:
     """Score every shard not yet done; returns (and writes) the run summary. Shards that keep failing
     are listed in ``summary["failed"]`` (the CLI exits non-zero); rerunning retries exactly them."""
     config.validate_for_run()
@@ -107,16 +148,25 @@ def run_score(config: ScoreConfig, options: StorageOptions | None = None, log=pr
 
 
 def render_summary(summary: dict) -> str:
-    lines = [f"score: {summary['rows']} rows in {summary['shards']['done']} shards scored by {summary['model']} "
-             f"({summary['weights']}); {summary['shards']['written_this_run']} shards written this run in {summary['wall_seconds']:.1f}s "
-             f"({summary['rows_per_second_this_run']:.1f} rows/s, {summary['actors_this_run']} actor(s))",
-             f"  gate: {summary['gate']}"]
+    lines = [
+        f"score: {summary['rows']} rows in {summary['shards']['done']} shards scored by {summary['model']} "
+        f"({summary['weights']}); {summary['shards']['written_this_run']} shards written this run in "
+        f"{summary['wall_seconds']:.1f}s "
+        f"({summary['rows_per_second_this_run']:.1f} rows/s, {summary['actors_this_run']} actor(s))",
+        f"  gate: {summary['gate']}",
+    ]
     for column, s in summary["columns"].items():
         low, high = s["shard_median_range"]
-        lines.append(f"  {column:<12} {s['scored']:>7} captions  mean cosine {s['mean']:.3f}  shard medians {low:.3f}..{high:.3f}  "
-                     f"flagged {s['flagged']:>6} ({s['flagged_share']:.1%})")
+        lines.append(
+            f"  {column:<12} {s['scored']:>7} captions  mean cosine {s['mean']:.3f}  shard medians "
+            f"{low:.3f}..{high:.3f}  "
+            f"flagged {s['flagged']:>6} ({s['flagged_share']:.1%})"
+        )
     if summary["image_errors"]:
-        lines.append(f"  {summary['image_errors']} rows have an image that does not decode: not scored (training passes over them)")
+        lines.append(
+            f"  {summary['image_errors']} rows have an image that does not decode: not scored (training passes over "
+            "them)"
+        )
     lines += [f"  left out   {n:>6} shards ({why})" for why, n in summary["shards"]["left_out"].items()]
     lines += render_failed(summary)
     sources = " ".join(f"--add-captions {url}" for url in [*summary["add_captions"], summary["output"]])

@@ -41,12 +41,22 @@ def caption_slots(table: pa.Table, columns: tuple[str, ...]) -> list[Caption]:
             continue
         for i, value in enumerate(table.column(column).to_pylist()):
             texts = enumerate(value or []) if column == schema.REWRITES else [(None, value)]
-            out += [Caption(i, column if j is None else f"{column}.{j}", text) for j, text in texts if text and text.strip()]
+            out += [
+                Caption(i, column if j is None else f"{column}.{j}", text) for j, text in texts if text and text.strip()
+            ]
     return out
 
 
-def score(model, preprocess, tokenizer, images: list[bytes | None], captions: list[Caption], batch_size: int,
-          limits: ImageLimits = ImageLimits(), device=None) -> tuple[np.ndarray, list[str | None]]:
+def score(
+    model,
+    preprocess,
+    tokenizer,
+    images: list[bytes | None],
+    captions: list[Caption],
+    batch_size: int,
+    limits: ImageLimits = ImageLimits(),
+    device=None,
+) -> tuple[np.ndarray, list[str | None]]:
     """The cosine of each caption with its row's image (NaN where the image does not decode), and
     each row's image error. Each image and each caption is encoded once."""
     embedded, errors = embed_images(model, preprocess, images, batch_size, limits, device)
@@ -79,8 +89,14 @@ def gate(captions: list[Caption], cosines: np.ndarray, threshold: float | None, 
     return low
 
 
-def score_table(keys: list[str], table: pa.Table, captions: list[Caption], cosines: np.ndarray, flagged: np.ndarray,
-                provenance: dict) -> pa.Table:
+def score_table(
+    keys: list[str],
+    table: pa.Table,
+    captions: list[Caption],
+    cosines: np.ndarray,
+    flagged: np.ndarray,
+    provenance: dict,
+) -> pa.Table:
     """The score table (schema.SCORE_SCHEMA): one row per key, in order; a rewrite's score at its index."""
     rows = [{s: None for s in schema.SCORE_SLOTS} | {schema.REWRITES: None} for _ in keys]
     if schema.REWRITES in table.column_names:
@@ -95,9 +111,17 @@ def score_table(keys: list[str], table: pa.Table, captions: list[Caption], cosin
             rows[caption.row][caption.slot] = value
         if low:
             flags[caption.row].append(f"{caption.slot}:{schema.LOW_CLIP_SCORE}")
-    return pa.table([pa.array(keys, pa.string()), pa.array(rows, schema.SCORE_SCHEMA.field(schema.CLIP_SCORES).type),
-                     pa.array([provenance] * len(keys), schema.SCORE_SCHEMA.field(schema.provenance_column(schema.CLIP_SCORES)).type),
-                     pa.array(flags, pa.list_(pa.string()))], schema=schema.SCORE_SCHEMA)
+    return pa.table(
+        [
+            pa.array(keys, pa.string()),
+            pa.array(rows, schema.SCORE_SCHEMA.field(schema.CLIP_SCORES).type),
+            pa.array(
+                [provenance] * len(keys), schema.SCORE_SCHEMA.field(schema.provenance_column(schema.CLIP_SCORES)).type
+            ),
+            pa.array(flags, pa.list_(pa.string())),
+        ],
+        schema=schema.SCORE_SCHEMA,
+    )
 
 
 def column_stats(captions: list[Caption], cosines: np.ndarray, flagged: np.ndarray) -> dict:
@@ -107,6 +131,10 @@ def column_stats(captions: list[Caption], cosines: np.ndarray, flagged: np.ndarr
         mine = np.array([c.column == column for c in captions]) & ~np.isnan(cosines)
         if mine.any():
             values = cosines[mine]
-            stats[column] = {"scored": int(mine.sum()), "sum": float(values.sum()), "median": float(np.median(values)),
-                             "flagged": int(flagged[mine].sum())}
+            stats[column] = {
+                "scored": int(mine.sum()),
+                "sum": float(values.sum()),
+                "median": float(np.median(values)),
+                "flagged": int(flagged[mine].sum()),
+            }
     return stats

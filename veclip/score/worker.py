@@ -14,7 +14,7 @@ import time
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.dataset import Dataset, Shard, read_shard
+from veclip.dataset import Dataset, read_shard
 from veclip.score import steps
 from veclip.score.config import ScoreConfig
 from veclip.shards.guard import RunContext
@@ -40,8 +40,17 @@ class ShardScorer(ShardWorker):
 
     stage = "score"
 
-    def __init__(self, config: ScoreConfig, options: StorageOptions, run: RunContext, dataset: Dataset, model: str,
-                 weights: str, read: list[str], stamps: dict[str, list[str]]):
+    def __init__(
+        self,
+        config: ScoreConfig,
+        options: StorageOptions,
+        run: RunContext,
+        dataset: Dataset,
+        model: str,
+        weights: str,
+        read: list[str],
+        stamps: dict[str, list[str]],
+    ):
         import torch
 
         from veclip.eval.model import load_model
@@ -50,7 +59,9 @@ class ShardScorer(ShardWorker):
         self.config, self.dataset, self.read, self.stamps = config, dataset, read, stamps
         self.shards = {s.path: s for s in dataset.shards}
         self.store = ShardStore(self.output)
-        self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(
+            config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.model, self.preprocess, self.tokenizer = load_model(model, config.pretrained, options)
         self.model.to(self.device)
         self.provenance = {"model": config.model, "weights": weights, "gate": config.gate}
@@ -66,16 +77,31 @@ class ShardScorer(ShardWorker):
         table = read_shard(self.dataset, shard, self.read, self.config.columns)
         keys = table.column(schema.KEY).to_pylist()
         captions = steps.caption_slots(table, self.config.caption_columns)
-        cosines, errors = steps.score(self.model, self.preprocess, self.tokenizer, table.column(schema.IMAGE).to_pylist(), captions,
-                                      self.config.batch_size, self.config.image_limits, self.device)
+        cosines, errors = steps.score(
+            self.model,
+            self.preprocess,
+            self.tokenizer,
+            table.column(schema.IMAGE).to_pylist(),
+            captions,
+            self.config.batch_size,
+            self.config.image_limits,
+            self.device,
+        )
         flagged = steps.gate(captions, cosines, self.config.threshold, self.config.percentile)
         out = steps.score_table(keys, table, captions, cosines, flagged, self.provenance)
         if out.num_rows != table.num_rows:  # never lose a row silently
             raise RuntimeError(f"{name}: {table.num_rows} rows read, {out.num_rows} scored")
         columns = steps.column_stats(captions, cosines, flagged)
         marker = Marker(
-            shard=name, rows=0, layout=CAPTIONS, rows_in=table.num_rows, started_at=started_at, finished_at=time.time(),
-            seconds=time.perf_counter() - start, read_stamps=self.stamps[name],
+            shard=name,
+            rows=0,
+            layout=CAPTIONS,
+            rows_in=table.num_rows,
+            started_at=started_at,
+            finished_at=time.time(),
+            seconds=time.perf_counter() - start,
+            read_stamps=self.stamps[name],
             flags={f"{c}:{schema.LOW_CLIP_SCORE}": s["flagged"] for c, s in columns.items() if s["flagged"]},
-            stats={"captions": len(captions), "columns": columns, "image_errors": sum(e is not None for e in errors)})
+            stats={"captions": len(captions), "columns": columns, "image_errors": sum(e is not None for e in errors)},
+        )
         self.commit(self.store, marker, self.dataset.images.fs, path, size, out)

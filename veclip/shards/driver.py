@@ -76,8 +76,11 @@ class RunSummary:
     @classmethod
     def from_json(cls, data: dict) -> RunSummary:
         names = {f.name for f in dataclasses.fields(cls)} - {"details", "shards"}
-        return cls(**{k: data[k] for k in names if k in data}, shards=ShardCounts(**data["shards"]),
-                   details={k: v for k, v in data.items() if k not in names | {"shards"}})
+        return cls(
+            **{k: data[k] for k in names if k in data},
+            shards=ShardCounts(**data["shards"]),
+            details={k: v for k, v in data.items() if k not in names | {"shards"}},
+        )
 
 
 class ShardedStage(ABC):
@@ -120,8 +123,9 @@ class ShardedStage(ABC):
         """The Ray Dataset of shard rows through the stage's actor pools (:func:`map_pool`)."""
 
     @abstractmethod
-    def details(self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str],
-                started_at: float) -> dict:
+    def details(
+        self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float
+    ) -> dict:
         """The stage's own summary figures over its ``markers`` (``written``: this run's)."""
 
 
@@ -130,9 +134,16 @@ def map_pool(ds, actor_cls, kwargs: dict, *, min_actors: int, max_actors: int, i
     may work on ``in_flight`` shards at once, on threads."""
     from ray.data import ActorPoolStrategy
 
-    threads = {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True} if in_flight > 1 else {}
-    return ds.map_batches(actor_cls, fn_constructor_kwargs=kwargs, batch_size=1,
-                          compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors, **threads), **resources)
+    threads = (
+        {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True} if in_flight > 1 else {}
+    )
+    return ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=1,
+        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors, **threads),
+        **resources,
+    )
 
 
 def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) -> dict:
@@ -151,8 +162,10 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
         record_plan(stage, plan, run, started_at)
         left_out = "".join(f", {n} left out ({why})" for why, n in plan.left_out.items())
         redo = f", {len(plan.redo)} to redo" if plan.redo else ""
-        log(f"{stage.name}: {len(plan.inputs)} shards, {len(plan.done)} already done, {len(plan.todo)} to do{redo}, "
-            f"{len(plan.unreadable)} unreadable{left_out} ({stage.describe(plan, run)})")
+        log(
+            f"{stage.name}: {len(plan.inputs)} shards, {len(plan.done)} already done, {len(plan.todo)} to do{redo}, "
+            f"{len(plan.unreadable)} unreadable{left_out} ({stage.describe(plan, run)})"
+        )
         if plan.todo:
             stage.prepare(plan, run, log)
             _run_pools(stage, plan, run, log)
@@ -182,10 +195,20 @@ def record_plan(stage: ShardedStage, plan: Plan, run: RunContext, started_at: fl
     out = stage.output
     for name, why in plan.unreadable.items():
         record_failure(ShardStore(out), name, plan.inputs[name].path, "plan", run, 1, [why])
-    write_json(out.fs, out.join(PLAN_FILE), {
-        "stage": stage.name, "run_id": run.run_id, "fingerprint": run.fingerprint, "started_at": started_at,
-        "input": stage.config.input, "shards_total": len(plan.inputs), "rows_total": sum(plan.rows.values()),
-        "shards_todo": len(plan.todo)})
+    write_json(
+        out.fs,
+        out.join(PLAN_FILE),
+        {
+            "stage": stage.name,
+            "run_id": run.run_id,
+            "fingerprint": run.fingerprint,
+            "started_at": started_at,
+            "input": stage.config.input,
+            "shards_total": len(plan.inputs),
+            "rows_total": sum(plan.rows.values()),
+            "shards_todo": len(plan.todo),
+        },
+    )
 
 
 def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
@@ -193,7 +216,9 @@ def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
 
     start_ray(log)
     batch = shard_rows(plan)
-    ds = ray.data.from_items([dict(zip(batch, row)) for row in zip(*batch.values())], override_num_blocks=len(plan.todo))
+    ds = ray.data.from_items(
+        [dict(zip(batch, row)) for row in zip(*batch.values())], override_num_blocks=len(plan.todo)
+    )
     rows = {s.path: plan.rows.get(s.name, 0) for s in plan.todo}
     total, done, began = sum(rows.values()), 0, time.perf_counter()
     for n, row in enumerate(stage.map_pools(ds, plan, run).iter_rows(), 1):
@@ -202,8 +227,11 @@ def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
         done += rows.get(row["shard"], 0)
         rate = done / max(time.perf_counter() - began, 1e-9)  # workers' start-up included: the ETA errs long
         left = f", ETA {eta(total - done, rate)}" if rate and done < total else ""
-        log(f"{stage.name}: [{n}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] {row['status']} "
-            f"{posixpath.basename(row['shard'])}{note}")
+        log(
+            f"{stage.name}: [{n}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] "
+            f"{row['status']} "
+            f"{posixpath.basename(row['shard'])}{note}"
+        )
 
 
 def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: float, started_at: float = 0.0) -> dict:
@@ -225,12 +253,18 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
         raise ReconciliationError(f"{stage.name}: rows unaccounted for: " + "; ".join(problems))
     written = sorted(n for n, m in markers.items() if m.run_id == run.run_id)
     return RunSummary(
-        stage=stage.name, input=stage.config.input, output=stage.config.output, run_id=run.run_id,
+        stage=stage.name,
+        input=stage.config.input,
+        output=stage.config.output,
+        run_id=run.run_id,
         fingerprint=run.fingerprint,
-        rows_in=sum(plan.rows.get(n, 0) for n in markers), rows_out=sum(m.rows_out for m in markers.values()),
+        rows_in=sum(plan.rows.get(n, 0) for n in markers),
+        rows_out=sum(m.rows_out for m in markers.values()),
         rows_quarantined=sum(m.quarantined for m in markers.values()),
         rows_in_failed_shards=sum(plan.rows.get(n, 0) for n in failed),
-        shards=ShardCounts(len(plan.inputs), len(markers), len(written), len(failed), len(plan.redo), dict(plan.left_out)),
+        shards=ShardCounts(
+            len(plan.inputs), len(markers), len(written), len(failed), len(plan.redo), dict(plan.left_out)
+        ),
         failed={n: f.brief() for n, f in sorted(failed.items())},
         wall_seconds=wall_seconds,
         rows_per_second_this_run=sum(plan.rows.get(n, 0) for n in written) / wall_seconds,
@@ -242,6 +276,11 @@ def render_failed(summary: dict) -> list[str]:
     """The summary lines of the shards that kept failing (every stage prints them the same way)."""
     if not summary["failed"]:
         return []
-    return [f"FAILED: {len(summary['failed'])} shard(s) kept failing; their errors are in {summary['output']}/_failed/. "
-            "Rerun the same command to retry exactly these:",
-            *(f"  {name}  [{f['stage']}, {f['tries']} tries]  {(f['error'] or '')[:200]}" for name, f in summary["failed"].items())]
+    return [
+        f"FAILED: {len(summary['failed'])} shard(s) kept failing; their errors are in {summary['output']}/_failed/. "
+        "Rerun the same command to retry exactly these:",
+        *(
+            f"  {name}  [{f['stage']}, {f['tries']} tries]  {(f['error'] or '')[:200]}"
+            for name, f in summary["failed"].items()
+        ),
+    ]

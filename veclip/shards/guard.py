@@ -1,4 +1,6 @@
-"""Faults stay inside their shard (the guard every sharded stage runs its shards under): retries with backoff, a durable try count, ``_failed/`` records.
+"""Faults stay inside their shard: retries with backoff, a durable try count, ``_failed/`` records.
+
+Every sharded stage runs each shard under a :class:`ShardGuard`.
 
 A shard's work is retried in the actor with exponential backoff (S3 throttling
 or a reset that outlived s3fs's own retries, a poison row). A try that kills
@@ -45,7 +47,9 @@ def current_actor() -> str:
     return (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local"
 
 
-def record_failure(store: ShardStore, name: str, input_path: str, stage: str, run: RunContext, tries: int, errors: list[str]) -> None:
+def record_failure(
+    store: ShardStore, name: str, input_path: str, stage: str, run: RunContext, tries: int, errors: list[str]
+) -> None:
     """``_failed/<name>.json``: what a rerun and a person need to know of a shard that kept failing."""
     store.record_failure(Failure(name, input_path, stage, run.run_id, run.fingerprint, tries, errors))
 
@@ -58,8 +62,15 @@ def engine_died(err: BaseException) -> bool:
 class ShardGuard:
     """Runs one shard's work under the retry policy and records what became of it."""
 
-    def __init__(self, output: Location, run: RunContext, stage: str, max_attempts: int, backoff_seconds: float,
-                 secrets: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        output: Location,
+        run: RunContext,
+        stage: str,
+        max_attempts: int,
+        backoff_seconds: float,
+        secrets: frozenset[str] = frozenset(),
+    ):
         self.output, self.run, self.stage = output, run, stage
         self.secrets = secrets  # values never written into a record (an engine's token quoted in an error)
         self.max_attempts, self.backoff_seconds = max_attempts, backoff_seconds

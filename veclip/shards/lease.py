@@ -192,8 +192,13 @@ class OutputLease:
         return lease.get("host") == socket.gethostname() and not _pid_alive(lease.get("pid", 0))
 
     def _record(self) -> dict:
-        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "expires_at": time.time() + self.ttl_seconds, "started_at": utc_now()}
+        return {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "expires_at": time.time() + self.ttl_seconds,
+            "started_at": utc_now(),
+        }
 
     def acquire(self, take_over: bool = False) -> None:
         cas = self._cas
@@ -209,11 +214,14 @@ class OutputLease:
                     f"{self.location.url} is being written by run {held['run_id']} (pid {held.get('pid')} on "
                     f"{held.get('host')}, started {held.get('started_at')}); its lease expires in "
                     f"{held['expires_at'] - time.time():.0f} s unless renewed. Wait for that run to finish, write to "
-                    "another --output, or, if it is surely gone, rerun with --take-over-lease.")
+                    "another --output, or, if it is surely gone, rerun with --take-over-lease."
+                )
         except _Conflict:
             now = self.holder()
-            raise LeaseHeld(f"{self.location.url}: another run (run {now and now['run_id']}) took the lease at the "
-                            "same moment; rerun later") from None
+            raise LeaseHeld(
+                f"{self.location.url}: another run (run {now and now['run_id']}) took the lease at the "
+                "same moment; rerun later"
+            ) from None
         self._thread = threading.Thread(target=self._renew, name="veclip-lease", daemon=True)
         self._thread.start()
 
@@ -236,8 +244,10 @@ class OutputLease:
         """Raise :class:`LeaseLost` unless this run still holds the lease (workers call it before each commit)."""
         current = self.holder()
         if current is None or current["run_id"] != self.run_id:
-            raise LeaseLost(f"{self.location.url}: run {self.run_id} no longer holds the output "
-                            f"(now {current and current['run_id']}); stopping")
+            raise LeaseLost(
+                f"{self.location.url}: run {self.run_id} no longer holds the output "
+                f"(now {current and current['run_id']}); stopping"
+            )
 
     def release(self) -> None:
         self._stop.set()

@@ -61,18 +61,29 @@ def by_name(stage: str, shards: list[InputShard], url: str) -> dict[str, InputSh
     return named
 
 
-def plan_shards(stage: str, output_url: str, inputs: dict[str, InputShard], markers: dict[str, Marker], fingerprint: str,
-                fs: fsspec.AbstractFileSystem, *, redo_mismatched: bool = False,
-                stale: Callable[[str, Marker], bool] = lambda name, marker: False,
-                check: Callable[[pq.FileMetaData, InputShard], None] | None = None,
-                what: str = "input shard", fits: str = "the stage's checks") -> Plan:
+def plan_shards(
+    stage: str,
+    output_url: str,
+    inputs: dict[str, InputShard],
+    markers: dict[str, Marker],
+    fingerprint: str,
+    fs: fsspec.AbstractFileSystem,
+    *,
+    redo_mismatched: bool = False,
+    stale: Callable[[str, Marker], bool] = lambda name, marker: False,
+    check: Callable[[pq.FileMetaData, InputShard], None] | None = None,
+    what: str = "input shard",
+    fits: str = "the stage's checks",
+) -> Plan:
     """The plan over ``inputs`` given the output's ``markers`` (read under the lease).
 
     A marker of another ``fingerprint`` is refused (``redo_mismatched``: written again);
     ``stale(name, marker)`` says a done shard's inputs changed (written again);
     ``check(footer, shard)`` raises ValueError for a shard that cannot run.
     """
-    done = {n: m for n, m in markers.items() if n in inputs}  # markers of shards no longer in the input are not ours to judge
+    done = {
+        n: m for n, m in markers.items() if n in inputs
+    }  # markers of shards no longer in the input are not ours to judge
     mismatched = sorted(n for n, m in done.items() if m.fingerprint != fingerprint)
     if mismatched and not redo_mismatched:
         other = done[mismatched[0]].fingerprint or "none (written before fingerprints)"
@@ -80,9 +91,12 @@ def plan_shards(stage: str, output_url: str, inputs: dict[str, InputShard], mark
             f"{stage}: {output_url} holds {len(mismatched)} shard(s) written with another configuration "
             f"(fingerprint {other}; this run's is {fingerprint}), e.g. {mismatched[0]}. Reusing them would mix two "
             "configurations in one dataset. Write to a new --output, restore the old configuration, or pass "
-            "--redo-mismatched to write those shards again with this one.")
+            "--redo-mismatched to write those shards again with this one."
+        )
     changed = sorted(n for n, m in done.items() if n not in mismatched and stale(n, m))
-    plan = Plan(inputs, {n: m for n, m in done.items() if n not in mismatched and n not in changed}, redo=mismatched + changed)
+    plan = Plan(
+        inputs, {n: m for n, m in done.items() if n not in mismatched and n not in changed}, redo=mismatched + changed
+    )
     plan.rows = {n: m.input_rows for n, m in plan.done.items()}
     left = [s for n, s in inputs.items() if n not in plan.done]
     misfits: dict[str, str] = {}

@@ -18,8 +18,19 @@ import pyarrow as pa
 
 from veclip.shards.layout import DONE_DIR, FAILED_DIR, MANIFEST_FILE, QUARANTINE_DIR, RECORD_SUFFIX
 from veclip.shards.marker import CAPTIONS, Failure, Marker
-from veclip.storage import (PARQUET, Location, fresh_listing, list_file_entries, list_shards, read_json, read_many,
-                            small_file_kwargs, version_stamp, write_json, write_parquet)
+from veclip.storage import (
+    PARQUET,
+    Location,
+    fresh_listing,
+    list_file_entries,
+    list_shards,
+    read_json,
+    read_many,
+    small_file_kwargs,
+    version_stamp,
+    write_json,
+    write_parquet,
+)
 
 STAMP = "_listed_version"  # the marker's listing stamp, kept in the manifest only
 NOT_MARKED = "no done marker (still being written, or its writer stopped)"
@@ -172,4 +183,6 @@ def caption_tables(location: Location, entries: list[dict]) -> CaptionTables | N
     marked = {e["name"]: markers[posixpath.basename(e["name"])] for e in entries}
     inputs_url = posixpath.dirname(next(iter(marked.values())).input_url)
     fs = Location(inputs_url, location.options).fs
-    return CaptionTables(inputs_url, {path: (fs._strip_protocol(m.input_url), int(m.input_size)) for path, m in marked.items()})
+    return CaptionTables(
+        inputs_url, {path: (fs._strip_protocol(m.input_url), int(m.input_size)) for path, m in marked.items()}
+    )

@@ -13,6 +13,7 @@ whole, stamped with the run, if the run still holds the output.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -40,8 +41,14 @@ class ShardWorker(ABC):
 
     stage = ""  # names the tries' folder and the failure records
 
-    def __init__(self, output: str, options: StorageOptions, run: RunContext, faults: FaultConfig,
-                 secrets: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        output: str,
+        options: StorageOptions,
+        run: RunContext,
+        faults: FaultConfig,
+        secrets: frozenset[str] = frozenset(),
+    ):
         self.run, self.options = run, options
         self.output = Location(output, options)
         self.guard = ShardGuard(self.output, run, self.stage, faults.max_attempts, faults.backoff_seconds, secrets)
@@ -50,7 +57,8 @@ class ShardWorker(ABC):
         statuses = []
         for path, size, status in zip(batch["shard"], batch["size"], batch["status"]):
             if status != FAILED:  # a shard the previous pool gave up on is already recorded
-                status = self.guard.run_shard(output_shard_name(path), path, lambda: self.process(path, int(size)))
+                work = functools.partial(self.process, path, int(size))
+                status = self.guard.run_shard(output_shard_name(path), path, work)
             statuses.append(status)
         return {**batch, "status": statuses}
 
@@ -63,8 +71,16 @@ class ShardWorker(ABC):
         marker = store.find_marker(name)
         return marker if marker is not None and marker.fingerprint == self.run.fingerprint else None
 
-    def commit(self, store: ShardStore, marker: Marker, input_fs, path: str, size: int, table: pa.Table,
-               quarantine: pa.Table | None = None) -> None:
+    def commit(
+        self,
+        store: ShardStore,
+        marker: Marker,
+        input_fs,
+        path: str,
+        size: int,
+        table: pa.Table,
+        quarantine: pa.Table | None = None,
+    ) -> None:
         """Write the shard whole, with who wrote it and from what, if this run still holds the output."""
         self.guard.lease.check()
         marker.fingerprint, marker.run_id, marker.actor = self.run.fingerprint, self.run.run_id, current_actor()

@@ -54,7 +54,10 @@ class CaptionConfig:
         if self.mode == "weighted":
             unknown = set(self.weights) - {*COLUMN_SLOTS, REWRITES}
             if unknown or not self.weights or any(w < 0 for w in self.weights.values()):
-                raise ValueError(f"train: weighted mode needs non-negative weights over alt_text, vecap, vlm_caption, rewrites; got {self.weights}")
+                raise ValueError(
+                    "train: weighted mode needs non-negative weights over alt_text, vecap, vlm_caption, rewrites; "
+                    f"got {self.weights}"
+                )
 
     @property
     def slots(self) -> list[str]:
@@ -64,7 +67,9 @@ class CaptionConfig:
         """Per slot, every row's text (None where absent); ``column(name)``: a column's values, or None."""
         rewrites = column(REWRITES)
         out = [column(name) for name in COLUMN_SLOTS]
-        return out + [[r[i] if r is not None and i < len(r) else None for r in rewrites] for i in range(self.max_rewrites)]
+        return out + [
+            [r[i] if r is not None and i < len(r) else None for r in rewrites] for i in range(self.max_rewrites)
+        ]
 
     def slot_weights(self) -> np.ndarray:
         weights = {
@@ -110,7 +115,9 @@ def row_seeds(key_hashes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return (x >> np.uint64(1)).astype(np.int64)
 
 
-def choose(key_hashes: np.ndarray, present: np.ndarray, usable: np.ndarray, weights: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+def choose(
+    key_hashes: np.ndarray, present: np.ndarray, usable: np.ndarray, weights: np.ndarray, seed: int, epoch: int
+) -> np.ndarray:
     """Slot index per row (``-1``: nothing usable). ``present``/``usable``: bool [rows, slots]."""
     w = np.where(present, weights[None, :], 0.0)
     total = w.sum(axis=1, keepdims=True)
@@ -126,12 +133,16 @@ def choose(key_hashes: np.ndarray, present: np.ndarray, usable: np.ndarray, weig
     return np.where(ok, drawn, fallback)
 
 
-def choose_several(key_hashes: np.ndarray, usable: np.ndarray, weights: np.ndarray, seed: int, epoch: int, k: int) -> np.ndarray:
+def choose_several(
+    key_hashes: np.ndarray, usable: np.ndarray, weights: np.ndarray, seed: int, epoch: int, k: int
+) -> np.ndarray:
     """K slot indices per row [rows, k] (``-1``: nothing usable): the row's usable slots of the mode
     drawn without replacement, each in proportion to its weight (Efraimidis-Spirakis: the K largest
     ``log(u) / w``, one uniform per (seed, epoch, key, slot)); fewer than K usable slots repeat in order."""
     candidates = usable & (weights[None, :] > 0)
-    u = np.stack([uniforms(key_hashes ^ key_hash(f"caption-slot-{j}"), seed, epoch) for j in range(len(weights))], axis=1)
+    u = np.stack(
+        [uniforms(key_hashes ^ key_hash(f"caption-slot-{j}"), seed, epoch) for j in range(len(weights))], axis=1
+    )
     scores = np.where(candidates, np.log(np.maximum(u, 1e-300)) / np.where(weights > 0, weights, 1.0)[None, :], -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")
     count = candidates.sum(axis=1)

@@ -63,12 +63,18 @@ class Progress:
     workers: list[WorkerProgress] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "resumes": self.resumes,
-                "workers": [w.to_dict() for w in self.workers]}
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "resumes": self.resumes,
+            "workers": [w.to_dict() for w in self.workers],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Progress:
-        return cls(d["step"], d["samples_seen"], list(d["resumes"]), [WorkerProgress.from_dict(w) for w in d["workers"]])
+        return cls(
+            d["step"], d["samples_seen"], list(d["resumes"]), [WorkerProgress.from_dict(w) for w in d["workers"]]
+        )
 
     def rows_skipped(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -88,8 +94,18 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["device"], device)
 
 
-def save(directory: str, rank: int, device: torch.device, *, model=None, optimizer=None, scheduler=None,
-         progress: Progress | None = None, history: list[dict] = (), model_name: str = "") -> None:
+def save(
+    directory: str,
+    rank: int,
+    device: torch.device,
+    *,
+    model=None,
+    optimizer=None,
+    scheduler=None,
+    progress: Progress | None = None,
+    history: list[dict] = (),
+    model_name: str = "",
+) -> None:
     """This rank's files; rank 0 passes the model, optimizer, scheduler, progress and history as well."""
     torch.save(rng_state(device), os.path.join(directory, rng_file(rank)))
     if rank != 0:
@@ -98,8 +114,10 @@ def save(directory: str, rank: int, device: torch.device, *, model=None, optimiz
 
     from veclip.train.model import register_configs
 
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(directory, STATE_FILE))
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        os.path.join(directory, STATE_FILE),
+    )
     register_configs()
     with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
         json.dump({"name": model_name, "model_cfg": open_clip.get_model_config(model_name)}, f)
@@ -141,8 +159,11 @@ def latest(location: Location) -> Location:
         return location
     if not location.fs.isdir(location.path):
         raise FileNotFoundError(f"no checkpoint or training run folder at {location.url}")
-    names = sorted(posixpath.basename(e["name"]) for e in location.fs.ls(location.path, detail=True)
-                   if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_"))
+    names = sorted(
+        posixpath.basename(e["name"])
+        for e in location.fs.ls(location.path, detail=True)
+        if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_")
+    )
     if not names:
         raise FileNotFoundError(f"{location.url} holds no checkpoint_* folder")
     return location.child(names[-1])

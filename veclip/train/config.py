@@ -46,13 +46,17 @@ class TrainConfig:
     model: str = "ViT-B-16"  # open_clip model name, or veclip-tiny
     pretrained: str | None = None  # a local weights file or an open_clip pretrained tag
     captions: CaptionConfig = field(default_factory=CaptionConfig)  # which caption each sample trains with
-    columns: ColumnMap = field(default_factory=ColumnMap)  # the data's column names for the contract's roles (see schema.ColumnMap)
+    columns: ColumnMap = field(
+        default_factory=ColumnMap
+    )  # the data's column names for the contract's roles (see schema.ColumnMap)
     batch_size: int = 256  # per worker; the contrastive batch is batch_size x num_workers
     steps: int = 10_000  # optimizer steps in the run
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and resources
     checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
-    report_every: int = 100  # ray.train.report is a sync point (0.2-0.6 s on CPU); every step's metrics are kept regardless
+    report_every: int = (
+        100  # ray.train.report is a sync point (0.2-0.6 s on CPU); every step's metrics are kept regardless
+    )
     keep_checkpoints: int = 3  # newest checkpoints kept in the run folder
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
@@ -106,6 +110,8 @@ def preset(name: str) -> TrainConfig:
     raise ValueError(f"unknown preset {name!r}: use 'default' or 'tiny'")
 
 
-def build_config(preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields) -> TrainConfig:
+def build_config(
+    preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields
+) -> TrainConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides."""
     return build(preset(preset_name), config_file, fields, overrides)

@@ -34,10 +34,20 @@ import numpy as np
 import pyarrow as pa
 
 from veclip import schema
-from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
 from veclip.dataset import Dataset, Shard, join_captions, open_dataset
+from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
 from veclip.storage import Location, StorageOptions, no_shards
-from veclip.train.captions import COLUMN_SLOTS, REWRITES, CaptionConfig, choose, choose_several, gated, key_hash, row_seeds, trainable
+from veclip.train.captions import (
+    COLUMN_SLOTS,
+    REWRITES,
+    CaptionConfig,
+    choose,
+    choose_several,
+    gated,
+    key_hash,
+    row_seeds,
+    trainable,
+)
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
 CAPTION_COLUMNS = (*COLUMN_SLOTS, REWRITES)  # what the caption slots are read from
@@ -74,8 +84,14 @@ class StreamSpec:
     decode: str = "cpu"  # or "device": JPEGs decode on the train worker's device
 
 
-def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, workers: int, add_captions: tuple[str, ...] = (),
-              log=print) -> DataPlan:
+def plan_data(
+    url: str,
+    options: StorageOptions,
+    columns: schema.ColumnMap,
+    workers: int,
+    add_captions: tuple[str, ...] = (),
+    log=print,
+) -> DataPlan:
     """Finished shards and their row groups; for a caption output (``rewrite --layout captions``)
     and for ``add_captions``, the row groups are the input's, each paired with its caption tables."""
     dataset = open_dataset(url, options, add_captions, stage="train")
@@ -88,10 +104,15 @@ def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, work
         log(f"train: {len(unreadable)} shard(s) with an unreadable footer left out, e.g. {path}: {error}")
     shards = len(dataset.shards) - len(unreadable)
     for source in dataset.sources:
-        log(f"train: captions {sorted(c for c in source.columns.values() if c in CAPTION_COLUMNS)} from {source.url}, "
-            f"joined by key to their images in {dataset.images_url}")
+        log(
+            f"train: captions {sorted(c for c in source.columns.values() if c in CAPTION_COLUMNS)} from {source.url}, "
+            f"joined by key to their images in {dataset.images_url}"
+        )
     if skipped:
-        log(f"train: using {shards} finished shards of {url}; skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
+        log(
+            f"train: using {shards} finished shards of {url}; skipped "
+            + ", ".join(f"{n} ({why})" for why, n in skipped.items())
+        )
     if not units:
         raise no_shards("train", url, "finished .parquet shards with rows")
     if len(units) < workers:
@@ -100,8 +121,15 @@ def plan_data(url: str, options: StorageOptions, columns: schema.ColumnMap, work
             "groups, so write more (smaller) row groups or use fewer workers"
         )
     caption_columns = tuple(c for c in READ_COLUMNS if c in dataset.caption_columns)
-    return DataPlan(dataset, tuple(units), tuple(read_columns(dataset.images, units[0].path, columns)), caption_columns,
-                    columns, shards, skipped)
+    return DataPlan(
+        dataset,
+        tuple(units),
+        tuple(read_columns(dataset.images, units[0].path, columns)),
+        caption_columns,
+        columns,
+        shards,
+        skipped,
+    )
 
 
 def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> list[str]:
@@ -117,8 +145,11 @@ def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> li
     return [renames.get(c, c) for c in wanted]
 
 
-def read_window(batch: dict, plan: DataPlan, start: Position, rank: int, world: int, seed: int, window_units: int) -> Iterator[pa.Table]:
-    """Each (epoch, window) item's rows in the window's permuted order (from ``start.offset`` in the first), in chunks."""
+def read_window(
+    batch: dict, plan: DataPlan, start: Position, rank: int, world: int, seed: int, window_units: int
+) -> Iterator[pa.Table]:
+    """Each (epoch, window) item's rows in the window's permuted order (from ``start.offset`` in the first),
+    in chunks."""
     import pyarrow.parquet as pq
 
     dataset = plan.dataset
@@ -139,7 +170,11 @@ def read_window(batch: dict, plan: DataPlan, start: Position, rank: int, world: 
         for offset in range(first, len(order), CHUNK_ROWS):
             chunk = table.take(order[offset : offset + CHUNK_ROWS])
             n = chunk.num_rows
-            for name, values in (("_epoch", np.full(n, epoch)), ("_window", np.full(n, window)), ("_offset", np.arange(offset, offset + n))):
+            for name, values in (
+                ("_epoch", np.full(n, epoch)),
+                ("_window", np.full(n, window)),
+                ("_offset", np.arange(offset, offset + n)),
+            ):
                 chunk = chunk.append_column(name, pa.array(values.astype(np.int64)))
             yield chunk
 
@@ -185,8 +220,11 @@ def _crop_box(crop, width: int, height: int, draw: random.Random) -> tuple[int, 
             break
     else:  # central crop, as torchvision falls back
         ratio = width / height
-        w, h = (width, round(width / min(crop.ratio))) if ratio < min(crop.ratio) else (
-            (round(height * max(crop.ratio)), height) if ratio > max(crop.ratio) else (width, height))
+        w, h = (
+            (width, round(width / min(crop.ratio)))
+            if ratio < min(crop.ratio)
+            else ((round(height * max(crop.ratio)), height) if ratio > max(crop.ratio) else (width, height))
+        )
         top, left = (height - h) // 2, (width - w) // 2
     return top, left, h, w
 
@@ -197,11 +235,15 @@ def _device_crop(augment: list):
     from torchvision.transforms import RandomResizedCrop
 
     crops = [t for t in augment if isinstance(t, RandomResizedCrop)]
-    rgb = lambda t: type(t).__name__ == "MaybeConvertMode" and t.mode == "RGB" or "convert_to_rgb" in getattr(t, "__name__", "")
+    rgb = lambda t: (
+        type(t).__name__ == "MaybeConvertMode" and t.mode == "RGB" or "convert_to_rgb" in getattr(t, "__name__", "")
+    )
     others = [t for t in augment if not isinstance(t, RandomResizedCrop) and not rgb(t)]
     if len(crops) != 1 or others:
-        raise ValueError(f"train: decode=device supports open_clip's default train transform (a random resized crop); "
-                         f"this model's has {augment}. Use decode=cpu.")
+        raise ValueError(
+            f"train: decode=device supports open_clip's default train transform (a random resized crop); "
+            f"this model's has {augment}. Use decode=cpu."
+        )
     return crops[0]
 
 
@@ -226,8 +268,9 @@ def decode_on_device(images, jpegs: np.ndarray, boxes: np.ndarray, rows: np.ndar
         images[i] = functional.resized_crop(image, top, left, h, w, list(crop.size), crop.interpolation, antialias=True)
 
 
-def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int,
-               decode: str = "cpu") -> dict:
+def preprocess(
+    batch: pa.Table, model_name: str, captions: CaptionConfig, limits: ImageLimits, seed: int, decode: str = "cpu"
+) -> dict:
     """Decoded, augmented images and each row's chosen caption, tokenized; unusable rows flagged in ``skip``.
     With ``decode="device"`` a JPEG is only proven decodable here and travels as its bytes with its crop
     box (``jpeg``, ``box``, ``on_device``), for :func:`decode_on_device` on the worker; other formats decode here."""
@@ -238,10 +281,15 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
     device_crop = _device_crop(augment) if decode == "device" else None
     n = batch.num_rows
     epochs = batch.column("_epoch").to_numpy()
-    slots = captions.slot_texts(lambda name: batch.column(name).to_pylist() if name in batch.column_names else [None] * n)
+    slots = captions.slot_texts(
+        lambda name: batch.column(name).to_pylist() if name in batch.column_names else [None] * n
+    )
     present = np.array([[t is not None for t in slot] for slot in slots], dtype=bool).reshape(len(slots), n).T
-    usable = np.array([[t is not None and len(t.split()) >= captions.min_words for t in slot] for slot in slots],
-                      dtype=bool).reshape(len(slots), n).T
+    usable = (
+        np.array([[t is not None and len(t.split()) >= captions.min_words for t in slot] for slot in slots], dtype=bool)
+        .reshape(len(slots), n)
+        .T
+    )
     if schema.REWRITE_FLAGS in batch.column_names:  # slots the caption gate flagged
         usable &= ~gated(batch.column(schema.REWRITE_FLAGS).to_pylist(), captions.slots)
     weights = captions.slot_weights()
@@ -265,7 +313,9 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
         try:
             image = open_image(data, limits)
             if device_crop is not None and image.format == "JPEG":
-                boxes[i] = _crop_box(device_crop, *image.size, random.Random(int(seeds[i])))  # the full size, before draft
+                boxes[i] = _crop_box(
+                    device_crop, *image.size, random.Random(int(seeds[i]))
+                )  # the full size, before draft
                 check_jpeg(image)
                 jpegs[i], on_device[i] = data, 1
                 continue
@@ -278,7 +328,9 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
         torch.random.default_generator.manual_seed(int(seeds[i]))
         draw = random.Random(int(seeds[i]))
         for transform in augment:
-            image = _resized_crop(transform, image, draw) if isinstance(transform, RandomResizedCrop) else transform(image)
+            image = (
+                _resized_crop(transform, image, draw) if isinstance(transform, RandomResizedCrop) else transform(image)
+            )
         images[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     tokens = np.zeros((n, k, tokenizer.context_length), dtype=np.int32)
     rows = np.flatnonzero(skip == 0)
@@ -289,7 +341,15 @@ def preprocess(batch: pa.Table, model_name: str, captions: CaptionConfig, limits
         tokens, chosen = tokens[:, 0], chosen[:, 0]
     positions = {name: batch.column(name).to_numpy() for name in ("_epoch", "_window", "_offset")}
     device = {"jpeg": jpegs, "box": boxes, "on_device": on_device} if device_crop is not None else {}
-    return {"image": images, "tokens": tokens, "slot": chosen.astype(np.int8), "key_hash": hashes, "skip": skip, **positions, **device}
+    return {
+        "image": images,
+        "tokens": tokens,
+        "slot": chosen.astype(np.int8),
+        "key_hash": hashes,
+        "skip": skip,
+        **positions,
+        **device,
+    }
 
 
 def epochs_to_read(plan: DataPlan, spec: StreamSpec, batch_size: int, steps_left: int, world: int) -> int:
@@ -312,19 +372,38 @@ def worker_stream(plan: DataPlan, spec: StreamSpec, position: Position, rank: in
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # the order is the contract
     context.enable_progress_bars = verbose()  # a bar per worker's stream would flood the job's console
-    windows = len(worker_windows(list(plan.units), spec.seed, 0, rank, world, spec.window_units))  # the same every epoch
-    items = [{"epoch": e, "window": w} for e in range(position.epoch, position.epoch + epochs)
-             for w in range(position.window if e == position.epoch else 0, windows)]
+    windows = len(
+        worker_windows(list(plan.units), spec.seed, 0, rank, world, spec.window_units)
+    )  # the same every epoch
+    items = [
+        {"epoch": e, "window": w}
+        for e in range(position.epoch, position.epoch + epochs)
+        for w in range(position.window if e == position.epoch else 0, windows)
+    ]
     if not items:
         return None
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        # Reading is I/O-bound, and a CPU request unlike preprocess's keeps Ray Data from fusing the
-        # two: a window's chunks are then preprocessed by many tasks at once, not one after another.
-        read_window, batch_size=1, batch_format="numpy", num_cpus=spec.preprocess_cpus / 4,
-        fn_kwargs=dict(plan=plan, start=position, rank=rank, world=world, seed=spec.seed, window_units=spec.window_units),
-    ).map_batches(
-        preprocess, batch_size=None, batch_format="pyarrow", num_cpus=spec.preprocess_cpus,
-        fn_kwargs=dict(model_name=spec.model, captions=spec.captions, limits=spec.limits, seed=spec.seed, decode=spec.decode),
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(
+            # Reading is I/O-bound, and a CPU request unlike preprocess's keeps Ray Data from fusing the
+            # two: a window's chunks are then preprocessed by many tasks at once, not one after another.
+            read_window,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=spec.preprocess_cpus / 4,
+            fn_kwargs=dict(
+                plan=plan, start=position, rank=rank, world=world, seed=spec.seed, window_units=spec.window_units
+            ),
+        )
+        .map_batches(
+            preprocess,
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=spec.preprocess_cpus,
+            fn_kwargs=dict(
+                model_name=spec.model, captions=spec.captions, limits=spec.limits, seed=spec.seed, decode=spec.decode
+            ),
+        )
     )
 
 
@@ -361,7 +440,8 @@ def exact_batches(blocks: Iterator[dict[str, np.ndarray]], size: int) -> Iterato
 
 
 def _one_epoch_each(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    """The blocks, split where the epoch changes (rows are in order, so each epoch's are contiguous); empty ones dropped."""
+    """The blocks, split where the epoch changes (rows are in order, so each epoch's are contiguous);
+    empty ones dropped."""
     for block in blocks:
         epochs = block["_epoch"]
         cuts = [0, *(np.flatnonzero(np.diff(epochs)) + 1), len(epochs)]

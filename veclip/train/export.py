@@ -37,7 +37,10 @@ def export(checkpoint: str, out: str, options: StorageOptions | None = None) -> 
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in saved.weights.items()}, str(target / WEIGHTS_FILE))
-    config = {"model_cfg": saved.config, "preprocess_cfg": {},
-              "veclip": {"model_name": saved.name, "checkpoint": saved.checkpoint, "step": saved.step}}
+    config = {
+        "model_cfg": saved.config,
+        "preprocess_cfg": {},
+        "veclip": {"model_name": saved.name, "checkpoint": saved.checkpoint, "step": saved.step},
+    }
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return target

@@ -61,8 +61,11 @@ class LiveProgress:
         step = metrics["step"]
         steps_per_s = (step - first[1]) / max(now - first[0], 1e-9)
         left = f", ETA {eta(self.steps - step, steps_per_s)}" if steps_per_s > 0 and step < self.steps else ""
-        return (f"train: [step {step}/{self.steps} ({step / self.steps:.0%}), {steps_per_s * self.samples_per_step:.0f} samples/s"
-                f"{left}] loss {metrics['loss']:.4f}, data wait {metrics['data_wait_share']:.0%} (last step)")
+        return (
+            f"train: [step {step}/{self.steps} ({step / self.steps:.0%}), {steps_per_s * self.samples_per_step:.0f} "
+            "samples/s"
+            f"{left}] loss {metrics['loss']:.4f}, data wait {metrics['data_wait_share']:.0%} (last step)"
+        )
 
     def _watch(self) -> None:
         import ray

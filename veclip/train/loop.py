@@ -40,8 +40,16 @@ from veclip.metrics import publish_step
 from veclip.train import checkpoint as ckpt
 from veclip.train.checkpoint import Progress, WorkerProgress
 from veclip.train.config import TrainConfig
-from veclip.train.data import (Batch, DataPlan, StreamSpec, decode_on_device, device_crop_for, epochs_to_read, exact_batches,
-                               worker_stream)
+from veclip.train.data import (
+    Batch,
+    DataPlan,
+    StreamSpec,
+    decode_on_device,
+    device_crop_for,
+    epochs_to_read,
+    exact_batches,
+    worker_stream,
+)
 from veclip.train.order import Position
 
 
@@ -67,7 +75,9 @@ def resume_point(saved: Progress, rank: int, world: int, path: str) -> tuple[Pro
     """The progress to go on from (with this resume recorded) and this worker's part of it."""
     record = {"from_step": saved.step, "checkpoint": path, "workers": [w.to_dict() for w in saved.workers]}
     if len(saved.workers) == world:
-        return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}]), saved.workers[rank]
+        return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}]), saved.workers[
+            rank
+        ]
     # Another worker count deals the rows differently: go on at the next epoch. The
     # rows skipped so far are kept on rank 0.
     epoch = max((w.position.epoch for w in saved.workers), default=-1) + 1
@@ -134,7 +144,9 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
-    torch.set_num_threads(config.scale.torch_threads or max(1, int(config.scale.cpus_per_worker)))  # Ray would give it 1
+    torch.set_num_threads(
+        config.scale.torch_threads or max(1, int(config.scale.cpus_per_worker))
+    )  # Ray would give it 1
     device = ray.train.torch.get_device()
 
     model = create_model(config.model, config.pretrained)
@@ -164,8 +176,11 @@ def train_loop(loop_config: dict) -> None:
         if rng is not None and progress.resumes[-1]["exact"]:
             ckpt.set_rng_state(rng, device)
         resumed_from = progress.step
-        print(f"train: worker {rank} resumes at step {progress.step}, epoch {me.position.epoch}, "
-              f"window {me.position.window}, row {me.position.offset} ({'exact' if progress.resumes[-1]['exact'] else progress.resumes[-1]['why']})")
+        print(
+            f"train: worker {rank} resumes at step {progress.step}, epoch {me.position.epoch}, "
+            f"window {me.position.window}, row {me.position.offset} "
+            f"({'exact' if progress.resumes[-1]['exact'] else progress.resumes[-1]['why']})"
+        )
 
     model = ray.train.torch.prepare_model(model)  # DDP + device
     raw_model = model.module if hasattr(model, "module") else model
@@ -179,15 +194,27 @@ def train_loop(loop_config: dict) -> None:
     loss_fn = MultiPositiveClipLoss(k, **gathered) if k > 1 else ClipLoss(**gathered)
     per_step = config.images_per_step
     peak = peak_flops(device)
-    spec = StreamSpec(config.model, config.captions, config.image_limits, config.seed, config.window_units,
-                      config.scale.preprocess_cpus, config.prefetch_batches, config.decode)
+    spec = StreamSpec(
+        config.model,
+        config.captions,
+        config.image_limits,
+        config.seed,
+        config.window_units,
+        config.scale.preprocess_cpus,
+        config.prefetch_batches,
+        config.decode,
+    )
     device_crop = device_crop_for(config.model) if config.decode == "device" else None
 
     while progress.step < config.steps:
         start = me.position
         epochs = epochs_to_read(plan, spec, per_step, config.steps - progress.step, world)
         stream = worker_stream(plan, spec, start, rank, world, epochs)
-        blocks = stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.prefetch_batches) if stream else iter(())
+        blocks = (
+            stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.prefetch_batches)
+            if stream
+            else iter(())
+        )
         batches = exact_batches(blocks, per_step)
         stream_steps = 0
         wait_start, report_seconds = time.perf_counter(), 0.0
@@ -253,8 +280,17 @@ def train_loop(loop_config: dict) -> None:
             if last or progress.step % config.checkpoint_every == 0:
                 progress.workers = [WorkerProgress.from_dict(w) for w in _gather(me.to_dict(), world)]
                 with tempfile.TemporaryDirectory() as directory:
-                    ckpt.save(directory, rank, device, model=raw_model, optimizer=optimizer, scheduler=scheduler,
-                              progress=progress, history=history, model_name=config.model)
+                    ckpt.save(
+                        directory,
+                        rank,
+                        device,
+                        model=raw_model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        progress=progress,
+                        history=history,
+                        model_name=config.model,
+                    )
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
                 # Until Ray's controller has committed it, a worker lost now would restart the
                 # group from an older checkpoint: wait, so "saved at step N" means resumable at N.
@@ -270,4 +306,3 @@ def train_loop(loop_config: dict) -> None:
                 f"batch_size x workers ({per_step} x {world}); lower --set batch_size or add data"
             )
         me.position = Position(start.epoch + epochs)  # the stream's epochs are all read
-

@@ -36,7 +36,9 @@ class MultiPositiveClipLoss(ClipLoss):
         k, local_images = self.k, image_features.shape[0]
         if text_features.shape[0] != local_images * k:
             raise ValueError(f"{text_features.shape[0]} texts for {local_images} images x {k} captions each")
-        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias=logit_bias)
+        logits_per_image, logits_per_text = self.get_logits(
+            image_features, text_features, logit_scale, logit_bias=logit_bias
+        )
         device = image_features.device
         # the first image's global index in logits_per_image's rows, and each text's owner (global)
         first = local_images * self.rank if self.world_size > 1 and self.local_loss else 0

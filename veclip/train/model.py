@@ -41,11 +41,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def adamw(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
     """AdamW as configured (an ``OptimConfig``); fused on GPUs unless ``optim.fused`` says otherwise."""
     fused = optim.fused if optim.fused is not None else device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                             eps=optim.eps, fused=fused)
+    return torch.optim.AdamW(
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        fused=fused,
+    )
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -55,7 +62,9 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_flops_per_sample(model: torch.nn.Module, image_size: int, context_length: int, texts_per_image: int = 1) -> float:
+def train_flops_per_sample(
+    model: torch.nn.Module, image_size: int, context_length: int, texts_per_image: int = 1
+) -> float:
     """Forward + backward FLOPs of one image and its texts, counted by torch on a batch of 2."""
     from torch.utils.flop_counter import FlopCounterMode
 

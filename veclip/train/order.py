@@ -31,7 +31,9 @@ class ReadUnit:
     row_group: int
     rows: int
     first_row: int = 0  # of the row group, in its shard
-    captions: tuple[str, ...] = ()  # caption tables whose rows first_row.. are this row group's, in order (veclip.dataset)
+    captions: tuple[
+        str, ...
+    ] = ()  # caption tables whose rows first_row.. are this row group's, in order (veclip.dataset)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,9 @@ class Position:
         return asdict(self)
 
 
-def read_units(fs, files: list[tuple[str, int]], captions: dict[str, tuple[str, ...]] | None = None) -> tuple[list[ReadUnit], dict[str, str]]:
+def read_units(
+    fs, files: list[tuple[str, int]], captions: dict[str, tuple[str, ...]] | None = None
+) -> tuple[list[ReadUnit], dict[str, str]]:
     """The row groups of ``(path, size)`` shards, in (path, row group) order, and
     ``{path: error}`` for shards whose footer can't be read (left out).
     ``captions``: each shard's caption tables, for caption outputs."""
@@ -70,7 +74,9 @@ def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng([int(e) for e in entropy])
 
 
-def worker_windows(units: list[ReadUnit], seed: int, epoch: int, rank: int, world: int, window_units: int) -> list[list[ReadUnit]]:
+def worker_windows(
+    units: list[ReadUnit], seed: int, epoch: int, rank: int, world: int, window_units: int
+) -> list[list[ReadUnit]]:
     """This worker's units for ``epoch``, grouped into the windows it reads in turn."""
     order = _rng(seed, epoch, 0).permutation(len(units))
     mine = [units[i] for i in order[rank::world]]

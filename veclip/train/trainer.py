@@ -14,8 +14,8 @@ import dataclasses
 import json
 import time
 
-from veclip.console import start_ray
 from veclip.config import redact
+from veclip.console import start_ray
 from veclip.storage import Location, StorageOptions, write_json
 from veclip.train.checkpoint import PROGRESS_FILE, RUN_FILE, RUN_SUMMARY_FILE, Progress
 from veclip.train.config import TrainConfig
@@ -24,7 +24,9 @@ from veclip.train.live import LiveProgress
 from veclip.train.loop import TrainHooks, train_loop
 
 
-def run_train(config: TrainConfig, options: StorageOptions | None = None, log=print, hooks: TrainHooks | None = None) -> dict:
+def run_train(
+    config: TrainConfig, options: StorageOptions | None = None, log=print, hooks: TrainHooks | None = None
+) -> dict:
     options = options or StorageOptions()
     config.validate_for_run()
     start_ray(log)
@@ -32,13 +34,26 @@ def run_train(config: TrainConfig, options: StorageOptions | None = None, log=pr
     plan = plan_data(config.input, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
     output = Location(config.output, options)
     scale = config.scale
-    write_json(output.fs, output.join(config.name, RUN_FILE), {  # for `veclip status` while it runs
-        "steps": config.steps, "batch_size": config.images_per_step, "num_workers": scale.num_workers, "model": config.model,
-        "input": config.input, "caption_mode": config.captions.mode, "started_at": time.time()})
+    write_json(
+        output.fs,
+        output.join(config.name, RUN_FILE),
+        {  # for `veclip status` while it runs
+            "steps": config.steps,
+            "batch_size": config.images_per_step,
+            "num_workers": scale.num_workers,
+            "model": config.model,
+            "input": config.input,
+            "caption_mode": config.captions.mode,
+            "started_at": time.time(),
+        },
+    )
     k = config.captions.per_image
     several = f" x {k} captions each (multi-positive)" if k > 1 else ""
-    log(f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.images_per_step} images/worker{several}, "
-        f"captions {config.captions.mode}; {len(plan.units)} row groups in {plan.shards} shards")
+    log(
+        f"train: {config.model} on {scale.num_workers} workers, {config.steps} steps of {config.images_per_step} "
+        f"images/worker{several}, "
+        f"captions {config.captions.mode}; {len(plan.units)} row groups in {plan.shards} shards"
+    )
     with LiveProgress(config.steps, config.images_per_step * scale.num_workers, log) as board:
         result = _trainer(config, plan, output, hooks, board).fit()
     if result.error:
@@ -71,7 +86,9 @@ def _trainer(config: TrainConfig, plan, output: Location, hooks: TrainHooks | No
         train_loop,
         train_loop_config={"config": config, "plan": ray.put(plan), "hooks": hooks, "board": board},
         scaling_config=ScalingConfig(
-            num_workers=scale.num_workers, use_gpu=scale.use_gpu, resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
+            num_workers=scale.num_workers,
+            use_gpu=scale.use_gpu,
+            resources_per_worker={"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})},
             accelerator_type=scale.accelerator_type,
         ),
         run_config=RunConfig(
@@ -101,9 +118,12 @@ def render_summary(summary: dict) -> str:
     m = summary["metrics"] or {}
     skipped = ", ".join(f"{n} {r}" for r, n in summary["rows_skipped_by_reason"].items()) or "none"
     return (
-        f"train ({summary['model']}, captions {summary['caption_mode']}): step {m.get('step')} loss {m.get('loss', float('nan')):.4f} "
-        f"logit scale {m.get('logit_scale', float('nan')):.2f}; {run_samples_per_s(summary):.0f} samples/s over the run "
-        f"(last step {m.get('samples_per_s', 0):.0f}, data wait {m.get('data_wait_share', 0):.0%}); rows skipped: {skipped}; "
+        f"train ({summary['model']}, captions {summary['caption_mode']}): step {m.get('step')} loss "
+        f"{m.get('loss', float('nan')):.4f} "
+        f"logit scale {m.get('logit_scale', float('nan')):.2f}; {run_samples_per_s(summary):.0f} samples/s over the "
+        "run "
+        f"(last step {m.get('samples_per_s', 0):.0f}, data wait {m.get('data_wait_share', 0):.0%}); rows skipped: "
+        f"{skipped}; "
         f"{summary['wall_seconds']:.1f}s\n"
         f"  checkpoint: {summary['checkpoint']}"
         + "".join(f"\n  shards skipped: {n} ({why})" for why, n in summary.get("shards_skipped_by_reason", {}).items())
@@ -112,7 +132,9 @@ def render_summary(summary: dict) -> str:
 
 
 def _render_resume(resume: dict) -> str:
-    places = "; ".join(f"worker {i} at epoch {w['position']['epoch']} window {w['position']['window']} row {w['position']['offset']}"
-                       for i, w in enumerate(resume["workers"]))
+    places = "; ".join(
+        f"worker {i} at epoch {w['position']['epoch']} window {w['position']['window']} row {w['position']['offset']}"
+        for i, w in enumerate(resume["workers"])
+    )
     how = "exactly" if resume["exact"] else f"not exactly ({resume['why']})"
     return f"resumed {how} from step {resume['from_step']} ({resume['checkpoint']}): {places}"

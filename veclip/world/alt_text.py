@@ -21,8 +21,24 @@ BRANDS = tuple(BRAND_STYLES)
 NAMES_ITS_BRAND = 0.7
 PLACES = ("Lisbon", "Lake Tahoe", "Kyoto", "Cape Town", "Reykjavik", "Oaxaca", "Tallinn")
 SEO_WORDS = (
-    "best", "cheap", "wall art", "decor", "poster", "free shipping", "2024", "modern", "ideas",
-    "sale", "print", "minimalist", "gift", "home", "kids room", "abstract", "buy now", "hd wallpaper",
+    "best",
+    "cheap",
+    "wall art",
+    "decor",
+    "poster",
+    "free shipping",
+    "2024",
+    "modern",
+    "ideas",
+    "sale",
+    "print",
+    "minimalist",
+    "gift",
+    "home",
+    "kids room",
+    "abstract",
+    "buy now",
+    "hd wallpaper",
 )
 PRODUCTS = ("poster", "canvas print", "sticker set", "wallpaper", "greeting card", "tote bag", "notebook cover")
 

@@ -16,7 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILD_VERSION = "trained-v2"  # bump when training data, targets or architectures change (v2: names lead the fused caption)
+BUILD_VERSION = (
+    "trained-v2"  # bump when training data, targets or architectures change (v2: names lead the fused caption)
+)
 ROLES = ("captioner", "llm")
 
 
@@ -62,11 +64,22 @@ def ensure_built(config: ModelsConfig = ModelsConfig(), python: str | None = Non
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    cmd = [python or default_vllm_python() or sys.executable, "-m", "veclip.world.model_training", "--out", str(partial),
-           "--scale", config.scale, "--seed", str(config.seed)]
+    cmd = [
+        python or default_vllm_python() or sys.executable,
+        "-m",
+        "veclip.world.model_training",
+        "--out",
+        str(partial),
+        "--scale",
+        config.scale,
+        "--seed",
+        str(config.seed),
+    ]
     log(f"models: building {config.scale} models (seed {config.seed}) into {folder}; log: {folder}/build.log")
     with open(partial / "build.log", "w") as log_file:
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+        )
         for line in process.stdout:
             log_file.write(line)
             if line.startswith("models: "):
@@ -74,7 +87,13 @@ def ensure_built(config: ModelsConfig = ModelsConfig(), python: str | None = Non
         if process.wait() != 0:
             raise RuntimeError(f"models: training failed ({' '.join(cmd)}); see {partial}/build.log")
     quality = json.loads((partial / "quality.json").read_text())
-    record = {"version": BUILD_VERSION, "scale": config.scale, "seed": config.seed, "paths": model_paths(folder), "quality": quality}
+    record = {
+        "version": BUILD_VERSION,
+        "scale": config.scale,
+        "seed": config.seed,
+        "paths": model_paths(folder),
+        "quality": quality,
+    }
     (partial / "models.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
@@ -86,13 +105,19 @@ def render(record: dict) -> str:
     q = record["quality"]
     cap, llm = q.get("captioner", {}), q.get("llm", {})
     kinds = ", ".join(f"{k} {v:.2f}" for k, v in cap.get("by_kind", {}).items())
-    lines = [f"models: {record['version']} ({record['scale']}, seed {record['seed']}), built in {q.get('seconds', 0):.0f}s",
-             f"  captioner {record['paths']['captioner']}",
-             f"    fact recall {cap.get('recall', 0):.2f}, precision {cap.get('precision', 0):.2f} on {cap.get('rows')} held-out images ({kinds})",
-             f"  llm       {record['paths']['llm']}"]
+    lines = [
+        f"models: {record['version']} ({record['scale']}, seed {record['seed']}), built in {q.get('seconds', 0):.0f}s",
+        f"  captioner {record['paths']['captioner']}",
+        f"    fact recall {cap.get('recall', 0):.2f}, precision {cap.get('precision', 0):.2f} on {cap.get('rows')} "
+        f"held-out images ({kinds})",
+        f"  llm       {record['paths']['llm']}",
+    ]
     if llm:
-        lines.append(f"    fusion keeps {llm['fusion_entities']['entities']:.2f} of AltText names and {llm['fusion_facts']['facts']:.2f} "
-                     f"of visual facts; LaCLIP rewrites keep {llm['rewrite_retention']:.2f} of their source's words")
+        lines.append(
+            f"    fusion keeps {llm['fusion_entities']['entities']:.2f} of AltText names and "
+            f"{llm['fusion_facts']['facts']:.2f} "
+            f"of visual facts; LaCLIP rewrites keep {llm['rewrite_retention']:.2f} of their source's words"
+        )
     return "\n".join(lines)
 
 

@@ -21,8 +21,12 @@ FACT_KINDS = ("colour", "shape", "object", "count", "size", "position", "backgro
 _WORD = "|".join
 _GROUP = re.compile(
     rf"\b(a|an|one|{_WORD(NUMBERS[2:])}) ({_WORD(SIZES)}) ({_WORD(COLORS)}) ({_WORD(SHAPES)})(?:es|s)?"
-    rf"(?: ({_WORD(REGION_PHRASES.values())}))?", re.IGNORECASE)
-_BACKGROUND = re.compile(rf"\b(?:({_WORD(p for p in PATTERNS if p != 'plain')}) )?({_WORD(BACKGROUNDS)}) background", re.IGNORECASE)
+    rf"(?: ({_WORD(REGION_PHRASES.values())}))?",
+    re.IGNORECASE,
+)
+_BACKGROUND = re.compile(
+    rf"\b(?:({_WORD(p for p in PATTERNS if p != 'plain')}) )?({_WORD(BACKGROUNDS)}) background", re.IGNORECASE
+)
 _IDENTITY = re.compile(rf"\b({_WORD(COLORS)}) frame with a white ({_WORD(SHAPES)}) emblem", re.IGNORECASE)
 _REGIONS = {phrase: region for region, phrase in REGION_PHRASES.items()}
 
@@ -31,7 +35,14 @@ def scene_facts(scene: Scene) -> set[str]:
     out = set()
     for g in scene.groups:
         obj = f"{g.color} {g.shape}"
-        out |= {f"colour={g.color}", f"shape={g.shape}", obj, f"{obj}: count={g.count}", f"{obj}: size={g.size}", f"{obj}: position={g.region}"}
+        out |= {
+            f"colour={g.color}",
+            f"shape={g.shape}",
+            obj,
+            f"{obj}: count={g.count}",
+            f"{obj}: size={g.size}",
+            f"{obj}: position={g.region}",
+        }
     out |= {f"background={scene.background}", f"pattern={scene.pattern}"}
     if scene.brand:
         from veclip.world.scene import BRAND_STYLES
@@ -48,7 +59,13 @@ def parse(text: str | None) -> set[str]:
     for number, size, color, shape, where in _GROUP.findall(text):
         obj = f"{color.lower()} {shape.lower()}"
         count = 1 if number.lower() in ("a", "an", "one") else NUMBERS.index(number.lower())
-        out |= {f"colour={color.lower()}", f"shape={shape.lower()}", obj, f"{obj}: count={count}", f"{obj}: size={size.lower()}"}
+        out |= {
+            f"colour={color.lower()}",
+            f"shape={shape.lower()}",
+            obj,
+            f"{obj}: count={count}",
+            f"{obj}: size={size.lower()}",
+        }
         if where:
             out.add(f"{obj}: position={_REGIONS[where.lower()]}")
     for match in _BACKGROUND.finditer(text):
@@ -89,8 +106,12 @@ def fact_accuracy(pairs) -> dict:
         for fact in truth:
             total[fact_kind(fact)] += 1
             hit[fact_kind(fact)] += fact in said
-    return {"recall": _share(sum(hit.values()), sum(total.values())), "precision": _share(right, stated),
-            "by_kind": {k: _share(hit[k], total[k]) for k in FACT_KINDS if total[k]}, "rows": len(pairs) if hasattr(pairs, "__len__") else None}
+    return {
+        "recall": _share(sum(hit.values()), sum(total.values())),
+        "precision": _share(right, stated),
+        "by_kind": {k: _share(hit[k], total[k]) for k in FACT_KINDS if total[k]},
+        "rows": len(pairs) if hasattr(pairs, "__len__") else None,
+    }
 
 
 def retention(pairs) -> dict:
@@ -103,7 +124,12 @@ def retention(pairs) -> dict:
         kept_names += len(source_names & entities(out))
         facts += len(source_facts)
         kept_facts += len(source_facts & parse(out))
-    return {"entities": _share(kept_names, names), "facts": _share(kept_facts, facts), "names_seen": names, "facts_seen": facts}
+    return {
+        "entities": _share(kept_names, names),
+        "facts": _share(kept_facts, facts),
+        "names_seen": names,
+        "facts_seen": facts,
+    }
 
 
 def _words(text: str) -> set[str]:
@@ -126,4 +152,9 @@ def diversity(groups) -> dict:
         src = _words(source)
         kept += [len(src & _words(r)) / len(src) for r in rewrites if src]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {"distinct": mean(distinct), "pairwise_distance": mean(distance), "meaning_retention": mean(kept), "rows": len(distinct)}
+    return {
+        "distinct": mean(distinct),
+        "pairwise_distance": mean(distance),
+        "meaning_retention": mean(kept),
+        "rows": len(distinct),
+    }

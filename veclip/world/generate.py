@@ -25,11 +25,11 @@ import pyarrow as pa
 
 from veclip import schema
 from veclip.images import encode_jpeg
-from veclip.world.alt_text import alt_text
-from veclip.world.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, write_json
+from veclip.world.alt_text import alt_text
+from veclip.world.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
 
 SPLITS = ("train", "eval")
 WORLD_VERSION = 2  # 2: brands with a visual identity that only the AltText names
@@ -40,8 +40,12 @@ SAMPLE_SCHEMA = pa.schema(
 )
 EVAL_SCHEMA = pa.schema(
     list(SAMPLE_SCHEMA)
-    + [pa.field("label_shape", pa.string()), pa.field("label_color_shape", pa.string()), pa.field("label_brand", pa.string()),
-       pa.field("caption", pa.string())]
+    + [
+        pa.field("label_shape", pa.string()),
+        pa.field("label_color_shape", pa.string()),
+        pa.field("label_brand", pa.string()),
+        pa.field("caption", pa.string()),
+    ]
 )
 
 
@@ -86,7 +90,12 @@ def make_row(split: str, index: int, config: SampleConfig) -> dict:
     }
     if split == "eval":
         group = scene.groups[0]
-        row.update(label_shape=group.shape, label_color_shape=f"{group.color} {group.shape}", label_brand=scene.brand, caption=caption)
+        row.update(
+            label_shape=group.shape,
+            label_color_shape=f"{group.color} {group.shape}",
+            label_brand=scene.brand,
+            caption=caption,
+        )
     return row
 
 

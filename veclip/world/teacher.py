@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 import re
 
-from veclip.world.facts import entities
 from veclip.world.alt_text import BRANDS, PLACES, PRODUCTS, alt_text
+from veclip.world.facts import entities
 from veclip.world.scene import Scene, describe, random_brand, random_scene, render
 
 SPLIT = "models"  # the scenes the models learn from: their own random stream, not train or eval
@@ -61,9 +61,17 @@ def fused(alt: str | None, visual: str) -> str:
     return f"{knowledge}: {visual[0].lower()}{visual[1:]}"
 
 
-SWAPS = (("large", "big"), ("small", "little"), ("on the left", "to the left"), ("on the right", "to the right"),
-         ("in the center", "in the middle"), ("at the top", "near the top"), ("at the bottom", "near the bottom"),
-         ("background", "backdrop"), ("collection", "series"))
+SWAPS = (
+    ("large", "big"),
+    ("small", "little"),
+    ("on the left", "to the left"),
+    ("on the right", "to the right"),
+    ("in the center", "in the middle"),
+    ("at the top", "near the top"),
+    ("at the bottom", "near the bottom"),
+    ("background", "backdrop"),
+    ("collection", "series"),
+)
 OPENERS = ("", "A picture of ", "An image of ", "A photo of ", "Showing ", "Here: ")
 CLOSERS = ("", ", as seen online", ", in a photo", ", pictured")
 
@@ -79,7 +87,9 @@ def paraphrase(text: str, rng: random.Random) -> str:
         parts.reverse()
     out = ", ".join(parts)
     words = out.split()
-    if len(words) > 3 and not any(c in out for c in ",.") and not entities(out) and rng.random() < 0.5:  # keyword lists: any order
+    if (
+        len(words) > 3 and not any(c in out for c in ",.") and not entities(out) and rng.random() < 0.5
+    ):  # keyword lists: any order
         rng.shuffle(words)
         out = " ".join(words)
     out = out.rstrip(".")
