@@ -89,7 +89,7 @@ class TrainConfig:
         return self.batch_size
 
     def validate_for_run(self) -> None:
-        if not self.data or not self.output:
+        if not self.input or not self.output:
             raise ValueError("train: --data and --output are required")
 
 

@@ -31,7 +31,7 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -128,19 +128,44 @@ def _next_common(batches, world: int, device: torch.device) -> Batch | None:
             batch = next(batches, None)
 
 
-def train_loop(loop_config: dict) -> None:
-    import ray
+@dataclass
+class _Worker:
+    """One Ray Train worker's training state: what each step and checkpoint reads and updates."""
+
+    config: TrainConfig
+    hooks: TrainHooks
+    board: object  # the driver's live progress line (veclip.train.live), or None
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped (and compiled) once prepared
+    raw_model: torch.nn.Module  # the open_clip model itself: its state is what is saved
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    flops: float  # training FLOPs per sample
+    mean: torch.Tensor
+    std: torch.Tensor
+    progress: Progress = field(default_factory=Progress)
+    me: WorkerProgress = field(default_factory=WorkerProgress)
+    history: list = field(default_factory=list)
+    resumed_from: int | None = None
+    loss_fn: object = None
+    autocast: object = contextlib.nullcontext
+    peak: float | None = None
+    device_crop: object = None
+
+    @property
+    def per_step(self) -> int:
+        return self.config.images_per_step
+
+
+def _build(config: TrainConfig, hooks: TrainHooks, board) -> _Worker:
+    """The model, its optimizer and schedule, on this worker (seeded per rank)."""
     import ray.train
     import ray.train.torch
-    from open_clip.loss import ClipLoss
 
-    from veclip.train.loss import MultiPositiveClipLoss
-    from veclip.train.model import adamw, cosine_with_warmup, create_model, peak_flops, train_flops_per_sample
+    from veclip.train.model import adamw, cosine_with_warmup, create_model, train_flops_per_sample
 
-    config: TrainConfig = loop_config["config"]
-    hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
-    board = loop_config.get("board")  # the driver's live progress line (veclip.train.live)
-    plan: DataPlan = ray.get(loop_config["plan"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
@@ -148,7 +173,6 @@ def train_loop(loop_config: dict) -> None:
         config.scale.torch_threads or max(1, int(config.scale.cpus_per_worker))
     )  # Ray would give it 1
     device = ray.train.torch.get_device()
-
     model = create_model(config.model, config.pretrained)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -157,44 +181,64 @@ def train_loop(loop_config: dict) -> None:
     std = torch.tensor(model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     optimizer = adamw(model, config.optim, device)
     scheduler = cosine_with_warmup(optimizer, config.optim.warmup_steps, config.steps)
-    progress, me, history = Progress(), WorkerProgress(), []
-    resumed_from = None
+    return _Worker(config, hooks, board, rank, world, device, model, model, optimizer, scheduler, flops, mean, std)
+
+
+def _resume(w: _Worker) -> None:
+    """Load the latest checkpoint Ray Train hands this worker, if any: weights, optimizer, history, place, RNG."""
+    import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        # Each rank downloads its own copy: Ray's shared `as_directory` lets one rank delete
-        # the copy while another on the same node still waits for it ("... does not exist").
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint.to_directory(directory)
-            state = ckpt.load_state(directory)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = ckpt.load_history(directory)
-            progress, me = resume_point(ckpt.load_progress(directory), rank, world, checkpoint.path)
-            rng = ckpt.load_rng(directory, rank)
-        if rng is not None and progress.resumes[-1]["exact"]:
-            ckpt.set_rng_state(rng, device)
-        resumed_from = progress.step
-        print(
-            f"train: worker {rank} resumes at step {progress.step}, epoch {me.position.epoch}, "
-            f"window {me.position.window}, row {me.position.offset} "
-            f"({'exact' if progress.resumes[-1]['exact'] else progress.resumes[-1]['why']})"
-        )
+    if not checkpoint:
+        return
+    # Each rank downloads its own copy: Ray's shared `as_directory` lets one rank delete
+    # the copy while another on the same node still waits for it ("... does not exist").
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint.to_directory(directory)
+        state = ckpt.load_state(directory)
+        w.model.load_state_dict(state["model"])
+        w.optimizer.load_state_dict(state["optimizer"])
+        w.scheduler.load_state_dict(state["scheduler"])
+        w.history = ckpt.load_history(directory)
+        w.progress, w.me = resume_point(ckpt.load_progress(directory), w.rank, w.world, checkpoint.path)
+        rng = ckpt.load_rng(directory, w.rank)
+    if rng is not None and w.progress.resumes[-1]["exact"]:
+        ckpt.set_rng_state(rng, w.device)
+    w.resumed_from = w.progress.step
+    resume = w.progress.resumes[-1]
+    print(
+        f"train: worker {w.rank} resumes at step {w.progress.step}, epoch {w.me.position.epoch}, "
+        f"window {w.me.position.window}, row {w.me.position.offset} "
+        f"({'exact' if resume['exact'] else resume['why']})"
+    )
 
-    model = ray.train.torch.prepare_model(model)  # DDP + device
-    raw_model = model.module if hasattr(model, "module") else model
+
+def _prepare(w: _Worker) -> None:
+    """DDP and the device; precision, the loss over the global batch, the device's peak FLOPs."""
+    import ray.train.torch
+    from open_clip.loss import ClipLoss
+
+    from veclip.train.loss import MultiPositiveClipLoss
+    from veclip.train.model import peak_flops
+
+    config = w.config
+    w.model = ray.train.torch.prepare_model(w.model)  # DDP + device
+    w.raw_model = w.model.module if hasattr(w.model, "module") else w.model
     if config.compile:
-        model = torch.compile(model)
-    mean, std = mean.to(device), std.to(device)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    gathered = dict(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
+        w.model = torch.compile(w.model)
+    w.mean, w.std = w.mean.to(w.device), w.std.to(w.device)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and w.device.type == "cuda")
+    if use_bf16:
+        w.autocast = lambda: torch.autocast(w.device.type, dtype=torch.bfloat16)
+    gathered = dict(local_loss=True, gather_with_grad=True, cache_labels=True, rank=w.rank, world_size=w.world)
     k = config.captions.per_image
-    loss_fn = MultiPositiveClipLoss(k, **gathered) if k > 1 else ClipLoss(**gathered)
-    per_step = config.images_per_step
-    peak = peak_flops(device)
-    spec = StreamSpec(
+    w.loss_fn = MultiPositiveClipLoss(k, **gathered) if k > 1 else ClipLoss(**gathered)
+    w.peak = peak_flops(w.device)
+    w.device_crop = device_crop_for(config.model) if config.decode == "device" else None
+
+
+def _stream_spec(config: TrainConfig) -> StreamSpec:
+    return StreamSpec(
         config.model,
         config.captions,
         config.image_limits,
@@ -204,105 +248,139 @@ def train_loop(loop_config: dict) -> None:
         config.prefetch_batches,
         config.decode,
     )
-    device_crop = device_crop_for(config.model) if config.decode == "device" else None
 
-    while progress.step < config.steps:
-        start = me.position
-        epochs = epochs_to_read(plan, spec, per_step, config.steps - progress.step, world)
-        stream = worker_stream(plan, spec, start, rank, world, epochs)
+
+def _optimize(w: _Worker, batch: Batch) -> torch.Tensor:
+    """One optimizer step on the batch; its loss."""
+    rows = batch.rows
+    # each row's caption(s) for this epoch, chosen in the stream; K per image: image-major, as the loss expects
+    texts = torch.from_numpy(rows["tokens"]).long().to(w.device).flatten(0, -2)
+    images = torch.from_numpy(rows["image"]).to(w.device)
+    if w.device_crop is not None:  # the JPEGs the stream left encoded (decode=device)
+        decode_on_device(images, rows["jpeg"], rows["box"], np.flatnonzero(rows["on_device"]), w.device_crop)
+    images = (images.float() / 255.0 - w.mean) / w.std
+    with w.autocast():
+        image_features, text_features, logit_scale = w.model(images, texts)[:3]
+        loss = w.loss_fn(image_features, text_features, logit_scale)
+    w.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    w.optimizer.step()
+    w.scheduler.step()
+    with torch.no_grad():
+        w.raw_model.logit_scale.clamp_(0, math.log(100))  # as open_clip does
+    if w.device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss
+
+
+def _step_metrics(
+    w: _Worker, epoch: int, loss: torch.Tensor, wait_start: float, step_start: float, end: float, report_seconds: float
+) -> dict:
+    """The step's figures: wall time since the previous step ended is data wait, reporting and compute."""
+    step_seconds, wait_seconds = end - step_start, step_start - wait_start - report_seconds
+    per_worker = w.per_step / (end - wait_start)
+    return {
+        "step": w.progress.step,
+        "epoch": epoch,
+        "loss": float(loss.detach()),
+        "lr": w.scheduler.get_last_lr()[0],
+        "logit_scale": float(w.raw_model.logit_scale.exp().detach()),
+        "samples_per_s": per_worker * w.world,
+        "samples_per_s_per_worker": per_worker,
+        "data_wait_share": wait_seconds / (end - wait_start),
+        "report_share": report_seconds / (end - wait_start),
+        "step_seconds": step_seconds,
+        "samples_seen": w.progress.samples_seen,
+        "mfu": w.flops * per_worker / w.peak if w.peak else None,
+        "train_flops_per_sample": w.flops,
+        "resumed_from_step": w.resumed_from,
+        "time": time.time(),  # the step's end, wall clock: throughput over any span of steps
+    }
+
+
+def _report(w: _Worker, metrics: dict) -> None:
+    """A checkpoint every ``checkpoint_every`` steps and at the end (all ranks), else metrics every ``report_every``."""
+    import ray.train
+
+    config = w.config
+    if w.progress.step >= config.steps or w.progress.step % config.checkpoint_every == 0:
+        w.progress.workers = [WorkerProgress.from_dict(d) for d in _gather(w.me.to_dict(), w.world)]
+        with tempfile.TemporaryDirectory() as directory:
+            ckpt.save(
+                directory,
+                w.rank,
+                w.device,
+                model=w.raw_model,
+                optimizer=w.optimizer,
+                scheduler=w.scheduler,
+                progress=w.progress,
+                history=w.history,
+                model_name=config.model,
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        # Until Ray's controller has committed it, a worker lost now would restart the
+        # group from an older checkpoint: wait, so "saved at step N" means resumable at N.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    elif w.progress.step % config.report_every == 0:
+        ray.train.report(metrics)  # a sync point: costly on CPU, so not every step
+
+
+def _train_stream(w: _Worker, batches) -> int:
+    """Train on the stream's batches until it ends or the run is done; the steps taken."""
+    stream_steps = 0
+    wait_start, report_seconds = time.perf_counter(), 0.0
+    while w.progress.step < w.config.steps:
+        batch = _next_common(batches, w.world, w.device)
+        if batch is None:
+            break
+        step_start = time.perf_counter()
+        step, epoch = w.progress.step, batch.epoch
+        w.hooks.before_step(step, w.rank, w.world, w.resumed_from is not None)
+        loss = _optimize(w, batch)
+        end = time.perf_counter()
+
+        stream_steps += 1
+        w.progress.step, w.progress.samples_seen = step + 1, w.progress.samples_seen + w.per_step * w.world
+        w.me.position = batch.position
+        for reason, n in batch.skipped.items():
+            w.me.skipped[reason] = w.me.skipped.get(reason, 0) + n
+        w.hooks.after_step(w.progress.step, epoch, w.rank, batch.rows["key_hash"])
+        metrics = _step_metrics(w, epoch, loss, wait_start, step_start, end, report_seconds)
+        w.history.append(metrics)
+        publish_step(w.config.name, w.rank, metrics, w.per_step)
+        if w.rank == 0 and w.board is not None:
+            w.board.post.remote(metrics)
+        wait_start = time.perf_counter()
+        _report(w, metrics)
+        report_seconds = time.perf_counter() - wait_start
+    return stream_steps
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's per-worker function: build, resume, then train stream after stream until ``steps``."""
+    import ray
+
+    config: TrainConfig = loop_config["config"]
+    plan: DataPlan = ray.get(loop_config["plan"])
+    w = _build(config, loop_config.get("hooks") or TrainHooks(), loop_config.get("board"))
+    _resume(w)
+    _prepare(w)
+    spec = _stream_spec(config)
+    while w.progress.step < config.steps:
+        start = w.me.position
+        epochs = epochs_to_read(plan, spec, w.per_step, config.steps - w.progress.step, w.world)
+        stream = worker_stream(plan, spec, start, w.rank, w.world, epochs)
         blocks = (
             stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.prefetch_batches)
             if stream
             else iter(())
         )
-        batches = exact_batches(blocks, per_step)
-        stream_steps = 0
-        wait_start, report_seconds = time.perf_counter(), 0.0
-        while progress.step < config.steps:
-            batch = _next_common(batches, world, device)
-            if batch is None:
-                break
-            step_start = time.perf_counter()
-            step, epoch = progress.step, batch.epoch
-            hooks.before_step(step, rank, world, resumed_from is not None)
-            rows = batch.rows
-            # each row's caption(s) for this epoch, chosen in the stream; K per image: image-major, as the loss expects
-            texts = torch.from_numpy(rows["tokens"]).long().to(device).flatten(0, -2)
-            images = torch.from_numpy(rows["image"]).to(device)
-            if device_crop is not None:  # the JPEGs the stream left encoded (decode=device)
-                decode_on_device(images, rows["jpeg"], rows["box"], np.flatnonzero(rows["on_device"]), device_crop)
-            images = (images.float() / 255.0 - mean) / std
-            with autocast():
-                image_features, text_features, logit_scale = model(images, texts)[:3]
-                loss = loss_fn(image_features, text_features, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                raw_model.logit_scale.clamp_(0, math.log(100))  # as open_clip does
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            end = time.perf_counter()
-
-            stream_steps += 1
-            progress.step, progress.samples_seen = step + 1, progress.samples_seen + per_step * world
-            me.position = batch.position
-            for reason, n in batch.skipped.items():
-                me.skipped[reason] = me.skipped.get(reason, 0) + n
-            hooks.after_step(progress.step, epoch, rank, rows["key_hash"])
-            # wall time of this step since the previous one ended: data wait, reporting, compute
-            step_seconds, wait_seconds = end - step_start, step_start - wait_start - report_seconds
-            per_worker = per_step / (end - wait_start)
-            metrics = {
-                "step": progress.step,
-                "epoch": epoch,
-                "loss": float(loss.detach()),
-                "lr": scheduler.get_last_lr()[0],
-                "logit_scale": float(raw_model.logit_scale.exp().detach()),
-                "samples_per_s": per_worker * world,
-                "samples_per_s_per_worker": per_worker,
-                "data_wait_share": wait_seconds / (end - wait_start),
-                "report_share": report_seconds / (end - wait_start),
-                "step_seconds": step_seconds,
-                "samples_seen": progress.samples_seen,
-                "mfu": flops * per_worker / peak if peak else None,
-                "train_flops_per_sample": flops,
-                "resumed_from_step": resumed_from,
-                "time": time.time(),  # the step's end, wall clock: throughput over any span of steps
-            }
-            history.append(metrics)
-            publish_step(config.name, rank, metrics, per_step)
-            if rank == 0 and board is not None:
-                board.post.remote(metrics)
-            last = progress.step >= config.steps
-            wait_start = time.perf_counter()
-            if last or progress.step % config.checkpoint_every == 0:
-                progress.workers = [WorkerProgress.from_dict(w) for w in _gather(me.to_dict(), world)]
-                with tempfile.TemporaryDirectory() as directory:
-                    ckpt.save(
-                        directory,
-                        rank,
-                        device,
-                        model=raw_model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        progress=progress,
-                        history=history,
-                        model_name=config.model,
-                    )
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-                # Until Ray's controller has committed it, a worker lost now would restart the
-                # group from an older checkpoint: wait, so "saved at step N" means resumable at N.
-                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            elif progress.step % config.report_every == 0:
-                ray.train.report(metrics)  # a sync point: costly on CPU, so not every step
-            report_seconds = time.perf_counter() - wait_start
-        if progress.step >= config.steps:
+        stream_steps = _train_stream(w, exact_batches(blocks, w.per_step))
+        if w.progress.step >= config.steps:
             return
         if stream_steps == 0 and start == Position(start.epoch):
             raise RuntimeError(
                 f"train: epoch {start.epoch} gave the workers no full batch: the data has fewer usable rows than "
-                f"batch_size x workers ({per_step} x {world}); lower --set batch_size or add data"
+                f"batch_size x workers ({w.per_step} x {w.world}); lower --set batch_size or add data"
             )
-        me.position = Position(start.epoch + epochs)  # the stream's epochs are all read
+        w.me.position = Position(start.epoch + epochs)  # the stream's epochs are all read
