@@ -437,6 +437,24 @@ def _demo_run(config, options, args) -> int:
     return run_demo(config, options)
 
 
+def _pipeline_flags(p):
+    from veclip.pipeline import available
+
+    p.add_argument("pipeline", help=f"a shipped pipeline ({', '.join(available())}) or a YAML file")
+    p.add_argument("--input", metavar="URL", help="the data the first step reads (folder or s3:// prefix)")
+    p.add_argument("--output", "--out", dest="output", metavar="URL", help="the run's folder or s3:// prefix")
+    p.add_argument("--var", dest="vars", action="append", metavar="NAME=VALUE", help="a pipeline var (repeatable)")
+    p.add_argument("--submit", action="store_true", default=None, help="run rewrite/train/score/eval as Ray jobs")
+    p.add_argument("--address", help="the cluster's job address for --submit (default: RAY_ADDRESS)")
+    p.add_argument("--dry-run", action="store_true", default=None, help="print each step's command, run nothing")
+
+
+def _pipeline_run(config, options, args) -> int:
+    from veclip.pipeline import run_pipeline
+
+    return run_pipeline(config, options)
+
+
 def _fields(*names: str) -> Callable[[argparse.Namespace], dict]:
     """Flag values -> config fields of the same name."""
     return lambda args: {name: getattr(args, name) for name in names}
@@ -569,8 +587,16 @@ STAGES: dict[str, Stage] = {
             _models_run,
         ),
         Stage(
+            "pipeline",
+            "run a pipeline (a chain of stages in one file) on an input, resuming at its first unfinished step",
+            _pipeline_flags,
+            _fields("pipeline", "input", "output", "vars", "submit", "address", "dry_run"),
+            _only_default("veclip.pipeline:PipelineConfig"),
+            _pipeline_run,
+        ),
+        Stage(
             "demo",
-            "the main job on built-in sample data (local)",
+            "the demo pipeline on built-in sample data (local), then its report",
             _demo_flags,
             _fields("output", "rows", "seed", "steps", "models"),
             _only_default("veclip.demo:DemoConfig"),

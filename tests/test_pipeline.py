@@ -1,0 +1,90 @@
+"""Pipelines: the shipped files parse and their commands build configs; a recipe runs end to end at tiny
+scale exactly as a user types it, and a rerun is a no-op; a failed step is resumed from."""
+
+import json
+import time
+
+import pytest
+from conftest import veclip_cli
+
+from veclip.pipeline import RECORDS_DIR, PipelineConfig, available, load, run_pipeline
+
+RECIPES = ("demo", "laclip-3m", "laclip-12m", "laclip-300m", "veclip-3m", "veclip-12m", "veclip-300m")
+TINY = [
+    "rewrite_preset=tiny",
+    "train_preset=tiny",
+    "laclip_actors=1",
+    "train_workers=2",
+    "batch_size=8",
+    "steps=4",
+    "checkpoint_every=4",
+]
+
+
+def test_every_shipped_pipeline_is_there_and_its_commands_build_their_configs():
+    assert set(RECIPES) <= set(available())
+    for name in available():
+        assert run_pipeline(PipelineConfig(name, "s3://b/in", "s3://b/out", dry_run=True), log=lambda *_: None) == 0
+
+
+def test_vars_placeholders_and_conditions(tmp_path):
+    pipeline = load("laclip-3m")
+    commands = dict((s.name, c) for s, c in pipeline.commands("in", "out/", {"steps": "7"}))
+    assert commands["eval"] is None  # no eval_data: skipped
+    assert "steps=7" in commands["clip"] and commands["captions"][:5] == [
+        "rewrite",
+        "--input",
+        "in",
+        "--output",
+        "out/captions",
+    ]
+    with pytest.raises(ValueError, match="no var 'step'"):
+        pipeline.commands("in", "out", {"step": "7"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsteps:\n  - name: a\n    run: sample --output {output}/x --rows {rows}\n")
+    with pytest.raises(ValueError, match=r"\{rows\} is not a var"):
+        run_pipeline(PipelineConfig(str(bad), "i", str(tmp_path / "o")), log=lambda *_: None)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: typo\nsteps:\n  - name: a\n    run: sample --output {output}/x --rowz 3\n")
+    with pytest.raises(ValueError, match="step a: bad command"):  # checked before any step runs
+        run_pipeline(PipelineConfig(str(typo), "i", str(tmp_path / "o")), log=lambda *_: None)
+
+
+def test_a_failed_step_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):
+    spec = tmp_path / "two.yaml"
+    spec.write_text(
+        "name: two\nsteps:\n"
+        "  - name: data\n    run: sample --output {output}/data --rows 8 --eval-rows 4 --shards 1 --image-size 32\n"
+        "  - name: check\n    run: validate {input} --images none\n"
+    )
+    lines = []
+    config = PipelineConfig(str(spec), str(tmp_path / "missing"), str(tmp_path / "run"))
+    assert run_pipeline(config, log=lines.append) != 0 and "step check failed" in lines[-1]
+    assert (tmp_path / "run" / RECORDS_DIR / "data.json").exists() and not (
+        tmp_path / "run" / RECORDS_DIR / "check.json"
+    ).exists()
+    lines.clear()
+    fixed = PipelineConfig(str(spec), str(tmp_path / "run" / "data" / "train"), str(tmp_path / "run"))
+    assert run_pipeline(fixed, log=lines.append) == 0
+    assert any("data: done" in line for line in lines)  # not sampled again
+
+
+@pytest.mark.slow
+def test_a_recipe_end_to_end_at_tiny_scale_then_a_rerun_is_a_no_op(sample_root, tmp_path, vllm_python):
+    """laclip-3m as a user runs it (the CLI, from another folder), with its scale vars set to this machine's."""
+    args = ["pipeline", "laclip-3m", "--input", str(sample_root / "train"), "--output", str(tmp_path / "run")]
+    args += [f"--var={v}" for v in [*TINY, f"eval_data={sample_root / 'eval'}"]]
+    first = veclip_cli(*args, env={"VECLIP_VLLM_PYTHON": vllm_python}, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "rewrite (laclip): 60 rows in -> 60 out" in first.stdout and "pipeline laclip-3m: done" in first.stdout
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "run" / RECORDS_DIR).glob("*.json")}
+    assert set(records) == {"captions", "clip", "eval"}
+    assert json.loads((tmp_path / "run" / "runs" / "clip" / "summary.json").read_text())["metrics"]["step"] == 4
+    assert (tmp_path / "run" / "eval" / "eval.json").exists()
+
+    start = time.perf_counter()
+    again = veclip_cli(*args, env={"VECLIP_VLLM_PYTHON": vllm_python}, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count(": done (") == 3 and "veclip rewrite" not in again.stdout
+    assert {p.stem: json.loads(p.read_text()) for p in (tmp_path / "run" / RECORDS_DIR).glob("*.json")} == records
+    assert time.perf_counter() - start < 120  # no engine, no training: the records said every step was done

@@ -1,0 +1,206 @@
+"""Pipelines: a chain of stages in one file, run locally or as a sequence of Ray jobs, resumable by step.
+
+A pipeline file (YAML; the shipped ones are in the repository's ``pipelines/``)
+names its steps, each the command a user would type after ``veclip``::
+
+    name: laclip-3m
+    about: LaCLIP rewrites, then CLIP training on them
+    vars: {steps: 11700, actors: 4}              # defaults; --var NAME=VALUE overrides
+    steps:
+      - name: captions
+        run: rewrite --input {input} --output {output}/captions --mode laclip --set laclip.pool.max_actors={actors}
+      - name: clip
+        run: train --input {output}/captions --output {output}/runs --name clip --set steps={steps}
+      - name: eval
+        when: "{eval_data}"                       # skipped when empty
+        run: eval --model {output}/runs/clip --input {eval_data} --output {output}/eval
+
+``{input}`` and ``{output}`` are the run's; every other ``{name}`` is a var. A
+step that succeeds leaves ``<output>/_pipeline/<step>.json`` (its command, its
+seconds): a rerun skips the steps whose record holds the same command and
+resumes at the first that is not finished. The stages themselves are
+exactly-once (rewrite, score) or resume exactly (train), so a step killed
+midway also goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from veclip.storage import Location, StorageOptions, read_json, write_json
+
+RECORDS_DIR = "_pipeline"  # <output>/_pipeline/<step>.json: the steps finished
+SHIPPED = Path(__file__).resolve().parents[1] / "pipelines"  # the repository's pipelines/
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: str  # the command after `veclip`, with {placeholders}
+    when: str = ""  # a placeholder expression: the step is skipped when it formats to ""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    about: str
+    steps: tuple[Step, ...]
+    vars: dict = field(default_factory=dict)
+
+    def commands(self, input: str, output: str, overrides: dict[str, str]) -> list[tuple[Step, list[str] | None]]:
+        """Each step with its command line (None: skipped by its ``when``), placeholders filled."""
+        unknown = sorted(set(overrides) - set(self.vars))
+        if unknown:
+            raise ValueError(f"pipeline {self.name}: no var {unknown[0]!r}; its vars: {sorted(self.vars)}")
+        values = {
+            **{k: str(v) for k, v in self.vars.items()},
+            **overrides,
+            "input": input,
+            "output": output.rstrip("/"),
+        }
+        out = []
+        for step in self.steps:
+            when = _fill(step.when, values, self.name, step.name) if step.when else "yes"
+            out.append((step, shlex.split(_fill(step.run, values, self.name, step.name)) if when.strip() else None))
+        return out
+
+
+def _fill(text: str, values: dict, pipeline: str, step: str) -> str:
+    missing = [n for _, n, _, _ in string.Formatter().parse(text) if n and n not in values]
+    if missing:
+        raise ValueError(f"pipeline {pipeline}, step {step}: {{{missing[0]}}} is not a var, nor input or output")
+    return text.format_map(values)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    pipeline: str = ""  # a shipped pipeline's name (veclip pipeline list) or a YAML file
+    input: str = ""  # the data the first step reads: a folder or s3:// prefix of Parquet shards
+    output: str = ""  # the run's folder or s3:// prefix: every step writes below it
+    vars: tuple[str, ...] = ()  # NAME=VALUE overrides of the pipeline's vars
+    submit: bool = False  # run the submittable steps as Ray jobs (veclip submit), the others here
+    address: str | None = None  # the cluster's job address for --submit (default: RAY_ADDRESS)
+    dry_run: bool = False  # print the commands, run nothing
+
+
+def available() -> dict[str, Path]:
+    """The shipped pipelines, by name."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def load(spec: str) -> Pipeline:
+    import yaml
+
+    path = Path(spec) if spec.endswith((".yaml", ".yml")) else available().get(spec)
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"pipeline: no pipeline {spec!r}; shipped: {sorted(available())}, or give a YAML file")
+    data = yaml.safe_load(path.read_text())
+    steps = tuple(Step(**s) for s in data["steps"])
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pipeline {path}: step names repeat: {names}")
+    return Pipeline(data.get("name", path.stem), data.get("about", ""), steps, data.get("vars") or {})
+
+
+def parse_vars(items: tuple[str, ...]) -> dict[str, str]:
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (_, sep, _) in zip(items, pairs) if not sep]
+    if bad:
+        raise ValueError(f"bad --var {bad[0]!r}: expected NAME=VALUE")
+    return {k.strip(): v for k, _, v in pairs}
+
+
+def check_commands(pipeline: Pipeline, steps: list[tuple[Step, list[str] | None]]) -> None:
+    """Every step's command parses and builds its stage's config, before the first one runs."""
+    from veclip.stages import STAGES, parse_stage_args
+
+    for step, command in steps:
+        if command is None:
+            continue
+        if command[0] not in STAGES:
+            raise ValueError(
+                f"pipeline {pipeline.name}, step {step.name}: no stage {command[0]!r}; stages: {sorted(STAGES)}"
+            )
+        try:
+            parse_stage_args(command[0], command[1:])
+        except SystemExit:  # argparse said why on stderr
+            raise ValueError(
+                f"pipeline {pipeline.name}, step {step.name}: bad command: veclip {shlex.join(command)}"
+            ) from None
+        except ValueError as err:
+            raise ValueError(f"pipeline {pipeline.name}, step {step.name}: {err}") from None
+
+
+def _run_step(command: list[str], submit: bool, address: str | None) -> int:
+    from veclip.cli import main
+    from veclip.stages import STAGES
+
+    if submit and command[0] in STAGES and STAGES[command[0]].submittable:
+        return main(["submit", command[0], *(["--address", address] if address else []), *command[1:]])
+    return main(command)
+
+
+def run_pipeline(config: PipelineConfig, options: StorageOptions | None = None, log=print) -> int:
+    """Run every step not yet finished, in order; a process exit code (the failed step's)."""
+    if not config.input or not config.output:
+        raise ValueError("pipeline: --input and --output are required")
+    pipeline = load(config.pipeline)
+    records = Location(config.output, options or StorageOptions()).child(RECORDS_DIR)
+    steps = pipeline.commands(config.input, config.output, parse_vars(config.vars))
+    check_commands(pipeline, steps)
+    log(f"pipeline {pipeline.name}: {len(steps)} steps -> {config.output}")
+    for n, (step, command) in enumerate(steps, 1):
+        head = f"pipeline {pipeline.name}: [{n}/{len(steps)}] {step.name}"
+        if command is None:
+            log(f"{head}: skipped (its condition {step.when!r} is empty)")
+            continue
+        if config.dry_run:  # no storage is read: the commands as they would run on a fresh output
+            log(f"{head}: veclip {shlex.join(command)}")
+            continue
+        record_path = records.join(step.name + ".json")
+        record = read_json(records.fs, record_path)
+        if record and record.get("command") == command:
+            log(f"{head}: done ({record['seconds']:.0f}s, {record['finished_at']})")
+            continue
+        log(f"{head}: veclip {shlex.join(command)}")
+        start = time.perf_counter()
+        code = _run_step(command, config.submit, config.address)
+        if code != 0:
+            log(
+                f"pipeline {pipeline.name}: step {step.name} failed (exit {code}); "
+                "rerun the same command to resume from it"
+            )
+            return code
+        write_json(
+            records.fs,
+            record_path,
+            {
+                "step": step.name,
+                "command": command,
+                "seconds": time.perf_counter() - start,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+    if config.dry_run:
+        log(f"pipeline {pipeline.name}: dry run: every step's command parses and builds its config; nothing ran")
+    else:
+        log(f"pipeline {pipeline.name}: done; step records in {posixpath.join(config.output, RECORDS_DIR)}/")
+    return 0
+
+
+def step_seconds(output: str, options: StorageOptions | None = None) -> dict[str, float]:
+    """Each finished step's seconds, from its record."""
+    records = Location(output, options or StorageOptions()).child(RECORDS_DIR)
+    if not records.exists():
+        return {}
+    out = {}
+    for entry in sorted(records.fs.ls(records.path, detail=False)):
+        record = read_json(records.fs, entry) if entry.endswith(".json") else None
+        if record:
+            out[record["step"]] = record["seconds"]
+    return out
