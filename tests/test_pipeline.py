@@ -8,6 +8,7 @@ import pytest
 from conftest import veclip_cli
 
 from veclip.pipeline import RECORDS_DIR, PipelineConfig, available, load, run_pipeline
+from veclip.stages import run_checked_pipeline
 
 RECIPES = ("demo", "laclip-3m", "laclip-12m", "laclip-300m", "veclip-3m", "veclip-12m", "veclip-300m")
 TINY = [
@@ -24,7 +25,8 @@ TINY = [
 def test_every_shipped_pipeline_is_there_and_its_commands_build_their_configs():
     assert set(RECIPES) <= set(available())
     for name in available():
-        assert run_pipeline(PipelineConfig(name, "s3://b/in", "s3://b/out", dry_run=True), log=lambda *_: None) == 0
+        config = PipelineConfig(name, "s3://b/in", "s3://b/out", dry_run=True)
+        assert run_checked_pipeline(config, log=lambda *_: None) == 0
 
 
 def test_vars_placeholders_and_conditions(tmp_path):
@@ -43,11 +45,15 @@ def test_vars_placeholders_and_conditions(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nsteps:\n  - name: a\n    run: sample --output {output}/x --rows {rows}\n")
     with pytest.raises(ValueError, match=r"\{rows\} is not a var"):
-        run_pipeline(PipelineConfig(str(bad), "i", str(tmp_path / "o")), log=lambda *_: None)
+        run_checked_pipeline(PipelineConfig(str(bad), "i", str(tmp_path / "o")), log=lambda *_: None)
     typo = tmp_path / "typo.yaml"
     typo.write_text("name: typo\nsteps:\n  - name: a\n    run: sample --output {output}/x --rowz 3\n")
     with pytest.raises(ValueError, match="step a: bad command"):  # checked before any step runs
-        run_pipeline(PipelineConfig(str(typo), "i", str(tmp_path / "o")), log=lambda *_: None)
+        run_checked_pipeline(PipelineConfig(str(typo), "i", str(tmp_path / "o")), log=lambda *_: None)
+    stageless = tmp_path / "stageless.yaml"
+    stageless.write_text("name: s\nsteps:\n  - name: a\n    run: smaple --output {output}\n")
+    with pytest.raises(ValueError, match="step a: no stage 'smaple'"):
+        run_checked_pipeline(PipelineConfig(str(stageless), "i", str(tmp_path / "o")), log=lambda *_: None)
 
 
 def test_a_failed_step_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):

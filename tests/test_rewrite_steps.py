@@ -326,6 +326,7 @@ def test_caption_tables_on_s3_join_and_validate(tmp_path, s3_bucket):
 
 
 @pytest.mark.slow
+@pytest.mark.raytrain
 def test_training_runs_on_a_caption_layout_output(tmp_path, ray_session):
     from veclip.train.config import build_config
     from veclip.train.trainer import run_train

@@ -3,6 +3,7 @@
 import ast
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,12 +96,23 @@ def test_the_tiny_rewrite_preset_is_pure(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
-def test_readme_commands_are_the_parsers():
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("## Commands\n\n```bash\n", 1)[1].split("```", 1)[0]
+def test_the_commands_reference_is_the_parsers():
+    reference = (REPO / "docs" / "stages.md").read_text()
+    block = reference.split("## Commands\n\n```bash\n", 1)[1].split("```", 1)[0]
     assert block == command_reference(), (
-        "README's Commands block is stale; paste veclip.cli.command_reference():\n" + command_reference()
+        "docs/stages.md's Commands block is stale; paste veclip.cli.command_reference():\n" + command_reference()
     )
+
+
+def test_the_front_page_is_short_and_its_links_stay_inside_the_repository():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300 and "## Module map" in readme
+    for target in re.findall(r"\]\(([^)]+)\)", readme):
+        if not target.startswith("https://arxiv.org/"):  # the two papers
+            assert (REPO / target.split("#")[0]).exists(), target
+    for doc in (REPO / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name} links to {target}"
 
 
 def _imports(path: Path, package_root: Path) -> set[str]:

@@ -149,7 +149,8 @@ def build(base, config_file: str | None = None, fields: dict | None = None, over
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's doc: the ``#`` comment on its line, else the comment lines just above it."""
+    """Each field's doc: the ``#`` comment on its line (or lines, as the formatter wraps a long one), else the
+    comment lines just above it."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -167,7 +168,8 @@ def field_docs(cls: type) -> dict[str, str]:
             while line >= 1 and line in comments and lines[line - 1].strip().startswith("#"):
                 above.insert(0, comments[line])
                 line -= 1
-            docs[node.target.id] = comments.get(node.lineno) or " ".join(above)
+            inline = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            docs[node.target.id] = " ".join(inline) or " ".join(above)
     return docs
 
 

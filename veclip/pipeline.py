@@ -28,7 +28,10 @@ from __future__ import annotations
 import posixpath
 import shlex
 import string
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,44 +118,46 @@ def parse_vars(items: tuple[str, ...]) -> dict[str, str]:
     return {k.strip(): v for k, _, v in pairs}
 
 
-def check_commands(pipeline: Pipeline, steps: list[tuple[Step, list[str] | None]]) -> None:
-    """Every step's command parses and builds its stage's config, before the first one runs."""
-    from veclip.stages import STAGES, parse_stage_args
-
+def check_commands(pipeline: Pipeline, steps: list[tuple[Step, list[str] | None]], check: Callable) -> None:
+    """Every step's command through ``check(stage, args)`` (the stage registry's parser and config build),
+    before the first one runs."""
     for step, command in steps:
         if command is None:
             continue
-        if command[0] not in STAGES:
-            raise ValueError(
-                f"pipeline {pipeline.name}, step {step.name}: no stage {command[0]!r}; stages: {sorted(STAGES)}"
-            )
         try:
-            parse_stage_args(command[0], command[1:])
+            check(command[0], command[1:])
         except SystemExit:  # argparse said why on stderr
             raise ValueError(
                 f"pipeline {pipeline.name}, step {step.name}: bad command: veclip {shlex.join(command)}"
             ) from None
-        except ValueError as err:
+        except (KeyError, ValueError) as err:
             raise ValueError(f"pipeline {pipeline.name}, step {step.name}: {err}") from None
 
 
-def _run_step(command: list[str], submit: bool, address: str | None) -> int:
-    from veclip.cli import main
-    from veclip.stages import STAGES
-
-    if submit and command[0] in STAGES and STAGES[command[0]].submittable:
-        return main(["submit", command[0], *(["--address", address] if address else []), *command[1:]])
-    return main(command)
+def _run_step(command: list[str], submit: bool, address: str | None, submittable: frozenset[str]) -> int:
+    """The step as its own ``veclip`` process, exactly as a user would type it (with --submit: a Ray job)."""
+    if submit and command[0] in submittable:
+        command = ["submit", command[0], *(["--address", address] if address else []), *command[1:]]
+    return subprocess.run([sys.executable, "-m", "veclip.cli", *command]).returncode
 
 
-def run_pipeline(config: PipelineConfig, options: StorageOptions | None = None, log=print) -> int:
-    """Run every step not yet finished, in order; a process exit code (the failed step's)."""
+def run_pipeline(
+    config: PipelineConfig,
+    options: StorageOptions | None = None,
+    log=print,
+    *,
+    check: Callable | None = None,
+    submittable: frozenset[str] = frozenset(),
+) -> int:
+    """Run every step not yet finished, in order; a process exit code (the failed step's). ``check(stage, args)``
+    vets each command first (the CLI passes the stage registry's); ``submittable``: the stages --submit sends."""
     if not config.input or not config.output:
         raise ValueError("pipeline: --input and --output are required")
     pipeline = load(config.pipeline)
     records = Location(config.output, options or StorageOptions()).child(RECORDS_DIR)
     steps = pipeline.commands(config.input, config.output, parse_vars(config.vars))
-    check_commands(pipeline, steps)
+    if check:
+        check_commands(pipeline, steps, check)
     log(f"pipeline {pipeline.name}: {len(steps)} steps -> {config.output}")
     for n, (step, command) in enumerate(steps, 1):
         head = f"pipeline {pipeline.name}: [{n}/{len(steps)}] {step.name}"
@@ -169,7 +174,7 @@ def run_pipeline(config: PipelineConfig, options: StorageOptions | None = None, 
             continue
         log(f"{head}: veclip {shlex.join(command)}")
         start = time.perf_counter()
-        code = _run_step(command, config.submit, config.address)
+        code = _run_step(command, config.submit, config.address, submittable)
         if code != 0:
             log(
                 f"pipeline {pipeline.name}: step {step.name} failed (exit {code}); "

@@ -96,6 +96,8 @@ def stage_config(stage: Stage, args: argparse.Namespace):
 
 def parse_stage_args(name: str, argv: list[str]):
     """A stage's config from its command-line arguments, as ``veclip STAGE`` would build it."""
+    if name not in STAGES:
+        raise ValueError(f"no stage {name!r}; stages: {sorted(STAGES)}")
     parser = argparse.ArgumentParser(prog=f"veclip {name}")
     stage = STAGES[name]
     add_stage_parser(parser.add_subparsers(dest="command", required=True), stage)
@@ -449,10 +451,16 @@ def _pipeline_flags(p):
     p.add_argument("--dry-run", action="store_true", default=None, help="print each step's command, run nothing")
 
 
-def _pipeline_run(config, options, args) -> int:
+def run_checked_pipeline(config, options=None, log=print) -> int:
+    """A pipeline whose every command is first parsed and built by this registry, as ``veclip pipeline`` runs it."""
     from veclip.pipeline import run_pipeline
 
-    return run_pipeline(config, options)
+    submittable = frozenset(name for name, stage in STAGES.items() if stage.submittable)
+    return run_pipeline(config, options, log, check=parse_stage_args, submittable=submittable)
+
+
+def _pipeline_run(config, options, args) -> int:
+    return run_checked_pipeline(config, options)
 
 
 def _fields(*names: str) -> Callable[[argparse.Namespace], dict]:
