@@ -76,6 +76,17 @@ def s3_bucket(s3_endpoint, request) -> tuple[str, StorageOptions]:
     return f"s3://{bucket}", options
 
 
+@pytest.fixture(params=["local", "s3"])
+def out_location(request, tmp_path):
+    """An output folder on local disk, then on the local S3 server: the same test on both storages."""
+    from veclip.storage import Location
+
+    if request.param == "local":
+        return Location(str(tmp_path / "out"))
+    url, options = request.getfixturevalue("s3_bucket")
+    return Location(url + "/out", options)
+
+
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
     """The vLLM environment's interpreter (`make test` creates it and sets VECLIP_VLLM_PYTHON)."""

@@ -18,12 +18,9 @@ from veclip.shards.lease import LeaseHeld, LeaseLost, OutputLease
 from veclip.storage import Location
 
 
-@pytest.fixture(params=["local", "s3"])
-def out(request, tmp_path) -> Location:
-    if request.param == "local":
-        return Location(str(tmp_path / "out"))
-    url, options = request.getfixturevalue("s3_bucket")
-    return Location(url + "/out", options)
+@pytest.fixture
+def out(out_location) -> Location:
+    return out_location
 
 
 def test_the_test_s3_server_honours_conditional_writes(s3_bucket):

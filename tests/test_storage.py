@@ -12,12 +12,9 @@ from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> Location:
-    if request.param == "local":
-        return Location(str(tmp_path / "out"))
-    url, options = request.getfixturevalue("s3_bucket")
-    return Location(url + "/out", options)
+@pytest.fixture
+def root(out_location) -> Location:
+    return out_location
 
 
 def _table(n: int, offset: int = 0) -> pa.Table:

@@ -21,7 +21,7 @@ from veclip import schema
 from veclip.shards.store import caption_tables, finished_shard_entries
 from veclip.storage import Location, StorageOptions, no_shards
 
-GENERATED = (schema.VLM_CAPTION, schema.VECAP, schema.REWRITES)  # the caption columns a rewrite writes
+GENERATED = schema.GENERATED_CAPTION_COLUMNS  # the caption columns a rewrite writes
 SCORES = (schema.CLIP_SCORES, schema.provenance_column(schema.CLIP_SCORES))  # the columns a score output adds
 
 

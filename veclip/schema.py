@@ -79,14 +79,20 @@ GENERATED_FIELDS = (
 )
 ENRICHED_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS + GENERATED_FIELDS)
 
-# A score table: one row per input row, in order (a caption table: joined by key like the rewrite's).
-# Slots as training names them: alt_text, vecap, vlm_caption, and one score per rewrite, in order.
-SCORE_SLOTS = (ALT_TEXT, VECAP, VLM_CAPTION)
+# The caption slots, defined once: training chooses among them, the gate scores and flags them, by these names.
+SINGLE_CAPTION_COLUMNS = (ALT_TEXT, VECAP, VLM_CAPTION)  # one caption each: one slot per column
+CAPTION_COLUMNS = (*SINGLE_CAPTION_COLUMNS, REWRITES)  # REWRITES: one slot per rewrite, "rewrites.<i>", in order
+GENERATED_CAPTION_COLUMNS = (VLM_CAPTION, VECAP, REWRITES)  # the ones a rewrite writes
+
+# A score table: one row per input row, in order (a caption table: joined by key like the rewrite's),
+# a score per caption slot.
 SCORE_FIELDS = (
     pa.field(KEY, pa.string()),
     pa.field(
         CLIP_SCORES,
-        pa.struct([pa.field(s, pa.float32()) for s in SCORE_SLOTS] + [pa.field(REWRITES, pa.list_(pa.float32()))]),
+        pa.struct(
+            [pa.field(s, pa.float32()) for s in SINGLE_CAPTION_COLUMNS] + [pa.field(REWRITES, pa.list_(pa.float32()))]
+        ),
     ),
     pa.field(
         provenance_column(CLIP_SCORES),

@@ -13,8 +13,6 @@ from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 from veclip.shards.worker import FaultConfig
 
-SLOT_COLUMNS = (*schema.SCORE_SLOTS, schema.REWRITES)  # the caption columns that can be scored
-
 
 @dataclass(frozen=True)
 class ScorePool:
@@ -38,7 +36,9 @@ class ScoreConfig:
     )
     model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name (with pretrained)
     pretrained: str | None = None  # with an open_clip model name: a pretrained tag or a weights file
-    caption_columns: tuple[str, ...] = SLOT_COLUMNS  # caption columns to score (and gate); rewrites: each rewrite
+    caption_columns: tuple[str, ...] = (
+        schema.CAPTION_COLUMNS
+    )  # caption columns to score (and gate); rewrites: each rewrite
     # Flag a caption whose cosine with its image is under this (absolute; e.g. LAION-5B dropped pairs under 0.28 with
     # OpenAI's ViT-B/32, LAION-400M under 0.3); None: no absolute threshold
     threshold: float | None = None
@@ -55,9 +55,11 @@ class ScoreConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)  # retries, backoff and the output lease
 
     def __post_init__(self):
-        unknown = sorted(set(self.caption_columns) - set(SLOT_COLUMNS))
+        unknown = sorted(set(self.caption_columns) - set(schema.CAPTION_COLUMNS))
         if unknown or not self.caption_columns:
-            raise ValueError(f"score: caption_columns must be among {SLOT_COLUMNS}, got {list(self.caption_columns)}")
+            raise ValueError(
+                f"score: caption_columns must be among {schema.CAPTION_COLUMNS}, got {list(self.caption_columns)}"
+            )
         if self.percentile is not None and not 0 < self.percentile < 100:
             raise ValueError(f"score: percentile must be within (0, 100), got {self.percentile}")
         if self.threshold is not None and not -1 <= self.threshold <= 1:

@@ -98,7 +98,7 @@ def score_table(
     provenance: dict,
 ) -> pa.Table:
     """The score table (schema.SCORE_SCHEMA): one row per key, in order; a rewrite's score at its index."""
-    rows = [{s: None for s in schema.SCORE_SLOTS} | {schema.REWRITES: None} for _ in keys]
+    rows = [{s: None for s in schema.SINGLE_CAPTION_COLUMNS} | {schema.REWRITES: None} for _ in keys]
     if schema.REWRITES in table.column_names:
         for row, rewrites in zip(rows, table.column(schema.REWRITES).to_pylist()):
             row[schema.REWRITES] = [None] * len(rewrites) if rewrites else None

@@ -27,7 +27,7 @@ import numpy as np
 from veclip import schema
 
 MODES = ("alttext", "vecap", "mix", "laclip", "weighted")
-COLUMN_SLOTS = (schema.ALT_TEXT, schema.VECAP, schema.VLM_CAPTION)  # one slot per column, then one per rewrite
+COLUMN_SLOTS = schema.SINGLE_CAPTION_COLUMNS  # one slot per column, then one per rewrite
 ALT_TEXT_SLOT = COLUMN_SLOTS.index(schema.ALT_TEXT)  # the fallback when a drawn caption is unusable
 REWRITES = schema.REWRITES
 

@@ -38,8 +38,6 @@ from veclip.dataset import Dataset, Shard, join_captions, open_dataset
 from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
 from veclip.storage import Location, StorageOptions, no_shards
 from veclip.train.captions import (
-    COLUMN_SLOTS,
-    REWRITES,
     CaptionConfig,
     choose,
     choose_several,
@@ -50,7 +48,7 @@ from veclip.train.captions import (
 )
 from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
 
-CAPTION_COLUMNS = (*COLUMN_SLOTS, REWRITES)  # what the caption slots are read from
+CAPTION_COLUMNS = schema.CAPTION_COLUMNS  # what the caption slots are read from
 READ_COLUMNS = (*CAPTION_COLUMNS, schema.REWRITE_FLAGS)  # and the flags, for the caption gate's (veclip score)
 CHUNK_ROWS = 256  # rows per block a window's read task emits, and per preprocess task
 SKIP_REASONS = ("", "image_unusable", "no_usable_caption")  # index = the ``skip`` code
