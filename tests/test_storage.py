@@ -1,5 +1,7 @@
 """Storage behaves the same on local disk and on S3 (a moto server on 127.0.0.1)."""
 
+import shutil
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -166,3 +168,33 @@ def test_readers_use_only_finished_shards(tmp_path):
     plain.mkdir()
     pq.write_table(pa.table({"key": ["x"]}), plain / "x.parquet")
     assert shard_store.finished_shards(storage.Location(str(plain))) == ([str(plain / "x.parquet")], {})
+
+
+def test_an_output_equal_to_or_inside_an_input_is_refused_by_every_stage_that_writes(sample_root, tmp_path):
+    """--output = --input once turned every image shard into a caption table of the same name; nothing is
+    written now, by any stage, and the message says why."""
+    from conftest import veclip_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_root / "train", data)
+    contents = lambda: {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
+    before = contents()
+    commands = {
+        "rewrite": ["rewrite", "--input", str(data), "--output", str(data), "--mode", "laclip", "--preset", "tiny"],
+        "score": ["score", "--input", str(data), "--output", str(data / "scores"), "--model", "x", "--pretrained", "y"],
+        "train": ["train", "--input", str(data), "--output", str(data / "runs"), "--preset", "tiny"],
+        "eval": ["eval", "--model", "x", "--input", str(data), "--output", str(data)],
+        "import": ["import", str(data), "--output", str(data / "shards"), "--format", "webdataset"],
+    }
+    for stage, argv in commands.items():
+        result = veclip_cli(*argv)
+        refused = "inside the input" in result.stderr or "is the input" in result.stderr
+        assert result.returncode != 0 and refused, (
+            stage,
+            result.stderr[-2000:],
+        )
+    assert contents() == before  # not a byte changed, nothing added
+    # a sibling is fine, and so is a prefix that only shares the name's start
+    storage.refuse_overlap("rewrite", str(tmp_path / "data-captions"), [str(data)])
+    with pytest.raises(storage.OutputOverlapsInput, match="is the input"):
+        storage.refuse_overlap("score", str(data) + "/", [str(tmp_path / "x"), f"{data}#vecap"])

@@ -210,7 +210,7 @@ def _flag(action: argparse.Action) -> str:
 
 
 def command_reference() -> str:
-    """One line per command, from the parser itself (README's "Commands" block is this, checked by a test)."""
+    """One line per command, from the parser itself (docs/stages.md's "Commands" block is this, checked by a test)."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     width = max(map(len, sub.choices))
     lines = []

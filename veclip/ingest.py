@@ -34,7 +34,7 @@ from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image,
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
-from veclip.storage import Location, StorageOptions, filesystem, list_files
+from veclip.storage import Location, StorageOptions, filesystem, list_files, refuse_overlap
 
 FORMATS = ("auto", "webdataset", "csv")
 STAGE = "import"
@@ -317,6 +317,7 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
 
 def run_import(config: ImportConfig, options: StorageOptions | None = None, log=print) -> ImportSummary:
     options = options or StorageOptions()
+    refuse_overlap("import", config.output, [config.source], options)
     if config.resolved_format() == "csv":
         return import_csv(config, options, log)
     return import_webdataset(config, options, log)

@@ -129,6 +129,26 @@ def list_shards(location: Location, suffix: str = PARQUET) -> list[str]:
     return [p for p in list_files(location) if p.endswith(suffix)]
 
 
+class OutputOverlapsInput(ValueError):
+    """A stage was asked to write where it reads: it would overwrite its own input."""
+
+
+def refuse_overlap(stage: str, output: str, inputs: list[str], options: StorageOptions | None = None) -> None:
+    """Refuse an ``output`` equal to one of ``inputs`` or inside it (``--output`` = ``--input`` would turn
+    each image shard into a caption table of the same name: the corpus lost), before anything is written."""
+    target = Location(output, options or StorageOptions())
+    for url in filter(None, inputs):
+        source = Location(url.partition("#")[0], options or StorageOptions())  # a caption source may pick columns
+        if _protocols(source.fs) != _protocols(target.fs):
+            continue
+        if target.path == source.path or target.path.startswith(source.path.rstrip("/") + "/"):
+            where = "is" if target.path == source.path else "is inside"
+            raise OutputOverlapsInput(
+                f"{stage}: the output {output} {where} the input {url}: writing there would overwrite or mix with "
+                "what the stage reads. Write to a folder of its own, e.g. a sibling of the input."
+            )
+
+
 def no_shards(stage: str, url: str, what: str = ".parquet shards") -> FileNotFoundError:
     """The error of a stage that found nothing to read (the same words in every stage)."""
     return FileNotFoundError(

@@ -27,7 +27,7 @@ from veclip.dataset import Dataset, open_dataset, read_shard
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
 from veclip.eval.model import load_model
-from veclip.storage import Location, StorageOptions, write_json
+from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     """Zero-shot and retrieval on a set of shards, or on a caption output joined to its images
     (e.g. ``--caption-column vecap`` to retrieve with generated captions)."""
     options = options or StorageOptions()
+    if config.output:
+        refuse_overlap("eval", config.output, [config.input], options)
     dataset = open_dataset(config.input, options, stage="eval")
     location = dataset.images
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)

@@ -134,6 +134,7 @@ class Rewrite(ShardedStage):
         return f"mode {self.config.mode}, fingerprint {run.fingerprint}"
 
     def prepare(self, plan: Plan, run: RunContext, log) -> None:
+        ensure_models(self.config)  # the registered presets' models (the sample world's), built on first use
         check_engine_python(self.config)
 
     def map_pools(self, ds, plan: Plan, run: RunContext):
@@ -247,7 +248,6 @@ def run_rewrite(
     (the CLI exits non-zero); rerunning the same command retries exactly them.
     """
     config.validate_for_run()
-    ensure_models(config)
     return run_stage(Rewrite(config, options, redo_mismatched), log, take_over_lease=take_over_lease)
 
 

@@ -50,6 +50,9 @@ class Score(ShardedStage):
         self.dataset: Dataset | None = None
         self.stamps: dict[str, list[str]] = {}
 
+    def input_urls(self) -> list[str]:
+        return [self.config.input, *self.config.add_captions]
+
     def fingerprint(self) -> str:
         return fingerprint(self.config, self.weights)[0]
 

@@ -29,7 +29,7 @@ from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import FaultConfig
-from veclip.storage import Location, StorageOptions, write_json
+from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
 
 SUMMARY_VERSION = 2
 
@@ -99,6 +99,10 @@ class ShardedStage(ABC):
     def faults(self) -> FaultConfig:
         return self.config.faults
 
+    def input_urls(self) -> list[str]:
+        """Every folder the stage reads: its output may be none of them, nor inside one."""
+        return [self.config.input]
+
     @abstractmethod
     def fingerprint(self) -> str:
         """What decides the output's content, hashed: markers of another one are never reused."""
@@ -152,6 +156,7 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
     Shards that keep failing are recorded and listed in ``summary["failed"]``
     (the CLI exits non-zero); rerunning the same command retries exactly them.
     """
+    refuse_overlap(stage.name, stage.config.output, stage.input_urls(), stage.options)
     start, started_at = time.perf_counter(), time.time()
     run = RunContext(run_id=uuid.uuid4().hex[:12], fingerprint=stage.fingerprint())
     out = stage.output

@@ -16,7 +16,7 @@ import time
 
 from veclip.config import redact
 from veclip.console import start_ray
-from veclip.storage import Location, StorageOptions, write_json
+from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
 from veclip.train.checkpoint import PROGRESS_FILE, RUN_FILE, RUN_SUMMARY_FILE, Progress
 from veclip.train.config import TrainConfig
 from veclip.train.data import plan_data
@@ -29,6 +29,7 @@ def run_train(
 ) -> dict:
     options = options or StorageOptions()
     config.validate_for_run()
+    refuse_overlap("train", config.output, [config.input, *config.add_captions], options)
     start_ray(log)
     start = time.perf_counter()
     plan = plan_data(config.input, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
