@@ -81,7 +81,7 @@ class ShardScorer(ShardWorker):
             self.model,
             self.preprocess,
             self.tokenizer,
-            table.column(schema.IMAGE).to_pylist(),
+            table.column(schema.IMAGE),
             captions,
             self.config.batch_size,
             self.config.image_limits,
