@@ -52,3 +52,28 @@ def test_the_verbose_flag_reaches_ray_workers(monkeypatch, tmp_path):
     )
     cli.main(["train", "--data", str(tmp_path), "--output", str(tmp_path), "--verbose"])
     assert verbose()  # set in the environment, which Ray jobs and workers inherit
+
+
+def test_a_stale_ray_address_is_said_in_one_line_and_a_fresh_local_ray_starts(tmp_path):
+    """A killed local cluster leaves its address in ray_current_cluster: plain ray.init() retries it forever.
+    A stage says so in one line and starts its own local Ray instead."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from conftest import free_port
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live below it
+    try:
+        (Path(temp) / "ray").mkdir()
+        (Path(temp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        code = (
+            "from veclip.console import start_ray; import ray; start_ray(); "
+            "print('nodes', len(ray.nodes())); ray.shutdown()"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": temp}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "is gone; starting a fresh local one" in result.stdout and "nodes 1" in result.stdout
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from pathlib import Path
 
 VERBOSE_ENV = "VECLIP_VERBOSE"
 
@@ -28,6 +30,25 @@ def eta(remaining: float, rate: float) -> str:
     )
 
 
+def stale_cluster_address() -> tuple[str, str] | None:
+    """``(address, file)`` when no RAY_ADDRESS is set and the cluster Ray last started on this machine (its
+    ``ray_current_cluster`` file) no longer answers: ``ray.init()`` would retry it forever, silently."""
+    from ray._common.utils import get_ray_address_file
+
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    path = get_ray_address_file(None)
+    try:
+        address = Path(path).read_text().strip()
+        host, _, port = address.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return address, path
+
+
 def start_ray(log=print) -> None:
     """Connect to (or start) Ray as a stage's driver, quiet unless verbose."""
     import ray
@@ -37,7 +58,11 @@ def start_ray(log=print) -> None:
     if not ray.is_initialized():
         if not loud:  # "token authentication is enabled ...": Ray's default for a local head, said on every start
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        context = ray.init(log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
+        address = None
+        if stale := stale_cluster_address():
+            log(f"ray: the cluster at {stale[0]} (named in {stale[1]}) is gone; starting a fresh local one")
+            address = "local"
+        context = ray.init(address=address, log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
         session = context.address_info.get("session_dir")
         if not loud and session:
             log(f"ray: worker and engine logs in {session}/logs (--verbose shows them here)")
