@@ -129,3 +129,24 @@ def test_demo(tmp_path, vllm_python):
     pixels = browser_screenshot(tmp_path / "demo" / "report.html", tmp_path / "report.png", size="1000,4000")
     saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 90
     assert pixels.std() > 20 and saturated.sum() > 5000, saturated.sum()
+
+
+def test_secrets_are_recognised_by_their_common_names_and_inside_urls():
+    from veclip.config import SECRET_NAME, redact
+
+    for name in (
+        "HF_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "GITHUB_PAT",
+        "OPENAI_KEY",
+        "DATABASE_URL",
+        "apiKey",
+        "accessToken",
+        "db_password",
+        "SENTRY_DSN",
+    ):
+        assert SECRET_NAME.search(name), name
+    for name in ("prompt_tokens", "max_tokens", "sort_key", "key", "patience", "model", "tokenizer"):
+        assert not SECRET_NAME.search(name), name
+    out = redact({"env": {"DATABASE_URL": "postgres://u:p4ss@db/x", "NOTE": "see https://bob:hunter22@example.org/x"}})
+    assert out["env"]["DATABASE_URL"] == "<redacted>" and out["env"]["NOTE"] == "see https://<redacted>@example.org/x"

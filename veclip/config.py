@@ -187,12 +187,31 @@ def describe(config, prefix: str = "") -> list[tuple[str, object, str]]:
     return out
 
 
-# Names of settings that hold secrets (an engine's HF_TOKEN, a key for a hub or a bucket).
-# Whole words of a name: HF_TOKEN and AWS_SECRET_ACCESS_KEY match, prompt_tokens does not.
-SECRET_NAME = re.compile(
-    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY)(_|$)", re.IGNORECASE
+# Names of settings that hold secrets (an engine's HF_TOKEN, a key for a hub or a bucket, a database URL).
+# Whole words of a name, camelCase split into words: HF_TOKEN, AWS_SECRET_ACCESS_KEY, GITHUB_PAT, OPENAI_KEY,
+# DATABASE_URL and apiKey match; prompt_tokens and max_tokens do not.
+_SECRET_WORDS = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PWD|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|PAT|"
+    r"AUTH|AUTHORIZATION|COOKIE|DSN|DATABASE_URL|CONNECTION_STRING)(_|$)",
+    re.IGNORECASE,
 )
+# Credentials inside a URL: scheme://user:password@host
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")
 REDACTED = "<redacted>"
+
+
+class _SecretName:
+    """``SECRET_NAME.search(name)``: whether a setting's name says it holds a secret."""
+
+    @staticmethod
+    def search(name: str):
+        if name.isupper() and name.endswith("_KEY"):  # an environment variable: OPENAI_KEY (a field: sort_key is not)
+            return re.search("_KEY$", name)
+        words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)  # apiKey -> api_Key
+        return _SECRET_WORDS.search(words)
+
+
+SECRET_NAME = _SecretName()
 
 
 def secret_values(data) -> set[str]:
@@ -210,9 +229,10 @@ def secret_values(data) -> set[str]:
 
 
 def scrub(text: str, secrets) -> str:
+    """``text`` with every one of ``secrets`` and any credentials inside a URL replaced."""
     for secret in secrets:
         text = text.replace(secret, REDACTED)
-    return text
+    return URL_CREDENTIALS.sub(REDACTED, text)
 
 
 def redact(data, secrets=frozenset()):
