@@ -157,3 +157,32 @@ def test_engine_feeder_matches_vllm_request_ids_or_fails_loudly():
     assert _external_id("17-9f8a5b05") == _external_id("17") == "17"  # what enqueue answers / what outputs carry
     with pytest.raises(RuntimeError, match="feeder needs updating"):
         _external_id("chatcmpl-17")
+
+
+def test_a_request_vllm_refuses_flags_its_row_and_the_rest_run(monkeypatch):
+    """vLLM adds a batch all or none: one request it refuses (an image its processor cannot take) once
+    failed the whole shard on every rerun. The others now run; the refused one answers with its reason."""
+    from veclip.rewrite import engine as engine_module
+    from veclip.rewrite.config import SamplingConfig
+    from veclip.rewrite.engine import REQUEST_REFUSED, Request, VLLMEngine, _Submission
+
+    class FakeLLM:
+        def __init__(self):
+            self.added = []
+
+        def get_tokenizer(self):
+            return type("T", (), {"encode": staticmethod(lambda text, **_: text.split())})()
+
+        def enqueue(self, prompts, params, use_tqdm=False):
+            if any("bad" in p["prompt"] for p in prompts):
+                raise ValueError("the processor cannot take this image")
+            self.added += [p["prompt"] for p in prompts]
+            return [f"{len(self.added) - len(prompts) + i}-x" for i in range(len(prompts))]
+
+    monkeypatch.setattr(engine_module, "sampling_params", lambda sampling, seed: None)
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.seeded, engine.max_model_len = FakeLLM(), False, 1000
+    submission = _Submission([Request(prompt=p) for p in ("a cat", "bad one", "a dog")], SamplingConfig(max_tokens=8))
+    ids = engine._enqueue(submission)
+    assert engine.llm.added == ["a cat", "a dog"] and len(ids) == 2 and submission.runnable == [0, 2]
+    assert submission.completions[1].error == REQUEST_REFUSED and submission.left == 2

@@ -39,6 +39,7 @@ class Completion:
 
 
 PROMPT_TOO_LONG = "prompt_too_long"
+REQUEST_REFUSED = "request_refused"  # vLLM refused the request itself (e.g. an image its processor cannot take)
 
 
 class Engine(Protocol):
@@ -200,7 +201,26 @@ class VLLMEngine:
                 submission.done(i, Completion("", 0, 0, PROMPT_TOO_LONG))
             else:
                 submission.runnable.append(i)
-        requests = [submission.requests[i] for i in submission.runnable]
+        try:
+            return self._add([submission.requests[i] for i in submission.runnable], sampling)
+        except Exception as err:  # noqa: BLE001 - one request vLLM refuses must not fail its whole shard
+            print(
+                f"veclip: vLLM refused a batch ({type(err).__name__}: {err}); adding its requests one by one",
+                flush=True,
+            )
+        runnable, ids = submission.runnable, []
+        submission.runnable = []
+        for i in runnable:
+            try:
+                ids += self._add([submission.requests[i]], sampling)
+                submission.runnable.append(i)
+            except Exception as err:  # noqa: BLE001 - this row is flagged with the reason; the shard goes on
+                print(f"veclip: vLLM refused a request ({type(err).__name__}: {str(err)[:300]})", flush=True)
+                submission.done(i, Completion("", 0, 0, REQUEST_REFUSED))
+        return ids
+
+    def _add(self, requests: list[Request], sampling: SamplingConfig) -> list[str]:
+        """Queue requests in the engine (vLLM adds all of them or, refusing one, none); their request ids."""
         if not requests:
             return []
         params = [sampling_params(sampling, r.seed if self.seeded else None) for r in requests]
