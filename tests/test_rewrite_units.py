@@ -186,3 +186,61 @@ def test_a_request_vllm_refuses_flags_its_row_and_the_rest_run(monkeypatch):
     ids = engine._enqueue(submission)
     assert engine.llm.added == ["a cat", "a dog"] and len(ids) == 2 and submission.runnable == [0, 2]
     assert submission.completions[1].error == REQUEST_REFUSED and submission.left == 2
+
+
+def _engine_with(llm_engine, monkeypatch, stall_seconds=900.0):
+    """A VLLMEngine around a stand-in ``llm_engine`` (its feeder running), no vLLM needed."""
+    import queue
+    import threading
+
+    from veclip.rewrite import engine as engine_module
+    from veclip.rewrite.engine import VLLMEngine
+
+    monkeypatch.setattr(engine_module, "sampling_params", lambda sampling, seed: None)
+
+    class LLM:
+        def get_tokenizer(self):
+            return type("T", (), {"encode": staticmethod(lambda text, **_: text.split())})()
+
+        def enqueue(self, prompts, params, use_tqdm=False):
+            llm_engine.pending += len(prompts)
+            return [f"{i}-x" for i in range(len(prompts))]
+
+    LLM.llm_engine = llm_engine
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.seeded, engine.max_model_len, engine.busy_seconds = LLM(), False, 1000, 0.0
+    engine._dead, engine._stepping_since, engine.stall_seconds = None, None, stall_seconds
+    engine._submissions = queue.Queue()
+    threading.Thread(target=engine._feed, daemon=True).start()
+    return engine
+
+
+def test_any_feeder_death_or_a_hung_step_is_fatal_to_the_actor(monkeypatch):
+    """The feeder once stored non-vLLM errors and kept the actor alive, failing every later shard fast, and a
+    step() that hung (a stuck GPU) hung the run forever. Both now raise an error the guard exits the actor on."""
+    import threading
+
+    from veclip.rewrite.config import SamplingConfig
+    from veclip.rewrite.engine import EngineGone, Request
+    from veclip.shards.guard import engine_died
+
+    class Broken:
+        pending = 0
+
+        def has_unfinished_requests(self):
+            return self.pending > 0
+
+        def step(self):
+            raise KeyError("an unexpected output format")
+
+    class Hung(Broken):
+        def step(self):
+            threading.Event().wait()  # never returns
+
+    for llm_engine, stall, reason in ((Broken(), 900.0, "feeder died: KeyError"), (Hung(), 0.5, "the engine hung")):
+        engine = _engine_with(llm_engine, monkeypatch, stall)
+        with pytest.raises(EngineGone, match=reason) as caught:
+            engine.generate([Request(prompt="a cat")], SamplingConfig(max_tokens=4))
+        assert engine_died(caught.value)
+        with pytest.raises(EngineGone):  # every later caller hears it too, at once
+            engine.generate([Request(prompt="a dog")], SamplingConfig(max_tokens=4))

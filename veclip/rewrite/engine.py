@@ -14,10 +14,12 @@ import os
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from veclip.rewrite.config import EngineConfig, SamplingConfig
+from veclip.shards.guard import engine_died
 
 
 @dataclass
@@ -39,7 +41,14 @@ class Completion:
 
 
 PROMPT_TOO_LONG = "prompt_too_long"
-REQUEST_REFUSED = "request_refused"  # vLLM refused the request itself (e.g. an image its processor cannot take)
+REQUEST_REFUSED = "request_refused"
+STEP_STALL_SECONDS = 900.0  # an engine step that has not returned in this long is hung (a stuck GPU, NCCL)
+
+
+class EngineGone(RuntimeError):
+    """The engine feeder died or the engine hung: this actor exits, Ray starts a fresh one (ShardGuard)."""
+
+    fatal_to_actor = True  # vLLM refused the request itself (e.g. an image its processor cannot take)
 
 
 class Engine(Protocol):
@@ -140,6 +149,8 @@ class VLLMEngine:
         self.name = f"vllm-{vllm.__version__}"
         self.busy_seconds = 0.0  # wall seconds the engine had requests in it (the busy share's numerator)
         self._dead: BaseException | None = None
+        self._stepping_since: float | None = None  # when the running engine.step() began (None: not in one)
+        self.stall_seconds = STEP_STALL_SECONDS
         self._submissions: queue.Queue[_Submission] = queue.Queue()
         threading.Thread(target=self._feed, name="veclip-engine-feeder", daemon=True).start()
 
@@ -156,7 +167,16 @@ class VLLMEngine:
             return []
         submission = _Submission(requests, sampling)
         self._submissions.put(submission)
-        return submission.result(lambda: self._dead)
+        return submission.result(self._failure)
+
+    def _failure(self) -> BaseException | None:
+        """Why no submission can finish any more: the feeder died, or a step has hung."""
+        since = self._stepping_since
+        if self._dead is None and since is not None and time.perf_counter() - since > self.stall_seconds:
+            self._dead = EngineGone(
+                f"a vLLM engine step has not returned in {self.stall_seconds:.0f} s: the engine hung"
+            )
+        return self._dead
 
     # --- the feeder: one thread owns the engine and keeps it fed -----------------------------------
 
@@ -166,30 +186,38 @@ class VLLMEngine:
         only wait for their submission, so the next shard's requests join the running batch
         instead of waiting for the last one's tail to drain. ``busy_seconds`` is the engine's
         wall time with work in it."""
-        engine = self.llm.llm_engine
         waiting: dict[str, tuple[_Submission, int]] = {}  # request id -> (submission, its index there)
+        try:
+            self._feed_forever(waiting)
+        except BaseException as err:  # noqa: BLE001 - whatever stops the feeder: every caller, now and later, hears it
+            traceback.print_exc()
+            self._dead = (
+                err if engine_died(err) else EngineGone(f"the vLLM engine feeder died: {type(err).__name__}: {err}")
+            )
+            for submission in {id(s): s for s, _ in waiting.values()}.values():
+                submission.fail(self._dead)
+
+    def _feed_forever(self, waiting: dict) -> None:
+        engine = self.llm.llm_engine
         while True:
             arrived = _drain(self._submissions, block=not engine.has_unfinished_requests())
             started = time.perf_counter()
-            try:
-                for submission in arrived:
-                    try:
-                        ids = self._enqueue(submission)
-                    except Exception as err:  # a request vLLM refuses: its caller's error, not the engine's
-                        submission.fail(err)
-                        continue
-                    waiting.update({_external_id(rid): (submission, i) for i, rid in zip(submission.runnable, ids)})
-                if not engine.has_unfinished_requests():
-                    continue
-                for output in engine.step():
-                    entry = waiting.pop(_external_id(output.request_id), None) if output.finished else None
-                    if entry is not None:  # (None: a request of a submission that failed while being queued)
-                        entry[0].done(entry[1], _completion(output))
-            except Exception as err:  # the engine is gone (EngineDeadError): every caller, now and later, hears it
-                self._dead = err
-                for submission in {id(s): s for s, _ in waiting.values()}.values():
+            for submission in arrived:
+                try:
+                    ids = self._enqueue(submission)
+                except Exception as err:  # a request vLLM refuses: its caller's error, not the engine's
                     submission.fail(err)
-                return
+                    continue
+                waiting.update({_external_id(rid): (submission, i) for i, rid in zip(submission.runnable, ids)})
+            if not engine.has_unfinished_requests():
+                continue
+            self._stepping_since = time.perf_counter()
+            outputs = engine.step()
+            self._stepping_since = None
+            for output in outputs:
+                entry = waiting.pop(_external_id(output.request_id), None) if output.finished else None
+                if entry is not None:  # (None: a request of a submission that failed while being queued)
+                    entry[0].done(entry[1], _completion(output))
             self.busy_seconds += time.perf_counter() - started
 
     def _enqueue(self, submission: "_Submission") -> list[str]:

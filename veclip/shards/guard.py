@@ -55,8 +55,9 @@ def record_failure(
 
 
 def engine_died(err: BaseException) -> bool:
-    """vLLM's engine process is gone: this actor's engine can never answer again."""
-    return any(cls.__name__ == "EngineDeadError" for cls in type(err).__mro__)
+    """This actor's engine can never answer again (vLLM's EngineDeadError, or an error that says it is
+    fatal to the actor: a dead or hung engine feeder)."""
+    return getattr(err, "fatal_to_actor", False) or any(cls.__name__ == "EngineDeadError" for cls in type(err).__mro__)
 
 
 class ShardGuard:
