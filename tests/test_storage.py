@@ -198,3 +198,35 @@ def test_an_output_equal_to_or_inside_an_input_is_refused_by_every_stage_that_wr
     storage.refuse_overlap("rewrite", str(tmp_path / "data-captions"), [str(data)])
     with pytest.raises(storage.OutputOverlapsInput, match="is the input"):
         storage.refuse_overlap("score", str(data) + "/", [str(tmp_path / "x"), f"{data}#vecap"])
+
+
+def test_a_shard_written_again_never_leaves_a_marker_that_lies(root, monkeypatch):
+    """Redoing a done shard (another configuration, changed inputs) once overwrote the shard before its
+    marker: a crash between left the old marker describing new content, and an old quarantine stayed."""
+    store = ShardStore(root)
+    quarantine = pa.table({"key": ["bad"], "stage": ["test"], "reason": ["image_undecodable"], "detail": ["x"]})
+    store.write(Marker("s.parquet", 0, fingerprint="old"), _table(3), quarantine)
+
+    def crash(*args, **kwargs):
+        raise OSError("the node went away")
+
+    monkeypatch.setattr("veclip.shards.store.write_parquet", crash)
+    with pytest.raises(OSError):
+        store.write(Marker("s.parquet", 0, fingerprint="new"), _table(2, offset=10))
+    assert store.find_marker("s.parquet") is None and "s.parquet" not in store.markers()  # not done: redone next run
+    monkeypatch.undo()
+    store.write(Marker("s.parquet", 0, fingerprint="new"), _table(2, offset=10))
+    assert store.find_marker("s.parquet").fingerprint == "new" and store.quarantine_shards() == []
+
+
+def test_small_files_are_written_atomically_on_local_disk(tmp_path, monkeypatch):
+    """A crash mid-write leaves the old file whole, never half a marker (a temp file and a rename)."""
+    fs = storage.filesystem(str(tmp_path))[0]
+    storage.write_json(fs, str(tmp_path / "m.json"), {"rows": 1})
+    real = storage.os.replace
+    monkeypatch.setattr(storage.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        storage.write_json(fs, str(tmp_path / "m.json"), {"rows": 2})
+    monkeypatch.setattr(storage.os, "replace", real)
+    assert storage.read_json(fs, str(tmp_path / "m.json")) == {"rows": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp file left behind

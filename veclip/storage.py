@@ -189,10 +189,25 @@ def write_parquet(
         fs.put_file(tmp.name, path)
 
 
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """A small file written all at once: a temp file and a rename on local disk (a reader never sees half
+    of it, a crash never leaves half of it), one PUT on an object store."""
+    if "file" not in _protocols(fs):
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:
-    if "file" in _protocols(fs):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True, default=str).encode())
+    write_bytes(fs, path, json.dumps(data, indent=1, sort_keys=True, default=str).encode())
 
 
 def small_file_kwargs(fs: fsspec.AbstractFileSystem) -> dict:

@@ -28,6 +28,7 @@ from veclip.storage import (
     read_many,
     small_file_kwargs,
     version_stamp,
+    write_bytes,
     write_json,
     write_parquet,
 )
@@ -44,12 +45,19 @@ class ShardStore:
         self.location = location
 
     def write(self, marker: Marker, table: pa.Table, quarantine: pa.Table | None = None) -> Marker:
-        """Write the shard and its quarantine whole, then its marker (rows counted from the tables)."""
+        """Write the shard and its quarantine whole, then its marker (rows counted from the tables).
+
+        A shard written again (another configuration, changed inputs) loses its old marker first, so a
+        crash in between leaves a shard that is not done, never an old marker describing new content,
+        and an old quarantine the new write does not replace is removed."""
         fs, name = self.location.fs, marker.shard
+        self._remove(self._marker_path(name))
         write_parquet(fs, self.location.join(name), table)
         marker.rows, marker.quarantined = table.num_rows, 0 if quarantine is None else quarantine.num_rows
         if marker.quarantined:
             write_parquet(fs, self.location.join(QUARANTINE_DIR, name), quarantine)
+        else:
+            self._remove(self.location.join(QUARANTINE_DIR, name))
         write_json(fs, self._marker_path(name), marker.to_json())
         self.clear_failure(name)
         return marker
@@ -89,7 +97,7 @@ class ShardStore:
             known[name] = {**json.loads(fetched[self._marker_path(name)]), STAMP: version_stamp(listed[name])}
         if save_manifest and (missing or len(known) != len(manifest)):
             lines = (json.dumps(known[n], sort_keys=True) for n in sorted(known))
-            self.location.fs.pipe_file(self.location.join(MANIFEST_FILE), ("\n".join(lines) + "\n").encode())
+            write_bytes(self.location.fs, self.location.join(MANIFEST_FILE), ("\n".join(lines) + "\n").encode())
         return {n: Marker.from_json({k: v for k, v in m.items() if k != STAMP}) for n, m in sorted(known.items())}
 
     def _manifest(self) -> dict[str, dict]:
@@ -113,8 +121,11 @@ class ShardStore:
         write_json(self.location.fs, self._failure_path(failure.shard), failure.to_json())
 
     def clear_failure(self, name: str) -> None:
+        self._remove(self._failure_path(name))
+
+    def _remove(self, path: str) -> None:
         try:
-            self.location.fs.rm_file(self._failure_path(name))
+            self.location.fs.rm_file(path)
         except FileNotFoundError:
             pass
 
