@@ -6,6 +6,7 @@ needs an engine to fail on cue."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -395,3 +396,21 @@ def test_engine_secrets_never_reach_the_summary_or_records(sample_root, tmp_path
     assert env_vars == {
         "VLLM_CPU_KVCACHE_SPACE": "1"
     }  # Ray shows runtime_envs: the token goes only to the engine's process
+
+
+def test_a_shard_with_duplicate_or_null_keys_is_refused_not_retried_and_names_the_rows(sample_root, tmp_path):
+    """Captions are joined by key: a duplicate key once swapped captions between its rows. The shard is
+    recorded as failed at once, with the rows named, and the others are written."""
+    source = tmp_path / "in"
+    shutil.copytree(sample_root / "train", source)
+    bad = source / "part-00001.parquet"
+    table = pq.read_table(bad)
+    keys = table.column("key").to_pylist()
+    keys[5], keys[7] = keys[2], None
+    pq.write_table(table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys, pa.string())), bad)
+    engine = ScriptedEngine()
+    plan, statuses, summary = run_local(laclip_config(source, tmp_path / "out"), engine=engine)
+    assert statuses == [DONE, FAILED, DONE]
+    failed = summary["failed"]["part-00001.parquet"]
+    assert failed["tries"] == 1 and "ShardRefused" in failed["error"]
+    assert "1 null key(s) at rows [7]" in failed["error"] and f"{keys[2]!r} at rows 2 and 5" in failed["error"]

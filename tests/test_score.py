@@ -120,6 +120,10 @@ def test_training_treats_gated_slots_as_unusable(sample_root):
     almost_vecap = CaptionConfig(mode="weighted", weights={"vecap": 1000, "alt_text": 1})
     out = preprocess(batch, "veclip-tiny", almost_vecap, ImageLimits(), seed=0)
     assert out["slot"].tolist()[:2] == [0, 1] and out["skip"].tolist() == [0, 0, nothing]
+    # a row without a key (it crashed every restart) is passed over with its reason
+    keyless = batch.set_column(0, "key", pa.array([None, *batch.column("key").to_pylist()[1:]], pa.string()))
+    out = preprocess(keyless, "veclip-tiny", almost_vecap, ImageLimits(), seed=0)
+    assert out["skip"].tolist() == [SKIP_REASONS.index("null_key"), 0, nothing]
 
 
 def _random_model(folder: Path) -> Path:

@@ -79,6 +79,32 @@ GENERATED_FIELDS = (
 )
 ENRICHED_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS + GENERATED_FIELDS)
 
+
+def key_problems(keys: list, shown: int = 3) -> str | None:
+    """What is wrong with a shard's keys (nulls, duplicates: rows would swap captions when joined by key),
+    naming rows; None when every key is present and unique."""
+    nulls = [i for i, k in enumerate(keys) if k is None]
+    first: dict = {}
+    duplicates = []
+    for i, k in enumerate(keys):
+        if k is not None and first.setdefault(k, i) != i:
+            duplicates.append((k, first[k], i))
+    problems = [f"{len(nulls)} null key(s) at rows {nulls[:shown]}"] if nulls else []
+    problems += (
+        [
+            f"{len(duplicates)} duplicate key(s), e.g. "
+            + "; ".join(f"{k!r} at rows {a} and {b}" for k, a, b in duplicates[:shown])
+        ]
+        if duplicates
+        else []
+    )
+    return (
+        ", ".join(problems) + ": keys must be present and unique in a shard (veclip validate reports them)"
+        if problems
+        else None
+    )
+
+
 # The caption slots, defined once: training chooses among them, the gate scores and flags them, by these names.
 SINGLE_CAPTION_COLUMNS = (ALT_TEXT, VECAP, VLM_CAPTION)  # one caption each: one slot per column
 CAPTION_COLUMNS = (*SINGLE_CAPTION_COLUMNS, REWRITES)  # REWRITES: one slot per rewrite, "rewrites.<i>", in order

@@ -32,7 +32,7 @@ from veclip.rewrite.config import RewriteConfig
 from veclip.rewrite.engine import Engine, VLLMEngine
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
 from veclip.rewrite.steps import CAPTION_WORK_SCHEMA, Meter
-from veclip.shards.guard import RunContext
+from veclip.shards.guard import RunContext, ShardRefused
 from veclip.shards.layout import output_shard_name, work_dir
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
@@ -47,7 +47,10 @@ def read_input_shard(
 ) -> pa.Table:
     fs = Location(config.input, options).fs
     source = None if columns is None else config.columns.source_columns(columns)
-    return config.columns.apply(pq.read_table(path, columns=source, filesystem=fs))
+    table = config.columns.apply(pq.read_table(path, columns=source, filesystem=fs))
+    if why := schema.key_problems(table.column(schema.KEY).to_pylist()):  # joined by key: rows would swap captions
+        raise ShardRefused(f"{output_shard_name(path)}: {why}")
+    return table
 
 
 def _busy_seconds(engine: Engine) -> float | None:

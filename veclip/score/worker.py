@@ -17,7 +17,7 @@ from veclip import schema
 from veclip.dataset import Dataset, read_shard
 from veclip.score import steps
 from veclip.score.config import ScoreConfig
-from veclip.shards.guard import RunContext
+from veclip.shards.guard import RunContext, ShardRefused
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import CAPTIONS, Marker
 from veclip.shards.store import ShardStore
@@ -76,6 +76,8 @@ class ShardScorer(ShardWorker):
         start, started_at = time.perf_counter(), time.time()
         table = read_shard(self.dataset, shard, self.read, self.config.columns)
         keys = table.column(schema.KEY).to_pylist()
+        if why := schema.key_problems(keys):  # scores are joined by key: rows would swap them
+            raise ShardRefused(f"{name}: {why}")
         captions = steps.caption_slots(table, self.config.caption_columns)
         cosines, errors = steps.score(
             self.model,

@@ -32,6 +32,10 @@ from veclip.storage import Location, read_json, write_json
 DONE, FAILED = "done", "failed"  # what became of a shard: the status a pool passes to the next one
 
 
+class ShardRefused(ValueError):
+    """The shard's own data cannot be processed (its keys, say): recorded in ``_failed/`` at once, not retried."""
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every actor knows of the run it works for."""
@@ -109,6 +113,9 @@ class ShardGuard:
                 return DONE
             except LeaseLost:
                 raise  # another run owns the output now: stop, record nothing
+            except ShardRefused as err:
+                record["errors"] = [*record["errors"], scrub(f"{type(err).__name__}: {err}", self.secrets)[:2000]]
+                return self._fail(name, input_path, record)
             except Exception as err:
                 message = scrub(f"{type(err).__name__}: {err}", self.secrets)[:2000]
                 record["errors"] = [*record["errors"], message][-self.max_attempts :]

@@ -51,7 +51,7 @@ from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units
 CAPTION_COLUMNS = schema.CAPTION_COLUMNS  # what the caption slots are read from
 READ_COLUMNS = (*CAPTION_COLUMNS, schema.REWRITE_FLAGS)  # and the flags, for the caption gate's (veclip score)
 CHUNK_ROWS = 256  # rows per block a window's read task emits, and per preprocess task
-SKIP_REASONS = ("", "image_unusable", "no_usable_caption")  # index = the ``skip`` code
+SKIP_REASONS = ("", "image_unusable", "no_usable_caption", "null_key")  # index = the ``skip`` code
 MAX_STREAM_WINDOWS = 2048  # (epoch, window) items per stream: bounds its plan; a longer run starts another
 
 
@@ -293,7 +293,10 @@ def preprocess(
     weights = captions.slot_weights()
     skip = np.where(trainable(usable, weights), 0, SKIP_REASONS.index("no_usable_caption")).astype(np.int8)
     keys = batch.column(schema.KEY).to_pylist()
-    hashes = np.array([key_hash(k) for k in keys], dtype=np.int64)
+    hashes = np.array([key_hash(k) if k is not None else 0 for k in keys], dtype=np.int64)
+    skip[[i for i, k in enumerate(keys) if k is None]] = SKIP_REASONS.index(
+        "null_key"
+    )  # no key: nothing to join or seed by
     k = captions.per_image
     chosen, seeds = np.zeros((n, k), np.int64), np.zeros(n, np.int64)
     for epoch in np.unique(epochs):  # one, unless Ray Data joined two windows' chunks
