@@ -281,3 +281,31 @@ def test_k_captions_per_image_are_tokenized_image_major(sample_table):
     assert both >= 8
     batch = next(exact_batches(iter([out]), len(trained)))
     assert batch.rows["tokens"].shape == (len(trained), 2, tokenizer.context_length)
+
+
+def test_a_dataset_in_one_file_of_one_row_group_trains_on_any_worker_count(sample_root, tmp_path):
+    """1,797 handwritten digits in one file, as pandas writes it, once failed on 2 workers ("1 row groups
+    for 2 workers"). The row group is cut into row ranges: every row is read exactly once per epoch over
+    the workers, the same rows for the same (seed, epoch, rank), and the units are the row groups whenever
+    there are enough of them (so checkpoints written before resume exactly)."""
+    from veclip.schema import ColumnMap
+    from veclip.storage import StorageOptions
+    from veclip.train.data import plan_data, read_window
+    from veclip.train.order import split_units
+
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((sample_root / "train").glob("*.parquet"))])
+    (tmp_path / "one").mkdir()
+    pq.write_table(table, tmp_path / "one" / "digits.parquet")  # one row group
+    assert pq.ParquetFile(tmp_path / "one" / "digits.parquet").metadata.num_row_groups == 1
+    for workers in (2, 3, 8):
+        plan = plan_data(str(tmp_path / "one"), StorageOptions(), ColumnMap(), workers, log=lambda *_: None)
+        assert len(plan.units) >= workers and sum(u.rows for u in plan.units) == table.num_rows
+        keys = []
+        for rank in range(workers):
+            for window in range(len(worker_windows(list(plan.units), 0, 0, rank, workers, 8))):
+                batch = {"epoch": np.zeros(1, np.int64), "window": np.full(1, window, np.int64)}
+                keys += [
+                    k for t in read_window(batch, plan, Position(), rank, workers, 0, 8) for k in t["key"].to_pylist()
+                ]
+        assert sorted(keys) == sorted(table.column("key").to_pylist())  # every row once
+    assert split_units(UNITS, 3) == UNITS  # enough row groups: the units are unchanged

@@ -46,7 +46,15 @@ from veclip.train.captions import (
     row_seeds,
     trainable,
 )
-from veclip.train.order import UNREADABLE_FOOTER, Position, ReadUnit, read_units, window_order, worker_windows
+from veclip.train.order import (
+    UNREADABLE_FOOTER,
+    Position,
+    ReadUnit,
+    read_units,
+    split_units,
+    window_order,
+    worker_windows,
+)
 
 CAPTION_COLUMNS = schema.CAPTION_COLUMNS  # what the caption slots are read from
 READ_COLUMNS = (*CAPTION_COLUMNS, schema.REWRITE_FLAGS)  # and the flags, for the caption gate's (veclip score)
@@ -113,10 +121,11 @@ def plan_data(
         )
     if not units:
         raise no_shards("train", url, "finished .parquet shards with rows")
+    units = split_units(units, workers)  # fewer row groups than workers: row ranges
     if len(units) < workers:
         raise ValueError(
-            f"train: {len(units)} row groups in {shards} shards for {workers} workers; each worker reads whole row "
-            "groups, so write more (smaller) row groups or use fewer workers"
+            f"train: {sum(u.rows for u in units)} rows in {shards} shards for {workers} workers: fewer rows than "
+            "workers; use fewer workers or add data"
         )
     caption_columns = tuple(c for c in READ_COLUMNS if c in dataset.caption_columns)
     return DataPlan(
@@ -158,6 +167,8 @@ def read_window(
                 parquet = pq.ParquetFile(f)
                 wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
                 table = plan.columns.apply(parquet.read_row_group(unit.row_group, columns=wanted))
+            if unit.rows != table.num_rows:  # a row range of the group
+                table = table.slice(unit.offset, unit.rows)
             if unit.captions:
                 shard = Shard(unit.path, 0, unit.captions)
                 table = join_captions(table, shard, unit.first_row, dataset, plan.caption_columns)

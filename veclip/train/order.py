@@ -1,7 +1,10 @@
 """The order training reads its rows in: a pure function of (seed, epoch, worker count).
 
 Read units are the Parquet row groups of the finished shards (known from their
-footers, read once by the driver). Every epoch the units are permuted by
+footers, read once by the driver); where there are fewer row groups than
+workers (a dataset in one file of one row group, as pandas writes it), each
+group is cut into row ranges (:func:`split_units`), so any dataset trains on any
+worker count. Every epoch the units are permuted by
 ``(seed, epoch)`` and dealt round-robin to the workers; each worker reads its
 units in windows of ``window_units`` and takes each window's rows in an order
 permuted by ``(seed, epoch, rank, window)``. A worker's place in its epoch is
@@ -16,7 +19,7 @@ a few row groups' worth unread per epoch, a different few each epoch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -29,11 +32,12 @@ UNREADABLE_FOOTER = "unreadable Parquet footer"
 class ReadUnit:
     path: str
     row_group: int
-    rows: int
-    first_row: int = 0  # of the row group, in its shard
+    rows: int  # rows of the unit: the row group's, or a range of them
+    first_row: int = 0  # of the unit, in its shard
     captions: tuple[
         str, ...
     ] = ()  # caption tables whose rows first_row.. are this row group's, in order (veclip.dataset)
+    offset: int = 0  # a row range: its first row within the row group (0: the group from its start)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,22 @@ def read_units(
                 units.append(ReadUnit(path, g, rows, first, (captions or {}).get(path, ())))
             first += rows
     return units, unreadable
+
+
+def split_units(units: list[ReadUnit], workers: int) -> list[ReadUnit]:
+    """``units`` as they are when every worker gets one; else each row group cut into the same number of
+    row ranges, enough for every worker (a deterministic function of the footers and the worker count)."""
+    if len(units) >= workers or not units:
+        return units
+    parts = -(-workers // len(units))
+    out = []
+    for unit in units:
+        bounds = np.linspace(0, unit.rows, min(parts, unit.rows) + 1).astype(int)
+        out += [
+            replace(unit, rows=int(end - start), first_row=unit.first_row + int(start), offset=unit.offset + int(start))
+            for start, end in zip(bounds[:-1], bounds[1:])
+        ]
+    return out
 
 
 def _rng(*entropy: int) -> np.random.Generator:
