@@ -115,6 +115,15 @@ def test_resume_point_is_exact_only_with_the_same_worker_count():
         "image_unusable": 1,
         "no_usable_caption": 2,
     }
+    # the same worker count over other data (shards finished since, a footer unread): not exact, and it says so
+    saved.data_plan = "plan-a"
+    progress, mine = resume_point(saved, 1, 2, "ckpt", "plan-a")
+    assert progress.resumes[-1]["exact"] and mine.position == Position(1, 3, 5) and progress.data_plan == "plan-a"
+    progress, mine = resume_point(saved, 1, 2, "ckpt", "plan-b")
+    assert not progress.resumes[-1]["exact"] and "the data changed" in progress.resumes[-1]["why"]
+    assert mine.position == Position(2) and progress.data_plan == "plan-b"
+    old = Progress.from_dict({k: v for k, v in saved.to_dict().items() if k != "data_plan"})  # before it was kept
+    assert resume_point(old, 1, 2, "ckpt", "plan-b")[0].resumes[-1]["exact"]
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ class Progress:
     samples_seen: int = 0
     resumes: list[dict] = field(default_factory=list)
     workers: list[WorkerProgress] = field(default_factory=list)
+    data_plan: str | None = None  # the read units' fingerprint (DataPlan.fingerprint); None: before it was kept
 
     def to_dict(self) -> dict:
         return {
@@ -68,13 +69,13 @@ class Progress:
             "samples_seen": self.samples_seen,
             "resumes": self.resumes,
             "workers": [w.to_dict() for w in self.workers],
+            "data_plan": self.data_plan,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Progress:
-        return cls(
-            d["step"], d["samples_seen"], list(d["resumes"]), [WorkerProgress.from_dict(w) for w in d["workers"]]
-        )
+        workers = [WorkerProgress.from_dict(w) for w in d["workers"]]
+        return cls(d["step"], d["samples_seen"], list(d["resumes"]), workers, d.get("data_plan"))
 
     def rows_skipped(self) -> dict[str, int]:
         total: dict[str, int] = {}

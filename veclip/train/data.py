@@ -25,6 +25,8 @@ restarts.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -74,6 +76,14 @@ class DataPlan:
     columns: schema.ColumnMap
     shards: int
     shards_skipped: dict[str, int]
+
+    @property
+    def fingerprint(self) -> str:
+        """Which rows each unit holds, in order: a checkpoint's positions mean the same rows only under it."""
+        units = [
+            (u.path.rsplit("/", 1)[-1], u.row_group, u.rows, u.first_row, u.offset, u.captions) for u in self.units
+        ]
+        return hashlib.sha256(json.dumps(units).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -71,19 +71,29 @@ class TrainHooks:
                 f.write(json.dumps({"step": step, "epoch": epoch, "key_hash": [int(k) for k in key_hashes]}) + "\n")
 
 
-def resume_point(saved: Progress, rank: int, world: int, path: str) -> tuple[Progress, WorkerProgress]:
-    """The progress to go on from (with this resume recorded) and this worker's part of it."""
+def resume_point(
+    saved: Progress, rank: int, world: int, path: str, data_plan: str | None = None
+) -> tuple[Progress, WorkerProgress]:
+    """The progress to go on from (with this resume recorded) and this worker's part of it. Exact when the
+    worker count and the data plan (``data_plan``: the fingerprint of the read units) are the checkpoint's."""
     record = {"from_step": saved.step, "checkpoint": path, "workers": [w.to_dict() for w in saved.workers]}
-    if len(saved.workers) == world:
-        return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}]), saved.workers[
-            rank
-        ]
-    # Another worker count deals the rows differently: go on at the next epoch. The
-    # rows skipped so far are kept on rank 0.
+    plan_changed = data_plan is not None and saved.data_plan is not None and saved.data_plan != data_plan
+    if len(saved.workers) == world and not plan_changed:
+        resumed = Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}], [], data_plan)
+        return resumed, saved.workers[rank]
+    # Another worker count, or other data (shards finished or left out since), deals the rows differently:
+    # go on at the next epoch. The rows skipped so far are kept on rank 0.
     epoch = max((w.position.epoch for w in saved.workers), default=-1) + 1
-    why = f"the worker count changed from {len(saved.workers)} to {world}: resumed at the start of epoch {epoch}"
+    why = (
+        f"the worker count changed from {len(saved.workers)} to {world}"
+        if len(saved.workers) != world
+        else "the data changed since the checkpoint (other shards finished, or a footer unread)"
+    ) + f": resumed at the start of epoch {epoch}"
     mine = WorkerProgress(Position(epoch), saved.rows_skipped() if rank == 0 else {})
-    return Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": False, "why": why}]), mine
+    resumed = Progress(
+        saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": False, "why": why}], [], data_plan
+    )
+    return resumed, mine
 
 
 def _gather(obj, world: int) -> list:
@@ -200,7 +210,9 @@ def _resume(w: _Worker) -> None:
         w.optimizer.load_state_dict(state["optimizer"])
         w.scheduler.load_state_dict(state["scheduler"])
         w.history = ckpt.load_history(directory)
-        w.progress, w.me = resume_point(ckpt.load_progress(directory), w.rank, w.world, checkpoint.path)
+        w.progress, w.me = resume_point(
+            ckpt.load_progress(directory), w.rank, w.world, checkpoint.path, w.progress.data_plan
+        )
         rng = ckpt.load_rng(directory, w.rank)
     if rng is not None and w.progress.resumes[-1]["exact"]:
         ckpt.set_rng_state(rng, w.device)
@@ -363,6 +375,7 @@ def train_loop(loop_config: dict) -> None:
     config: TrainConfig = loop_config["config"]
     plan: DataPlan = ray.get(loop_config["plan"])
     w = _build(config, loop_config.get("hooks") or TrainHooks(), loop_config.get("board"))
+    w.progress.data_plan = plan.fingerprint  # saved with every checkpoint; a resume checks it
     _resume(w)
     _prepare(w)
     spec = _stream_spec(config)
