@@ -318,3 +318,28 @@ def test_a_dataset_in_one_file_of_one_row_group_trains_on_any_worker_count(sampl
                 ]
         assert sorted(keys) == sorted(table.column("key").to_pylist())  # every row once
     assert split_units(UNITS, 3) == UNITS  # enough row groups: the units are unchanged
+
+
+def test_a_transient_read_error_is_retried_not_fatal(sample_root, tmp_path, monkeypatch):
+    """A reset that outlived s3fs's retries once restarted the whole worker group; a window's read is retried."""
+    from veclip import storage
+    from veclip.schema import ColumnMap
+    from veclip.storage import StorageOptions
+    from veclip.train.data import plan_data, read_window
+
+    plan = plan_data(str(sample_root / "train"), StorageOptions(), ColumnMap(), 1, log=lambda *_: None)
+    real, failures = pq.ParquetFile, [2]
+
+    def flaky(*args, **kwargs):
+        if failures[0]:
+            failures[0] -= 1
+            raise ConnectionResetError("Connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", flaky)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    batch = {"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}
+    rows = sum(t.num_rows for t in read_window(batch, plan, Position(), 0, 1, 0, 8))
+    assert rows == sum(u.rows for u in plan.units) and failures == [0]
+    with pytest.raises(FileNotFoundError):  # not transient: raised at once
+        storage.with_retries(lambda: open(tmp_path / "nope"), "reading nope")

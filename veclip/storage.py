@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -147,6 +148,20 @@ def refuse_overlap(stage: str, output: str, inputs: list[str], options: StorageO
                 f"{stage}: the output {output} {where} the input {url}: writing there would overwrite or mix with "
                 "what the stage reads. Write to a folder of its own, e.g. a sibling of the input."
             )
+
+
+def with_retries(work, what: str, attempts: int = 4, backoff_seconds: float = 1.0):
+    """``work()``, tried again on a transient storage error (a reset, a throttle, a timeout that outlived the
+    client's own retries), with exponential backoff; a missing file or the last error is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return work()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if attempt == attempts:
+                raise OSError(f"{what}: failed {attempts} times, last: {type(err).__name__}: {err}") from err
+            time.sleep(backoff_seconds * 2 ** (attempt - 1))
 
 
 def no_shards(stage: str, url: str, what: str = ".parquet shards") -> FileNotFoundError:

@@ -38,7 +38,7 @@ import pyarrow as pa
 from veclip import schema
 from veclip.dataset import Dataset, Shard, join_captions, open_dataset
 from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
-from veclip.storage import Location, StorageOptions, no_shards
+from veclip.storage import Location, StorageOptions, no_shards, with_retries
 from veclip.train.captions import (
     CaptionConfig,
     choose,
@@ -170,19 +170,24 @@ def read_window(
     import pyarrow.parquet as pq
 
     dataset = plan.dataset
+
+    def read(unit: ReadUnit) -> pa.Table:
+        with dataset.images.fs.open(unit.path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
+            table = plan.columns.apply(parquet.read_row_group(unit.row_group, columns=wanted))
+        if unit.rows != table.num_rows:  # a row range of the group
+            table = table.slice(unit.offset, unit.rows)
+        if unit.captions:
+            table = join_captions(
+                table, Shard(unit.path, 0, unit.captions), unit.first_row, dataset, plan.caption_columns
+            )
+        return table
+
     for epoch, window in zip(batch["epoch"].tolist(), batch["window"].tolist()):
-        tables = []
-        for unit in worker_windows(list(plan.units), seed, epoch, rank, world, window_units)[window]:
-            with dataset.images.fs.open(unit.path, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
-                table = plan.columns.apply(parquet.read_row_group(unit.row_group, columns=wanted))
-            if unit.rows != table.num_rows:  # a row range of the group
-                table = table.slice(unit.offset, unit.rows)
-            if unit.captions:
-                shard = Shard(unit.path, 0, unit.captions)
-                table = join_captions(table, shard, unit.first_row, dataset, plan.caption_columns)
-            tables.append(table)
+        units = worker_windows(list(plan.units), seed, epoch, rank, world, window_units)[window]
+        # an S3 error that outlived s3fs's own retries would otherwise restart the whole worker group
+        tables = [with_retries(lambda unit=unit: read(unit), f"reading {unit.path}") for unit in units]
         table = pa.concat_tables(tables, promote_options="default")
         order = window_order(table.num_rows, seed, epoch, rank, window)
         first = start.offset if (epoch, window) == (start.epoch, start.window) else 0
