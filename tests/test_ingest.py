@@ -7,6 +7,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from veclip import schema
@@ -250,3 +251,64 @@ def test_import_pre_resizes_large_images(tmp_path):
     assert summary.rows == 0 and summary.quarantined == {UNDECODABLE: 1}
     with pytest.raises(ValueError, match="resize"):
         ImportConfig(str(src), out.url, resize=-1)
+
+
+def test_a_transient_read_error_is_retried_never_recorded_as_loss(tars, csv_set, tmp_path, monkeypatch):
+    """An S3 reset mid-tar was recorded as truncated_archive and the shard marked done; a CSV fetch error became
+    missing_file. Both are now read again; only a truly truncated archive or missing file is quarantined."""
+    from veclip import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    real_open, resets = LocalFileSystem.open, {"00000.tar": 1}
+
+    def flaky_open(self, path, *args, **kwargs):
+        name = path.rsplit("/", 1)[-1]
+        if resets.get(name):
+            resets[name] -= 1
+            raise ConnectionResetError("Connection reset by peer")
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "open", flaky_open)
+    out = Location(str(tmp_path / "wds-out"))
+    run_import(ImportConfig(str(tars), out.url), log=quiet)
+    assert resets == {"00000.tar": 0} and pq.read_table(out.join("00000.parquet")).num_rows == 5
+    assert not (tmp_path / "wds-out" / "_quarantine" / "00000.parquet").exists()  # nothing called truncated
+
+    real_cat, failures = LocalFileSystem.cat, [1]
+
+    def flaky_cat(self, paths, *args, **kwargs):
+        found = real_cat(self, paths, *args, **kwargs)
+        if failures[0]:
+            failures[0] -= 1
+            found[next(iter(found))] = TimeoutError("read timed out")
+        return found
+
+    monkeypatch.setattr(LocalFileSystem, "cat", flaky_cat)
+    config = ImportConfig(
+        str(csv_set), str(tmp_path / "csv-out"), columns=schema.ColumnMap.parse("image=filepath,alt_text=title")
+    )
+    summary = run_import(config, log=quiet)
+    assert (
+        failures == [0]
+        and summary.rows == 7
+        and dict(summary.quarantined) == {"missing_file": 1, "image_undecodable": 1}
+    )
+
+
+def test_a_bad_csv_row_is_quarantined_with_its_reason_and_the_rest_imported(csv_set, tmp_path):
+    """A field over 128 KiB or a row that is not UTF-8 aborted every rerun at the same place."""
+    lines = csv_set.read_bytes().splitlines(keepends=True)
+    huge = b'images/0.jpg,"' + b"x" * (200 * 1024) + b'"\r\n'
+    latin = "images/1.jpg,caf\u00e9 cr\u00e8me\r\n".encode("latin-1")
+    csv_set.write_bytes(b"".join([lines[0], huge, latin, *lines[1:]]))
+    config = ImportConfig(
+        str(csv_set), str(tmp_path / "out"), columns=schema.ColumnMap.parse("image=filepath,alt_text=title")
+    )
+    summary = run_import(config, log=quiet)
+    assert summary.rows == 7
+    assert dict(summary.quarantined) == {
+        "missing_file": 1,
+        "image_undecodable": 1,
+        "field_too_large": 1,
+        "invalid_utf8": 1,
+    }

@@ -34,12 +34,15 @@ from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image,
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
-from veclip.storage import Location, StorageOptions, filesystem, list_files, refuse_overlap
+from veclip.storage import Location, StorageOptions, filesystem, list_files, refuse_overlap, with_retries
 
 FORMATS = ("auto", "webdataset", "csv")
 STAGE = "import"
 MEMBER_TOO_LARGE = "member_too_large"  # a tar member over image_limits.max_bytes, left unread
 PATH_OUTSIDE_SOURCE = "path_outside_source"  # a CSV image path outside the CSV's folder
+FIELD_TOO_LARGE = "field_too_large"  # a CSV field over CSV_FIELD_LIMIT: no caption or path is that long
+INVALID_UTF8 = "invalid_utf8"  # a CSV row that is not UTF-8
+CSV_FIELD_LIMIT = 128 * 1024  # the csv module's default: larger fields are read, then the row quarantined
 
 
 @dataclass(frozen=True)
@@ -211,19 +214,26 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
         if name in done:
             summary.shards_skipped += 1
             continue
-        builder = _ShardBuilder(config.image_limits, config.resize)
-        try:
-            with source.fs.open(path, "rb") as f:
-                for key, files in _tar_samples(f, config.image_limits.max_bytes):
-                    _webdataset_row(key, files, builder)
-        except (tarfile.TarError, EOFError, OSError) as err:
-            # Keep what was read; the rest of the file is unreadable: say so in quarantine.
-            builder.add(
-                posixpath.basename(path), None, None, reason="truncated_archive", detail=f"{type(err).__name__}: {err}"
-            )
+        builder = with_retries(lambda path=path: _read_tar(source, path, config), f"import: reading {path}")
         summary.add(builder.write(store, name))
         log(f"import: {posixpath.basename(path)} -> {name} ({len(builder.rows)} rows, {len(builder.bad)} quarantined)")
     return summary
+
+
+def _read_tar(source: Location, path: str, config: ImportConfig) -> _ShardBuilder:
+    """One tar's rows. A truncated or corrupt archive keeps what was read and says so in quarantine; a
+    transient read error (a reset, a timeout) is raised, so the read is tried again, never recorded as loss."""
+    builder = _ShardBuilder(config.image_limits, config.resize)
+    try:
+        with source.fs.open(path, "rb") as f:
+            for key, files in _tar_samples(f, config.image_limits.max_bytes):
+                _webdataset_row(key, files, builder)
+    except (tarfile.TarError, EOFError) as err:
+        # Keep what was read; the rest of the file is unreadable: say so in quarantine.
+        builder.add(
+            posixpath.basename(path), None, None, reason="truncated_archive", detail=f"{type(err).__name__}: {err}"
+        )
+    return builder
 
 
 # -- CSV of image paths -----------------------------------------------------------------------
@@ -261,10 +271,22 @@ def _fetch(
             continue
         groups.setdefault(id(fs), (fs, []))[1].append((i, resolved))
     for fs, items in groups.values():
-        contents = fs.cat([p for _, p in items], on_error="return")
+        contents = with_retries(
+            lambda fs=fs, items=items: _cat_all(fs, [p for _, p in items]), "import: fetching images"
+        )
         for i, resolved in items:
             results[i] = contents.get(resolved, FileNotFoundError(resolved))
     return results
+
+
+def _cat_all(fs, paths: list[str]) -> dict:
+    """The files' bytes, a missing one as its FileNotFoundError; any other error (transient) is raised, to be
+    tried again."""
+    contents = fs.cat(paths, on_error="return")
+    for value in contents.values():
+        if isinstance(value, OSError) and not isinstance(value, FileNotFoundError):
+            raise value
+    return contents
 
 
 def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> ImportSummary:
@@ -286,7 +308,9 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
         contents = _fetch([r.get(cols.image) or "" for r in rows], base, options, config.allow_outside_paths)
         for row, content in zip(rows, contents):
             key, text, path = row["__key"], row.get(cols.alt_text), row.get(cols.image) or ""
-            if isinstance(content, OutsideSource):
+            if row.get("__bad"):
+                builder.add(key, None, None, None, *row["__bad"])
+            elif isinstance(content, OutsideSource):
                 builder.add(key, None, text, path, PATH_OUTSIDE_SOURCE, str(content))
             elif isinstance(content, Exception) or not path:
                 builder.add(key, None, text, path or None, "missing_file", f"{path!r}: {content}")
@@ -295,8 +319,10 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
         summary.add(builder.write(store, name))
         log(f"import: {name} ({len(builder.rows)} rows, {len(builder.bad)} quarantined)")
 
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # read a huge field, then quarantine its row
     with fs.open(csv_path, "rb") as raw:
-        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+        # surrogateescape: a row that is not UTF-8 is read (and quarantined), not the end of the import
+        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline=""))
         missing = [c for c in (cols.image, cols.alt_text) if c not in (reader.fieldnames or [])]
         if missing:
             raise schema.SchemaError(
@@ -305,7 +331,8 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
             )
         batch, shard_index = [], 0
         for line_no, row in enumerate(reader):
-            row["__key"] = row.get(cols.key) or f"{stem}-{line_no:09d}"
+            row["__bad"] = _bad_row(row)
+            row["__key"] = (not row["__bad"] and row.get(cols.key)) or f"{stem}-{line_no:09d}"
             batch.append(row)
             if len(batch) == config.rows_per_shard:
                 flush(shard_index, batch)
@@ -313,6 +340,18 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
         if batch:
             flush(shard_index, batch)
     return summary
+
+
+def _bad_row(row: dict) -> tuple[str, str] | None:
+    """``(reason, detail)`` of a CSV row that cannot be imported as it is."""
+    for column, value in row.items():
+        if not isinstance(value, str):
+            continue
+        if len(value) > CSV_FIELD_LIMIT:
+            return FIELD_TOO_LARGE, f"{column}: {len(value):,} characters (limit {CSV_FIELD_LIMIT:,})"
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            return INVALID_UTF8, f"{column}: not UTF-8: {value.encode('utf-8', 'backslashreplace')[:200]!r}"
+    return None
 
 
 def run_import(config: ImportConfig, options: StorageOptions | None = None, log=print) -> ImportSummary:
