@@ -242,7 +242,7 @@ def test_data_and_checkpoints_on_s3(ref_data, s3_bucket, ray_session):
 def test_bad_config_and_data(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         build_config("tiny", None, ["batch_size=1"])
-    with pytest.raises(ValueError, match="--data and --output"):
+    with pytest.raises(ValueError, match="--input and --output"):
         preset("tiny").validate_for_run()
 
 

@@ -94,7 +94,8 @@ class ShardStore:
         missing = sorted(set(listed) - set(known))
         fetched = read_many(self.location.fs, [self._marker_path(n) for n in missing])
         for name in missing:
-            known[name] = {**json.loads(fetched[self._marker_path(name)]), STAMP: version_stamp(listed[name])}
+            data = json.loads(fetched[self._marker_path(name)])  # "{}" once stood in for a marker: still done
+            known[name] = {"shard": name, "rows": 0, **data, STAMP: version_stamp(listed[name])}
         if save_manifest and (missing or len(known) != len(manifest)):
             lines = (json.dumps(known[n], sort_keys=True) for n in sorted(known))
             write_bytes(self.location.fs, self.location.join(MANIFEST_FILE), ("\n".join(lines) + "\n").encode())

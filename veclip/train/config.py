@@ -90,7 +90,7 @@ class TrainConfig:
 
     def validate_for_run(self) -> None:
         if not self.input or not self.output:
-            raise ValueError("train: --data and --output are required")
+            raise ValueError("train: --input and --output are required")
 
 
 def preset(name: str) -> TrainConfig:
