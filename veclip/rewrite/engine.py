@@ -41,14 +41,14 @@ class Completion:
 
 
 PROMPT_TOO_LONG = "prompt_too_long"
-REQUEST_REFUSED = "request_refused"
+REQUEST_REFUSED = "request_refused"  # vLLM refused the request itself (e.g. an image its processor cannot take)
 STEP_STALL_SECONDS = 900.0  # an engine step that has not returned in this long is hung (a stuck GPU, NCCL)
 
 
 class EngineGone(RuntimeError):
     """The engine feeder died or the engine hung: this actor exits, Ray starts a fresh one (ShardGuard)."""
 
-    fatal_to_actor = True  # vLLM refused the request itself (e.g. an image its processor cannot take)
+    fatal_to_actor = True
 
 
 class Engine(Protocol):
