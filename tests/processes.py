@@ -64,10 +64,14 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def kill_job_when(cmd: list[str], ready, what: str, timeout: float = 300, env: dict | None = None) -> None:
+def kill_job_when(
+    cmd: list[str], ready, what: str, timeout: float = 300, env: dict | None = None, spare: str | None = None
+) -> list[int]:
     """Start ``cmd`` in a session of its own, wait until ``ready()`` (the job must still be running), then
-    kill -9 its process group and every process it had started."""
+    kill -9 its process group and every process it had started, except those whose command line matches
+    ``spare`` (the vLLM engines and their reapers: what must go by itself); returns the spared PIDs."""
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    spared: list[int] = []
     try:
 
         def running_and_ready():
@@ -77,6 +81,23 @@ def kill_job_when(cmd: list[str], ready, what: str, timeout: float = 300, env: d
         wait_for(running_and_ready, timeout, what)
     finally:
         started = descendants(job.pid)
+        spared = [pid for pid in started if spare and re.search(spare, cmdline(pid))]
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-        kill_all(started)
+        kill_all([pid for pid in started if pid not in spared])
+    return spared
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from processes import kill_job_when
+from processes import alive, kill_all, kill_job_when, wait_for
 
 from veclip import schema
 from veclip.rewrite.config import build_config, fingerprint
@@ -233,6 +233,9 @@ def test_chat_vlm_captioners_through_the_pipeline(
     assert provenance["model"] == config.captioner.engine.model and provenance["prompt_version"] == "captioner-v1"
 
 
+ENGINE_PROCESSES = r"VLLM|EngineCore|vllm|veclip\.rewrite\.reaper"  # an actor's engine processes and its reaper
+
+
 def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
     """SIGKILL the whole job after its first shard lands; the rerun finishes the rest, each key once."""
     source = tmp_path / "input"
@@ -253,13 +256,19 @@ def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
         "--output",
         str(out),
     ]
-    kill_job_when(
+    engines = kill_job_when(
         cmd,
         lambda: (out / "_done").is_dir() and list((out / "_done").glob("*.json")),
         "a first shard",
         240,
         env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python},
+        spare=ENGINE_PROCESSES,
     )
+    # no vLLM process outlives the actor that started it: nothing here cleans them up
+    try:
+        wait_for(lambda: not any(alive(p) for p in engines), 60, "the killed actors' vLLM engines to go")
+    finally:
+        kill_all(engines)
     finished = len(list((out / "_done").glob("*.json")))
     assert 1 <= finished < 6
 

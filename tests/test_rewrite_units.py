@@ -1,6 +1,7 @@
 """Prompt building, cleaning and config: fixed strings, no engine."""
 
 import json
+import os
 
 import pytest
 
@@ -244,3 +245,43 @@ def test_any_feeder_death_or_a_hung_step_is_fatal_to_the_actor(monkeypatch):
         assert engine_died(caught.value)
         with pytest.raises(EngineGone):  # every later caller hears it too, at once
             engine.generate([Request(prompt="a dog")], SamplingConfig(max_tokens=4))
+
+
+def test_the_reaper_kills_the_engine_processes_of_a_killed_actor():
+    """An engine's processes, re-parented to init when its actor is killed, ran on holding gigabytes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from processes import wait_for
+
+    # an "actor" that starts an "engine" child ignoring SIGTERM, and the reaper on itself
+    code = (
+        "import subprocess, sys, time\n"
+        "from veclip.rewrite.reaper import start_reaper\n"
+        "engine = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'],"
+        " start_new_session=True)\n"
+        "start_reaper([engine.pid]); print(engine.pid, flush=True); time.sleep(600)\n"
+    )
+    actor = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    engine = int(actor.stdout.readline())
+    try:
+        time.sleep(1.5)
+        assert _running(engine)
+        os.killpg(actor.pid, signal.SIGKILL)  # the actor's process group: the engine, in a session of its own, runs on
+        actor.wait()
+        wait_for(lambda: not _running(engine), 20, "the reaper to kill the orphaned engine")
+    finally:
+        for pid in (engine,):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _running(pid: int) -> bool:
+    from veclip.rewrite.reaper import _alive
+
+    return _alive(pid)

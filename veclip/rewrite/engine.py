@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from veclip.rewrite.config import EngineConfig, SamplingConfig
+from veclip.rewrite.reaper import start_reaper
 from veclip.shards.guard import engine_died
 
 
@@ -143,7 +144,9 @@ class VLLMEngine:
 
         before = _descendants()
         self.llm = start_llm(config, multimodal)
-        _watch_engine_processes([p for p in _descendants() if p.pid not in before])
+        engines = [p for p in _descendants() if p.pid not in before]
+        _watch_engine_processes(engines)
+        start_reaper([p.pid for p in engines])  # no engine outlives this actor, however it dies
         self.seeded = config.seeded_requests
         self.max_model_len = config.max_model_len
         self.name = f"vllm-{vllm.__version__}"
