@@ -222,3 +222,11 @@ def _random_tiny_export(model_dir):
         json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}})
     )
     return model_dir
+
+
+def test_retrieval_leaves_out_images_without_a_caption():
+    """A generated caption the rewrite refused is null: the image is not counted as a miss image -> text."""
+    images = np.eye(3, dtype=np.float32)
+    texts = np.eye(3, dtype=np.float32)[[0, 2]]  # image 1 has no caption
+    out = retrieval(images, texts, np.array([0, 2]), ks=(1,))
+    assert out["image_to_text_R@1"] == 1.0 and out["text_to_image_R@1"] == 1.0

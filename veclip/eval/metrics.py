@@ -52,8 +52,10 @@ def retrieval(
     for j, image in enumerate(text_image):
         rank = _ranks(scores[[image]], np.array([j]))[0]
         i2t_ranks[image] = min(i2t_ranks[image], rank)
+    captioned = np.zeros(scores.shape[0], dtype=bool)
+    captioned[text_image] = True  # image -> text over the images that have a caption
     out = {}
     for k in ks:
-        out[f"image_to_text_R@{k}"] = float((i2t_ranks < k).mean())
+        out[f"image_to_text_R@{k}"] = float((i2t_ranks[captioned] < k).mean())
         out[f"text_to_image_R@{k}"] = float((t2i_ranks < k).mean())
     return out

@@ -134,8 +134,9 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     for i, row in enumerate(kept):
         captions = row[config.caption_column]
         for caption in captions if isinstance(captions, list) else [captions]:
-            texts.append(caption)
-            text_image.append(i)
+            if caption and caption.strip():  # a generated caption the rewrite refused is null: nothing to match
+                texts.append(caption)
+                text_image.append(i)
     rt = retrieval(image_embeddings, encode_texts(model, tokenizer, texts, config.batch_size), np.array(text_image))
 
     results = {
@@ -145,6 +146,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
         "images_skipped": sum(skipped.values()),
         "images_skipped_by_reason": dict(skipped),
         "captions": len(texts),
+        "images_without_caption": len(kept) - len(set(text_image)),
         "classes": sum(len(c) for c in classnames.values()),
         "templates": len(templates) if classnames else 0,
         "zero_shot": zs,
