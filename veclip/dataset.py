@@ -12,6 +12,7 @@ assumed (:func:`join_captions`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
@@ -197,6 +198,23 @@ def check_aligned(
         f"is {a[at] if at < len(a) else None!r} in the input but {b[at] if at < len(b) else None!r} in the captions; "
         "rewrite that shard again"
     )
+
+
+def read_shard_groups(
+    dataset: Dataset, shard: Shard, columns: list[str] | None = None, column_map=None
+) -> Iterator[pa.Table]:
+    """A shard's rows a Parquet row group at a time, captions joined: memory holds one group's image
+    bytes (~128 MiB), never a whole ~1 GB shard."""
+    column_map = column_map or schema.ColumnMap()
+    if columns is not None and shard.captions and column_map.key not in columns:
+        columns = [column_map.key, *columns]
+    first = 0
+    with dataset.images.fs.open(shard.path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        for group in range(parquet.num_row_groups):
+            table = column_map.apply(parquet.read_row_group(group, columns=columns))
+            yield join_captions(table, shard, first, dataset) if shard.captions else table
+            first += table.num_rows
 
 
 def read_shard(dataset: Dataset, shard: Shard, columns: list[str] | None = None, column_map=None) -> pa.Table:

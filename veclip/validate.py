@@ -212,16 +212,21 @@ def _check_shard(
     shard.empty_alt_text = int(pc.sum(pc.or_kleene(pc.is_null(alt), pc.equal(alt, ""))).as_py() or 0)
 
     groups, rows_to_check = _sample(footer, name, config)
-    if rows_to_check:
-        with location.fs.open(path, "rb") as f:
-            images = pq.ParquetFile(f).read_row_groups(groups, columns=[columns.image]).column(0)
-        for row, position in rows_to_check:
-            shard.images_checked += 1
-            try:
-                decode_image(images[position].as_py(), config.image_limits)
-            except ImageError as err:
-                shard.bad_images += 1
-                problem("bad_image", f"{err.reason}: {err.detail}", row, keys[row].as_py())
+    if not rows_to_check:
+        return
+    with location.fs.open(path, "rb") as f:
+        parquet, read = pq.ParquetFile(f), 0
+        for group in groups:  # a row group at a time: memory holds one group's images, never the shard's
+            images = parquet.read_row_group(group, columns=[columns.image]).column(0)
+            for row, position in rows_to_check:
+                if read <= position < read + len(images):
+                    shard.images_checked += 1
+                    try:
+                        decode_image(images[position - read].as_py(), config.image_limits)
+                    except ImageError as err:
+                        shard.bad_images += 1
+                        problem("bad_image", f"{err.reason}: {err.detail}", row, keys[row].as_py())
+            read += len(images)
 
 
 def validate(config: ValidateConfig, options: StorageOptions | None = None) -> ValidationReport:

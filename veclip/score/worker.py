@@ -9,12 +9,15 @@ this run's fingerprint, made from the same versions of its files, is skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.dataset import Dataset, read_shard
+from veclip.dataset import Dataset, read_shard_groups
 from veclip.score import steps
 from veclip.score.config import ScoreConfig
 from veclip.shards.guard import RunContext, ShardRefused
@@ -74,21 +77,29 @@ class ShardScorer(ShardWorker):
         if marker is not None and marker.read_stamps == self.stamps[name]:
             return
         start, started_at = time.perf_counter(), time.time()
-        table = read_shard(self.dataset, shard, self.read, self.config.columns)
-        keys = table.column(schema.KEY).to_pylist()
+        keys, captions, cosines, errors, texts = [], [], [], [], []
+        # a row group at a time: memory holds one group's images, not the shard's (~1 GB at 10k rows)
+        for part in read_shard_groups(self.dataset, shard, self.read, self.config.columns):
+            part_captions = steps.caption_slots(part, self.config.caption_columns)
+            part_cosines, part_errors = steps.score(
+                self.model,
+                self.preprocess,
+                self.tokenizer,
+                part.column(schema.IMAGE),
+                part_captions,
+                self.config.batch_size,
+                self.config.image_limits,
+                self.device,
+            )
+            captions += [dataclasses.replace(c, row=c.row + len(keys)) for c in part_captions]
+            keys += part.column(schema.KEY).to_pylist()
+            cosines.append(part_cosines)
+            errors += part_errors
+            texts.append(part.drop_columns([schema.IMAGE]))
         if why := schema.key_problems(keys):  # scores are joined by key: rows would swap them
             raise ShardRefused(f"{name}: {why}")
-        captions = steps.caption_slots(table, self.config.caption_columns)
-        cosines, errors = steps.score(
-            self.model,
-            self.preprocess,
-            self.tokenizer,
-            table.column(schema.IMAGE),
-            captions,
-            self.config.batch_size,
-            self.config.image_limits,
-            self.device,
-        )
+        cosines = np.concatenate(cosines) if cosines else np.zeros(0, np.float32)
+        table = pa.concat_tables(texts) if texts else pa.table({schema.KEY: pa.array([], pa.string())})
         flagged = steps.gate(captions, cosines, self.config.threshold, self.config.percentile)
         out = steps.score_table(keys, table, captions, cosines, flagged, self.provenance)
         if out.num_rows != table.num_rows:  # never lose a row silently

@@ -1,0 +1,244 @@
+"""Production-shape shards: does memory stay flat from 1,000 to 10,000 rows per shard?
+
+    .venv/bin/python benchmarks/bench_shapes.py [--rows 1000 10000] [--side 512x384] [--work DIR]
+
+Makes one shard per size of web-photo-sized JPEGs (noise at 512x384, quality 90:
+~100 KB each, so 10,000 rows are ~1 GB), then runs each stage on it in a process
+of its own and samples that process tree's resident memory every 0.1 s:
+
+* ``score`` (the caption gate, in process: one ShardScorer scoring the shard with a
+  random veclip-tiny, batch 64), against a bare loop that embeds the same images
+  with open_clip and holds no more than a batch;
+* ``validate --images full`` (every image decoded), against a bare PIL loop;
+* training ingest (``preprocess`` over the shard in chunks, as the stream does).
+
+The rewrite is not run at 10k rows here (a tiny vLLM engine on 2 cores takes
+minutes per 1,000 rows); its worker reads and writes a shard the way score does.
+Prints Markdown rows for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+STAGE_CODE = {
+    "score": """
+import json, sys, time, pyarrow.parquet as pq
+from veclip.dataset import open_dataset
+from veclip.score.config import build_config
+from veclip.score.pipeline import Score
+from veclip.score.worker import ShardScorer, shard_columns
+from veclip.shards.guard import RunContext
+from veclip.storage import StorageOptions
+data, model, out = sys.argv[1:4]
+config = build_config("cpu", None, ["batch_size=64"], input=data, output=out, model=model)
+stage = Score(config, StorageOptions())
+stage.list_inputs()
+run = RunContext("bench", stage.fingerprint())
+shard = stage.dataset.shards[0]
+scorer = ShardScorer(config, StorageOptions(), run, stage.dataset, stage.model, stage.weights,
+                     shard_columns(stage.dataset, config), stage.stamps)
+scorer.guard.lease.check = lambda: None  # no run holds this bench's output
+start = time.perf_counter()
+scorer.process(shard.path, shard.size)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+    "score-bare": """
+import json, sys, time, io, torch, pyarrow.parquet as pq
+from PIL import Image
+from veclip.eval.model import load_model
+data, model = sys.argv[1:3]
+m, preprocess, _ = load_model(model, None, None)
+parquet = pq.ParquetFile(sorted(__import__("glob").glob(data + "/*.parquet"))[0])
+start = time.perf_counter()
+with torch.no_grad():
+    for g in range(parquet.num_row_groups):  # a row group at a time, a batch at a time
+        column = parquet.read_row_group(g, columns=["image"]).column("image")
+        for i in range(0, len(column), 64):
+            batch = [preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in column.slice(i, 64).to_pylist()]
+            m.encode_image(torch.stack(batch))
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+    "validate": """
+import json, sys, time
+from veclip.validate import ValidateConfig, validate
+start = time.perf_counter()
+report = validate(ValidateConfig(sys.argv[1], images="full"))
+assert report.usable, report.render()
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+    "validate-bare": """
+import io, json, sys, time, glob, pyarrow.parquet as pq
+from PIL import Image
+start = time.perf_counter()
+for path in sorted(glob.glob(sys.argv[1] + "/*.parquet")):
+    parquet = pq.ParquetFile(path)
+    for g in range(parquet.num_row_groups):
+        for data in parquet.read_row_group(g, columns=["image"]).column("image").to_pylist():
+            Image.open(io.BytesIO(data)).convert("RGB")
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+    "ingest": """
+import json, sys, time, glob, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from veclip.images import ImageLimits
+from veclip.train.captions import CaptionConfig
+from veclip.train.data import preprocess
+start = time.perf_counter()
+parquet = pq.ParquetFile(sorted(glob.glob(sys.argv[1] + "/*.parquet"))[0])
+for g in range(parquet.num_row_groups):
+    table = parquet.read_row_group(g, columns=["key", "image", "alt_text"])
+    for i in range(0, table.num_rows, 256):  # the stream's chunks
+        chunk = table.slice(i, 256)
+        n = chunk.num_rows
+        for name in ("_epoch", "_window", "_offset"):
+            chunk = chunk.append_column(name, pa.array(np.zeros(n, np.int64)))
+        preprocess(chunk, "veclip-tiny", CaptionConfig(mode="alttext"), ImageLimits(), 0)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+}
+
+
+def make_shard(folder: Path, rows: int, side: tuple[int, int]) -> int:
+    """One shard of ``rows`` noise JPEGs (distinct per row, ~100 KB at 512x384), as ``veclip import`` writes it."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from veclip.schema import INPUT_SCHEMA
+    from veclip.storage import filesystem, write_parquet
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (side[1], side[0], 3), dtype=np.uint8)
+    images = []
+    for i in range(rows):
+        pixels = np.roll(base, i * 7, axis=1)  # a different image per row, at the cost of one encode
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    table = pa.table(
+        {
+            "key": [f"k{i:06d}" for i in range(rows)],
+            "image": pa.array(images, pa.binary()),
+            "alt_text": [f"a photo number {i} of something" for i in range(rows)],
+            "url": [None] * rows,
+            "width": [side[0]] * rows,
+            "height": [side[1]] * rows,
+        },
+        schema=INPUT_SCHEMA,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_parquet(filesystem(str(folder))[0], str(folder / "part-00000.parquet"), table)
+    return sum(map(len, images))
+
+
+def random_model(folder: Path) -> str:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from veclip.train.model import create_model, register_configs
+
+    if (folder / "open_clip_config.json").exists():
+        return str(folder)
+    register_configs()
+    torch.manual_seed(0)
+    model = create_model("veclip-tiny")
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    config = {"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        todo += children.get(current, [])
+    return total
+
+
+def peak_rss(args: list[str]) -> tuple[float, float]:
+    """``(seconds the stage reported, peak resident MiB of its process tree)``."""
+    process = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(process.pid))
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = process.communicate()
+    done.set()
+    thread.join()
+    if process.returncode:
+        raise RuntimeError(f"{args[1:]} failed ({process.returncode})")
+    return json.loads(out.strip().splitlines()[-1])["seconds"], peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--side", default="512x384")
+    parser.add_argument("--work", help="keep the shards here between runs")
+    args = parser.parse_args()
+    side = tuple(int(x) for x in args.side.split("x"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="veclip-shapes-"))
+    model = random_model(work / "model")
+    results = {}
+    for rows in args.rows:
+        data = work / f"rows-{rows}"
+        size = sum(p.stat().st_size for p in data.glob("*.parquet")) if data.exists() else make_shard(data, rows, side)
+        measured = {}
+        for stage, extra in (
+            ("score", [str(data), model, str(work / f"scores-{rows}")]),
+            ("score-bare", [str(data), model]),
+            ("validate", [str(data)]),
+            ("validate-bare", [str(data)]),
+            ("ingest", [str(data)]),
+        ):
+            measured[stage] = peak_rss([STAGE_CODE[stage], *extra])
+            print(f"{rows} rows, {stage}: {measured[stage][0]:.1f} s, peak {measured[stage][1]:,.0f} MiB", flush=True)
+        results[rows] = (size, measured)
+    print(
+        f"\nOne shard of noise JPEGs at {args.side}, quality 90; each stage in its own process, peak RSS of its tree.\n"
+    )
+    print("| stage | rows per shard | shard MB | seconds | rows/s | ratio to its bare loop | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for rows, (size, measured) in results.items():
+        for stage, bare in (("score", "score-bare"), ("validate", "validate-bare"), ("ingest", None)):
+            seconds, peak = measured[stage]
+            ratio = f"{measured[bare][0] / seconds:.2f}" if bare else "-"
+            print(
+                f"| {stage} | {rows:,} | {size / 1e6:,.0f} | {seconds:.1f} | {rows / seconds:,.0f} | {ratio} | {peak:,.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
