@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,7 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 }
 
 
-def make_shard(folder: Path, rows: int, side: tuple[int, int]) -> int:
+def make_shard(folder: Path, rows: int, side: tuple[int, int]) -> None:
     """One shard of ``rows`` noise JPEGs (distinct per row, ~100 KB at 512x384), as ``veclip import`` writes it."""
     import numpy as np
     import pyarrow as pa
@@ -137,7 +138,6 @@ def make_shard(folder: Path, rows: int, side: tuple[int, int]) -> int:
     )
     folder.mkdir(parents=True, exist_ok=True)
     write_parquet(filesystem(str(folder))[0], str(folder / "part-00000.parquet"), table)
-    return sum(map(len, images))
 
 
 def random_model(folder: Path) -> str:
@@ -214,7 +214,10 @@ def main() -> None:
     results = {}
     for rows in args.rows:
         data = work / f"rows-{rows}"
-        size = sum(p.stat().st_size for p in data.glob("*.parquet")) if data.exists() else make_shard(data, rows, side)
+        if not data.exists():
+            make_shard(data, rows, side)
+        size = sum(p.stat().st_size for p in data.glob("*.parquet"))
+        shutil.rmtree(work / f"scores-{rows}", ignore_errors=True)  # a done score table would be skipped
         measured = {}
         for stage, extra in (
             ("score", [str(data), model, str(work / f"scores-{rows}")]),
