@@ -108,8 +108,7 @@ def test_the_front_page_is_short_and_its_links_stay_inside_the_repository():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 300 and "## Module map" in readme
     for target in re.findall(r"\]\(([^)]+)\)", readme):
-        if not target.startswith("https://arxiv.org/"):  # the two papers
-            assert (REPO / target.split("#")[0]).exists(), target
+        assert (REPO / target.split("#")[0]).exists(), target
     for doc in (REPO / "docs").glob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.name} links to {target}"
