@@ -161,23 +161,15 @@ def random_model(folder: Path) -> str:
 
 def _tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and its descendants, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
+    from veclip.processes import process_tree
+
+    total = 0
+    for current in process_tree([pid]):
         try:
             with open(f"/proc/{current}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:
             pass
-        todo += children.get(current, [])
     return total
 
 

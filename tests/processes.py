@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from veclip.processes import process_tree
+
 
 def pids_matching(pattern: str, parent: int | None = None) -> list[int]:
     """Live processes whose command line matches ``pattern`` (and whose parent is ``parent``)."""
@@ -31,20 +33,7 @@ def pids_matching(pattern: str, parent: int | None = None) -> list[int]:
 
 
 def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    return [p for p in process_tree([pid]) if p != pid]
 
 
 def kill_all(pids) -> None:
@@ -93,11 +82,3 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from processes import alive, kill_all, kill_job_when, wait_for
+from processes import kill_all, kill_job_when, wait_for
 
 from veclip import schema
+from veclip.processes import pid_alive
 from veclip.rewrite.config import build_config, fingerprint
 from veclip.rewrite.pipeline import Rewrite, render_summary, run_rewrite
 from veclip.shards.driver import ReconciliationError, summarize
@@ -266,7 +267,7 @@ def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
     )
     # no vLLM process outlives the actor that started it: nothing here cleans them up
     try:
-        wait_for(lambda: not any(alive(p) for p in engines), 60, "the killed actors' vLLM engines to go")
+        wait_for(lambda: not any(pid_alive(p) for p in engines), 60, "the killed actors' vLLM engines to go")
     finally:
         kill_all(engines)
     finished = len(list((out / "_done").glob("*.json")))

@@ -282,6 +282,6 @@ def test_the_reaper_kills_the_engine_processes_of_a_killed_actor():
 
 
 def _running(pid: int) -> bool:
-    from veclip.rewrite.reaper import _alive
+    from veclip.processes import pid_alive
 
-    return _alive(pid)
+    return pid_alive(pid)

@@ -19,46 +19,15 @@ import subprocess
 import sys
 import time
 
+from veclip.processes import pid_alive, process_tree
+
 POLL_SECONDS = 1.0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is gone for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _tree(pids: list[int]) -> list[int]:
-    """``pids`` and their live descendants (from /proc; empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def watch(actor: int, engines: list[int]) -> None:
-    while any(_alive(p) for p in engines):
-        if not _alive(actor):
-            for pid in _tree(engines):
+    while any(pid_alive(p) for p in engines):
+        if not pid_alive(actor):
+            for pid in process_tree(engines):
                 try:
                     os.kill(pid, signal.SIGKILL)  # the engine ignores SIGTERM once its parent is gone
                 except ProcessLookupError:

@@ -30,6 +30,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from veclip.processes import pid_alive
 from veclip.shards.layout import LEASE_FILE
 from veclip.shards.marker import utc_now
 from veclip.storage import Location
@@ -45,16 +46,6 @@ class LeaseLost(RuntimeError):
 
 class _Conflict(Exception):
     """A conditional write found the lease other than expected."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _LocalCas:
@@ -189,7 +180,7 @@ class OutputLease:
     def _free(self, lease: dict) -> bool:
         if lease["run_id"] == self.run_id or lease["expires_at"] < time.time():
             return True
-        return lease.get("host") == socket.gethostname() and not _pid_alive(lease.get("pid", 0))
+        return lease.get("host") == socket.gethostname() and not pid_alive(lease.get("pid", 0))
 
     def _record(self) -> dict:
         return {
