@@ -15,6 +15,8 @@ import posixpath
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import fsspec
@@ -188,37 +190,36 @@ def write_parquet(
     stores: a local temp file, then one upload (never a half-closed stream).
     """
     rows = row_group_rows(table, target_bytes)
-    parent = posixpath.dirname(path)
     if "file" in _protocols(fs):
-        fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
+        with replaced_atomically(path) as tmp:
             pq.write_table(table, tmp, row_group_size=rows)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return
     with tempfile.NamedTemporaryFile(suffix=PARQUET) as tmp:
         pq.write_table(table, tmp.name, row_group_size=rows)
         fs.put_file(tmp.name, path)
 
 
-def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """A small file written all at once: a temp file and a rename on local disk (a reader never sees half
-    of it, a crash never leaves half of it), one PUT on an object store."""
-    if "file" not in _protocols(fs):
-        fs.pipe_file(path, data)
-        return
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+@contextmanager
+def replaced_atomically(path: str) -> Iterator[str]:
+    """A temp file beside local ``path`` to write, renamed over ``path`` when the block ends (a reader never
+    sees half of it, a crash never leaves half of it), removed when it fails."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """A small file written all at once: :func:`replaced_atomically` on local disk, one PUT on an object store."""
+    if "file" not in _protocols(fs):
+        fs.pipe_file(path, data)
+        return
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: dict) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from veclip.processes import pid_alive
 from veclip.shards.layout import LEASE_FILE
 from veclip.shards.marker import utc_now
-from veclip.storage import Location
+from veclip.storage import Location, replaced_atomically
 
 
 class LeaseHeld(RuntimeError):
@@ -96,7 +96,8 @@ class _LocalCas:
             now = self.read()
             if now is None or now[1] != version:
                 raise _Conflict
-            os.replace(self._temp(data), self.path)
+            with replaced_atomically(self.path) as tmp, open(tmp, "w") as f:
+                json.dump(data, f)
             return self._version()
 
     def delete(self, version: str) -> None:
