@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.shards.store import caption_tables, finished_shard_entries
-from veclip.storage import Location, StorageOptions, no_shards
+from veclip.storage import Location, StorageOptions, no_shards, read_table
 
 GENERATED = schema.GENERATED_CAPTION_COLUMNS  # the caption columns a rewrite writes
 SCORES = (schema.CLIP_SCORES, schema.provenance_column(schema.CLIP_SCORES))  # the columns a score output adds
@@ -168,8 +168,8 @@ def join_captions(table: pa.Table, shard: Shard, first_row: int, dataset: Datase
     The flags of several sources are concatenated per row."""
     for source, path in zip(dataset.sources, shard.captions):
         picked = {s: t for s, t in source.columns.items() if columns is None or t in columns}
-        with Location(source.url, dataset.options).fs.open(path, "rb") as f:  # small: keys and text only
-            captions = pq.read_table(f, columns=[schema.KEY, *picked]).slice(first_row, table.num_rows)
+        fs = Location(source.url, dataset.options).fs  # small: keys and text only
+        captions = read_table(fs, path, [schema.KEY, *picked]).slice(first_row, table.num_rows)
         check_aligned(table.column(schema.KEY), captions.column(schema.KEY), first_row, path, shard.path)
         for name, target in picked.items():
             column = captions.column(name)
@@ -222,6 +222,5 @@ def read_shard(dataset: Dataset, shard: Shard, columns: list[str] | None = None,
     column_map = column_map or schema.ColumnMap()
     if columns is not None and shard.captions and column_map.key not in columns:
         columns = [column_map.key, *columns]
-    with dataset.images.fs.open(shard.path, "rb") as f:
-        table = column_map.apply(pq.read_table(f, columns=columns))
+    table = column_map.apply(read_table(dataset.images.fs, shard.path, columns))
     return join_captions(table, shard, 0, dataset) if shard.captions else table

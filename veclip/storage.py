@@ -255,6 +255,15 @@ def version_stamp(entry: dict) -> str:
     return str(entry.get("ETag") or (entry.get("mtime"), entry.get("size")))
 
 
+def read_table(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file through ``fs``. Not ``pq.read_table``: on a Python file object it scans
+    through pyarrow's dataset layer, whose pool threads drop the file after the call returns; one
+    dropped while the interpreter exits aborts the process ("terminate called without an active
+    exception", exit -6) after its work was done."""
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
 def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
     """Many small files at once: s3fs fetches them concurrently (O(n / its batch
     size) round trips, not n in series). Raises the first error, naming its file."""

@@ -30,7 +30,7 @@ from veclip.dataset import first_difference
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
 from veclip.shards.store import CaptionTables, ShardStore, caption_tables, finished_shard_entries
-from veclip.storage import Location, StorageOptions, list_file_entries, read_footers
+from veclip.storage import Location, StorageOptions, list_file_entries, read_footers, read_table
 
 IMAGE_CHECKS = ("sample", "full", "none")
 # Problems that make a dataset unusable whatever the tolerance.
@@ -201,7 +201,7 @@ def _check_shard(
         return
 
     columns = config.columns
-    table = columns.apply(pq.read_table(path, columns=[columns.key, columns.alt_text], filesystem=location.fs))
+    table = columns.apply(read_table(location.fs, path, [columns.key, columns.alt_text]))
     keys = table.column(schema.KEY)
     for row in np.flatnonzero(np.asarray(keys.is_null())):
         shard.null_keys += 1
@@ -247,14 +247,9 @@ def validate(config: ValidateConfig, options: StorageOptions | None = None) -> V
 def _check_alignment(location: Location, tables: CaptionTables, report: ValidationReport) -> None:
     inputs = Location(tables.inputs_url, location.options)
     for table, (source, _) in sorted(tables.inputs.items()):
-        with location.fs.open(table, "rb") as f:
-            captions = pq.read_table(f, columns=[schema.KEY]).column(schema.KEY).to_pylist()
-        with inputs.fs.open(source, "rb") as f:
-            keys = (
-                report.config.columns.apply(pq.read_table(f, columns=[report.config.columns.key]))
-                .column(schema.KEY)
-                .to_pylist()
-            )
+        captions = read_table(location.fs, table, [schema.KEY]).column(schema.KEY).to_pylist()
+        key_column = report.config.columns.key
+        keys = report.config.columns.apply(read_table(inputs.fs, source, [key_column])).column(schema.KEY).to_pylist()
         if captions != keys:
             row = first_difference(keys, captions)
             report.problems.append(

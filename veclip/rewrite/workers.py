@@ -23,7 +23,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.config import secret_values
@@ -37,7 +36,7 @@ from veclip.shards.layout import output_shard_name, work_dir
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import ShardWorker
-from veclip.storage import Location, StorageOptions
+from veclip.storage import Location, StorageOptions, read_table
 
 CAPTIONS_DIR = work_dir("captions")
 
@@ -47,7 +46,7 @@ def read_input_shard(
 ) -> pa.Table:
     fs = Location(config.input, options).fs
     source = None if columns is None else config.columns.source_columns(columns)
-    table = config.columns.apply(pq.read_table(path, columns=source, filesystem=fs))
+    table = config.columns.apply(read_table(fs, path, source))
     if why := schema.key_problems(table.column(schema.KEY).to_pylist()):  # joined by key: rows would swap captions
         raise ShardRefused(f"{output_shard_name(path)}: {why}")
     return table
@@ -199,7 +198,7 @@ class ShardRewriter(_RewriteWorker):
         marker = self.current(self.captions, name)
         if marker is None:
             raise RuntimeError(f"captions for {name} are missing: the captioner pool did not finish it")
-        work = pq.read_table(self.captions.location.join(name), filesystem=self.captions.location.fs).to_pylist()
+        work = read_table(self.captions.location.fs, self.captions.location.join(name)).to_pylist()
         visual = {r["key"]: (r["vlm_caption"], list(r["flags"])) for r in work}
         errors = {r["key"]: (r["image_error"], r["image_error_detail"]) for r in work if r["image_error"]}
         return visual, errors, marker.engine
