@@ -1,6 +1,6 @@
 """Production-shape shards: does memory stay flat from 1,000 to 10,000 rows per shard?
 
-    .venv/bin/python benchmarks/bench_shapes.py [--rows 1000 10000] [--side 512x384] [--work DIR]
+    .venv/bin/python benchmarks/bench_shapes.py [--rows 1000 10000] [--side 512x384] [--work DIR] [--one-group]
 
 Makes one shard per size of web-photo-sized JPEGs (noise at 512x384, quality 90:
 ~100 KB each, so 10,000 rows are ~1 GB), then runs each stage on it in a process
@@ -10,11 +10,17 @@ of its own and samples that process tree's resident memory every 0.1 s:
   random veclip-tiny, batch 64), against a bare loop that embeds the same images
   with open_clip and holds no more than a batch;
 * ``validate --images full`` (every image decoded), against a bare PIL loop;
-* training ingest (``preprocess`` over the shard in chunks, as the stream does).
+* training ingest (the stream's windows of 8 units through ``read_window`` and ``preprocess``);
+* ``rewrite`` (``--mode both --layout copy``: the captioner worker decoding and
+  fitting every image, then the fusion + LaCLIP worker writing the enriched
+  shard, images included) with a stand-in engine that answers at once (a tiny
+  vLLM on 2 cores takes minutes per 1,000 rows; an engine's memory does not
+  depend on rows per shard), against a bare loop that reads, decodes, fits and
+  writes the same rows a batch at a time.
 
-The rewrite is not run at 10k rows here (a tiny vLLM engine on 2 cores takes
-minutes per 1,000 rows); its worker reads and writes a shard the way score does.
-Prints Markdown rows for BENCHMARKS.md.
+``--one-group`` writes each shard as one row group (pyarrow's, pandas' and
+img2dataset's default) instead of veclip's ~128 MiB groups. Prints Markdown rows
+for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -89,29 +95,73 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.parquet")):
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """,
     "ingest": """
-import json, sys, time, glob, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+import json, sys, time, numpy as np
 from veclip.images import ImageLimits
+from veclip.schema import ColumnMap
+from veclip.storage import StorageOptions
 from veclip.train.captions import CaptionConfig
-from veclip.train.data import preprocess
+from veclip.train.data import plan_data, preprocess, read_window
+from veclip.train.order import Position, worker_windows
+plan = plan_data(sys.argv[1], StorageOptions(), ColumnMap(), 1, log=lambda *_: None)
 start = time.perf_counter()
-parquet = pq.ParquetFile(sorted(glob.glob(sys.argv[1] + "/*.parquet"))[0])
-for g in range(parquet.num_row_groups):
-    table = parquet.read_row_group(g, columns=["key", "image", "alt_text"])
-    for i in range(0, table.num_rows, 256):  # the stream's chunks
-        chunk = table.slice(i, 256)
-        n = chunk.num_rows
-        for name in ("_epoch", "_window", "_offset"):
-            chunk = chunk.append_column(name, pa.array(np.zeros(n, np.int64)))
+for w in range(len(worker_windows(list(plan.units), 0, 0, 0, 1, 8))):  # the stream's windows (8 units) and chunks
+    for chunk in read_window({"epoch": np.array([0]), "window": np.array([w])}, plan, Position(), 0, 1, 0, 8):
         preprocess(chunk, "veclip-tiny", CaptionConfig(mode="alttext"), ImageLimits(), 0)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+    "rewrite": """
+import dataclasses, json, sys, time
+from veclip.rewrite.config import fingerprint, preset
+from veclip.rewrite.engine import Completion
+from veclip.rewrite.pipeline import plan_run
+from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
+from veclip.shards.driver import shard_rows
+from veclip.shards.guard import RunContext
+from veclip.shards.lease import OutputLease
+from veclip.storage import Location, StorageOptions
+class StandIn:  # a stand-in engine that answers at once: its memory does not depend on rows per shard
+    name = "stand-in"
+    def generate(self, requests, sampling):
+        return [Completion("a photo of a small red star on a striped wall", 10, 12) for _ in requests]
+data, out = sys.argv[1:3]
+config = dataclasses.replace(preset("default"), input=data, output=out, mode="both", layout="copy")
+options, run = StorageOptions(), RunContext("bench", fingerprint(config)[0])
+lease = OutputLease(Location(out, options), run.run_id)
+lease.acquire()
+start = time.perf_counter()
+batch = shard_rows(plan_run(config, options, run.fingerprint, False))
+for worker in (ShardCaptioner(config, options, run, engine=StandIn()), ShardRewriter(config, options, run, engine=StandIn())):
+    batch = worker(batch)  # VLM captions (every image decoded and fit), then fusion + LaCLIP, the enriched shard written
+seconds = time.perf_counter() - start
+lease.release()
+assert set(batch["status"]) == {"done"}, batch["status"]
+print(json.dumps({"seconds": seconds}))
+""",
+    "rewrite-bare": """
+import io, json, sys, time, glob, pyarrow as pa, pyarrow.parquet as pq
+from PIL import Image
+data, out = sys.argv[1:3]
+start = time.perf_counter()
+parquet = pq.ParquetFile(sorted(glob.glob(data + "/*.parquet"))[0], buffer_size=8 << 20)
+writer = None
+for batch in parquet.iter_batches(batch_size=256):  # read, decode and fit each image, write the rows with a caption
+    for data_ in batch.column("image").to_pylist():
+        Image.open(io.BytesIO(data_)).convert("RGB").thumbnail((448, 448))
+    table = pa.Table.from_batches([batch]).append_column("vecap", pa.array(["a photo of a small red star"] * batch.num_rows))
+    writer = writer or pq.ParquetWriter(out + ".parquet", table.schema)
+    writer.write_table(table)
+writer.close()
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """,
 }
 
 
-def make_shard(folder: Path, rows: int, side: tuple[int, int]) -> None:
-    """One shard of ``rows`` noise JPEGs (distinct per row, ~100 KB at 512x384), as ``veclip import`` writes it."""
+def make_shard(folder: Path, rows: int, side: tuple[int, int], one_group: bool) -> None:
+    """One shard of ``rows`` noise JPEGs (distinct per row, ~100 KB at 512x384), as ``veclip import`` writes
+    it (row groups of ~128 MiB), or with ``one_group`` as pyarrow, pandas and img2dataset do by default."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
 
     from veclip.schema import INPUT_SCHEMA
@@ -137,7 +187,10 @@ def make_shard(folder: Path, rows: int, side: tuple[int, int]) -> None:
         schema=INPUT_SCHEMA,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    write_parquet(filesystem(str(folder))[0], str(folder / "part-00000.parquet"), table)
+    if one_group:
+        pq.write_table(table, folder / "part-00000.parquet")
+    else:
+        write_parquet(filesystem(str(folder))[0], str(folder / "part-00000.parquet"), table)
 
 
 def random_model(folder: Path) -> str:
@@ -199,17 +252,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--side", default="512x384")
     parser.add_argument("--work", help="keep the shards here between runs")
+    parser.add_argument("--one-group", action="store_true", help="shards in one row group (pyarrow's default)")
     args = parser.parse_args()
     side = tuple(int(x) for x in args.side.split("x"))
     work = Path(args.work or tempfile.mkdtemp(prefix="veclip-shapes-"))
     model = random_model(work / "model")
     results = {}
     for rows in args.rows:
-        data = work / f"rows-{rows}"
+        data = work / f"rows-{rows}{'-one-group' if args.one_group else ''}"
         if not data.exists():
-            make_shard(data, rows, side)
+            make_shard(data, rows, side, args.one_group)
         size = sum(p.stat().st_size for p in data.glob("*.parquet"))
-        shutil.rmtree(work / f"scores-{rows}", ignore_errors=True)  # a done score table would be skipped
+        for done in ("scores", "rewrite"):  # a done output would be skipped
+            shutil.rmtree(work / f"{done}-{rows}", ignore_errors=True)
         measured = {}
         for stage, extra in (
             ("score", [str(data), model, str(work / f"scores-{rows}")]),
@@ -217,17 +272,26 @@ def main() -> None:
             ("validate", [str(data)]),
             ("validate-bare", [str(data)]),
             ("ingest", [str(data)]),
+            ("rewrite", [str(data), str(work / f"rewrite-{rows}")]),
+            ("rewrite-bare", [str(data), str(work / f"rewrite-bare-{rows}")]),
         ):
             measured[stage] = peak_rss([STAGE_CODE[stage], *extra])
             print(f"{rows} rows, {stage}: {measured[stage][0]:.1f} s, peak {measured[stage][1]:,.0f} MiB", flush=True)
         results[rows] = (size, measured)
+    groups = "one row group (pyarrow's default)" if args.one_group else "row groups of ~128 MiB (as veclip writes)"
     print(
-        f"\nOne shard of noise JPEGs at {args.side}, quality 90; each stage in its own process, peak RSS of its tree.\n"
+        f"\nOne shard of noise JPEGs at {args.side}, quality 90, in {groups}; each stage in its own process, "
+        "peak RSS of its tree.\n"
     )
     print("| stage | rows per shard | shard MB | seconds | rows/s | ratio to its bare loop | peak RSS MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for rows, (size, measured) in results.items():
-        for stage, bare in (("score", "score-bare"), ("validate", "validate-bare"), ("ingest", None)):
+        for stage, bare in (
+            ("score", "score-bare"),
+            ("validate", "validate-bare"),
+            ("ingest", None),
+            ("rewrite", "rewrite-bare"),
+        ):
             seconds, peak = measured[stage]
             ratio = f"{measured[bare][0] / seconds:.2f}" if bare else "-"
             print(

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "vllm_python" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.engine)
+
+
+class ArrowPeak:
+    """The most memory pyarrow held at once inside the block (sampled every millisecond): a stage that
+    streams a shard stays near one batch, one that reads it whole reaches the shard's size."""
+
+    def __enter__(self):
+        import pyarrow as pa
+
+        self.peak, self._stop = pa.total_allocated_bytes(), threading.Event()
+        self._base = self.peak
+
+        def sample():
+            while not self._stop.wait(0.001):
+                self.peak = max(self.peak, pa.total_allocated_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def grew(self) -> int:
+        return self.peak - self._base
+
+
+def noise_jpegs(n: int, side: int = 128, seed: int = 0) -> list[bytes]:
+    """``n`` JPEGs of noise (incompressible: ~20 KB each at 128 px), for shards with real-size bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import veclip_cli
+from conftest import ArrowPeak, noise_jpegs, veclip_cli
 from s3_faults import Fault, FaultProxy
 
 from veclip.rewrite.config import FaultConfig, fingerprint, preset
@@ -414,3 +414,32 @@ def test_a_shard_with_duplicate_or_null_keys_is_refused_not_retried_and_names_th
     failed = summary["failed"]["part-00001.parquet"]
     assert failed["tries"] == 1 and "ShardRefused" in failed["error"]
     assert "1 null key(s) at rows [7]" in failed["error"] and f"{keys[2]!r} at rows 2 and 5" in failed["error"]
+
+
+def test_a_one_row_group_shard_is_rewritten_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Shards in one row group (as pyarrow writes them by default): the worker checks, rewrites and
+    writes the enriched shard holding a batch of images at a time, so memory does not grow with rows."""
+    from veclip import storage
+
+    monkeypatch.setattr(storage, "ROW_GROUP_TARGET_BYTES", 1_000_000)  # the writer's buffer (128 MiB in production)
+    images, held = noise_jpegs(200, side=40), {}
+    for n in (4_000, 16_000):
+        keys = [f"k{i:05d}" for i in range(n)]
+        table = pa.table(
+            {
+                "key": keys,
+                "image": [images[i % 200] for i in range(n)],
+                "alt_text": [f"photo {i} of a star" for i in range(n)],
+            }
+        )
+        source, output = tmp_path / f"in-{n}", tmp_path / f"out-{n}"
+        source.mkdir()
+        pq.write_table(table, source / "part-00000.parquet", use_dictionary=["key", "alt_text"])
+        config = dataclasses.replace(laclip_config(source, output), layout="copy")  # the images are written too
+        with ArrowPeak() as peak:
+            assert run_local(config)[1] == [DONE]
+        held[n] = peak.grew
+        out = pq.ParquetFile(output / "part-00000.parquet")
+        assert out.read(columns=["key"]).column("key").to_pylist() == keys and out.num_row_groups > 1
+    size = (source / "part-00000.parquet").stat().st_size
+    assert held[16_000] < 1.5 * held[4_000] and held[16_000] < size / 3, (held, size)

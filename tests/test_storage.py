@@ -1,10 +1,12 @@
 """Storage behaves the same on local disk and on S3 (a moto server on 127.0.0.1)."""
 
+import os
 import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ArrowPeak
 
 from veclip import storage
 from veclip.shards import store as shard_store
@@ -230,3 +232,35 @@ def test_small_files_are_written_atomically_on_local_disk(tmp_path, monkeypatch)
     monkeypatch.setattr(storage.os, "replace", real)
     assert storage.read_json(fs, str(tmp_path / "m.json")) == {"rows": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp file left behind
+
+
+def test_a_one_row_group_shard_is_read_and_written_a_batch_at_a_time(tmp_path):
+    """A shard as pyarrow, pandas or img2dataset write it is one row group: reading it a row group at a
+    time would hold it whole. Streamed, memory holds a batch (and a row group being written)."""
+    images = [os.urandom(3_000) for _ in range(10_000)]  # 30 MB
+    table = pa.table({"key": [f"k{i}" for i in range(10_000)], "image": images})
+    # pyarrow's default: one row group, in pages of 1,024 values (the most a reader must hold at once)
+    pq.write_table(table, tmp_path / "one.parquet", use_dictionary=["key"])
+    assert pq.ParquetFile(tmp_path / "one.parquet").num_row_groups == 1
+    fs = storage.filesystem(str(tmp_path))[0]
+    with ArrowPeak() as peak:
+        rows = sum(t.num_rows for t in storage.read_batches(fs, str(tmp_path / "one.parquet"), ["image"]))
+    assert rows == 10_000 and peak.grew < 30_000_000 / 3  # read a row group at a time: 50 MB
+
+    batches = storage.read_batches(fs, str(tmp_path / "one.parquet"))
+    assert storage.write_parquet(fs, str(tmp_path / "out.parquet"), batches, target_bytes=3_000_000) == 10_000
+    written = pq.ParquetFile(tmp_path / "out.parquet")
+    assert written.read().equals(table) and 8 <= written.num_row_groups <= 12  # ~2 MB row groups
+    assert not written.metadata.row_group(0).column(1).has_dictionary_page  # images are never dictionary-encoded
+
+    def failing():
+        yield table.slice(0, 10)
+        raise OSError("the input went away")
+
+    with pytest.raises(OSError, match="went away"):
+        storage.write_parquet(fs, str(tmp_path / "out.parquet"), failing())
+    assert pq.read_table(tmp_path / "out.parquet").equals(table)  # the old file stands, no temp file is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "out.parquet"]
+    empty = pq.ParquetFile(tmp_path / "one.parquet").schema_arrow.empty_table()
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    assert [t.num_rows for t in storage.read_batches(fs, str(tmp_path / "empty.parquet"))] == [0]

@@ -320,6 +320,31 @@ def test_a_dataset_in_one_file_of_one_row_group_trains_on_any_worker_count(sampl
     assert split_units(UNITS, 3) == UNITS  # enough row groups: the units are unchanged
 
 
+def test_a_row_group_bigger_than_a_unit_is_read_as_row_ranges(sample_root, tmp_path, monkeypatch):
+    """A 10,000-row shard as pyarrow writes it is one ~1 GB row group, and a window holds its units: a group
+    over twice the unit size is cut into ranges of about that size, each read streaming its group, every
+    row once; groups as veclip writes them (one unit's size) stay whole."""
+    from veclip.schema import ColumnMap
+    from veclip.storage import StorageOptions
+    from veclip.train import order
+    from veclip.train.data import plan_data, read_window
+
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((sample_root / "train").glob("*.parquet"))])
+    (tmp_path / "one").mkdir()
+    pq.write_table(table, tmp_path / "one" / "big.parquet")  # one row group
+    group_bytes = pq.ParquetFile(tmp_path / "one" / "big.parquet").metadata.row_group(0).total_byte_size
+    plan = plan_data(str(tmp_path / "one"), StorageOptions(), ColumnMap(), 1, log=lambda *_: None)
+    assert len(plan.units) == 1  # under twice the unit size: whole
+    monkeypatch.setattr(order, "UNIT_BYTES", group_bytes // 6)
+    plan = plan_data(str(tmp_path / "one"), StorageOptions(), ColumnMap(), 1, log=lambda *_: None)
+    assert len(plan.units) == 7 and {u.row_group for u in plan.units} == {0}
+    keys = []
+    for window in range(len(worker_windows(list(plan.units), 0, 0, 0, 1, 2))):
+        batch = {"epoch": np.zeros(1, np.int64), "window": np.full(1, window, np.int64)}
+        keys += [k for t in read_window(batch, plan, Position(), 0, 1, 0, 2) for k in t["key"].to_pylist()]
+    assert sorted(keys) == sorted(table.column("key").to_pylist())
+
+
 def test_a_transient_read_error_is_retried_not_fatal(sample_root, tmp_path, monkeypatch):
     """A reset that outlived s3fs's retries once restarted the whole worker group; a window's read is retried."""
     from veclip import storage

@@ -148,13 +148,13 @@ def test_sample_reads_the_images_of_one_row_group_per_shard(tmp_path, sample_roo
     for path in sorted((sample_root / "train").glob("*.parquet")):
         pq.write_table(pq.read_table(path), tmp_path / path.name, row_group_size=5)
     read = []
-    real = pq.ParquetFile.read_row_group
+    real = pq.ParquetFile.iter_batches
 
-    def spy(self, group, columns=None, **kwargs):
-        read.append(([group], columns))
-        return real(self, group, columns=columns, **kwargs)
+    def spy(self, batch_size=65536, row_groups=None, columns=None, **kwargs):
+        read.append((row_groups, columns))
+        return real(self, batch_size=batch_size, row_groups=row_groups, columns=columns, **kwargs)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     report = validate(ValidateConfig(str(tmp_path), images="sample", sample_per_shard=4))
     assert report.usable and report.totals.images_checked == 12
     assert [len(groups) for groups, _ in read] == [1, 1, 1] and all(columns == ["image"] for _, columns in read)

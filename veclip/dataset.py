@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.shards.store import caption_tables, finished_shard_entries
-from veclip.storage import Location, StorageOptions, no_shards, read_table
+from veclip.storage import Location, StorageOptions, no_shards, read_batches, read_table
 
 GENERATED = schema.GENERATED_CAPTION_COLUMNS  # the caption columns a rewrite writes
 SCORES = (schema.CLIP_SCORES, schema.provenance_column(schema.CLIP_SCORES))  # the columns a score output adds
@@ -200,21 +200,19 @@ def check_aligned(
     )
 
 
-def read_shard_groups(
+def read_shard_batches(
     dataset: Dataset, shard: Shard, columns: list[str] | None = None, column_map=None
 ) -> Iterator[pa.Table]:
-    """A shard's rows a Parquet row group at a time, captions joined: memory holds one group's image
-    bytes (~128 MiB), never a whole ~1 GB shard."""
+    """A shard's rows a batch at a time (:func:`~veclip.storage.read_batches`), captions joined: memory
+    holds one batch's image bytes, never a whole ~1 GB shard or row group."""
     column_map = column_map or schema.ColumnMap()
     if columns is not None and shard.captions and column_map.key not in columns:
         columns = [column_map.key, *columns]
     first = 0
-    with dataset.images.fs.open(shard.path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        for group in range(parquet.num_row_groups):
-            table = column_map.apply(parquet.read_row_group(group, columns=columns))
-            yield join_captions(table, shard, first, dataset) if shard.captions else table
-            first += table.num_rows
+    for batch in read_batches(dataset.images.fs, shard.path, columns):
+        table = column_map.apply(batch)
+        yield join_captions(table, shard, first, dataset) if shard.captions else table
+        first += table.num_rows
 
 
 def read_shard(dataset: Dataset, shard: Shard, columns: list[str] | None = None, column_map=None) -> pa.Table:

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.dataset import Dataset, join_captions, open_dataset
+from veclip.dataset import Dataset, open_dataset, read_shard_batches
 from veclip.images import ImageError, decode_image
 from veclip.storage import StorageOptions
 
@@ -67,12 +66,7 @@ def matching_rows(config: ShowConfig, options: StorageOptions) -> tuple[Dataset,
 
 def _row_groups(dataset: Dataset, column_map: schema.ColumnMap) -> Iterator[pa.Table]:
     for shard in dataset.shards:
-        with dataset.images.fs.open(shard.path, "rb") as f:
-            parquet, first = pq.ParquetFile(f), 0
-            for g in range(parquet.num_row_groups):
-                table = column_map.apply(parquet.read_row_group(g))
-                yield join_captions(table, shard, first, dataset) if shard.captions else table
-                first += table.num_rows
+        yield from read_shard_batches(dataset, shard, column_map=column_map)
 
 
 def _filter_columns(table: pa.Table) -> list[str]:

@@ -15,7 +15,7 @@ import posixpath
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -182,21 +182,61 @@ def row_group_rows(table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES) 
 
 
 def write_parquet(
-    fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, target_bytes: int = ROW_GROUP_TARGET_BYTES
-) -> None:
-    """Write ``table`` to ``path`` all at once: readers never see half a file.
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    table: pa.Table | Iterable[pa.Table],
+    target_bytes: int | None = None,
+) -> int:
+    """Write ``table``, or a stream of tables of one schema (a shard batch by batch, so memory never
+    holds it whole), to ``path`` all at once: readers never see half a file. Returns the rows written.
 
     Local disk: a temp file beside the target, then an atomic rename. Object
     stores: a local temp file, then one upload (never a half-closed stream).
     """
-    rows = row_group_rows(table, target_bytes)
+    tables = [table] if isinstance(table, pa.Table) else table
+    target_bytes = target_bytes or ROW_GROUP_TARGET_BYTES
     if "file" in _protocols(fs):
         with replaced_atomically(path) as tmp:
-            pq.write_table(table, tmp, row_group_size=rows)
-        return
+            return _write_row_groups(tables, tmp, target_bytes)
     with tempfile.NamedTemporaryFile(suffix=PARQUET) as tmp:
-        pq.write_table(table, tmp.name, row_group_size=rows)
+        rows = _write_row_groups(tables, tmp.name, target_bytes)
         fs.put_file(tmp.name, path)
+    return rows
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Every column but the binary ones: pyarrow's default tries a dictionary on images too, and puts the
+    first 1,024 (~100 MB) in one dictionary page that every reader must then hold."""
+    return [f.name for f in schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
+
+
+def _write_row_groups(tables: Iterable[pa.Table], path: str, target_bytes: int) -> int:
+    """Row groups of about ``target_bytes``: a stream's tables are gathered until they fill whole
+    groups, the rest waits for the next table (or the end)."""
+    writer, pending, rows = None, [], 0
+
+    def flush(last: bool):
+        group = pa.concat_tables(pending)
+        size = row_group_rows(group, target_bytes)
+        whole = group.num_rows if last else group.num_rows // size * size
+        writer.write_table(group.slice(0, whole), row_group_size=size)
+        pending[:] = [group.slice(whole)] if whole < group.num_rows else []
+
+    try:
+        for table in tables:
+            writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=_dictionary_columns(table.schema))
+            pending.append(table)
+            rows += table.num_rows
+            if sum(t.nbytes for t in pending) >= target_bytes:
+                flush(last=False)
+        if writer is None:
+            raise ValueError(f"nothing to write to {path}: not even an empty table")
+        if pending:
+            flush(last=True)
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
 
 
 @contextmanager
@@ -262,6 +302,31 @@ def read_table(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | No
     exception", exit -6) after its work was done."""
     with fs.open(path, "rb") as f:
         return pq.ParquetFile(f).read(columns=columns)
+
+
+READ_BUFFER_BYTES = 8 << 20
+BATCH_ROWS = 256  # ~25 MiB of web-photo JPEGs
+
+
+def read_batches(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    columns: list[str] | None = None,
+    row_groups: list[int] | None = None,
+    rows: int = BATCH_ROWS,
+) -> Iterator[pa.Table]:
+    """A Parquet file ``rows`` at a time, streamed page by page through a read buffer: memory holds a
+    batch, never a whole row group (a 10,000-row shard as pyarrow, pandas or img2dataset write it by
+    default is one ~1 GB row group)."""
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES)
+        empty = True
+        for batch in parquet.iter_batches(batch_size=rows, row_groups=row_groups, columns=columns):
+            empty = False
+            yield pa.Table.from_batches([batch])
+        if empty:  # a file of no rows still has a schema
+            table = parquet.schema_arrow.empty_table()
+            yield table.select(columns) if columns else table
 
 
 def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:

@@ -30,7 +30,7 @@ from veclip.dataset import first_difference
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
 from veclip.shards.store import CaptionTables, ShardStore, caption_tables, finished_shard_entries
-from veclip.storage import Location, StorageOptions, list_file_entries, read_footers, read_table
+from veclip.storage import Location, StorageOptions, list_file_entries, read_batches, read_footers, read_table
 
 IMAGE_CHECKS = ("sample", "full", "none")
 # Problems that make a dataset unusable whatever the tolerance.
@@ -214,19 +214,18 @@ def _check_shard(
     groups, rows_to_check = _sample(footer, name, config)
     if not rows_to_check:
         return
-    with location.fs.open(path, "rb") as f:
-        parquet, read = pq.ParquetFile(f), 0
-        for group in groups:  # a row group at a time: memory holds one group's images, never the shard's
-            images = parquet.read_row_group(group, columns=[columns.image]).column(0)
-            for row, position in rows_to_check:
-                if read <= position < read + len(images):
-                    shard.images_checked += 1
-                    try:
-                        decode_image(images[position - read].as_py(), config.image_limits)
-                    except ImageError as err:
-                        shard.bad_images += 1
-                        problem("bad_image", f"{err.reason}: {err.detail}", row, keys[row].as_py())
-            read += len(images)
+    read = 0
+    for batch in read_batches(location.fs, path, [columns.image], groups):  # one batch's images in memory at a time
+        images = batch.column(0)
+        for row, position in rows_to_check:
+            if read <= position < read + len(images):
+                shard.images_checked += 1
+                try:
+                    decode_image(images[position - read].as_py(), config.image_limits)
+                except ImageError as err:
+                    shard.bad_images += 1
+                    problem("bad_image", f"{err.reason}: {err.detail}", row, keys[row].as_py())
+        read += len(images)
 
 
 def validate(config: ValidateConfig, options: StorageOptions | None = None) -> ValidationReport:

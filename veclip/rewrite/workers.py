@@ -18,8 +18,10 @@ Runs inside the vLLM environment: no torchvision, no open_clip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -36,18 +38,27 @@ from veclip.shards.layout import output_shard_name, work_dir
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import ShardWorker
-from veclip.storage import Location, StorageOptions, read_table
+from veclip.storage import BATCH_ROWS, Location, StorageOptions, read_batches, read_table
 
 CAPTIONS_DIR = work_dir("captions")
 
 
-def read_input_shard(
-    path: str, config: RewriteConfig, options: StorageOptions, columns: list[str] | None = None
-) -> pa.Table:
-    fs = Location(config.input, options).fs
+def input_batches(
+    path: str, config: RewriteConfig, options: StorageOptions, columns: list[str] | None = None, rows: int = BATCH_ROWS
+) -> Iterator[pa.Table]:
+    """The input shard ``rows`` at a time, the user's columns renamed: memory holds one batch's
+    images, never the shard's (~1 GB at 10,000 rows)."""
     source = None if columns is None else config.columns.source_columns(columns)
-    table = config.columns.apply(read_table(fs, path, source))
-    if why := schema.key_problems(table.column(schema.KEY).to_pylist()):  # joined by key: rows would swap captions
+    for batch in read_batches(Location(config.input, options).fs, path, source, rows=rows):
+        yield config.columns.apply(batch)
+
+
+def read_input_columns(path: str, config: RewriteConfig, options: StorageOptions, columns: list[str]) -> pa.Table:
+    """Small columns of the whole shard (keys, AltText), the keys checked: rows are joined by key, and
+    a duplicate or null one would swap captions between rows."""
+    fs = Location(config.input, options).fs
+    table = config.columns.apply(read_table(fs, path, config.columns.source_columns(columns)))
+    if why := schema.key_problems(table.column(schema.KEY).to_pylist()):
         raise ShardRefused(f"{output_shard_name(path)}: {why}")
     return table
 
@@ -97,15 +108,16 @@ class ShardCaptioner(_RewriteWorker):
         if self.current(self.store, name):
             return
         start, started_at, busy_from, meter = time.perf_counter(), time.time(), _busy_seconds(self.engine), Meter()
-        table = read_input_shard(path, self.config, self.options, ["key", "image"])
-        keys, images = table.column("key").to_pylist(), table.column("image")
-        rows = []
-        for part in steps.chunks(len(keys), self.config.captioner.pool.batch_size):  # decoded a batch at a time
-            decoded = list(self.decoder.map(lambda i: steps.decode_for_captioner(images[i].as_py(), self.config), part))
-            rows += steps.caption(self.config, self.engine, self.prompt, keys[part.start : part.stop], decoded, meter)
+        rows_in = read_input_columns(path, self.config, self.options, ["key"]).num_rows
+        rows, decode = [], functools.partial(steps.decode_for_captioner, config=self.config)
+        batch_rows = self.config.captioner.pool.batch_size  # decoded and submitted a batch at a time
+        for batch in input_batches(path, self.config, self.options, ["key", "image"], batch_rows):
+            decoded = list(self.decoder.map(decode, batch.column("image").to_pylist()))
+            keys = batch.column("key").to_pylist()
+            rows += steps.caption(self.config, self.engine, self.prompt, keys, decoded, meter)
         marker = self.new_marker(name, started_at, busy_from)
         marker.rows_in, marker.seconds, marker.pools = (
-            len(keys),
+            rows_in,
             time.perf_counter() - start,
             {"captioner": meter.stats},
         )
@@ -146,11 +158,11 @@ class ShardRewriter(_RewriteWorker):
             Meter(),
             Meter(),
         )
-        table = read_input_shard(path, self.config, self.options)
-        rows_in, input_keys = table.num_rows, table.column("key").to_pylist()
-        visual, errors, captioner_engine = self._image_checks(table, name)
-        table, quarantine = steps.split(table, errors)
-        keys, alts = table.column("key").to_pylist(), table.column("alt_text").to_pylist()
+        text = read_input_columns(path, self.config, self.options, ["key", "alt_text"])
+        rows_in, input_keys = text.num_rows, text.column("key").to_pylist()
+        visual, errors, captioner_engine = self._image_checks(path, name)
+        kept, _ = steps.split(text, errors)
+        keys, alts = kept.column("key").to_pylist(), kept.column("alt_text").to_pylist()
         flags = steps.alt_text_flags(alts, self.config)
         generated = {}
         if self.fusion:
@@ -173,15 +185,10 @@ class ShardRewriter(_RewriteWorker):
                 steps.provenance(self.config.laclip.engine.model, self.laclip.version, self.engine.name),
             )
         if self.config.layout == "captions":  # every input row, in order: training joins it back by key
-            out = steps.caption_table(input_keys, table, generated, flags, errors)
-            expected = rows_in
+            out = steps.caption_table(input_keys, kept, generated, flags, errors)
         else:
-            out, expected = steps.assemble(table, generated, flags), rows_in - quarantine.num_rows
-        if out.num_rows != expected:  # never lose a row silently
-            raise RuntimeError(
-                f"{name}: {rows_in} rows in, {out.num_rows} written ({self.config.layout} layout) + "
-                f"{quarantine.num_rows} quarantined"
-            )
+            out = self._enriched(path, name, keys, generated, flags, errors)
+        quarantine = self._quarantine(path, errors) if errors else None
         marker = self.new_marker(name, started_at, busy_from)
         marker.layout, marker.rows_in, marker.seconds = self.config.layout, rows_in, time.perf_counter() - start
         marker.flags = dict(Counter(f for row in flags for f in row))
@@ -190,11 +197,36 @@ class ShardRewriter(_RewriteWorker):
         marker.pools |= {"laclip": laclip_meter.stats} if self.laclip else {}
         self.commit(self.store, marker, self.input_fs, path, size, out, quarantine)
 
-    def _image_checks(self, table: pa.Table, name: str) -> tuple[dict, dict, str | None]:
+    def _enriched(self, path: str, name: str, keys: list, generated: dict, flags: list, errors: dict):
+        """The enriched shard a batch at a time: each input batch's kept rows and their generated columns."""
+        done = 0
+        for batch in input_batches(path, self.config, self.options):
+            kept, _ = steps.split(batch, errors)
+            n = kept.num_rows
+            if kept.column("key").to_pylist() != keys[done : done + n]:  # never pair rows with another row's captions
+                raise RuntimeError(f"{name}: the input changed while it was read (rows {done}..{done + n})")
+            yield steps.assemble(
+                kept, {k: (v[done : done + n], o) for k, (v, o) in generated.items()}, flags[done : done + n]
+            )
+            done += n
+        if done != len(keys):  # never lose a row silently
+            raise RuntimeError(f"{name}: {len(keys)} rows to write, {done} read back from the input")
+
+    def _quarantine(self, path: str, errors: dict) -> pa.Table:
+        """The refused rows, whole (images included, to look at), with their reasons."""
+        return pa.concat_tables(
+            steps.split(batch, errors)[1] for batch in input_batches(path, self.config, self.options)
+        )
+
+    def _image_checks(self, path: str, name: str) -> tuple[dict, dict, str | None]:
         """Per key: (visual caption, its flags); per refused key: (reason, detail); the captioner's engine."""
-        keys = table.column("key").to_pylist()
         if not self.config.uses_captioner:
-            return {}, steps.header_errors(keys, table.column("image").to_pylist(), self.config), None
+            errors = {}
+            for batch in input_batches(path, self.config, self.options, ["key", "image"]):
+                errors |= steps.header_errors(
+                    batch.column("key").to_pylist(), batch.column("image").to_pylist(), self.config
+                )
+            return {}, errors, None
         marker = self.current(self.captions, name)
         if marker is None:
             raise RuntimeError(f"captions for {name} are missing: the captioner pool did not finish it")

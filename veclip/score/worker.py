@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.dataset import Dataset, read_shard_groups
+from veclip.dataset import Dataset, read_shard_batches
 from veclip.score import steps
 from veclip.score.config import ScoreConfig
 from veclip.shards.guard import RunContext, ShardRefused
@@ -78,8 +78,8 @@ class ShardScorer(ShardWorker):
             return
         start, started_at = time.perf_counter(), time.time()
         keys, captions, cosines, errors, texts = [], [], [], [], []
-        # a row group at a time: memory holds one group's images, not the shard's (~1 GB at 10k rows)
-        for part in read_shard_groups(self.dataset, shard, self.read, self.config.columns):
+        # a batch at a time: memory holds one batch's images, not the shard's (~1 GB at 10k rows)
+        for part in read_shard_batches(self.dataset, shard, self.read, self.config.columns):
             part_captions = steps.caption_slots(part, self.config.caption_columns)
             part_cosines, part_errors = steps.score(
                 self.model,

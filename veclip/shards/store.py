@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -44,16 +45,17 @@ class ShardStore:
     def __init__(self, location: Location):
         self.location = location
 
-    def write(self, marker: Marker, table: pa.Table, quarantine: pa.Table | None = None) -> Marker:
-        """Write the shard and its quarantine whole, then its marker (rows counted from the tables).
+    def write(self, marker: Marker, table: pa.Table | Iterable[pa.Table], quarantine: pa.Table | None = None) -> Marker:
+        """Write the shard (a table, or a stream of them) and its quarantine whole, then its marker (rows
+        counted as written).
 
         A shard written again (another configuration, changed inputs) loses its old marker first, so a
         crash in between leaves a shard that is not done, never an old marker describing new content,
         and an old quarantine the new write does not replace is removed."""
         fs, name = self.location.fs, marker.shard
         self._remove(self._marker_path(name))
-        write_parquet(fs, self.location.join(name), table)
-        marker.rows, marker.quarantined = table.num_rows, 0 if quarantine is None else quarantine.num_rows
+        marker.rows = write_parquet(fs, self.location.join(name), table)
+        marker.quarantined = 0 if quarantine is None else quarantine.num_rows
         if marker.quarantined:
             write_parquet(fs, self.location.join(QUARANTINE_DIR, name), quarantine)
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -78,7 +79,7 @@ class ShardWorker(ABC):
         input_fs,
         path: str,
         size: int,
-        table: pa.Table,
+        table: pa.Table | Iterable[pa.Table],
         quarantine: pa.Table | None = None,
     ) -> None:
         """Write the shard whole, with who wrote it and from what, if this run still holds the output."""

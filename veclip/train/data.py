@@ -38,7 +38,7 @@ import pyarrow as pa
 from veclip import schema
 from veclip.dataset import Dataset, Shard, join_captions, open_dataset
 from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
-from veclip.storage import Location, StorageOptions, no_shards, with_retries
+from veclip.storage import BATCH_ROWS, READ_BUFFER_BYTES, Location, StorageOptions, no_shards, with_retries
 from veclip.train.captions import (
     CaptionConfig,
     choose,
@@ -162,6 +162,22 @@ def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> li
     return [renames.get(c, c) for c in wanted]
 
 
+def _rows(batches, offset: int, rows: int) -> pa.Table:
+    """Rows ``offset`` .. ``offset + rows`` of a row group's batches: a row range streams its group up to
+    its end, never holding the whole group."""
+    parts, seen = [], 0
+    for batch in batches:
+        start, stop = max(offset - seen, 0), min(offset + rows - seen, batch.num_rows)
+        if stop > start:
+            parts.append(pa.Table.from_batches([batch.slice(start, stop - start)]))
+        seen += batch.num_rows
+        if seen >= offset + rows:
+            break
+    if seen < offset + rows:
+        raise ValueError(f"the row group has {seen} rows, its footer said at least {offset + rows}: was it rewritten?")
+    return pa.concat_tables(parts)
+
+
 def read_window(
     batch: dict, plan: DataPlan, start: Position, rank: int, world: int, seed: int, window_units: int
 ) -> Iterator[pa.Table]:
@@ -173,11 +189,10 @@ def read_window(
 
     def read(unit: ReadUnit) -> pa.Table:
         with dataset.images.fs.open(unit.path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+            parquet = pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES)
             wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
-            table = plan.columns.apply(parquet.read_row_group(unit.row_group, columns=wanted))
-        if unit.rows != table.num_rows:  # a row range of the group
-            table = table.slice(unit.offset, unit.rows)
+            batches = parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[unit.row_group], columns=wanted)
+            table = plan.columns.apply(_rows(batches, unit.offset, unit.rows))
         if unit.captions:
             table = join_captions(
                 table, Shard(unit.path, 0, unit.captions), unit.first_row, dataset, plan.caption_columns

@@ -1,7 +1,9 @@
 """The order training reads its rows in: a pure function of (seed, epoch, worker count).
 
 Read units are the Parquet row groups of the finished shards (known from their
-footers, read once by the driver); where there are fewer row groups than
+footers, read once by the driver), a group bigger than twice ``UNIT_BYTES`` cut
+into row ranges of about that size (a 10,000-row shard as pyarrow or pandas
+write it is one ~1 GB group, and a window holds its units); where there are fewer row groups than
 workers (a dataset in one file of one row group, as pandas writes it), each
 group is cut into row ranges (:func:`split_units`), so any dataset trains on any
 worker count. Every epoch the units are permuted by
@@ -19,13 +21,15 @@ a few row groups' worth unread per epoch, a different few each epoch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from veclip.storage import read_footers
+from veclip.storage import ROW_GROUP_TARGET_BYTES, read_footers
 
 UNREADABLE_FOOTER = "unreadable Parquet footer"
+UNIT_BYTES = ROW_GROUP_TARGET_BYTES  # veclip writes row groups of this size: each is one unit
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,22 @@ def read_units(
             continue
         first = 0
         for g in range(footer.num_row_groups):
-            rows = footer.row_group(g).num_rows
-            if rows:
-                units.append(ReadUnit(path, g, rows, first, (captions or {}).get(path, ())))
-            first += rows
+            group = footer.row_group(g)
+            if group.num_rows:
+                unit = ReadUnit(path, g, group.num_rows, first, (captions or {}).get(path, ()))
+                parts = math.ceil(group.total_byte_size / UNIT_BYTES) if group.total_byte_size > 2 * UNIT_BYTES else 1
+                units += _row_ranges(unit, parts)
+            first += group.num_rows
     return units, unreadable
+
+
+def _row_ranges(unit: ReadUnit, parts: int) -> list[ReadUnit]:
+    """``unit`` cut into ``parts`` row ranges of (nearly) equal size."""
+    bounds = np.linspace(0, unit.rows, min(parts, unit.rows) + 1).astype(int)
+    return [
+        replace(unit, rows=int(end - start), first_row=unit.first_row + int(start), offset=unit.offset + int(start))
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
 
 
 def split_units(units: list[ReadUnit], workers: int) -> list[ReadUnit]:
@@ -80,14 +95,7 @@ def split_units(units: list[ReadUnit], workers: int) -> list[ReadUnit]:
     if len(units) >= workers or not units:
         return units
     parts = -(-workers // len(units))
-    out = []
-    for unit in units:
-        bounds = np.linspace(0, unit.rows, min(parts, unit.rows) + 1).astype(int)
-        out += [
-            replace(unit, rows=int(end - start), first_row=unit.first_row + int(start), offset=unit.offset + int(start))
-            for start, end in zip(bounds[:-1], bounds[1:])
-        ]
-    return out
+    return [r for unit in units for r in _row_ranges(unit, parts)]
 
 
 def _rng(*entropy: int) -> np.random.Generator:
