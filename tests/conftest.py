@@ -26,31 +26,40 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.engine)
 
 
-class ArrowPeak:
-    """The most memory pyarrow held at once inside the block (sampled every millisecond): a stage that
-    streams a shard stays near one batch, one that reads it whole reaches the shard's size."""
+class MemoryPeak:
+    """The most memory held at once inside the block: pyarrow's pool (sampled every millisecond) plus
+    Python's heap (tracemalloc's peak, which sees the bytes a Python file object returns to pyarrow).
+    A stage that streams a shard stays near one batch; one that reads it whole reaches its size."""
 
     def __enter__(self):
+        import tracemalloc
+
         import pyarrow as pa
 
-        self.peak, self._stop = pa.total_allocated_bytes(), threading.Event()
-        self._base = self.peak
+        tracemalloc.start()
+        self._python_base = tracemalloc.get_traced_memory()[0]
+        self.arrow_peak = self._arrow_base = pa.total_allocated_bytes()
+        self._stop = threading.Event()
 
         def sample():
             while not self._stop.wait(0.001):
-                self.peak = max(self.peak, pa.total_allocated_bytes())
+                self.arrow_peak = max(self.arrow_peak, pa.total_allocated_bytes())
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        import tracemalloc
+
         self._stop.set()
         self._thread.join()
+        self.python_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
 
     @property
     def grew(self) -> int:
-        return self.peak - self._base
+        return (self.arrow_peak - self._arrow_base) + (self.python_peak - self._python_base)
 
 
 def noise_jpegs(n: int, side: int = 128, seed: int = 0) -> list[bytes]:

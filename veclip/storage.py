@@ -308,6 +308,13 @@ READ_BUFFER_BYTES = 8 << 20
 BATCH_ROWS = 256  # ~25 MiB of web-photo JPEGs
 
 
+def streaming_parquet(f) -> pq.ParquetFile:
+    """A Parquet file to read page by page through a read buffer. ``pre_buffer`` (pyarrow's default)
+    would fetch every wanted column chunk of a row group at once: a one-group 10,000-row shard's
+    1.7 GB of images (2.2 GB RSS at 10k rows, measured, against 0.5 GB at 1k)."""
+    return pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+
+
 def read_batches(
     fs: fsspec.AbstractFileSystem,
     path: str,
@@ -319,7 +326,7 @@ def read_batches(
     batch, never a whole row group (a 10,000-row shard as pyarrow, pandas or img2dataset write it by
     default is one ~1 GB row group)."""
     with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES)
+        parquet = streaming_parquet(f)
         empty = True
         for batch in parquet.iter_batches(batch_size=rows, row_groups=row_groups, columns=columns):
             empty = False

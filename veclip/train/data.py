@@ -38,7 +38,7 @@ import pyarrow as pa
 from veclip import schema
 from veclip.dataset import Dataset, Shard, join_captions, open_dataset
 from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
-from veclip.storage import BATCH_ROWS, READ_BUFFER_BYTES, Location, StorageOptions, no_shards, with_retries
+from veclip.storage import BATCH_ROWS, Location, StorageOptions, no_shards, streaming_parquet, with_retries
 from veclip.train.captions import (
     CaptionConfig,
     choose,
@@ -183,13 +183,12 @@ def read_window(
 ) -> Iterator[pa.Table]:
     """Each (epoch, window) item's rows in the window's permuted order (from ``start.offset`` in the first),
     in chunks."""
-    import pyarrow.parquet as pq
 
     dataset = plan.dataset
 
     def read(unit: ReadUnit) -> pa.Table:
         with dataset.images.fs.open(unit.path, "rb") as f:
-            parquet = pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES)
+            parquet = streaming_parquet(f)
             wanted = [c for c in plan.source_columns if c in parquet.schema_arrow.names]
             batches = parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[unit.row_group], columns=wanted)
             table = plan.columns.apply(_rows(batches, unit.offset, unit.rows))
