@@ -205,6 +205,34 @@ def test_eval_on_a_caption_output_retrieves_with_its_generated_captions(tmp_path
     assert local["retrieval"] == pytest.approx(spread["retrieval"])
 
 
+def test_eval_embeds_a_batch_of_rows_at_a_time(sample_root, tmp_path, monkeypatch):
+    """The eval set in one file of one row group: images are read, embedded and dropped a batch at a
+    time (once every shard was read whole first), with the same numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from veclip import storage
+    from veclip.eval import embed
+    from veclip.eval.run import EvalConfig, evaluate
+
+    (tmp_path / "one").mkdir()
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((sample_root / "eval").glob("*.parquet"))])
+    pq.write_table(table, tmp_path / "one" / "eval.parquet")
+    (tmp_path / "one" / "_classes.json").write_bytes((sample_root / "eval" / "_classes.json").read_bytes())
+    config = EvalConfig(model=str(_random_tiny_export(tmp_path / "model")), input=str(tmp_path / "one"), batch_size=4)
+    whole = evaluate(config)
+    seen, real = [], embed.embed_images
+    monkeypatch.setattr(
+        embed,
+        "embed_images",
+        lambda model, pre, images, *a, **k: seen.append(len(images)) or real(model, pre, images, *a, **k),
+    )
+    monkeypatch.setattr(storage, "BATCH_ROWS", 6)
+    batched = evaluate(config)
+    assert seen == [6, 6, 6, 2] and batched["retrieval"] == pytest.approx(whole["retrieval"])
+    assert batched["zero_shot"]["label_shape"] == pytest.approx(whole["zero_shot"]["label_shape"])
+
+
 def _random_tiny_export(model_dir):
     import json
 

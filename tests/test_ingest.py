@@ -312,3 +312,37 @@ def test_a_bad_csv_row_is_quarantined_with_its_reason_and_the_rest_imported(csv_
         "field_too_large": 1,
         "invalid_utf8": 1,
     }
+
+
+def test_import_holds_a_batch_of_images_not_the_shard(tmp_path, monkeypatch):
+    """A tar or a CSV shard of 10,000 web images is ~1 GB: import reads, checks and writes it a batch
+    at a time (its rows spill to a local file), so four times the images cost no more memory."""
+    from conftest import MemoryPeak, noise_jpegs
+
+    from veclip import storage
+
+    monkeypatch.setattr(storage, "ROW_GROUP_TARGET_BYTES", 1_000_000)  # the writer's buffer (128 MiB in production)
+    images, held, sizes = noise_jpegs(100, side=128), {}, {}
+    for n in (500, 2_000):
+        folder = tmp_path / f"set-{n}"
+        (folder / "img").mkdir(parents=True)
+        with tarfile.open(folder / "part-0.tar", "w") as tar, open(folder / "set.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "alt_text"])
+            for i in range(n):
+                data = images[i % 100]
+                member = tarfile.TarInfo(f"{i:06d}.jpg")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+                (folder / "img" / f"{i}.jpg").write_bytes(data)
+                writer.writerow([f"img/{i}.jpg", f"photo {i}"])
+        sizes[n] = (folder / "part-0.tar").stat().st_size
+        for source in (folder, folder / "set.csv"):
+            out = tmp_path / f"out-{n}-{source.name}"
+            config = ImportConfig(str(source), str(out), rows_per_shard=n)
+            with MemoryPeak() as peak:
+                assert run_import(config, log=quiet).rows == n
+            held[n, source.suffix] = peak.grew
+            assert pq.ParquetFile(next(out.glob("*.parquet"))).metadata.num_rows == n
+    for kind in ("", ".csv"):  # 1,500 more images: ~30 MB
+        assert held[2_000, kind] - held[500, kind] < (sizes[2_000] - sizes[500]) / 4, (held, sizes)

@@ -22,19 +22,32 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import posixpath
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
+import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image, resize_jpeg
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
-from veclip.storage import Location, StorageOptions, filesystem, list_files, refuse_overlap, with_retries
+from veclip.storage import (
+    BATCH_ROWS,
+    Location,
+    StorageOptions,
+    filesystem,
+    list_files,
+    read_batches,
+    refuse_overlap,
+    with_retries,
+)
 
 FORMATS = ("auto", "webdataset", "csv")
 STAGE = "import"
@@ -96,13 +109,22 @@ class ImportSummary:
 
 
 class _ShardBuilder:
-    """Collects one output shard's good rows and quarantined rows."""
+    """Collects one output shard: its good rows spilled to a local Parquet file a batch at a time (memory
+    holds a batch of images, never the shard's ~1 GB), its quarantined rows with their reasons."""
 
     def __init__(self, limits: ImageLimits, resize: int = 0):
         self.limits, self.resize = limits, resize
-        self.rows: list[dict] = []
+        self.rows = 0
         self.bad: list[dict] = []
         self.resized = 0
+        self._pending: list[dict] = []
+        self._spill = tempfile.TemporaryDirectory(prefix="veclip-import-")
+        self._spill_path = os.path.join(self._spill.name, "rows.parquet")
+        self._writer = pq.ParquetWriter(self._spill_path, schema.INPUT_SCHEMA, compression="none", use_dictionary=False)
+
+    def _flush(self) -> None:
+        self._writer.write_table(pa.Table.from_pylist(self._pending, schema=schema.INPUT_SCHEMA))
+        self._pending.clear()
 
     def add(
         self,
@@ -125,17 +147,23 @@ class _ShardBuilder:
             except ImageError as err:
                 reason, detail = err.reason, err.detail
         if reason is None:
-            self.rows.append(row)
+            self._pending.append(row)
+            self.rows += 1
+            if len(self._pending) >= BATCH_ROWS:
+                self._flush()
         else:
             self.bad.append({**row, "reason": reason, "detail": detail})
 
     def write(self, store: ShardStore, name: str) -> Marker:
-        table = pa.Table.from_pylist(self.rows, schema=schema.INPUT_SCHEMA)
+        self._flush()
+        self._writer.close()
         quarantine = schema.quarantine_table(self.bad, STAGE, schema.INPUT_SCHEMA)
         reasons = Counter(row["reason"] for row in self.bad)
-        return store.write(
-            Marker(name, 0, quarantine_reasons=dict(reasons), stats={"resized": self.resized}), table, quarantine
-        )
+        marker = Marker(name, 0, quarantine_reasons=dict(reasons), stats={"resized": self.resized})
+        try:
+            return store.write(marker, read_batches(fsspec.filesystem("file"), self._spill_path), quarantine)
+        finally:
+            self._spill.cleanup()
 
 
 # -- webdataset -------------------------------------------------------------------------------
@@ -216,7 +244,7 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
             continue
         builder = with_retries(lambda path=path: _read_tar(source, path, config), f"import: reading {path}")
         summary.add(builder.write(store, name))
-        log(f"import: {posixpath.basename(path)} -> {name} ({len(builder.rows)} rows, {len(builder.bad)} quarantined)")
+        log(f"import: {posixpath.basename(path)} -> {name} ({builder.rows} rows, {len(builder.bad)} quarantined)")
     return summary
 
 
@@ -305,8 +333,7 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
             summary.shards_skipped += 1
             return
         builder = _ShardBuilder(config.image_limits, config.resize)
-        contents = _fetch([r.get(cols.image) or "" for r in rows], base, options, config.allow_outside_paths)
-        for row, content in zip(rows, contents):
+        for row, content in _fetched(rows, base, options, config):
             key, text, path = row["__key"], row.get(cols.alt_text), row.get(cols.image) or ""
             if row.get("__bad"):
                 builder.add(key, None, None, None, *row["__bad"])
@@ -317,7 +344,7 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
             else:
                 builder.add(key, content, text, row.get(cols.url) or path)
         summary.add(builder.write(store, name))
-        log(f"import: {name} ({len(builder.rows)} rows, {len(builder.bad)} quarantined)")
+        log(f"import: {name} ({builder.rows} rows, {len(builder.bad)} quarantined)")
 
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # read a huge field, then quarantine its row
     with fs.open(csv_path, "rb") as raw:
@@ -340,6 +367,14 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
         if batch:
             flush(shard_index, batch)
     return summary
+
+
+def _fetched(rows: list[dict], base: Location, options: StorageOptions, config: ImportConfig):
+    """``(row, its image bytes or the error)``, fetched a batch at a time: never a shard's images at once."""
+    column = config.columns.image
+    for start in range(0, len(rows), BATCH_ROWS):
+        part = rows[start : start + BATCH_ROWS]
+        yield from zip(part, _fetch([r.get(column) or "" for r in part], base, options, config.allow_outside_paths))
 
 
 def _bad_row(row: dict) -> tuple[str, str] | None:

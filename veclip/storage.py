@@ -320,7 +320,7 @@ def read_batches(
     path: str,
     columns: list[str] | None = None,
     row_groups: list[int] | None = None,
-    rows: int = BATCH_ROWS,
+    rows: int | None = None,
 ) -> Iterator[pa.Table]:
     """A Parquet file ``rows`` at a time, streamed page by page through a read buffer: memory holds a
     batch, never a whole row group (a 10,000-row shard as pyarrow, pandas or img2dataset write it by
@@ -328,7 +328,7 @@ def read_batches(
     with fs.open(path, "rb") as f:
         parquet = streaming_parquet(f)
         empty = True
-        for batch in parquet.iter_batches(batch_size=rows, row_groups=row_groups, columns=columns):
+        for batch in parquet.iter_batches(batch_size=rows or BATCH_ROWS, row_groups=row_groups, columns=columns):
             empty = False
             yield pa.Table.from_batches([batch])
         if empty:  # a file of no rows still has a schema

@@ -11,6 +11,7 @@ are small next to the images.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -96,8 +97,8 @@ class ImageEmbedder:
         return _embedded_table(batch, embeddings, errors, self.spec.carry)
 
 
-def embed_local(tables: list[pa.Table], model, preprocess, spec: EmbedSpec) -> pa.Table:
-    """Rows with embeddings (or errors), computed in this process."""
+def embed_local(tables: Iterable[pa.Table], model, preprocess, spec: EmbedSpec) -> pa.Table:
+    """Rows with embeddings (or errors), computed in this process (``tables``: a stream of batches)."""
     parts = []
     for table in tables:
         embeddings, errors = embed_images(model, preprocess, table.column(schema.IMAGE), spec.batch_size)

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.config import load_named_json
-from veclip.dataset import Dataset, open_dataset, read_shard
+from veclip.dataset import Dataset, open_dataset, read_shard_batches
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
 from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
 from veclip.eval.model import load_model
@@ -78,11 +80,13 @@ def _check_columns(names: list[str], path: str, config: EvalConfig) -> None:
         raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
 
 
-def _read_tables(dataset: Dataset, config: EvalConfig) -> list:
-    tables = [read_shard(dataset, shard, column_map=config.columns) for shard in dataset.shards]
-    for table, shard in zip(tables, dataset.shards):
-        _check_columns(table.column_names, shard.path, config)
-    return tables
+def _read_batches(dataset: Dataset, config: EvalConfig) -> Iterator[pa.Table]:
+    """Every shard a batch of rows at a time: each batch's images are embedded and dropped before the
+    next is read, so memory holds a batch of images, never the set's."""
+    for shard in dataset.shards:
+        for table in read_shard_batches(dataset, shard, column_map=config.columns):
+            _check_columns(table.column_names, shard.path, config)
+            yield table
 
 
 def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
@@ -104,7 +108,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
             dataset, config.columns, spec, options, config.workers, config.gpus_per_worker, config.cpus_per_worker
         )
     else:
-        embedded = embed_local(_read_tables(dataset, config), model, preprocess, spec)
+        embedded = embed_local(_read_batches(dataset, config), model, preprocess, spec)
     errors = embedded.column("error").to_pylist()
     skipped = Counter(e for e in errors if e)
     kept = embedded.filter(pc.is_null(embedded.column("error"))).to_pylist()

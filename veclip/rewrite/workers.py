@@ -38,13 +38,13 @@ from veclip.shards.layout import output_shard_name, work_dir
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import ShardWorker
-from veclip.storage import BATCH_ROWS, Location, StorageOptions, read_batches, read_table
+from veclip.storage import Location, StorageOptions, read_batches, read_table
 
 CAPTIONS_DIR = work_dir("captions")
 
 
 def input_batches(
-    path: str, config: RewriteConfig, options: StorageOptions, columns: list[str] | None = None, rows: int = BATCH_ROWS
+    path: str, config: RewriteConfig, options: StorageOptions, columns: list[str] | None = None, rows: int | None = None
 ) -> Iterator[pa.Table]:
     """The input shard ``rows`` at a time, the user's columns renamed: memory holds one batch's
     images, never the shard's (~1 GB at 10,000 rows)."""
