@@ -10,6 +10,10 @@ of its own and samples that process tree's resident memory every 0.1 s:
   random veclip-tiny, batch 64), against a bare loop that embeds the same images
   with open_clip and holds no more than a batch;
 * ``validate --images full`` (every image decoded), against a bare PIL loop;
+* ``import --resize 256`` of the same rows as a webdataset tar, against a bare
+  loop that reads, resizes and writes them a batch at a time;
+* ``eval`` in process (zero-shot on a 10-class label column and retrieval with
+  the AltText: retrieval's similarity matrix grows with the square of the set);
 * training ingest (the stream's windows of 8 units through ``read_window`` and ``preprocess``);
 * ``rewrite`` (``--mode both --layout copy``: the captioner worker decoding and
   fitting every image, then the fusion + LaCLIP worker writing the enriched
@@ -32,6 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -109,6 +114,52 @@ for w in range(len(worker_windows(list(plan.units), 0, 0, 0, 1, 8))):  # the str
         preprocess(chunk, "veclip-tiny", CaptionConfig(mode="alttext"), ImageLimits(), 0)
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """,
+    "import": """
+import json, sys, time
+from veclip.ingest import ImportConfig, run_import
+tars, out = sys.argv[1:3]
+start = time.perf_counter()
+summary = run_import(ImportConfig(tars, out, resize=256), log=lambda *_: None)  # every image checked, resized to 256 px
+assert summary.rows > 0, summary
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+    "import-bare": """
+import io, json, sys, time, glob, tarfile, pyarrow as pa, pyarrow.parquet as pq
+from PIL import Image
+tars, out = sys.argv[1:3]
+start = time.perf_counter()
+writer, rows = None, []
+def flush():
+    global writer
+    table = pa.table({"key": [k for k, _ in rows], "image": [b for _, b in rows]})
+    writer = writer or pq.ParquetWriter(out + ".parquet", table.schema)
+    writer.write_table(table)
+    rows.clear()
+with tarfile.open(sorted(glob.glob(tars + "/*.tar"))[0], "r|") as tar:
+    for member in tar:  # read, resize to 256 px and write each image, a batch at a time
+        if not member.name.endswith(".jpg"):
+            continue
+        image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+        image.thumbnail((256 * image.width // min(image.size), 256 * image.height // min(image.size)))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        rows.append((member.name, buffer.getvalue()))
+        if len(rows) == 256:
+            flush()
+if rows:
+    flush()
+writer.close()
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
+    "eval": """
+import json, sys, time
+from veclip.eval.run import EvalConfig, evaluate
+data, model = sys.argv[1:3]
+start = time.perf_counter()
+result = evaluate(EvalConfig(model=model, input=data, label_column="label", caption_column="alt_text", batch_size=64))
+assert result["images"] > 0, result
+print(json.dumps({"seconds": time.perf_counter() - start}))
+""",
     "rewrite": """
 import dataclasses, json, sys, time
 from veclip.rewrite.config import fingerprint, preset
@@ -156,6 +207,9 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 }
 
 
+LABELS = [f"class {i}" for i in range(10)]
+
+
 def make_shard(folder: Path, rows: int, side: tuple[int, int], one_group: bool) -> None:
     """One shard of ``rows`` noise JPEGs (distinct per row, ~100 KB at 512x384), as ``veclip import`` writes
     it (row groups of ~128 MiB), or with ``one_group`` as pyarrow, pandas and img2dataset do by default."""
@@ -186,7 +240,17 @@ def make_shard(folder: Path, rows: int, side: tuple[int, int], one_group: bool) 
         },
         schema=INPUT_SCHEMA,
     )
+    table = table.append_column("label", pa.array([LABELS[i % len(LABELS)] for i in range(rows)]))  # for eval
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "_classes.json").write_text(json.dumps({"label": LABELS}))
+    tars = folder.parent / f"{folder.name}-tars"  # the same rows as webdataset, for import
+    tars.mkdir(exist_ok=True)
+    with tarfile.open(tars / "part-0.tar", "w") as tar:
+        for i, data in enumerate(images):
+            for ext, payload in (("jpg", data), ("txt", f"a photo number {i} of something".encode())):
+                member = tarfile.TarInfo(f"{i:06d}.{ext}")
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))
     if one_group:
         pq.write_table(table, folder / "part-00000.parquet")
     else:
@@ -263,7 +327,7 @@ def main() -> None:
         if not data.exists():
             make_shard(data, rows, side, args.one_group)
         size = sum(p.stat().st_size for p in data.glob("*.parquet"))
-        for done in ("scores", "rewrite"):  # a done output would be skipped
+        for done in ("scores", "rewrite", "import"):  # a done output would be skipped
             shutil.rmtree(work / f"{done}-{rows}", ignore_errors=True)
         measured = {}
         for stage, extra in (
@@ -272,6 +336,9 @@ def main() -> None:
             ("validate", [str(data)]),
             ("validate-bare", [str(data)]),
             ("ingest", [str(data)]),
+            ("import", [str(data) + "-tars", str(work / f"import-{rows}")]),
+            ("import-bare", [str(data) + "-tars", str(work / f"import-bare-{rows}")]),
+            ("eval", [str(data), model]),
             ("rewrite", [str(data), str(work / f"rewrite-{rows}")]),
             ("rewrite-bare", [str(data), str(work / f"rewrite-bare-{rows}")]),
         ):
@@ -283,19 +350,24 @@ def main() -> None:
         f"\nOne shard of noise JPEGs at {args.side}, quality 90, in {groups}; each stage in its own process, "
         "peak RSS of its tree.\n"
     )
-    print("| stage | rows per shard | shard MB | seconds | rows/s | ratio to its bare loop | peak RSS MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| stage | rows per shard | shard MB | seconds | rows/s | ratio to its bare loop | peak RSS MiB | bare loop's |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for rows, (size, measured) in results.items():
         for stage, bare in (
             ("score", "score-bare"),
             ("validate", "validate-bare"),
             ("ingest", None),
+            ("import", "import-bare"),
+            ("eval", None),
             ("rewrite", "rewrite-bare"),
         ):
             seconds, peak = measured[stage]
             ratio = f"{measured[bare][0] / seconds:.2f}" if bare else "-"
+            bare_peak = f"{measured[bare][1]:,.0f}" if bare else "-"
             print(
-                f"| {stage} | {rows:,} | {size / 1e6:,.0f} | {seconds:.1f} | {rows / seconds:,.0f} | {ratio} | {peak:,.0f} |"
+                f"| {stage} | {rows:,} | {size / 1e6:,.0f} | {seconds:.1f} | {rows / seconds:,.0f} | {ratio} | {peak:,.0f} | {bare_peak} |"
             )
 
 
