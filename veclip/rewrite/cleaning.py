@@ -17,6 +17,7 @@ TOO_SHORT = "too_short"
 REFUSAL = "refusal"
 REPETITION = "repetition"
 ENTITIES_LOST = "entities_lost"
+ENTITY_CHECK = 2  # in the fingerprint of fused outputs; 2: a number counts only beside a name
 ALT_TEXT_TRUNCATED = "alt_text_truncated"
 GARBLED = "garbled"  # control or replacement characters, or mostly tokens that are not words
 
@@ -137,13 +138,17 @@ _FILE_JUNK = re.compile(r"\.(jpe?g|png|webp|gif)$|[A-Za-z][_\-]?\d|\d[_\-]?[A-Za
 
 
 def entities(alt_text: str | None) -> list[str]:
-    """Knowledge the VeCap must keep: capitalised names (not file-name junk) and numbers."""
-    found = []
+    """Knowledge the VeCap must keep, as the fusion prompt asks: capitalised names (not file-name junk)
+    and the numbers that belong to one ("Route 66", "Studio 54"). A number on its own, like an SEO year
+    ("free shipping 2024") or a file counter ("untitled (18)"), is the boilerplate the prompt says to
+    drop: counting it nulled VeCaps that did what they were asked."""
     words = [w for w in (alt_text or "").split() if not _FILE_JUNK.search(w)]  # IMG_4821.JPG, stock-image-123
-    for token in _TOKEN.findall(" ".join(words)):
-        if token.lower() in _COMMON:
-            continue
-        if token[0].isdigit() or (token[0].isupper() and len(token) > 1):
+    tokens = [t for t in _TOKEN.findall(" ".join(words)) if t.lower() not in _COMMON]
+    names = [t[0].isupper() and len(t) > 1 for t in tokens]
+    found = []
+    for i, token in enumerate(tokens):
+        beside_a_name = (i > 0 and names[i - 1]) or (i + 1 < len(tokens) and names[i + 1])
+        if names[i] or (token[0].isdigit() and beside_a_name):
             found.append(token)
     return list(dict.fromkeys(found))
 

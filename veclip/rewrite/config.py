@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from veclip.config import build
 from veclip.environments import default_vllm_python
 from veclip.images import ImageLimits
+from veclip.rewrite.cleaning import ENTITY_CHECK
 from veclip.schema import ColumnMap
 from veclip.shards.worker import FaultConfig
 
@@ -277,6 +278,7 @@ def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
             fuser=stage(config.fuser),
             max_image_side=config.max_image_side,
             image_limits=dataclasses.asdict(config.image_limits),
+            entity_check=ENTITY_CHECK,  # which VeCaps are nulled for a lost name
         )
     if config.layout != "copy":  # only then: outputs written before layouts existed keep their fingerprint
         fields["layout"] = config.layout
