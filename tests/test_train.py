@@ -43,6 +43,21 @@ def test_param_groups_and_schedule():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
+def test_the_take_off_step_is_where_the_loss_leaves_chance():
+    """A CLIP sits at ln(global batch) until it starts to learn; the report names the step it left."""
+    from veclip.report import take_off_step
+
+    chance = np.log(64)
+    flat = [{"step": s, "loss": chance + 0.01 * (-1) ** s} for s in range(1, 51)]
+    falling = flat[:30] + [{"step": s, "loss": chance - 0.05 * (s - 30)} for s in range(31, 61)]
+    assert take_off_step(flat, 64) is None
+    assert take_off_step(falling, 64) == 31  # 10 steps from 31 average 0.275 under chance
+    schedule = build_config("tiny", None, ["steps=300", "optim.warmup_share=0.1"], input="x", output="y")
+    assert schedule.optim.warmup_for(schedule.steps) == 30 and preset("tiny").optim.warmup_for(300) == 5
+    with pytest.raises(ValueError, match="warmup_share"):
+        build_config("tiny", None, ["optim.warmup_share=1.5"], input="x", output="y")
+
+
 def test_fused_adamw_takes_the_same_step():
     # the fused kernel (GPU default) is exercised on the CPU: the same update as the loop's default
     from veclip.train.config import OptimConfig
@@ -171,6 +186,32 @@ def test_several_captions_per_image_decoded_on_the_device(ref_data, tmp_path, ra
     assert flops > train_flops_per_sample(create_model("veclip-tiny"), 64, 32)  # a second text per image
     budget = build_config("tiny", None, ["captions.per_image=4", "captions.budget_neutral=true"], input="x", output="y")
     assert budget.images_per_step == budget.batch_size // 4
+
+
+@pytest.mark.slow
+def test_the_mix_at_p_0_and_p_1_is_alt_text_only_and_vecap_only(ref_data, tmp_path, ray_session):
+    """VeCLIP's mix with p = 0 trains exactly as AltText only, and with p = 1 exactly as VeCap only: the
+    same rows in the same order, the same weights after the steps."""
+    weights = {}
+    for name, mode in (("p0", "mix p_vecap=0"), ("alttext", "alttext"), ("p1", "mix p_vecap=1"), ("vecap", "vecap")):
+        mode, *p = mode.split()
+        extra = [f"captions.{p[0]}"] if p else []
+        config = build_config(
+            "tiny",
+            None,
+            ["steps=4", "checkpoint_every=4", "scale.num_workers=1", f"captions.mode={mode}", *extra],
+            input=str(ref_data),
+            output=str(tmp_path / name),
+            name=name,
+        )
+        summary = run_train(config, log=quiet, hooks=TrainHooks(sample_log=str(tmp_path / name / "samples")))
+        weights[name] = (read_model(str(tmp_path / name / name)).weights, summary["rows_skipped_by_reason"])
+    for mix, single in (("p0", "alttext"), ("p1", "vecap")):
+        assert _trained_samples(tmp_path / mix / "samples") == _trained_samples(tmp_path / single / "samples")
+        assert weights[mix][1] == weights[single][1]  # the same rows dropped for want of a caption
+        for key, value in weights[single][0].items():
+            torch.testing.assert_close(weights[mix][0][key], value, rtol=0, atol=0, msg=f"{mix} {key}")
+    assert any(not torch.equal(weights["p0"][0][k], v) for k, v in weights["p1"][0].items())  # the captions matter
 
 
 def _trained_samples(folder: Path) -> dict[tuple[int, int], tuple[int, list[int]]]:

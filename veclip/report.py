@@ -13,6 +13,36 @@ def mean_recall(retrieval: dict, k: int) -> float:
     return (retrieval[f"image_to_text_R@{k}"] + retrieval[f"text_to_image_R@{k}"]) / 2
 
 
+def take_off_step(history: list[dict], global_batch: int, margin: float = 0.25, window: int = 10) -> int | None:
+    """The first step of the first ``window`` steps whose mean loss is ``margin`` under chance (ln of the
+    global batch, where a contrastive CLIP starts and can sit for tens of steps); None if it never is.
+    Until then an eval figure says when the run left the plateau more than what its captions taught."""
+    import math
+
+    losses = [m["loss"] for m in history]
+    chance = math.log(global_batch)
+    for i in range(max(0, len(losses) - window + 1)):
+        if sum(losses[i : i + window]) / window < chance - margin:
+            return history[i]["step"]
+    return None
+
+
+def _plateau(history: list[dict], train: dict) -> str:
+    """Where the run left the chance plateau, said in words, from its metrics."""
+    import math
+
+    config = train["config"]
+    per_worker = config["batch_size"]
+    if config["captions"]["budget_neutral"]:
+        per_worker = max(2, per_worker // config["captions"]["per_image"])
+    batch = per_worker * config["scale"]["num_workers"]
+    step = take_off_step(history, batch)
+    chance = f"chance loss ln {batch} = {math.log(batch):.2f}"
+    if step is None:
+        return f"**never left the chance plateau** ({chance}): its eval figures say nothing of its captions"
+    return f"left the chance plateau ({chance}) at step {step} of {len(history)}"
+
+
 def comparison(runs: dict) -> str:
     """The modes side by side: zero-shot per label, retrieval R@1/R@5 (mean of both directions)."""
     labels = sorted({label for run in runs.values() for label in run["eval"]["zero_shot"]})
@@ -131,7 +161,7 @@ def write_report(
         lines.append(
             f"- **{MODE_NAMES.get(mode, mode)}** (`{mode}`): {train['model']}, {metrics['step']} steps, final loss "
             f"{metrics['loss']:.3f}, {run_samples_per_s(train):.0f} samples/s over the run "
-            f"({train['wall_seconds']:.0f} s); "
+            f"({train['wall_seconds']:.0f} s); {_plateau(run['history'], train)}; "
             f"rows skipped: {json.dumps(train['rows_skipped_by_reason'])}."
         )
     lines += [

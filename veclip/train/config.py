@@ -18,6 +18,17 @@ class OptimConfig:
     beta2: float = 0.98  # AdamW beta2
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = 500  # linear warm-up, then cosine decay to 0
+    warmup_share: float = 0.0  # when > 0: the warm-up is this share of the run's steps (instead of warmup_steps)
+    grad_clip_norm: float = 0.0  # clip the gradients' global norm to this (0: off), as open_clip's --grad-clip-norm
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_share < 1.0 or self.grad_clip_norm < 0:
+            raise ValueError("train: optim.warmup_share must be in [0, 1) and optim.grad_clip_norm >= 0")
+
+    def warmup_for(self, steps: int) -> int:
+        """The warm-up steps of a run of ``steps``."""
+        return max(1, round(self.warmup_share * steps)) if self.warmup_share > 0 else self.warmup_steps
+
     fused: bool | None = None  # fused AdamW kernel (one kernel for all parameters); None: on GPUs only
 
 

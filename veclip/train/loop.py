@@ -190,7 +190,7 @@ def _build(config: TrainConfig, hooks: TrainHooks, board) -> _Worker:
     mean = torch.tensor(model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     optimizer = adamw(model, config.optim, device)
-    scheduler = cosine_with_warmup(optimizer, config.optim.warmup_steps, config.steps)
+    scheduler = cosine_with_warmup(optimizer, config.optim.warmup_for(config.steps), config.steps)
     return _Worker(config, hooks, board, rank, world, device, model, model, optimizer, scheduler, flops, mean, std)
 
 
@@ -276,6 +276,8 @@ def _optimize(w: _Worker, batch: Batch) -> torch.Tensor:
         loss = w.loss_fn(image_features, text_features, logit_scale)
     w.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if w.config.optim.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), w.config.optim.grad_clip_norm)
     w.optimizer.step()
     w.scheduler.step()
     with torch.no_grad():
