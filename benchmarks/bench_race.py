@@ -198,6 +198,8 @@ def veclip_run(parquet: Path, tmp: Path, name: str, steps: int) -> dict:
         "scale.preprocess_cpus=0.5",
         f"checkpoint_every={steps}",
         "optim.warmup_steps=5",
+        "optim.warmup_share=0",  # the same schedule as open_clip_train's --warmup 5, no clipping
+        "optim.grad_clip_norm=0",
         "seed=0",
         "captions.min_words=1",
     ]  # open_clip trains on every caption

@@ -20,13 +20,28 @@ import tempfile
 from pathlib import Path
 
 RECIPES = {  # train overrides over the tiny preset; each a global batch of 64
-    "old": ["batch_size=32", "scale.num_workers=2", "optim.warmup_steps=5"],  # the demo's until 2026-12
-    "new": [
+    # the demo's until 2026-12: 2 workers x 32, 5 warm-up steps, no clipping
+    "old": [
+        "batch_size=32",
+        "scale.num_workers=2",
+        "optim.warmup_share=0",
+        "optim.warmup_steps=5",
+        "optim.grad_clip_norm=0",
+    ],
+    "new": [  # the demo's since 2026-12 (the tiny preset's warm-up and clipping, one worker)
         "batch_size=64",
         "scale.num_workers=1",
         "scale.cpus_per_worker=1",
         "scale.torch_threads=2",
         "optim.warmup_share=0.1",
+        "optim.grad_clip_norm=1.0",
+    ],
+    "short-warmup": [
+        "batch_size=64",
+        "scale.num_workers=1",
+        "scale.cpus_per_worker=1",
+        "scale.torch_threads=2",
+        "optim.warmup_share=0.05",
         "optim.grad_clip_norm=1.0",
     ],
 }

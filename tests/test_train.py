@@ -52,8 +52,8 @@ def test_the_take_off_step_is_where_the_loss_leaves_chance():
     falling = flat[:30] + [{"step": s, "loss": chance - 0.05 * (s - 30)} for s in range(31, 61)]
     assert take_off_step(flat, 64) is None
     assert take_off_step(falling, 64) == 31  # 10 steps from 31 average 0.275 under chance
-    schedule = build_config("tiny", None, ["steps=300", "optim.warmup_share=0.1"], input="x", output="y")
-    assert schedule.optim.warmup_for(schedule.steps) == 30 and preset("tiny").optim.warmup_for(300) == 5
+    schedule = build_config("tiny", None, ["steps=300"], input="x", output="y")
+    assert schedule.optim.warmup_for(schedule.steps) == 30 and preset("default").optim.warmup_for(300) == 500
     with pytest.raises(ValueError, match="warmup_share"):
         build_config("tiny", None, ["optim.warmup_share=1.5"], input="x", output="y")
 
