@@ -81,20 +81,6 @@ def test_brands_have_a_visual_identity_that_only_the_alt_text_names():
     assert not any("frame" in r["ref_caption"] for r in rows if not r["label_brand"])
 
 
-def test_brand_style_alt_text_of_an_unbranded_scene_may_name_no_brand():
-    """A generator bug drew a brand before the slice meant to allow "Souvenir from {place}", so every
-    unbranded brand-style AltText named a random brand (world version 2)."""
-    import random
-
-    from veclip.world.alt_text import BRANDS, _brand
-
-    rng = random.Random(0)
-    texts = [_brand(rng) for _ in range(400)]
-    souvenirs = [t for t in texts if t.startswith("Souvenir from")]
-    assert 0.15 < len(souvenirs) / len(texts) < 0.35 and not any(b in t for t in souvenirs for b in BRANDS)
-    assert all("Souvenir" not in _brand(rng, "Acme") for _ in range(100))  # a branded scene's names its brand
-
-
 def test_alt_text_is_web_like():
     """Mostly noise, sometimes empty or null, rarely the visual facts."""
     config = SampleConfig("unused", image_size=32)

@@ -70,16 +70,14 @@ def _seo(rng: random.Random) -> str:
 
 
 def _brand(rng: random.Random, brand: str | None = None) -> str:
-    """Brand-style AltText: a branded scene's names its brand; an unbranded one's may name a random
-    brand or none ("Souvenir from ...", which the world before version 3 never drew)."""
-    named, place, product = brand or rng.choice(BRANDS), rng.choice(PLACES), rng.choice(PRODUCTS)
+    brand, place, product = brand or rng.choice(BRANDS), rng.choice(PLACES), rng.choice(PRODUCTS)
     return rng.choice(
         (
-            f"{named} | {place} collection",
-            f"{product.title()} by {named}",
-            f"{named} {product} - {place}",
+            f"{brand} | {place} collection",
+            f"{product.title()} by {brand}",
+            f"{brand} {product} - {place}",
             f"Souvenir from {place}",
-        )[: 3 if brand else 4]
+        )[: 3 if brand else 4]  # a branded scene's brand text names it
     )
 
 

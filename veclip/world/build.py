@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUILD_VERSION = (
-    "trained-v3"  # bump when training data, targets or architectures change (v2: names lead the fused caption;
-    # v3: world 3, whose unbranded brand-style AltText may name no brand)
+    "trained-v2"  # bump when training data, targets or architectures change (v2: names lead the fused caption)
 )
 ROLES = ("captioner", "llm")
 

@@ -32,7 +32,7 @@ from veclip.world.alt_text import alt_text
 from veclip.world.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
 
 SPLITS = ("train", "eval")
-WORLD_VERSION = 3  # 2: brands with a visual identity that only the AltText names; 3: unbranded AltText may name none
+WORLD_VERSION = 2  # 2: brands with a visual identity that only the AltText names
 
 SAMPLE_SCHEMA = pa.schema(
     list(schema.INPUT_SCHEMA)
