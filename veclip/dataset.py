@@ -162,17 +162,30 @@ def open_dataset(
     return Dataset(location.url, options, images_url, ordered, tuple(sources), skipped)
 
 
-def join_captions(table: pa.Table, shard: Shard, first_row: int, dataset: Dataset, columns=None) -> pa.Table:
-    """``table`` (rows ``first_row``.. of ``shard``, keys included) with each caption source's
-    rows beside it, checked key by key; ``columns``: only these caption columns (default all).
-    The flags of several sources are concatenated per row."""
+def read_caption_tables(shard: Shard, dataset: Dataset, columns=None) -> list[tuple[str, dict, pa.Table]]:
+    """``shard``'s caption tables, whole (small: keys and text only): per source its table's path, the
+    columns picked ``{source name: target name}`` (``columns``: only these targets, default all), and
+    the keys with those columns."""
+    out = []
     for source, path in zip(dataset.sources, shard.captions):
         picked = {s: t for s, t in source.columns.items() if columns is None or t in columns}
-        fs = Location(source.url, dataset.options).fs  # small: keys and text only
-        captions = read_table(fs, path, [schema.KEY, *picked]).slice(first_row, table.num_rows)
-        check_aligned(table.column(schema.KEY), captions.column(schema.KEY), first_row, path, shard.path)
+        fs = Location(source.url, dataset.options).fs
+        out.append((path, picked, read_table(fs, path, [schema.KEY, *picked])))
+    return out
+
+
+def join_captions(
+    table: pa.Table, shard: Shard, first_row: int, dataset: Dataset, columns=None, captions=None
+) -> pa.Table:
+    """``table`` (rows ``first_row``.. of ``shard``, keys included) with each caption source's
+    rows beside it, checked key by key; ``columns``: only these caption columns (default all);
+    ``captions``: :func:`read_caption_tables` already read (a shard joined a batch at a time reads
+    them once). The flags of several sources are concatenated per row."""
+    for path, picked, whole in read_caption_tables(shard, dataset, columns) if captions is None else captions:
+        part = whole.slice(first_row, table.num_rows)
+        check_aligned(table.column(schema.KEY), part.column(schema.KEY), first_row, path, shard.path)
         for name, target in picked.items():
-            column = captions.column(name)
+            column = part.column(name)
             if target in table.column_names:  # flags from an earlier source
                 merged = [(a or []) + (b or []) for a, b in zip(table.column(target).to_pylist(), column.to_pylist())]
                 table = table.set_column(table.column_names.index(target), target, pa.array(merged, column.type))
@@ -208,10 +221,10 @@ def read_shard_batches(
     column_map = column_map or schema.ColumnMap()
     if columns is not None and shard.captions and column_map.key not in columns:
         columns = [column_map.key, *columns]
-    first = 0
+    first, captions = 0, read_caption_tables(shard, dataset)  # once per shard, not per batch
     for batch in read_batches(dataset.images.fs, shard.path, columns):
         table = column_map.apply(batch)
-        yield join_captions(table, shard, first, dataset) if shard.captions else table
+        yield join_captions(table, shard, first, dataset, captions=captions) if shard.captions else table
         first += table.num_rows
 
 
