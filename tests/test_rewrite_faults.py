@@ -443,3 +443,23 @@ def test_a_one_row_group_shard_is_rewritten_a_batch_at_a_time(tmp_path, monkeypa
         assert out.read(columns=["key"]).column("key").to_pylist() == keys and out.num_row_groups > 1
     # 6,000 more rows: ~120 MB more images, a few MB more text (keys, AltText, captions: held whole by design)
     assert held[8_000] - held[2_000] < (sizes[8_000] - sizes[2_000]) / 4, (held, sizes)
+
+
+def test_refused_images_are_found_and_quarantined_in_one_pass_over_the_shard(train_copy, tmp_path, monkeypatch):
+    """LaCLIP checks each image's header and limits and quarantines the refused rows, images and all: one
+    read of the ~1 GB shard does both (the images were read a second time for the quarantine)."""
+    from veclip.rewrite import workers
+
+    first = sorted(train_copy.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    images = pa.array([b"junk"] + table.column("image").to_pylist()[1:], pa.binary())
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", images), first)
+    reads, real = [], workers.read_batches
+    monkeypatch.setattr(
+        workers, "read_batches", lambda fs, path, *a, **k: reads.append(path) or real(fs, path, *a, **k)
+    )
+    _, statuses, _ = run_local(laclip_config(train_copy, tmp_path / "out"))
+    assert set(statuses) == {DONE} and sorted(reads) == sorted(str(p) for p in train_copy.glob("*.parquet"))
+    quarantine = pq.read_table(tmp_path / "out" / "_quarantine" / first.name)
+    assert quarantine.column("key").to_pylist() == [table.column("key")[0].as_py()]
+    assert quarantine.column("image").to_pylist() == [b"junk"] and quarantine.column("reason")[0].as_py()

@@ -164,7 +164,8 @@ class ShardRewriter(_RewriteWorker):
         )
         text = read_input_columns(path, self.config, self.options, ["key", "alt_text"])
         rows_in, input_keys = text.num_rows, text.column("key").to_pylist()
-        visual, errors, captioner_engine = self._image_checks(path, name)
+        visual, errors, captioner_engine = self._captions(name) if self.config.uses_captioner else ({}, None, None)
+        errors, quarantine = self._refused(path, errors)
         kept, _ = steps.split(text, errors)
         keys, alts = kept.column("key").to_pylist(), kept.column("alt_text").to_pylist()
         flags = steps.alt_text_flags(alts, self.config)
@@ -192,7 +193,6 @@ class ShardRewriter(_RewriteWorker):
             out = steps.caption_table(input_keys, kept, generated, flags, errors)
         else:
             out = self._enriched(path, name, keys, generated, flags, errors)
-        quarantine = self._quarantine(path, errors) if errors else None
         marker = self.new_marker(name, started_at, busy_from)
         marker.layout, marker.rows_in, marker.seconds = self.config.layout, rows_in, time.perf_counter() - start
         marker.flags = dict(Counter(f for row in flags for f in row))
@@ -216,21 +216,23 @@ class ShardRewriter(_RewriteWorker):
         if done != len(keys):  # never lose a row silently
             raise RuntimeError(f"{name}: {len(keys)} rows to write, {done} read back from the input")
 
-    def _quarantine(self, path: str, errors: dict) -> pa.Table:
-        """The refused rows, whole (images included, to look at), with their reasons."""
-        return pa.concat_tables(
-            steps.split(batch, errors)[1] for batch in input_batches(path, self.config, self.options)
-        )
+    def _refused(self, path: str, errors: dict | None) -> tuple[dict, pa.Table | None]:
+        """Per refused key (reason, detail), and the refused rows whole (images included, to look at),
+        in one pass over the shard, none when the captioner refused no image. ``errors`` None (LaCLIP: no
+        VLM decodes the images): found in the same pass from the images' headers and limits."""
+        if errors == {}:
+            return {}, None
+        found, refused = dict(errors or {}), []
+        for batch in input_batches(path, self.config, self.options):
+            if errors is None:
+                keys, images = batch.column("key").to_pylist(), batch.column("image").to_pylist()
+                found |= steps.header_errors(keys, images, self.config)
+            refused.append(steps.split(batch, found)[1])
+        return found, (pa.concat_tables(refused) if found else None)
 
-    def _image_checks(self, path: str, name: str) -> tuple[dict, dict, str | None]:
-        """Per key: (visual caption, its flags); per refused key: (reason, detail); the captioner's engine."""
-        if not self.config.uses_captioner:
-            errors = {}
-            for batch in input_batches(path, self.config, self.options, ["key", "image"]):
-                errors |= steps.header_errors(
-                    batch.column("key").to_pylist(), batch.column("image").to_pylist(), self.config
-                )
-            return {}, errors, None
+    def _captions(self, name: str) -> tuple[dict, dict, str | None]:
+        """Per key: (visual caption, its flags); per key whose image the captioner refused: (reason,
+        detail); the captioner's engine."""
         marker = self.current(self.captions, name)
         if marker is None:
             raise RuntimeError(f"captions for {name} are missing: the captioner pool did not finish it")
