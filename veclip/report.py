@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 MODE_NAMES = {"alttext": "AltText only", "vecap": "VeCap only", "mix": "VeCLIP mix", "laclip": "LaCLIP"}
@@ -17,8 +18,6 @@ def take_off_step(history: list[dict], global_batch: int, margin: float = 0.25, 
     """The first step of the first ``window`` steps whose mean loss is ``margin`` under chance (ln of the
     global batch, where a contrastive CLIP starts and can sit for tens of steps); None if it never is.
     Until then an eval figure says when the run left the plateau more than what its captions taught."""
-    import math
-
     losses = [m["loss"] for m in history]
     chance = math.log(global_batch)
     for i in range(max(0, len(losses) - window + 1)):
@@ -29,8 +28,6 @@ def take_off_step(history: list[dict], global_batch: int, margin: float = 0.25, 
 
 def _plateau(history: list[dict], train: dict) -> str:
     """Where the run left the chance plateau, said in words, from its metrics."""
-    import math
-
     config = train["config"]
     per_worker = config["batch_size"]
     if config["captions"]["budget_neutral"]:

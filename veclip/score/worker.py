@@ -98,8 +98,7 @@ class ShardScorer(ShardWorker):
             texts.append(part.drop_columns([schema.IMAGE]))
         if why := schema.key_problems(keys):  # scores are joined by key: rows would swap them
             raise ShardRefused(f"{name}: {why}")
-        cosines = np.concatenate(cosines) if cosines else np.zeros(0, np.float32)
-        table = pa.concat_tables(texts) if texts else pa.table({schema.KEY: pa.array([], pa.string())})
+        cosines, table = np.concatenate(cosines), pa.concat_tables(texts)  # an empty shard still yields a batch
         flagged = steps.gate(captions, cosines, self.config.threshold, self.config.percentile)
         out = steps.score_table(keys, table, captions, cosines, flagged, self.provenance)
         if out.num_rows != table.num_rows:  # never lose a row silently
