@@ -1,6 +1,7 @@
-"""Does caption enrichment help here? AltText vs VeCap vs the 50/50 mix vs LaCLIP rewrites.
+"""Does caption enrichment help here? AltText vs VeCap vs the VeCLIP mix (and LaCLIP), with intervals.
 
-    .venv/bin/python benchmarks/bench_mixing.py [--seeds 0 1 2] [--steps 400] [--captions pipeline|reference]
+    .venv/bin/python benchmarks/bench_mixing.py [--seeds 0 1 2 3 4] [--steps 300] [--captions pipeline|reference]
+        [--modes alttext vecap mix] [--out results.json]
 
 ``--captions pipeline`` (default): the real method. The rewrite stage runs the
 models trained here (``veclip models build``: a LLaVA-architecture captioner
@@ -12,20 +13,34 @@ quality against the world's truth is printed first.
 reference description (a *perfect* captioner + fuser) and the LaCLIP rewrites
 are made from it by a deterministic paraphraser.
 
-Same data, model, steps and batch for every run; zero-shot (shape, colour+shape,
-brand) and retrieval on the eval split. Prints a Markdown table of mean ± std
-over seeds.
+The protocol, fixed before the runs (issue 29):
+- every mode trains with every seed on the same data, model, recipe (the demo's:
+  one worker × 64, warm-up 10% of the steps, clipping at 1.0) and steps; a run's
+  take-off step (``veclip.report.take_off_step``) and its loss at fixed steps
+  are its learning curve;
+- eval on the eval split with no single caption style owning the verdict: brand
+  zero-shot with two prompt styles (``generic``: "a photo of a {}.", which reads
+  like AltText; ``brands``: descriptive), a knowledge probe whose candidates
+  differ only in the brand name (``probe_brand``, the fused captions' style), and
+  retrieval R@5 with captions in the captioner's style (``caption``) and in a
+  held-out style (``caption_plain``);
+- the contrasts: the mix against AltText only and against VeCap only on those five
+  metrics, each with a paired t interval over seeds (the same seed in both modes)
+  and a paired bootstrap over eval images (hits averaged over seeds), and Holm's
+  correction over the ten paired-t p-values.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -80,35 +95,65 @@ MODES = {
     "mix": ["captions.mode=mix"],
     "laclip": ["captions.mode=laclip"],
     "multi": ["captions.mode=mix", "captions.per_image=2"],
-    "multi-neutral": ["captions.mode=mix", "captions.per_image=2", "captions.budget_neutral=true"],
 }
+# the demo's recipe over the tiny preset (its warm-up share and clipping): one worker x 64, 2 threads
+RECIPE = ["batch_size=64", "scale.num_workers=1", "scale.cpus_per_worker=1", "scale.torch_threads=2"]
+GLOBAL_BATCH = 64
+CONTRASTS = [("mix", "alttext"), ("mix", "vecap")]  # on every metric but shape, fixed before the runs
+CONTRAST_METRICS = ["brand_generic", "brand_descriptive", "brand_probe", "R5_caption", "R5_plain"]
+CURVE_STEPS = (30, 60, 150, 300)  # the loss at these steps (mean of the 10 steps up to each)
+
+
+def loss_at(history: list[dict], step: int) -> float | None:
+    window = [m["loss"] for m in history if step - 10 < m["step"] <= step]
+    return sum(window) / len(window) if window else None
+
+
+def train_and_eval(mode: str, seed: int, args, data: Path, tmp: Path) -> tuple[dict, dict]:
+    from veclip.eval.run import EvalConfig, evaluate
+    from veclip.report import EVAL_SETTINGS, METRICS, per_image, take_off_step
+    from veclip.train.checkpoint import metric_history
+    from veclip.train.config import build_config
+    from veclip.train.export import export
+    from veclip.train.trainer import run_samples_per_s, run_train
+
+    name = f"{mode}-{seed}"
+    overrides = [f"steps={args.steps}", f"seed={seed}", f"model={args.model}", f"checkpoint_every={args.steps}"]
+    overrides += ["report_every=50", "captions.max_rewrites=4", *RECIPE, *MODES[mode]]
+    config = build_config("tiny", None, overrides, input=str(data), output=str(tmp / "runs"), name=name)
+    summary = run_train(config, log=lambda *_: None)
+    history = metric_history(str(tmp / "runs" / name))
+    model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
+    ev = evaluate(EvalConfig(model=str(model), input=str(tmp / "sample" / "eval"), **EVAL_SETTINGS), keep_ranks=True)
+    hits = {metric: per_image(ev["ranks"], metric) for metric in METRICS}
+    row = {
+        "mode": mode,
+        "seed": seed,
+        "take_off": take_off_step(history, GLOBAL_BATCH),
+        "loss_at": {s: loss_at(history, s) for s in CURVE_STEPS if s <= args.steps},
+        "logit_scale": history[-1]["logit_scale"],
+        "samples_per_s": run_samples_per_s(summary),
+        **{metric: float(h.mean()) for metric, h in hits.items()},
+    }
+    return row, hits
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--captions", choices=("pipeline", "reference"), default="pipeline")
     parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        default=["alttext", "vecap", "mix", "laclip", "multi", "multi-neutral"],
-        choices=list(MODES),
-    )
+    parser.add_argument("--modes", nargs="+", default=["alttext", "vecap", "mix"], choices=list(MODES))
     parser.add_argument("--model", default="veclip-tiny", help="veclip-tiny (16 px patches) or veclip-tiny-p8 (8 px)")
+    parser.add_argument("--out", help="write every run's figures here (JSON)")
     args = parser.parse_args()
 
     import ray
 
-    from veclip.eval.run import EvalConfig, evaluate
-    from veclip.report import mean_recall
-    from veclip.train.config import build_config
-    from veclip.train.export import export
-    from veclip.train.trainer import run_train
     from veclip.world.generate import SampleConfig, generate
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="veclip-mixing-"))
     generate(SampleConfig(str(tmp / "sample"), rows=args.rows, eval_rows=500, shards=4, seed=0), log=lambda *_: None)
     if args.captions == "pipeline":
@@ -128,58 +173,74 @@ def main() -> None:
     else:
         enrich(tmp / "sample" / "train", tmp / "enriched")
         data = tmp / "enriched"
-    labels_zs = ("label_shape", "label_color_shape", "label_brand")
-    results: dict[str, list[dict]] = {m: [] for m in args.modes}
-    for mode in args.modes:
-        for seed in args.seeds:
-            name = f"{mode}-{seed}"
-            # the tiny preset's scale, as the demo: 2 workers x 0.5 CPU, 32 rows each per step (64 a step)
-            overrides = [
-                f"steps={args.steps}",
-                "batch_size=32",
-                f"seed={seed}",
-                *MODES[mode],
-                f"model={args.model}",
-                f"checkpoint_every={args.steps}",
-                "report_every=50",
-                "captions.max_rewrites=4",
-            ]
-            config = build_config("tiny", None, overrides, input=str(data), output=str(tmp / "runs"), name=name)
-            run_train(config, log=lambda *_: None)
-            model = export(str(tmp / "runs" / name), str(tmp / "models" / name))
-            ev = evaluate(
-                EvalConfig(model=str(model), input=str(tmp / "sample" / "eval"), label_column=",".join(labels_zs))
-            )
-            row = {f"zs_{label}": ev["zero_shot"][label]["top1"] for label in labels_zs}
-            row.update({f"R@{k}": mean_recall(ev["retrieval"], k) for k in (1, 5)})
-            results[mode].append(row)
-            print(json.dumps({"mode": mode, "seed": seed, **row}), flush=True)
-
-    fmt = lambda xs: f"{100 * statistics.mean(xs):.1f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0):.1f}"
-    what = "the trained models' captions" if args.captions == "pipeline" else "reference captions, stand-ins"
-    names = {
-        "alttext": "AltText only",
-        "vecap": f"VeCap only ({what})",
-        "mix": f"VeCLIP mix p=0.5 ({what})",
-        "laclip": "LaCLIP uniform (AltText + 4 rewrites)"
-        if args.captions == "pipeline"
-        else "LaCLIP uniform (AltText + 3 paraphrases of the reference)",
-        "multi": f"multi-positive: AltText and VeCap of each image, 64 images x 2 texts a step ({what})",
-        "multi-neutral": f"multi-positive, budget-neutral: 32 images x 2 texts a step ({what})",
-    }
-    print(
-        f"\n{args.rows} train rows, {args.model}, {args.steps} steps x 64 (2 workers), seeds {args.seeds}; eval: 500 images\n"
-    )
-    print(
-        "| captions | zero-shot shape top-1 (%) | zero-shot colour+shape top-1 (%) | zero-shot brand top-1 (%) | R@1 (%, mean of both ways) | R@5 (%) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for mode, rows in results.items():
-        col = lambda name, rows=rows: fmt([r[name] for r in rows])
-        print(
-            f"| {names[mode]} | {col('zs_label_shape')} | {col('zs_label_color_shape')} | {col('zs_label_brand')} | {col('R@1')} | {col('R@5')} |"
-        )
+    rows, hits = [], {}
+    for seed in args.seeds:  # seeds outermost: a stopped run still has complete pairs
+        for mode in args.modes:
+            row, hits[mode, seed] = train_and_eval(mode, seed, args, data, tmp)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
+    print(render_tables(rows, hits, args))
     ray.shutdown()
+
+
+def render_tables(rows: list[dict], hits: dict, args) -> str:
+    from veclip.report import METRICS
+    from veclip.stats import holm, paired_bootstrap, paired_t
+
+    what = "the trained models' captions" if args.captions == "pipeline" else "reference captions, stand-ins"
+    out = [
+        f"\n{args.rows} train rows, {args.model}, {args.steps} steps x {GLOBAL_BATCH} (one worker), "
+        f"seeds {args.seeds}; VeCap: {what}; eval: 500 images (brand metrics: the branded ones)\n",
+        "| captions | left the plateau at step | "
+        + " | ".join(f"loss at {s}" for s in CURVE_STEPS if s <= args.steps)
+        + " | "
+        + " | ".join(METRICS[m][0] for m in METRICS)
+        + " |",
+        "| --- " * (2 + len([s for s in CURVE_STEPS if s <= args.steps]) + len(METRICS)) + "|",
+    ]
+    for mode in args.modes:
+        runs = [r for r in rows if r["mode"] == mode]
+        offs = [r["take_off"] for r in runs]
+        curve = [f"{statistics.mean(r['loss_at'][s] for r in runs):.2f}" for s in CURVE_STEPS if s <= args.steps]
+        cells = []
+        for metric in METRICS:
+            values = [r[metric] for r in runs]
+            half = statistics.stdev(values) / math.sqrt(len(values)) * _t975(len(values) - 1) if len(values) > 1 else 0
+            cells.append(f"{100 * statistics.mean(values):.1f} ± {100 * half:.1f}")
+        off = ", ".join("never" if o is None else str(o) for o in offs)
+        out.append(f"| {mode} | {off} | " + " | ".join(curve + cells) + " |")
+    out += [
+        "",
+        "Cells: mean over seeds ± the 95% t half-width. Contrasts (percentage points), fixed before the runs; "
+        "Holm over the paired-t p-values:",
+        "",
+        "| contrast | metric | paired t over seeds [95%] | p | Holm | bootstrap over images [95%] |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    tests = []
+    for a, b in CONTRASTS:
+        if a not in args.modes or b not in args.modes:
+            continue
+        for metric in CONTRAST_METRICS:
+            value = lambda mode, metric=metric: [
+                r[metric] for s in args.seeds for r in rows if (r["mode"], r["seed"]) == (mode, s)
+            ]
+            t = paired_t(value(a), value(b))
+            pooled = lambda mode, metric=metric: np.mean([hits[mode, s][metric] for s in args.seeds], axis=0)
+            tests.append((f"{a} - {b}", metric, t, paired_bootstrap(pooled(a), pooled(b))))
+    verdicts = holm([t.p for _, _, t, _ in tests])
+    for (name, metric, t, boot), rejected in zip(tests, verdicts):
+        verdict = "differs" if rejected else "not shown"
+        out.append(f"| {name} | {METRICS[metric][0]} | {t} | {t.p:.3f} | {verdict} | {boot} |")
+    return "\n".join(out)
+
+
+def _t975(df: int) -> float:
+    from veclip.stats import t_quantile
+
+    return t_quantile(0.975, df)
 
 
 if __name__ == "__main__":

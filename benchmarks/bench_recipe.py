@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--set", action="append", default=[], help="a train override on top of every recipe")
     args = parser.parse_args()
 
     import ray
@@ -67,7 +68,7 @@ def main() -> None:
     from veclip.train.trainer import run_samples_per_s, run_train
     from veclip.world.generate import SampleConfig, generate
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="veclip-recipe-"))
     generate(SampleConfig(str(tmp / "sample"), rows=1000, eval_rows=500, shards=4, seed=0), log=lambda *_: None)
     enrich(tmp / "sample" / "train", tmp / "enriched")
@@ -77,7 +78,7 @@ def main() -> None:
             for seed in args.seeds:
                 name = f"{recipe}-{mode}-{seed}"
                 overrides = [f"steps={args.steps}", f"checkpoint_every={args.steps}", f"seed={seed}"]
-                overrides += RECIPES[recipe] + MODES[mode]
+                overrides += RECIPES[recipe] + MODES[mode] + args.set
                 config = build_config(
                     "tiny", None, overrides, input=str(tmp / "enriched"), output=str(tmp / "runs"), name=name
                 )

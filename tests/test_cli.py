@@ -96,7 +96,11 @@ def test_demo(tmp_path, vllm_python):
         "train (veclip-tiny, captions alttext): step 20" in result.stdout
         and "train (veclip-tiny, captions mix): step 20" in result.stdout
     )
-    assert "| AltText only |" in result.stdout and "| VeCLIP mix |" in result.stdout  # the comparison, last
+    assert "| AltText only | VeCLIP mix | VeCLIP mix - AltText only [95%] |" in result.stdout  # the comparison
+    assert (
+        "| brand probe (texts differ only in the name) |" in result.stdout
+        and "| R@5, held-out style |" in result.stdout
+    )
     assert (
         re.search(r"score: 40 rows in \d+ shards scored by .*models/mix", result.stdout) and "flagged" in result.stdout
     )  # the gate

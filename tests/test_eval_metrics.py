@@ -93,6 +93,12 @@ def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
         str(tmp_path / "eval"),
         "--label-column",
         "label_shape,label_brand",
+        "--caption-column",
+        "caption,caption_plain",
+        "--choice-column",
+        "probe_brand",
+        "--templates",
+        "generic,brands",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (
@@ -107,6 +113,20 @@ def test_eval_cli_on_the_sample_eval_split(sample_root, tmp_path):
     assert 0 <= results["zero_shot"]["label_shape"]["top1"] <= results["zero_shot"]["label_shape"]["top5"] <= 1
     assert results["retrieval"]["text_to_image_R@10"] >= results["retrieval"]["text_to_image_R@1"]
     assert (tmp_path / "eval" / "eval.md").read_text().startswith("# Evaluation")
+    # no one style owns the verdict: each template set and caption column scored on its own
+    assert results["zero_shot"] == results["zero_shot_by_templates"]["generic"]
+    assert results["zero_shot_by_templates"]["brands"]["label_brand"]["images"] == brands["images"]
+    assert set(results["retrieval_by_caption"]) == {"caption", "caption_plain"}
+    assert results["retrieval_by_caption"]["caption_plain"]["captions"] == 20
+    probe = results["choice"]["probe_brand"]  # the brand's name among texts that differ only in it
+    assert probe["candidates"] == 7 and probe["images"] == brands["images"] and 0 <= probe["top1"] <= 1
+    assert "| probe_brand |" in result.stdout and "| caption_plain |" in result.stdout
+    ranks = json.loads((tmp_path / "eval" / "ranks.json").read_text())  # per image, for paired statistics
+    assert len(ranks["choice/probe_brand"]) == probe["images"] and len(ranks["retrieval/caption/text_to_image"]) == 20
+    assert (
+        np.mean(np.array(ranks["zero_shot/brands/label_brand"]) < 1)
+        == results["zero_shot_by_templates"]["brands"]["label_brand"]["top1"]
+    )
     bad = veclip_cli("eval", "--model", str(model_dir), "--data", str(sample_root / "eval"), "--label-column", "nope")
     assert bad.returncode == 2 and "no column(s) ['nope']" in bad.stderr
 
@@ -264,6 +284,14 @@ def _random_tiny_export(model_dir):
         json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}})
     )
     return model_dir
+
+
+def test_multiple_choice_ranks_each_images_own_candidates():
+    from veclip.eval.metrics import choice_ranks
+
+    images = np.eye(3)[:2]  # image 0 points along x, image 1 along y
+    candidates = np.array([[[1, 0, 0], [0, 1, 0]], [[1, 0, 0], [0, 1, 0]]], dtype=float)  # right one first
+    assert choice_ranks(images, candidates).tolist() == [0, 1]
 
 
 def test_retrieval_leaves_out_images_without_a_caption():

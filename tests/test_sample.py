@@ -94,6 +94,19 @@ def test_alt_text_is_web_like():
     assert with_facts == kinds["facts"]
 
 
+def test_unbranded_brand_text_may_name_only_a_place():
+    """A scene of no brand gets "Souvenir from {place}" a quarter of the time; a branded scene's
+    brand text always names its own brand (world 3 fixed a draw that ruled the place text out)."""
+    import random
+
+    from veclip.world.alt_text import _brand
+
+    rng = random.Random(0)
+    unbranded = Counter(_brand(rng).startswith("Souvenir from") for _ in range(2000))
+    assert 0.2 < unbranded[True] / 2000 < 0.3
+    assert all("Acme" in _brand(rng, "Acme") for _ in range(200))
+
+
 def test_resumes_only_missing_shards(tmp_path):
     config = SampleConfig(str(tmp_path), rows=30, eval_rows=6, shards=3, image_size=32)
     generate(config, log=quiet)

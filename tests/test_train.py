@@ -1,6 +1,7 @@
 """Training on this machine, for real: Ray Train workers (gloo on CPU) streaming from Ray Data."""
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -183,7 +184,8 @@ def test_several_captions_per_image_decoded_on_the_device(ref_data, tmp_path, ra
     assert history[-1]["samples_seen"] == 40 * 32 * 2  # images: each with its 2 captions
     assert summary["rows_skipped_by_reason"]["image_unusable"] >= 1  # the junk image, refused in the task as before
     flops = history[-1]["train_flops_per_sample"]
-    assert flops > train_flops_per_sample(create_model("veclip-tiny"), 64, 32)  # a second text per image
+    tiny = create_model("veclip-tiny")
+    assert flops > train_flops_per_sample(tiny, 64, tiny.context_length)  # a second text per image
     budget = build_config("tiny", None, ["captions.per_image=4", "captions.budget_neutral=true"], input="x", output="y")
     assert budget.images_per_step == budget.batch_size // 4
 
@@ -193,7 +195,8 @@ def test_the_mix_at_p_0_and_p_1_is_alt_text_only_and_vecap_only(ref_data, tmp_pa
     """VeCLIP's mix with p = 0 trains exactly as AltText only, and with p = 1 exactly as VeCap only: the
     same rows in the same order, the same weights after the steps."""
     weights = {}
-    for name, mode in (("p0", "mix p_vecap=0"), ("alttext", "alttext"), ("p1", "mix p_vecap=1"), ("vecap", "vecap")):
+    runs = (("p0", "mix p_vecap=0"), ("alttext", "alttext"), ("p1", "mix p_vecap=1"), ("vecap", "vecap"))
+    for name, mode in (*runs, ("half", "mix p_vecap=0.5")):
         mode, *p = mode.split()
         extra = [f"captions.{p[0]}"] if p else []
         config = build_config(
@@ -212,6 +215,25 @@ def test_the_mix_at_p_0_and_p_1_is_alt_text_only_and_vecap_only(ref_data, tmp_pa
         for key, value in weights[single][0].items():
             torch.testing.assert_close(weights[mix][0][key], value, rtol=0, atol=0, msg=f"{mix} {key}")
     assert any(not torch.equal(weights["p0"][0][k], v) for k, v in weights["p1"][0].items())  # the captions matter
+    _assert_realised_share(tmp_path / "half" / "samples", ref_data, 0.5)
+
+
+def _assert_realised_share(samples: Path, data: Path, p: float) -> None:
+    """The VeCap share of the captions trained with, from the sample log: p (binomial, 4 sigma) where the
+    AltText is usable; always VeCap where it is not (the mix's fallback)."""
+    from veclip.train.captions import CaptionConfig, key_hash
+
+    vecap = CaptionConfig().slots.index("vecap")
+    table = pa.concat_tables(pq.read_table(f, columns=["key", "alt_text"]) for f in sorted(data.glob("*.parquet")))
+    usable_alt = {key_hash(k): len((a or "").split()) >= 2 for k, a in zip(*table.to_pydict().values())}
+    drawn = [
+        (usable_alt[h], slot == vecap)
+        for line in (ln for f in sorted(samples.glob("rank-*.jsonl")) for ln in f.read_text().splitlines())
+        for h, slot in zip(json.loads(line)["key_hash"], json.loads(line)["slot"])
+    ]
+    free = [is_vecap for usable, is_vecap in drawn if usable]
+    assert abs(np.mean(free) - p) < 4 * math.sqrt(p * (1 - p) / len(free)), (np.mean(free), len(free))
+    assert all(is_vecap for usable, is_vecap in drawn if not usable)
 
 
 def _trained_samples(folder: Path) -> dict[tuple[int, int], tuple[int, list[int]]]:

@@ -4,10 +4,11 @@ The pipeline: sample data -> validate -> the captioner and LLM trained here on
 the sample world (``veclip models build``; built once, then cached) -> rewrite
 (VeCap and LaCLIP through real vLLM, written as caption tables beside the
 images) -> validate the tables against their inputs -> per caption mode
-(AltText only, then the VeCLIP mix) train a tiny CLIP on 2 Ray Train workers,
-export it for stock open_clip and evaluate it (zero-shot on shapes and brands,
-retrieval) -> the caption gate (``veclip score`` with the mix CLIP, the lowest
-tenth per column flagged) -> ``gallery.html`` (``veclip show``). Then, from
+(AltText only, then the VeCLIP mix) train a tiny CLIP on a Ray Train worker,
+export it for stock open_clip and evaluate it (zero-shot on shapes and on brands
+with two prompt styles, a brand probe, retrieval with captions in two styles)
+-> the caption gate (``veclip score`` with the mix CLIP, the lowest tenth per
+column flagged) -> ``gallery.html`` (``veclip show``). Then, from
 what the steps wrote: caption quality against the world's truth and
 ``report.md`` / ``report.html`` with the modes side by side and plots.
 Rerunning is cheap: the pipeline resumes at its first unfinished step.
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from veclip.eval.run import RANKS_FILE
 from veclip.pipeline import PipelineConfig, run_pipeline, step_seconds
 from veclip.report import comparison, write_report
 from veclip.shards.layout import SUMMARY_FILE
@@ -60,6 +62,12 @@ def pipeline_config(config: DemoConfig, root: Location) -> PipelineConfig:
     return PipelineConfig("demo", root.child("data").url, root.url, tuple(f"{k}={v}" for k, v in values.items()))
 
 
+def _ranks(root: Location, mode: str) -> dict:
+    """The eval's per-image ranks (none from an eval made before they were written: its metrics are left out)."""
+    path = root.join("eval", mode, RANKS_FILE)
+    return read_json(root.fs, path) if root.fs.exists(path) else {}
+
+
 def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     """Returns a process exit code: 0 when every step succeeded."""
     options = options or StorageOptions()
@@ -78,6 +86,7 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
         mode: {
             "train": read_json(root.fs, root.join("train", f"demo-{mode}", RUN_SUMMARY_FILE)),
             "eval": read_json(root.fs, root.join("eval", mode, "eval.json")),
+            "ranks": _ranks(root, mode),
             "history": metric_history(root.child("train", f"demo-{mode}").url, options),
         }
         for mode in MODES

@@ -347,12 +347,20 @@ def _eval_flags(p):
     )
     p.add_argument("--output", "--out", dest="output", metavar="URL", help="write eval.json and eval.md here")
     p.add_argument("--pretrained", help="open_clip pretrained tag or weights file, with a model name")
-    p.add_argument("--label-column", help="class-name column for zero-shot (default label_shape)")
-    p.add_argument("--caption-column", help="caption (string or list) column for retrieval (default caption)")
+    p.add_argument("--label-column", help="class-name column(s) for zero-shot, comma-separated (default label_shape)")
+    p.add_argument(
+        "--caption-column",
+        help="caption (string or list) column(s) for retrieval, comma-separated, each scored (default caption)",
+    )
+    p.add_argument(
+        "--choice-column",
+        help="multiple-choice column(s): a list of texts per image, the right one first (e.g. probe_brand)",
+    )
     p.add_argument("--classes", help='JSON file with "classnames" (default: the eval set\'s _classes.json)')
     p.add_argument(
         "--templates",
-        help="prompt templates: generic (default), imagenet, scenes (the sample data's caption style), or a JSON file",
+        help="prompt template set(s), comma-separated, each scored: generic (default), imagenet, scenes (the sample "
+        "data's caption style), brands, or JSON files",
     )
     p.add_argument("--workers", type=int, help="embed images over up to N Ray actors (default 0: in this process)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per embedding actor with --workers (default 0)")
@@ -557,6 +565,7 @@ STAGES: dict[str, Stage] = {
                 "pretrained",
                 "label_column",
                 "caption_column",
+                "choice_column",
                 "classes",
                 "templates",
                 "workers",

@@ -4,8 +4,12 @@ The eval set is shards in the input schema plus a label column (class names,
 for zero-shot) and a caption column (a string or a list of strings, for
 retrieval); the sample generator's eval split is one. Class names come from
 ``--classes`` (a JSON file with ``classnames``) or the set's own
-``_classes.json``; prompt templates from a shipped set (``generic``,
-``imagenet``) or a JSON file. The model is an exported folder (open_clip
+``_classes.json``; prompt templates from shipped sets (``generic``,
+``imagenet``, ``scenes``, ``brands``) or JSON files. Several caption columns and
+template sets are each scored on their own, so that no one caption style owns
+the verdict; a choice column (a list of texts per image, the right one first)
+scores multiple choice among the image's own candidates, e.g. a knowledge probe
+whose candidates differ only in a name. The model is an exported folder (open_clip
 ``local-dir:``), a training run or checkpoint folder, or an open_clip name
 with ``--pretrained``.
 """
@@ -27,9 +31,11 @@ from veclip import schema
 from veclip.config import load_named_json
 from veclip.dataset import Dataset, open_dataset, read_shard_batches
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
-from veclip.eval.metrics import class_embeddings, retrieval, zero_shot
+from veclip.eval.metrics import choice_ranks, class_embeddings, recall_at, retrieval_ranks, top_k, zero_shot_ranks
 from veclip.eval.model import load_model
 from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
+
+RANKS_FILE = "ranks.json"
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,10 @@ class EvalConfig:
     output: str | None = None  # write eval.json and eval.md here
     pretrained: str | None = None  # with an open_clip model name
     label_column: str = "label_shape"  # class-name column(s) for zero-shot, comma-separated: label_shape,label_brand
-    caption_column: str = "caption"  # caption (string or list) column for retrieval
+    caption_column: str = "caption"  # caption (string or list) column(s) for retrieval, comma-separated
+    choice_column: str = ""  # multiple-choice column(s): a list of texts per image, the right one first
     classes: str | None = None  # JSON file with "classnames" (default: the set's _classes.json)
-    templates: str = "generic"  # prompt templates: generic, imagenet, scenes, or a JSON file
+    templates: str = "generic"  # prompt template set(s), comma-separated: generic, imagenet, scenes, brands, files
     batch_size: int = 256  # images and texts per forward pass
     workers: int = 0  # 0: embed images in this process; N: over up to N Ray actors
     gpus_per_worker: float = 0.0  # GPUs per embedding actor
@@ -52,7 +59,24 @@ class EvalConfig:
 
     @property
     def label_columns(self) -> tuple[str, ...]:
-        return tuple(c.strip() for c in self.label_column.split(",") if c.strip())
+        return _names(self.label_column)
+
+    @property
+    def caption_columns(self) -> tuple[str, ...]:
+        return _names(self.caption_column)
+
+    @property
+    def choice_columns(self) -> tuple[str, ...]:
+        return _names(self.choice_column)
+
+    @property
+    def carried(self) -> tuple[str, ...]:
+        """The columns each embedded row keeps beside its embedding."""
+        return (*self.label_columns, *self.caption_columns, *self.choice_columns)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in value.split(",") if c.strip())
 
 
 def load_templates(name_or_path: str) -> list[str]:
@@ -75,9 +99,11 @@ def _class_names(config: EvalConfig, location: Location, column: str) -> list[st
 
 def _check_columns(names: list[str], path: str, config: EvalConfig) -> None:
     """A clear error if eval's columns are missing (``names``: under the contract's names)."""
-    missing = [c for c in (schema.IMAGE, *config.label_columns, config.caption_column) if c not in names]
+    missing = [c for c in (schema.IMAGE, *config.carried) if c not in names]
     if missing:
-        raise schema.SchemaError(f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column")
+        raise schema.SchemaError(
+            f"eval: {path} has no column(s) {missing}; set --label-column / --caption-column / --choice-column"
+        )
 
 
 def _read_batches(dataset: Dataset, config: EvalConfig) -> Iterator[pa.Table]:
@@ -89,16 +115,20 @@ def _read_batches(dataset: Dataset, config: EvalConfig) -> Iterator[pa.Table]:
             yield table
 
 
-def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
-    """Zero-shot and retrieval on a set of shards, or on a caption output joined to its images
-    (e.g. ``--caption-column vecap`` to retrieve with generated captions)."""
+def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ranks: bool = False) -> dict:
+    """Zero-shot, retrieval and multiple choice on a set of shards, or on a caption output joined to its
+    images (e.g. ``--caption-column vecap`` to retrieve with generated captions). ``zero_shot`` and
+    ``retrieval`` are the first template set's and caption column's; ``*_by`` holds each one's.
+    ``keep_ranks``: also each image's and caption's rank (``ranks``, as ``ranks.json`` beside ``eval.json``),
+    for paired statistics: ``zero_shot/<templates>/<label column>``, ``retrieval/<caption column>/<way>`` and
+    ``choice/<column>``, each over the images (retrieval text->image: the captions) in the set's order."""
     options = options or StorageOptions()
     if config.output:
         refuse_overlap("eval", config.output, [config.input], options)
     dataset = open_dataset(config.input, options, stage="eval")
     location = dataset.images
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
-    spec = EmbedSpec(config.model, config.pretrained, (*config.label_columns, config.caption_column), config.batch_size)
+    spec = EmbedSpec(config.model, config.pretrained, config.carried, config.batch_size)
     if config.workers > 0:
         first = dataset.shards[0].path
         with location.fs.open(first, "rb") as f:  # a clear schema error before any actor starts (footer only)
@@ -114,53 +144,91 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None) -> dict:
     kept = embedded.filter(pc.is_null(embedded.column("error"))).to_pylist()
     image_embeddings = np.array([r["embedding"] for r in kept], np.float32)
 
-    # zero-shot per label column: class names x templates, averaged per class, on the rows with a label
-    zs, classnames, templates = {}, {}, load_templates(config.templates)
+    ranks: dict[str, np.ndarray] = {}
+    zs_by, classnames = {}, {}
+    template_sets = _names(config.templates)
     for column in config.label_columns:
         rows = [i for i, r in enumerate(kept) if r[column] is not None]
-        if not rows:
-            continue
-        classnames[column] = _class_names(config, location, column)
-        prompts = [t.format(c) for c in classnames[column] for t in templates]
-        per_class = encode_texts(model, tokenizer, prompts, config.batch_size).reshape(
-            len(classnames[column]), len(templates), -1
+        if rows:
+            classnames[column] = _class_names(config, location, column)
+    for name in template_sets:
+        zs_by[name] = {}
+        for column, names in classnames.items():
+            rows, column_ranks = _zero_shot(
+                kept, image_embeddings, column, names, load_templates(name), model, tokenizer, config
+            )
+            ranks[f"zero_shot/{name}/{column}"] = column_ranks
+            zs_by[name][column] = {**top_k(column_ranks), "classes": len(names), "images": len(rows)}
+    rt_by = {}
+    for column in config.caption_columns:
+        texts, text_image = _captions(kept, column)
+        i2t, t2i = retrieval_ranks(
+            image_embeddings, encode_texts(model, tokenizer, texts, config.batch_size), text_image
         )
-        index = {name: i for i, name in enumerate(classnames[column])}
-        unknown = sorted({kept[i][column] for i in rows} - set(index))
-        if unknown:
-            raise ValueError(f"eval: {column} labels {unknown[:5]} are not among the {len(index)} class names")
-        labels = np.array([index[kept[i][column]] for i in rows])
-        scores = zero_shot(image_embeddings[rows], class_embeddings(per_class), labels)
-        zs[column] = {**scores, "classes": len(index), "images": len(rows)}
-
-    # retrieval: one or several captions per image
-    texts, text_image = [], []
-    for i, row in enumerate(kept):
-        captions = row[config.caption_column]
-        for caption in captions if isinstance(captions, list) else [captions]:
-            if caption and caption.strip():  # a generated caption the rewrite refused is null: nothing to match
-                texts.append(caption)
-                text_image.append(i)
-    rt = retrieval(image_embeddings, encode_texts(model, tokenizer, texts, config.batch_size), np.array(text_image))
-
+        ranks[f"retrieval/{column}/image_to_text"], ranks[f"retrieval/{column}/text_to_image"] = i2t, t2i
+        rt_by[column] = recall_at(i2t, t2i) | {"captions": len(texts), "images": len(set(text_image))}
+    choice = {}
+    for column in config.choice_columns:
+        rows = [i for i, r in enumerate(kept) if r[column]]
+        if rows:
+            candidates = [kept[i][column] for i in rows]
+            width = len(candidates[0])
+            if any(len(c) != width for c in candidates):
+                raise ValueError(f"eval: {column} must hold the same number of candidates for every image")
+            embedded_texts = encode_texts(model, tokenizer, [t for c in candidates for t in c], config.batch_size)
+            ranks[f"choice/{column}"] = choice_ranks(
+                image_embeddings[rows], embedded_texts.reshape(len(rows), width, -1)
+            )
+            choice[column] = {**top_k(ranks[f"choice/{column}"], (1,)), "candidates": width, "images": len(rows)}
+    first_captions = rt_by[config.caption_columns[0]] if config.caption_columns else {}
     results = {
         "model": config.model,
         "data": config.input,
         "images": len(kept),
         "images_skipped": sum(skipped.values()),
         "images_skipped_by_reason": dict(skipped),
-        "captions": len(texts),
-        "images_without_caption": len(kept) - len(set(text_image)),
+        "captions": first_captions.get("captions", 0),
+        "images_without_caption": len(kept) - first_captions.get("images", 0),
         "classes": sum(len(c) for c in classnames.values()),
-        "templates": len(templates) if classnames else 0,
-        "zero_shot": zs,
-        "retrieval": rt,
+        "templates": len(load_templates(template_sets[0])) if classnames else 0,
+        "zero_shot": zs_by[template_sets[0]] if template_sets else {},
+        "retrieval": {k: v for k, v in first_captions.items() if "@" in k},
+        "zero_shot_by_templates": zs_by,
+        "retrieval_by_caption": rt_by,
+        "choice": choice,
     }
+    ranks = {name: np.asarray(r).tolist() for name, r in ranks.items()}
     if config.output:
         out = Location(config.output, options)
         write_json(out.fs, out.join("eval.json"), results)
+        write_json(out.fs, out.join(RANKS_FILE), ranks)  # per image and caption: for paired statistics
         out.fs.pipe_file(out.join("eval.md"), render_markdown(results).encode())
-    return results
+    return results | {"ranks": ranks} if keep_ranks else results
+
+
+def _zero_shot(kept, image_embeddings, column, names, templates, model, tokenizer, config):
+    """(the rows with a label, their label ranks): class names x templates, averaged per class."""
+    rows = [i for i, r in enumerate(kept) if r[column] is not None]
+    prompts = [t.format(c) for c in names for t in templates]
+    per_class = encode_texts(model, tokenizer, prompts, config.batch_size).reshape(len(names), len(templates), -1)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({kept[i][column] for i in rows} - set(index))
+    if unknown:
+        raise ValueError(f"eval: {column} labels {unknown[:5]} are not among the {len(index)} class names")
+    labels = np.array([index[kept[i][column]] for i in rows])
+    return rows, zero_shot_ranks(image_embeddings[rows], class_embeddings(per_class), labels)
+
+
+def _captions(kept, column) -> tuple[list[str], list[int]]:
+    """Retrieval's texts and, per text, its image: one or several captions per image."""
+    texts, text_image = [], []
+    for i, row in enumerate(kept):
+        captions = row[column]
+        for caption in captions if isinstance(captions, list) else [captions]:
+            if caption and caption.strip():  # a generated caption the rewrite refused is null: nothing to match
+                texts.append(caption)
+                text_image.append(i)
+    return texts, text_image
 
 
 def render_markdown(results: dict) -> str:
@@ -171,21 +239,28 @@ def render_markdown(results: dict) -> str:
         f"{results['classes']} classes x {results['templates']} templates, from `{results['data']}`.",
         "",
     ]
-    if results["zero_shot"]:
-        lines += ["| zero-shot | top-1 | top-5 | classes | images |", "| --- | --- | --- | --- | --- |"]
-    for column, scores in results["zero_shot"].items():
-        lines.append(
-            f"| {column} | {scores['top1']:.1%} | {scores['top5']:.1%} | {scores.get('classes', '')} | "
-            f"{scores.get('images', '')} |"
-        )
-    r = results["retrieval"]
-    lines += [
-        "",
-        "| retrieval | R@1 | R@5 | R@10 |",
-        "| --- | --- | --- | --- |",
-        f"| image -> text | {r['image_to_text_R@1']:.1%} | {r['image_to_text_R@5']:.1%} | "
-        f"{r['image_to_text_R@10']:.1%} |",
-        f"| text -> image | {r['text_to_image_R@1']:.1%} | {r['text_to_image_R@5']:.1%} | "
-        f"{r['text_to_image_R@10']:.1%} |",
-    ]
+    by_templates = results.get("zero_shot_by_templates") or {"": results["zero_shot"]}
+    if any(by_templates.values()):
+        lines += [
+            "| zero-shot | templates | top-1 | top-5 | classes | images |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+    for templates, columns in by_templates.items():
+        for column, scores in columns.items():
+            lines.append(
+                f"| {column} | {templates} | {scores['top1']:.1%} | {scores['top5']:.1%} | "
+                f"{scores.get('classes', '')} | {scores.get('images', '')} |"
+            )
+    if results.get("choice"):
+        lines += ["", "| multiple choice | top-1 | candidates | images |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"| {column} | {c['top1']:.1%} | {c['candidates']} | {c['images']} |"
+            for column, c in results["choice"].items()
+        ]
+    lines += ["", "| retrieval | captions | R@1 | R@5 | R@10 |", "| --- | --- | --- | --- | --- |"]
+    for column, r in (results.get("retrieval_by_caption") or {"": results["retrieval"]}).items():
+        for way, name in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
+            lines.append(
+                f"| {name} | {column} | {r[f'{way}_R@1']:.1%} | {r[f'{way}_R@5']:.1%} | {r[f'{way}_R@10']:.1%} |"
+            )
     return "\n".join(lines) + "\n"

@@ -58,17 +58,19 @@ class TrainHooks:
     """Test and audit hooks, outside the run's config (``run_train(..., hooks=...)``)."""
 
     kill_at_step: int | None = None  # the rank-1 (or 0) worker process kills itself (SIGKILL) once, before this step
-    sample_log: str | None = None  # a local folder: each worker logs the sample keys of every step
+    sample_log: str | None = None  # a local folder: each worker logs every step's sample keys and caption slots
 
     def before_step(self, step: int, rank: int, world: int, resumed: bool) -> None:
         if self.kill_at_step == step and not resumed and rank == min(1, world - 1):
             os.kill(os.getpid(), signal.SIGKILL)  # as a lost node or an OOM kill would
 
-    def after_step(self, step: int, epoch: int, rank: int, key_hashes) -> None:
+    def after_step(self, step: int, epoch: int, rank: int, key_hashes, slots) -> None:
+        """``slots``: per sample, the caption slot(s) it trained with (indices into ``CaptionConfig.slots``)."""
         if self.sample_log:
             os.makedirs(self.sample_log, exist_ok=True)
+            record = {"step": step, "epoch": epoch, "key_hash": [int(k) for k in key_hashes], "slot": slots.tolist()}
             with open(os.path.join(self.sample_log, f"rank-{rank}.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "key_hash": [int(k) for k in key_hashes]}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
 
 def resume_point(
@@ -358,7 +360,7 @@ def _train_stream(w: _Worker, batches) -> int:
         w.me.position = batch.position
         for reason, n in batch.skipped.items():
             w.me.skipped[reason] = w.me.skipped.get(reason, 0) + n
-        w.hooks.after_step(w.progress.step, epoch, w.rank, batch.rows["key_hash"])
+        w.hooks.after_step(w.progress.step, epoch, w.rank, batch.rows["key_hash"], batch.rows["slot"])
         metrics = _step_metrics(w, epoch, loss, wait_start, step_start, end, report_seconds)
         w.history.append(metrics)
         publish_step(w.config.name, w.rank, metrics, w.per_step)

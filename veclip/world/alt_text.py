@@ -70,15 +70,15 @@ def _seo(rng: random.Random) -> str:
 
 
 def _brand(rng: random.Random, brand: str | None = None) -> str:
-    brand, place, product = brand or rng.choice(BRANDS), rng.choice(PLACES), rng.choice(PRODUCTS)
-    return rng.choice(
-        (
-            f"{brand} | {place} collection",
-            f"{product.title()} by {brand}",
-            f"{brand} {product} - {place}",
-            f"Souvenir from {place}",
-        )[: 3 if brand else 4]  # a branded scene's brand text names it
+    """A brand or place text; a branded scene's (``brand`` given) always names its brand."""
+    name, place, product = brand or rng.choice(BRANDS), rng.choice(PLACES), rng.choice(PRODUCTS)
+    texts = (
+        f"{name} | {place} collection",
+        f"{product.title()} by {name}",
+        f"{name} {product} - {place}",
+        f"Souvenir from {place}",
     )
+    return rng.choice(texts[:3] if brand else texts)
 
 
 def _partial(scene: Scene, rng: random.Random) -> str:

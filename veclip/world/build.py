@@ -16,9 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILD_VERSION = (
-    "trained-v2"  # bump when training data, targets or architectures change (v2: names lead the fused caption)
-)
+BUILD_VERSION = "trained-v3"  # bump when training data, targets or architectures change (v3: world 3's AltText)
 ROLES = ("captioner", "llm")
 
 

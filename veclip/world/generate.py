@@ -7,8 +7,11 @@ depend on the shard count. Columns beyond the contract:
   ``ref_facts`` (the same as JSON) and ``ref_alt_kind`` (which kind of AltText
   was drawn). **For benchmarks only; pipelines must never read ``ref_*``.**
 * eval split only: ``label_shape``, ``label_color_shape`` and ``label_brand``
-  (zero-shot class names; ``label_brand`` is null for scenes of no brand) and
-  ``caption`` (the retrieval caption, equal to ``ref_caption``).
+  (zero-shot class names; ``label_brand`` is null for scenes of no brand),
+  ``caption`` (the retrieval caption, equal to ``ref_caption``: the captioner's
+  style), ``caption_plain`` (the same facts in a held-out style) and
+  ``probe_brand`` (branded scenes: the fused caption's style, once per brand,
+  the true brand first; the texts differ only in the name: a knowledge probe).
 
 Layout: ``<out>/train/part-NNNNN.parquet``, ``<out>/eval/part-NNNNN.parquet``
 (each with ``_done`` markers), ``<out>/eval/_classes.json`` and
@@ -29,10 +32,21 @@ from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, write_json
 from veclip.world.alt_text import alt_text
-from veclip.world.scene import BRAND_STYLES, COLORS, SHAPES, describe, random_brand, random_scene, render
+from veclip.world.scene import (
+    BRAND_STYLES,
+    COLORS,
+    SHAPES,
+    Scene,
+    describe,
+    describe_plainly,
+    random_brand,
+    random_scene,
+    render,
+)
 
 SPLITS = ("train", "eval")
-WORLD_VERSION = 2  # 2: brands with a visual identity that only the AltText names
+WORLD_VERSION = 3  # 2: brands with a visual identity that only the AltText names; 3: place-only brand
+# texts (a draw fixed), eval captions in a held-out style and a brand probe
 
 SAMPLE_SCHEMA = pa.schema(
     list(schema.INPUT_SCHEMA)
@@ -45,6 +59,8 @@ EVAL_SCHEMA = pa.schema(
         pa.field("label_color_shape", pa.string()),
         pa.field("label_brand", pa.string()),
         pa.field("caption", pa.string()),
+        pa.field("caption_plain", pa.string()),
+        pa.field("probe_brand", pa.list_(pa.string())),
     ]
 )
 
@@ -95,8 +111,18 @@ def make_row(split: str, index: int, config: SampleConfig) -> dict:
             label_color_shape=f"{group.color} {group.shape}",
             label_brand=scene.brand,
             caption=caption,
+            caption_plain=describe_plainly(scene),
+            probe_brand=brand_probe(scene, caption),
         )
     return row
+
+
+def brand_probe(scene: Scene, caption: str) -> list[str] | None:
+    """A branded scene's caption in the fused style once per brand, the true one first (None: no brand)."""
+    if not scene.brand:
+        return None
+    brands = [scene.brand] + [b for b in BRAND_STYLES if b != scene.brand]
+    return [f"A print by {b}: {caption[0].lower()}{caption[1:]}" for b in brands]
 
 
 def shard_ranges(rows: int, shards: int) -> list[range]:

@@ -130,6 +130,30 @@ def describe(scene: Scene) -> str:
     return f"{objects[0].upper()}{objects[1:]}, on a {pattern}{scene.background} background{identity}."
 
 
+HELD_OUT_REGIONS = {
+    "left": "left side",
+    "right": "right side",
+    "top": "upper part",
+    "bottom": "lower part",
+    "center": "middle",
+}
+
+
+def describe_plainly(scene: Scene) -> str:
+    """The same facts in a held-out style (eval only): another order and other words than the reference
+    caption (the captioner's template), its LaCLIP-style paraphrases and the fused captions."""
+    background = ("" if scene.pattern == "plain" else scene.pattern + " ") + scene.background
+    parts = [
+        f"{g.count} {g.color} {plural(g.shape, g.count)} ({g.size}) in the {HELD_OUT_REGIONS[g.region]}"
+        for g in scene.groups
+    ]
+    text = f"Picture with a {background} backdrop; " + "; ".join(parts)
+    if scene.brand:
+        frame, emblem = BRAND_STYLES[scene.brand]
+        text += f"; framed in {frame}, a little white {emblem} in one corner"
+    return text + "."
+
+
 def _shade(rgb: tuple[int, int, int], delta: int) -> tuple[int, int, int]:
     return tuple(max(0, min(255, c + delta)) for c in rgb)
 
