@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from conftest import REPO, free_port, veclip_cli
 
 CLUSTER = REPO / "cluster"
 MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+CREDENTIAL = re.compile(r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|aws_secret_access_key|password:", re.IGNORECASE)
 
 
 # --- specs -------------------------------------------------------------------------------------
@@ -59,19 +61,51 @@ def test_aws_launcher_config_passes_rays_validation():
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_kuberay_manifests_validate(path):
-    from kuberay_model import validate
+def test_kuberay_specs_pass_the_pinned_releases_crds(path):
+    """Every spec in cluster/kuberay/ against KubeRay's own CRDs (vendored, strict: unknown fields refused),
+    and a RayJob's entrypoint is a veclip command whose flags and --set keys exist."""
+    from kuberay_crds import validate
 
     doc = yaml.safe_load(path.read_text())
     validate(doc)
-    assert "secret" not in path.read_text().lower()  # credentials by service account, never in files
+    assert not CREDENTIAL.search(path.read_text())  # credentials come from the platform and Secrets, never files
     if doc["kind"] == "RayJob":
         from veclip.jobs import check_stage_args
 
         words = shlex.split(doc["spec"]["entrypoint"])
         assert words[:3] == ["python", "-m", "veclip.cli"]
-        check_stage_args(words[3], words[4:])  # a real veclip command whose --set keys exist
-        assert doc["spec"]["clusterSelector"] == {"veclip.io/cluster": "veclip"}
+        check_stage_args(words[3], words[4:])
+
+
+def test_kuberay_specs_keep_the_operators_rules():
+    """What the CRDs cannot hold: the selector KubeRay reads, token auth, spot-friendly GPU groups,
+    ephemeral clusters that go away. Each rule bites on a broken copy."""
+    from kuberay_crds import semantic_errors
+
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in MANIFESTS}
+    assert semantic_errors(docs) == []
+    assert {d["kind"] for d in docs.values()} == {"RayCluster", "RayJob"}
+    assert any("rayClusterSpec" in d["spec"] for d in docs.values() if d["kind"] == "RayJob")  # an ephemeral one
+    broken = json.loads(json.dumps(docs))
+    broken["rayjob-train.yaml"]["spec"]["clusterSelector"] = {"veclip.io/cluster": "veclip"}  # the old mistake
+    del broken["raycluster.yaml"]["spec"]["authOptions"]
+    del broken["rayjob-rewrite-ephemeral.yaml"]["spec"]["shutdownAfterJobFinishes"]
+    errors = "\n".join(semantic_errors(broken))
+    assert "rayjob-train.yaml: clusterSelector must be {ray.io/cluster" in errors
+    assert "raycluster.yaml: authOptions.mode must be token" in errors
+    assert "rayjob-rewrite-ephemeral.yaml: an ephemeral cluster needs shutdownAfterJobFinishes" in errors
+
+
+def test_the_ephemeral_rayjobs_cluster_is_the_long_lived_ones():
+    """Its head and groups are raycluster.yaml's (the YAML cannot include them): no drift."""
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())["spec"]
+    own = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-rewrite-ephemeral.yaml").read_text())["spec"]["rayClusterSpec"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert own["headGroupSpec"] == cluster["headGroupSpec"]
+    assert all(g == groups[g["groupName"]] for g in own["workerGroupSpecs"])
+    assert {k: v for k, v in own.items() if k not in ("headGroupSpec", "workerGroupSpecs")} == {
+        k: v for k, v in cluster.items() if k not in ("headGroupSpec", "workerGroupSpecs")
+    }
 
 
 def test_raycluster_roles_and_autoscaling():
@@ -85,11 +119,16 @@ def test_raycluster_roles_and_autoscaling():
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] in ("1", "8")
         assert pod["tolerations"] and pod["nodeSelector"]
     assert all(g["minReplicas"] == 0 for g in groups.values())
-    assert doc["metadata"]["labels"]["veclip.io/cluster"] == "veclip"
+    env = groups["gpu-rewrite"]["template"]["spec"]["containers"][0]["env"]  # a gated model's token, from a Secret
+    assert {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}},
+    } in env
 
 
-def test_kuberay_model_rejects_typos():
-    from kuberay_model import validate
+def test_the_crds_refuse_typos():
+    """The vendored CRDs bite: a misspelt field, a field in a pod template, a bad enum, a wrong type."""
+    from kuberay_crds import KUBERAY_VERSION, validate
 
     doc = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
     bad_field = json.loads(json.dumps(doc))
@@ -97,10 +136,13 @@ def test_kuberay_model_rejects_typos():
     bad_pod = json.loads(json.dumps(doc))
     bad_pod["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["imagee"] = "x"
     bad_enum = json.loads(json.dumps(doc))
-    bad_enum["spec"]["autoscalerOptions"]["version"] = "v3"
-    for broken in (bad_field, bad_pod, bad_enum):
-        with pytest.raises((ValueError, TypeError, jsonschema.ValidationError)):
+    bad_enum["spec"]["authOptions"]["mode"] = "tokens"
+    bad_type = json.loads(json.dumps(doc))
+    bad_type["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "many"
+    for broken in (bad_field, bad_pod, bad_enum, bad_type):
+        with pytest.raises(jsonschema.ValidationError):
             validate(broken)
+    assert f"--version {KUBERAY_VERSION.lstrip('v')}" in (CLUSTER / "README.md").read_text()  # one pinned release
 
 
 def test_submit_checks_stage_flags_before_contacting_a_cluster():

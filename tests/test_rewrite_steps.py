@@ -112,6 +112,24 @@ def test_both_mode_never_hides_a_second_engine_or_pool():
         bigger_pool.validate_for_run()
 
 
+def test_both_mode_takes_the_fusers_pool_for_both_roles_as_the_readme_sets_it():
+    """The README's and scaling guide's commands set fuser.pool.* only: in mode both that is the pool of both
+    roles; setting laclip.pool.* to something else as well is still refused."""
+    from veclip.rewrite.config import build_config
+
+    overrides = ["captioner.pool.max_actors=16", "fuser.pool.max_actors=4", "laclip.sampling.temperature=0.9"]
+    config = build_config("default", None, overrides, input="in", output="out", mode="both")
+    config.validate_for_run()
+    assert config.laclip.pool.max_actors == 4 and config.laclip.sampling.temperature == 0.9
+    clash = build_config(
+        "default", None, [*overrides, "laclip.pool.max_actors=6"], input="in", output="out", mode="both"
+    )
+    with pytest.raises(ValueError, match=r"laclip.pool differs from fuser.pool in \['max_actors'\]"):
+        clash.validate_for_run()
+    alone = build_config("default", None, ["fuser.pool.max_actors=4"], input="in", output="out", mode="laclip")
+    assert alone.laclip.pool.max_actors != 4  # only mode both shares the pool
+
+
 def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="vecap", split="train", **fields):
     """A small sample (one image broken) rewritten through both actor classes in-process, stub engines;
     on local disk, or under ``url`` (with ``options``) on S3."""

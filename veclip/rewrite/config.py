@@ -298,8 +298,20 @@ def build_config(
     preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields
 ) -> RewriteConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides (no side
-    effects: the tiny preset's models are built when a run needs them, see :func:`ensure_models`)."""
-    return build(preset(preset_name), config_file, fields, overrides)
+    effects: the tiny preset's models are built when a run needs them, see :func:`ensure_models`).
+    In mode ``both`` the LaCLIP rewrites run on the fuser's engine in its pool: what the user set for
+    ``fuser.engine`` / ``fuser.pool`` applies to both roles unless ``laclip.*`` was set too (then the two
+    must agree: :meth:`RewriteConfig.validate_for_run`)."""
+    base = preset(preset_name)
+    config = build(base, config_file, fields, overrides)
+    if config.mode != "both":
+        return config
+    shared = {
+        part: getattr(config.fuser, part)
+        for part in ("engine", "pool")
+        if getattr(config.laclip, part) == getattr(base.laclip, part)
+    }
+    return dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, **shared)) if shared else config
 
 
 def ensure_models(config: RewriteConfig) -> None:
