@@ -130,7 +130,7 @@ def train_and_eval(mode: str, seed: int, args, data: Path, tmp: Path) -> tuple[d
         "mode": mode,
         "seed": seed,
         "take_off": take_off_step(history, GLOBAL_BATCH),
-        "loss_at": {s: loss_at(history, s) for s in CURVE_STEPS if s <= args.steps},
+        "loss_at": {str(s): loss_at(history, s) for s in CURVE_STEPS if s <= args.steps},
         "logit_scale": history[-1]["logit_scale"],
         "samples_per_s": run_samples_per_s(summary),
         **{metric: float(h.mean()) for metric, h in hits.items()},
@@ -147,7 +147,18 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["alttext", "vecap", "mix"], choices=list(MODES))
     parser.add_argument("--model", default="veclip-tiny", help="veclip-tiny (16 px patches) or veclip-tiny-p8 (8 px)")
     parser.add_argument("--out", help="write every run's figures here (JSON)")
+    parser.add_argument("--tables-from", help="print the tables of a finished (or stopped) run's --out file")
     args = parser.parse_args()
+    if args.tables_from:
+        saved = json.loads(Path(args.tables_from).read_text())
+        hits = {
+            (h["mode"], h["seed"]): {k: np.array(v) for k, v in h.items() if k not in ("mode", "seed")}
+            for h in saved["hits"]
+        }
+        done = argparse.Namespace(**saved["args"])
+        done.seeds = sorted({s for _, s in hits if all((m, s) in hits for m in done.modes)})  # complete pairs
+        print(render_tables([r for r in saved["runs"] if r["seed"] in done.seeds], hits, done))
+        return
 
     import ray
 
@@ -179,8 +190,11 @@ def main() -> None:
             row, hits[mode, seed] = train_and_eval(mode, seed, args, data, tmp)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
+            if args.out:  # after every run: a stopped protocol keeps what it measured (--tables-from reads it)
+                per_image = [
+                    {"mode": m, "seed": s, **{k: v.tolist() for k, v in h.items()}} for (m, s), h in hits.items()
+                ]
+                Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "hits": per_image}))
     print(render_tables(rows, hits, args))
     ray.shutdown()
 
@@ -203,7 +217,7 @@ def render_tables(rows: list[dict], hits: dict, args) -> str:
     for mode in args.modes:
         runs = [r for r in rows if r["mode"] == mode]
         offs = [r["take_off"] for r in runs]
-        curve = [f"{statistics.mean(r['loss_at'][s] for r in runs):.2f}" for s in CURVE_STEPS if s <= args.steps]
+        curve = [f"{statistics.mean(r['loss_at'][str(s)] for r in runs):.2f}" for s in CURVE_STEPS if s <= args.steps]
         cells = []
         for metric in METRICS:
             values = [r[metric] for r in runs]

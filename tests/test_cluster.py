@@ -163,6 +163,19 @@ def test_submit_checks_stage_flags_before_contacting_a_cluster():
     assert missing.returncode == 2 and "--output" in missing.stderr
     unreachable = veclip_cli("submit", "eval", "--address", "http://127.0.0.1:9", "--model", "m", "--data", "s3://b/e")
     assert unreachable.returncode == 2 and "127.0.0.1:9" in unreachable.stderr
+    # what the stage itself refuses before a run, refused here too: pools that disagree, a missing model
+    common = ["submit", "rewrite", "--address", "http://127.0.0.1:9", "--input", "s3://b/in", "--output", "s3://b/o"]
+    clash = veclip_cli(
+        *common, "--mode", "both", "--set", "fuser.pool.max_actors=4", "--set", "laclip.pool.max_actors=6"
+    )
+    assert clash.returncode == 2 and "laclip.pool differs from fuser.pool" in clash.stderr, clash.stderr
+    no_model = veclip_cli(*common, "--mode", "laclip", "--set", "laclip.engine.model=")
+    assert no_model.returncode == 2 and "laclip.engine.model is not set" in no_model.stderr, no_model.stderr
+    # the README's rewrite command, as printed: fuser.pool.* is the pool of both roles in mode both
+    readme = veclip_cli(
+        *common, "--mode", "both", "--set", "captioner.pool.max_actors=16", "--set", "fuser.pool.max_actors=4"
+    )
+    assert "differs" not in readme.stderr and "127.0.0.1:9" in readme.stderr  # it got as far as the cluster
 
 
 def test_submit_refuses_secrets_where_the_jobs_metadata_would_show_them(tmp_path):

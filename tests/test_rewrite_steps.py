@@ -12,7 +12,7 @@ from PIL import Image
 from veclip import schema
 from veclip.images import ImageError
 from veclip.rewrite import steps
-from veclip.rewrite.config import preset
+from veclip.rewrite.config import EngineConfig, preset
 from veclip.rewrite.engine import Completion
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
 
@@ -388,3 +388,22 @@ def test_a_caption_output_read_a_batch_at_a_time_reads_each_caption_table_once(t
         batches = list(read_shard_batches(dataset, shard))
         assert len(batches) == 3 and reads == list(shard.captions)  # 6 rows in batches of 2: each table once
         assert pa.concat_tables(batches).equals(read_shard(dataset, shard))
+
+
+def test_a_dry_run_plans_what_a_rerun_would_skip_and_writes_nothing(tmp_path):
+    """--dry-run: the plan (shards done, to do, pools and what they ask) from a listing and the footers,
+    with no lease, no marker, no manifest written; a rerun's skips are the done shards."""
+    from veclip.rewrite.pipeline import dry_run_rewrite
+
+    fresh = dataclasses.replace(CONFIG, input="unused", output=str(tmp_path / "fresh"))
+    config, _ = _rewrite_in_process(tmp_path)  # both shards done (stub engines)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    report = dry_run_rewrite(config)
+    assert (report["shards_total"], report["shards_done"], report["shards_todo"]) == (2, 2, 0)
+    assert report["rows_total"] == 12 and report["fingerprint"] in report["settings"]
+    assert set(report["pools"]) == {"captioner", "fuser"} and report["pools"]["captioner"]["actors"] == "1-8"
+    todo = dry_run_rewrite(dataclasses.replace(fresh, input=config.input))
+    assert (todo["shards_done"], todo["shards_todo"], todo["rows_todo"]) == (0, 2, 12)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, not even "fresh"
+    with pytest.raises(ValueError, match="engine.model is not set"):  # the run's own validation first
+        dry_run_rewrite(dataclasses.replace(config, fuser=dataclasses.replace(config.fuser, engine=EngineConfig())))

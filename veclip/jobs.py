@@ -143,11 +143,16 @@ def client(address: str | None):
 
 
 def check_stage_args(stage: str, stage_args: list[str]):
-    """The stage's config, built here from its arguments (no I/O, no models), so bad flags
-    or ``--set`` keys fail on the user's machine, not minutes later on the cluster."""
+    """The stage's config, built here from its arguments and checked as the stage checks it before a run
+    (no I/O, no models), so bad flags, ``--set`` keys or settings the stage refuses (a missing model, pools
+    that disagree) fail on the user's machine, not minutes later on the cluster. ``--dry-run`` on the
+    stage itself also lists its inputs and plans the work."""
     from veclip.stages import parse_stage_args
 
-    return parse_stage_args(stage, stage_args)  # argparse exits 2 with its message
+    config = parse_stage_args(stage, stage_args)  # argparse exits 2 with its message
+    if hasattr(config, "validate_for_run"):
+        config.validate_for_run()
+    return config
 
 
 def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:

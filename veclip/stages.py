@@ -34,6 +34,9 @@ class Stage:
     presets: str = "default: the only preset"
     submittable: bool = False  # runs as a Ray job (veclip submit)
     set_example: str = ""
+    # (preset name, config file, fields, overrides) -> config, for a stage whose build does more than
+    # layer them (rewrite: mode both shares the fuser's pool); None: veclip.config.build
+    builder: Callable[..., Any] | None = None
 
 
 # --- flags shared by stages -----------------------------------------------------------------------
@@ -91,6 +94,8 @@ def add_stage_parser(sub, stage: Stage) -> argparse.ArgumentParser:
 
 def stage_config(stage: Stage, args: argparse.Namespace):
     """The stage's config from parsed flags: preset, file, flags, ``--set`` (no I/O, no models)."""
+    if stage.builder:
+        return stage.builder(args.preset, args.config, stage.fields(args), args.set)
     return build(stage.preset(args.preset), args.config, stage.fields(args), args.set)
 
 
@@ -221,10 +226,25 @@ def _rewrite_flags(p):
         action="store_true",
         help="take the output from another run's lease (only when that run is surely gone)",
     )
+    _dry_run_flag(p)
+
+
+def _dry_run_flag(p):
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the plan (shards, rows, fingerprint, what a rerun skips, pools or workers and "
+        "their resources); start nothing, write nothing",
+    )
 
 
 def _rewrite_run(config, options, args) -> int:
-    from veclip.rewrite.pipeline import render_summary, run_rewrite
+    from veclip.rewrite.pipeline import dry_run_rewrite, render_summary, run_rewrite
+    from veclip.shards.driver import render_dry_run
+
+    if args.dry_run:
+        print(render_dry_run(dry_run_rewrite(config, options)))
+        return 0
 
     summary = run_rewrite(config, options, redo_mismatched=args.redo_mismatched, take_over_lease=args.take_over_lease)
     print(render_summary(summary))
@@ -258,6 +278,7 @@ def _train_flags(p):
         help="caption choice per sample (default mix)",
     )
     _columns_flag(p)
+    _dry_run_flag(p)
 
 
 def _train_fields(args) -> dict:
@@ -273,8 +294,11 @@ def _train_fields(args) -> dict:
 
 
 def _train_run(config, options, args) -> int:
-    from veclip.train.trainer import render_summary, run_train
+    from veclip.train.trainer import dry_run_train, render_dry_run, render_summary, run_train
 
+    if args.dry_run:
+        print(render_dry_run(dry_run_train(config, options)))
+        return 0
     print(render_summary(run_train(config, options)))
     return 0
 
@@ -311,10 +335,16 @@ def _score_flags(p):
         action="store_true",
         help="take the output from another run's lease (only when that run is surely gone)",
     )
+    _dry_run_flag(p)
 
 
 def _score_run(config, options, args) -> int:
-    from veclip.score.pipeline import render_summary, run_score
+    from veclip.score.pipeline import dry_run_score, render_summary, run_score
+    from veclip.shards.driver import render_dry_run
+
+    if args.dry_run:
+        print(render_dry_run(dry_run_score(config, options)))
+        return 0
 
     summary = run_score(config, options, take_over_lease=args.take_over_lease)
     print(render_summary(summary))
@@ -523,6 +553,7 @@ STAGES: dict[str, Stage] = {
             "trained, trained-quick: small models trained here (veclip models build) on CPU",
             submittable=True,
             set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7",
+            builder=_lazy("veclip.rewrite.config:build_from"),
         ),
         Stage(
             "train",

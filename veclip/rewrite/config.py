@@ -298,19 +298,20 @@ def build_config(
     preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields
 ) -> RewriteConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides (no side
-    effects: the tiny preset's models are built when a run needs them, see :func:`ensure_models`).
-    In mode ``both`` the LaCLIP rewrites run on the fuser's engine in its pool: what the user set for
-    ``fuser.engine`` / ``fuser.pool`` applies to both roles unless ``laclip.*`` was set too (then the two
-    must agree: :meth:`RewriteConfig.validate_for_run`)."""
+    effects: the tiny preset's models are built when a run needs them, see :func:`ensure_models`)."""
+    return build_from(preset_name, config_file, fields, overrides)
+
+
+def build_from(preset_name: str, config_file: str | None, fields: dict, overrides) -> RewriteConfig:
+    """:func:`build_config`'s work (the CLI's builder). In mode ``both`` the LaCLIP rewrites run on the
+    fuser's engine in its pool: what the user set for ``fuser.engine`` / ``fuser.pool`` applies to both
+    roles unless ``laclip.*`` was set too (then the two must agree: :meth:`RewriteConfig.validate_for_run`)."""
     base = preset(preset_name)
     config = build(base, config_file, fields, overrides)
     if config.mode != "both":
         return config
-    shared = {
-        part: getattr(config.fuser, part)
-        for part in ("engine", "pool")
-        if getattr(config.laclip, part) == getattr(base.laclip, part)
-    }
+    parts = ("engine", "pool")
+    shared = {p: getattr(config.fuser, p) for p in parts if getattr(config.laclip, p) == getattr(base.laclip, p)}
     return dataclasses.replace(config, laclip=dataclasses.replace(config.laclip, **shared)) if shared else config
 
 

@@ -22,7 +22,7 @@ from veclip.config import SECRET_NAME, redact
 from veclip.console import start_ray
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
 from veclip.rewrite.workers import CAPTIONS_DIR, ShardCaptioner, ShardRewriter
-from veclip.shards.driver import ShardedStage, map_pool, plan_stage, render_failed, run_stage
+from veclip.shards.driver import ShardedStage, dry_run, map_pool, plan_stage, pool_ask, render_failed, run_stage
 from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker, PoolStats
 from veclip.shards.plan import InputShard, Plan, by_name, plan_shards
@@ -132,6 +132,16 @@ class Rewrite(ShardedStage):
 
     def describe(self, plan: Plan, run: RunContext) -> str:
         return f"mode {self.config.mode}, fingerprint {run.fingerprint}"
+
+    def pool_resources(self) -> dict[str, dict]:
+        config = self.config
+        if not config.uses_captioner:
+            return {"laclip": pool_ask(config.laclip.engine.model, config.laclip.pool)}
+        fuser = "fuser (fusion and LaCLIP)" if config.mode == "both" else "fuser"
+        return {
+            "captioner": pool_ask(config.captioner.engine.model, config.captioner.pool),
+            fuser: pool_ask(config.fuser.engine.model, config.fuser.pool),
+        }
 
     def prepare(self, plan: Plan, run: RunContext, log) -> None:
         ensure_models(self.config)  # the registered presets' models (the sample world's), built on first use
@@ -249,6 +259,12 @@ def run_rewrite(
     """
     config.validate_for_run()
     return run_stage(Rewrite(config, options, redo_mismatched), log, take_over_lease=take_over_lease)
+
+
+def dry_run_rewrite(config: RewriteConfig, options: StorageOptions | None = None) -> dict:
+    """What ``run_rewrite`` would do now (:func:`veclip.shards.driver.dry_run`), after the same validation."""
+    config.validate_for_run()
+    return dry_run(Rewrite(config, options))
 
 
 def render_summary(summary: dict) -> str:

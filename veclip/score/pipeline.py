@@ -21,7 +21,7 @@ from veclip.dataset import Dataset, open_dataset
 from veclip.eval.model import resolve_model
 from veclip.score.config import ScoreConfig, fingerprint
 from veclip.score.worker import ShardScorer, shard_columns
-from veclip.shards.driver import ShardedStage, map_pool, render_failed, run_stage
+from veclip.shards.driver import ShardedStage, dry_run, map_pool, pool_ask, render_failed, run_stage
 from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch, InputShard, Plan, by_name, plan_shards
@@ -86,6 +86,9 @@ class Score(ShardedStage):
         )
         return f"model {self.config.model}, gate: {self.config.gate}, fingerprint {run.fingerprint}{changed}"
 
+    def pool_resources(self) -> dict[str, dict]:
+        return {"scorer": pool_ask(self.config.model, self.config.pool)}
+
     def map_pools(self, ds, plan: Plan, run: RunContext):
         pool = self.config.pool
         resources = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus} | (
@@ -148,6 +151,12 @@ def run_score(
     config.validate_for_run()
     stage = Score(config, options)
     return run_stage(stage, log, take_over_lease=take_over_lease)
+
+
+def dry_run_score(config: ScoreConfig, options: StorageOptions | None = None) -> dict:
+    """What ``run_score`` would do now (:func:`veclip.shards.driver.dry_run`), after the same validation."""
+    config.validate_for_run()
+    return dry_run(Score(config, options))
 
 
 def render_summary(summary: dict) -> str:

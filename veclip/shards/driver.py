@@ -122,6 +122,10 @@ class ShardedStage(ABC):
     def prepare(self, plan: Plan, run: RunContext, log) -> None:  # noqa: B027 - optional
         """Before any pool starts, with work to do (check that the workers can run)."""
 
+    def pool_resources(self) -> dict[str, dict]:
+        """Per actor pool, what it asks of the cluster (models, actors, CPUs, GPUs, accelerator type)."""
+        return {}
+
     @abstractmethod
     def map_pools(self, ds, plan: Plan, run: RunContext):
         """The Ray Dataset of shard rows through the stage's actor pools (:func:`map_pool`)."""
@@ -179,6 +183,56 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
         return summary
     finally:
         lease.release()
+
+
+def dry_run(stage: ShardedStage) -> dict:
+    """What :func:`run_stage` would do now: its plan (one listing of the inputs, the markers, the footers
+    of shards not yet done) and its pools, with no lease taken, nothing written, no Ray and no engine."""
+    refuse_overlap(stage.name, stage.config.output, stage.input_urls(), stage.options)
+    run = RunContext(run_id="dry-run", fingerprint=stage.fingerprint())
+    with ThreadPoolExecutor(2) as pool:
+        inputs = pool.submit(stage.list_inputs)
+        markers = ShardStore(stage.output).markers()
+        plan = stage.plan(run, inputs.result(), markers)
+    return {
+        "stage": stage.name,
+        "input": stage.config.input,
+        "output": stage.config.output,
+        "fingerprint": run.fingerprint,
+        "settings": stage.describe(plan, run),
+        "shards_total": len(plan.inputs),
+        "rows_total": sum(plan.rows.values()),
+        "shards_done": len(plan.done),  # a rerun skips these
+        "shards_todo": len(plan.todo),
+        "rows_todo": sum(plan.rows.get(s.name, 0) for s in plan.todo),
+        "shards_redo": list(plan.redo),
+        "shards_unreadable": dict(plan.unreadable),
+        "shards_left_out": dict(plan.left_out),
+        "pools": stage.pool_resources(),
+    }
+
+
+def pool_ask(model: str, pool) -> dict:
+    """What an actor pool asks of the cluster, for a dry run's plan (``pool``: a stage's pool config)."""
+    ask = {"model": model, "actors": f"{pool.min_actors}-{pool.max_actors}", "cpus_each": pool.num_cpus}
+    ask["gpus_each"] = pool.num_gpus
+    return ask | ({"accelerator_type": pool.accelerator_type} if pool.accelerator_type else {})
+
+
+def render_dry_run(report: dict) -> str:
+    lines = [
+        f"{report['stage']} --dry-run: nothing was started or written",
+        f"  {report['input']} -> {report['output']}",
+        f"  {report['settings']}",
+        f"  {report['shards_total']} shards ({report['rows_total']} rows): {report['shards_done']} done (a run skips "
+        f"them), {report['shards_todo']} to do ({report['rows_todo']} rows)"
+        + (f", {len(report['shards_redo'])} of them to redo" if report["shards_redo"] else ""),
+    ]
+    lines += [f"  unreadable: {name}: {why}" for name, why in report["shards_unreadable"].items()]
+    lines += [f"  left out: {n} ({why})" for why, n in report["shards_left_out"].items()]
+    for name, pool in report["pools"].items():
+        lines.append(f"  pool {name}: " + ", ".join(f"{k} {v}" for k, v in pool.items()))
+    return "\n".join(lines)
 
 
 def plan_stage(stage: ShardedStage, run: RunContext) -> Plan:

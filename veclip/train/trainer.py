@@ -17,7 +17,7 @@ import time
 from veclip.config import redact
 from veclip.console import start_ray
 from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
-from veclip.train.checkpoint import PROGRESS_FILE, RUN_FILE, RUN_SUMMARY_FILE, Progress
+from veclip.train.checkpoint import PROGRESS_FILE, RUN_FILE, RUN_SUMMARY_FILE, Progress, latest
 from veclip.train.config import TrainConfig
 from veclip.train.data import plan_data
 from veclip.train.live import LiveProgress
@@ -75,6 +75,60 @@ def run_train(
     summary_path = output.join(config.name, RUN_SUMMARY_FILE)
     write_json(output.fs, summary_path, summary)
     return summary
+
+
+def dry_run_train(config: TrainConfig, options: StorageOptions | None = None) -> dict:
+    """What ``run_train`` would do now: the same validation and data plan (footers only), the workers it
+    asks for and the checkpoint it would resume from, with no Ray and nothing written."""
+    options = options or StorageOptions()
+    config.validate_for_run()
+    refuse_overlap("train", config.output, [config.input, *config.add_captions], options)
+    plan = plan_data(config.input, options, config.columns, config.scale.num_workers, config.add_captions, log=print)
+    run = Location(config.output, options).child(config.name)
+    try:
+        checkpoint = latest(run)
+        progress = Progress.from_dict(json.loads(checkpoint.fs.cat_file(checkpoint.join(PROGRESS_FILE))))
+        resume = f"step {progress.step} of {config.steps} ({checkpoint.url})"
+    except FileNotFoundError:
+        resume = None
+    rows = sum(u.rows for u in plan.units)
+    scale, per_step = config.scale, config.images_per_step * config.scale.num_workers
+    return {
+        "stage": "train",
+        "run": run.url,
+        "model": config.model,
+        "captions": config.captions.mode,
+        "steps": config.steps,
+        "global_batch": per_step,
+        "shards": plan.shards,
+        "read_units": len(plan.units),
+        "rows": rows,
+        "epochs": round(config.steps * per_step / max(rows, 1), 2),
+        "shards_skipped": plan.shards_skipped,
+        "workers": {
+            "count": scale.num_workers,
+            "gpus_each": 1 if scale.use_gpu else 0,
+            "cpus_each": scale.cpus_per_worker,
+            **({"accelerator_type": scale.accelerator_type} if scale.accelerator_type else {}),
+        },
+        "resumes_from": resume,
+    }
+
+
+def render_dry_run(report: dict) -> str:
+    workers = ", ".join(f"{k} {v}" for k, v in report["workers"].items())
+    return "\n".join(
+        [
+            "train --dry-run: nothing was started or written",
+            f"  {report['model']}, captions {report['captions']}, {report['steps']} steps x {report['global_batch']} "
+            f"images: {report['epochs']} epochs of {report['rows']} rows ({report['shards']} shards, "
+            f"{report['read_units']} read units)",
+            f"  workers: {workers}",
+            f"  run {report['run']}: "
+            + (f"resumes from {report['resumes_from']}" if report["resumes_from"] else "starts from step 0"),
+            *[f"  shards skipped: {n} ({why})" for why, n in report["shards_skipped"].items()],
+        ]
+    )
 
 
 def _trainer(config: TrainConfig, plan, output: Location, hooks: TrainHooks | None, board):
