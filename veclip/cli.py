@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from veclip.stages import STAGES, add_stage_parser, stage_config, storage, storage_flags
+from veclip.stages import STAGES, add_stage_parser, field_hint, stage_config, storage, storage_flags
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "submit":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{field_hint(args.command, extra)}")
     if extra:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
     from veclip.console import VERBOSE_ENV
@@ -244,10 +244,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"  # Ray jobs and workers inherit it
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ConnectionError, LeaseHeld) as err:
-        # bad config, input, address or environment, or a busy output: say what, not a traceback
-        print(f"veclip {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        # bad config, input, address, credentials or environment, or a busy output: one line that says
+        # what and how to fix it, not a traceback (--verbose shows it)
+        from veclip.storage import explain_storage_error
+
+        message = explain_storage_error(err, _storage_options(args))
+        if message is None and isinstance(err, (ValueError, FileNotFoundError, ConnectionError, LeaseHeld)):
+            message = str(err)
+        if message is None or getattr(args, "verbose", False):
+            raise
+        print(f"veclip {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _storage_options(args):
+    from veclip.stages import storage
+
+    return storage(args) if hasattr(args, "s3_endpoint") else None
 
 
 if __name__ == "__main__":

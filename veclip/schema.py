@@ -236,8 +236,15 @@ class ColumnMap:
         return table.rename_columns([renames.get(name, name) for name in table.column_names])
 
     def apply_to_footer(self, footer: pa.Schema | pq.FileMetaData) -> pa.Schema:
-        """A shard's schema (from its footer: no data read) under the contract's names."""
+        """A shard's schema (from its footer: no data read) under the contract's names. A mapping that names
+        a column the shard does not have is refused: it would read the wrong column or none."""
         arrow = footer.schema.to_arrow_schema() if isinstance(footer, pq.FileMetaData) else footer
+        missing = [f"{dst}={src}" for src, dst in self.renames().items() if src not in arrow.names]
+        if missing:
+            raise SchemaError(
+                f"the column mapping {','.join(missing)} names no column of this shard (its columns: "
+                f"{', '.join(arrow.names)}); fix --columns"
+            )
         return self.apply(arrow.empty_table()).schema
 
     def __str__(self) -> str:

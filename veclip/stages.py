@@ -106,7 +106,33 @@ def parse_stage_args(name: str, argv: list[str]):
     parser = argparse.ArgumentParser(prog=f"veclip {name}")
     stage = STAGES[name]
     add_stage_parser(parser.add_subparsers(dest="command", required=True), stage)
-    return stage_config(stage, parser.parse_args([name, *argv]))
+    args, extra = parser.parse_known_args([name, *argv])
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{field_hint(name, extra)}")
+    return stage_config(stage, args)
+
+
+def field_hint(stage_name: str, unknown: list[str]) -> str:
+    """For an unknown flag that names a config field (``--steps 100``, ``--lr=1e-4``): how to set it."""
+    from veclip.config import describe
+
+    if stage_name not in STAGES:
+        return ""
+    try:
+        keys = [key for key, _, _ in describe(STAGES[stage_name].preset("default"))]
+    except Exception:  # a preset that cannot be built here: no hint rather than a second error
+        return ""
+    hints = []
+    for i, word in enumerate(unknown):
+        if not word.startswith("--"):
+            continue
+        flag, _, value = word[2:].partition("=")
+        value = value or (unknown[i + 1] if i + 1 < len(unknown) and not unknown[i + 1].startswith("--") else "...")
+        name = flag.replace("-", "_")
+        matches = [k for k in keys if k == name or k.endswith("." + name)]
+        if matches:
+            hints.append(f"--{flag} is a config field: use --set {matches[0]}={value}")
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def _lazy(target: str) -> Callable:

@@ -113,7 +113,10 @@ def list_file_entries(location: Location) -> list[dict]:
     """Listing entries (name, size, ...) of the visible files directly in ``location``
     (no ``_``/``.`` names), sorted by name, listed fresh."""
     if not location.fs.isdir(location.path):
-        raise FileNotFoundError(f"no such folder: {location.url}")
+        bucket = location.path.split("/", 1)[0]
+        if not location.is_local and not location.fs.exists(bucket):
+            raise FileNotFoundError(f"no such bucket: {bucket} (in {location.url}); check the URL and the endpoint")
+        raise FileNotFoundError(f"no such folder: {location.url}; check the path (a prefix with no files is none)")
     entries = [
         e
         for e in fresh_listing(location.fs, location.path)
@@ -164,6 +167,32 @@ def with_retries(work, what: str, attempts: int = 4, backoff_seconds: float = 1.
             if attempt == attempts:
                 raise OSError(f"{what}: failed {attempts} times, last: {type(err).__name__}: {err}") from err
             time.sleep(backoff_seconds * 2 ** (attempt - 1))
+
+
+def explain_storage_error(err: BaseException, options: StorageOptions | None = None) -> str | None:
+    """One line a person can act on for what object storage refused (the cause and the fix), or None
+    when ``err`` is not a storage error. Botocore's own exceptions are matched by name: no import."""
+    name = type(err).__name__
+    endpoint = (options.endpoint_url if options else None) or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    code = getattr(err, "response", {}).get("Error", {}).get("Code", "") if hasattr(err, "response") else ""
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return (
+            f"no S3 credentials found ({err}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+            "or run where an instance role or service account provides them; --s3-anon for public buckets"
+        )
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        return (
+            f"cannot reach the S3 endpoint {endpoint} ({err}); check --s3-endpoint / AWS_ENDPOINT_URL and the network"
+        )
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+        return (
+            f"S3 at {endpoint} refused the credentials ({code}); check the key pair, the profile or the session token"
+        )
+    if code == "NoSuchBucket" or (isinstance(err, FileNotFoundError) and "specified bucket does not exist" in str(err)):
+        return f"no such bucket at {endpoint} ({err}); check the URL's bucket name and the endpoint"
+    if isinstance(err, PermissionError) or code in ("AccessDenied", "AllAccessDisabled"):
+        return f"S3 at {endpoint} denied access ({err}); the credentials in use lack read or write rights there"
+    return None
 
 
 def no_shards(stage: str, url: str, what: str = ".parquet shards") -> FileNotFoundError:

@@ -194,9 +194,11 @@ def _check_shard(
         problem("unreadable", f"not a readable Parquet file ({footer})")
         return
     shard.rows = footer.num_rows
-    mapped = config.columns.apply_to_footer(footer)
-    for message in schema.input_schema_problems(mapped):
-        problem("schema", message)
+    try:
+        for message in schema.input_schema_problems(config.columns.apply_to_footer(footer)):
+            problem("schema", message)
+    except schema.SchemaError as err:
+        problem("schema", str(err))
     if any(p.kind == "schema" and p.shard == name for p in report.problems):
         return
 

@@ -154,7 +154,11 @@ def read_columns(location: Location, path: str, columns: schema.ColumnMap) -> li
     import pyarrow.parquet as pq
 
     with location.fs.open(path, "rb") as f:
-        mapped = columns.apply_to_footer(pq.read_schema(f))
+        footer = pq.read_schema(f)
+    try:
+        mapped = columns.apply_to_footer(footer)
+    except schema.SchemaError as err:
+        raise schema.SchemaError(f"train: {path}: {err}") from None
     schema.check_input_schema(mapped, path)
     names = mapped.names
     wanted = [schema.KEY, schema.IMAGE] + [c for c in READ_COLUMNS if c in names]
