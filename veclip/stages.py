@@ -516,11 +516,13 @@ def _pipeline_flags(p):
 
 
 def run_checked_pipeline(config, options=None, log=print) -> int:
-    """A pipeline whose every command is first parsed and built by this registry, as ``veclip pipeline`` runs it."""
+    """A pipeline whose every command is first parsed, built and validated by this registry (as ``veclip
+    submit`` checks a stage), as ``veclip pipeline`` runs it."""
+    from veclip.jobs import check_stage_args
     from veclip.pipeline import run_pipeline
 
     submittable = frozenset(name for name, stage in STAGES.items() if stage.submittable)
-    return run_pipeline(config, options, log, check=parse_stage_args, submittable=submittable)
+    return run_pipeline(config, options, log, check=check_stage_args, submittable=submittable)
 
 
 def _pipeline_run(config, options, args) -> int:
