@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--captions", choices=("pipeline", "reference"), default="pipeline")
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=1000, help="train rows (the demo's 1,000)")
     parser.add_argument("--modes", nargs="+", default=["alttext", "vecap", "mix"], choices=list(MODES))
     parser.add_argument("--model", default="veclip-tiny", help="veclip-tiny (16 px patches) or veclip-tiny-p8 (8 px)")
     parser.add_argument("--out", help="write every run's figures here (JSON)")

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--set", action="append", default=[], help="a train override on top of every recipe")
+    parser.add_argument("--rows", type=int, default=1000, help="train rows of the sample world (bench_mixing: 2000)")
     args = parser.parse_args()
 
     import ray
@@ -70,7 +71,7 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="veclip-recipe-"))
-    generate(SampleConfig(str(tmp / "sample"), rows=1000, eval_rows=500, shards=4, seed=0), log=lambda *_: None)
+    generate(SampleConfig(str(tmp / "sample"), rows=args.rows, eval_rows=500, shards=4, seed=0), log=lambda *_: None)
     enrich(tmp / "sample" / "train", tmp / "enriched")
     rows = []
     for recipe in args.recipes:
@@ -105,7 +106,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(
-        f"\n1,000 train rows at 64 px, {args.steps} steps x 64 images, veclip-tiny; chance loss ln 64 = {math.log(64):.2f}\n"
+        f"\n{args.rows:,} train rows at 64 px, {args.steps} steps x 64 images, veclip-tiny; chance loss ln 64 = {math.log(64):.2f}\n"
     )
     print(
         "| recipe | captions | seed | left the plateau at step | final loss (last 10) | logit scale | zero-shot shape | zero-shot brand | R@5 | samples/s |"

@@ -156,9 +156,16 @@ def test_transient_errors_are_retried(sample_root, tmp_path):
     config = laclip_config(sample_root / "train", tmp_path / "out")
     plan, statuses, summary = run_local(config, engine=ScriptedEngine(fail_first=2))
     assert statuses == [DONE] * 3 and summary["failed"] == {}
-    assert not ShardStore(Location(config.output)).location.fs.exists(
-        str(tmp_path / "out" / "_work" / "attempts" / "rewrite" / "part-00000.parquet.json")
-    )
+    # told, not hidden: the shard retried, its lost tries' errors, in the summary and its printout
+    assert summary["shards"]["retried"] == 1 and summary["retried"]["part-00000.parquet"]["tries"] == 3
+    assert "connection reset" in summary["retried"]["part-00000.parquet"]["errors"][-1]
+    from veclip.rewrite.pipeline import render_summary
+
+    assert "retried 1 shard(s) whose earlier try was lost or failed" in render_summary(summary)
+    attempts = tmp_path / "out" / "_work" / "attempts" / "rewrite"
+    assert not (attempts / "part-00001.parquet.json").exists()  # a first try that worked leaves nothing
+    _, _, rerun = run_local(config, run_id="r2")
+    assert rerun["shards"]["retried"] == 0 and rerun["retried"] == {}  # another run's retries are its own
 
 
 def test_a_shard_whose_tries_kill_the_process_is_recorded(tmp_path):

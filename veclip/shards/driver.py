@@ -46,6 +46,7 @@ class ShardCounts:
     failed: int
     redone: int = 0
     left_out: dict[str, int] = field(default_factory=dict)  # input shards the reader left out, by why
+    retried: int = 0  # done this run after more than one try (a try lost with its actor or node, an error)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class RunSummary:
     failed: dict[str, dict]  # shard -> input, stage, tries, error
     wall_seconds: float
     rows_per_second_this_run: float
+    retried: dict[str, dict] = field(default_factory=dict)  # shard -> tries, errors of the lost tries
     details: dict = field(default_factory=dict)
     version: int = SUMMARY_VERSION
 
@@ -311,6 +313,7 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
     if problems:
         raise ReconciliationError(f"{stage.name}: rows unaccounted for: " + "; ".join(problems))
     written = sorted(n for n, m in markers.items() if m.run_id == run.run_id)
+    retried = store.retried(stage.name, run.run_id) if plan.todo else {}
     return RunSummary(
         stage=stage.name,
         input=stage.config.input,
@@ -322,8 +325,9 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
         rows_quarantined=sum(m.quarantined for m in markers.values()),
         rows_in_failed_shards=sum(plan.rows.get(n, 0) for n in failed),
         shards=ShardCounts(
-            len(plan.inputs), len(markers), len(written), len(failed), len(plan.redo), dict(plan.left_out)
+            len(plan.inputs), len(markers), len(written), len(failed), len(plan.redo), dict(plan.left_out), len(retried)
         ),
+        retried=retried,
         failed={n: f.brief() for n, f in sorted(failed.items())},
         wall_seconds=wall_seconds,
         rows_per_second_this_run=sum(plan.rows.get(n, 0) for n in written) / wall_seconds,
@@ -331,11 +335,19 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
     ).to_json()
 
 
-def render_failed(summary: dict) -> list[str]:
-    """The summary lines of the shards that kept failing (every stage prints them the same way)."""
+def render_faults(summary: dict) -> list[str]:
+    """The summary lines of the shards retried (a try lost with its actor or node) and of those that kept
+    failing: every stage prints them the same way."""
+    lines = []
+    if summary.get("retried"):
+        name, first = next(iter(summary["retried"].items()))
+        lines.append(
+            f"  retried {len(summary['retried'])} shard(s) whose earlier try was lost or failed, all done now "
+            f"(e.g. {name}: {first['tries']} tries; {(first['errors'] or ['its process died'])[-1][:160]})"
+        )
     if not summary["failed"]:
-        return []
-    return [
+        return lines
+    return lines + [
         f"FAILED: {len(summary['failed'])} shard(s) kept failing; their errors are in {summary['output']}/_failed/. "
         "Rerun the same command to retry exactly these:",
         *(

@@ -109,7 +109,10 @@ class ShardGuard:
                 return self._fail(name, input_path, record)
             try:
                 work()
-                self.output.fs.rm_file(self._attempts_path(name))
+                if record["tries"] > 1:  # kept, marked done: the summary counts the shards retried
+                    write_json(self.output.fs, self._attempts_path(name), {**record, "done": True})
+                else:
+                    self.output.fs.rm_file(self._attempts_path(name))
                 return DONE
             except LeaseLost:
                 raise  # another run owns the output now: stop, record nothing

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from veclip.shards.layout import DONE_DIR, FAILED_DIR, MANIFEST_FILE, QUARANTINE_DIR, RECORD_SUFFIX
+from veclip.shards.layout import ATTEMPTS_DIR, DONE_DIR, FAILED_DIR, MANIFEST_FILE, QUARANTINE_DIR, RECORD_SUFFIX
 from veclip.shards.marker import CAPTIONS, Failure, Marker
 from veclip.storage import (
     PARQUET,
@@ -135,6 +135,18 @@ class ShardStore:
     def failed(self) -> set[str]:
         """Names of the shards recorded as failed."""
         return set(self._listed(FAILED_DIR))
+
+    def retried(self, stage: str, run_id: str) -> dict[str, dict]:
+        """``{name: {"tries", "errors"}}`` of the shards ``run_id`` finished after more than one try (a try
+        lost with its actor or node, or an error retried): the guard keeps their attempt records."""
+        folder = f"{ATTEMPTS_DIR}/{stage}"
+        paths = [self.location.join(folder, n + RECORD_SUFFIX) for n in sorted(self._listed(folder))]
+        records = {p: json.loads(data) for p, data in read_many(self.location.fs, paths).items()}
+        return {
+            posixpath.basename(p)[: -len(RECORD_SUFFIX)]: {"tries": r["tries"], "errors": r["errors"]}
+            for p, r in records.items()
+            if r.get("done") and r.get("run_id") == run_id
+        }
 
     def failures(self) -> dict[str, Failure]:
         """``{name: failure record}`` of shards recorded as failed and not done since."""
