@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -49,6 +50,33 @@ def stale_cluster_address() -> tuple[str, str] | None:
         return address, path
 
 
+NODE_DEAD = re.compile(r"node id: (\w+) and address: ([\w.:-]+).*has been marked dead", re.S)
+
+
+def quiet_cluster_events(path: Path, log=print) -> None:
+    """One line per node lost instead of Ray's raylet dumps and retry warnings on the driver's console;
+    every message Ray sends the driver goes whole to ``path``. (Ray prints them from its error listener
+    whatever ``log_to_driver`` says; its printer is a module global, swapped here.)"""
+    import ray._private.worker as ray_worker
+
+    printer, told = ray_worker.print_to_stdstream, set()
+
+    def to_file_and_a_line(data, ignore_prefix):
+        if data.get("pid") != "raylet":
+            return printer(data, ignore_prefix)
+        with open(path, "a") as f:
+            f.write("\n".join(data.get("lines", [])) + "\n")
+        for line in data.get("lines", []):
+            if (dead := NODE_DEAD.search(line)) and dead.group(1) not in told:
+                told.add(dead.group(1))
+                log(
+                    f"ray: node {dead.group(1)[:8]}… ({dead.group(2)}) lost; Ray restarts its actors and retries "
+                    f"its work on the nodes left (Ray's messages: {path})"
+                )
+
+    ray_worker.print_to_stdstream = to_file_and_a_line
+
+
 def start_ray(log=print) -> None:
     """Connect to (or start) Ray as a stage's driver, quiet unless verbose."""
     import ray
@@ -66,6 +94,7 @@ def start_ray(log=print) -> None:
         session = context.address_info.get("session_dir")
         if not loud and session:
             log(f"ray: worker and engine logs in {session}/logs (--verbose shows them here)")
+            quiet_cluster_events(Path(session) / "logs" / "veclip-cluster-events.log", log)
     data = DataContext.get_current()
     data.enable_progress_bars = loud  # our own progress lines say how far a stage is
     data.print_on_execution_start = loud

@@ -1,0 +1,87 @@
+"""veclip on a multi-node Ray cluster on this machine (issue 31): ``ray.cluster_utils.Cluster`` starts a head
+and worker nodes, each its own raylet and object store; the stage attaches as a user's driver does
+(``RAY_ADDRESS``); the node that hosts the stage's actors is removed without grace mid-run, as a spot
+preemption does. Each test stops its own cluster and leaves no stale address behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from veclip.world.generate import SampleConfig, generate
+
+
+@pytest.fixture
+def cluster():
+    """A head with no CPUs (drivers only, as cluster/ specs have it) and two worker nodes of 3 CPUs."""
+    from ray._common.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [c.add_node(num_cpus=3) for _ in range(2)]
+    c.wait_for_nodes()
+    try:
+        yield c, workers
+    finally:
+        c.shutdown()
+        if before is None:
+            address_file.unlink(missing_ok=True)  # no stale address for the next plain ray.init()
+        else:
+            address_file.write_text(before)
+
+
+def _hosts(node, name: str) -> bool:
+    """Whether ``node`` (a cluster_utils node) runs an actor process named ``name`` (Ray titles worker
+    processes ``ray::<Class>...``): the raylet's descendants, read from the OS, no Ray client needed."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return any(name in " ".join(p.cmdline()) for p in raylet.children(recursive=True) if p.is_running())
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(cluster, tmp_path, vllm_python):
+    c, workers = cluster
+    generate(
+        SampleConfig(str(tmp_path / "sample"), rows=160, eval_rows=1, shards=8, image_size=32), log=lambda *_: None
+    )
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--input", str(tmp_path / "sample" / "train")]
+    cmd += ["--output", str(out), "--preset", "tiny", "--mode", "laclip"]
+    cmd += ["--set", "laclip.pool.min_actors=2", "--set", "laclip.pool.max_actors=2", "--set", "laclip.pool.num_cpus=1"]
+    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VLLM_PYTHON": vllm_python}
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    done = out / "_done"
+    deadline = time.monotonic() + 600
+    while not (done.exists() and any(done.iterdir())):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+        time.sleep(1)
+    victim = next(n for n in workers if _hosts(n, "ShardRewriter"))
+    c.remove_node(victim, allow_graceful=False)  # a spot node gone, its raylet and actors with it
+    console, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, console
+    keys = [k for p in sorted(out.glob("*.parquet")) for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()]
+    sources = [
+        k
+        for p in sorted((tmp_path / "sample" / "train").glob("*.parquet"))
+        for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()
+    ]
+    quarantined = [
+        k
+        for p in sorted(out.glob("_quarantine/*.parquet"))
+        for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()
+    ]
+    assert sorted(keys + quarantined) == sorted(sources)  # every key exactly once
+    # told in a line or two, not Ray's raylet dumps: the node lost, and the shards retried in the summary
+    assert "[state-dump]" not in console and "infinite retries remaining" not in console, console
+    assert console.count("lost; Ray restarts its actors") == 1, console
+    assert "retried" in console and "shard(s) whose earlier try was lost" in console, console
+    assert len(console.splitlines()) <= 40, console
