@@ -85,3 +85,56 @@ def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(clust
     assert console.count("lost; Ray restarts its actors") == 1, console
     assert "retried" in console and "shard(s) whose earlier try was lost" in console, console
     assert len(console.splitlines()) <= 40, console
+
+
+@pytest.fixture
+def three_workers():
+    """A head with no CPUs and three worker nodes of 2 CPUs: one Ray Train worker (1 CPU) and a decode
+    task per node, and a spare node for the worker group to restart on."""
+    from ray._common.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [c.add_node(num_cpus=2) for _ in range(3)]
+    c.wait_for_nodes()
+    try:
+        yield c, workers
+    finally:
+        c.shutdown()
+        if before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(before)
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_train_resumes_exactly_and_says_so(three_workers, tmp_path):
+    import json
+
+    c, workers = three_workers
+    generate(
+        SampleConfig(str(tmp_path / "sample"), rows=320, eval_rows=1, shards=4, image_size=64), log=lambda *_: None
+    )
+    runs = tmp_path / "runs"
+    cmd = [str(Path(sys.executable).with_name("veclip")), "train", "--input", str(tmp_path / "sample" / "train")]
+    cmd += ["--output", str(runs), "--name", "lost", "--preset", "tiny", "--caption-mode", "alttext"]
+    cmd += ["--set", "steps=40", "--set", "checkpoint_every=10", "--set", "scale.num_workers=2"]
+    cmd += ["--set", "scale.cpus_per_worker=1.5", "--set", "scale.max_failures=2", "--set", "batch_size=16"]
+    env = os.environ | {"RAY_ADDRESS": c.address}
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 600
+    while len(list((runs / "lost").glob("checkpoint_*"))) < 2:  # two checkpoints: at step 10 and 20
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+        time.sleep(0.5)
+    victim = next(n for n in workers if _hosts(n, "RayTrainWorker"))
+    c.remove_node(victim, allow_graceful=False)
+    console, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, console
+    summary = json.loads((runs / "lost" / "summary.json").read_text())
+    assert summary["metrics"]["step"] == 40
+    assert summary["resumes"], console  # the restart told, not hidden
+    resume = summary["resumes"][-1]
+    assert resume["exact"] and resume["from_step"] in (10, 20), resume  # the last checkpoint Ray had committed
+    assert "resumed exactly from step" in console and "[state-dump]" not in console, console
