@@ -138,3 +138,39 @@ def test_a_worker_node_lost_mid_train_resumes_exactly_and_says_so(three_workers,
     resume = summary["resumes"][-1]
     assert resume["exact"] and resume["from_step"] in (10, 20), resume  # the last checkpoint Ray had committed
     assert "resumed exactly from step" in console and "[state-dump]" not in console, console
+
+
+@pytest.mark.slow
+def test_a_pool_with_no_node_left_stops_with_a_clear_error_and_a_rerun_continues(cluster, tmp_path, vllm_python):
+    """Both worker nodes lost: the pool's actors cannot be placed and Ray would wait forever. The driver
+    stops within its stall deadline, says why, keeps what was done; on a cluster with a node again a
+    rerun finishes the rest."""
+    c, workers = cluster
+    generate(
+        SampleConfig(str(tmp_path / "sample"), rows=160, eval_rows=1, shards=8, image_size=32), log=lambda *_: None
+    )
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--input", str(tmp_path / "sample" / "train")]
+    cmd += ["--output", str(out), "--preset", "tiny", "--mode", "laclip", "--set", "laclip.pool.max_actors=2"]
+    cmd += ["--set", "faults.stall_seconds=20", "--set", "faults.stall_factor=3"]
+    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VLLM_PYTHON": vllm_python}
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    done = out / "_done"
+    deadline = time.monotonic() + 600
+    while not (done.exists() and any(done.iterdir())):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+        time.sleep(0.5)
+    for node in workers:
+        c.remove_node(node, allow_graceful=False)
+    lost_at = time.monotonic()
+    console, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 2, console
+    assert "no shard finished for" in console and "rerun to continue" in console, console
+    assert time.monotonic() - lost_at < 300  # within its deadline, not forever
+    kept = {p.name for p in done.iterdir()}
+    assert 1 <= len(kept) < 8
+    c.add_node(num_cpus=3)
+    c.wait_for_nodes()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{len(kept)} already done" in rerun.stdout and len(list(done.iterdir())) == 8

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
     from veclip.console import VERBOSE_ENV
     from veclip.jobs import load_job_secrets
+    from veclip.shards.driver import StageStalled
     from veclip.shards.lease import LeaseHeld
 
     load_job_secrets()
@@ -250,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         from veclip.storage import explain_storage_error
 
         message = explain_storage_error(err, _storage_options(args))
-        if message is None and isinstance(err, (ValueError, FileNotFoundError, ConnectionError, LeaseHeld)):
+        if message is None and isinstance(
+            err, (ValueError, FileNotFoundError, ConnectionError, LeaseHeld, StageStalled)
+        ):
             message = str(err)
         if message is None or getattr(args, "verbose", False):
             raise

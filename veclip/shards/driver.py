@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import posixpath
+import signal
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -282,17 +285,68 @@ def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
     )
     rows = {s.path: plan.rows.get(s.name, 0) for s in plan.todo}
     total, done, began = sum(rows.values()), 0, time.perf_counter()
-    for n, row in enumerate(stage.map_pools(ds, plan, run).iter_rows(), 1):
-        name = output_shard_name(row["shard"])
-        note = "" if row["status"] == DONE else f" (see {stage.config.output}/_failed/{name}.json)"
-        done += rows.get(row["shard"], 0)
-        rate = done / max(time.perf_counter() - began, 1e-9)  # workers' start-up included: the ETA errs long
-        left = f", ETA {eta(total - done, rate)}" if rate and done < total else ""
-        log(
-            f"{stage.name}: [{n}/{len(plan.todo)} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] "
-            f"{row['status']} "
-            f"{posixpath.basename(row['shard'])}{note}"
-        )
+    with StallWatch(stage.name, stage.faults, log) as watch:
+        for n, row in enumerate(stage.map_pools(ds, plan, run).iter_rows(), 1):
+            watch.finished()
+            done += rows.get(row["shard"], 0)
+            _log_progress(stage, row, n, len(plan.todo), done, total, began, log)
+
+
+def _log_progress(stage: ShardedStage, row: dict, n: int, todo: int, done: int, total: int, began: float, log) -> None:
+    name = output_shard_name(row["shard"])
+    note = "" if row["status"] == DONE else f" (see {stage.config.output}/_failed/{name}.json)"
+    rate = done / max(time.perf_counter() - began, 1e-9)  # workers' start-up included: the ETA errs long
+    left = f", ETA {eta(total - done, rate)}" if rate and done < total else ""
+    log(
+        f"{stage.name}: [{n}/{todo} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] {row['status']} "
+        f"{posixpath.basename(row['shard'])}{note}"
+    )
+
+
+class StageStalled(RuntimeError):
+    """No shard finished within the stall deadline: the pool's actors are dead or cannot be placed."""
+
+
+class StallWatch:
+    """No silent hang (a pool whose actors died and cannot be placed waits forever, ray #62746): a thread
+    that interrupts the driver when no shard has finished within ``FaultConfig.stall_deadline``. The
+    driver then stops with :class:`StageStalled`, its lease released; the markers keep what was done."""
+
+    def __init__(self, stage: str, faults: FaultConfig, log):
+        self.stage, self.faults, self.log = stage, faults, log
+        self.last, self.longest, self.stalled = time.monotonic(), None, None
+        self.stop = threading.Event()
+
+    def finished(self) -> None:
+        """A shard finished: the gaps between finished shards (not the start-up before the first) set the
+        deadline."""
+        now = time.monotonic()
+        self.longest = 0.0 if self.longest is None else max(self.longest, now - self.last)
+        self.last = now
+
+    def _watch(self) -> None:
+        while not self.stop.wait(min(5.0, self.faults.stall_seconds / 4)):
+            deadline = self.faults.stall_deadline(self.longest)
+            if time.monotonic() - self.last > deadline:
+                self.stalled = deadline
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it wakes the driver's blocking wait
+                return
+
+    def __enter__(self):
+        threading.Thread(target=self._watch, name="veclip-stall-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.stop.set()
+        if kind is KeyboardInterrupt and self.stalled is not None:
+            since = "since the run began" if self.longest is None else "since the last one"
+            raise StageStalled(
+                f"{self.stage}: no shard finished for {self.stalled:.0f} s {since} (the deadline: "
+                f"faults.stall_factor x the longest wait so far, at least faults.stall_seconds; before the first "
+                "shard faults.first_shard_seconds): the pool's actors are dead or cannot be placed (a lost node, "
+                "no node with room; `ray status` shows pending demands). What finished is kept: rerun to continue."
+            ) from None
+        return False
 
 
 def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: float, started_at: float = 0.0) -> dict:
