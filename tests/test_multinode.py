@@ -5,6 +5,7 @@ preemption does. Each test stops its own cluster and leaves no stale address beh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,25 +18,33 @@ import pytest
 from veclip.world.generate import SampleConfig, generate
 
 
-@pytest.fixture
-def cluster():
-    """A head with no CPUs (drivers only, as cluster/ specs have it) and two worker nodes of 3 CPUs."""
+@contextlib.contextmanager
+def _local_cluster(workers: int, cpus: int):
+    """A head with no CPUs (drivers only, as cluster/ specs have it) and ``workers`` nodes of ``cpus`` CPUs;
+    stopped after, with the machine's last-cluster address file as it was (no stale address)."""
     from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
     address_file = Path(get_ray_address_file(None))
     before = address_file.read_text() if address_file.exists() else None
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [c.add_node(num_cpus=3) for _ in range(2)]
+    nodes = [c.add_node(num_cpus=cpus) for _ in range(workers)]
     c.wait_for_nodes()
     try:
-        yield c, workers
+        yield c, nodes
     finally:
         c.shutdown()
         if before is None:
-            address_file.unlink(missing_ok=True)  # no stale address for the next plain ray.init()
+            address_file.unlink(missing_ok=True)
         else:
             address_file.write_text(before)
+
+
+@pytest.fixture
+def cluster():
+    """Two worker nodes of 3 CPUs: room for the rewrite's two actors on either."""
+    with _local_cluster(2, 3) as c:
+        yield c
 
 
 def _hosts(node, name: str) -> bool:
@@ -47,23 +56,30 @@ def _hosts(node, name: str) -> bool:
     return any(name in " ".join(p.cmdline()) for p in raylet.children(recursive=True) if p.is_running())
 
 
-@pytest.mark.slow
-def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(cluster, tmp_path, vllm_python):
-    c, workers = cluster
+def _start_laclip(tmp_path, address: str, vllm_python: str, *sets: str) -> tuple[subprocess.Popen, list[str], dict]:
+    """A user's driver (the CLI, RAY_ADDRESS) rewriting 8 sample shards with the tiny LaCLIP model; returns
+    once the first shard is done: (the driver, its command, its environment)."""
     generate(
         SampleConfig(str(tmp_path / "sample"), rows=160, eval_rows=1, shards=8, image_size=32), log=lambda *_: None
     )
-    out = tmp_path / "out"
     cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--input", str(tmp_path / "sample" / "train")]
-    cmd += ["--output", str(out), "--preset", "tiny", "--mode", "laclip"]
-    cmd += ["--set", "laclip.pool.min_actors=2", "--set", "laclip.pool.max_actors=2", "--set", "laclip.pool.num_cpus=1"]
-    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VLLM_PYTHON": vllm_python}
+    cmd += ["--output", str(tmp_path / "out"), "--preset", "tiny", "--mode", "laclip"]
+    cmd += [word for s in sets for word in ("--set", s)]
+    env = os.environ | {"RAY_ADDRESS": address, "VECLIP_VLLM_PYTHON": vllm_python}
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    done = out / "_done"
-    deadline = time.monotonic() + 600
+    done, deadline = tmp_path / "out" / "_done", time.monotonic() + 600
     while not (done.exists() and any(done.iterdir())):
         assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
-        time.sleep(1)
+        time.sleep(0.5)
+    return driver, cmd, env
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(cluster, tmp_path, vllm_python):
+    c, workers = cluster
+    out = tmp_path / "out"
+    pool = ["laclip.pool.min_actors=2", "laclip.pool.max_actors=2", "laclip.pool.num_cpus=1"]
+    driver, _, _ = _start_laclip(tmp_path, c.address, vllm_python, *pool)
     victim = next(n for n in workers if _hosts(n, "ShardRewriter"))
     c.remove_node(victim, allow_graceful=False)  # a spot node gone, its raylet and actors with it
     console, _ = driver.communicate(timeout=900)
@@ -89,24 +105,10 @@ def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(clust
 
 @pytest.fixture
 def three_workers():
-    """A head with no CPUs and three worker nodes of 2 CPUs: one Ray Train worker (1 CPU) and a decode
-    task per node, and a spare node for the worker group to restart on."""
-    from ray._common.utils import get_ray_address_file
-    from ray.cluster_utils import Cluster
-
-    address_file = Path(get_ray_address_file(None))
-    before = address_file.read_text() if address_file.exists() else None
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [c.add_node(num_cpus=2) for _ in range(3)]
-    c.wait_for_nodes()
-    try:
-        yield c, workers
-    finally:
-        c.shutdown()
-        if before is None:
-            address_file.unlink(missing_ok=True)
-        else:
-            address_file.write_text(before)
+    """Three worker nodes of 2 CPUs: one Ray Train worker and a decode task per node, and a spare node for
+    the worker group to restart on."""
+    with _local_cluster(3, 2) as c:
+        yield c
 
 
 @pytest.mark.slow
@@ -146,20 +148,9 @@ def test_a_pool_with_no_node_left_stops_with_a_clear_error_and_a_rerun_continues
     stops within its stall deadline, says why, keeps what was done; on a cluster with a node again a
     rerun finishes the rest."""
     c, workers = cluster
-    generate(
-        SampleConfig(str(tmp_path / "sample"), rows=160, eval_rows=1, shards=8, image_size=32), log=lambda *_: None
-    )
-    out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--input", str(tmp_path / "sample" / "train")]
-    cmd += ["--output", str(out), "--preset", "tiny", "--mode", "laclip", "--set", "laclip.pool.max_actors=2"]
-    cmd += ["--set", "faults.stall_seconds=20", "--set", "faults.stall_factor=3"]
-    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VLLM_PYTHON": vllm_python}
-    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    done = out / "_done"
-    deadline = time.monotonic() + 600
-    while not (done.exists() and any(done.iterdir())):
-        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
-        time.sleep(0.5)
+    stall = ["laclip.pool.max_actors=2", "faults.stall_seconds=20", "faults.stall_factor=3"]
+    driver, cmd, env = _start_laclip(tmp_path, c.address, vllm_python, *stall)
+    done = tmp_path / "out" / "_done"
     for node in workers:
         c.remove_node(node, allow_graceful=False)
     lost_at = time.monotonic()
