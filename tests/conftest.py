@@ -77,6 +77,28 @@ def noise_jpegs(n: int, side: int = 128, seed: int = 0) -> list[bytes]:
     return out
 
 
+def descendants(pid: int) -> dict[int, str]:
+    """``{pid: command line}`` of a process's descendants, read from /proc (Linux; no psutil here)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            except (OSError, ValueError):
+                continue
+    found, frontier = {}, [pid]
+    while frontier:
+        children = [c for c, parent in parents.items() if parent in frontier]
+        for child in children:
+            try:
+                found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+        frontier = children
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import descendants
 
 from veclip.world.generate import SampleConfig, generate
 
@@ -50,10 +51,8 @@ def cluster():
 def _hosts(node, name: str) -> bool:
     """Whether ``node`` (a cluster_utils node) runs an actor process named ``name`` (Ray titles worker
     processes ``ray::<Class>...``): the raylet's descendants, read from the OS, no Ray client needed."""
-    import psutil
-
-    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    return any(name in " ".join(p.cmdline()) for p in raylet.children(recursive=True) if p.is_running())
+    raylet = node.all_processes["raylet"][0].process.pid
+    return any(name in cmd for cmd in descendants(raylet).values())
 
 
 def _start_laclip(tmp_path, address: str, vllm_python: str, *sets: str) -> tuple[subprocess.Popen, list[str], dict]:

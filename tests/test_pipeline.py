@@ -75,6 +75,34 @@ def test_a_failed_step_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):
     assert any("data: done" in line for line in lines)  # not sampled again
 
 
+def test_a_killed_pipeline_takes_its_running_step_with_it(tmp_path):
+    """`veclip demo` killed left its `veclip train` step writing on into the run a rerun then wrote too:
+    the step now dies with its pipeline, even when the pipeline is killed without a chance to clean up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import descendants
+
+    spec = tmp_path / "long.yaml"
+    run = "sample --output {output}/data --rows 200000 --eval-rows 4 --shards 1 --image-size 64"
+    spec.write_text(f"name: long\nsteps:\n  - name: data\n    run: {run}\n")
+    exe = str(Path(sys.executable).with_name("veclip"))
+    pipeline = subprocess.Popen([exe, "pipeline", str(spec), "--input", "x", "--output", str(tmp_path / "run")])
+    deadline = time.monotonic() + 60
+    while not (steps := [p for p, cmd in descendants(pipeline.pid).items() if "veclip.cli sample" in cmd]):
+        assert time.monotonic() < deadline and pipeline.poll() is None
+        time.sleep(0.2)
+    os.kill(pipeline.pid, signal.SIGKILL)
+    pipeline.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{steps[0]}").exists() and "veclip" in Path(f"/proc/{steps[0]}/cmdline").read_text():
+        assert time.monotonic() < deadline, "the step outlived its pipeline"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_a_recipe_end_to_end_at_tiny_scale_then_a_rerun_is_a_no_op(sample_root, tmp_path, vllm_python):
     """laclip-3m as a user runs it (the CLI, from another folder), with its scale vars set to this machine's."""

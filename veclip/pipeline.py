@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import posixpath
 import shlex
+import signal
 import string
 import subprocess
 import sys
@@ -135,10 +136,23 @@ def check_commands(pipeline: Pipeline, steps: list[tuple[Step, list[str] | None]
 
 
 def _run_step(command: list[str], submit: bool, address: str | None, submittable: frozenset[str]) -> int:
-    """The step as its own ``veclip`` process, exactly as a user would type it (with --submit: a Ray job)."""
+    """The step as its own ``veclip`` process, exactly as a user would type it (with --submit: a Ray job).
+    The step dies with the pipeline: a pipeline killed (even by SIGKILL) must not leave its step writing on
+    into an output that a rerun then writes too."""
     if submit and command[0] in submittable:
         command = ["submit", command[0], *(["--address", address] if address else []), *command[1:]]
-    return subprocess.run([sys.executable, "-m", "veclip.cli", *command]).returncode
+    return subprocess.run([sys.executable, "-m", "veclip.cli", *command], preexec_fn=_die_with_parent).returncode
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent process dies (Linux's PR_SET_PDEATHSIG; elsewhere
+    nothing: a step outlives a killed pipeline there)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_pipeline(
