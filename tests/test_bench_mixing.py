@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_protocol_prints_paired_intervals_and_holm(tmp_path):
     out = tmp_path / "runs.json"
     cmd = [sys.executable, "bench_mixing.py", "--captions", "reference", "--seeds", "0", "1", "--steps", "4"]
-    cmd += ["--rows", "64", "--out", str(out)]
+    cmd += ["--rows", "160", "--out", str(out)]
     result = subprocess.run(
         cmd,
         cwd=ROOT / "benchmarks",
