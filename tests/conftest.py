@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -99,6 +100,23 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+@contextlib.contextmanager
+def ray_address_file_kept():
+    """Ray's last-cluster file as it was before (a test that starts a cluster leaves no address behind:
+    a later plain ``ray.init()`` would connect to it, or retry it forever once it is gone)."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    before = path.read_text() if path.exists() else None
+    try:
+        yield
+    finally:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,8 +196,8 @@ def ray_session():
     """One local Ray for the whole test session (starting one costs seconds)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # its own local Ray, whatever Ray's last-cluster file names
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -16,14 +16,17 @@ def test_the_protocol_prints_paired_intervals_and_holm(tmp_path):
     out = tmp_path / "runs.json"
     cmd = [sys.executable, "bench_mixing.py", "--captions", "reference", "--seeds", "0", "1", "--steps", "4"]
     cmd += ["--rows", "160", "--out", str(out)]
-    result = subprocess.run(
-        cmd,
-        cwd=ROOT / "benchmarks",
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # its own local cluster
-    )
+    from conftest import ray_address_file_kept
+
+    with ray_address_file_kept():  # its own local Ray writes the last-cluster file
+        result = subprocess.run(
+            cmd,
+            cwd=ROOT / "benchmarks",
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # its own local cluster
+        )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert sorted((r["mode"], r["seed"]) for r in runs) == [(m, s) for m in ("alttext", "mix", "vecap") for s in (0, 1)]

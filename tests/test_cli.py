@@ -107,7 +107,8 @@ def test_demo(tmp_path, vllm_python):
     # a person reads it: the stages' own lines; Ray's, Ray Data's and vLLM's logs are in a file
     console = result.stdout + result.stderr
     built = [line for line in console.splitlines() if line.startswith("models: ")]  # a first run builds the models
-    assert len(console.splitlines()) - len(built) <= 150 and "ray: worker and engine logs in " in result.stdout, console
+    # (each eval step prints its tables: two prompt styles, two caption styles and the probe: ~18 lines)
+    assert len(console.splitlines()) - len(built) <= 180 and "ray: worker and engine logs in " in result.stdout, console
     assert " pid=" not in console and "Loading safetensors" not in console, (
         console
     )  # no forwarded worker or engine lines

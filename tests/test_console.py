@@ -46,11 +46,12 @@ def test_the_verbose_flag_reaches_ray_workers(monkeypatch, tmp_path):
     from veclip import cli
     from veclip.console import VERBOSE_ENV, verbose
 
-    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(VERBOSE_ENV, "0")  # recorded, so the "1" main sets is undone after (no leak)
     monkeypatch.setattr(
         "veclip.train.trainer.run_train", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop here"))
     )
-    cli.main(["train", "--data", str(tmp_path), "--output", str(tmp_path), "--verbose"])
+    with pytest.raises(ValueError, match="stop here"):  # --verbose: the traceback, not one line
+        cli.main(["train", "--data", str(tmp_path), "--output", str(tmp_path), "--verbose"])
     assert verbose()  # set in the environment, which Ray jobs and workers inherit
 
 
@@ -77,3 +78,31 @@ def test_a_stale_ray_address_is_said_in_one_line_and_a_fresh_local_ray_starts(tm
         assert "is gone; starting a fresh local one" in result.stdout and "nodes 1" in result.stdout
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_messages_to_the_driver_become_one_line_per_node_lost(tmp_path, monkeypatch):
+    """What Ray's error listener would print on the driver's console (raylet dumps, retry warnings, a node
+    marked dead) goes whole to a file; the console gets one line per node lost, once."""
+    import ray._private.worker as ray_worker
+
+    from veclip.console import quiet_cluster_events
+
+    printed, lines = [], []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data))
+    quiet_cluster_events(tmp_path / "events.log", lines.append)
+    dead = (
+        "The node with node id: 369bac401c576889de11 and address: 192.0.2.2 and node name: 192.0.2.2 has been "
+        "marked dead because the detector has missed too many heartbeats from it."
+    )
+    dump = "Raylet is terminated. Termination is unexpected.\n    [state-dump] NodeManager ..."
+    retry = "Task MapWorker(MapBatches(ShardRewriter)).submit failed. There are infinite retries remaining"
+    for message in (dump, retry, dead, dead, retry):
+        ray_worker.print_to_stdstream({"lines": [message], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["a worker's own line"], "pid": 42, "is_err": False}, ignore_prefix=False)
+    assert lines == [
+        "ray: node 369bac40… (192.0.2.2) lost; Ray restarts its actors and retries its work on the nodes left "
+        f"(Ray's messages: {tmp_path / 'events.log'})"
+    ]
+    assert [d["pid"] for d in printed] == [42]  # anything not the raylet's is printed as Ray would
+    logged = (tmp_path / "events.log").read_text()
+    assert "[state-dump]" in logged and logged.count("marked dead") == 2 and "infinite retries" in logged

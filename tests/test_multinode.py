@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import descendants
+from conftest import descendants, ray_address_file_kept
 
 from veclip.world.generate import SampleConfig, generate
 
@@ -22,23 +22,17 @@ from veclip.world.generate import SampleConfig, generate
 @contextlib.contextmanager
 def _local_cluster(workers: int, cpus: int):
     """A head with no CPUs (drivers only, as cluster/ specs have it) and ``workers`` nodes of ``cpus`` CPUs;
-    stopped after, with the machine's last-cluster address file as it was (no stale address)."""
-    from ray._common.utils import get_ray_address_file
+    stopped after, with Ray's last-cluster address file as it was."""
     from ray.cluster_utils import Cluster
 
-    address_file = Path(get_ray_address_file(None))
-    before = address_file.read_text() if address_file.exists() else None
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [c.add_node(num_cpus=cpus) for _ in range(workers)]
-    c.wait_for_nodes()
-    try:
-        yield c, nodes
-    finally:
-        c.shutdown()
-        if before is None:
-            address_file.unlink(missing_ok=True)
-        else:
-            address_file.write_text(before)
+    with ray_address_file_kept():
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        nodes = [c.add_node(num_cpus=cpus) for _ in range(workers)]
+        c.wait_for_nodes()
+        try:
+            yield c, nodes
+        finally:
+            c.shutdown()
 
 
 @pytest.fixture
@@ -64,7 +58,7 @@ def _start_laclip(tmp_path, address: str, vllm_python: str, *sets: str) -> tuple
     cmd = [str(Path(sys.executable).with_name("veclip")), "rewrite", "--input", str(tmp_path / "sample" / "train")]
     cmd += ["--output", str(tmp_path / "out"), "--preset", "tiny", "--mode", "laclip"]
     cmd += [word for s in sets for word in ("--set", s)]
-    env = os.environ | {"RAY_ADDRESS": address, "VECLIP_VLLM_PYTHON": vllm_python}
+    env = os.environ | {"RAY_ADDRESS": address, "VECLIP_VLLM_PYTHON": vllm_python, "VECLIP_VERBOSE": "0"}
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     done, deadline = tmp_path / "out" / "_done", time.monotonic() + 600
     while not (done.exists() and any(done.iterdir())):
@@ -123,7 +117,7 @@ def test_a_worker_node_lost_mid_train_resumes_exactly_and_says_so(three_workers,
     cmd += ["--output", str(runs), "--name", "lost", "--preset", "tiny", "--caption-mode", "alttext"]
     cmd += ["--set", "steps=40", "--set", "checkpoint_every=10", "--set", "scale.num_workers=2"]
     cmd += ["--set", "scale.cpus_per_worker=1.5", "--set", "scale.max_failures=2", "--set", "batch_size=16"]
-    env = os.environ | {"RAY_ADDRESS": c.address}
+    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VERBOSE": "0"}
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 600
     while len(list((runs / "lost").glob("checkpoint_*"))) < 2:  # two checkpoints: at step 10 and 20

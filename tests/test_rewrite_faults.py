@@ -137,7 +137,15 @@ def test_poison_shard_is_recorded_and_the_rest_finish(sample_root, tmp_path):
     engine = ScriptedEngine()
     plan, statuses, summary = run_local(config, engine=engine)
     assert statuses == [DONE, FAILED, DONE]
-    assert summary["shards"] == {"total": 3, "done": 2, "written_this_run": 2, "failed": 1, "redone": 0, "left_out": {}}
+    assert summary["shards"] == {
+        "total": 3,
+        "done": 2,
+        "written_this_run": 2,
+        "failed": 1,
+        "redone": 0,
+        "left_out": {},
+        "retried": 0,
+    }
     failed = summary["failed"]["part-00001.parquet"]
     assert failed["stage"] == "rewrite" and failed["tries"] == 3 and "refuses this batch" in failed["error"]
     record = ShardStore(Location(config.output)).failures()["part-00001.parquet"]

@@ -144,15 +144,11 @@ def client(address: str | None):
 
 def check_stage_args(stage: str, stage_args: list[str]):
     """The stage's config, built here from its arguments and checked as the stage checks it before a run
-    (no I/O, no models), so bad flags, ``--set`` keys or settings the stage refuses (a missing model, pools
-    that disagree) fail on the user's machine, not minutes later on the cluster. ``--dry-run`` on the
-    stage itself also lists its inputs and plans the work."""
-    from veclip.stages import parse_stage_args
+    (no I/O, no models), so bad flags, ``--set`` keys or settings the stage refuses fail on the user's
+    machine, not minutes later on the cluster. ``--dry-run`` on the stage also plans the work."""
+    from veclip.stages import checked_stage_args
 
-    config = parse_stage_args(stage, stage_args)  # argparse exits 2 with its message
-    if hasattr(config, "validate_for_run"):
-        config.validate_for_run()
-    return config
+    return checked_stage_args(stage, stage_args)  # argparse exits 2 with its message
 
 
 def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:
@@ -162,7 +158,11 @@ def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:
         raise ValueError(
             f"unknown stage {config.stage!r}: use one of {', '.join(n for n, s in STAGES.items() if s.submittable)}"
         )
-    config.check_no_visible_secrets(check_stage_args(config.stage, list(config.stage_args)))
+    from veclip.stages import parse_stage_args
+
+    stage_config = parse_stage_args(config.stage, list(config.stage_args))
+    config.check_no_visible_secrets(stage_config)  # first: a refusal below may quote the secret's setting
+    check_stage_args(config.stage, list(config.stage_args))
     package = _secrets_package(config.secrets) if config.secrets else None
     try:
         jobs, deadline = client(config.address), time.monotonic() + agent_wait_s

@@ -112,6 +112,15 @@ def parse_stage_args(name: str, argv: list[str]):
     return stage_config(stage, args)
 
 
+def checked_stage_args(name: str, argv: list[str]):
+    """:func:`parse_stage_args`, then the stage's own validation before a run (a model not set, pools that
+    disagree): what ``veclip submit`` and a pipeline refuse before anything starts."""
+    config = parse_stage_args(name, argv)
+    if hasattr(config, "validate_for_run"):
+        config.validate_for_run()
+    return config
+
+
 def field_hint(stage_name: str, unknown: list[str]) -> str:
     """For an unknown flag that names a config field (``--steps 100``, ``--lr=1e-4``): how to set it."""
     from veclip.config import describe
@@ -518,11 +527,10 @@ def _pipeline_flags(p):
 def run_checked_pipeline(config, options=None, log=print) -> int:
     """A pipeline whose every command is first parsed, built and validated by this registry (as ``veclip
     submit`` checks a stage), as ``veclip pipeline`` runs it."""
-    from veclip.jobs import check_stage_args
     from veclip.pipeline import run_pipeline
 
     submittable = frozenset(name for name, stage in STAGES.items() if stage.submittable)
-    return run_pipeline(config, options, log, check=check_stage_args, submittable=submittable)
+    return run_pipeline(config, options, log, check=checked_stage_args, submittable=submittable)
 
 
 def _pipeline_run(config, options, args) -> int:

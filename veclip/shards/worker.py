@@ -35,13 +35,12 @@ class FaultConfig:
     max_attempts: int = 3  # tries per shard and run, crashes of the actor's process included
     backoff_seconds: float = 2.0  # before the 2nd try; doubled for each next one, with jitter
     lease_seconds: float = 120.0  # one writer per output: the lease lapses this long after its run stops renewing
-    # No silent hang: the run stops (non-zero, work kept) when no shard finishes for this many seconds
-    # before the first one (engines loading, nodes starting) ...
-    first_shard_seconds: float = 3600.0
-    # ... and after it, for stall_factor x the longest wait between two finished shards so far, at least
-    # stall_seconds: the pool's actors are then dead or unplaceable (a lost node, no room to restart them)
-    stall_factor: float = 10.0
-    stall_seconds: float = 900.0
+    # No silent hang (the pool's actors dead or unplaceable): the run stops, non-zero with its work kept, when
+    # no shard finishes for first_shard_seconds before the first one (engines loading, nodes starting), then
+    # for stall_factor x the longest wait between two finished shards so far, at least stall_seconds
+    first_shard_seconds: float = 3600.0  # no silent hang: the longest wait for the first finished shard
+    stall_factor: float = 10.0  # no silent hang: this many times the longest wait between finished shards ...
+    stall_seconds: float = 900.0  # ... and at least this long, before the run stops
 
     def stall_deadline(self, longest_gap: float | None) -> float:
         """Seconds without a finished shard after which the run stops."""
