@@ -145,7 +145,15 @@ def test_summary_reports_pools(vecap_run):
     # an actor works on two shards at once (shards_in_flight): the next is read and queued while one generates
     spans = sorted((m.started_at, m.finished_at) for m in ShardStore(out.child("_work/captions")).markers().values())
     assert any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:])), spans
-    assert summary["shards"] == {"total": 3, "done": 3, "written_this_run": 3, "failed": 0, "redone": 0, "left_out": {}}
+    assert summary["shards"] == {
+        "total": 3,
+        "done": 3,
+        "written_this_run": 3,
+        "failed": 0,
+        "redone": 0,
+        "left_out": {},
+        "retried": 0,
+    }
     assert summary["stage_seconds"]["caption"] > 0 and summary["rows_per_second_this_run"] > 0
     assert Location(out.url).fs.exists(out.join("_summary.json"))
 

@@ -199,6 +199,7 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
         "failed": 0,
         "redone": 0,
         "left_out": {},
+        "retried": 0,
     }
     assert any(re.match(r"score: \[3/3 shards, 60/60 rows", line) for line in console), console
     alts = sum(
