@@ -1,6 +1,7 @@
 """The caption gate (veclip score): the rules on hand-made scores, the cosines against open_clip,
 the stage on a local Ray cluster (exactly-once, joined by training), and a killed driver resumed."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -19,6 +20,7 @@ from veclip.dataset import open_dataset, read_shard
 from veclip.score import steps
 from veclip.score.config import build_config
 from veclip.score.pipeline import FingerprintMismatch, run_score
+from veclip.shards.driver import ShardCounts
 from veclip.shards.store import ShardStore
 from veclip.storage import Location
 from veclip.train.captions import CaptionConfig, gated
@@ -192,15 +194,7 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
     config = build_config("cpu", None, ["percentile=50"], input=str(enriched), output=out, model=model)
     console = []
     summary = run_score(config, log=console.append)
-    assert summary["rows"] == 60 and summary["shards"] == {
-        "total": 3,
-        "done": 3,
-        "written_this_run": 3,
-        "failed": 0,
-        "redone": 0,
-        "left_out": {},
-        "retried": 0,
-    }
+    assert summary["rows"] == 60 and summary["shards"] == dataclasses.asdict(ShardCounts(3, 3, 3, 0))
     assert any(re.match(r"score: \[3/3 shards, 60/60 rows", line) for line in console), console
     alts = sum(
         bool((a or "").strip())

@@ -151,11 +151,12 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
         rows = [i for i, r in enumerate(kept) if r[column] is not None]
         if rows:
             classnames[column] = _class_names(config, location, column)
+    templates = {name: load_templates(name) for name in template_sets}  # each set read once
     for name in template_sets:
         zs_by[name] = {}
         for column, names in classnames.items():
             rows, column_ranks = _zero_shot(
-                kept, image_embeddings, column, names, load_templates(name), model, tokenizer, config
+                kept, image_embeddings, column, names, templates[name], model, tokenizer, config
             )
             ranks[f"zero_shot/{name}/{column}"] = column_ranks
             zs_by[name][column] = {**top_k(column_ranks), "classes": len(names), "images": len(rows)}
@@ -190,7 +191,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
         "captions": first_captions.get("captions", 0),
         "images_without_caption": len(kept) - first_captions.get("images", 0),
         "classes": sum(len(c) for c in classnames.values()),
-        "templates": len(load_templates(template_sets[0])) if classnames else 0,
+        "templates": len(templates[template_sets[0]]) if classnames else 0,
         "zero_shot": zs_by[template_sets[0]] if template_sets else {},
         "retrieval": {k: v for k, v in first_captions.items() if "@" in k},
         "zero_shot_by_templates": zs_by,
