@@ -9,6 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,35 +105,106 @@ def three_workers():
         yield c
 
 
-@pytest.mark.slow
-def test_a_worker_node_lost_mid_train_resumes_exactly_and_says_so(three_workers, tmp_path):
-    import json
+class _Console:
+    """A driver's console, read on a thread as it comes (waits on a line, then the whole of it)."""
 
-    c, workers = three_workers
+    def __init__(self, driver: subprocess.Popen):
+        self.driver, self.lines = driver, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(driver.stdout), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, seconds: float = 600) -> None:
+        deadline = time.monotonic() + seconds
+        while not any(text in line for line in self.lines):
+            assert self.driver.poll() is None and time.monotonic() < deadline, "".join(self.lines)
+            time.sleep(0.5)
+
+    def finish(self, seconds: float = 900) -> str:
+        self.driver.wait(seconds)
+        self.thread.join(30)
+        return "".join(self.lines)
+
+
+def _start_train(tmp_path, address: str, *sets: str) -> tuple[_Console, Path]:
+    """A user's driver training the tiny CLIP on 2 workers (1.5 CPUs each: one per node); (its console, the
+    run folder)."""
     generate(
         SampleConfig(str(tmp_path / "sample"), rows=320, eval_rows=1, shards=4, image_size=64), log=lambda *_: None
     )
     runs = tmp_path / "runs"
     cmd = [str(Path(sys.executable).with_name("veclip")), "train", "--input", str(tmp_path / "sample" / "train")]
     cmd += ["--output", str(runs), "--name", "lost", "--preset", "tiny", "--caption-mode", "alttext"]
-    cmd += ["--set", "steps=40", "--set", "checkpoint_every=10", "--set", "scale.num_workers=2"]
-    cmd += ["--set", "scale.cpus_per_worker=1.5", "--set", "scale.max_failures=2", "--set", "batch_size=16"]
-    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VERBOSE": "0"}
+    cmd += ["--set", "scale.num_workers=2", "--set", "scale.cpus_per_worker=1.5", "--set", "batch_size=16"]
+    cmd += [word for s in ("scale.max_failures=2", *sets) for word in ("--set", s)]
+    env = os.environ | {"RAY_ADDRESS": address, "VECLIP_VERBOSE": "0"}
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return _Console(driver), runs / "lost"
+
+
+def _checkpoints(run: Path) -> list[dict]:
+    """The progress.json of each checkpoint of the run, oldest first."""
+    import json
+
+    return [json.loads(p.read_text()) for p in sorted(run.glob("checkpoint_*/progress.json"))]
+
+
+def _node(nodes, node_id: str):
+    return next(n for n in nodes if n.node_id == node_id)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_worker_node_lost_mid_train_resumes_exactly_and_says_so(three_workers, tmp_path, rank):
+    """The node of a worker lost without grace (rank 0: the one that writes the run's files and posts
+    progress): the group restarts from the last committed checkpoint, in the same data order, and says why."""
+    import json
+
+    c, workers = three_workers
+    console, run = _start_train(tmp_path, c.address, "steps=40", "checkpoint_every=10")
     deadline = time.monotonic() + 600
-    while len(list((runs / "lost").glob("checkpoint_*"))) < 2:  # two checkpoints: at step 10 and 20
-        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+    while len(_checkpoints(run)) < 2:  # two checkpoints: at step 10 and 20
+        assert console.driver.poll() is None and time.monotonic() < deadline, "".join(console.lines)
         time.sleep(0.5)
-    victim = next(n for n in workers if _hosts(n, "RayTrainWorker"))
+    victim = _node(workers, _checkpoints(run)[-1]["workers"][rank]["node"])
     c.remove_node(victim, allow_graceful=False)
-    console, _ = driver.communicate(timeout=900)
-    assert driver.returncode == 0, console
-    summary = json.loads((runs / "lost" / "summary.json").read_text())
+    out = console.finish()
+    assert console.driver.returncode == 0, out
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["metrics"]["step"] == 40
-    assert summary["resumes"], console  # the restart told, not hidden
+    assert summary["resumes"], out  # the restart told, not hidden
     resume = summary["resumes"][-1]
     assert resume["exact"] and resume["from_step"] in (10, 20), resume  # the last checkpoint Ray had committed
-    assert "resumed exactly from step" in console and "[state-dump]" not in console, console
+    assert resume["cause"] == "node lost" and resume["workers"][rank]["node"] == victim.node_id, resume
+    assert "restart after a lost node: resumed exactly from step" in out and "[state-dump]" not in out, out
+
+
+@pytest.mark.slow
+def test_a_node_drained_for_preemption_checkpoints_just_in_time_and_resumes_from_it(three_workers, tmp_path):
+    """A spot notice: a node of the worker group drained with the preemption reason and a deadline (Ray's drain API,
+    as the autoscaler and KubeRay send it). The workers checkpoint at once, between the periodic ones,
+    and when the node goes the group resumes exactly from that checkpoint."""
+    import json
+
+    c, workers = three_workers
+    console, run = _start_train(tmp_path, c.address, "steps=120", "checkpoint_every=100")
+    console.wait_for("train: [step")  # training, its first checkpoint far off
+    assert not _checkpoints(run)  # none yet: the one that comes next is the notice's
+    victim = next(n for n in workers if _hosts(n, "RayTrainWorker"))
+    drain = [str(Path(sys.executable).with_name("ray")), "drain-node", "--address", c.address]
+    drain += ["--node-id", victim.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION"]
+    drain += ["--reason-message", "spot instance reclaimed", "--deadline-remaining-seconds", "60"]
+    subprocess.run(drain, check=True, capture_output=True, timeout=60)
+    console.wait_for("is being preempted", 120)  # told once the checkpoint is committed
+    [jit] = _checkpoints(run)
+    assert jit["preempted"]["nodes"] == [victim.node_id] and 0 < jit["step"] < 100, jit
+    c.remove_node(victim, allow_graceful=False)  # the reclaim, before the deadline
+    out = console.finish()
+    assert console.driver.returncode == 0, out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metrics"]["step"] == 120 and summary["resumes"], out
+    resume = summary["resumes"][-1]
+    assert resume["cause"] == "preempted" and resume["exact"] and resume["from_step"] == jit["step"], resume
+    assert "is being preempted" in out and "restart after a preemption notice" in out and "[state-dump]" not in out, out
 
 
 @pytest.mark.slow

@@ -263,6 +263,7 @@ def test_a_killed_worker_resumes_exactly(ref_data, tmp_path, ray_session):
     assert straight["resumes"] == [] and killed["metrics"]["step"] == 20
     [resume] = killed["resumes"]
     assert resume["exact"] and resume["from_step"] == 8 and len(resume["workers"]) == 2
+    assert resume["cause"] == "worker died"  # its node is alive: the process died, not the node
     # ~240 rows per worker per epoch (two 120-row shards), 32 per batch: the 20 steps span 3 epochs
     assert {epoch for epoch, _ in _trained_samples(tmp_path / "straight" / "samples").values()} == {0, 1, 2}
     assert _trained_samples(tmp_path / "killed" / "samples") == _trained_samples(tmp_path / "straight" / "samples")

@@ -12,6 +12,7 @@ from veclip.train.checkpoint import Progress, WorkerProgress
 from veclip.train.data import SKIP_REASONS, exact_batches, preprocess
 from veclip.train.loop import resume_point
 from veclip.train.order import Position, ReadUnit, read_units, window_order, worker_windows
+from veclip.train.resumes import render_resume, resume_cause
 
 UNITS = [ReadUnit(f"s{i // 3}.parquet", i % 3, 10 + i) for i in range(12)]
 
@@ -124,6 +125,26 @@ def test_resume_point_is_exact_only_with_the_same_worker_count():
     assert mine.position == Position(2) and progress.data_plan == "plan-b"
     old = Progress.from_dict({k: v for k, v in saved.to_dict().items() if k != "data_plan"})  # before it was kept
     assert resume_point(old, 1, 2, "ckpt", "plan-b")[0].resumes[-1]["exact"]
+
+
+def test_a_resume_says_why_it_happened():
+    """Another invocation resuming is a rerun; a checkpoint taken on a preemption notice says so; a saved
+    worker's node gone is a lost node; else a worker died. Each is told in a line."""
+    workers = [WorkerProgress(Position(0, 1, 2), node="n-a"), WorkerProgress(Position(0, 1, 3), node="n-b")]
+    saved = Progress(step=8, samples_seen=64, workers=workers, attempt="run-1")
+    saved = Progress.from_dict(saved.to_dict())  # round trip: the nodes and the attempt kept
+    assert resume_cause(saved, "run-2", {"n-a", "n-b"}) == "rerun"
+    assert resume_cause(saved, "run-1", {"n-a", "n-c"}) == "node lost"
+    assert resume_cause(saved, "run-1", {"n-a", "n-b"}) == "worker died"
+    saved.preempted = {"nodes": ["n-b"], "ranks": [1], "deadline_ms": None, "at_step": 8}
+    assert resume_cause(Progress.from_dict(saved.to_dict()), "run-1", {"n-a"}) == "preempted"
+    progress, _ = resume_point(saved, 1, 2, "ckpt", cause="node lost")
+    assert progress.resumes[-1]["cause"] == "node lost" and progress.resumes[-1]["workers"][1]["node"] == "n-b"
+    line = render_resume(progress.resumes[-1])
+    assert line.startswith("restart after a lost node: resumed exactly from step 8 (ckpt): worker 0 at epoch 0")
+    old = {**progress.resumes[-1]}
+    del old["cause"]  # recorded before causes were
+    assert render_resume(old, places=False) == "restart: resumed exactly from step 8 (ckpt)"
 
 
 @pytest.fixture(scope="module")

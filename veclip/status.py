@@ -19,6 +19,7 @@ from veclip.console import eta
 from veclip.shards.layout import LEASE_FILE, PLAN_FILE, is_output_folder
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, read_json
+from veclip.train.resumes import render_resume
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,11 @@ def train_status(location: Location) -> Status:
             lines.append(f"speed: {rate:,.1f} samples/s at step {last.get('step')}{left}")
         if "loss" in last:
             lines.append(f"loss: {last['loss']:.4f} at step {last.get('step')}")
-    if progress.get("resumes"):
-        lines.append(f"resumed {len(progress['resumes'])} time(s)")
+    resumes = progress.get("resumes", [])
+    if resumes:
+        causes = Counter(r.get("cause") or "restart" for r in resumes)
+        lines.append(f"resumed {len(resumes)} time(s): " + ", ".join(f"{n} {c}" for c, n in causes.items()))
+        lines += [render_resume(r, places=False) for r in resumes[-3:]]
     skipped = Counter()
     for worker in progress.get("workers", []):
         skipped.update(worker.get("skipped", {}))

@@ -42,17 +42,19 @@ def rng_file(rank: int) -> str:
 
 @dataclass
 class WorkerProgress:
-    """One worker's place in its epoch and the rows it has passed over (by reason), all epochs."""
+    """One worker's place in its epoch, the rows it has passed over (by reason), all epochs, and the Ray node
+    it ran on when saved (a resume tells a lost node from a worker that died)."""
 
     position: Position = field(default_factory=Position)
     skipped: dict[str, int] = field(default_factory=dict)
+    node: str = ""  # Ray node id (hex); "" before it was kept
 
     def to_dict(self) -> dict:
-        return {"position": self.position.to_dict(), "skipped": self.skipped}
+        return {"position": self.position.to_dict(), "skipped": self.skipped, "node": self.node}
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkerProgress:
-        return cls(Position(**d["position"]), dict(d["skipped"]))
+        return cls(Position(**d["position"]), dict(d["skipped"]), d.get("node", ""))
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Progress:
     resumes: list[dict] = field(default_factory=list)
     workers: list[WorkerProgress] = field(default_factory=list)
     data_plan: str | None = None  # the read units' fingerprint (DataPlan.fingerprint); None: before it was kept
+    attempt: str | None = None  # the `veclip train` invocation that saved it: another one resuming is a rerun
+    preempted: dict | None = None  # the preemption notice this worker group had when saved (nodes, ranks, deadline)
 
     def to_dict(self) -> dict:
         return {
@@ -70,12 +74,22 @@ class Progress:
             "resumes": self.resumes,
             "workers": [w.to_dict() for w in self.workers],
             "data_plan": self.data_plan,
+            "attempt": self.attempt,
+            "preempted": self.preempted,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Progress:
         workers = [WorkerProgress.from_dict(w) for w in d["workers"]]
-        return cls(d["step"], d["samples_seen"], list(d["resumes"]), workers, d.get("data_plan"))
+        return cls(
+            d["step"],
+            d["samples_seen"],
+            list(d["resumes"]),
+            workers,
+            d.get("data_plan"),
+            d.get("attempt"),
+            d.get("preempted"),
+        )
 
     def rows_skipped(self) -> dict[str, int]:
         total: dict[str, int] = {}

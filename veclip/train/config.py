@@ -42,6 +42,8 @@ class ScaleConfig:
     cpus_per_worker: float = 8.0  # CPUs per train worker
     torch_threads: int = 0  # the worker's torch threads; 0: the whole CPUs it holds (at least 1)
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
+    max_preemption_failures: int = -1  # restarts after a node drained for preemption (counted apart); -1: no limit
+    preemption_check_every: int = 1  # steps between asking Ray Train for a preemption notice (a barrier); 0: never
     preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
     accelerator_type: str | None = None  # e.g. "H100": train only on that node type
 

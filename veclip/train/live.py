@@ -22,12 +22,19 @@ class _Board:
 
     def __init__(self):
         self._latest: dict | None = None
+        self._notes: list[str] = []
 
     def post(self, metrics: dict) -> None:
         self._latest = metrics
 
-    def latest(self) -> dict | None:
-        return self._latest
+    def say(self, line: str) -> None:
+        """A line for the user's console now (a preemption notice, a restart)."""
+        self._notes.append(line)
+
+    def latest(self) -> tuple[dict | None, list[str]]:
+        """The latest metrics and the lines said since the last call."""
+        notes, self._notes = self._notes, []
+        return self._latest, notes
 
 
 @dataclass
@@ -73,9 +80,11 @@ class LiveProgress:
         first, next_mark, last_line = None, 1, time.monotonic()
         while not self._stop.wait(self.poll_s):
             try:
-                metrics = ray.get(self.board.latest.remote(), timeout=10)
+                metrics, notes = ray.get(self.board.latest.remote(), timeout=10)
             except Exception:  # the driver is shutting down, or the actor is busy: try again
                 continue
+            for note in notes:
+                self.log(note)
             if not metrics:
                 continue
             now = time.monotonic()

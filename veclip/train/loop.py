@@ -51,6 +51,7 @@ from veclip.train.data import (
     worker_stream,
 )
 from veclip.train.order import Position
+from veclip.train.resumes import render_resume, resume_cause
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,17 @@ class TrainHooks:
 
 
 def resume_point(
-    saved: Progress, rank: int, world: int, path: str, data_plan: str | None = None
+    saved: Progress, rank: int, world: int, path: str, data_plan: str | None = None, cause: str = ""
 ) -> tuple[Progress, WorkerProgress]:
-    """The progress to go on from (with this resume recorded) and this worker's part of it. Exact when the
-    worker count and the data plan (``data_plan``: the fingerprint of the read units) are the checkpoint's."""
-    record = {"from_step": saved.step, "checkpoint": path, "workers": [w.to_dict() for w in saved.workers]}
+    """The progress to go on from (with this resume and its ``cause`` recorded) and this worker's part of it.
+    Exact when the worker count and the data plan (``data_plan``: the fingerprint of the read units) are the
+    checkpoint's."""
+    record = {
+        "from_step": saved.step,
+        "checkpoint": path,
+        "cause": cause,
+        "workers": [w.to_dict() for w in saved.workers],
+    }
     plan_changed = data_plan is not None and saved.data_plan is not None and saved.data_plan != data_plan
     if len(saved.workers) == world and not plan_changed:
         resumed = Progress(saved.step, saved.samples_seen, saved.resumes + [{**record, "exact": True}], [], data_plan)
@@ -198,6 +205,7 @@ def _build(config: TrainConfig, hooks: TrainHooks, board) -> _Worker:
 
 def _resume(w: _Worker) -> None:
     """Load the latest checkpoint Ray Train hands this worker, if any: weights, optimizer, history, place, RNG."""
+    import ray
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -212,19 +220,23 @@ def _resume(w: _Worker) -> None:
         w.optimizer.load_state_dict(state["optimizer"])
         w.scheduler.load_state_dict(state["scheduler"])
         w.history = ckpt.load_history(directory)
-        w.progress, w.me = resume_point(
-            ckpt.load_progress(directory), w.rank, w.world, checkpoint.path, w.progress.data_plan
-        )
+        saved, attempt = ckpt.load_progress(directory), w.progress.attempt
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        cause = resume_cause(saved, attempt, alive)
+        w.progress, w.me = resume_point(saved, w.rank, w.world, checkpoint.path, w.progress.data_plan, cause)
+        w.progress.attempt = attempt
         rng = ckpt.load_rng(directory, w.rank)
     if rng is not None and w.progress.resumes[-1]["exact"]:
         ckpt.set_rng_state(rng, w.device)
     w.resumed_from = w.progress.step
     resume = w.progress.resumes[-1]
     print(
-        f"train: worker {w.rank} resumes at step {w.progress.step}, epoch {w.me.position.epoch}, "
-        f"window {w.me.position.window}, row {w.me.position.offset} "
+        f"train: worker {w.rank} resumes ({resume['cause']}) at step {w.progress.step}, epoch "
+        f"{w.me.position.epoch}, window {w.me.position.window}, row {w.me.position.offset} "
         f"({'exact' if resume['exact'] else resume['why']})"
     )
+    if w.rank == 0 and w.board is not None and resume["cause"] != "rerun":
+        w.board.say.remote(f"train: {render_resume(resume)}")
 
 
 def _prepare(w: _Worker) -> None:
@@ -314,29 +326,72 @@ def _step_metrics(
     }
 
 
-def _report(w: _Worker, metrics: dict) -> None:
-    """A checkpoint every ``checkpoint_every`` steps and at the end (all ranks), else metrics every ``report_every``."""
+def _checkpoint(w: _Worker, metrics: dict) -> None:
+    """All ranks report one checkpoint, and wait until Ray has committed it."""
+    import ray
+    import ray.train
+
+    node = ray.get_runtime_context().get_node_id()
+    gathered = _gather({**w.me.to_dict(), "node": node}, w.world)
+    w.progress.workers = [WorkerProgress.from_dict(d) for d in gathered]
+    with tempfile.TemporaryDirectory() as directory:
+        ckpt.save(
+            directory,
+            w.rank,
+            w.device,
+            model=w.raw_model,
+            optimizer=w.optimizer,
+            scheduler=w.scheduler,
+            progress=w.progress,
+            history=w.history,
+            model_name=w.config.model,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    # Until Ray's controller has committed it, a worker lost now would restart the
+    # group from an older checkpoint: wait, so "saved at step N" means resumable at N.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def _preemption_notice(w: _Worker) -> bool:
+    """Whether a node of this worker group has just been told it will be preempted (a spot notice, a drain):
+    asked of Ray Train every ``scale.preemption_check_every`` steps (a barrier: every rank asks), heeded once."""
+    import ray.train
+
+    every = w.config.scale.preemption_check_every
+    if not every or w.progress.step % every or w.progress.preempted is not None:
+        return False
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    w.progress.preempted = {
+        "nodes": info.preempted_node_ids,
+        "ranks": info.preempted_ranks,
+        "deadline_ms": info.deadline_ms,
+        "at_step": w.progress.step,
+    }
+    return True
+
+
+def _tell_preemption(w: _Worker) -> None:
+    """Rank 0 tells the console the notice and the checkpoint it has committed for it."""
+    notice = w.progress.preempted
+    if w.rank == 0 and w.board is not None:
+        left = f", {notice['deadline_ms'] / 1000 - time.time():.0f} s before it goes" if notice["deadline_ms"] else ""
+        nodes = ", ".join(n[:8] + "…" for n in notice["nodes"])
+        w.board.say.remote(
+            f"train: node {nodes} (ranks {notice['ranks']}) is being preempted{left}: checkpoint saved at step "
+            f"{notice['at_step']}; the worker group restarts from it when the node goes"
+        )
+
+
+def _report(w: _Worker, metrics: dict, now: bool = False) -> None:
+    """A checkpoint every ``checkpoint_every`` steps, at the end and when ``now`` (all ranks), else metrics every
+    ``report_every``."""
     import ray.train
 
     config = w.config
-    if w.progress.step >= config.steps or w.progress.step % config.checkpoint_every == 0:
-        w.progress.workers = [WorkerProgress.from_dict(d) for d in _gather(w.me.to_dict(), w.world)]
-        with tempfile.TemporaryDirectory() as directory:
-            ckpt.save(
-                directory,
-                w.rank,
-                w.device,
-                model=w.raw_model,
-                optimizer=w.optimizer,
-                scheduler=w.scheduler,
-                progress=w.progress,
-                history=w.history,
-                model_name=config.model,
-            )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        # Until Ray's controller has committed it, a worker lost now would restart the
-        # group from an older checkpoint: wait, so "saved at step N" means resumable at N.
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    if now or w.progress.step >= config.steps or w.progress.step % config.checkpoint_every == 0:
+        _checkpoint(w, metrics)
     elif w.progress.step % config.report_every == 0:
         ray.train.report(metrics)  # a sync point: costly on CPU, so not every step
 
@@ -367,7 +422,11 @@ def _train_stream(w: _Worker, batches) -> int:
         if w.rank == 0 and w.board is not None:
             w.board.post.remote(metrics)
         wait_start = time.perf_counter()
-        _report(w, metrics)
+        if _preemption_notice(w):
+            _report(w, metrics, now=True)
+            _tell_preemption(w)
+        else:
+            _report(w, metrics)
         report_seconds = time.perf_counter() - wait_start
     return stream_steps
 
@@ -380,6 +439,7 @@ def train_loop(loop_config: dict) -> None:
     plan: DataPlan = ray.get(loop_config["plan"])
     w = _build(config, loop_config.get("hooks") or TrainHooks(), loop_config.get("board"))
     w.progress.data_plan = plan.fingerprint  # saved with every checkpoint; a resume checks it
+    w.progress.attempt = loop_config.get("attempt")  # a resume by another invocation is a rerun
     _resume(w)
     _prepare(w)
     spec = _stream_spec(config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 
 from veclip.config import redact
 from veclip.console import start_ray
@@ -22,6 +23,7 @@ from veclip.train.config import TrainConfig
 from veclip.train.data import plan_data
 from veclip.train.live import LiveProgress
 from veclip.train.loop import TrainHooks, train_loop
+from veclip.train.resumes import render_resume
 
 
 def run_train(
@@ -139,7 +141,13 @@ def _trainer(config: TrainConfig, plan, output: Location, hooks: TrainHooks | No
     scale = config.scale
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config, "plan": ray.put(plan), "hooks": hooks, "board": board},
+        train_loop_config={
+            "config": config,
+            "plan": ray.put(plan),
+            "hooks": hooks,
+            "board": board,
+            "attempt": uuid.uuid4().hex[:12],  # this invocation: a resume by another one is a rerun
+        },
         scaling_config=ScalingConfig(
             num_workers=scale.num_workers,
             use_gpu=scale.use_gpu,
@@ -150,7 +158,10 @@ def _trainer(config: TrainConfig, plan, output: Location, hooks: TrainHooks | No
             name=config.name,
             storage_path=output.path,
             storage_filesystem=output.arrow_fs,
-            failure_config=FailureConfig(max_failures=scale.max_failures),
+            # a node drained for preemption (spot) counts apart from real failures (Ray's default: no limit)
+            failure_config=FailureConfig(
+                max_failures=scale.max_failures, max_preemption_failures=scale.max_preemption_failures
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
@@ -182,14 +193,5 @@ def render_summary(summary: dict) -> str:
         f"{summary['wall_seconds']:.1f}s\n"
         f"  checkpoint: {summary['checkpoint']}"
         + "".join(f"\n  shards skipped: {n} ({why})" for why, n in summary.get("shards_skipped_by_reason", {}).items())
-        + "".join(f"\n  {_render_resume(r)}" for r in summary.get("resumes", []))
+        + "".join(f"\n  {render_resume(r)}" for r in summary.get("resumes", []))
     )
-
-
-def _render_resume(resume: dict) -> str:
-    places = "; ".join(
-        f"worker {i} at epoch {w['position']['epoch']} window {w['position']['window']} row {w['position']['offset']}"
-        for i, w in enumerate(resume["workers"])
-    )
-    how = "exactly" if resume["exact"] else f"not exactly ({resume['why']})"
-    return f"resumed {how} from step {resume['from_step']} ({resume['checkpoint']}): {places}"
