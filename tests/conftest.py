@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -243,3 +244,22 @@ def browser_screenshot(page: Path, shot: Path, size: str = "1000,1400"):
     )
     assert shot.exists(), result.stderr[-2000:]
     return np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def random_tiny_clip(folder: Path) -> Path:
+    """A random veclip-tiny as an exported folder (open_clip's local-dir layout), fixed by its seed."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from veclip.train.model import create_model, register_configs
+
+    register_configs()
+    torch.manual_seed(0)
+    model = create_model("veclip-tiny")
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}})
+    )
+    return folder

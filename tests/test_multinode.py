@@ -6,6 +6,7 @@ preemption does. Each test stops its own cluster and leaves no stale address beh
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import descendants, ray_address_file_kept
+from conftest import descendants, random_tiny_clip, ray_address_file_kept
 
 from veclip.world.generate import SampleConfig, generate
 
@@ -90,11 +91,85 @@ def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(clust
         for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()
     ]
     assert sorted(keys + quarantined) == sorted(sources)  # every key exactly once
+    shards = json.loads((out / "_summary.json").read_text())["shards"]
+    assert shards["retried"] >= 1 and shards["actors_lost"] >= 1 and shards["nodes_lost"] == 1, shards
     # told in a line or two, not Ray's raylet dumps: the node lost, and the shards retried in the summary
     assert "[state-dump]" not in console and "infinite retries remaining" not in console, console
     assert console.count("lost; Ray restarts its actors") == 1, console
     assert "retried" in console and "shard(s) whose earlier try was lost" in console, console
+    assert "died mid-shard and were restarted by Ray, 1 of their node(s) lost" in console, console
     assert len(console.splitlines()) <= 40, console
+
+
+def _keys(folder: Path, pattern: str = "*.parquet") -> list[str]:
+    return [k for p in sorted(folder.glob(pattern)) for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()]
+
+
+def _remove_when_hosting(c, workers, name: str, driver: subprocess.Popen, seconds: float = 300):
+    """Remove, without grace, the first worker node that runs an actor named ``name``; that node."""
+    deadline = time.monotonic() + seconds
+    while not (hosts := [n for n in workers if _hosts(n, name)]):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+        time.sleep(0.2)
+    c.remove_node(hosts[0], allow_graceful=False)
+    return hosts[0]
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_score_loses_no_key(cluster, tmp_path):
+    """score's pool (2 actors, one shard per call) loses the node of one actor after its first shard: every
+    key is scored exactly once and the lost try is counted."""
+    c, workers = cluster
+    generate(
+        SampleConfig(str(tmp_path / "sample"), rows=240, eval_rows=1, shards=12, image_size=32), log=lambda *_: None
+    )
+    model, out = random_tiny_clip(tmp_path / "model"), tmp_path / "scores"
+    cmd = [str(Path(sys.executable).with_name("veclip")), "score", "--preset", "cpu", "--model", str(model)]
+    cmd += ["--input", str(tmp_path / "sample" / "train"), "--output", str(out), "--percentile", "20"]
+    cmd += [
+        w for s in ("batch_size=1", "pool.min_actors=2", "pool.max_actors=2", "pool.num_cpus=1") for w in ("--set", s)
+    ]
+    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VERBOSE": "0"}
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 600
+    while not ((out / "_done").exists() and any((out / "_done").iterdir())):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+        time.sleep(0.2)
+    _remove_when_hosting(c, workers, "ShardScorer", driver)
+    console, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, console
+    assert sorted(_keys(out) + _keys(out, "_quarantine/*.parquet")) == sorted(_keys(tmp_path / "sample" / "train"))
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["shards"]["done"] == 12 and summary["failed"] == {}, summary["shards"]
+    assert "[state-dump]" not in console and console.count("lost; Ray restarts its actors") == 1, console
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_eval_gives_the_same_figures(cluster, tmp_path):
+    """eval over 2 Ray actors loses the node of one of them as it starts embedding: Ray Data restarts the
+    actor and retries its blocks; every image is scored once, to the figures of a run that lost nothing."""
+    c, workers = cluster
+    generate(
+        SampleConfig(str(tmp_path / "sample"), rows=1, eval_rows=400, shards=1, image_size=32), log=lambda *_: None
+    )
+    model = random_tiny_clip(tmp_path / "model")
+    cmd = [str(Path(sys.executable).with_name("veclip")), "eval", "--model", str(model), "--batch-size", "8"]
+    cmd += ["--input", str(tmp_path / "sample" / "eval"), "--workers", "2", "--cpus-per-worker", "1"]
+    env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VERBOSE": "0"}
+    figures = {}
+    for name in ("straight", "lost"):
+        run = cmd + ["--output", str(tmp_path / name)]
+        driver = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if name == "lost":
+            victim = _remove_when_hosting(c, workers, "ImageEmbedder", driver)
+            workers = [n for n in workers if n is not victim]
+        console, _ = driver.communicate(timeout=900)
+        assert driver.returncode == 0, console
+        figures[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    assert console.count("lost; Ray restarts its actors") == 1 and "[state-dump]" not in console, console
+    straight, lost = figures["straight"], figures["lost"]
+    assert lost["images"] == straight["images"] == 400, lost
+    assert lost["zero_shot"] == straight["zero_shot"] and lost["retrieval"] == straight["retrieval"]
 
 
 @pytest.fixture
@@ -143,8 +218,6 @@ def _start_train(tmp_path, address: str, *sets: str) -> tuple[_Console, Path]:
 
 def _checkpoints(run: Path) -> list[dict]:
     """The progress.json of each checkpoint of the run, oldest first."""
-    import json
-
     return [json.loads(p.read_text()) for p in sorted(run.glob("checkpoint_*/progress.json"))]
 
 
@@ -157,8 +230,6 @@ def _node(nodes, node_id: str):
 def test_a_worker_node_lost_mid_train_resumes_exactly_and_says_so(three_workers, tmp_path, rank):
     """The node of a worker lost without grace (rank 0: the one that writes the run's files and posts
     progress): the group restarts from the last committed checkpoint, in the same data order, and says why."""
-    import json
-
     c, workers = three_workers
     console, run = _start_train(tmp_path, c.address, "steps=40", "checkpoint_every=10")
     deadline = time.monotonic() + 600
@@ -183,8 +254,6 @@ def test_a_node_drained_for_preemption_checkpoints_just_in_time_and_resumes_from
     """A spot notice: a node of the worker group drained with the preemption reason and a deadline (Ray's drain API,
     as the autoscaler and KubeRay send it). The workers checkpoint at once, between the periodic ones,
     and when the node goes the group resumes exactly from that checkpoint."""
-    import json
-
     c, workers = three_workers
     console, run = _start_train(tmp_path, c.address, "steps=120", "checkpoint_every=100")
     console.wait_for("train: [step")  # training, its first checkpoint far off

@@ -145,6 +145,8 @@ def test_poison_shard_is_recorded_and_the_rest_finish(sample_root, tmp_path):
         "redone": 0,
         "left_out": {},
         "retried": 0,
+        "actors_lost": 0,
+        "nodes_lost": 0,
     }
     failed = summary["failed"]["part-00001.parquet"]
     assert failed["stage"] == "rewrite" and failed["tries"] == 3 and "refuses this batch" in failed["error"]
@@ -189,6 +191,24 @@ def test_a_shard_whose_tries_kill_the_process_is_recorded(tmp_path):
     # a new run starts its own count
     fresh = ShardGuard(out, RunContext("run-b", "fp"), "rewrite", max_attempts=2, backoff_seconds=0)
     assert fresh.run_shard("x.parquet", "in/x.parquet", lambda: ran.append(1)) == DONE and ran == [1]
+
+
+def test_tries_lost_with_their_process_are_told_apart_from_errors(tmp_path):
+    """A try that died with its process (no error recorded) is kept as lost, with where it ran; a try that
+    raised is not: the summary counts the actors lost."""
+    out = Location(str(tmp_path))
+    guard = ShardGuard(out, RunContext("run-a", "fp"), "rewrite", max_attempts=4, backoff_seconds=0)
+    guard._begin("x.parquet")  # a try that "crashed"
+    errors = iter([OSError("connection reset")])
+
+    def work():
+        if error := next(errors, None):
+            raise error
+
+    assert guard.run_shard("x.parquet", "in/x.parquet", work) == DONE
+    [(name, record)] = ShardStore(out).retried("rewrite", "run-a").items()
+    assert record["tries"] == 3 and len(record["errors"]) == 1
+    assert record["lost"] == [{"node": "local", "actor": "local"}]  # the crash, not the error
 
 
 def test_planning_records_unreadable_shards_and_fails_fast_on_bad_schema(sample_root, tmp_path):

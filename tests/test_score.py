@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import random_tiny_clip
 from processes import kill_job_when
 
 from veclip import schema
@@ -128,31 +129,12 @@ def test_training_treats_gated_slots_as_unusable(sample_root):
     assert out["skip"].tolist() == [SKIP_REASONS.index("null_key"), 0, nothing]
 
 
-def _random_model(folder: Path) -> Path:
-    """A random veclip-tiny as an exported folder (open_clip's local-dir layout), fixed by its seed."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    from veclip.train.model import create_model, register_configs
-
-    register_configs()
-    torch.manual_seed(0)
-    model = create_model("veclip-tiny")
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}})
-    )
-    return folder
-
-
 def test_the_scores_are_the_models_cosines(sample_root, tmp_path):
     import torch
 
     from veclip.eval.model import load_model
 
-    model, preprocess_image, tokenizer = load_model(str(_random_model(tmp_path / "model")), None, None)
+    model, preprocess_image, tokenizer = load_model(str(random_tiny_clip(tmp_path / "model")), None, None)
     rows = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0]).slice(0, 4)
     images = rows.column("image").to_pylist()
     images[2] = b"not an image"
@@ -189,7 +171,7 @@ def enriched(sample_root, tmp_path_factory) -> Path:
 
 def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_session):
     enriched = Path(shutil.copytree(enriched, tmp_path / "data"))  # changed below
-    model = str(_random_model(tmp_path / "model"))
+    model = str(random_tiny_clip(tmp_path / "model"))
     out = str(tmp_path / "scores")
     config = build_config("cpu", None, ["percentile=50"], input=str(enriched), output=out, model=model)
     console = []
@@ -284,7 +266,7 @@ def test_score_on_s3_reruns_as_a_no_op(enriched, tmp_path, s3_bucket, ray_sessio
         ["threshold=0.0"],
         input=url + "/in",
         output=url + "/scores",
-        model=str(_random_model(tmp_path / "m")),
+        model=str(random_tiny_clip(tmp_path / "m")),
     )
     first = run_score(config, options, log=lambda *_: None)
     assert first["shards"]["written_this_run"] == 3 and first["rows"] == 60
@@ -301,7 +283,7 @@ def test_score_refuses_random_weights_and_records_an_unreadable_shard(enriched, 
     for path in sorted(enriched.glob("*.parquet")):
         (data / path.name).write_bytes(path.read_bytes())
     (data / "part-00001.parquet").write_bytes(b"PAR1 truncated")
-    model = str(_random_model(tmp_path / "model"))
+    model = str(random_tiny_clip(tmp_path / "model"))
     config = build_config("cpu", None, [], input=str(data), output=str(tmp_path / "scores"), model=model)
     summary = run_score(config, log=lambda *_: None)
     assert summary["shards"]["done"] == 2 and list(summary["failed"]) == ["part-00001.parquet"]
@@ -316,7 +298,7 @@ def test_a_killed_driver_is_resumed_without_writing_a_shard_twice(sample_root, t
     rows = pa.concat_tables([pq.read_table(p) for p in sorted((sample_root / "train").glob("*.parquet"))])
     for k in range(12):
         pq.write_table(rows.slice(k * 5, 5), data / f"part-{k:05d}.parquet")
-    model, out = str(_random_model(tmp_path / "model")), tmp_path / "scores"
+    model, out = str(random_tiny_clip(tmp_path / "model")), tmp_path / "scores"
     cmd = [
         str(Path(sys.executable).with_name("veclip")),
         "score",

@@ -11,7 +11,7 @@ are small next to the images.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -106,12 +106,14 @@ def embed_local(tables: Iterable[pa.Table], model, preprocess, spec: EmbedSpec) 
     return pa.concat_tables(parts)
 
 
-def _read_joined(batch: dict, dataset, columns: schema.ColumnMap) -> pa.Table:
-    from veclip.dataset import read_shard
+def _read_shards(batch: dict, dataset, columns: schema.ColumnMap) -> Iterator[pa.Table]:
+    """The shards' rows (captions joined), a batch at a time: a Ray task per shard, which Ray retries on
+    another node when its node is lost (Ray Data's own Parquet reader runs its footer reads on an actor
+    that is not restarted: a lost node failed the whole eval)."""
+    from veclip.dataset import read_shard_batches
 
-    return pa.concat_tables(
-        [read_shard(dataset, dataset.shards[i], column_map=columns) for i in batch["shard"].tolist()]
-    )
+    for i in batch["shard"].tolist():
+        yield from read_shard_batches(dataset, dataset.shards[i], column_map=columns)
 
 
 def embed_ray(
@@ -131,16 +133,13 @@ def embed_ray(
     from veclip.console import start_ray
 
     start_ray()
-    if dataset.sources:  # a task per shard reads it and joins its caption tables (checked)
-        ds = ray.data.from_items(
-            [{"shard": i} for i in range(len(dataset.shards))], override_num_blocks=len(dataset.shards)
-        )
-        ds = ds.map_batches(
-            _read_joined, batch_size=1, batch_format="numpy", fn_kwargs=dict(dataset=dataset, columns=columns)
-        )
-    else:
-        ds = ray.data.read_parquet([s.path for s in dataset.shards], filesystem=dataset.images.fs)
-        ds = ds.map_batches(columns.apply, batch_format="pyarrow", batch_size=None)
+    # a task per shard reads it and joins its caption tables (checked)
+    ds = ray.data.from_items(
+        [{"shard": i} for i in range(len(dataset.shards))], override_num_blocks=len(dataset.shards)
+    )
+    ds = ds.map_batches(
+        _read_shards, batch_size=1, batch_format="numpy", fn_kwargs=dict(dataset=dataset, columns=columns)
+    )
     ds = ds.map_batches(
         ImageEmbedder,
         fn_constructor_args=(spec, options),

@@ -50,6 +50,8 @@ class ShardCounts:
     redone: int = 0
     left_out: dict[str, int] = field(default_factory=dict)  # input shards the reader left out, by why
     retried: int = 0  # done this run after more than one try (a try lost with its actor or node, an error)
+    actors_lost: int = 0  # actor processes that died during a try this run (killed, out of memory, node lost)
+    nodes_lost: int = 0  # the nodes those actors were on that Ray no longer has
 
 
 @dataclass
@@ -379,7 +381,14 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
         rows_quarantined=sum(m.quarantined for m in markers.values()),
         rows_in_failed_shards=sum(plan.rows.get(n, 0) for n in failed),
         shards=ShardCounts(
-            len(plan.inputs), len(markers), len(written), len(failed), len(plan.redo), dict(plan.left_out), len(retried)
+            len(plan.inputs),
+            len(markers),
+            len(written),
+            len(failed),
+            len(plan.redo),
+            dict(plan.left_out),
+            len(retried),
+            *_losses(retried),
         ),
         retried=retried,
         failed={n: f.brief() for n, f in sorted(failed.items())},
@@ -387,6 +396,20 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
         rows_per_second_this_run=sum(plan.rows.get(n, 0) for n in written) / wall_seconds,
         details=stage.details(plan, run, markers, written, started_at),
     ).to_json()
+
+
+def _losses(retried: dict[str, dict]) -> tuple[int, int]:
+    """The actors lost during this run's tries, and how many of their nodes Ray no longer has."""
+    lost = {(where["node"], where["actor"]) for record in retried.values() for where in record["lost"]}
+    nodes = {node for node, _ in lost}
+    if nodes and nodes != {"local"}:
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]} if ray.is_initialized() else nodes
+        nodes -= alive
+    else:
+        nodes = set()
+    return len(lost), len(nodes)
 
 
 def render_faults(summary: dict) -> list[str]:
@@ -398,6 +421,12 @@ def render_faults(summary: dict) -> list[str]:
         lines.append(
             f"  retried {len(summary['retried'])} shard(s) whose earlier try was lost or failed, all done now "
             f"(e.g. {name}: {first['tries']} tries; {(first['errors'] or ['its process died'])[-1][:160]})"
+        )
+    counts = summary["shards"]
+    if counts.get("actors_lost"):
+        lines.append(
+            f"  {counts['actors_lost']} actor(s) died mid-shard and were restarted by Ray"
+            + (f", {counts['nodes_lost']} of their node(s) lost" if counts.get("nodes_lost") else "")
         )
     if not summary["failed"]:
         return lines

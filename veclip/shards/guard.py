@@ -51,6 +51,16 @@ def current_actor() -> str:
     return (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local"
 
 
+def running_on() -> dict:
+    """The Ray node and actor this runs in ("local" outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {"node": "local", "actor": "local"}
+    context = ray.get_runtime_context()
+    return {"node": context.get_node_id(), "actor": context.get_actor_id() or "local"}
+
+
 def record_failure(
     store: ShardStore, name: str, input_path: str, stage: str, run: RunContext, tries: int, errors: list[str]
 ) -> None:
@@ -86,12 +96,15 @@ class ShardGuard:
         return self.output.join(ATTEMPTS_DIR, self.stage, name + RECORD_SUFFIX)
 
     def _begin(self, name: str) -> dict:
-        """Count one more try of ``name`` in this run, durably, before it starts."""
+        """Count one more try of ``name`` in this run, durably, before it starts, with where it runs. The
+        previous try, if it neither finished nor recorded an error, died with its process: its place is
+        kept in ``lost`` (the summary counts the actors and nodes lost)."""
         fs, path = self.output.fs, self._attempts_path(name)
         previous = read_json(fs, path)
         if previous is None or previous["run_id"] != self.run.run_id:
             previous = {"run_id": self.run.run_id, "tries": 0, "errors": []}
-        record = {**previous, "tries": previous["tries"] + 1}
+        lost = previous.get("lost", []) + ([previous["on"]] if previous.get("on") and not previous.get("ended") else [])
+        record = {**previous, "tries": previous["tries"] + 1, "on": running_on(), "ended": False, "lost": lost}
         write_json(fs, path, record)
         return record
 
@@ -122,6 +135,7 @@ class ShardGuard:
             except Exception as err:
                 message = scrub(f"{type(err).__name__}: {err}", self.secrets)[:2000]
                 record["errors"] = [*record["errors"], message][-self.max_attempts :]
+                record["ended"] = True  # an error, caught: not a try lost with its process
                 write_json(self.output.fs, self._attempts_path(name), record)
                 if engine_died(err):
                     # This actor's engine is gone for good: exit so Ray starts a fresh actor

@@ -137,13 +137,17 @@ class ShardStore:
         return set(self._listed(FAILED_DIR))
 
     def retried(self, stage: str, run_id: str) -> dict[str, dict]:
-        """``{name: {"tries", "errors"}}`` of the shards ``run_id`` finished after more than one try (a try
+        """``{name: {"tries", "errors", "lost"}}`` of the shards ``run_id`` finished after more than one try (a try
         lost with its actor or node, or an error retried): the guard keeps their attempt records."""
         folder = f"{ATTEMPTS_DIR}/{stage}"
         paths = [self.location.join(folder, n + RECORD_SUFFIX) for n in sorted(self._listed(folder))]
         records = {p: json.loads(data) for p, data in read_many(self.location.fs, paths).items()}
         return {
-            posixpath.basename(p)[: -len(RECORD_SUFFIX)]: {"tries": r["tries"], "errors": r["errors"]}
+            posixpath.basename(p)[: -len(RECORD_SUFFIX)]: {
+                "tries": r["tries"],
+                "errors": r["errors"],
+                "lost": r.get("lost", []),  # where each try that died with its process ran (node, actor)
+            }
             for p, r in records.items()
             if r.get("done") and r.get("run_id") == run_id
         }
