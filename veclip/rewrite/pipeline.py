@@ -22,7 +22,16 @@ from veclip.config import SECRET_NAME, redact
 from veclip.console import start_ray
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
 from veclip.rewrite.workers import CAPTIONS_DIR, ShardCaptioner, ShardRewriter
-from veclip.shards.driver import ShardedStage, dry_run, map_pool, plan_stage, pool_ask, render_faults, run_stage
+from veclip.shards.driver import (
+    ShardedStage,
+    dry_run,
+    map_pool,
+    plan_stage,
+    pool_ask,
+    render_faults,
+    render_pool,
+    run_stage,
+)
 from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker, PoolStats
 from veclip.shards.plan import InputShard, Plan, by_name, plan_shards
@@ -298,4 +307,4 @@ def render_summary(summary: dict) -> str:
             )
     if summary["failed"] and summary["rows_in_failed_shards"]:
         lines.append(f"  {summary['rows_in_failed_shards']} rows in the failed shards with a readable footer")
-    return "\n".join(lines + render_faults(summary))
+    return "\n".join(lines + render_pool(summary) + render_faults(summary))

@@ -21,7 +21,7 @@ from veclip.dataset import Dataset, open_dataset
 from veclip.eval.model import resolve_model
 from veclip.score.config import ScoreConfig, fingerprint
 from veclip.score.worker import ShardScorer, shard_columns
-from veclip.shards.driver import ShardedStage, dry_run, map_pool, pool_ask, render_faults, run_stage
+from veclip.shards.driver import ShardedStage, dry_run, map_pool, pool_ask, render_faults, render_pool, run_stage
 from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch, InputShard, Plan, by_name, plan_shards
@@ -180,7 +180,7 @@ def render_summary(summary: dict) -> str:
             "them)"
         )
     lines += [f"  left out   {n:>6} shards ({why})" for why, n in summary["shards"]["left_out"].items()]
-    lines += render_faults(summary)
+    lines += render_pool(summary) + render_faults(summary)
     sources = " ".join(f"--add-captions {url}" for url in [*summary["add_captions"], summary["output"]])
     lines.append(f"  train with the gate: veclip train --input {summary['input']} {sources} ...")
     return "\n".join(lines)

@@ -72,6 +72,7 @@ class RunSummary:
     wall_seconds: float
     rows_per_second_this_run: float
     retried: dict[str, dict] = field(default_factory=dict)  # shard -> tries, errors of the lost tries
+    pool_over_time: list[dict] = field(default_factory=list)  # the actors and nodes at work as the run went
     details: dict = field(default_factory=dict)
     version: int = SUMMARY_VERSION
 
@@ -391,11 +392,40 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
             *_losses(retried),
         ),
         retried=retried,
+        pool_over_time=pool_over_time([markers[n] for n in written]),
         failed={n: f.brief() for n, f in sorted(failed.items())},
         wall_seconds=wall_seconds,
         rows_per_second_this_run=sum(plan.rows.get(n, 0) for n in written) / wall_seconds,
         details=stage.details(plan, run, markers, written, started_at),
     ).to_json()
+
+
+def pool_over_time(markers: list[Marker], points: int = 12) -> list[dict]:
+    """How many actors (and on how many nodes) were writing shards at ``points`` even moments of this run:
+    the pool growing as the autoscaler adds nodes, or shrinking as they go, read from the markers' times.
+    (With two pools, the one that writes the shards.)"""
+    spans = [(m.started_at, m.finished_at, m.actor, m.node) for m in markers if m.started_at and m.finished_at]
+    if not spans:
+        return []
+    first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+    timeline = []
+    for k in range(points):
+        at = first + (last - first) * (k + 0.5) / points
+        busy = [(actor, node) for start, end, actor, node in spans if start <= at < end]
+        timeline.append({"at_s": round(at - first, 1), "actors": len(set(busy)), "nodes": len({n for _, n in busy})})
+    return timeline
+
+
+def render_pool(summary: dict) -> list[str]:
+    """The pool's size over the run, in a line, when it changed."""
+    timeline = summary.get("pool_over_time") or []
+    actors = [t["actors"] for t in timeline]
+    if len(set(actors)) <= 1:
+        return []
+    return [
+        f"  pool over the run: {' '.join(map(str, actors))} actor(s) writing shards at even moments "
+        f"(up to {max(actors)}, on up to {max(t['nodes'] for t in timeline)} node(s))"
+    ]
 
 
 def _losses(retried: dict[str, dict]) -> tuple[int, int]:

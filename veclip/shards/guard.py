@@ -44,13 +44,6 @@ class RunContext:
     fingerprint: str
 
 
-def current_actor() -> str:
-    """The Ray actor this runs in, recorded in the markers it writes ("local" outside one)."""
-    import ray
-
-    return (ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None) or "local"
-
-
 def running_on() -> dict:
     """The Ray node and actor this runs in ("local" outside Ray)."""
     import ray

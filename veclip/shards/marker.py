@@ -49,6 +49,7 @@ class Marker:
     input_url: str | None = None
     input_size: int | None = None
     actor: str | None = None  # the Ray actor that wrote it ("local" outside one)
+    node: str | None = None  # the Ray node that actor ran on ("local" outside Ray)
     started_at: float | None = None
     finished_at: float | None = None
     seconds: float = 0.0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from veclip.metrics import publish_shard
-from veclip.shards.guard import FAILED, RunContext, ShardGuard, current_actor
+from veclip.shards.guard import FAILED, RunContext, ShardGuard, running_on
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
@@ -96,7 +96,9 @@ class ShardWorker(ABC):
     ) -> None:
         """Write the shard whole, with who wrote it and from what, if this run still holds the output."""
         self.guard.lease.check()
-        marker.fingerprint, marker.run_id, marker.actor = self.run.fingerprint, self.run.run_id, current_actor()
+        marker.fingerprint, marker.run_id = self.run.fingerprint, self.run.run_id
+        where = running_on()
+        marker.actor, marker.node = where["actor"], where["node"]
         marker.input, marker.input_url, marker.input_size = path, input_fs.unstrip_protocol(path), size
         store.write(marker, table, quarantine)
         publish_shard(self.stage, marker)
