@@ -22,7 +22,7 @@ from veclip.rewrite.engine import Completion
 from veclip.rewrite.pipeline import EngineUnavailable, Rewrite, check_engine_python, list_inputs, plan_run
 from veclip.rewrite.workers import ShardRewriter
 from veclip.shards.driver import record_plan, shard_rows, summarize
-from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard
+from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard, running_on
 from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch
@@ -208,7 +208,7 @@ def test_tries_lost_with_their_process_are_told_apart_from_errors(tmp_path):
     assert guard.run_shard("x.parquet", "in/x.parquet", work) == DONE
     [(name, record)] = ShardStore(out).retried("rewrite", "run-a").items()
     assert record["tries"] == 3 and len(record["errors"]) == 1
-    assert record["lost"] == [{"node": "local", "actor": "local"}]  # the crash, not the error
+    assert record["lost"] == [running_on()]  # the crash (where it ran: here), not the error
 
 
 def test_planning_records_unreadable_shards_and_fails_fast_on_bad_schema(sample_root, tmp_path):
