@@ -36,7 +36,9 @@ def _write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
 
 
 def _meta(key, caption):
-    return json.dumps({"key": key, "url": f"http://img/{key}", "caption": caption}).encode()
+    # DataComp's and img2dataset's fields beside the ones veclip maps: kept whole in source_json
+    fields = {"uid": f"uid-{key}", "status": "success", "exif": {"Make": "x"}, "original_width": 24}
+    return json.dumps({"key": key, "url": f"http://img/{key}", "caption": caption, **fields}).encode()
 
 
 @pytest.fixture
@@ -89,6 +91,10 @@ def test_webdataset_import(tars, tmp_path):
     assert first[0]["url"] == "http://img/000000000" and (first[0]["width"], first[0]["height"]) == (24, 16)
     second = {r["key"]: r for r in pq.read_table(out.join("00001.parquet")).to_pylist()}
     assert second["000010000"]["alt_text"] == "from json" and "000010003" in second
+    # every .json field kept, as the source wrote it; none where a sample had no .json
+    kept = json.loads(first[0]["source_json"])
+    assert kept["uid"] == "uid-000000000" and kept["exif"] == {"Make": "x"} and kept["original_width"] == 24
+    assert second["000010003"]["source_json"] is None
     quarantine = pq.read_table(out.join("_quarantine", "00001.parquet")).to_pylist()
     assert {(q["key"], q["stage"], q["reason"]) for q in quarantine} == {
         ("000010001", "import", "image_undecodable"),

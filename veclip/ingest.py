@@ -120,10 +120,12 @@ class _ShardBuilder:
         self._pending: list[dict] = []
         self._spill = tempfile.TemporaryDirectory(prefix="veclip-import-")
         self._spill_path = os.path.join(self._spill.name, "rows.parquet")
-        self._writer = pq.ParquetWriter(self._spill_path, schema.INPUT_SCHEMA, compression="none", use_dictionary=False)
+        self._writer = pq.ParquetWriter(
+            self._spill_path, schema.IMPORT_SCHEMA, compression="none", use_dictionary=False
+        )
 
     def _flush(self) -> None:
-        self._writer.write_table(pa.Table.from_pylist(self._pending, schema=schema.INPUT_SCHEMA))
+        self._writer.write_table(pa.Table.from_pylist(self._pending, schema=schema.IMPORT_SCHEMA))
         self._pending.clear()
 
     def add(
@@ -134,8 +136,10 @@ class _ShardBuilder:
         url: str | None = None,
         reason: str | None = None,
         detail: str = "",
+        source_json: str | None = None,
     ) -> None:
         row = {schema.KEY: key, schema.IMAGE: image, schema.ALT_TEXT: alt_text, schema.URL: url}
+        row[schema.SOURCE_JSON] = source_json
         if reason is None:
             try:
                 opened = open_image(image, self.limits)
@@ -157,7 +161,7 @@ class _ShardBuilder:
     def write(self, store: ShardStore, name: str) -> Marker:
         self._flush()
         self._writer.close()
-        quarantine = schema.quarantine_table(self.bad, STAGE, schema.INPUT_SCHEMA)
+        quarantine = schema.quarantine_table(self.bad, STAGE, schema.IMPORT_SCHEMA)
         reasons = Counter(row["reason"] for row in self.bad)
         marker = Marker(name, 0, quarantine_reasons=dict(reasons), stats={"resized": self.resized})
         try:
@@ -212,22 +216,24 @@ def _webdataset_row(key: str, files: dict, builder: _ShardBuilder) -> None:
         detail = ", ".join(f"{f.name}: {f.size} bytes" for f in oversized) + f" > limit {builder.limits.max_bytes}"
         builder.add(posixpath.basename(key), None, None, reason=MEMBER_TOO_LARGE, detail=detail)
         return
-    meta = {}
+    meta, whole = {}, None
     if "json" in files:
+        whole = files["json"].decode("utf-8", errors="replace")
         try:
-            meta = json.loads(files["json"])
+            meta = json.loads(whole)
         except ValueError:
             meta = {}
+        meta = meta if isinstance(meta, dict) else {}
     image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
     text = files.get("txt")
     alt_text = text.decode("utf-8", errors="replace") if text is not None else meta.get("caption")
     row_key = str(meta.get("key") or posixpath.basename(key))
     if image is None:
         builder.add(
-            row_key, None, alt_text, meta.get("url"), "missing_image", f"sample {key} has files {sorted(files)}"
+            row_key, None, alt_text, meta.get("url"), "missing_image", f"sample {key} has files {sorted(files)}", whole
         )
     else:
-        builder.add(row_key, image, alt_text, meta.get("url"))
+        builder.add(row_key, image, alt_text, meta.get("url"), source_json=whole)
 
 
 def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) -> ImportSummary:

@@ -67,6 +67,10 @@ OPTIONAL_INPUT_FIELDS = (
     pa.field(HEIGHT, pa.int32()),
 )
 INPUT_SCHEMA = pa.schema(REQUIRED_INPUT_FIELDS + OPTIONAL_INPUT_FIELDS)
+# `veclip import` of a WebDataset keeps each sample's .json whole (DataComp's uid, img2dataset's status,
+# sizes, EXIF...): every field, typed as the source wrote it, beside the contract's columns
+SOURCE_JSON = "source_json"
+IMPORT_SCHEMA = INPUT_SCHEMA.append(pa.field(SOURCE_JSON, pa.string()))
 
 GENERATED_FIELDS = (
     pa.field(VLM_CAPTION, pa.string()),

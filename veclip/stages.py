@@ -240,6 +240,25 @@ def _import_run(config, options, args) -> int:
     return 0
 
 
+def _webdataset_flags(p):
+    p.add_argument(
+        "--input", metavar="URL", required=True, help="a dataset, or a caption output (joined to its images)"
+    )
+    p.add_argument("--output", "--out", dest="output", metavar="URL", required=True, help="folder for the tars")
+    p.add_argument("--caption", help="the column written as <key>.txt (default vecap; a list column: its first)")
+    p.add_argument("--fallback", help="the column used where --caption is empty (default alt_text; '': leave out)")
+    p.add_argument(
+        "--add-captions", dest="add_captions", action="append", metavar="URL", help="more caption outputs to join"
+    )
+
+
+def _webdataset_run(config, options, args) -> int:
+    from veclip.wds_export import export_webdataset
+
+    print(export_webdataset(config, options).render(config))
+    return 0
+
+
 def _rewrite_flags(p):
     p.add_argument("--input", metavar="URL", required=True, help="folder or s3:// prefix of input shards")
     p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for enriched shards")
@@ -576,6 +595,14 @@ STAGES: dict[str, Stage] = {
             _fields("source", "output", "format", "columns", "rows_per_shard", "allow_outside_paths", "resize"),
             _only_default("veclip.ingest:ImportConfig"),
             _import_run,
+        ),
+        Stage(
+            "webdataset",
+            "write a dataset and its captions as WebDataset tars (image, .txt caption, .json of every caption)",
+            _webdataset_flags,
+            _fields("input", "output", "caption", "fallback", "add_captions"),
+            _only_default("veclip.wds_export:WebDatasetConfig"),
+            _webdataset_run,
         ),
         Stage(
             "rewrite",
