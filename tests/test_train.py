@@ -324,3 +324,77 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="Weights only load failed"):
         load_state(str(tmp_path))
     assert not (tmp_path / "PWNED").exists()
+
+
+def _wandb_records(path: Path):
+    """The records of a W&B offline run file, parsed with wandb's own protobuf schema. (wandb 0.31 reads
+    them in its Go core only; the framing is LevelDB's log format after a 7-byte W&B header: 32 KiB
+    blocks of [crc32c, length, type] chunks, type 1 a whole record, 2-4 its first, middle, last part.)"""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, part = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length, kind) == (0, 0):  # a block's zero-filled tail
+            pos += left
+            continue
+        part, pos = part + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            part = b""
+            yield record
+
+
+def _wandb_history(folder: Path) -> tuple[set[str], list[int]]:
+    """The run ids and the logged steps of every W&B offline run under ``folder`` (what ``wandb sync``
+    uploads)."""
+    ids, steps = set(), []
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in _wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.add(record.run.run_id)
+            elif kind == "history":
+                steps.append(record.history.step.num)
+    return ids, steps
+
+
+@pytest.mark.slow
+def test_a_run_and_its_resume_are_tracked_as_one_run_in_tensorboard_wandb_and_mlflow(ref_data, tmp_path, ray_session):
+    """--report-to tensorboard,wandb,mlflow, offline: 12 steps, then a rerun with the same name to 20. Each
+    tracker's own reader finds one run with every step once: TensorBoard's event reader, W&B's offline
+    records, MLflow's file store."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    trackers = 'tracking.report_to=["tensorboard", "wandb", "mlflow"]'
+    for steps in (12, 20):
+        overrides = [f"steps={steps}", "checkpoint_every=6", "report_every=6", trackers]
+        config = build_config("tiny", None, overrides, input=str(ref_data), output=str(tmp_path), name="tracked")
+        run_train(config, log=quiet)
+    folder = tmp_path / "tracked" / "tracking"
+
+    events = EventMultiplexer().AddRunsFromDirectory(str(folder / "tensorboard")).Reload()
+    losses = [e for run in events.Runs() for e in events.Scalars(run, "train/loss")]
+    assert sorted(e.step for e in losses) == list(range(1, 21))  # both invocations, no step twice
+    assert {"train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait_share"} <= {
+        tag for tags in events.Runs().values() for tag in tags["scalars"]
+    }
+
+    ids, steps = _wandb_history(folder)
+    assert len(ids) == 1 and sorted(steps) == list(range(1, 21))  # one run id across the rerun
+
+    record = json.loads((tmp_path / "tracked" / "tracking.json").read_text())
+    client = MlflowClient(record["mlflow_uri"])  # the file store (its reader opts in as the writer did)
+    history = client.get_metric_history(record["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+    assert len(client.search_runs([client.get_experiment_by_name("veclip").experiment_id])) == 1
+    metrics = metric_history(str(tmp_path / "tracked"))
+    assert [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)] == [
+        round(m["loss"], 5) for m in metrics
+    ]  # the figures the run itself kept

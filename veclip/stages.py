@@ -331,6 +331,11 @@ def _train_flags(p):
         choices=("alttext", "vecap", "mix", "laclip", "weighted"),
         help="caption choice per sample (default mix)",
     )
+    p.add_argument(
+        "--report-to",
+        metavar="TRACKERS",
+        help="log each step to tensorboard, wandb and/or mlflow, comma-separated (offline by default)",
+    )
     _columns_flag(p)
     _dry_run_flag(p)
 
@@ -344,7 +349,8 @@ def _train_fields(args) -> dict:
         name=args.name,
         columns=args.columns,
     )
-    return {**fields, "captions.mode": args.caption_mode}
+    trackers = tuple(t.strip() for t in args.report_to.split(",") if t.strip()) if args.report_to else None
+    return {**fields, "captions.mode": args.caption_mode, "tracking.report_to": trackers}
 
 
 def _train_run(config, options, args) -> int:

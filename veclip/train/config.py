@@ -8,6 +8,7 @@ from veclip.config import build
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 from veclip.train.captions import CaptionConfig
+from veclip.train.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class TrainConfig:
     prefetch_batches: int = 2  # blocks each worker's stream reads ahead
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an image may have
     seed: int = 0  # data order, augmentation, caption choice and init derive from it
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard, W&B, MLflow (--report-to)
 
     def __post_init__(self):
         if self.batch_size < 2 or self.steps < 1:

@@ -23,18 +23,20 @@ class _Board:
     def __init__(self):
         self._latest: dict | None = None
         self._notes: list[str] = []
+        self._steps: list[dict] = []
 
     def post(self, metrics: dict) -> None:
         self._latest = metrics
+        self._steps.append(metrics)
 
     def say(self, line: str) -> None:
         """A line for the user's console now (a preemption notice, a restart)."""
         self._notes.append(line)
 
-    def latest(self) -> tuple[dict | None, list[str]]:
-        """The latest metrics and the lines said since the last call."""
-        notes, self._notes = self._notes, []
-        return self._latest, notes
+    def latest(self) -> tuple[dict | None, list[str], list[dict]]:
+        """The latest metrics, and the lines said and the steps posted since the last call."""
+        notes, steps, self._notes, self._steps = self._notes, self._steps, [], []
+        return self._latest, notes, steps
 
 
 @dataclass
@@ -47,6 +49,7 @@ class LiveProgress:
     marks: int = 10  # a line at each 1/marks of the run
     quiet_s: float = 120.0  # and one at least this often
     poll_s: float = 1.0
+    on_step: object = None  # called with every step's metrics rank 0 posts (the trackers), on the driver
 
     def __enter__(self):
         import ray
@@ -62,7 +65,18 @@ class LiveProgress:
 
         self._stop.set()
         self._thread.join()
+        try:  # the steps posted since the last poll
+            self._take(*ray.get(self.board.latest.remote(), timeout=10)[1:])
+        except Exception:  # noqa: BLE001 - the board is gone with a failed run: nothing more to take
+            pass
         ray.kill(self.board)
+
+    def _take(self, notes: list[str], steps: list[dict]) -> None:
+        for note in notes:
+            self.log(note)
+        if self.on_step is not None:
+            for metrics in steps:
+                self.on_step(metrics)
 
     def line(self, metrics: dict, first: tuple[float, int], now: float) -> str:
         step = metrics["step"]
@@ -80,11 +94,10 @@ class LiveProgress:
         first, next_mark, last_line = None, 1, time.monotonic()
         while not self._stop.wait(self.poll_s):
             try:
-                metrics, notes = ray.get(self.board.latest.remote(), timeout=10)
+                metrics, notes, steps = ray.get(self.board.latest.remote(), timeout=10)
             except Exception:  # the driver is shutting down, or the actor is busy: try again
                 continue
-            for note in notes:
-                self.log(note)
+            self._take(notes, steps)
             if not metrics:
                 continue
             now = time.monotonic()

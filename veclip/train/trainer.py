@@ -24,6 +24,7 @@ from veclip.train.data import plan_data
 from veclip.train.live import LiveProgress
 from veclip.train.loop import TrainHooks, train_loop
 from veclip.train.resumes import render_resume
+from veclip.train.tracking import Trackers
 
 
 def run_train(
@@ -57,8 +58,12 @@ def run_train(
         f"images/worker{several}, "
         f"captions {config.captions.mode}; {len(plan.units)} row groups in {plan.shards} shards"
     )
-    with LiveProgress(config.steps, config.images_per_step * scale.num_workers, log) as board:
-        result = _trainer(config, plan, output, hooks, board).fit()
+    trackers = Trackers(config.tracking, output.child(config.name), config.name, redact(dataclasses.asdict(config)))
+    try:
+        with LiveProgress(config.steps, config.images_per_step * scale.num_workers, log, on_step=trackers.log) as board:
+            result = _trainer(config, plan, output, hooks, board).fit()
+    finally:
+        trackers.close()
     if result.error:
         raise result.error
     progress = _read_progress(result.checkpoint)
