@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import random_tiny_clip
+from conftest import random_tiny_clip, veclip_cli
 from processes import kill_job_when
 
 from veclip import schema
@@ -355,3 +355,22 @@ def test_images_are_decoded_a_batch_at_a_time_never_a_whole_shard(sample_root):
     embedded, errors = embed_images(Model(), preprocess, images, batch_size=4)
     assert peak[0] <= 4 and embedded.shape == (len(images) - 1, 4)
     assert errors[0] is not None and errors[1:] == [None] * (len(images) - 1)
+
+
+def test_score_takes_a_hub_model_without_pretrained(enriched, tmp_path):
+    """``--model hf-hub:org/repo`` (open_clip's Hub schema: config and weights from the repo) is scored
+    without ``--pretrained``; the repo's commit is the weights' identity. Offline: the repo is laid out
+    in a Hugging Face cache here, as a download leaves it."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--veclip--tiny-clip"
+    random_tiny_clip(repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["score", "--preset", "cpu", "--input", str(enriched), "--output", str(tmp_path / "scores")]
+    result = veclip_cli(*args, "--model", "hf-hub:veclip/tiny-clip", "--percentile", "50", env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "scores" / "_summary.json").read_text())
+    assert summary["weights"] == f"hf-hub:veclip/tiny-clip@{sha}" and summary["rows"] == 60
+    refused = veclip_cli(*args[:-1], str(tmp_path / "o2"), "--model", "ViT-B-32")
+    assert refused.returncode == 2 and "hf-hub:org/repo" in refused.stderr

@@ -20,6 +20,17 @@ def is_run(spec: str) -> bool:
     return not is_exported(spec) and (spec.startswith("s3://") or Path(spec).is_dir())
 
 
+HF_HUB = "hf-hub:"  # open_clip's schema for a model repo on the Hugging Face Hub (config and weights)
+
+
+def hub_revision(repo: str) -> str:
+    """The commit of the repo's main branch the driver sees (its config fetched, or read from the local
+    Hugging Face cache with ``HF_HUB_OFFLINE=1``): the weights' identity in the stage's fingerprint."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, "open_clip_config.json")).parent.name
+
+
 def resolve_model(spec: str, pretrained: str | None, options: StorageOptions) -> tuple[str, str]:
     """``(what the actors load, which weights exactly)``: a run folder resolves to its latest checkpoint
     (it may move on while a stage runs), an exported folder is named by its weights' digest."""
@@ -34,10 +45,13 @@ def resolve_model(spec: str, pretrained: str | None, options: StorageOptions) ->
     if is_run(spec):
         checkpoint = latest(Location(spec, options)).url
         return checkpoint, checkpoint
+    if spec.startswith(HF_HUB):  # config and weights from the Hub: pretrained by definition
+        return spec, f"{spec}@{hub_revision(spec[len(HF_HUB) :])}"
     if not pretrained:
         raise ValueError(
             f"{spec!r} is an open_clip model name without --pretrained: its weights would be random, "
-            "and different in every actor. Name a pretrained tag or weights file, an exported folder or a training run."
+            "and different in every actor. Name a pretrained tag or weights file, an exported folder, a training run "
+            "or a Hub repo (hf-hub:org/repo)."
         )
     return spec, f"{spec}:{pretrained}"
 
