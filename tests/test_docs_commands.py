@@ -33,7 +33,7 @@ from conftest import REPO, veclip_cli
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PLANNING = {"rewrite", "score", "train"}
 SUBMIT_ONLY = {"--address": 1, "--follow": 0, "--no-wait": 0, "--python": 1, "--env": 1, "--secret": 1, "--job-id": 1}
-STAGE_NAMES = {"sample", "validate", "import", "rewrite", "train", "score", "export", "eval", "show", "status"}
+STAGE_NAMES = {"sample", "validate", "import", "rewrite", "train", "score", "export", "eval", "show", "status", "plan"}
 PLACEHOLDER = re.compile(r"<[a-z-]+>|\bHEAD\b|raysubmit_")
 ABBREVIATED = re.compile(r"\.\.\.|…")
 
@@ -137,7 +137,7 @@ def test_a_documented_command_runs_as_printed(where, argv, world, sample_root, t
         check_stage_args(argv[1], _strip_submit(argv)[1:])  # what `veclip submit` refuses before sending
         argv = _strip_submit(argv)
     needs_a_run = any(w.startswith("runs/demo/") and not w.startswith("runs/demo/data/") for w in argv)
-    if PLACEHOLDER.search(shlex.join(argv)) or needs_a_run or argv[0] in ("jobs", "status", "export", "eval"):
+    if PLACEHOLDER.search(shlex.join(argv)) or needs_a_run or argv[0] in ("jobs", "status", "export", "eval", "plan"):
         if argv[0] in STAGE_NAMES:
             check_stage_args(argv[0], argv[1:])  # parsed, built and validated; it needs a finished run to run
         return

@@ -259,6 +259,36 @@ def _webdataset_run(config, options, args) -> int:
     return 0
 
 
+def _plan_flags(p):
+    p.add_argument("--input", metavar="URL", required=True, help="the input a rewrite would read")
+    p.add_argument("--mode", choices=("vecap", "laclip", "both"), help="what the rewrite generates (default both)")
+    _columns_flag(p)
+    p.add_argument("--rows", type=int, default=64, help="rows sampled from the input and rewritten to measure")
+    p.add_argument("--calibration", metavar="URL", help="a rewrite output on the GPUs you consider: its rates")
+    p.add_argument(
+        "--price", action="append", metavar="GPU=DOLLARS", help="dollars per GPU-hour (default H100=4.0, L40S=1.9)"
+    )
+    p.add_argument(
+        "--scratch", dest="output", metavar="DIR", help="keep the measuring run here (default: a temporary folder)"
+    )
+
+
+def _plan_fields(args) -> dict:
+    from veclip.plan import TEMPORARY
+
+    # the rewrite config's output is where the measuring run goes
+    return {"input": args.input, "mode": args.mode, "columns": args.columns, "output": args.output or TEMPORARY}
+
+
+def _plan_run(config, options, args) -> int:
+    from veclip.plan import plan_rewrite, render_plan
+
+    prices = {gpu: float(dollars) for gpu, _, dollars in (p.partition("=") for p in args.price or ())}
+    plan = plan_rewrite(config, options, args.rows, args.calibration, prices)
+    print(render_plan(plan))
+    return 0
+
+
 def _rewrite_flags(p):
     p.add_argument("--input", metavar="URL", required=True, help="folder or s3:// prefix of input shards")
     p.add_argument("--output", metavar="URL", required=True, help="folder or s3:// prefix for enriched shards")
@@ -622,6 +652,17 @@ STAGES: dict[str, Stage] = {
             "trained, trained-quick: small models trained here (veclip models build) on CPU",
             submittable=True,
             set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7",
+            builder=_lazy("veclip.rewrite.config:build_from"),
+        ),
+        Stage(
+            "plan",
+            "before a rewrite: measure sampled rows with the preset's own models, project requests, tokens, "
+            "GPU-hours and cost",
+            _plan_flags,
+            _plan_fields,
+            _lazy("veclip.rewrite.config:preset"),
+            _plan_run,
+            presets="the rewrite's",
             builder=_lazy("veclip.rewrite.config:build_from"),
         ),
         Stage(

@@ -1,0 +1,52 @@
+"""``veclip plan``: the rewrite's own counts on sampled rows of the real input, projected onto every row,
+with GPU-hours and dollars from the documented estimates or a calibration run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from veclip.plan import ESTIMATED_RATES, PRICES, TEMPORARY, plan_rewrite, render_plan
+from veclip.rewrite.config import build_from
+from veclip.world.generate import SampleConfig, generate
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.mark.slow
+def test_a_plan_measures_sampled_rows_and_projects_them_onto_the_input(tmp_path, vllm_python, monkeypatch):
+    monkeypatch.setenv("VECLIP_VLLM_PYTHON", vllm_python)
+    sample = SampleConfig(str(tmp_path / "sample"), rows=240, eval_rows=1, shards=4, image_size=32)
+    generate(sample, log=_quiet)
+    fields = {"input": str(tmp_path / "sample" / "train"), "mode": "laclip", "output": str(tmp_path / "scratch")}
+    config = build_from("tiny", None, fields, [])
+    plan = plan_rewrite(config, rows=16, log=_quiet)
+    assert plan["rows_total"] == 240 and plan["shards_total"] == 4 and plan["sampled_rows"] == 16
+    [laclip] = plan["pools"]
+    measured = json.loads((tmp_path / "scratch" / "rewrite" / "_summary.json").read_text())
+    # every figure is the measuring run's (the engines' own counts) per row, times the input's rows
+    assert laclip["role"] == "laclip" and 0 < laclip["per_row"]["requests"] <= config.num_rewrites
+    for key, value in laclip["per_row"].items():
+        assert value == pytest.approx(measured["pools"]["laclip"][key] / 16) and value > 0
+        assert laclip["totals"][key] == pytest.approx(value * 240)
+    low, high = ESTIMATED_RATES["laclip"]
+    hours = laclip["gpu_hours"]["H100"]
+    assert hours == pytest.approx(
+        (laclip["totals"]["requests"] / high / 3600, laclip["totals"]["requests"] / low / 3600)
+    )
+    text = render_plan(plan)
+    assert (
+        "[estimate] docs/scaling.md" in text and f"${PRICES['H100']}/GPU-h" in text and "240 rows in 4 shards" in text
+    )
+
+    # the measuring run itself as a calibration: its rates, labelled, priced as given
+    calibration = str(tmp_path / "scratch" / "rewrite")
+    again = dataclasses.replace(config, output=TEMPORARY)
+    calibrated = plan_rewrite(again, rows=16, calibration=calibration, prices={"GPU": 2.5}, log=_quiet)
+    [pool] = calibrated["pools"]
+    assert pool["source"].startswith("[calibrated]") and list(pool["rates"]) == ["GPU"]
+    assert "$2.5/GPU-h" in render_plan(calibrated)
