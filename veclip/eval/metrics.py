@@ -7,6 +7,8 @@ deterministic and a tie never counts twice.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
 
@@ -44,6 +46,16 @@ def zero_shot(
 
 def top_k(ranks: np.ndarray, ks=(1, 5)) -> dict[str, float]:
     return {f"top{k}": float((np.asarray(ranks) < k).mean()) for k in ks}
+
+
+def mean_per_class_recall(ranks: np.ndarray, labels: list) -> float:
+    """Top-1 recall of each class over its images, averaged over the classes (clip_benchmark's figure: a
+    class with few images counts as much as one with many)."""
+    hits = np.asarray(ranks) == 0
+    by_class = defaultdict(list)
+    for hit, label in zip(hits, labels):
+        by_class[label].append(hit)
+    return float(np.mean([np.mean(h) for h in by_class.values()])) if by_class else 0.0
 
 
 def choice_ranks(image_embeddings: np.ndarray, candidate_embeddings: np.ndarray) -> np.ndarray:

@@ -30,8 +30,17 @@ import pyarrow.parquet as pq
 from veclip import schema
 from veclip.config import load_named_json
 from veclip.dataset import Dataset, open_dataset, read_shard_batches
+from veclip.eval.clip_benchmark import evaluate_clip_benchmark, is_clip_benchmark
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
-from veclip.eval.metrics import choice_ranks, class_embeddings, recall_at, retrieval_ranks, top_k, zero_shot_ranks
+from veclip.eval.metrics import (
+    choice_ranks,
+    class_embeddings,
+    mean_per_class_recall,
+    recall_at,
+    retrieval_ranks,
+    top_k,
+    zero_shot_ranks,
+)
 from veclip.eval.model import load_model
 from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
 
@@ -125,6 +134,8 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
     options = options or StorageOptions()
     if config.output:
         refuse_overlap("eval", config.output, [config.input], options)
+    if is_clip_benchmark(Location(config.input, options)):  # its webdataset layout: converted, its JSON too
+        return evaluate_clip_benchmark(config, options, keep_ranks)
     dataset = open_dataset(config.input, options, stage="eval")
     location = dataset.images
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
@@ -159,7 +170,13 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
                 kept, image_embeddings, column, names, templates[name], model, tokenizer, config
             )
             ranks[f"zero_shot/{name}/{column}"] = column_ranks
-            zs_by[name][column] = {**top_k(column_ranks), "classes": len(names), "images": len(rows)}
+            labels = [kept[i][column] for i in rows]
+            zs_by[name][column] = {
+                **top_k(column_ranks),
+                "mean_per_class_recall": mean_per_class_recall(column_ranks, labels),
+                "classes": len(names),
+                "images": len(rows),
+            }
     rt_by = {}
     for column in config.caption_columns:
         texts, text_image = _captions(kept, column)
@@ -258,8 +275,10 @@ def render_markdown(results: dict) -> str:
             f"| {column} | {c['top1']:.1%} | {c['candidates']} | {c['images']} |"
             for column, c in results["choice"].items()
         ]
-    lines += ["", "| retrieval | captions | R@1 | R@5 | R@10 |", "| --- | --- | --- | --- | --- |"]
-    for column, r in (results.get("retrieval_by_caption") or {"": results["retrieval"]}).items():
+    retrieval = results.get("retrieval_by_caption") or ({"": results["retrieval"]} if results["retrieval"] else {})
+    if retrieval:  # none when no caption column was asked for (a classification set)
+        lines += ["", "| retrieval | captions | R@1 | R@5 | R@10 |", "| --- | --- | --- | --- | --- |"]
+    for column, r in retrieval.items():
         for way, name in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
             lines.append(
                 f"| {name} | {column} | {r[f'{way}_R@1']:.1%} | {r[f'{way}_R@5']:.1%} | {r[f'{way}_R@10']:.1%} |"
