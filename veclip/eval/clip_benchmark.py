@@ -10,25 +10,24 @@ Hugging Face Hub hold)::
     DIR/zeroshot_classification_templates.txt   one template per line, the class as {c}
     DIR/dataset_type.txt                        "retrieval"; absent: classification
 
-``veclip eval --input DIR`` reads it (converted to the eval Parquet layout in a temporary folder, the
-set's own class names and templates used), and writes clip_benchmark's result JSON
-(``{"dataset", "model", "pretrained", "task", "metrics", "language"}``) beside ``eval.json``.
+``veclip eval --input DIR`` reads it (:func:`convert`: to the eval Parquet layout in a temporary folder,
+the set's own class names and templates used; :mod:`veclip.eval.run` evaluates it) and writes
+clip_benchmark's result JSON (:func:`result`: ``{"dataset", "model", "pretrained", "task", "metrics",
+"language"}``) beside ``eval.json``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import posixpath
 import tarfile
-import tempfile
 from collections import defaultdict
 
 import pyarrow as pa
 
 from veclip.eval.convert import _write
 from veclip.images import ImageError, open_image
-from veclip.storage import Location, StorageOptions, write_json
+from veclip.storage import Location, StorageOptions
 
 SPLIT = "test"
 RESULT_FILE = "clip_benchmark.json"  # beside eval.json
@@ -106,32 +105,3 @@ def result(results: dict, config, dataset: str, task: str) -> dict:
         "metrics": metrics,
         "language": "en",
     }
-
-
-def evaluate_clip_benchmark(config, options: StorageOptions, keep_ranks: bool) -> dict:
-    """``veclip eval`` on a clip_benchmark set: converted, evaluated with its own class names and
-    templates, and clip_benchmark's JSON written beside ours."""
-    from veclip.eval.run import evaluate, render_markdown
-
-    location = Location(config.input, options)
-    with tempfile.TemporaryDirectory(prefix="veclip-clip-benchmark-") as tmp:
-        info = convert(location, tmp, options)
-        retrieval = info["task"] == "zeroshot_retrieval"
-        converted = dataclasses.replace(
-            config,
-            input=tmp,
-            label_column="" if retrieval else LABEL,
-            caption_column=CAPTION if retrieval else "",
-            classes=None,
-            templates=info["templates"] or config.templates,
-        )
-        results = evaluate(converted, options, keep_ranks)
-    results = {**results, "data": config.input, "clip_benchmark_task": info["task"]}
-    if config.output:
-        out = Location(config.output, options)
-        name = posixpath.basename(config.input.rstrip("/"))
-        write_json(out.fs, out.join(RESULT_FILE), result(results, config, name, info["task"]))
-        ours = {k: v for k, v in results.items() if k != "ranks"}  # the input named as given, not the converted copy
-        write_json(out.fs, out.join("eval.json"), ours)
-        out.fs.pipe_file(out.join("eval.md"), render_markdown(ours).encode())
-    return results

@@ -16,7 +16,10 @@ with ``--pretrained``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import posixpath
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ import pyarrow.parquet as pq
 from veclip import schema
 from veclip.config import load_named_json
 from veclip.dataset import Dataset, open_dataset, read_shard_batches
-from veclip.eval.clip_benchmark import evaluate_clip_benchmark, is_clip_benchmark
+from veclip.eval import clip_benchmark
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
 from veclip.eval.metrics import (
     choice_ranks,
@@ -134,8 +137,8 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
     options = options or StorageOptions()
     if config.output:
         refuse_overlap("eval", config.output, [config.input], options)
-    if is_clip_benchmark(Location(config.input, options)):  # its webdataset layout: converted, its JSON too
-        return evaluate_clip_benchmark(config, options, keep_ranks)
+    if clip_benchmark.is_clip_benchmark(Location(config.input, options)):  # its layout: converted, its JSON too
+        return _evaluate_clip_benchmark(config, options, keep_ranks)
     dataset = open_dataset(config.input, options, stage="eval")
     location = dataset.images
     model, preprocess, tokenizer = load_model(config.model, config.pretrained, options)
@@ -220,6 +223,37 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
         out = Location(config.output, options)
         write_json(out.fs, out.join("eval.json"), results)
         write_json(out.fs, out.join(RANKS_FILE), ranks)  # per image and caption: for paired statistics
+        out.fs.pipe_file(out.join("eval.md"), render_markdown(results).encode())
+    return results | {"ranks": ranks} if keep_ranks else results
+
+
+def _evaluate_clip_benchmark(config: EvalConfig, options: StorageOptions, keep_ranks: bool) -> dict:
+    """:func:`evaluate` on a set in clip_benchmark's layout (:mod:`veclip.eval.clip_benchmark`): converted to
+    Parquet in a temporary folder, evaluated with its own class names and templates, and clip_benchmark's
+    JSON written beside ours."""
+    with tempfile.TemporaryDirectory(prefix="veclip-clip-benchmark-") as tmp:
+        info = clip_benchmark.convert(Location(config.input, options), tmp, options)
+        retrieval = info["task"] == "zeroshot_retrieval"
+        converted = dataclasses.replace(
+            config,
+            input=tmp,
+            output=None,
+            label_column="" if retrieval else clip_benchmark.LABEL,
+            caption_column=clip_benchmark.CAPTION if retrieval else "",
+            classes=None,
+            templates=info["templates"] or config.templates,
+        )
+        results = evaluate(converted, options, keep_ranks=True)
+    results = {**results, "data": config.input, "clip_benchmark_task": info["task"]}
+    ranks = results.pop("ranks")
+    if config.output:
+        out = Location(config.output, options)
+        name = posixpath.basename(config.input.rstrip("/"))
+        write_json(
+            out.fs, out.join(clip_benchmark.RESULT_FILE), clip_benchmark.result(results, config, name, info["task"])
+        )
+        write_json(out.fs, out.join("eval.json"), results)
+        write_json(out.fs, out.join(RANKS_FILE), ranks)
         out.fs.pipe_file(out.join("eval.md"), render_markdown(results).encode())
     return results | {"ranks": ranks} if keep_ranks else results
 
