@@ -40,6 +40,7 @@ def rewrite(source: str, out: str, layout: str) -> tuple[float, int]:
     from veclip.rewrite.workers import ShardRewriter
     from veclip.shards.driver import shard_rows
     from veclip.shards.guard import RunContext
+    from veclip.shards.layout import CURRENT
     from veclip.shards.lease import OutputLease
     from veclip.storage import Location, StorageOptions
 
@@ -56,7 +57,8 @@ def rewrite(source: str, out: str, layout: str) -> tuple[float, int]:
     finally:
         lease.release()
     assert set(statuses) == {"done"}, statuses
-    written = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file() and "_work" not in p.parts)
+    files = [p for p in Path(out).rglob("*") if p.is_file()]
+    written = sum(p.stat().st_size for p in files if not str(p.relative_to(out)).startswith(CURRENT.work))
     return seconds, written
 
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from veclip.rewrite.config import fingerprint, preset
 from veclip.rewrite.pipeline import list_inputs, plan_run, run_rewrite
+from veclip.shards.layout import CURRENT
 from veclip.storage import Location, StorageOptions, fresh_listing
 
 
@@ -79,7 +80,7 @@ def make_markers(fs, bucket: str, config, options) -> None:
     digest = fingerprint(config)[0]
     inputs = list_inputs(Location(config.input, options))
     markers = {
-        f"{bucket}/out/_done/{name}.json": json.dumps(
+        f"{bucket}/out/{CURRENT.done}/{name}.json": json.dumps(
             {
                 "shard": name,
                 "rows": 1,
@@ -152,7 +153,7 @@ def main() -> None:
     assert summary["shards"]["done"] == args.shards
 
     sample = sorted(p["name"] for p in listed)[: args.serial_sample]
-    markers = [f"{bucket}/out/_done/{p.rsplit('/', 1)[1]}.json" for p in sample]
+    markers = [f"{bucket}/out/{CURRENT.done}/{p.rsplit('/', 1)[1]}.json" for p in sample]
     serial, _ = timed(lambda: old_driver(fs, bucket, sample, markers))
     serial_scaled = serial * args.shards / len(sample)
     server.terminate()

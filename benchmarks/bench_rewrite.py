@@ -165,7 +165,7 @@ def bare_vecap(config, rows: list[dict]) -> tuple[float, float, int, list[tuple]
 def pipeline(config) -> tuple[dict, float, float]:
     """The run summary, its wall time and its steady seconds (first shard's start to last shard's end, all pools)."""
     from veclip.rewrite.pipeline import run_rewrite
-    from veclip.rewrite.workers import CAPTIONS_DIR
+    from veclip.rewrite.workers import caption_store
     from veclip.shards.store import ShardStore
     from veclip.storage import Location
 
@@ -175,7 +175,7 @@ def pipeline(config) -> tuple[dict, float, float]:
     out = Location(config.output)
     markers = list(ShardStore(out).markers().values())
     if config.uses_captioner:
-        markers += ShardStore(out.child(CAPTIONS_DIR)).markers().values()
+        markers += caption_store(out).markers().values()
     steady = max(m.finished_at for m in markers) - min(m.started_at for m in markers)
     return summary, wall, steady
 

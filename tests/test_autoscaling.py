@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import descendants, free_port, ray_address_file_kept
 
+from veclip.shards.layout import CURRENT
 from veclip.world.generate import SampleConfig, generate
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -131,7 +132,7 @@ def test_the_pool_grows_onto_nodes_the_autoscaler_adds_and_they_go_when_idle(tmp
         env = os.environ | ENV | {"RAY_ADDRESS": address, "VECLIP_VLLM_PYTHON": vllm_python, "VECLIP_VERBOSE": "0"}
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        summary = json.loads((out / "_summary.json").read_text())
+        summary = json.loads((out / CURRENT.summary).read_text())
         timeline = summary["pool_over_time"]
         assert max(t["actors"] for t in timeline) >= 2 and max(t["nodes"] for t in timeline) >= 2, timeline
         assert timeline[0]["actors"] < max(t["actors"] for t in timeline), timeline  # it grew

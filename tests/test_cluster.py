@@ -23,6 +23,8 @@ import pytest
 import yaml
 from conftest import REPO, free_port, veclip_cli
 
+from veclip.shards.layout import CURRENT
+
 CLUSTER = REPO / "cluster"
 MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 CREDENTIAL = re.compile(r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|aws_secret_access_key|password:", re.IGNORECASE)
@@ -404,7 +406,7 @@ def test_stages_as_jobs_on_a_local_head_with_s3(ray_head, s3_bucket, s3_endpoint
     assert rewrite.returncode == 0, rewrite.stdout[-3000:] + rewrite.stderr[-3000:]
     assert "SUCCEEDED" in rewrite.stdout and "submit: job raysubmit_" in rewrite.stdout
     fs = Location(url, options).fs
-    summary = json.loads(fs.cat_file(url + "/laclip/_summary.json"))
+    summary = json.loads(fs.cat_file(f"{url}/laclip/{CURRENT.summary}"))
     assert summary["rows_in"] == 128 == summary["rows_out"] + summary["rows_quarantined"]
     assert 1 <= summary["pools"]["laclip"]["actors"] <= 2
     seen = [c for c in counts if c > 0]

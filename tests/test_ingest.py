@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 import tarfile
 
 import pyarrow.parquet as pq
@@ -13,7 +14,9 @@ from PIL import Image
 from veclip import schema
 from veclip.images import UNDECODABLE, encode_jpeg
 from veclip.ingest import ImportConfig, run_import
+from veclip.shards.layout import CURRENT
 from veclip.shards.store import ShardStore
+from veclip.status import StatusConfig, status
 from veclip.storage import Location
 from veclip.validate import ValidateConfig, validate
 
@@ -95,7 +98,7 @@ def test_webdataset_import(tars, tmp_path):
     kept = json.loads(first[0]["source_json"])
     assert kept["uid"] == "uid-000000000" and kept["exif"] == {"Make": "x"} and kept["original_width"] == 24
     assert second["000010003"]["source_json"] is None
-    quarantine = pq.read_table(out.join("_quarantine", "00001.parquet")).to_pylist()
+    quarantine = pq.read_table(out.join(CURRENT.quarantine, "00001.parquet")).to_pylist()
     assert {(q["key"], q["stage"], q["reason"]) for q in quarantine} == {
         ("000010001", "import", "image_undecodable"),
         ("000010002", "import", "missing_image"),
@@ -113,11 +116,14 @@ def test_webdataset_import(tars, tmp_path):
 def test_webdataset_import_resumes(tars, tmp_path):
     out = tmp_path / "out"
     run_import(ImportConfig(str(tars), str(out)), log=quiet)
-    (out / "_done" / "00001.parquet.json").unlink()
+    (out / CURRENT.done / "00001.parquet.json").unlink()
     logged = []
     summary = run_import(ImportConfig(str(tars), str(out)), log=logged.append)
     assert summary.shards_written == 1 and summary.shards_skipped == 2
-    assert logged == ["import: 00001.tar -> 00001.parquet (2 rows, 2 quarantined)"]
+    assert logged == [
+        "import: 00001.tar -> 00001.parquet (2 rows, 2 quarantined)",
+        f"import: dataset card {out}/_README.md",
+    ]
 
 
 @pytest.fixture
@@ -201,7 +207,7 @@ def test_oversized_tar_members_are_quarantined_unread(tmp_path):
     assert summary.rows == 1 and dict(summary.quarantined) == {"member_too_large": 1}
     # the 128 MiB member was never held: what remains is gzip's per-chunk output (~1000:1 on zeros)
     assert peak < 48 * 1024 * 1024, peak
-    bad = pq.read_table(out.join("_quarantine", "00000.parquet")).to_pylist()[0]
+    bad = pq.read_table(out.join(CURRENT.quarantine, "00000.parquet")).to_pylist()[0]
     assert bad["key"] == "b" and "b.jpg: 134217728 bytes > limit" in bad["detail"]
 
 
@@ -278,7 +284,7 @@ def test_a_transient_read_error_is_retried_never_recorded_as_loss(tars, csv_set,
     out = Location(str(tmp_path / "wds-out"))
     run_import(ImportConfig(str(tars), out.url), log=quiet)
     assert resets == {"00000.tar": 0} and pq.read_table(out.join("00000.parquet")).num_rows == 5
-    assert not (tmp_path / "wds-out" / "_quarantine" / "00000.parquet").exists()  # nothing called truncated
+    assert not (tmp_path / "wds-out" / CURRENT.quarantine / "00000.parquet").exists()  # nothing called truncated
 
     real_cat, failures = LocalFileSystem.cat, [1]
 
@@ -352,3 +358,60 @@ def test_import_holds_a_batch_of_images_not_the_shard(tmp_path, monkeypatch):
             assert pq.ParquetFile(next(out.glob("*.parquet"))).metadata.num_rows == n
     for kind in ("", ".csv"):  # 1,500 more images: ~30 MB
         assert held[2_000, kind] - held[500, kind] < (sizes[2_000] - sizes[500]) / 4, (held, sizes)
+
+
+def _shard_keys(out) -> list[str]:
+    return sorted(
+        k for p in ShardStore(Location(str(out))).shards() for k in pq.read_table(p).column("key").to_pylist()
+    )
+
+
+def _load_with_datasets(out, tmp_path) -> list[str]:
+    import datasets
+
+    loaded = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    return sorted(loaded["key"])
+
+
+@pytest.mark.parametrize("shards", [3, 1])
+def test_hugging_face_pandas_and_pyarrow_read_an_output_as_it_is(tars, tmp_path, monkeypatch, shards):
+    """`datasets.load_dataset(OUT)`, `pandas.read_parquet(OUT)` and pyarrow's dataset reader see the shards and
+    nothing else: the quarantine, markers and records sit under .veclip/ (a one-shard output once read as JSON)."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for extra in sorted(tars.glob("*.tar"))[shards:]:
+        extra.unlink()
+    out = tmp_path / "out"
+    run_import(ImportConfig(str(tars), str(out)), log=quiet)
+    expected = _shard_keys(out)
+    assert len(expected) >= 5 and (out / CURRENT.done).is_dir()
+    assert _load_with_datasets(out, tmp_path) == expected
+    assert sorted(pd.read_parquet(out)["key"]) == expected
+    assert sorted(pads.dataset(out, format="parquet").to_table(columns=["key"])["key"].to_pylist()) == expected
+    card = (out / "_README.md").read_text()
+    assert "| `key` | `string` |" in card and "| `source_json` |" in card and "`veclip import`" in card
+    assert f"| {shards} | {len(expected)} |" in card and f"`{CURRENT.quarantine}/`" in card
+
+
+def test_an_output_in_the_legacy_layout_is_read_and_continued_as_it_is(tars, tmp_path):
+    """An output begun before .veclip/ (records beside the shards under `_` names) is still read by every
+    reader and continued in its own layout: nothing redone, nothing split between two layouts."""
+    from veclip.shards.layout import LEGACY, RECORDS_DIR, layout_of
+
+    out = tmp_path / "out"
+    run_import(ImportConfig(str(tars), str(out)), log=quiet)
+    expected = _shard_keys(out)
+    for record in ("done", "quarantine"):
+        (out / getattr(CURRENT, record)).rename(out / getattr(LEGACY, record))
+    shutil.rmtree(out / RECORDS_DIR)
+    assert layout_of(Location(str(out))) == LEGACY
+    assert _shard_keys(out) == expected
+    assert validate(ValidateConfig(str(out))).usable
+    assert "shards: 3 done, 0 failed" in status(StatusConfig(str(out))).render()
+    (out / LEGACY.done / "00001.parquet.json").unlink()
+    again = run_import(ImportConfig(str(tars), str(out)), log=quiet)
+    assert again.shards_written == 1 and again.shards_skipped == 2
+    assert (out / LEGACY.done / "00001.parquet.json").exists() and not (out / RECORDS_DIR).exists()
+    assert _shard_keys(out) == expected

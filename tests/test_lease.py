@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from veclip.shards.layout import LEASE_FILE
+from veclip.shards.layout import CURRENT, RECORDS_DIR
 from veclip.shards.lease import LeaseHeld, LeaseLost, OutputLease
 from veclip.storage import Location
 
@@ -99,16 +99,16 @@ def test_runs_that_start_together_get_one_winner(out):
             p.join(timeout=30)
         assert len(winners) == 1, winners
         assert OutputLease(out, "x").holder()["run_id"] == winners[0]
-        out.fs.rm_file(out.join(LEASE_FILE))
+        out.fs.rm_file(out.join(CURRENT.lease))
 
 
 def test_a_lease_left_by_a_killed_driver_on_this_host_is_free_at_once(out):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import os
 
-    out.fs.makedirs(out.path, exist_ok=True)
+    out.fs.makedirs(out.join(RECORDS_DIR), exist_ok=True)
     out.fs.pipe_file(
-        out.join(LEASE_FILE),
+        out.join(CURRENT.lease),
         json.dumps(
             {"run_id": "gone", "host": os.uname().nodename, "pid": int(dead.stdout), "expires_at": time.time() + 600}
         ).encode(),

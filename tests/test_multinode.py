@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import descendants, random_tiny_clip, ray_address_file_kept
 
+from veclip.shards.layout import CURRENT
 from veclip.world.generate import SampleConfig, generate
 
 
@@ -62,7 +63,7 @@ def _start_laclip(tmp_path, address: str, vllm_python: str, *sets: str) -> tuple
     cmd += [word for s in sets for word in ("--set", s)]
     env = os.environ | {"RAY_ADDRESS": address, "VECLIP_VLLM_PYTHON": vllm_python, "VECLIP_VERBOSE": "0"}
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    done, deadline = tmp_path / "out" / "_done", time.monotonic() + 600
+    done, deadline = tmp_path / "out" / CURRENT.done, time.monotonic() + 600
     while not (done.exists() and any(done.iterdir())):
         assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
         time.sleep(0.5)
@@ -87,11 +88,11 @@ def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(clust
     ]
     quarantined = [
         k
-        for p in sorted(out.glob("_quarantine/*.parquet"))
+        for p in sorted(out.glob(f"{CURRENT.quarantine}/*.parquet"))
         for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()
     ]
     assert sorted(keys + quarantined) == sorted(sources)  # every key exactly once
-    shards = json.loads((out / "_summary.json").read_text())["shards"]
+    shards = json.loads((out / CURRENT.summary).read_text())["shards"]
     assert shards["retried"] >= 1 and shards["actors_lost"] >= 1 and shards["nodes_lost"] == 1, shards
     # told in a line or two, not Ray's raylet dumps: the node lost, and the shards retried in the summary
     assert "[state-dump]" not in console and "infinite retries remaining" not in console, console
@@ -132,14 +133,16 @@ def test_a_worker_node_lost_mid_score_loses_no_key(cluster, tmp_path):
     env = os.environ | {"RAY_ADDRESS": c.address, "VECLIP_VERBOSE": "0"}
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 600
-    while not ((out / "_done").exists() and any((out / "_done").iterdir())):
+    while not ((out / CURRENT.done).exists() and any((out / CURRENT.done).iterdir())):
         assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
         time.sleep(0.2)
     _remove_when_hosting(c, workers, "ShardScorer", driver)
     console, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, console
-    assert sorted(_keys(out) + _keys(out, "_quarantine/*.parquet")) == sorted(_keys(tmp_path / "sample" / "train"))
-    summary = json.loads((out / "_summary.json").read_text())
+    assert sorted(_keys(out) + _keys(out, f"{CURRENT.quarantine}/*.parquet")) == sorted(
+        _keys(tmp_path / "sample" / "train")
+    )
+    summary = json.loads((out / CURRENT.summary).read_text())
     assert summary["shards"]["done"] == 12 and summary["failed"] == {}, summary["shards"]
     assert "[state-dump]" not in console and console.count("lost; Ray restarts its actors") == 1, console
 
@@ -287,7 +290,7 @@ def test_a_pool_with_no_node_left_stops_with_a_clear_error_and_a_rerun_continues
     stall = ["laclip.pool.max_actors=2", "faults.stall_seconds=20", "faults.stall_factor=3"]
     stall += ["faults.first_shard_seconds=150"]
     driver, cmd, env = _start_laclip(tmp_path, c.address, vllm_python, *stall)
-    done = tmp_path / "out" / "_done"
+    done = tmp_path / "out" / CURRENT.done
     for node in workers:
         c.remove_node(node, allow_graceful=False)
     lost_at = time.monotonic()

@@ -10,6 +10,7 @@ import pytest
 
 from veclip.plan import ESTIMATED_RATES, PRICES, TEMPORARY, plan_rewrite, render_plan
 from veclip.rewrite.config import build_from
+from veclip.shards.layout import CURRENT
 from veclip.world.generate import SampleConfig, generate
 
 
@@ -27,7 +28,7 @@ def test_a_plan_measures_sampled_rows_and_projects_them_onto_the_input(tmp_path,
     plan = plan_rewrite(config, rows=16, log=_quiet)
     assert plan["rows_total"] == 240 and plan["shards_total"] == 4 and plan["sampled_rows"] == 16
     [laclip] = plan["pools"]
-    measured = json.loads((tmp_path / "scratch" / "rewrite" / "_summary.json").read_text())
+    measured = json.loads((tmp_path / "scratch" / "rewrite" / CURRENT.summary).read_text())
     # every figure is the measuring run's (the engines' own counts) per row, times the input's rows
     assert laclip["role"] == "laclip" and 0 < laclip["per_row"]["requests"] <= config.num_rewrites
     for key, value in laclip["per_row"].items():

@@ -23,6 +23,7 @@ from veclip.rewrite.pipeline import EngineUnavailable, Rewrite, check_engine_pyt
 from veclip.rewrite.workers import ShardRewriter
 from veclip.shards.driver import record_plan, shard_rows, summarize
 from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard, running_on
+from veclip.shards.layout import CURRENT
 from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch
@@ -85,7 +86,7 @@ def test_listings_are_fresh_when_another_process_writes(s3_bucket, tmp_path):
     store = ShardStore(Location(url + "/out", options))
     store.write(Marker("a.parquet", 0), pa.table({"key": ["x"]}))
     assert store.done() == {"a.parquet"}
-    store.location.fs.ls(store.location.join("_done"))  # warm s3fs's cache, as the driver's planning does
+    store.location.fs.ls(store.location.join(CURRENT.done))  # warm s3fs's cache, as the driver's planning does
     code = (
         "import pyarrow as pa, sys; from veclip.storage import *; from veclip.shards.store import ShardStore; "
         "from veclip.shards.marker import Marker; "
@@ -120,7 +121,7 @@ def test_marker_manifest_reads_only_what_is_new(tmp_path, monkeypatch):
     markers = store.markers(save_manifest=True)
     assert sorted(p.rsplit("/", 1)[1] for p in fetched) == ["s1.parquet.json", "s9.parquet.json"]
     assert markers["s1.parquet"].rows == 2 and len(markers) == 6
-    (tmp_path / "_done" / "s0.parquet.json").unlink()  # a marker removed by hand: its shard is not done
+    (tmp_path / CURRENT.done / "s0.parquet.json").unlink()  # a marker removed by hand: its shard is not done
     assert "s0.parquet" not in store.markers()
 
 
@@ -172,7 +173,7 @@ def test_transient_errors_are_retried(sample_root, tmp_path):
     from veclip.rewrite.pipeline import render_summary
 
     assert "retried 1 shard(s) whose earlier try was lost or failed" in render_summary(summary)
-    attempts = tmp_path / "out" / "_work" / "attempts" / "rewrite"
+    attempts = tmp_path / "out" / CURRENT.attempts / "rewrite"
     assert not (attempts / "part-00001.parquet.json").exists()  # a first try that worked leaves nothing
     _, _, rerun = run_local(config, run_id="r2")
     assert rerun["shards"]["retried"] == 0 and rerun["retried"] == {}  # another run's retries are its own
@@ -495,6 +496,6 @@ def test_refused_images_are_found_and_quarantined_in_one_pass_over_the_shard(tra
     )
     _, statuses, _ = run_local(laclip_config(train_copy, tmp_path / "out"))
     assert set(statuses) == {DONE} and sorted(reads) == sorted(str(p) for p in train_copy.glob("*.parquet"))
-    quarantine = pq.read_table(tmp_path / "out" / "_quarantine" / first.name)
+    quarantine = pq.read_table(tmp_path / "out" / CURRENT.quarantine / first.name)
     assert quarantine.column("key").to_pylist() == [table.column("key")[0].as_py()]
     assert quarantine.column("image").to_pylist() == [b"junk"] and quarantine.column("reason")[0].as_py()

@@ -22,8 +22,10 @@ from veclip import schema
 from veclip.processes import pid_alive
 from veclip.rewrite.config import build_config, fingerprint
 from veclip.rewrite.pipeline import Rewrite, render_summary, run_rewrite
+from veclip.shards.card import models_in
 from veclip.shards.driver import ReconciliationError, ShardCounts, summarize
 from veclip.shards.guard import RunContext
+from veclip.shards.layout import CARD_FILE, CURRENT
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.store import ShardStore
@@ -86,7 +88,7 @@ def test_every_row_exactly_once(vecap_run):
     source, out, summary, _ = vecap_run
     store = ShardStore(out)
     written = keys_of(out, sorted(store.done()))
-    quarantined = keys_of(out.child("_quarantine"), [p.rsplit("/", 1)[1] for p in store.quarantine_shards()])
+    quarantined = keys_of(out.child(CURRENT.quarantine), [p.rsplit("/", 1)[1] for p in store.quarantine_shards()])
     assert sorted(written + quarantined) == sorted(input_keys(source))
     assert len(set(written + quarantined)) == len(written) + len(quarantined)
     assert summary["rows_in"] == 60 and summary["rows_out"] + summary["rows_quarantined"] == 60
@@ -94,7 +96,7 @@ def test_every_row_exactly_once(vecap_run):
 
 def test_bad_images_are_quarantined_with_their_row(vecap_run):
     _, out, summary, _ = vecap_run
-    quarantine = pq.read_table(out.join("_quarantine", "part-00000.parquet")).to_pylist()
+    quarantine = pq.read_table(out.join(CURRENT.quarantine, "part-00000.parquet")).to_pylist()
     reasons = {row["key"]: row["reason"] for row in quarantine}
     assert reasons == {"train-00000000": "image_undecodable", "train-00000001": "image_too_many_pixels"}
     assert all(row["stage"] == "rewrite" and row["image"] and "ref_caption" in row for row in quarantine)
@@ -144,12 +146,31 @@ def test_summary_reports_pools(vecap_run):
         assert 0 < pool["engine_busy_share"] <= 1 and 0 < pool["engine_busy_seconds"] <= pool["actor_seconds"]
     assert "engine busy" in render_summary(summary)
     # an actor works on two shards at once (shards_in_flight): the next is read and queued while one generates
-    spans = sorted((m.started_at, m.finished_at) for m in ShardStore(out.child("_work/captions")).markers().values())
+    spans = sorted(
+        (m.started_at, m.finished_at) for m in ShardStore(out.child(CURRENT.work_dir("captions"))).markers().values()
+    )
     assert any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:])), spans
     # every count: none redone, left out or retried (the dataclass's defaults)
     assert summary["shards"] == dataclasses.asdict(ShardCounts(total=3, done=3, written_this_run=3, failed=0))
     assert summary["stage_seconds"]["caption"] > 0 and summary["rows_per_second_this_run"] > 0
-    assert Location(out.url).fs.exists(out.join("_summary.json"))
+    assert Location(out.url).fs.exists(out.join(CURRENT.summary))
+
+
+def test_hugging_face_datasets_and_ray_data_read_the_output_beside_its_card(vecap_run, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _, out, summary, _ = vecap_run
+    loaded = datasets.load_dataset(out.path, split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(loaded["key"]) == sorted(keys_of(out, sorted(ShardStore(out).done())))
+    assert {"vecap", "vecap_provenance", "rewrites"} <= set(loaded.column_names)
+    import ray
+
+    assert sorted(ray.data.read_parquet(out.path).select_columns(["key"]).to_pandas()["key"]) == sorted(loaded["key"])
+    card = Path(out.path, CARD_FILE).read_text()
+    models = models_in(summary)
+    assert len(models) >= 2 and all(f"`{where}`: `{model}`" in card for where, model in models.items())
+    assert "| `vecap` | `string` | the VeCLIP caption" in card and f"| {summary['rows_out']} |" in card
 
 
 def test_rerun_is_a_no_op(vecap_run):
@@ -261,7 +282,7 @@ def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
     ]
     engines = kill_job_when(
         cmd,
-        lambda: (out / "_done").is_dir() and list((out / "_done").glob("*.json")),
+        lambda: (out / CURRENT.done).is_dir() and list((out / CURRENT.done).glob("*.json")),
         "a first shard",
         240,
         env={**os.environ, "VECLIP_VLLM_PYTHON": vllm_python},
@@ -272,7 +293,7 @@ def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
         wait_for(lambda: not any(pid_alive(p) for p in engines), 60, "the killed actors' vLLM engines to go")
     finally:
         kill_all(engines)
-    finished = len(list((out / "_done").glob("*.json")))
+    finished = len(list((out / CURRENT.done).glob("*.json")))
     assert 1 <= finished < 6
 
     rerun = subprocess.run(

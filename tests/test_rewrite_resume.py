@@ -19,6 +19,7 @@ from s3_faults import Fault, FaultProxy
 
 from veclip.rewrite.config import build_config
 from veclip.rewrite.pipeline import run_rewrite
+from veclip.shards.layout import CURRENT
 from veclip.shards.store import ShardStore
 from veclip.storage import Location
 
@@ -74,11 +75,11 @@ def test_driver_killed_on_s3_and_resumed(sample_root, s3_endpoint, s3_bucket, vl
 
     def first_marker():
         fs.invalidate_cache()
-        return fs.exists(f"{url[5:]}/out/_done") and fs.ls(f"{url[5:]}/out/_done")
+        return fs.exists(f"{url[5:]}/out/{CURRENT.done}") and fs.ls(f"{url[5:]}/out/{CURRENT.done}")
 
     kill_job_when(cmd, first_marker, "a first shard", env=env)
     fs.invalidate_cache()
-    finished = len(fs.ls(f"{url[5:]}/out/_done"))
+    finished = len(fs.ls(f"{url[5:]}/out/{CURRENT.done}"))
     assert 1 <= finished < 6
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -86,7 +87,7 @@ def test_driver_killed_on_s3_and_resumed(sample_root, s3_endpoint, s3_bucket, vl
     assert "60 rows in -> 60 out + 0 quarantined" in rerun.stdout
     assert finished <= int(re.search(r"(\d+) already done", rerun.stdout).group(1)) < 6
     assert sorted(output_keys(url + "/out", options)) == sorted(keys)
-    assert Location(url + "/out", options).fs.exists(f"{url[5:]}/out/_summary.json")
+    assert Location(url + "/out", options).fs.exists(f"{url[5:]}/out/{CURRENT.summary}")
 
 
 def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(
@@ -103,7 +104,7 @@ def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(
     config = build_config(
         "tiny", input=url + "/in", output=url + "/out", mode="laclip", overrides=["laclip.pool.batch_size=4"]
     )
-    attempts = f"{url[5:]}/out/_work/attempts/rewrite"
+    attempts = f"{url[5:]}/out/{CURRENT.attempts}/rewrite"
     fs = Location(url, options).fs
     result: dict = {}
     runner = threading.Thread(
@@ -118,7 +119,7 @@ def test_actor_and_engine_killed_mid_shard_behind_a_faulty_s3(
 
     def done_count() -> int:
         fs.invalidate_cache()
-        return len(fs.ls(f"{url[5:]}/out/_done")) if fs.exists(f"{url[5:]}/out/_done") else 0
+        return len(fs.ls(f"{url[5:]}/out/{CURRENT.done}")) if fs.exists(f"{url[5:]}/out/{CURRENT.done}") else 0
 
     actor = wait_for(in_progress, 300, "the rewriter's first shard")[0]
     done_before = done_count()

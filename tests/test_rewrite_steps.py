@@ -15,6 +15,7 @@ from veclip.rewrite import steps
 from veclip.rewrite.config import EngineConfig, preset
 from veclip.rewrite.engine import Completion
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
+from veclip.shards.layout import CURRENT
 
 
 class StubEngine:
@@ -299,7 +300,7 @@ def test_several_caption_outputs_of_one_input_fill_the_caption_slots(tmp_path):
     with pytest.raises(ValueError, match="is not a caption output"):
         open_dataset(out, add_captions=(str(tmp_path / "sample" / "train"),))
     (
-        tmp_path / "second" / "_done" / "part-00001.parquet.json"
+        tmp_path / "second" / CURRENT.done / "part-00001.parquet.json"
     ).unlink()  # one shard unfinished there: left out, counted
     partial = open_dataset(out + "#vecap", add_captions=(second + "#vecap=vlm_caption",))
     assert len(partial.shards) == 1 and list(partial.skipped.values()) == [1]

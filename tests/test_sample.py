@@ -6,6 +6,7 @@ import pytest
 
 from veclip import schema
 from veclip.images import decode_image
+from veclip.shards.layout import CURRENT
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, list_shards
 from veclip.world.generate import (
@@ -110,7 +111,7 @@ def test_unbranded_brand_text_may_name_only_a_place():
 def test_resumes_only_missing_shards(tmp_path):
     config = SampleConfig(str(tmp_path), rows=30, eval_rows=6, shards=3, image_size=32)
     generate(config, log=quiet)
-    (tmp_path / "train" / "_done" / "part-00001.parquet.json").unlink()
+    (tmp_path / "train" / CURRENT.done / "part-00001.parquet.json").unlink()
     logged = []
     generate(config, log=logged.append)
     assert logged == ["sample: wrote train/part-00001.parquet (10 rows)"]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +23,7 @@ from veclip.score import steps
 from veclip.score.config import build_config
 from veclip.score.pipeline import FingerprintMismatch, run_score
 from veclip.shards.driver import ShardCounts
+from veclip.shards.layout import CARD_FILE, CURRENT
 from veclip.shards.store import ShardStore
 from veclip.storage import Location
 from veclip.train.captions import CaptionConfig, gated
@@ -191,6 +193,13 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
         )  # the lower half of each shard
     markers = ShardStore(Location(out)).markers()
     assert {m.fingerprint for m in markers.values()} == {summary["fingerprint"]} and len(markers) == 3
+    # the card's join, as it prints it, gives every image of a shard its scores
+    card = (Path(out) / CARD_FILE).read_text()
+    assert "## Joining the captions to their images" in card and 'images.merge(captions, on="key")' in card
+    first = next(iter(markers.values()))
+    images = pd.read_parquet(first.input_url)
+    rows = images.merge(pd.read_parquet(Path(out, first.shard)), on="key")
+    assert len(rows) == len(images) == first.rows_in and rows["clip_scores"].notna().all()
 
     from veclip.status import StatusConfig, status
 
@@ -316,15 +325,15 @@ def test_a_killed_driver_is_resumed_without_writing_a_shard_twice(sample_root, t
         "batch_size=1",
     ]
     kill_job_when(
-        cmd, lambda: list((out / "_done").glob("*.json")) if (out / "_done").exists() else [], "a first shard"
+        cmd, lambda: list((out / CURRENT.done).glob("*.json")) if (out / CURRENT.done).exists() else [], "a first shard"
     )
-    before = {p.name: json.loads(p.read_text())["run_id"] for p in (out / "_done").glob("*.json")}
+    before = {p.name: json.loads(p.read_text())["run_id"] for p in (out / CURRENT.done).glob("*.json")}
     assert 1 <= len(before) < 12
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert len(before) <= int(re.search(r"(\d+) already done", rerun.stdout).group(1)) < 12
-    after = {p.name: json.loads(p.read_text())["run_id"] for p in (out / "_done").glob("*.json")}
+    after = {p.name: json.loads(p.read_text())["run_id"] for p in (out / CURRENT.done).glob("*.json")}
     assert len(after) == 12 and all(after[n] == run_id for n, run_id in before.items())  # never written twice
     keys = [k for p in sorted(out.glob("*.parquet")) for k in pq.read_table(p).column("key").to_pylist()]
     assert keys == rows.column("key").to_pylist()
@@ -370,7 +379,7 @@ def test_score_takes_a_hub_model_without_pretrained(enriched, tmp_path):
     args = ["score", "--preset", "cpu", "--input", str(enriched), "--output", str(tmp_path / "scores")]
     result = veclip_cli(*args, "--model", "hf-hub:veclip/tiny-clip", "--percentile", "50", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "scores" / "_summary.json").read_text())
+    summary = json.loads((tmp_path / "scores" / CURRENT.summary).read_text())
     assert summary["weights"] == f"hf-hub:veclip/tiny-clip@{sha}" and summary["rows"] == 60
     refused = veclip_cli(*args[:-1], str(tmp_path / "o2"), "--model", "ViT-B-32")
     assert refused.returncode == 2 and "hf-hub:org/repo" in refused.stderr

@@ -6,6 +6,7 @@ from conftest import browser_screenshot, veclip_cli
 from test_rewrite_steps import _rewrite_in_process
 
 from veclip import schema
+from veclip.shards.layout import CURRENT
 from veclip.show import ShowConfig, show
 
 
@@ -42,7 +43,7 @@ def test_show_reads_quarantine_and_s3(tmp_path, s3_bucket):
     _rewrite_in_process(tmp_path, url, options, layout="captions")
     text = show(ShowConfig(url + "/out", rows=2), options)
     assert text.startswith(f"2 row(s) of {url}/out; captions from {url}/out joined to images in {url}/sample/train")
-    quarantined = show(ShowConfig(url + "/out/_quarantine"), options)
+    quarantined = show(ShowConfig(f"{url}/out/{CURRENT.quarantine}"), options)
     assert quarantined.startswith("1 row(s)") and "reason         image_undecodable" in quarantined
 
 
@@ -69,8 +70,10 @@ def test_status_of_a_rewrite_output_finished_then_live(tmp_path):
         and "shards: 2 done, 0 failed, 0 remaining of 2" in result.stdout
     )
     assert "rows: 12 done of 12" in result.stdout and "quarantined:image_undecodable 1" in result.stdout
-    (out / "_done" / "part-00001.parquet.json").unlink()  # a shard still being written, by a run that holds the lease
-    (out / "_lease.json").write_text(json.dumps({"run_id": "r2", "expires_at": 4e9, "started_at": "now"}))
+    (
+        out / CURRENT.done / "part-00001.parquet.json"
+    ).unlink()  # a shard still being written, by a run that holds the lease
+    (out / CURRENT.lease).write_text(json.dumps({"run_id": "r2", "expires_at": 4e9, "started_at": "now"}))
     live = veclip_cli("status", str(out))
     assert (
         live.returncode == 1

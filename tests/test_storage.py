@@ -10,7 +10,7 @@ from conftest import MemoryPeak
 
 from veclip import storage
 from veclip.shards import store as shard_store
-from veclip.shards.layout import output_shard_name
+from veclip.shards.layout import CURRENT, output_shard_name
 from veclip.shards.marker import Failure, Marker, PoolStats
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions
@@ -130,7 +130,7 @@ def test_markers_written_before_the_typed_marker_still_read(root):
         "resized": 2,
         "flags": {"vecap:empty": 1},
     }
-    storage.write_json(root.fs, root.join("_done", "o.parquet.json"), old)
+    storage.write_json(root.fs, root.join(CURRENT.done, "o.parquet.json"), old)
     for save in (True, False):  # the second read comes from the manifest
         marker = ShardStore(root).markers(save_manifest=save)["o.parquet"]
         assert (marker.input_rows, marker.rows_out, marker.fingerprint, marker.flags) == (5, 4, "f", {"vecap:empty": 1})

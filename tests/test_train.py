@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from veclip.shards.layout import CURRENT
 from veclip.shards.store import NOT_MARKED
 from veclip.storage import Location
 from veclip.train.checkpoint import load_state, metric_history, read_model
@@ -284,7 +285,7 @@ def test_data_and_checkpoints_on_s3(ref_data, s3_bucket, ray_session):
     fs.put(str(ref_data) + "/", url[len("s3://") :] + "/data", recursive=True)
     # as a rewrite output that is still running: four shards marked done, one not yet
     for path in sorted(ref_data.glob("*.parquet")):
-        fs.pipe_file(f"{url[5:]}/data/_done/{path.name}.json", b"{}")
+        fs.pipe_file(f"{url[5:]}/data/{CURRENT.done}/{path.name}.json", b"{}")
     fs.put_file(str(ref_data / "part-00001.parquet"), f"{url[5:]}/data/part-00099.parquet")
     # bf16 autocast (a GPU's default) runs here on CPU: the loop's mixed-precision path, exercised
     config = build_config(

@@ -23,7 +23,7 @@ from pathlib import Path
 from veclip.eval.run import RANKS_FILE
 from veclip.pipeline import PipelineConfig, run_pipeline, step_seconds
 from veclip.report import comparison, write_report
-from veclip.shards.layout import SUMMARY_FILE
+from veclip.shards.layout import CURRENT
 from veclip.storage import Location, StorageOptions, read_json
 from veclip.train.checkpoint import RUN_SUMMARY_FILE, metric_history
 from veclip.world.build import ModelsConfig
@@ -94,7 +94,7 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     }
     timings = {**step_seconds(root.url, options), "total (this run)": time.perf_counter() - start}
     models = ensure_models(ModelsConfig(scale=config.models), log=lambda *_: None)  # built by its step: the record
-    rewrite, gate = (read_json(root.fs, root.join(name, SUMMARY_FILE)) for name in ("captions", "scores"))
+    rewrite, gate = (read_json(root.fs, root.join(name, CURRENT.summary)) for name in ("captions", "scores"))
     report = write_report(Path(root.path), rewrite, quality, models, runs, timings, gate)
     print(comparison(runs))
     print(f"demo: done in {time.perf_counter() - start:.0f}s; report: {report} (and report.html)")

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from veclip import schema
 from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image, resize_jpeg
+from veclip.shards.card import write_card
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
@@ -398,6 +399,7 @@ def _bad_row(row: dict) -> tuple[str, str] | None:
 def run_import(config: ImportConfig, options: StorageOptions | None = None, log=print) -> ImportSummary:
     options = options or StorageOptions()
     refuse_overlap("import", config.output, [config.source], options)
-    if config.resolved_format() == "csv":
-        return import_csv(config, options, log)
-    return import_webdataset(config, options, log)
+    run = import_csv if config.resolved_format() == "csv" else import_webdataset
+    summary = run(config, options, log)
+    write_card(Location(config.output, options), "import", config.source, log=log)
+    return summary

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip.rewrite.config import RewriteConfig
-from veclip.shards.layout import SUMMARY_FILE
+from veclip.shards.layout import layout_of
 from veclip.storage import Location, StorageOptions, list_shards
 
 # [estimate] docs/scaling.md "Throughput per stage": requests/s per H100 (low, high); L40S at 0.3-0.4x
@@ -71,7 +71,7 @@ def calibrated_rates(url: str, options: StorageOptions) -> tuple[dict[str, dict[
     """Per pool, requests/s per GPU from a rewrite output's summary: requests over engine-busy seconds, per
     engine, divided by the GPUs an engine holds. Keyed by the pool's accelerator type (or "GPU")."""
     location = Location(url, options)
-    summary = json.loads(location.fs.cat_file(location.join(SUMMARY_FILE)))
+    summary = json.loads(location.fs.cat_file(location.join(layout_of(location).summary)))
     rates = {}
     for role, pool in summary["pools"].items():
         if not pool.get("engine_busy_seconds") or not pool.get("requests"):

@@ -110,6 +110,22 @@ def key_problems(keys: list, shown: int = 3) -> str | None:
 
 
 # The caption slots, defined once: training chooses among them, the gate scores and flags them, by these names.
+# What each contract column holds, in a sentence (the dataset card's schema table)
+COLUMN_MEANINGS = {
+    KEY: "the row's unique id; caption tables join to their images by it",
+    IMAGE: "the encoded image (JPEG, PNG or WebP bytes)",
+    ALT_TEXT: "the web caption as crawled (may be null or empty)",
+    URL: "where the image was fetched from",
+    WIDTH: "image width in pixels",
+    HEIGHT: "image height in pixels",
+    SOURCE_JSON: "the WebDataset sample's .json, whole, as the source wrote it",
+    VLM_CAPTION: "the VLM's description of the image (VeCLIP's first step)",
+    VECAP: "the VeCLIP caption: the VLM caption fused with the alt-text by an LLM",
+    REWRITES: "LaCLIP rewrites of the alt-text by an LLM, in order",
+    REWRITE_FLAGS: "why a generated caption is null or unusable, as <slot>:<reason>",
+    CLIP_SCORES: "the image-text cosine of each caption slot (veclip score)",
+}
+
 SINGLE_CAPTION_COLUMNS = (ALT_TEXT, VECAP, VLM_CAPTION)  # one caption each: one slot per column
 CAPTION_COLUMNS = (*SINGLE_CAPTION_COLUMNS, REWRITES)  # REWRITES: one slot per rewrite, "rewrites.<i>", in order
 GENERATED_CAPTION_COLUMNS = (VLM_CAPTION, VECAP, REWRITES)  # the ones a rewrite writes

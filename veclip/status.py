@@ -1,8 +1,8 @@
 """``veclip status URL``: how far a sharded stage's output (rewrite, score) or a training run is, live or finished.
 
 Read from what the stages leave in storage, listed fresh (another process
-writes it): a sharded output's ``_plan.json`` (written when a run starts), its
-done markers, ``_failed/`` records and lease (:mod:`veclip.shards.layout`); a training run's ``run.json`` (written
+writes it): a sharded output's plan (written when a run starts), its
+done markers, failure records and lease (:mod:`veclip.shards.layout`); a training run's ``run.json`` (written
 when it starts), its newest checkpoint's ``progress.json`` and ``metrics.jsonl``,
 and ``summary.json`` once it ends. The exit code says whether it is done.
 """
@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from veclip.console import eta
-from veclip.shards.layout import LEASE_FILE, PLAN_FILE, is_output_folder
+from veclip.shards.layout import is_output_folder
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, read_json
 from veclip.train.resumes import render_resume
@@ -42,11 +42,11 @@ class Status:
 def output_status(location: Location) -> Status:
     fs = location.fs
     fs.invalidate_cache(location.path)  # markers and records change under us
-    plan = read_json(fs, location.join(PLAN_FILE)) or {}
     store = ShardStore(location)
+    plan = read_json(fs, location.join(store.layout.plan)) or {}
     markers = store.markers()
     failed = {name: record for name, record in store.failures().items() if name not in markers}
-    lease = read_json(fs, location.join(LEASE_FILE))
+    lease = read_json(fs, location.join(store.layout.lease))
     live = bool(lease and lease["expires_at"] > time.time())
     total = plan.get("shards_total", len(markers) + len(failed))
     rows_done = sum(m.input_rows for m in markers.values())
@@ -146,6 +146,6 @@ def status(config: StatusConfig, options: StorageOptions | None = None) -> Statu
     if is_output_folder(names):
         return output_status(location)
     raise ValueError(
-        f"status: {config.url} is neither a rewrite or score output (no {PLAN_FILE}, _done/) nor a training run "
+        f"status: {config.url} is neither a rewrite or score output (no .veclip/ records) nor a training run "
         f"(no {RUN_FILE}, checkpoint_*); for a training run pass <output>/<name>"
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from veclip import schema
 from veclip.dataset import open_dataset, read_shard_batches
-from veclip.shards.layout import WORK_DIR
+from veclip.shards.layout import CURRENT
 from veclip.storage import Location, StorageOptions, read_json, refuse_overlap, write_json
 
 SIZES_FILE = "sizes.json"  # {tar name: samples}, open_clip_train's convention
@@ -136,7 +136,7 @@ def export_webdataset(config: WebDatasetConfig, options: StorageOptions | None =
             local = posixpath.join(tmp, name)
             batches = (b.to_pylist() for b in read_shard_batches(dataset, shard))
             count = write_tar(batches, local, config, summary)
-            work = out.join(WORK_DIR, "webdataset", name)
+            work = out.join(CURRENT.work_dir("webdataset"), name)
             out.fs.makedirs(posixpath.dirname(work), exist_ok=True)  # a local folder; nothing on S3
             out.fs.put_file(local, work)
             out.fs.mv(work, out.join(name))  # whole, or not at all

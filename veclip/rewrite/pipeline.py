@@ -21,7 +21,7 @@ from veclip import schema
 from veclip.config import SECRET_NAME, redact
 from veclip.console import start_ray
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
-from veclip.rewrite.workers import CAPTIONS_DIR, ShardCaptioner, ShardRewriter
+from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
 from veclip.shards.driver import (
     ShardedStage,
     dry_run,
@@ -33,9 +33,9 @@ from veclip.shards.driver import (
     run_stage,
 )
 from veclip.shards.guard import RunContext
+from veclip.shards.layout import layout_of
 from veclip.shards.marker import Marker, PoolStats
 from veclip.shards.plan import InputShard, Plan, by_name, plan_shards
-from veclip.shards.store import ShardStore
 from veclip.storage import PARQUET, Location, StorageOptions, list_file_entries, no_shards
 
 
@@ -118,8 +118,8 @@ class Rewrite(ShardedStage):
             if marker.input_size is not None and marker.input_size != inputs[name].size:
                 raise RuntimeError(
                     f"rewrite: input shard {inputs[name].path} changed after its output was written "
-                    f"({marker.input_size} bytes then, {inputs[name].size} now); remove _done/{name}.json to write "
-                    "it again"
+                    f"({marker.input_size} bytes then, {inputs[name].size} now); remove "
+                    f"{layout_of(self.output).done}/{name}.json to write it again"
                 )
             return False
 
@@ -178,9 +178,7 @@ class Rewrite(ShardedStage):
         self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float
     ) -> dict:
         config = self.config
-        captions = (
-            ShardStore(self.output.child(CAPTIONS_DIR)).markers(save_manifest=True) if config.uses_captioner else {}
-        )
+        captions = caption_store(self.output).markers(save_manifest=True) if config.uses_captioner else {}
         quarantined, flags = Counter(), Counter()
         for marker in markers.values():
             quarantined.update(marker.quarantine_reasons)

@@ -8,7 +8,7 @@ engine (:class:`~veclip.rewrite.engine.VLLMEngine`), so one shard's I/O
 overlaps another's generation.
 
 * :class:`ShardCaptioner` (VLM): image -> ``vlm_caption``; writes a work
-  shard under ``<output>/_work/captions/`` and decides which images are unusable.
+  shard under ``<output>/.veclip/work/captions/`` and decides which images are unusable.
 * :class:`ShardRewriter` (LLM): AltText + visual caption -> ``vecap`` and/or
   AltText -> ``rewrites``; writes the enriched shard and its quarantine.
 
@@ -34,13 +34,16 @@ from veclip.rewrite.engine import Engine, VLLMEngine
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
 from veclip.rewrite.steps import CAPTION_WORK_SCHEMA, Meter
 from veclip.shards.guard import RunContext, ShardRefused
-from veclip.shards.layout import output_shard_name, work_dir
+from veclip.shards.layout import layout_of, output_shard_name
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import ShardWorker
 from veclip.storage import Location, StorageOptions, read_batches, read_table
 
-CAPTIONS_DIR = work_dir("captions")
+
+def caption_store(output: Location) -> ShardStore:
+    """The visual captions' own sharded output, in the rewrite output's work folder."""
+    return ShardStore(output.child(layout_of(output).work_dir("captions")))
 
 
 def input_batches(
@@ -100,7 +103,7 @@ class ShardCaptioner(_RewriteWorker):
         super().__init__(config, options, run)
         self.prompt = CaptionerPrompt.load(config.captioner.prompts)
         self.engine = engine or VLLMEngine(config.captioner.engine, multimodal=True)
-        self.store = ShardStore(self.output.child(CAPTIONS_DIR))
+        self.store = caption_store(self.output)
         self.decoder = ThreadPoolExecutor(4)  # JPEG decode releases the GIL
         self.decode = functools.partial(steps.decode_for_captioner, config=config)
 
@@ -149,7 +152,7 @@ class ShardRewriter(_RewriteWorker):
         self.laclip = LaClipPrompt.load(config.laclip.prompts) if config.uses_laclip else None
         self.engine = engine or VLLMEngine((config.fuser if config.uses_captioner else config.laclip).engine)
         self.store = ShardStore(self.output)
-        self.captions = ShardStore(self.output.child(CAPTIONS_DIR))
+        self.captions = caption_store(self.output)
 
     def process(self, path: str, size: int) -> None:
         name = output_shard_name(path)

@@ -8,7 +8,7 @@ makes them exactly-once lives here, once:
 * :mod:`~veclip.shards.marker`: the typed done marker and failure record;
 * :mod:`~veclip.shards.store`: whole-shard writes, markers, failures, readers;
 * :mod:`~veclip.shards.lease`: one writer per output (compare-and-swap);
-* :mod:`~veclip.shards.guard`: retries, the durable try count, ``_failed/``;
+* :mod:`~veclip.shards.guard`: retries, the durable try count, failure records;
 * :mod:`~veclip.shards.plan`: what is done, what is left, what cannot run;
 * :mod:`~veclip.shards.worker`: the actor base (``process()``, ``commit()``);
 * :mod:`~veclip.shards.driver`: the run (lease, plan, pools, progress,

@@ -3,10 +3,10 @@
 :func:`run_stage` is the whole run of any :class:`ShardedStage`. It holds the
 output's lease (one writer), lists the inputs and the done markers at once,
 plans (:mod:`veclip.shards.plan`), records what cannot run, writes
-``_plan.json`` for ``veclip status``, streams the shards left through the
+a plan for ``veclip status``, streams the shards left through the
 stage's actor pools with a progress line per shard, and at the end reconciles
 every input row against the output, quarantine and failure records, loudly,
-before it writes ``_summary.json``. A rerun of a finished run plans nothing
+before it writes the summary and the dataset card. A rerun of a finished run plans nothing
 and starts no pool.
 """
 
@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from veclip.console import eta, start_ray
+from veclip.shards.card import models_in, write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
-from veclip.shards.layout import PLAN_FILE, SUMMARY_FILE, output_shard_name
+from veclip.shards.layout import layout_of, output_shard_name
 from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
@@ -56,7 +57,7 @@ class ShardCounts:
 
 @dataclass
 class RunSummary:
-    """What a run did, over the whole output (``_summary.json``): the stage's own figures in ``details``."""
+    """What a run did, over the whole output (``.veclip/summary.json``): the stage's own figures in ``details``."""
 
     stage: str
     input: str
@@ -187,7 +188,8 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
             stage.prepare(plan, run, log)
             _run_pools(stage, plan, run, log)
         summary = summarize(stage, plan, run, time.perf_counter() - start, started_at)
-        out.fs.pipe_file(out.join(SUMMARY_FILE), json.dumps(summary, indent=1).encode())
+        out.fs.pipe_file(out.join(lease.layout.summary), json.dumps(summary, indent=1).encode())
+        write_card(out, stage.name, stage.config.input, models_in(summary), log)
         return summary
     finally:
         lease.release()
@@ -258,13 +260,14 @@ def shard_rows(plan: Plan) -> dict[str, list]:
 
 
 def record_plan(stage: ShardedStage, plan: Plan, run: RunContext, started_at: float) -> None:
-    """The shards that cannot run, in ``_failed/``; what this run set out to do, for ``veclip status`` while it runs."""
-    out = stage.output
+    """The shards that cannot run, recorded as failed; what this run set out to do, for
+    ``veclip status`` while it runs."""
+    out, store = stage.output, ShardStore(stage.output)
     for name, why in plan.unreadable.items():
-        record_failure(ShardStore(out), name, plan.inputs[name].path, "plan", run, 1, [why])
+        record_failure(store, name, plan.inputs[name].path, "plan", run, 1, [why])
     write_json(
         out.fs,
-        out.join(PLAN_FILE),
+        out.join(store.layout.plan),
         {
             "stage": stage.name,
             "run_id": run.run_id,
@@ -297,7 +300,8 @@ def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
 
 def _log_progress(stage: ShardedStage, row: dict, n: int, todo: int, done: int, total: int, began: float, log) -> None:
     name = output_shard_name(row["shard"])
-    note = "" if row["status"] == DONE else f" (see {stage.config.output}/_failed/{name}.json)"
+    failed = f"{stage.config.output.rstrip('/')}/{layout_of(stage.output).failed}/{name}.json"
+    note = "" if row["status"] == DONE else f" (see {failed})"
     rate = done / max(time.perf_counter() - began, 1e-9)  # workers' start-up included: the ETA errs long
     left = f", ETA {eta(total - done, rate)}" if rate and done < total else ""
     log(
@@ -356,7 +360,7 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
     """The run summary over the whole output; raises if any row is unaccounted for.
 
     A shard is done (marked with this run's fingerprint, rows reconciled),
-    failed (recorded under ``_failed/`` with its error), or lost: that raises.
+    failed (recorded with its error), or lost: that raises.
     """
     store = ShardStore(stage.output)
     # Nothing ran (a no-op rerun): the plan's markers are current, the lease kept other writers out.
@@ -461,8 +465,8 @@ def render_faults(summary: dict) -> list[str]:
     if not summary["failed"]:
         return lines
     return lines + [
-        f"FAILED: {len(summary['failed'])} shard(s) kept failing; their errors are in {summary['output']}/_failed/. "
-        "Rerun the same command to retry exactly these:",
+        f"FAILED: {len(summary['failed'])} shard(s) kept failing (`veclip status {summary['output']}` shows their "
+        "errors). Rerun the same command to retry exactly these:",
         *(
             f"  {name}  [{f['stage']}, {f['tries']} tries]  {(f['error'] or '')[:200]}"
             for name, f in summary["failed"].items()

@@ -1,15 +1,15 @@
-"""Faults stay inside their shard: retries with backoff, a durable try count, ``_failed/`` records.
+"""Faults stay inside their shard: retries with backoff, a durable try count, failure records.
 
 Every sharded stage runs each shard under a :class:`ShardGuard`.
 
 A shard's work is retried in the actor with exponential backoff (S3 throttling
 or a reset that outlived s3fs's own retries, a poison row). A try that kills
 the process (``kill -9``, out of memory, a segfault) cannot be caught, so each
-try is counted in ``_work/attempts/<shard>.json`` *before* it starts: when Ray
+try is counted in ``.veclip/work/attempts/<shard>.json`` *before* it starts: when Ray
 replaces the actor and retries the shard, the new actor sees how many tries
 this run already spent. A vLLM engine that died makes the actor exit on
 purpose, so Ray replaces it with a fresh engine. After ``max_attempts`` tries
-the shard is recorded under ``_failed/`` with its error and the run goes on;
+the shard is recorded under ``.veclip/failed/`` with its error and the run goes on;
 a rerun (a new run id) retries exactly the shards not done.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from veclip.config import scrub
-from veclip.shards.layout import ATTEMPTS_DIR, RECORD_SUFFIX
+from veclip.shards.layout import RECORD_SUFFIX
 from veclip.shards.lease import LeaseLost, OutputLease
 from veclip.shards.marker import Failure
 from veclip.shards.store import ShardStore
@@ -33,7 +33,7 @@ DONE, FAILED = "done", "failed"  # what became of a shard: the status a pool pas
 
 
 class ShardRefused(ValueError):
-    """The shard's own data cannot be processed (its keys, say): recorded in ``_failed/`` at once, not retried."""
+    """The shard's own data cannot be processed (its keys, say): recorded as failed at once, not retried."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def running_on() -> dict:
 def record_failure(
     store: ShardStore, name: str, input_path: str, stage: str, run: RunContext, tries: int, errors: list[str]
 ) -> None:
-    """``_failed/<name>.json``: what a rerun and a person need to know of a shard that kept failing."""
+    """``.veclip/failed/<name>.json``: what a rerun and a person need to know of a shard that kept failing."""
     store.record_failure(Failure(name, input_path, stage, run.run_id, run.fingerprint, tries, errors))
 
 
@@ -86,7 +86,7 @@ class ShardGuard:
         self.lease = OutputLease(output, run.run_id)
 
     def _attempts_path(self, name: str) -> str:
-        return self.output.join(ATTEMPTS_DIR, self.stage, name + RECORD_SUFFIX)
+        return self.output.join(self.store.layout.attempts, self.stage, name + RECORD_SUFFIX)
 
     def _begin(self, name: str) -> dict:
         """Count one more try of ``name`` in this run, durably, before it starts, with where it runs. The

@@ -1,6 +1,6 @@
 """One writer per output: a lease that a run takes, renews while it runs, and gives back.
 
-The lease is ``_lease.json`` under the output. A run takes it when there is
+The lease is ``.veclip/lease.json`` under the output. A run takes it when there is
 none, or when the one there is expired, its own, or held by a process on this
 host that is gone (a driver killed with ``kill -9``), and renews it every
 quarter of its lifetime. Every change is a compare-and-swap, so of two runs
@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from veclip.processes import pid_alive
-from veclip.shards.layout import LEASE_FILE
+from veclip.shards.layout import Layout, layout_of
 from veclip.shards.marker import utc_now
 from veclip.storage import Location, replaced_atomically
 
@@ -160,13 +160,17 @@ class OutputLease:
     location: Location  # the output folder
     run_id: str
     ttl_seconds: float = 120.0
+    layout: Layout = field(default=None, repr=False)  # the output's (found when None)
     _version: str | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        self.layout = self.layout or layout_of(self.location)
+
     @property
     def path(self) -> str:
-        return self.location.join(LEASE_FILE)
+        return self.location.join(self.layout.lease)
 
     @property
     def _cas(self):

@@ -91,7 +91,7 @@ class Marker:
 
 @dataclass
 class Failure:
-    """``_failed/<shard>.json``: what a rerun and a person need to know of a shard that kept failing."""
+    """``.veclip/failed/<shard>.json``: what a rerun and a person need to know of a shard that kept failing."""
 
     shard: str
     input: str

@@ -11,7 +11,7 @@ series, because at 30k shards on S3 serial I/O is tens of minutes:
   64 KiB of each file, all in one concurrent ``cat_ranges`` call.
 
 A shard whose footer cannot be read (truncated, not Parquet) is recorded in
-``_failed/`` and the others run; a check that fits none of the shards left
+failure records and the others run; a check that fits none of the shards left
 (a column mapping, a schema) stops the run before any worker starts.
 """
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from veclip.shards.layout import ATTEMPTS_DIR, DONE_DIR, FAILED_DIR, MANIFEST_FILE, QUARANTINE_DIR, RECORD_SUFFIX
+from veclip.shards.layout import RECORD_SUFFIX, layout_of
 from veclip.shards.marker import CAPTIONS, Failure, Marker
 from veclip.storage import (
     PARQUET,
@@ -36,7 +36,7 @@ from veclip.storage import (
 
 STAMP = "_listed_version"  # the marker's listing stamp, kept in the manifest only
 NOT_MARKED = "no done marker (still being written, or its writer stopped)"
-RECORDED_FAILED = "recorded as failed in _failed/"
+RECORDED_FAILED = "recorded as failed"
 
 
 class ShardStore:
@@ -44,6 +44,7 @@ class ShardStore:
 
     def __init__(self, location: Location):
         self.location = location
+        self.layout = layout_of(location)
 
     def write(self, marker: Marker, table: pa.Table | Iterable[pa.Table], quarantine: pa.Table | None = None) -> Marker:
         """Write the shard (a table, or a stream of them) and its quarantine whole, then its marker (rows
@@ -57,18 +58,18 @@ class ShardStore:
         marker.rows = write_parquet(fs, self.location.join(name), table)
         marker.quarantined = 0 if quarantine is None else quarantine.num_rows
         if marker.quarantined:
-            write_parquet(fs, self.location.join(QUARANTINE_DIR, name), quarantine)
+            write_parquet(fs, self.location.join(self.layout.quarantine, name), quarantine)
         else:
-            self._remove(self.location.join(QUARANTINE_DIR, name))
+            self._remove(self.location.join(self.layout.quarantine, name))
         write_json(fs, self._marker_path(name), marker.to_json())
         self.clear_failure(name)
         return marker
 
     def _marker_path(self, name: str) -> str:
-        return self.location.join(DONE_DIR, name + RECORD_SUFFIX)
+        return self.location.join(self.layout.done, name + RECORD_SUFFIX)
 
     def _failure_path(self, name: str) -> str:
-        return self.location.join(FAILED_DIR, name + RECORD_SUFFIX)
+        return self.location.join(self.layout.failed, name + RECORD_SUFFIX)
 
     def _listed(self, folder: str) -> dict[str, dict]:
         """``{name: listing entry}`` of the records in a subfolder, listed fresh."""
@@ -78,7 +79,7 @@ class ShardStore:
 
     def done(self) -> set[str]:
         """Names of the shards written whole."""
-        return set(self._listed(DONE_DIR))
+        return set(self._listed(self.layout.done))
 
     def find_marker(self, name: str) -> Marker | None:
         """The shard's done marker, or None when it is not done (read fresh: an actor checks before it works)."""
@@ -90,7 +91,7 @@ class ShardStore:
         only the markers the manifest lacks (or holds an older version of),
         fetched concurrently. ``save_manifest`` (the output's one writer only)
         folds what was fetched into the manifest for the next reader."""
-        listed = self._listed(DONE_DIR)
+        listed = self._listed(self.layout.done)
         manifest = self._manifest()
         known = {n: m for n, m in manifest.items() if n in listed and m.get(STAMP) == version_stamp(listed[n])}
         missing = sorted(set(listed) - set(known))
@@ -100,13 +101,13 @@ class ShardStore:
             known[name] = {"shard": name, "rows": 0, **data, STAMP: version_stamp(listed[name])}
         if save_manifest and (missing or len(known) != len(manifest)):
             lines = (json.dumps(known[n], sort_keys=True) for n in sorted(known))
-            write_bytes(self.location.fs, self.location.join(MANIFEST_FILE), ("\n".join(lines) + "\n").encode())
+            write_bytes(self.location.fs, self.location.join(self.layout.manifest), ("\n".join(lines) + "\n").encode())
         return {n: Marker.from_json({k: v for k, v in m.items() if k != STAMP}) for n, m in sorted(known.items())}
 
     def _manifest(self) -> dict[str, dict]:
         fs = self.location.fs
         try:
-            text = fs.cat_file(self.location.join(MANIFEST_FILE), **small_file_kwargs(fs)).decode()
+            text = fs.cat_file(self.location.join(self.layout.manifest), **small_file_kwargs(fs)).decode()
         except FileNotFoundError:
             return {}
         return {m["shard"]: m for m in map(json.loads, text.splitlines()) if m}
@@ -116,7 +117,7 @@ class ShardStore:
         return [self.location.join(name) for name in sorted(self.done())]
 
     def quarantine_shards(self) -> list[str]:
-        folder = self.location.child(QUARANTINE_DIR)
+        folder = self.location.child(self.layout.quarantine)
         return list_shards(folder) if self.location.fs.isdir(folder.path) else []
 
     # Shards that kept failing: recorded so the run can finish the rest, and a rerun retries exactly them.
@@ -134,12 +135,12 @@ class ShardStore:
 
     def failed(self) -> set[str]:
         """Names of the shards recorded as failed."""
-        return set(self._listed(FAILED_DIR))
+        return set(self._listed(self.layout.failed))
 
     def retried(self, stage: str, run_id: str) -> dict[str, dict]:
         """``{name: {"tries", "errors", "lost"}}`` of the shards ``run_id`` finished after more than one try (a try
         lost with its actor or node, or an error retried): the guard keeps their attempt records."""
-        folder = f"{ATTEMPTS_DIR}/{stage}"
+        folder = f"{self.layout.attempts}/{stage}"
         paths = [self.location.join(folder, n + RECORD_SUFFIX) for n in sorted(self._listed(folder))]
         records = {p: json.loads(data) for p, data in read_many(self.location.fs, paths).items()}
         return {
@@ -166,7 +167,7 @@ def finished_shard_entries(location: Location) -> tuple[list[dict], dict[str, in
     """The listing entries (name, size) of the shards a reader may use, and
     ``{why skipped: count}`` for the others.
 
-    A folder with ``_done/`` markers is a stage's output: only marked shards are
+    A folder with done markers is a stage's output: only marked shards are
     finished (a rewrite still running, or one that crashed, leaves others beside
     them). A folder without markers is plain input: every shard is used.
     """

@@ -3,7 +3,7 @@
 Each Ray Data row names an input shard (``{"shard": path, "size": bytes,
 "status": ""}``, the RayGen pattern); the actor works on it under the
 :class:`~veclip.shards.guard.ShardGuard` (retried on errors, recorded in
-``_failed/`` when it keeps failing) and passes the row on with its status, so
+failure record when it keeps failing) and passes the row on with its status, so
 a next pool skips a shard the previous one gave up on. A stage subclasses
 :class:`ShardWorker` and writes :meth:`~ShardWorker.process`; a restarted actor
 or a rerun skips shards already marked with this run's fingerprint

@@ -1,0 +1,142 @@
+"""The dataset card: what a person (or the Hugging Face Hub) needs to use an output without veclip.
+
+Written as ``<output>/_README.md`` after every run (:data:`~veclip.shards.layout.CARD_FILE`): the schema
+read from a finished shard, where the rows came from and which models wrote which columns, the counts, and
+how to read it with ``datasets``, pandas and pyarrow, and, for caption tables, how to join them to their
+images. Its YAML header is the Hub's: upload the card as the repository's ``README.md`` and the Hub reads the
+shards (and only them) as the ``train`` split.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow.parquet as pq
+
+from veclip import schema
+from veclip.shards.layout import CARD_FILE, layout_of
+from veclip.shards.marker import CAPTIONS, Marker
+from veclip.shards.store import ShardStore
+from veclip.storage import Location, write_bytes
+
+HEADER = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "*.parquet"
+tags:
+- veclip
+- image-text
+---
+"""
+
+
+def write_card(output: Location, stage: str, source: str, models: dict[str, str] | None = None, log=print) -> str:
+    """Write the card of ``output`` (written by ``veclip <stage>`` from ``source``, with ``models`` by where
+    their configuration names them); the counts are the markers'. Returns its path."""
+    store = ShardStore(output)
+    path = output.join(CARD_FILE)
+    card = render_card(output, stage, source, models or {}, store.markers(), len(store.failures()))
+    write_bytes(output.fs, path, card.encode())
+    log(f"{stage}: dataset card {output.url.rstrip('/')}/{CARD_FILE}")
+    return path
+
+
+def render_card(
+    output: Location, stage: str, source: str, models: dict[str, str], markers: dict[str, Marker], failed: int
+) -> str:
+    name = posixpath.basename(output.url.rstrip("/"))
+    rows_out = sum(m.rows_out for m in markers.values())
+    quarantined = sum(m.quarantined for m in markers.values())
+    runs = sorted({m.run_id for m in markers.values() if m.run_id})
+    lines = [
+        HEADER,
+        f"# {name}",
+        "",
+        f"Written by `veclip {stage}` from `{source}`" + (f" (runs: {', '.join(runs)})." if runs else "."),
+        "",
+        "| shards | rows | rows quarantined | shards failed |",
+        "|---|---|---|---|",
+        f"| {len(markers)} | {rows_out} | {quarantined} | {failed} |",
+        "",
+        *_schema(output, markers),
+        *_models(models),
+        *_reading(output, markers),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _schema(output: Location, markers: dict[str, Marker]) -> list[str]:
+    if not markers:
+        return []
+    shard = output.join(next(iter(markers)))
+    with output.fs.open(shard, "rb") as f:
+        found = pq.read_schema(f)
+    rows = [f"| `{f.name}` | `{f.type}` | {schema.COLUMN_MEANINGS.get(_base(f.name), _other(f.name))} |" for f in found]
+    return ["## Schema", "", "| column | type | holds |", "|---|---|---|", *rows, ""]
+
+
+def _base(column: str) -> str:
+    return column.removesuffix("_provenance")
+
+
+def _other(column: str) -> str:
+    if column.endswith("_provenance"):
+        return "which model, prompt version and engine wrote it"
+    return "carried from the input"
+
+
+def _models(models: dict[str, str]) -> list[str]:
+    if not models:
+        return []
+    return ["## Models", "", *(f"- `{where}`: `{model}`" for where, model in sorted(models.items())), ""]
+
+
+def models_in(summary: dict) -> dict[str, str]:
+    """Every model a sharded run's summary names, by where: its configuration's ``<role>.model``, ``model``."""
+    found = dict(_find_models(summary.get("config", {}), ""))
+    return found | ({"model": summary["model"]} if summary.get("model") else {})
+
+
+def _find_models(config: dict, prefix: str):
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _find_models(value, f"{prefix}{key}.")
+        elif key == "model" and value:
+            yield prefix + key, value
+
+
+def _reading(output: Location, markers: dict[str, Marker]) -> list[str]:
+    url, records = output.url.rstrip("/"), layout_of(output)
+    lines = [
+        "## Reading it",
+        "",
+        "```python",
+        f'datasets.load_dataset("{url}")  # the shards only: the records under .veclip/ are skipped',
+        f'pandas.read_parquet("{url}")  # and pyarrow.dataset.dataset(..., format="parquet")',
+        "```",
+        "",
+        f"Refused rows, with their reasons, are in `{records.quarantine}/`; `veclip status {url}` shows the runs.",
+        "",
+    ]
+    tables = [m for m in markers.values() if m.layout == CAPTIONS and m.input_url]
+    if tables:
+        first = tables[0]
+        lines += [
+            "## Joining the captions to their images",
+            "",
+            f"Each shard is a caption table: one row per image of its input shard, joined by `{schema.KEY}` (its "
+            f"input shard is in the marker, e.g. `{first.shard}` <- `{first.input_url}`).",
+            "",
+            "```python",
+            "import pandas as pd",
+            f'images = pd.read_parquet("{first.input_url}")',
+            f'captions = pd.read_parquet("{url}/{first.shard}")',
+            f'rows = images.merge(captions, on="{schema.KEY}")',
+            "```",
+            "",
+            f"veclip's own readers join them for you: `veclip train --input {url}`.",
+            "",
+        ]
+    return lines
