@@ -20,12 +20,20 @@ from veclip.world.generate import SampleConfig, generate
 REPO = Path(__file__).resolve().parents[1]
 
 
+LONG_TESTS = "VECLIP_LONG_TESTS"  # 1: run the tests marked long outside CI too
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that needs the vLLM environment starts an engine (or its interpreter): mark it ``engine``,
-    so that ``make test-fast`` (-m "not slow and not engine and not raytrain") leaves it to ``make test``."""
+    so that ``make test-fast`` (-m "not slow and not engine and not raytrain") leaves it to ``make test``.
+    A test marked ``long`` runs in CI (``CI=true``) or with ``VECLIP_LONG_TESTS=1``; elsewhere ``make test``
+    skips it and says so, to stay near half an hour on a 2-core machine."""
+    run_long = os.environ.get("CI", "").lower() in ("true", "1") or os.environ.get(LONG_TESTS) == "1"
     for item in items:
         if "vllm_python" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.engine)
+        if not run_long and item.get_closest_marker("long"):
+            item.add_marker(pytest.mark.skip(reason=f"long (minutes): CI runs it; here set {LONG_TESTS}=1"))
 
 
 class MemoryPeak:

@@ -25,6 +25,8 @@ from conftest import descendants, free_port, ray_address_file_kept
 from veclip.shards.layout import CURRENT
 from veclip.world.generate import SampleConfig, generate
 
+pytestmark = pytest.mark.long
+
 RAY = str(Path(sys.executable).with_name("ray"))
 # the test's own head: no token (the driver and the fake nodes need no secret), the fake provider on
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}

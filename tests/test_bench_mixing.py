@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_protocol_prints_paired_intervals_and_holm(tmp_path):
     out = tmp_path / "runs.json"
     cmd = [sys.executable, "bench_mixing.py", "--captions", "reference", "--seeds", "0", "1", "--steps", "4"]

@@ -21,6 +21,8 @@ from conftest import descendants, random_tiny_clip, ray_address_file_kept
 from veclip.shards.layout import CURRENT
 from veclip.world.generate import SampleConfig, generate
 
+pytestmark = pytest.mark.long
+
 
 @contextlib.contextmanager
 def _local_cluster(workers: int, cpus: int):

@@ -94,6 +94,8 @@ def test_resolver():
     assert path == "bucket/prefix"
     with pytest.raises(ValueError, match="unsupported storage URL"):
         storage.filesystem("gopher://x")
+    with pytest.raises(ValueError, match="gs:// is not supported: an output's one-writer lease"):
+        storage.filesystem("gs://bucket/prefix")
 
 
 def test_endpoint_from_standard_environment(s3_bucket, monkeypatch):

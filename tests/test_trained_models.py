@@ -18,7 +18,7 @@ from veclip.world.build import ModelsConfig, ensure_built
 from veclip.world.generate import SampleConfig, generate
 from veclip.world.quality import measure, read_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 ROWS, STEPS = 320, 300
 
 

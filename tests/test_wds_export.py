@@ -36,7 +36,7 @@ def captioned(tmp_path_factory) -> Path:
     return data
 
 
-def test_export_writes_what_webdataset_reads_and_a_rerun_skips(captioned, tmp_path):
+def test_export_writes_what_webdataset_reads_and_a_rerun_skips(captioned, tmp_path, monkeypatch):
     import webdataset as wds
 
     out = tmp_path / "tars"
@@ -59,6 +59,12 @@ def test_export_writes_what_webdataset_reads_and_a_rerun_skips(captioned, tmp_pa
         assert sample["txt"].decode() == (row["vecap"] or row["alt_text"]).strip()
         assert meta["vecap_provenance"] == "fuser:tiny" and meta["rewrites"] == row["rewrites"]
         assert meta["alt_text"] == row["alt_text"] and meta["url"] == row["url"]
+    # Hugging Face's webdataset reader takes the folder as it is too
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    loaded = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(loaded["__key__"]) == sorted(s["__key__"] for s in samples) and "txt" in loaded.column_names
 
     again = veclip_cli("webdataset", "--input", str(captioned), "--output", str(out))
     assert "0 tars written, 2 already there" in again.stdout, again.stdout

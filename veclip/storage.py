@@ -66,7 +66,11 @@ def filesystem(url: str, options: StorageOptions | None = None) -> tuple[fsspec.
         return s3fs.S3FileSystem(**options.s3fs_kwargs()), rest.rstrip("/")
     if protocol == "file":
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(rest))
-    raise ValueError(f"unsupported storage URL {url!r}: use a local path, file:// or s3://")
+    raise ValueError(
+        f"unsupported storage URL {url!r}: use a local path, file:// or s3:// (or an S3-compatible store with "
+        "--s3-endpoint). gs:// is not supported: an output's one-writer lease is a conditional write veclip makes "
+        "and checks on S3 only"
+    )
 
 
 @dataclass(frozen=True)

@@ -73,18 +73,15 @@ def _schema(output: Location, markers: dict[str, Marker]) -> list[str]:
     shard = output.join(next(iter(markers)))
     with output.fs.open(shard, "rb") as f:
         found = pq.read_schema(f)
-    rows = [f"| `{f.name}` | `{f.type}` | {schema.COLUMN_MEANINGS.get(_base(f.name), _other(f.name))} |" for f in found]
+    rows = [f"| `{f.name}` | `{f.type}` | {_holds(f.name)} |" for f in found]
     return ["## Schema", "", "| column | type | holds |", "|---|---|---|", *rows, ""]
 
 
-def _base(column: str) -> str:
-    return column.removesuffix("_provenance")
-
-
-def _other(column: str) -> str:
-    if column.endswith("_provenance"):
-        return "which model, prompt version and engine wrote it"
-    return "carried from the input"
+def _holds(column: str) -> str:
+    base = column.removesuffix("_provenance")
+    if base != column and base in schema.COLUMN_MEANINGS:
+        return f"where `{base}` came from, per row: the model and its settings (prompt version, engine or gate)"
+    return schema.COLUMN_MEANINGS.get(column, "carried from the input")
 
 
 def _models(models: dict[str, str]) -> list[str]:
