@@ -102,3 +102,10 @@ def start_ray(log=print) -> None:
         data.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" per dataset
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did
+
+
+def alive_nodes() -> set[str]:
+    """The ids of the Ray nodes alive now (the cluster this process is attached to)."""
+    import ray
+
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}

@@ -31,7 +31,7 @@ THUMBNAIL_SIDE = 256
 
 @dataclass(frozen=True)
 class ShowConfig:
-    url: str = ""  # a folder or s3:// prefix: input, enriched, caption output or _quarantine
+    url: str = ""  # a folder or s3:// prefix: input, enriched, caption output or .veclip/quarantine
     rows: int = 10  # rows to show
     offset: int = 0  # matching rows to pass over first (the next page)
     keys: tuple[str, ...] = ()  # only these keys

@@ -497,7 +497,7 @@ def _eval_run(config, options, args) -> int:
 
 
 def _show_flags(p):
-    p.add_argument("url", help="input, enriched or caption output, or a _quarantine folder: folder or s3:// prefix")
+    p.add_argument("url", help="input, enriched or caption output, or its .veclip/quarantine: folder or s3:// prefix")
     p.add_argument("--rows", type=int, help="rows to show (default 10)")
     p.add_argument("--offset", type=int, help="matching rows to pass over first (default 0)")
     p.add_argument(

@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from veclip.eval.convert import _write
+from veclip.eval.convert import write_eval_set
 from veclip.images import ImageError, open_image
 from veclip.storage import Location, StorageOptions
 
@@ -75,7 +75,7 @@ def convert(location: Location, out: str, options: StorageOptions) -> dict:
         else:
             row[LABEL], row[CAPTION] = classnames[int(files["cls"].decode().strip())], []
         rows.append(row)
-    _write(rows, out, options, 10_000, pa.list_(pa.string()), None if retrieval else {LABEL: classnames})
+    write_eval_set(rows, out, options, 10_000, pa.list_(pa.string()), None if retrieval else {LABEL: classnames})
     templates_file = None
     if templates and not retrieval:
         templates_file = posixpath.join(out, "templates.json")

@@ -28,7 +28,7 @@ from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, write_json
 
 
-def _write(
+def write_eval_set(
     rows: list[dict],
     out: str,
     options: StorageOptions,
@@ -87,7 +87,7 @@ def from_class_folders(
                 bad.append(problem)
                 continue
             rows.append({**row, "label": name, "caption": f"a photo of a {name}."})
-    written = _write(rows, out, options or StorageOptions(), rows_per_shard, pa.string(), {"label": names})
+    written = write_eval_set(rows, out, options or StorageOptions(), rows_per_shard, pa.string(), {"label": names})
     return {"rows": written, "classes": len(names), "skipped": bad}
 
 
@@ -112,5 +112,5 @@ def from_coco(
             bad.append(problem)
             continue
         rows.append({**row, "label": None, "caption": captions[image["id"]]})
-    written = _write(rows, out, options or StorageOptions(), rows_per_shard, pa.list_(pa.string()), None)
+    written = write_eval_set(rows, out, options or StorageOptions(), rows_per_shard, pa.list_(pa.string()), None)
     return {"rows": written, "captions": sum(len(r["caption"]) for r in rows), "skipped": bad}

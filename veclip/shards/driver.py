@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from veclip.console import eta, start_ray
+from veclip.console import alive_nodes, eta, start_ray
 from veclip.shards.card import models_in, write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
 from veclip.shards.layout import layout_of, output_shard_name
@@ -439,8 +439,7 @@ def _losses(retried: dict[str, dict]) -> tuple[int, int]:
     if nodes and nodes != {"local"}:
         import ray
 
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]} if ray.is_initialized() else nodes
-        nodes -= alive
+        nodes -= alive_nodes() if ray.is_initialized() else nodes
     else:
         nodes = set()
     return len(lost), len(nodes)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from veclip.console import alive_nodes
 from veclip.metrics import publish_step
 from veclip.train import checkpoint as ckpt
 from veclip.train.checkpoint import Progress, WorkerProgress
@@ -205,7 +206,6 @@ def _build(config: TrainConfig, hooks: TrainHooks, board) -> _Worker:
 
 def _resume(w: _Worker) -> None:
     """Load the latest checkpoint Ray Train hands this worker, if any: weights, optimizer, history, place, RNG."""
-    import ray
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -221,8 +221,7 @@ def _resume(w: _Worker) -> None:
         w.scheduler.load_state_dict(state["scheduler"])
         w.history = ckpt.load_history(directory)
         saved, attempt = ckpt.load_progress(directory), w.progress.attempt
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        cause = resume_cause(saved, attempt, alive)
+        cause = resume_cause(saved, attempt, alive_nodes())
         w.progress, w.me = resume_point(saved, w.rank, w.world, checkpoint.path, w.progress.data_plan, cause)
         w.progress.attempt = attempt
         rng = ckpt.load_rng(directory, w.rank)
