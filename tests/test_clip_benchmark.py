@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,6 +18,24 @@ from conftest import random_tiny_clip, veclip_cli
 from veclip.eval.run import EvalConfig, evaluate
 
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]
+
+# clip_benchmark's own CLI, with veclip-tiny registered in open_clip. Its accuracy() calls float() on a
+# one-element array, which NumPy 2.4 refuses: the same computation stands in for it, nothing else does.
+CLIP_BENCHMARK = """
+import sys
+import clip_benchmark.metrics.zeroshot_classification as zc
+from veclip.train.model import register_configs
+
+def accuracy(output, target, topk=(1,)):
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+zc.accuracy = accuracy
+register_configs()
+from clip_benchmark.cli import main
+sys.exit(main())
+"""
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -75,3 +95,27 @@ def test_eval_reads_clip_benchmark_sets_and_writes_its_json(sample_root, tmp_pat
             "mean_per_class_recall": pytest.approx(figures["mean_per_class_recall"]),
         }
         assert json.loads((tmp_path / "o" / "eval.json").read_text())["templates"] == len(TEMPLATES)
+
+
+@pytest.mark.parametrize("retrieval", [False, True], ids=["classification", "retrieval"])
+def test_clip_benchmark_itself_gets_the_same_figures_on_the_same_set(sample_root, tmp_path, retrieval):
+    """The published numbers' own tool, run on the set and model veclip eval was given: the same metrics."""
+    model = random_tiny_clip(tmp_path / "model")
+    make_set(sample_root / "eval", tmp_path / "scenes", retrieval)
+    ours = veclip_cli("eval", "--model", str(model), "--input", str(tmp_path / "scenes"), "--out", str(tmp_path / "o"))
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    task = "zeroshot_retrieval" if retrieval else "zeroshot_classification"
+    theirs = subprocess.run(
+        [sys.executable, "-c", CLIP_BENCHMARK, "eval", "--dataset", "wds/scenes", "--task", task]
+        + ["--dataset_root", str(tmp_path / "scenes"), "--model", f"local-dir:{model}", "--pretrained", ""]
+        + ["--output", str(tmp_path / "theirs.json"), "--batch_size", "8", "--num_workers", "0", "--no_amp"]
+        + ["--recall_k", "5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    expected = json.loads((tmp_path / "theirs.json").read_text())
+    result = json.loads((tmp_path / "o" / "clip_benchmark.json").read_text())
+    assert set(result) == set(expected) and result["task"] == expected["task"] == task
+    assert result["metrics"] == pytest.approx(expected["metrics"])
