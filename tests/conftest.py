@@ -271,3 +271,10 @@ def random_tiny_clip(folder: Path) -> Path:
         json.dumps({"model_cfg": open_clip.get_model_config("veclip-tiny"), "preprocess_cfg": {}})
     )
     return folder
+
+
+def parquet_keys(folder: Path, pattern: str = "*.parquet") -> list[str]:
+    """The keys of the Parquet files in ``folder`` matching ``pattern``, file by file in name order."""
+    import pyarrow.parquet as pq
+
+    return [k for p in sorted(folder.glob(pattern)) for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()]

@@ -110,12 +110,6 @@ def autoscaling_cluster(tmp_path: Path, max_nodes: int):
             log.close()
 
 
-def _keys(folder: Path) -> list[str]:
-    return [
-        k for p in sorted(folder.glob("*.parquet")) for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()
-    ]
-
-
 @pytest.mark.slow
 def test_the_pool_grows_onto_nodes_the_autoscaler_adds_and_they_go_when_idle(tmp_path, vllm_python):
     """A cluster with no worker node and a rewrite pool of up to 3 one-CPU actors: the autoscaler launches

@@ -4,7 +4,6 @@ images in Parquet."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 from conftest import random_tiny_clip, veclip_cli
 
 from veclip.eval.run import EvalConfig, evaluate
+from veclip.wds_export import add_tar_member
 
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]
 
@@ -38,12 +38,6 @@ sys.exit(main())
 """
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def make_set(eval_split: Path, root: Path, retrieval: bool) -> list[dict]:
     """The eval split in clip_benchmark's layout, two shards; its rows."""
     rows = [r for p in sorted(eval_split.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
@@ -58,9 +52,9 @@ def make_set(eval_split: Path, root: Path, retrieval: bool) -> list[dict]:
     for n, part in enumerate((rows[:half], rows[half:])):
         with tarfile.open(root / "test" / f"{n}.tar", "w") as tar:
             for i, row in enumerate(part):
-                _add(tar, f"s{i:06d}.jpg", row["image"])
+                add_tar_member(tar, f"s{i:06d}.jpg", row["image"])
                 label = row["caption"] if retrieval else str(classnames.index(row["label_shape"]))
-                _add(tar, f"s{i:06d}.{'txt' if retrieval else 'cls'}", label.encode())
+                add_tar_member(tar, f"s{i:06d}.{'txt' if retrieval else 'cls'}", label.encode())
     return rows
 
 

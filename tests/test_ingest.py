@@ -19,6 +19,7 @@ from veclip.shards.store import ShardStore
 from veclip.status import StatusConfig, status
 from veclip.storage import Location
 from veclip.validate import ValidateConfig, validate
+from veclip.wds_export import add_tar_member
 
 
 def quiet(*_):
@@ -33,9 +34,7 @@ def _write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for key, files in samples.items():
             for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                add_tar_member(tar, f"{key}.{ext}", data)
 
 
 def _meta(key, caption):

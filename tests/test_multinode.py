@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import descendants, random_tiny_clip, ray_address_file_kept
+from conftest import descendants, parquet_keys, random_tiny_clip, ray_address_file_kept
 
 from veclip.shards.layout import CURRENT
 from veclip.world.generate import SampleConfig, generate
@@ -104,10 +104,6 @@ def test_a_worker_node_lost_mid_rewrite_loses_no_key_and_says_so_in_a_line(clust
     assert len(console.splitlines()) <= 40, console
 
 
-def _keys(folder: Path, pattern: str = "*.parquet") -> list[str]:
-    return [k for p in sorted(folder.glob(pattern)) for k in pq.read_table(p, columns=["key"]).column(0).to_pylist()]
-
-
 def _remove_when_hosting(c, workers, name: str, driver: subprocess.Popen, seconds: float = 300):
     """Remove, without grace, the first worker node that runs an actor named ``name``; that node."""
     deadline = time.monotonic() + seconds
@@ -141,8 +137,8 @@ def test_a_worker_node_lost_mid_score_loses_no_key(cluster, tmp_path):
     _remove_when_hosting(c, workers, "ShardScorer", driver)
     console, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, console
-    assert sorted(_keys(out) + _keys(out, f"{CURRENT.quarantine}/*.parquet")) == sorted(
-        _keys(tmp_path / "sample" / "train")
+    assert sorted(parquet_keys(out) + parquet_keys(out, f"{CURRENT.quarantine}/*.parquet")) == sorted(
+        parquet_keys(tmp_path / "sample" / "train")
     )
     summary = json.loads((out / CURRENT.summary).read_text())
     assert summary["shards"]["done"] == 12 and summary["failed"] == {}, summary["shards"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import parquet_keys
 from PIL import Image
 from processes import kill_all, kill_job_when, wait_for
 
@@ -67,12 +68,6 @@ def keys_of(folder: Location, names) -> list[str]:
     ]
 
 
-def input_keys(folder: Path) -> list[str]:
-    return [
-        k for p in sorted(folder.glob("*.parquet")) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()
-    ]
-
-
 @pytest.fixture(scope="session")
 def vecap_run(sample_root, tmp_path_factory, vllm_python, ray_session):
     root = tmp_path_factory.mktemp("rewrite")
@@ -89,7 +84,7 @@ def test_every_row_exactly_once(vecap_run):
     store = ShardStore(out)
     written = keys_of(out, sorted(store.done()))
     quarantined = keys_of(out.child(CURRENT.quarantine), [p.rsplit("/", 1)[1] for p in store.quarantine_shards()])
-    assert sorted(written + quarantined) == sorted(input_keys(source))
+    assert sorted(written + quarantined) == sorted(parquet_keys(source))
     assert len(set(written + quarantined)) == len(written) + len(quarantined)
     assert summary["rows_in"] == 60 and summary["rows_out"] + summary["rows_quarantined"] == 60
 

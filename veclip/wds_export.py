@@ -89,7 +89,8 @@ def sample_json(row: dict) -> dict:
     return out
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """``data`` as the member ``name`` (WebDataset's samples are members sharing a key)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
@@ -112,9 +113,9 @@ def write_tar(rows, path: str, config: WebDatasetConfig, summary: WebDatasetSumm
                     summary.left_out["no image"] += 1
                     continue
                 key = member_key(str(row[schema.KEY]))
-                _add(tar, f"{key}.{image_extension(row[schema.IMAGE])}", row[schema.IMAGE])
-                _add(tar, f"{key}.txt", text.encode())
-                _add(tar, f"{key}.json", json.dumps(sample_json(row), default=str).encode())
+                add_tar_member(tar, f"{key}.{image_extension(row[schema.IMAGE])}", row[schema.IMAGE])
+                add_tar_member(tar, f"{key}.txt", text.encode())
+                add_tar_member(tar, f"{key}.json", json.dumps(sample_json(row), default=str).encode())
                 written += 1
     return written
 
