@@ -164,7 +164,7 @@ def test_csv_import_names_missing_columns(csv_set, tmp_path):
         run_import(ImportConfig(str(csv_set), str(tmp_path / "out")), log=quiet)
 
 
-def test_csv_import_from_s3(csv_set, s3_bucket):
+def test_csv_import_from_s3_read_back_by_datasets_and_pandas(csv_set, s3_bucket, tmp_path, monkeypatch):
     url, options = s3_bucket
     Location(url, options).fs.put(str(csv_set.parent) + "/", Location(url + "/set", options).path, recursive=True)
     config = ImportConfig(
@@ -172,6 +172,25 @@ def test_csv_import_from_s3(csv_set, s3_bucket):
     )
     summary = run_import(config, options, log=quiet)
     assert summary.rows == 7 and sum(summary.quarantined.values()) == 2
+    # on S3 as the card prints it: datasets takes a glob of the shards (it reads no folder URL), pandas the folder
+    import datasets
+    import pandas as pd
+
+    card = Location(url + "/out", options).fs.cat_file(Location(url + "/out", options).join("_README.md")).decode()
+    assert f'datasets.load_dataset("parquet", data_files="{url}/out/*.parquet")' in card
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the Hub, were it asked, refuses at once
+
+    def fsspec_options():  # a fresh dict each time: datasets adds its own keys to the one it is given
+        return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": options.endpoint_url}}
+
+    loaded = datasets.load_dataset(
+        "parquet",
+        data_files=f"{url}/out/*.parquet",
+        storage_options=fsspec_options(),
+        split="train",
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
+    assert len(loaded) == 7 and len(pd.read_parquet(f"{url}/out", storage_options=fsspec_options())) == 7
 
 
 def test_missing_source(tmp_path):

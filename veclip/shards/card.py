@@ -106,11 +106,13 @@ def _find_models(config: dict, prefix: str):
 
 def _reading(output: Location, markers: dict[str, Marker]) -> list[str]:
     url, records = output.url.rstrip("/"), layout_of(output)
+    # datasets reads a local folder as it is; an object store's it reads from a glob (not a folder URL)
+    hf = f'"{url}"' if output.is_local else f'"parquet", data_files="{url}/*.parquet"'
     lines = [
         "## Reading it",
         "",
         "```python",
-        f'datasets.load_dataset("{url}")  # the shards only: the records under .veclip/ are skipped',
+        f"datasets.load_dataset({hf})  # the shards only: the records under .veclip/ are left out",
         f'pandas.read_parquet("{url}")  # and pyarrow.dataset.dataset(..., format="parquet")',
         "```",
         "",
