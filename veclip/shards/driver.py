@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -291,7 +292,9 @@ def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
     )
     rows = {s.path: plan.rows.get(s.name, 0) for s in plan.todo}
     total, done, began = sum(rows.values()), 0, time.perf_counter()
-    with StallWatch(stage.name, stage.faults, log) as watch:
+    store = ShardStore(stage.output)
+    before = store.done()
+    with StallWatch(stage.name, stage.faults, log, marked=lambda: len(store.done() - before)) as watch:
         for n, row in enumerate(stage.map_pools(ds, plan, run).iter_rows(), 1):
             watch.finished()
             done += rows.get(row["shard"], 0)
@@ -317,10 +320,17 @@ class StageStalled(RuntimeError):
 class StallWatch:
     """No silent hang (a pool whose actors died and cannot be placed waits forever, ray #62746): a thread
     that interrupts the driver when no shard has finished within ``FaultConfig.stall_deadline``. The
-    driver then stops with :class:`StageStalled`, its lease released; the markers keep what was done."""
+    driver then stops with :class:`StageStalled`, its lease released; the markers keep what was done.
 
-    def __init__(self, stage: str, faults: FaultConfig, log):
+    Until the first shard's row reaches the driver, the watch also looks at the markers every
+    ``look_seconds`` (``marked``: how many shards were marked done since the run began): a shard marked
+    whose row never came (its node lost in between) ends the start-up allowance as its row would have."""
+
+    def __init__(
+        self, stage: str, faults: FaultConfig, log, marked: Callable[[], int] | None = None, look_seconds: float = 60.0
+    ):
         self.stage, self.faults, self.log = stage, faults, log
+        self.marked, self.look_seconds = marked, look_seconds
         self.last, self.longest, self.stalled = time.monotonic(), None, None
         self.stop = threading.Event()
 
@@ -331,8 +341,21 @@ class StallWatch:
         self.longest = 0.0 if self.longest is None else max(self.longest, now - self.last)
         self.last = now
 
+    def _any_marked(self) -> bool:
+        """A listing, once a minute, only until the first row arrives. One that fails (S3 throttling) is
+        tried again at the next look: the deadline in force holds meanwhile."""
+        try:
+            return bool(self.marked())
+        except Exception:
+            return False
+
     def _watch(self) -> None:
+        look = time.monotonic() + self.look_seconds
         while not self.stop.wait(min(5.0, self.faults.stall_seconds / 4)):
+            if self.longest is None and self.marked is not None and time.monotonic() >= look:
+                look = time.monotonic() + self.look_seconds
+                if self._any_marked():
+                    self.finished()
             deadline = self.faults.stall_deadline(self.longest)
             if time.monotonic() - self.last > deadline:
                 self.stalled = deadline
