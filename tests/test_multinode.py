@@ -114,6 +114,29 @@ def _remove_when_hosting(c, workers, name: str, driver: subprocess.Popen, second
     return hosts[0]
 
 
+def _remove_mid_shard(c, workers, attempts: Path, driver: subprocess.Popen, seconds: float = 300):
+    """Remove, without grace, a worker node with a try in flight (its attempt record written and not yet
+    removed, in ``attempts``): a node with an idle actor would lose no work, and test nothing."""
+    deadline = time.monotonic() + seconds
+    while not (busy := [n for n in workers if n.node_id in _nodes_mid_shard(attempts)]):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+        time.sleep(0.05)
+    c.remove_node(busy[0], allow_graceful=False)
+    return busy[0]
+
+
+def _nodes_mid_shard(attempts: Path) -> set[str]:
+    nodes = set()
+    for path in attempts.glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # removed, or being written, as we read
+            continue
+        if not record.get("ended") and not record.get("done"):
+            nodes.add(record["on"]["node"])
+    return nodes
+
+
 @pytest.mark.slow
 def test_a_worker_node_lost_mid_score_loses_no_key(cluster, tmp_path):
     """score's pool (2 actors, one shard per call) loses the node of one actor after its first shard: every
@@ -134,7 +157,7 @@ def test_a_worker_node_lost_mid_score_loses_no_key(cluster, tmp_path):
     while not ((out / CURRENT.done).exists() and any((out / CURRENT.done).iterdir())):
         assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
         time.sleep(0.2)
-    _remove_when_hosting(c, workers, "ShardScorer", driver)
+    _remove_mid_shard(c, workers, out / CURRENT.attempts / "score", driver)
     console, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, console
     assert sorted(parquet_keys(out) + parquet_keys(out, f"{CURRENT.quarantine}/*.parquet")) == sorted(
