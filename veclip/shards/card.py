@@ -14,7 +14,7 @@ import posixpath
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.shards.layout import CARD_FILE, layout_of
+from veclip.shards.layout import CARD_FILE, Layout
 from veclip.shards.marker import CAPTIONS, Marker
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, write_bytes
@@ -37,14 +37,20 @@ def write_card(output: Location, stage: str, source: str, models: dict[str, str]
     their configuration names them); the counts are the markers'. Returns its path."""
     store = ShardStore(output)
     path = output.join(CARD_FILE)
-    card = render_card(output, stage, source, models or {}, store.markers(), len(store.failures()))
+    card = render_card(output, store.layout, stage, source, models or {}, store.markers(), len(store.failures()))
     write_bytes(output.fs, path, card.encode())
     log(f"{stage}: dataset card {output.url.rstrip('/')}/{CARD_FILE}")
     return path
 
 
 def render_card(
-    output: Location, stage: str, source: str, models: dict[str, str], markers: dict[str, Marker], failed: int
+    output: Location,
+    records: Layout,
+    stage: str,
+    source: str,
+    models: dict[str, str],
+    markers: dict[str, Marker],
+    failed: int,
 ) -> str:
     name = posixpath.basename(output.url.rstrip("/"))
     rows_out = sum(m.rows_out for m in markers.values())
@@ -62,7 +68,7 @@ def render_card(
         "",
         *_schema(output, markers),
         *_models(models),
-        *_reading(output, markers),
+        *_reading(output, records, markers),
     ]
     return "\n".join(lines) + "\n"
 
@@ -104,8 +110,8 @@ def _find_models(config: dict, prefix: str):
             yield prefix + key, value
 
 
-def _reading(output: Location, markers: dict[str, Marker]) -> list[str]:
-    url, records = output.url.rstrip("/"), layout_of(output)
+def _reading(output: Location, records: Layout, markers: dict[str, Marker]) -> list[str]:
+    url = output.url.rstrip("/")
     # datasets reads a local folder as it is; an object store's it reads from a glob (not a folder URL)
     hf = f'"{url}"' if output.is_local else f'"parquet", data_files="{url}/*.parquet"'
     lines = [

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from veclip.console import alive_nodes, eta, start_ray
 from veclip.shards.card import models_in, write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
-from veclip.shards.layout import layout_of, output_shard_name
+from veclip.shards.layout import CARD_FILE, layout_of, output_shard_name
 from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
@@ -190,7 +190,8 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
             _run_pools(stage, plan, run, log)
         summary = summarize(stage, plan, run, time.perf_counter() - start, started_at)
         out.fs.pipe_file(out.join(lease.layout.summary), json.dumps(summary, indent=1).encode())
-        write_card(out, stage.name, stage.config.input, models_in(summary), log)
+        if plan.todo or plan.unreadable or not out.fs.exists(out.join(CARD_FILE)):  # else the output is as it was
+            write_card(out, stage.name, stage.config.input, models_in(summary), log)
         return summary
     finally:
         lease.release()
@@ -293,8 +294,8 @@ def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
     rows = {s.path: plan.rows.get(s.name, 0) for s in plan.todo}
     total, done, began = sum(rows.values()), 0, time.perf_counter()
     store = ShardStore(stage.output)
-    before = store.done()
-    with StallWatch(stage.name, stage.faults, log, marked=lambda: len(store.done() - before)) as watch:
+    fresh = {s.name for s in plan.todo} - set(plan.redo)  # the shards to do that had no marker when planned
+    with StallWatch(stage.name, stage.faults, log, marked=lambda: len(store.done() & fresh)) as watch:
         for n, row in enumerate(stage.map_pools(ds, plan, run).iter_rows(), 1):
             watch.finished()
             done += rows.get(row["shard"], 0)
