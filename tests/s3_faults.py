@@ -3,7 +3,8 @@
 Point a client's ``endpoint_url`` at :attr:`FaultProxy.url`; every request is
 forwarded to moto unless a :class:`Fault` rule matches it, in which case the
 client gets what a real bucket sends under stress: ``503 SlowDown``, a
-``500``, a ``403 AccessDenied``, or a connection closed with no answer.
+``500``, a ``403 AccessDenied``, a connection closed with no answer, or a
+request applied whose answer is lost on the way back.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ERRORS = {
 @dataclass
 class Fault:
     path: str  # a regex searched in the request path (bucket/key)
-    status: int | str = 503  # an HTTP status from ERRORS, or "reset"
+    status: int | str = 503  # an HTTP status from ERRORS, "reset", or "answer-lost" (forwarded, answer dropped)
     methods: tuple[str, ...] = ("GET", "PUT", "HEAD", "POST", "DELETE")
     probability: float = 1.0
     times: int | None = None  # at most this many hits, then the rule is spent
@@ -85,6 +86,14 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else None
                 fault = proxy._fault_for(self.command, self.path)
                 if fault is not None and fault.status == "reset":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault is not None and fault.status == "answer-lost":  # applied upstream, the answer never comes
+                    upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                    upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    upstream.getresponse().read()
+                    upstream.close()
                     self.close_connection = True
                     self.connection.close()
                     return

@@ -5,6 +5,7 @@ first test shows the local S3 server of the tests (moto) honours them, so the
 race tests below prove the lock, not luck.
 """
 
+import dataclasses
 import json
 import multiprocessing
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 
 import pytest
+from s3_faults import Fault, FaultProxy
 
 from veclip.shards.layout import CURRENT, RECORDS_DIR
 from veclip.shards.lease import LeaseHeld, LeaseLost, OutputLease
@@ -117,3 +119,82 @@ def test_a_lease_left_by_a_killed_driver_on_this_host_is_free_at_once(out):
     lease.acquire()
     assert lease.holder()["run_id"] == "next"
     lease.release()
+
+
+def test_a_renewal_whose_answer_is_lost_keeps_the_lease(s3_endpoint, s3_bucket):
+    """S3 applies the renewal PUT, its answer is lost, the client retries it and gets 412 (the ETag changed by
+    its own write): the lease reads back its own token and goes on renewing, never concluding it lost."""
+    url, options = s3_bucket
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        out = Location(url + "/out", dataclasses.replace(options, endpoint_url=proxy.url))
+        lease = OutputLease(out, "run-1", ttl_seconds=60)
+        lease.acquire()
+        lease._stop.set()  # renewals by hand below
+        proxy.faults = [Fault(r"lease\.json", "answer-lost", methods=("PUT",), times=1)]
+        assert lease._renew_once()
+        assert proxy.injected, "the fault was never hit"
+        assert lease._renew_once()  # and the version it adopted is the current one
+        lease.check()
+        assert lease.holder()["run_id"] == "run-1"
+    finally:
+        proxy.stop()
+
+
+def test_renewal_errors_of_any_kind_are_retried_and_a_lapsing_lease_stops_commits(out, monkeypatch):
+    """A credentials refresh failing is no OSError: the renewal thread retries it, it does not die. While the
+    renewals fail the lease runs down: commits are refused before it lapses and another run may take it."""
+    lease = OutputLease(out, "run-1", ttl_seconds=2.0)
+    lease.acquire()
+    worker_view = OutputLease(out, "run-1", generation=lease.generation)
+    worker_view.check()
+    calls = []
+
+    def failing(*args):
+        calls.append(time.monotonic())
+        raise RuntimeError("credentials refresh failed")
+
+    monkeypatch.setattr(type(lease._cas), "replace", failing)
+    time.sleep(1.8)
+    assert len(calls) >= 2 and lease._thread.is_alive()  # retried, still renewing
+    with pytest.raises(LeaseLost, match="about to lapse"):
+        worker_view.check()
+    monkeypatch.undo()
+    time.sleep(1.0)  # the next retry succeeds: commits go on
+    worker_view.check()
+    lease.release()
+
+
+def test_a_commit_checks_the_generation_its_run_took(out):
+    """Fencing: a writer holding an older take of the lease is refused, also under the same run id."""
+    first = OutputLease(out, "run-1", ttl_seconds=60)
+    first.acquire()
+    first._stop.set()
+    again = OutputLease(out, "run-1", ttl_seconds=60)
+    again.acquire()  # its own run id: free to it, a new generation
+    assert again.generation == first.generation + 1
+    with pytest.raises(LeaseLost):
+        OutputLease(out, "run-1", generation=first.generation).check()
+    OutputLease(out, "run-1", generation=again.generation).check()
+    again.release()
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_at_start(s3_bucket, monkeypatch):
+    from veclip.shards import lease as lease_module
+
+    url, options = s3_bucket
+    out = Location(url + "/out", options)
+    real = lease_module._S3Cas._call
+
+    def ignoring(self, method, **kwargs):  # a store that drops If-None-Match
+        kwargs.pop("IfNoneMatch", None)
+        return real(self, method, **kwargs)
+
+    monkeypatch.setattr(lease_module._S3Cas, "_call", ignoring)
+    with pytest.raises(lease_module.ConditionalWritesIgnored, match=lease_module.UNCHECKED_STORE_ENV):
+        OutputLease(out, "run-1").acquire()
+    monkeypatch.setenv(lease_module.UNCHECKED_STORE_ENV, "1")
+    lease = OutputLease(out, "run-1")
+    lease.acquire()
+    lease.release()
+    assert not [p for p in out.fs.find(url[len("s3://") :]) if "probe" in p]  # no probe left behind

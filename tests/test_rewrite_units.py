@@ -258,14 +258,15 @@ def test_the_reaper_kills_the_engine_processes_of_a_killed_actor():
 
     from processes import wait_for
 
-    # an "actor" that starts an "engine" child ignoring SIGTERM, and the reaper on itself
+    # an "actor" that starts its reaper, then an "engine" child ignoring SIGTERM (the reaper came first)
     code = (
         "import subprocess, sys, time\n"
         "from veclip.rewrite.reaper import start_reaper\n"
+        "start_reaper(); time.sleep(0.5)\n"
         "engine = subprocess.Popen([sys.executable, '-c', "
         "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'],"
         " start_new_session=True)\n"
-        "start_reaper([engine.pid]); print(engine.pid, flush=True); time.sleep(600)\n"
+        "print(engine.pid, flush=True); time.sleep(600)\n"
     )
     actor = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     engine = int(actor.stdout.readline())

@@ -73,6 +73,8 @@ def output_status(location: Location) -> Status:
         lines.append("flags: " + ", ".join(f"{reason} {n}" for reason, n in flags.most_common()))
     for name, record in sorted(failed.items())[:5]:
         lines.append(f"failed: {name}: {record.error}")
+    if plan.get("stopped") and not live:
+        lines.append(f"stopped at {plan['stopped']['at']}: {plan['stopped']['why']}")
     done = not live and not failed and remaining == 0 and bool(markers)
     return Status(plan.get("stage", "rewrite"), location.url, done, lines)  # plans before the stage field: a rewrite's
 

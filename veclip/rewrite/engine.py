@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from veclip.rewrite.config import EngineConfig, SamplingConfig
-from veclip.rewrite.reaper import start_reaper
+from veclip.rewrite.reaper import reap_orphaned_engines, start_reaper
 from veclip.shards.guard import engine_died
 
 
@@ -136,21 +136,30 @@ def sampling_params(sampling: SamplingConfig, seed: int | None):
     )
 
 
+def build_engine(config: EngineConfig, multimodal: bool = False) -> Engine:
+    """The pool's engine: vLLM, or the stand-in for a GPU that tests at real durations use
+    (:mod:`veclip.rewrite.standin`)."""
+    from veclip.rewrite.standin import StandInEngine, is_stand_in
+
+    return StandInEngine(config.model) if is_stand_in(config.model) else VLLMEngine(config, multimodal)
+
+
 class VLLMEngine:
     """``vllm.LLM`` in-process: chat templates, image inputs, per-request seeds."""
 
     def __init__(self, config: EngineConfig, multimodal: bool = False):
         import vllm
 
-        before = _descendants()
+        reap_orphaned_engines()  # what a dead actor left on this GPU would fail vLLM's memory check
+        reaper = start_reaper()  # before the engine: a death during its minutes of start-up leaves none behind
+        before = {p.pid for p in _descendants()} | {reaper.pid}
         self.llm = start_llm(config, multimodal)
-        engines = [p for p in _descendants() if p.pid not in before]
-        _watch_engine_processes(engines)
-        start_reaper([p.pid for p in engines])  # no engine outlives this actor, however it dies
+        _watch_engine_processes([p for p in _descendants() if p.pid not in before])
         self.seeded = config.seeded_requests
         self.max_model_len = config.max_model_len
         self.name = f"vllm-{vllm.__version__}"
         self.busy_seconds = 0.0  # wall seconds the engine had requests in it (the busy share's numerator)
+        self.completed = 0  # requests finished: the stall watch's sign of progress inside a shard
         self._dead: BaseException | None = None
         self._stepping_since: float | None = None  # when the running engine.step() began (None: not in one)
         self.stall_seconds = STEP_STALL_SECONDS
@@ -221,6 +230,7 @@ class VLLMEngine:
                 entry = waiting.pop(_external_id(output.request_id), None) if output.finished else None
                 if entry is not None:  # (None: a request of a submission that failed while being queued)
                     entry[0].done(entry[1], _completion(output))
+                    self.completed += 1
             self.busy_seconds += time.perf_counter() - started
 
     def _enqueue(self, submission: "_Submission") -> list[str]:

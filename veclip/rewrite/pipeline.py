@@ -21,6 +21,7 @@ from veclip import schema
 from veclip.config import SECRET_NAME, redact
 from veclip.console import start_ray
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
+from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
 from veclip.shards.driver import (
     ShardedStage,
@@ -69,7 +70,7 @@ def check_engine_python(config: RewriteConfig, timeout_s: float = 900) -> None:
     )
     stages = [config.captioner, config.fuser] if config.uses_captioner else []
     stages += [config.laclip] if config.uses_laclip and not config.uses_captioner else []
-    for stage in stages:
+    for stage in (s for s in stages if not is_stand_in(s.engine.model)):  # a stand-in needs no vLLM
         python = stage.pool.python
         if python:
             if not Path(python).exists():

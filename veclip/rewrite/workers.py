@@ -30,7 +30,7 @@ from veclip import schema
 from veclip.config import secret_values
 from veclip.rewrite import steps
 from veclip.rewrite.config import RewriteConfig
-from veclip.rewrite.engine import Engine, VLLMEngine
+from veclip.rewrite.engine import Engine, build_engine
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
 from veclip.rewrite.steps import CAPTION_WORK_SCHEMA, Meter
 from veclip.shards.guard import RunContext, ShardRefused
@@ -102,7 +102,7 @@ class ShardCaptioner(_RewriteWorker):
     def __init__(self, config: RewriteConfig, options: StorageOptions, run: RunContext, engine: Engine | None = None):
         super().__init__(config, options, run)
         self.prompt = CaptionerPrompt.load(config.captioner.prompts)
-        self.engine = engine or VLLMEngine(config.captioner.engine, multimodal=True)
+        self.engine = engine or build_engine(config.captioner.engine, multimodal=True)
         self.store = caption_store(self.output)
         self.decoder = ThreadPoolExecutor(4)  # JPEG decode releases the GIL
         self.decode = functools.partial(steps.decode_for_captioner, config=config)
@@ -150,7 +150,7 @@ class ShardRewriter(_RewriteWorker):
             CaptionerPrompt.load(config.captioner.prompts).version if config.uses_captioner else None
         )
         self.laclip = LaClipPrompt.load(config.laclip.prompts) if config.uses_laclip else None
-        self.engine = engine or VLLMEngine((config.fuser if config.uses_captioner else config.laclip).engine)
+        self.engine = engine or build_engine((config.fuser if config.uses_captioner else config.laclip).engine)
         self.store = ShardStore(self.output)
         self.captions = caption_store(self.output)
 

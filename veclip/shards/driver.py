@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import logging
 import posixpath
-import signal
+import queue
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,11 +30,12 @@ from veclip.shards.card import models_in, write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
 from veclip.shards.layout import CARD_FILE, layout_of, output_shard_name
 from veclip.shards.lease import OutputLease
-from veclip.shards.marker import Marker
+from veclip.shards.marker import Marker, utc_now
 from veclip.shards.plan import InputShard, Plan
+from veclip.shards.progress import PoolView, board_viewer, start_board
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import FaultConfig
-from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
+from veclip.storage import Location, StorageOptions, read_json, refuse_overlap, write_json
 
 SUMMARY_VERSION = 2
 
@@ -172,10 +173,10 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
     """
     refuse_overlap(stage.name, stage.config.output, stage.input_urls(), stage.options)
     start, started_at = time.perf_counter(), time.time()
-    run = RunContext(run_id=uuid.uuid4().hex[:12], fingerprint=stage.fingerprint())
-    out = stage.output
-    lease = OutputLease(out, run.run_id, stage.faults.lease_seconds)
+    run_id, out = uuid.uuid4().hex[:12], stage.output
+    lease = OutputLease(out, run_id, stage.faults.lease_seconds)
     lease.acquire(take_over=take_over_lease)
+    run = RunContext(run_id=run_id, fingerprint=stage.fingerprint(), lease_generation=lease.generation)
     try:
         plan = plan_stage(stage, run)
         record_plan(stage, plan, run, started_at)
@@ -187,7 +188,11 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
         )
         if plan.todo:
             stage.prepare(plan, run, log)
-            _run_pools(stage, plan, run, log)
+            try:
+                _run_pools(stage, plan, run, log)
+            except StageStalled as err:
+                record_stop(stage, str(err))
+                raise
         summary = summarize(stage, plan, run, time.perf_counter() - start, started_at)
         out.fs.pipe_file(out.join(lease.layout.summary), json.dumps(summary, indent=1).encode())
         if plan.todo or plan.unreadable or not out.fs.exists(out.join(CARD_FILE)):  # else the output is as it was
@@ -283,6 +288,14 @@ def record_plan(stage: ShardedStage, plan: Plan, run: RunContext, started_at: fl
     )
 
 
+def record_stop(stage: ShardedStage, why: str) -> None:
+    """Why the run stopped, in its plan record (``veclip status`` shows it), before the lease is given back."""
+    out = stage.output
+    path = out.join(layout_of(out).plan)
+    plan = read_json(out.fs, path) or {}
+    write_json(out.fs, path, {**plan, "stopped": {"at": utc_now(), "why": why}})
+
+
 def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
     import ray
 
@@ -293,13 +306,19 @@ def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
     )
     rows = {s.path: plan.rows.get(s.name, 0) for s in plan.todo}
     total, done, began = sum(rows.values()), 0, time.perf_counter()
-    store = ShardStore(stage.output)
-    fresh = {s.name for s in plan.todo} - set(plan.redo)  # the shards to do that had no marker when planned
-    with StallWatch(stage.name, stage.faults, log, marked=lambda: len(store.done() & fresh)) as watch:
-        for n, row in enumerate(stage.map_pools(ds, plan, run).iter_rows(), 1):
-            watch.finished()
+    faults = stage.faults
+    board = start_board(run.run_id)
+    try:
+        watch = StallWatch(stage.name, faults, board_viewer(board, faults.heard_within, faults.look_seconds))
+        for n, row in enumerate(watch.rows(stage.map_pools(ds, plan, run).iter_rows()), 1):
             done += rows.get(row["shard"], 0)
             _log_progress(stage, row, n, len(plan.todo), done, total, began, log)
+    except StageStalled:
+        for name in ("ray", "ray.data"):  # the stopped executor's threads complain as Ray shuts down: noise
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        raise
+    finally:
+        ray.kill(board)
 
 
 def _log_progress(stage: ShardedStage, row: dict, n: int, todo: int, done: int, total: int, began: float, log) -> None:
@@ -315,69 +334,92 @@ def _log_progress(stage: ShardedStage, row: dict, n: int, todo: int, done: int, 
 
 
 class StageStalled(RuntimeError):
-    """No shard finished within the stall deadline: the pool's actors are dead or cannot be placed."""
+    """The pool made no progress within the stall deadline: its actors are dead, cannot be placed, or hung."""
 
 
 class StallWatch:
-    """No silent hang (a pool whose actors died and cannot be placed waits forever, ray #62746): a thread
-    that interrupts the driver when no shard has finished within ``FaultConfig.stall_deadline``. The
-    driver then stops with :class:`StageStalled`, its lease released; the markers keep what was done.
-
-    Until the first shard's row reaches the driver, the watch also looks at the markers every
-    ``look_seconds`` (``marked``: how many shards were marked done since the run began): a shard marked
-    whose row never came (its node lost in between) ends the start-up allowance as its row would have."""
+    """No silent hang, no false stop: the driver's own loop (:meth:`rows`) looks at the pool every
+    ``faults.look_seconds`` and ends the run with :class:`StageStalled` when it made no progress for the
+    deadline in force (:meth:`FaultConfig.stall_deadline`): ``first_shard_seconds`` while no actor is working
+    (the pool starting, a lost node being replaced), else ``stall_factor`` x the longest pause between two
+    signs of progress while working, at least ``stall_seconds``. Progress is a shard's row reaching the
+    driver, or anything the actors' heartbeats report (:mod:`veclip.shards.progress`): requests finished
+    inside a shard, an actor appearing or starting its first shard. No signal is involved, so a driver that
+    ignores or blocks SIGINT (started with ``&``, a Ray job entrypoint under bash) stops all the same."""
 
     def __init__(
-        self, stage: str, faults: FaultConfig, log, marked: Callable[[], int] | None = None, look_seconds: float = 60.0
+        self,
+        stage: str,
+        faults: FaultConfig,
+        view: Callable[[], PoolView | None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        self.stage, self.faults, self.log = stage, faults, log
-        self.marked, self.look_seconds = marked, look_seconds
-        self.last, self.longest, self.stalled = time.monotonic(), None, None
-        self.stop = threading.Event()
+        self.stage, self.faults, self.view, self.clock = stage, faults, view, clock
+        self.last = clock()  # the last sign of progress
+        self.longest: float | None = None  # the longest pause between two while working (None: not yet working)
+        self.working = False
 
-    def finished(self) -> None:
-        """A shard finished: the gaps between finished shards (not the start-up before the first) set the
-        deadline."""
-        now = time.monotonic()
-        self.longest = 0.0 if self.longest is None else max(self.longest, now - self.last)
-        self.last = now
+    def progressed(self, at: float | None = None) -> None:
+        at = self.clock() if at is None else at
+        if at <= self.last:
+            return
+        if self.working:
+            self.longest = max(self.longest or 0.0, at - self.last)
+        self.last = at
 
-    def _any_marked(self) -> bool:
-        """A listing, once a minute, only until the first row arrives. One that fails (S3 throttling) is
-        tried again at the next look: the deadline in force holds meanwhile."""
-        try:
-            return bool(self.marked())
-        except Exception:
-            return False
+    def deadline(self) -> float:
+        return self.faults.stall_deadline(self.longest if self.working else None)
 
-    def _watch(self) -> None:
-        look = time.monotonic() + self.look_seconds
-        while not self.stop.wait(min(5.0, self.faults.stall_seconds / 4)):
-            if self.longest is None and self.marked is not None and time.monotonic() >= look:
-                look = time.monotonic() + self.look_seconds
-                if self._any_marked():
-                    self.finished()
-            deadline = self.faults.stall_deadline(self.longest)
-            if time.monotonic() - self.last > deadline:
-                self.stalled = deadline
-                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it wakes the driver's blocking wait
+    def check(self) -> None:
+        """Look at the pool; raise :class:`StageStalled` when the deadline in force has passed."""
+        view, now = self.view(), self.clock()
+        if view is not None:
+            if view.since_progress is not None:  # a pause that ends now is timed in the state it was spent in
+                self.progressed(now - view.since_progress)
+            self.working = view.working > 0
+        deadline = self.deadline()
+        if now - self.last > deadline:
+            raise StageStalled(self._why(now - self.last, deadline))
+
+    def _why(self, silent: float, deadline: float) -> str:
+        if self.working:
+            cause = (
+                f"its actors are working but made no progress for {silent:.0f} s (the deadline {deadline:.0f} s: "
+                "faults.stall_factor x the longest pause seen, at least faults.stall_seconds): an engine hung"
+            )
+        else:
+            cause = (
+                f"no actor of the pool is working and nothing progressed for {silent:.0f} s (the start-up "
+                f"allowance, faults.first_shard_seconds = {deadline:.0f} s): the pool's actors are dead or cannot "
+                "be placed (a lost node, no node with room; `ray status` shows pending demands)"
+            )
+        return f"{self.stage}: stopped: {cause}. What finished is kept: rerun to continue."
+
+    def rows(self, rows: Iterator[dict]) -> Iterator[dict]:
+        """The pools' rows as they come, the pool looked at in between; raises :class:`StageStalled`."""
+        arrived: queue.Queue = queue.Queue()
+
+        def pump() -> None:  # Ray Data's iterator blocks: it runs aside, the driver's loop stays free to stop
+            try:
+                for row in rows:
+                    arrived.put((row, None))
+                arrived.put((None, None))
+            except BaseException as err:  # noqa: BLE001 - handed to the driver's loop, which raises it
+                arrived.put((None, err))
+
+        threading.Thread(target=pump, name="veclip-rows", daemon=True).start()
+        while True:
+            try:
+                row, err = arrived.get(timeout=self.faults.look_seconds)
+            except queue.Empty:
+                self.check()
+                continue
+            if err is not None:
+                raise err
+            if row is None:
                 return
-
-    def __enter__(self):
-        threading.Thread(target=self._watch, name="veclip-stall-watch", daemon=True).start()
-        return self
-
-    def __exit__(self, kind, error, tb):
-        self.stop.set()
-        if kind is KeyboardInterrupt and self.stalled is not None:
-            since = "since the run began" if self.longest is None else "since the last one"
-            raise StageStalled(
-                f"{self.stage}: no shard finished for {self.stalled:.0f} s {since} (the deadline: "
-                f"faults.stall_factor x the longest wait so far, at least faults.stall_seconds; before the first "
-                "shard faults.first_shard_seconds): the pool's actors are dead or cannot be placed (a lost node, "
-                "no node with room; `ray status` shows pending demands). What finished is kept: rerun to continue."
-            ) from None
-        return False
+            self.progressed()
+            yield row
 
 
 def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: float, started_at: float = 0.0) -> dict:

@@ -42,6 +42,7 @@ class RunContext:
 
     run_id: str
     fingerprint: str
+    lease_generation: int | None = None  # the take of the output's lease the run holds: commits check it
 
 
 def running_on() -> dict:
@@ -83,7 +84,7 @@ class ShardGuard:
         self.secrets = secrets  # values never written into a record (an engine's token quoted in an error)
         self.max_attempts, self.backoff_seconds = max_attempts, backoff_seconds
         self.store = ShardStore(output)
-        self.lease = OutputLease(output, run.run_id)
+        self.lease = OutputLease(output, run.run_id, generation=run.lease_generation)
 
     def _attempts_path(self, name: str) -> str:
         return self.output.join(self.store.layout.attempts, self.stage, name + RECORD_SUFFIX)

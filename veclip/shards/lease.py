@@ -15,7 +15,13 @@ that start together exactly one wins, with no waiting:
   the version (mtime and size) it read.
 
 Workers check the lease before they commit a shard (:meth:`OutputLease.check`),
-so a run that lost its lease stops writing at its next shard.
+so a run that lost its lease, or whose lease is close to lapsing (its renewals
+failing), stops writing at its next shard. Each record carries a token of the
+write that made it (a renewal answered 412 because its answer was lost and the
+client retried reads the lease back and finds its own token: kept, not lost)
+and a generation, raised by each run that takes the lease: a commit checks the
+generation its run took, so a writer that lost the lease cannot commit under
+its successor's.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -42,6 +49,13 @@ class LeaseHeld(RuntimeError):
 
 class LeaseLost(RuntimeError):
     """This run's lease was taken over: it must stop writing."""
+
+
+class ConditionalWritesIgnored(ValueError):
+    """The store accepts a create-only write over an existing object: a lease there would lock nothing."""
+
+
+UNCHECKED_STORE_ENV = "VECLIP_STORE_IGNORES_CONDITIONAL_WRITES"  # 1: run without a working lease, at one's risk
 
 
 class _Conflict(Exception):
@@ -154,6 +168,24 @@ class _S3Cas:
         except (_Conflict, FileNotFoundError):
             pass
 
+    def honours_conditional_writes(self) -> bool:
+        """Two create-only PUTs of one probe object: a store that lets the second through would make the
+        lease a no-op (AWS S3, MinIO, moto refuse it; some S3-compatible stores do not)."""
+        probe = _S3Cas.__new__(_S3Cas)
+        probe.fs, probe.bucket, probe.key = self.fs, self.bucket, f"{self.key}.probe-{uuid.uuid4().hex}"
+        probe._call("put_object", Body=b"probe", IfNoneMatch="*")
+        try:
+            probe._call("put_object", Body=b"probe", IfNoneMatch="*")
+            return False
+        except _Conflict:
+            return True
+        finally:
+            probe.fs.call_s3("delete_object", Bucket=probe.bucket, Key=probe.key)
+
+
+RENEWALS_PER_TTL = 4  # renewed every quarter of its lifetime: three renewals can fail before it lapses
+LAPSING_SHARE = 0.25  # a commit is refused once less than this share of the lifetime is left (two renewals missed)
+
 
 @dataclass
 class OutputLease:
@@ -161,6 +193,7 @@ class OutputLease:
     run_id: str
     ttl_seconds: float = 120.0
     layout: Layout = field(default=None, repr=False)  # the output's (found when None)
+    generation: int | None = None  # the take the run holds (workers: the driver's, from RunContext)
     _version: str | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -190,19 +223,35 @@ class OutputLease:
     def _record(self) -> dict:
         return {
             "run_id": self.run_id,
+            "generation": self.generation,
+            "token": uuid.uuid4().hex,  # this write's own: a lost answer is recognised by it
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "expires_at": time.time() + self.ttl_seconds,
+            "ttl_seconds": self.ttl_seconds,
             "started_at": utc_now(),
         }
 
+    def _check_store(self, cas) -> None:
+        if isinstance(cas, _S3Cas) and os.environ.get(UNCHECKED_STORE_ENV) != "1":
+            if not cas.honours_conditional_writes():
+                raise ConditionalWritesIgnored(
+                    f"{self.location.url}: this store ignores conditional writes (a create-only PUT with "
+                    "If-None-Match: * overwrote an existing object), so the output's lease would not keep a second "
+                    "run out. Use a store that honours them (AWS S3, MinIO, recent Ceph), or, if you make sure "
+                    f"yourself that one run writes this output, set {UNCHECKED_STORE_ENV}=1."
+                )
+
     def acquire(self, take_over: bool = False) -> None:
         cas = self._cas
+        self._check_store(cas)
         current = cas.read()
         try:
             if current is None:
+                self.generation = 1
                 self._version = cas.create(self._record())
             elif take_over or self._free(current[0]):
+                self.generation = int(current[0].get("generation") or 0) + 1
                 self._version = cas.replace(self._record(), current[1])
             else:
                 held = current[0]
@@ -222,27 +271,54 @@ class OutputLease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_seconds / 4) and self._renew_once():
-            pass
+        """Renew every quarter of the lifetime until released or taken over; a failed renewal (any error: S3
+        down, credentials expired) is retried with backoff, never ends the thread."""
+        every = self.ttl_seconds / RENEWALS_PER_TTL
+        wait, retry = every, 0.0
+        while not self._stop.wait(wait):
+            try:
+                if not self._renew_once():
+                    return
+                wait, retry = every, 0.0
+            except Exception as err:  # noqa: BLE001 - workers see the lease lapsing and stop committing
+                retry = min(2 * retry or every / 8, every / 2)
+                wait = retry * random.uniform(0.5, 1.0)
+                print(f"veclip: renewing the output's lease failed ({type(err).__name__}: {err}); retrying", flush=True)
 
     def _renew_once(self) -> bool:
-        """Extend the lease if it is still this run's; False once it was taken over."""
+        """Extend the lease if it is still this run's; False once another run took it. A renewal answered with
+        a conflict reads the lease back: its own token there means the write went through (the answer was lost
+        and the client's retry found the version changed by that very write)."""
+        record = self._record()
         try:
-            self._version = self._cas.replace(self._record(), self._version)
+            self._version = self._cas.replace(record, self._version)
         except _Conflict:
+            found = self._cas.read()
+            if found is not None and found[0].get("token") == record["token"]:
+                self._version = found[1]
+                return True
             self._stop.set()
             return False  # taken over: workers find out at their next check
-        except OSError:
-            pass  # a transient storage error: the next renewal tries again, well before expiry
         return True
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` unless this run still holds the lease (workers call it before each commit)."""
+        """Raise :class:`LeaseLost` unless this run still holds the lease, in the generation it took, with
+        time left (workers call it before each commit: a run whose renewals keep failing stops writing before
+        its lease lapses and another run may take it)."""
         current = self.holder()
-        if current is None or current["run_id"] != self.run_id:
+        ours = current is not None and current["run_id"] == self.run_id
+        if ours and self.generation is not None and current.get("generation") not in (None, self.generation):
+            ours = False
+        if not ours:
             raise LeaseLost(
                 f"{self.location.url}: run {self.run_id} no longer holds the output "
                 f"(now {current and current['run_id']}); stopping"
+            )
+        left, ttl = current["expires_at"] - time.time(), current.get("ttl_seconds", self.ttl_seconds)
+        if left < LAPSING_SHARE * ttl:
+            raise LeaseLost(
+                f"{self.location.url}: run {self.run_id}'s lease is about to lapse ({left:.0f} s left of "
+                f"{ttl:.0f} s: its renewals are failing); stopping before another run may take the output"
             )
 
     def release(self) -> None:

@@ -13,6 +13,7 @@ whole, stamped with the run, if the run still holds the output.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from veclip.metrics import publish_shard
 from veclip.shards.guard import FAILED, RunContext, ShardGuard, running_on
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import Marker
+from veclip.shards.progress import Heartbeat
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions
 
@@ -34,19 +36,48 @@ class FaultConfig:
 
     max_attempts: int = 3  # tries per shard and run, crashes of the actor's process included
     backoff_seconds: float = 2.0  # before the 2nd try; doubled for each next one, with jitter
-    lease_seconds: float = 120.0  # one writer per output: the lease lapses this long after its run stops renewing
-    # No silent hang (the pool's actors dead or unplaceable): the run stops, non-zero with its work kept, when
-    # no shard finishes for first_shard_seconds before the first one (engines loading, nodes starting), then
-    # for stall_factor x the longest wait between two finished shards so far, at least stall_seconds
-    first_shard_seconds: float = 3600.0  # no silent hang: the longest wait for the first finished shard
-    stall_factor: float = 10.0  # no silent hang: this many times the longest wait between finished shards ...
-    stall_seconds: float = 900.0  # ... and at least this long, before the run stops
+    # One writer per output: the lease lapses this long after its run stops renewing (renewed every quarter of
+    # it). It must exceed an S3 outage the run should ride out (s3fs retries ~1 min) plus a renewal's latency.
+    lease_seconds: float = 120.0
+    # No silent hang, and no false stop (docs/resuming.md). Actors report progress inside shards (requests
+    # their engine finished) every heartbeat_seconds; the run stops, non-zero with its work kept, when:
+    # - no actor is working (the pool starting, or every actor lost) and nothing progressed for
+    #   first_shard_seconds: it must exceed a spot node's replacement (5-15 min) plus a 7B engine's load
+    #   (2-10 min) plus the first requests;
+    first_shard_seconds: float = 3600.0
+    # - actors are working but nothing progressed for stall_factor x the longest pause between two signs of
+    #   progress seen so far, at least stall_seconds: it must exceed an engine's longest step or request
+    #   (seconds on a GPU; minutes for a long batch on CPU), never a shard (4-70 min), which no longer matters.
+    stall_factor: float = 10.0
+    stall_seconds: float = 900.0
 
     def stall_deadline(self, longest_gap: float | None) -> float:
-        """Seconds without a finished shard after which the run stops."""
+        """Seconds without progress after which the run stops: ``longest_gap`` None while no actor works."""
         if longest_gap is None:
             return self.first_shard_seconds
         return max(self.stall_seconds, self.stall_factor * longest_gap)
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often an actor tells its progress: a tenth of stall_seconds, at most 30 s (one small actor call)."""
+        return min(30.0, self.stall_seconds / 10)
+
+    @property
+    def heard_within(self) -> float:
+        """An actor not heard for this long is gone: three missed beats, well inside stall_seconds, so a lost
+        actor turns the pool to "starting" (first_shard_seconds) before the working deadline can pass."""
+        return 3 * self.heartbeat_seconds
+
+    @property
+    def look_seconds(self) -> float:
+        """How often the driver looks at the pool: a quarter of stall_seconds, at most 5 s."""
+        return min(5.0, self.stall_seconds / 4)
+
+
+def _in_ray() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 class ShardWorker(ABC):
@@ -65,13 +96,22 @@ class ShardWorker(ABC):
         self.run, self.options = run, options
         self.output = Location(output, options)
         self.guard = ShardGuard(self.output, run, self.stage, faults.max_attempts, faults.backoff_seconds, secrets)
+        self.shards_finished = 0
+        self.heartbeat = Heartbeat(run.run_id, faults.heartbeat_seconds, self.progress) if _in_ray() else None
+
+    def progress(self) -> int:
+        """A running count of work done, for the stall watch: shards, and requests if the worker has an engine
+        that counts them (a shard takes minutes; a request, seconds)."""
+        return self.shards_finished + getattr(getattr(self, "engine", None), "completed", 0)
 
     def __call__(self, batch: dict) -> dict:
         statuses = []
         for path, size, status in zip(batch["shard"], batch["size"], batch["status"]):
             if status != FAILED:  # a shard the previous pool gave up on is already recorded
                 work = functools.partial(self.process, path, int(size))
-                status = self.guard.run_shard(output_shard_name(path), path, work)
+                with self.heartbeat.shard() if self.heartbeat else contextlib.nullcontext():
+                    status = self.guard.run_shard(output_shard_name(path), path, work)
+                self.shards_finished += 1
             statuses.append(status)
         return {**batch, "status": statuses}
 

@@ -71,7 +71,10 @@ def tiny_captioner(name: str) -> dict:
 
 def build_models(config: RewriteConfig) -> None:
     """Build the tiny or the trained models if ``config`` uses them and they are not built yet."""
-    used = {stage.engine.model for stage in (config.captioner, config.fuser, config.laclip)}
+    roles = ([config.captioner, config.fuser] if config.uses_captioner else []) + (
+        [config.laclip] if config.uses_laclip else []
+    )
+    used = {stage.engine.model for stage in roles}  # a LaCLIP-only run builds no VLM
     if used & set(tiny.model_paths(tiny_models_dir()).values()):
         tiny.ensure_built(tiny_models_dir(), default_vllm_python())
     for scale in set(TRAINED_PRESETS.values()):
