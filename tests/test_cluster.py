@@ -271,7 +271,11 @@ def ray_head():
     ]
     log = Path(temp) / "start.log"  # a file, not a pipe: Ray's daemons inherit it and outlive this call
     with log.open("w") as out:
-        starter = subprocess.Popen(command, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        # jobs run `python` from the head's PATH (as on a cluster image): this environment's
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        starter = subprocess.Popen(
+            command, start_new_session=True, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PATH": path}
+        )
         starter.wait(timeout=180)
     assert starter.returncode == 0, log.read_text()[-3000:]
     try:
@@ -553,3 +557,53 @@ def test_the_images_install_the_tested_pins_before_the_code():
     assert project["optional-dependencies"]["vllm"] == ["vllm==0.32.0"]
     base = re.search(r"ARG RAY_IMAGE=(\S+)", text).group(1)
     assert base == "rayproject/ray:2.60.0-py311" and "-cu" not in base  # the wheels bring CUDA 13
+
+
+STAND_IN = (
+    "--set laclip.engine.model=stand-in:latency=0.1 --set laclip.pool.python= --set laclip.pool.shards_in_flight=1"
+)
+PIPELINE = f"""name: clocks
+about: one LaCLIP step on a stand-in engine (0.1 s a request)
+steps:
+  - name: captions
+    run: rewrite --input {{input}} --output {{output}}/captions --preset tiny --mode laclip {STAND_IN}
+"""
+
+
+@pytest.mark.slow
+def test_a_pipeline_killed_while_its_submitted_step_runs_attaches_to_that_job_on_a_rerun(
+    ray_head, sample_root, tmp_path
+):
+    """The pipeline is killed (SIGKILL) while its step runs as a Ray job: the job goes on, and the rerun attaches
+    to it rather than submitting the step again: one job, every key once."""
+    import pyarrow.parquet as pq
+
+    (tmp_path / "clocks.yaml").write_text(PIPELINE)
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("veclip")), "pipeline", str(tmp_path / "clocks.yaml")]
+    cmd += ["--input", str(sample_root / "train"), "--output", str(out), "--submit", "--address", ray_head.url]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    record, done = out / "_pipeline" / "captions.json", out / "captions" / CURRENT.done
+    deadline = time.monotonic() + 300
+    while not (done.exists() and any(done.iterdir())):  # the job is mid-step: a shard written, more to do
+        assert first.poll() is None and time.monotonic() < deadline, "the step never wrote a shard"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    job = json.loads(record.read_text())["job_id"]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"job {job} (submitted by an earlier run) is still running: attaching" in rerun.stdout, rerun.stdout
+    jobs = subprocess.run(
+        [str(Path(sys.executable).with_name("veclip")), "jobs", "list", "--address", ray_head.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sum(str(out) in line for line in jobs.stdout.splitlines()) == 1, jobs.stdout  # one job for the step
+    keys = [k for p in sorted((out / "captions").glob("*.parquet")) for k in pq.read_table(p).column("key").to_pylist()]
+    source = [
+        k for p in sorted((sample_root / "train").glob("*.parquet")) for k in pq.read_table(p).column("key").to_pylist()
+    ]
+    assert sorted(keys) == sorted(source)  # every key once
+    assert json.loads(record.read_text())["finished_at"]

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import parquet_keys
 from PIL import Image
-from processes import kill_all, kill_job_when, wait_for
+from processes import descendants, kill_all, kill_job_when, pids_matching, wait_for
 
 from veclip import schema
 from veclip.processes import pid_alive
@@ -301,3 +302,40 @@ def test_kill_the_driver_and_rerun(sample_root, tmp_path, vllm_python):
     assert "60 rows in -> 60 out + 0 quarantined" in rerun.stdout
     written = keys_of(Location(str(out)), sorted(ShardStore(Location(str(out))).done()))
     assert sorted(written) == sorted(r["key"] for r in rows)
+
+
+ENGINE_START = """
+import sys
+from veclip.rewrite.config import preset
+from veclip.rewrite.engine import VLLMEngine
+
+if __name__ == "__main__":
+    config = preset("tiny")
+    print("starting", flush=True)
+    VLLMEngine(config.laclip.engine)
+    print("up", flush=True)
+"""
+
+
+def test_an_actor_killed_while_its_engine_starts_leaves_no_engine_process(tmp_path, vllm_python):
+    """vLLM's start-up takes minutes on a GPU; an actor killed (OOM, its node's agent) in that window left its
+    engine process holding the GPU. The reaper is in place before vllm.LLM() starts: nothing outlives the actor."""
+    from veclip.rewrite.config import ensure_models, preset
+
+    ensure_models(dataclasses.replace(preset("tiny"), mode="laclip"))
+    script = tmp_path / "actor.py"
+    script.write_text(ENGINE_START)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    actor = subprocess.Popen([vllm_python, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    tree = []
+    try:
+        assert actor.stdout.readline().strip() == "starting"
+        engine = wait_for(lambda: pids_matching(r"^VLLM|EngineCore", parent=actor.pid), 120, "vLLM's engine process")
+        tree = descendants(actor.pid)
+        assert actor.poll() is None, "the engine finished starting before the kill: the test proves nothing"
+        os.kill(actor.pid, signal.SIGKILL)  # the actor alone, as the OOM killer does: its children are orphaned
+        actor.wait()
+        wait_for(lambda: not any(pid_alive(p) for p in tree), 30, "the orphaned engine processes to be reaped")
+        assert engine and "up" not in actor.stdout.read().splitlines()  # killed before vllm.LLM() returned
+    finally:
+        kill_all(tree)

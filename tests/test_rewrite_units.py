@@ -312,3 +312,37 @@ def test_the_entity_check_agrees_with_what_the_fusion_prompt_asks():
         if lost := cleaning.lost_entities(alt, teacher.fused(alt, describe(scene))):
             nulled.append((alt, lost))
     assert nulled == []
+
+
+def test_an_actor_on_a_gpu_kills_the_engines_orphaned_on_its_devices(monkeypatch):
+    """An engine left by a dead actor (parent init) holds its GPU's memory: an actor given that GPU kills it before
+    starting its own engine; one on another GPU, and anything not an engine, are left alone."""
+    import subprocess
+    import time
+
+    from processes import kill_all, pids_matching
+
+    from veclip.rewrite.reaper import reap_orphaned_engines
+
+    def orphan(title: str, devices: str) -> int:
+        marker = f"{title} {int(time.time() * 1e6)}"
+        subprocess.run(
+            ["setsid", "bash", "-c", f"(exec -a {title} sleep 600 {marker[-16:]}) & disown"],
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": devices},
+            check=True,
+        )
+        time.sleep(0.3)
+        [pid] = pids_matching(f"^{title} 600 {marker[-16:]}", parent=1)
+        return pid
+
+    ours, other, not_engine = orphan("VLLM::EngineCore", "7"), orphan("VLLM::EngineCore", "6"), orphan("python", "7")
+    try:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+        reaped = reap_orphaned_engines(log=lambda *_: None)
+        assert ours in reaped and other not in reaped and not_engine not in reaped
+        time.sleep(0.3)
+        assert not _running(ours) and _running(other) and _running(not_engine)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        assert reap_orphaned_engines() == []  # no GPU assigned: nothing to free, nothing touched
+    finally:
+        kill_all([ours, other, not_engine])

@@ -311,6 +311,33 @@ def test_bad_config_and_data(tmp_path):
         preset("tiny").validate_for_run()
 
 
+def test_a_second_train_into_a_run_folder_is_refused_with_who_holds_it(sample_root, tmp_path):
+    """Training has a lease like the sharded outputs: two runs never write one run folder at once."""
+    from conftest import veclip_cli
+
+    from veclip.shards.lease import OutputLease
+
+    held = OutputLease(Location(str(tmp_path / "runs" / "clip")), "first-run", ttl_seconds=600)
+    held.acquire()
+    try:
+        result = veclip_cli(
+            "train",
+            "--input",
+            str(sample_root / "train"),
+            "--output",
+            str(tmp_path / "runs"),
+            "--name",
+            "clip",
+            "--preset",
+            "tiny",
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "being written by run first-run" in result.stderr and "another --name" in result.stderr, result.stderr
+        assert not (tmp_path / "runs" / "clip" / "run.json").exists()  # refused before anything was written
+    finally:
+        held.release()
+
+
 class _Payload:
     def __reduce__(self):
         import os

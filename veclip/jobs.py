@@ -193,6 +193,16 @@ def follow_logs(address: str | None, job_id: str, out=print) -> None:
     asyncio.run(tail())
 
 
+def job_status(address: str | None, job_id: str) -> str | None:
+    """The job's status name, None when the cluster knows no such job (never submitted, or another cluster)."""
+    try:
+        return str(client(address).get_job_status(job_id).value)
+    except RuntimeError as err:
+        if "does not exist" in str(err) or "404" in str(err):
+            return None
+        raise
+
+
 def wait(address: str | None, job_id: str, poll_s: float = 2.0) -> str:
     """Block until the job ends; its final status name."""
     jobs = client(address)

@@ -21,10 +21,16 @@ seconds): a rerun skips the steps whose record holds the same command and
 resumes at the first that is not finished. The stages themselves are
 exactly-once (rewrite, score) or resume exactly (train), so a step killed
 midway also goes on where it stopped.
+
+A step run here dies with the pipeline. A step submitted as a Ray job (``--submit``)
+runs on the cluster whatever happens to the pipeline: its job id is recorded before
+it is submitted, and a rerun attaches to that job while it still runs (or counts it
+done once it succeeded) instead of submitting the step a second time.
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import shlex
 import signal
@@ -32,6 +38,7 @@ import string
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,13 +142,28 @@ def check_commands(pipeline: Pipeline, steps: list[tuple[Step, list[str] | None]
             raise ValueError(f"pipeline {pipeline.name}, step {step.name}: {err}") from None
 
 
-def _run_step(command: list[str], submit: bool, address: str | None, submittable: frozenset[str]) -> int:
-    """The step as its own ``veclip`` process, exactly as a user would type it (with --submit: a Ray job).
-    The step dies with the pipeline: a pipeline killed (even by SIGKILL) must not leave its step writing on
-    into an output that a rerun then writes too."""
-    if submit and command[0] in submittable:
-        command = ["submit", command[0], *(["--address", address] if address else []), *command[1:]]
+def _run_step(command: list[str]) -> int:
+    """The step as its own ``veclip`` process, exactly as a user would type it. It dies with the pipeline: a
+    pipeline killed (even by SIGKILL) must not leave its step writing on into an output that a rerun writes too."""
     return subprocess.run([sys.executable, "-m", "veclip.cli", *command], preexec_fn=_die_with_parent).returncode
+
+
+def _submit_step(name: str, command: list[str], address: str | None, record: Callable[[dict], None], job, log) -> int:
+    """The step as a Ray job (``veclip submit``, as a user would type it), attached to instead when ``job`` (the
+    id an earlier run of the pipeline recorded) still runs. The id is recorded before the job is submitted."""
+    from veclip import jobs
+
+    status = jobs.job_status(address, job) if job else None
+    if status in ("PENDING", "RUNNING"):
+        log(f"pipeline: step {name}: job {job} (submitted by an earlier run) is still {status.lower()}: attaching")
+        return jobs.exit_code(jobs.wait(address, job))
+    if status == "SUCCEEDED":
+        log(f"pipeline: step {name}: job {job} (submitted by an earlier run) succeeded")
+        return 0
+    job = f"veclip-{name}-{uuid.uuid4().hex[:12]}"
+    record({"job_id": job, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    address_args = ["--address", address] if address else []
+    return _run_step(["submit", command[0], *address_args, "--job-id", job, *command[1:]])
 
 
 def _die_with_parent() -> None:
@@ -182,34 +204,42 @@ def run_pipeline(
             log(f"{head}: veclip {shlex.join(command)}")
             continue
         record_path = records.join(step.name + ".json")
-        record = read_json(records.fs, record_path)
-        if record and record.get("command") == command:
+        record = read_json(records.fs, record_path) or {}
+        if record.get("command") != command:
+            record = {"step": step.name, "command": command}  # another command: nothing of it is reused
+        elif record.get("finished_at"):
             log(f"{head}: done ({record['seconds']:.0f}s, {record['finished_at']})")
             continue
         log(f"{head}: veclip {shlex.join(command)}")
         start = time.perf_counter()
-        code = _run_step(command, config.submit, config.address, submittable)
+        if config.submit and command[0] in submittable:
+            note = functools.partial(_note, records.fs, record_path, record)
+            code = _submit_step(step.name, command, config.address, note, record.get("job_id"), log)
+        else:
+            code = _run_step(command)
         if code != 0:
             log(
                 f"pipeline {pipeline.name}: step {step.name} failed (exit {code}); "
                 "rerun the same command to resume from it"
             )
             return code
-        write_json(
+        _note(
             records.fs,
             record_path,
-            {
-                "step": step.name,
-                "command": command,
-                "seconds": time.perf_counter() - start,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
+            record,
+            {"seconds": time.perf_counter() - start, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         )
     if config.dry_run:
         log(f"pipeline {pipeline.name}: dry run: every step's command parses and builds its config; nothing ran")
     else:
         log(f"pipeline {pipeline.name}: done; step records in {posixpath.join(config.output, RECORDS_DIR)}/")
     return 0
+
+
+def _note(fs, path: str, record: dict, fields: dict) -> None:
+    """Add ``fields`` to a step's record, durably, now."""
+    record.update(fields)
+    write_json(fs, path, record)
 
 
 def step_seconds(output: str, options: StorageOptions | None = None) -> dict[str, float]:
@@ -220,6 +250,6 @@ def step_seconds(output: str, options: StorageOptions | None = None) -> dict[str
     out = {}
     for entry in sorted(records.fs.ls(records.path, detail=False)):
         record = read_json(records.fs, entry) if entry.endswith(".json") else None
-        if record:
+        if record and "seconds" in record:  # (a step submitted and not yet finished has none)
             out[record["step"]] = record["seconds"]
     return out

@@ -194,6 +194,10 @@ class OutputLease:
     ttl_seconds: float = 120.0
     layout: Layout = field(default=None, repr=False)  # the output's (found when None)
     generation: int | None = None  # the take the run holds (workers: the driver's, from RunContext)
+    hint: str = (  # what a refused run can do
+        "Wait for that run to finish, write to another --output, or, if it is surely gone, rerun with "
+        "--take-over-lease."
+    )
     _version: str | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -258,8 +262,8 @@ class OutputLease:
                 raise LeaseHeld(
                     f"{self.location.url} is being written by run {held['run_id']} (pid {held.get('pid')} on "
                     f"{held.get('host')}, started {held.get('started_at')}); its lease expires in "
-                    f"{held['expires_at'] - time.time():.0f} s unless renewed. Wait for that run to finish, write to "
-                    "another --output, or, if it is surely gone, rerun with --take-over-lease."
+                    f"{held['expires_at'] - time.time():.0f} s unless renewed (a run killed on this host frees it "
+                    f"at once). {self.hint}"
                 )
         except _Conflict:
             now = self.holder()

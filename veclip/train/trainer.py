@@ -17,6 +17,7 @@ import uuid
 
 from veclip.config import redact
 from veclip.console import start_ray
+from veclip.shards.lease import OutputLease
 from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
 from veclip.train.checkpoint import PROGRESS_FILE, RUN_FILE, RUN_SUMMARY_FILE, Progress, latest
 from veclip.train.config import TrainConfig
@@ -33,6 +34,18 @@ def run_train(
     options = options or StorageOptions()
     config.validate_for_run()
     refuse_overlap("train", config.output, [config.input, *config.add_captions], options)
+    lease = OutputLease(Location(config.output, options).child(config.name), uuid.uuid4().hex[:12], hint=WAIT_HINT)
+    lease.acquire()  # one run writes a run folder: a second `veclip train` into it is refused, told who holds it
+    try:
+        return _run_train(config, options, log, hooks)
+    finally:
+        lease.release()
+
+
+WAIT_HINT = "Wait for that run to finish, or train under another --name."
+
+
+def _run_train(config: TrainConfig, options: StorageOptions, log, hooks: TrainHooks | None) -> dict:
     start_ray(log)
     start = time.perf_counter()
     plan = plan_data(config.input, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
