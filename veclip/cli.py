@@ -54,7 +54,7 @@ def _env_pair(item: str) -> tuple[str, str]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from veclip import jobs
+    from veclip import job_client, jobs
 
     stage_args = [a for a in args.stage_args if a != "--"]
     config = jobs.SubmitConfig(
@@ -75,8 +75,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     try:
         if args.follow:
-            jobs.follow_logs(args.address, job_id)
-        status = jobs.wait(args.address, job_id)
+            job_client.follow_logs(args.address, job_id)
+        status = job_client.wait(args.address, job_id)
     except KeyboardInterrupt:
         print(
             f"\nsubmit: stopped waiting; job {job_id} goes on (veclip jobs stop {job_id} to stop it)", file=sys.stderr
@@ -84,15 +84,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 130
     print(f"submit: job {job_id} {status}")
     if status != "SUCCEEDED" and not args.follow:  # say why without a second command
-        tail = jobs.client(args.address).get_job_logs(job_id).splitlines()[-20:]
+        tail = job_client.client(args.address).get_job_logs(job_id).splitlines()[-20:]
         print("submit: the job's last log lines:\n" + "\n".join(tail), file=sys.stderr)
-    return jobs.exit_code(status)
+    return job_client.exit_code(status)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from veclip import jobs
+    from veclip import job_client
 
-    client = jobs.client(args.address)
+    client = job_client.client(args.address)
     if args.action == "list":
         for info in client.list_jobs():
             print(
@@ -108,7 +108,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0 if str(info.status) != "FAILED" else 1
     if args.action == "logs":
         if args.follow:
-            jobs.follow_logs(args.address, args.job_id)
+            job_client.follow_logs(args.address, args.job_id)
         else:
             print(client.get_job_logs(args.job_id), end="")
         return 0

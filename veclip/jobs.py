@@ -17,7 +17,6 @@ job's processes, and ``veclip.cli`` into the driver's.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -29,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from veclip.config import SECRET_NAME, secret_values
+from veclip.job_client import client
 
-TERMINAL_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 SECRETS_PACKAGE = "veclip_job_secrets"
 SECRETS_FLAG = "VECLIP_JOB_SECRETS"  # set in the job: the driver loads the package too
 _SECRETS_LOADER = '''"""One veclip job's secrets, set into each of its processes' environment."""
@@ -126,22 +125,6 @@ def _load_mapping(path: str) -> dict:
     return json.loads(text)
 
 
-def auth_headers() -> dict[str, str]:
-    """A bearer token for clusters with token auth (Ray 2.60's default), looked up where
-    Ray keeps it: ``RAY_AUTH_TOKEN``, the file at ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not token and path.is_file():
-        token = path.read_text().strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address, headers=auth_headers())
-
-
 def check_stage_args(stage: str, stage_args: list[str]):
     """The stage's config, built here from its arguments and checked as the stage checks it before a run
     (no I/O, no models), so bad flags, ``--set`` keys or settings the stage refuses fail on the user's
@@ -151,7 +134,7 @@ def check_stage_args(stage: str, stage_args: list[str]):
     return checked_stage_args(stage, stage_args)  # argparse exits 2 with its message
 
 
-def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:
+def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:  # a just-started head's job agent: ~10-60 s
     from veclip.stages import STAGES
 
     if config.stage not in STAGES or not STAGES[config.stage].submittable:
@@ -181,37 +164,3 @@ def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:
     finally:
         if package:
             shutil.rmtree(Path(package).parent, ignore_errors=True)  # uploaded by now
-
-
-def follow_logs(address: str | None, job_id: str, out=print) -> None:
-    """Stream the job's logs until it ends."""
-
-    async def tail():
-        async for lines in client(address).tail_job_logs(job_id):
-            out(lines, end="")
-
-    asyncio.run(tail())
-
-
-def job_status(address: str | None, job_id: str) -> str | None:
-    """The job's status name, None when the cluster knows no such job (never submitted, or another cluster)."""
-    try:
-        return str(client(address).get_job_status(job_id).value)
-    except RuntimeError as err:
-        if "does not exist" in str(err) or "404" in str(err):
-            return None
-        raise
-
-
-def wait(address: str | None, job_id: str, poll_s: float = 2.0) -> str:
-    """Block until the job ends; its final status name."""
-    jobs = client(address)
-    while True:
-        status = jobs.get_job_status(job_id)
-        if status.is_terminal():
-            return str(status.value)
-        time.sleep(poll_s)
-
-
-def exit_code(status: str) -> int:
-    return TERMINAL_EXIT.get(status, 1)

@@ -151,7 +151,7 @@ def _run_step(command: list[str]) -> int:
 def _submit_step(name: str, command: list[str], address: str | None, record: Callable[[dict], None], job, log) -> int:
     """The step as a Ray job (``veclip submit``, as a user would type it), attached to instead when ``job`` (the
     id an earlier run of the pipeline recorded) still runs. The id is recorded before the job is submitted."""
-    from veclip import jobs
+    from veclip import job_client as jobs
 
     status = jobs.job_status(address, job) if job else None
     if status in ("PENDING", "RUNNING"):

@@ -43,7 +43,9 @@ class Completion:
 
 PROMPT_TOO_LONG = "prompt_too_long"
 REQUEST_REFUSED = "request_refused"  # vLLM refused the request itself (e.g. an image its processor cannot take)
-STEP_STALL_SECONDS = 900.0  # an engine step that has not returned in this long is hung (a stuck GPU, NCCL)
+# An engine step that has not returned in this long is hung (a stuck GPU, NCCL): it must exceed the longest step
+# (a prefill of a full batch: seconds on an H100, a minute or two for a 7B model on CPU)
+STEP_STALL_SECONDS = 900.0
 
 
 class EngineGone(RuntimeError):
@@ -64,7 +66,7 @@ def _descendants() -> list:
     return psutil.Process().children(recursive=True)
 
 
-def _watch_engine_processes(processes: list, every_seconds: float = 2.0) -> None:
+def _watch_engine_processes(processes: list, every_seconds: float = 2.0) -> None:  # far below a shard's minutes
     """vLLM runs its engine in child processes. When one dies, vLLM usually raises
     ``EngineDeadError``, but not always: a request can wait forever. This watchdog
     exits the actor as soon as an engine process is gone, so Ray replaces it with a
@@ -134,14 +136,6 @@ def sampling_params(sampling: SamplingConfig, seed: int | None):
         stop=list(sampling.stop) or None,
         seed=seed,
     )
-
-
-def build_engine(config: EngineConfig, multimodal: bool = False) -> Engine:
-    """The pool's engine: vLLM, or the stand-in for a GPU that tests at real durations use
-    (:mod:`veclip.rewrite.standin`)."""
-    from veclip.rewrite.standin import StandInEngine, is_stand_in
-
-    return StandInEngine(config.model) if is_stand_in(config.model) else VLLMEngine(config, multimodal)
 
 
 class VLLMEngine:
@@ -321,7 +315,7 @@ class _Submission:
 
     def result(self, engine_error) -> list[Completion]:
         """Wait for every completion; raise the engine's error if it died first."""
-        while not self.finished.wait(1.0):
+        while not self.finished.wait(1.0):  # how soon a caller hears of a dead engine: well below a request
             if engine_error() is not None:
                 raise engine_error()
         if self.error is not None:

@@ -29,9 +29,10 @@ import pyarrow as pa
 from veclip import schema
 from veclip.config import secret_values
 from veclip.rewrite import steps
-from veclip.rewrite.config import RewriteConfig
-from veclip.rewrite.engine import Engine, build_engine
+from veclip.rewrite.config import EngineConfig, RewriteConfig
+from veclip.rewrite.engine import Engine, VLLMEngine
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
+from veclip.rewrite.standin import StandInEngine, is_stand_in
 from veclip.rewrite.steps import CAPTION_WORK_SCHEMA, Meter
 from veclip.shards.guard import RunContext, ShardRefused
 from veclip.shards.layout import layout_of, output_shard_name
@@ -64,6 +65,12 @@ def read_input_columns(path: str, config: RewriteConfig, options: StorageOptions
     if why := schema.key_problems(table.column(schema.KEY).to_pylist()):
         raise ShardRefused(f"{output_shard_name(path)}: {why}")
     return table
+
+
+def build_engine(config: EngineConfig, multimodal: bool = False) -> Engine:
+    """The pool's engine: vLLM, or the stand-in for a GPU that tests at real durations use
+    (:mod:`veclip.rewrite.standin`)."""
+    return StandInEngine(config.model) if is_stand_in(config.model) else VLLMEngine(config, multimodal)
 
 
 def _busy_seconds(engine: Engine) -> float | None:

@@ -191,7 +191,7 @@ LAPSING_SHARE = 0.25  # a commit is refused once less than this share of the lif
 class OutputLease:
     location: Location  # the output folder
     run_id: str
-    ttl_seconds: float = 120.0
+    ttl_seconds: float = 120.0  # FaultConfig.lease_seconds says which durations it must exceed
     layout: Layout = field(default=None, repr=False)  # the output's (found when None)
     generation: int | None = None  # the take the run holds (workers: the driver's, from RunContext)
     hint: str = (  # what a refused run can do
@@ -328,7 +328,7 @@ class OutputLease:
     def release(self) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=5)  # a renewal in flight: one S3 PUT (s3fs gives up on one well before)
         found = self._cas.read()
         if found is not None and found[0]["run_id"] == self.run_id:
             self._cas.delete(found[1])

@@ -34,22 +34,16 @@ from veclip.storage import Location, StorageOptions
 class FaultConfig:
     """How a run survives faults (not part of the fingerprint: they change no output)."""
 
+    # Each clock below must exceed a real duration (docs/resuming.md has them beside the hardware they assume).
     max_attempts: int = 3  # tries per shard and run, crashes of the actor's process included
-    backoff_seconds: float = 2.0  # before the 2nd try; doubled for each next one, with jitter
-    # One writer per output: the lease lapses this long after its run stops renewing (renewed every quarter of
-    # it). It must exceed an S3 outage the run should ride out (s3fs retries ~1 min) plus a renewal's latency.
-    lease_seconds: float = 120.0
-    # No silent hang, and no false stop (docs/resuming.md). Actors report progress inside shards (requests
-    # their engine finished) every heartbeat_seconds; the run stops, non-zero with its work kept, when:
-    # - no actor is working (the pool starting, or every actor lost) and nothing progressed for
-    #   first_shard_seconds: it must exceed a spot node's replacement (5-15 min) plus a 7B engine's load
-    #   (2-10 min) plus the first requests;
-    first_shard_seconds: float = 3600.0
-    # - actors are working but nothing progressed for stall_factor x the longest pause between two signs of
-    #   progress seen so far, at least stall_seconds: it must exceed an engine's longest step or request
-    #   (seconds on a GPU; minutes for a long batch on CPU), never a shard (4-70 min), which no longer matters.
-    stall_factor: float = 10.0
-    stall_seconds: float = 900.0
+    backoff_seconds: float = 2.0  # before the 2nd try, doubled after (jittered): over S3 SlowDown's pause
+    lease_seconds: float = (
+        120.0  # the output's lease lapses this long after renewals stop: over an S3 outage to ride out
+    )
+    # No silent hang, no false stop: actors report progress inside shards (requests done) to the driver
+    first_shard_seconds: float = 3600.0  # no actor working: stop after this (over a node replacement + an engine load)
+    stall_factor: float = 10.0  # actors working: stop after this x the longest pause in progress seen ...
+    stall_seconds: float = 900.0  # ... and at least this (over an engine's longest step; a shard's length is moot)
 
     def stall_deadline(self, longest_gap: float | None) -> float:
         """Seconds without progress after which the run stops: ``longest_gap`` None while no actor works."""
