@@ -7,7 +7,7 @@ a tiny CLIP exported here. Then, by what the command needs:
 * planning stages (rewrite, score, train, pipeline) run with ``--dry-run``: their own validation and a
   plan from a real listing of the inputs; ``submit STAGE ...`` (and a RayJob's entrypoint) gets the
   checks ``veclip submit`` makes, then the stage's dry run; ``pipeline --submit`` runs as ``--dry-run``;
-* read-only commands on data (validate, show) run in full;
+* read-only commands on data (validate, show) run in full; ``simulate`` runs in full on 300 shards;
 * commands that need a cluster or a finished run (jobs, status, export, eval of a run's model) are
   parsed and their config built and validated, as ``veclip submit`` would.
 
@@ -118,6 +118,12 @@ def _bucket_url(url: str, bucket: str) -> str:
     return re.sub(r"^s3://([^/]+)", lambda m: f"s3://{bucket}/{m.group(1)}", url)
 
 
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    return (
+        [*argv[: argv.index(flag) + 1], value, *argv[argv.index(flag) + 2 :]] if flag in argv else [*argv, flag, value]
+    )
+
+
 def _substituted(argv: list[str], bucket: str, model: str) -> list[str]:
     out = [_bucket_url(w, bucket) if w.startswith("s3://") else w for w in argv]
     if out[0] == "score" and "--model" in out:
@@ -148,6 +154,8 @@ def test_a_documented_command_runs_as_printed(where, argv, world, sample_root, t
         argv += [] if "--dry-run" in argv else ["--dry-run"]
     elif argv[0] in PLANNING:
         argv += ["--dry-run"]
+    elif argv[0] == "simulate":  # as printed, on 300 shards and one seed (a 30,000-shard run takes minutes)
+        argv = _with(_with(argv, "--shards", "300"), "--seeds", "1")
     if any(w.startswith("s3://") for w in argv):
         argv += storage
     demo = tmp_path / "runs" / "demo" / "data"  # `make demo`'s sample data, where the docs' examples read it

@@ -156,7 +156,7 @@ def test_renewal_errors_of_any_kind_are_retried_and_a_lapsing_lease_stops_commit
 
     monkeypatch.setattr(type(lease._cas), "replace", failing)
     time.sleep(1.8)
-    assert len(calls) >= 2 and lease._thread.is_alive()  # retried, still renewing
+    assert len(calls) >= 2 and not lease._stop.is_set()  # retried, still renewing
     with pytest.raises(LeaseLost, match="about to lapse"):
         worker_view.check()
     monkeypatch.undo()

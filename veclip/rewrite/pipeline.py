@@ -24,9 +24,9 @@ from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure
 from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
 from veclip.shards.driver import (
+    Pool,
     ShardedStage,
     dry_run,
-    map_pool,
     plan_stage,
     pool_ask,
     render_faults,
@@ -157,13 +157,14 @@ class Rewrite(ShardedStage):
         ensure_models(self.config)  # the registered presets' models (the sample world's), built on first use
         check_engine_python(self.config)
 
-    def map_pools(self, ds, plan: Plan, run: RunContext):
+    def pools(self, plan: Plan, run: RunContext) -> list[Pool]:
         config = self.config
-        stages = [(ShardCaptioner, config.captioner)] if config.uses_captioner else []
-        stages.append((ShardRewriter, config.fuser if config.uses_captioner else config.laclip))
-        for actor, stage in stages:
-            ds = map_pool(
-                ds,
+        stages = [("captioner", ShardCaptioner, config.captioner)] if config.uses_captioner else []
+        last = ("fuser", config.fuser) if config.uses_captioner else ("laclip", config.laclip)
+        stages.append((last[0], ShardRewriter, last[1]))
+        return [
+            Pool(
+                name,
                 actor,
                 {"config": config, "options": self.options, "run": run},
                 min_actors=stage.pool.min_actors,
@@ -171,9 +172,10 @@ class Rewrite(ShardedStage):
                 # several shards per actor at once, on threads: one engine is fed by all of them (VLLMEngine),
                 # so reading, decoding and writing overlap generation and a shard's tail never drains the engine
                 in_flight=stage.pool.shards_in_flight,
-                **_remote_args(stage.pool, stage),
+                resources=_remote_args(stage.pool, stage),
             )
-        return ds
+            for name, actor, stage in stages
+        ]
 
     def details(
         self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float

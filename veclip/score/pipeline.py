@@ -21,7 +21,7 @@ from veclip.dataset import Dataset, open_dataset
 from veclip.eval.model import resolve_model
 from veclip.score.config import ScoreConfig, fingerprint
 from veclip.score.worker import ShardScorer, shard_columns
-from veclip.shards.driver import ShardedStage, dry_run, map_pool, pool_ask, render_faults, render_pool, run_stage
+from veclip.shards.driver import Pool, ShardedStage, dry_run, pool_ask, render_faults, render_pool, run_stage
 from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch, InputShard, Plan, by_name, plan_shards
@@ -89,7 +89,7 @@ class Score(ShardedStage):
     def pool_resources(self) -> dict[str, dict]:
         return {"scorer": pool_ask(self.config.model, self.config.pool)}
 
-    def map_pools(self, ds, plan: Plan, run: RunContext):
+    def pools(self, plan: Plan, run: RunContext) -> list[Pool]:
         pool = self.config.pool
         resources = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus} | (
             {"accelerator_type": pool.accelerator_type} if pool.accelerator_type else {}
@@ -104,7 +104,7 @@ class Score(ShardedStage):
             "read": shard_columns(self.dataset, self.config),
             "stamps": self.stamps,
         }
-        return map_pool(ds, ShardScorer, kwargs, min_actors=pool.min_actors, max_actors=pool.max_actors, **resources)
+        return [Pool("scorer", ShardScorer, kwargs, pool.min_actors, pool.max_actors, resources=resources)]
 
     def details(
         self, plan: Plan, run: RunContext, markers: dict[str, Marker], written: list[str], started_at: float

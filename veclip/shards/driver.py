@@ -18,15 +18,16 @@ import logging
 import posixpath
 import queue
 import threading
-import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from veclip.console import alive_nodes, eta, start_ray
 from veclip.shards.card import models_in, write_card
+from veclip.shards.clock import clock
 from veclip.shards.guard import DONE, RunContext, record_failure
 from veclip.shards.layout import CARD_FILE, layout_of, output_shard_name
 from veclip.shards.lease import OutputLease
@@ -138,8 +139,8 @@ class ShardedStage(ABC):
         return {}
 
     @abstractmethod
-    def map_pools(self, ds, plan: Plan, run: RunContext):
-        """The Ray Dataset of shard rows through the stage's actor pools (:func:`map_pool`)."""
+    def pools(self, plan: Plan, run: RunContext) -> list[Pool]:
+        """The actor pools every shard goes through, in order (the last one writes the output)."""
 
     @abstractmethod
     def details(
@@ -148,31 +149,81 @@ class ShardedStage(ABC):
         """The stage's own summary figures over its ``markers`` (``written``: this run's)."""
 
 
-def map_pool(ds, actor_cls, kwargs: dict, *, min_actors: int, max_actors: int, in_flight: int = 1, **resources):
-    """One autoscaling actor pool over the shard rows: one shard per call (the unit of work); an actor
-    may work on ``in_flight`` shards at once, on threads."""
+@dataclass(frozen=True)
+class Pool:
+    """One autoscaling pool of shard workers: one shard per call (the unit of work); an actor may work on
+    ``in_flight`` shards at once, on threads. ``resources``: what each actor asks of the cluster (Ray's
+    ``num_cpus``, ``num_gpus``, ``accelerator_type``, ``runtime_env``)."""
+
+    name: str
+    actor: type  # a ShardWorker
+    kwargs: dict
+    min_actors: int
+    max_actors: int
+    in_flight: int = 1
+    resources: dict = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """Runs the shards to do through a stage's pools; yields each shard's row (``shard``, ``status``) as its
+    last pool is done with it, and stops the run (:class:`StageStalled`) when the pools make no progress."""
+
+    def rows(self, stage: ShardedStage, plan: Plan, run: RunContext, log) -> Iterator[dict]: ...
+
+
+class RayExecutor:
+    """Production: Ray Data's autoscaling actor pools, streamed, under the stall watch."""
+
+    def rows(self, stage: ShardedStage, plan: Plan, run: RunContext, log) -> Iterator[dict]:
+        import ray
+
+        start_ray(log)
+        batch = shard_rows(plan)
+        ds = ray.data.from_items(
+            [dict(zip(batch, row)) for row in zip(*batch.values())], override_num_blocks=len(plan.todo)
+        )
+        for pool in stage.pools(plan, run):
+            ds = _map_pool(ds, pool)
+        faults = stage.faults
+        board = start_board(run.run_id)
+        try:
+            watch = StallWatch(stage.name, faults, board_viewer(board, faults.heard_within, faults.look_seconds))
+            yield from watch.rows(ds.iter_rows())
+        except StageStalled:
+            for name in ("ray", "ray.data"):  # the stopped executor's threads complain as Ray shuts down: noise
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            raise
+        finally:
+            ray.kill(board)
+
+
+def _map_pool(ds, pool: Pool):
     from ray.data import ActorPoolStrategy
 
     threads = (
-        {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True} if in_flight > 1 else {}
+        {"max_concurrent_calls_per_actor": pool.in_flight, "enable_true_multi_threading": True}
+        if pool.in_flight > 1
+        else {}
     )
     return ds.map_batches(
-        actor_cls,
-        fn_constructor_kwargs=kwargs,
+        pool.actor,
+        fn_constructor_kwargs=pool.kwargs,
         batch_size=1,
-        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors, **threads),
-        **resources,
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors, **threads),
+        **pool.resources,
     )
 
 
-def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) -> dict:
+def run_stage(
+    stage: ShardedStage, log=print, *, take_over_lease: bool = False, executor: Executor | None = None
+) -> dict:
     """Work on every input shard not yet done; returns (and writes) the run summary.
 
     Shards that keep failing are recorded and listed in ``summary["failed"]``
     (the CLI exits non-zero); rerunning the same command retries exactly them.
     """
     refuse_overlap(stage.name, stage.config.output, stage.input_urls(), stage.options)
-    start, started_at = time.perf_counter(), time.time()
+    start, started_at = clock().monotonic(), clock().time()
     run_id, out = uuid.uuid4().hex[:12], stage.output
     lease = OutputLease(out, run_id, stage.faults.lease_seconds)
     lease.acquire(take_over=take_over_lease)
@@ -189,11 +240,11 @@ def run_stage(stage: ShardedStage, log=print, *, take_over_lease: bool = False) 
         if plan.todo:
             stage.prepare(plan, run, log)
             try:
-                _run_pools(stage, plan, run, log)
+                _run_pools(stage, plan, run, log, executor or RayExecutor())
             except StageStalled as err:
                 record_stop(stage, str(err))
                 raise
-        summary = summarize(stage, plan, run, time.perf_counter() - start, started_at)
+        summary = summarize(stage, plan, run, clock().monotonic() - start, started_at)
         out.fs.pipe_file(out.join(lease.layout.summary), json.dumps(summary, indent=1).encode())
         if plan.todo or plan.unreadable or not out.fs.exists(out.join(CARD_FILE)):  # else the output is as it was
             write_card(out, stage.name, stage.config.input, models_in(summary), log)
@@ -296,36 +347,19 @@ def record_stop(stage: ShardedStage, why: str) -> None:
     write_json(out.fs, path, {**plan, "stopped": {"at": utc_now(), "why": why}})
 
 
-def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log) -> None:
-    import ray
-
-    start_ray(log)
-    batch = shard_rows(plan)
-    ds = ray.data.from_items(
-        [dict(zip(batch, row)) for row in zip(*batch.values())], override_num_blocks=len(plan.todo)
-    )
+def _run_pools(stage: ShardedStage, plan: Plan, run: RunContext, log, executor: Executor) -> None:
     rows = {s.path: plan.rows.get(s.name, 0) for s in plan.todo}
-    total, done, began = sum(rows.values()), 0, time.perf_counter()
-    faults = stage.faults
-    board = start_board(run.run_id)
-    try:
-        watch = StallWatch(stage.name, faults, board_viewer(board, faults.heard_within, faults.look_seconds))
-        for n, row in enumerate(watch.rows(stage.map_pools(ds, plan, run).iter_rows()), 1):
-            done += rows.get(row["shard"], 0)
-            _log_progress(stage, row, n, len(plan.todo), done, total, began, log)
-    except StageStalled:
-        for name in ("ray", "ray.data"):  # the stopped executor's threads complain as Ray shuts down: noise
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        raise
-    finally:
-        ray.kill(board)
+    total, done, began = sum(rows.values()), 0, clock().monotonic()
+    for n, row in enumerate(executor.rows(stage, plan, run, log), 1):
+        done += rows.get(row["shard"], 0)
+        _log_progress(stage, row, n, len(plan.todo), done, total, began, log)
 
 
 def _log_progress(stage: ShardedStage, row: dict, n: int, todo: int, done: int, total: int, began: float, log) -> None:
     name = output_shard_name(row["shard"])
     failed = f"{stage.config.output.rstrip('/')}/{layout_of(stage.output).failed}/{name}.json"
     note = "" if row["status"] == DONE else f" (see {failed})"
-    rate = done / max(time.perf_counter() - began, 1e-9)  # workers' start-up included: the ETA errs long
+    rate = done / max(clock().monotonic() - began, 1e-9)  # workers' start-up included: the ETA errs long
     left = f", ETA {eta(total - done, rate)}" if rate and done < total else ""
     log(
         f"{stage.name}: [{n}/{todo} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] {row['status']} "
@@ -352,10 +386,11 @@ class StallWatch:
         stage: str,
         faults: FaultConfig,
         view: Callable[[], PoolView | None] = lambda: None,
-        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], float] | None = None,
     ):
-        self.stage, self.faults, self.view, self.clock = stage, faults, view, clock
-        self.last = clock()  # the last sign of progress
+        self.stage, self.faults, self.view = stage, faults, view
+        self.clock = now or clock().monotonic
+        self.last = self.clock()  # the last sign of progress
         self.longest: float | None = None  # the longest pause between two while working (None: not yet working)
         self.working = False
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 import random
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from veclip.config import scrub
+from veclip.shards.clock import clock
 from veclip.shards.layout import RECORD_SUFFIX
 from veclip.shards.lease import LeaseLost, OutputLease
 from veclip.shards.marker import Failure
@@ -138,4 +138,4 @@ class ShardGuard:
                     os._exit(1)
                 if record["tries"] >= self.max_attempts:
                     return self._fail(name, input_path, record)
-                time.sleep(self.backoff_seconds * 2 ** (record["tries"] - 1) * random.uniform(0.5, 1.5))
+                clock().sleep(self.backoff_seconds * 2 ** (record["tries"] - 1) * random.uniform(0.5, 1.5))

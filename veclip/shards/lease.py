@@ -32,12 +32,12 @@ import os
 import random
 import socket
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from veclip.processes import pid_alive
+from veclip.shards.clock import clock
 from veclip.shards.layout import Layout, layout_of
 from veclip.shards.marker import utc_now
 from veclip.storage import Location, replaced_atomically
@@ -200,7 +200,6 @@ class OutputLease:
     )
     _version: str | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
-    _thread: threading.Thread | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.layout = self.layout or layout_of(self.location)
@@ -220,7 +219,7 @@ class OutputLease:
         return None if found is None else found[0]
 
     def _free(self, lease: dict) -> bool:
-        if lease["run_id"] == self.run_id or lease["expires_at"] < time.time():
+        if lease["run_id"] == self.run_id or lease["expires_at"] < clock().time():
             return True
         return lease.get("host") == socket.gethostname() and not pid_alive(lease.get("pid", 0))
 
@@ -231,7 +230,7 @@ class OutputLease:
             "token": uuid.uuid4().hex,  # this write's own: a lost answer is recognised by it
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "expires_at": time.time() + self.ttl_seconds,
+            "expires_at": clock().time() + self.ttl_seconds,
             "ttl_seconds": self.ttl_seconds,
             "started_at": utc_now(),
         }
@@ -262,7 +261,7 @@ class OutputLease:
                 raise LeaseHeld(
                     f"{self.location.url} is being written by run {held['run_id']} (pid {held.get('pid')} on "
                     f"{held.get('host')}, started {held.get('started_at')}); its lease expires in "
-                    f"{held['expires_at'] - time.time():.0f} s unless renewed (a run killed on this host frees it "
+                    f"{held['expires_at'] - clock().time():.0f} s unless renewed (a run killed on this host frees it "
                     f"at once). {self.hint}"
                 )
         except _Conflict:
@@ -271,23 +270,26 @@ class OutputLease:
                 f"{self.location.url}: another run (run {now and now['run_id']}) took the lease at the "
                 "same moment; rerun later"
             ) from None
-        self._thread = threading.Thread(target=self._renew, name="veclip-lease", daemon=True)
-        self._thread.start()
+        self._renew()
 
     def _renew(self) -> None:
         """Renew every quarter of the lifetime until released or taken over; a failed renewal (any error: S3
-        down, credentials expired) is retried with backoff, never ends the thread."""
-        every = self.ttl_seconds / RENEWALS_PER_TTL
-        wait, retry = every, 0.0
-        while not self._stop.wait(wait):
+        down, credentials expired) is retried with backoff, never ends the renewals."""
+        every, retry = self.ttl_seconds / RENEWALS_PER_TTL, 0.0
+
+        def step() -> float | None:
+            nonlocal retry
             try:
                 if not self._renew_once():
-                    return
-                wait, retry = every, 0.0
+                    return None
+                retry = 0.0
+                return every
             except Exception as err:  # noqa: BLE001 - workers see the lease lapsing and stop committing
                 retry = min(2 * retry or every / 8, every / 2)
-                wait = retry * random.uniform(0.5, 1.0)
                 print(f"veclip: renewing the output's lease failed ({type(err).__name__}: {err}); retrying", flush=True)
+                return retry * random.uniform(0.5, 1.0)
+
+        clock().repeat("veclip-lease", every, step, self._stop)
 
     def _renew_once(self) -> bool:
         """Extend the lease if it is still this run's; False once another run took it. A renewal answered with
@@ -318,7 +320,7 @@ class OutputLease:
                 f"{self.location.url}: run {self.run_id} no longer holds the output "
                 f"(now {current and current['run_id']}); stopping"
             )
-        left, ttl = current["expires_at"] - time.time(), current.get("ttl_seconds", self.ttl_seconds)
+        left, ttl = current["expires_at"] - clock().time(), current.get("ttl_seconds", self.ttl_seconds)
         if left < LAPSING_SHARE * ttl:
             raise LeaseLost(
                 f"{self.location.url}: run {self.run_id}'s lease is about to lapse ({left:.0f} s left of "
@@ -327,8 +329,6 @@ class OutputLease:
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)  # a renewal in flight: one S3 PUT (s3fs gives up on one well before)
         found = self._cas.read()
         if found is not None and found[0]["run_id"] == self.run_id:
             self._cas.delete(found[1])

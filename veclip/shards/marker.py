@@ -12,12 +12,14 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from veclip.shards.clock import clock
+
 MARKER_VERSION = 2
 COPY, CAPTIONS = "copy", "captions"  # output layouts: whole rows with their images, or caption tables joined by key
 
 
 def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock().time()))
 
 
 @dataclass

@@ -1,0 +1,98 @@
+"""A whole run on a simulated spot fleet (issue 40): the real driver's bookkeeping (lease, plan, guard, store,
+markers, manifest, stall watch, summary) on a virtual clock; only the clock, the executor and the engine are
+stand-ins. Days of a run in seconds here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import veclip_cli
+
+from veclip.shards.driver import RayExecutor, run_stage
+from veclip.shards.layout import CURRENT
+from veclip.shards.simulate import SimConfig, SimPool, SimStage, simulate
+from veclip.shards.store import ShardStore
+from veclip.shards.worker import FaultConfig
+from veclip.storage import Location
+
+FLEET = (SimPool("captioner", 12, 6.7, 5.0), SimPool("fuser", 4, 1.3, 5.0))
+
+
+def test_two_thousand_shards_on_sixteen_spot_actors_finish_with_every_shard_once(tmp_path):
+    """10% of nodes preempted an hour, replaced in 10 minutes, engines loading for 5: days of virtual time, every
+    shard marked once or recorded failed (three tries lost to preemptions), no stop of the healthy run."""
+    config = SimConfig(shards=2000, pools=FLEET, preemption_per_hour=0.10, seed=1)
+    result = simulate(config, str(tmp_path / "out"))
+    assert result.finished and result.stopped is None and result.lease_lapses == 0, result.render()
+    store = ShardStore(Location(str(tmp_path / "out")))
+    markers, failed = store.markers(), store.failures()
+    assert len(markers) == result.shards_done and set(markers).isdisjoint(failed)
+    assert result.shards_done + result.shards_failed == 2000
+    assert all(m.rows_out == 10_000 for m in markers.values())
+    summary = json.loads((tmp_path / "out" / CURRENT.summary).read_text())
+    assert summary["shards"]["done"] == result.shards_done and summary["rows_in"] == 10_000 * result.shards_done
+    assert result.preemptions > 0 and result.tries_lost > 0 and summary["shards"]["retried"] > 0
+    work = 2000 * 6.7 / 60 / 12  # hours of captioning on 12 actors, the longer pool
+    assert work < result.hours < 1.5 * work and 0.5 < result.goodput < 1.0
+
+
+def test_a_pool_with_nothing_placed_after_preemptions_is_stopped_with_the_drivers_own_line(tmp_path):
+    config = SimConfig(
+        shards=200, pools=(SimPool("laclip", 4, 5.0, 5.0),), preemption_per_hour=2.0, never_replaced=True
+    )
+    result = simulate(config, str(tmp_path / "out"))
+    assert not result.finished
+    assert result.stopped.startswith("simulate: stopped: no actor of the pool is working and nothing progressed for")
+    assert "faults.first_shard_seconds = 3600 s" in result.stopped and "rerun to continue" in result.stopped
+    plan = json.loads((tmp_path / "out" / CURRENT.plan).read_text())
+    assert plan["stopped"]["why"] == result.stopped  # recorded as the real driver records it
+    assert not (tmp_path / "out" / CURRENT.lease).exists()
+
+
+@pytest.mark.slow
+def test_the_simulated_executor_conforms_to_ray_datas(tmp_path, ray_session):
+    """One small stage (two pools, a shard that always fails) through Ray Data's actor pools and through the
+    simulated fleet: the same markers, output shards, summary counts and failure records."""
+    config = SimConfig(
+        shards=6,
+        rows_per_shard=50,
+        pools=(SimPool("first", 2, 1.0, 0.5), SimPool("last", 2, 1.0, 0.5)),
+        preemption_per_hour=0.0,
+        poison=("part-000004.parquet",),
+        faults=FaultConfig(backoff_seconds=0.01),
+    )
+    ray_out, sim_out = tmp_path / "ray", tmp_path / "sim"
+    ray_summary = run_stage(SimStage(config, str(ray_out)), lambda *_: None, executor=RayExecutor())
+    simulate(config, str(sim_out))
+    sim_summary = json.loads((sim_out / CURRENT.summary).read_text())
+
+    def outcome(out: Path, summary: dict) -> dict:
+        store = ShardStore(Location(str(out)))
+        return {
+            "markers": {n: (m.rows_out, m.quarantined, m.fingerprint, m.input) for n, m in store.markers().items()},
+            "shards": sorted(p.name for p in out.glob("*.parquet")),
+            "failures": {n: (f.stage, f.tries, f.errors) for n, f in store.failures().items()},
+            "counts": {k: summary["shards"][k] for k in ("total", "done", "written_this_run", "failed", "redone")},
+            "rows": (summary["rows_in"], summary["rows_out"], summary["rows_in_failed_shards"]),
+        }
+
+    assert outcome(ray_out, ray_summary) == outcome(sim_out, sim_summary)
+    assert outcome(sim_out, sim_summary)["failures"]["part-000004.parquet"][1] == 3
+
+
+def test_veclip_simulate_prints_the_distribution_labelled_as_simulated():
+    result = veclip_cli(
+        "simulate", "--shards", "60", "--pool", "captioner:4:6:5", "--pool", "fuser:2:1", "--seeds", "2"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SIMULATED (not measured) over 2 seed(s): 60 shards" in result.stdout
+    for line in ("finish", "GPU-hours", "goodput", "cost", "redone", "stops       0 of 2"):
+        assert line in result.stdout, result.stdout
+    assert "] 60/60 shards" in result.stdout  # the progress bar's last state
+
+
+def test_a_bad_pool_is_refused_with_its_form():
+    result = veclip_cli("simulate", "--pool", "captioner:many:6")
+    assert result.returncode == 2 and "NAME:ACTORS:SHARD_MINUTES" in result.stderr, result.stderr
