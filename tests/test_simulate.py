@@ -96,3 +96,17 @@ def test_veclip_simulate_prints_the_distribution_labelled_as_simulated():
 def test_a_bad_pool_is_refused_with_its_form():
     result = veclip_cli("simulate", "--pool", "captioner:many:6")
     assert result.returncode == 2 and "NAME:ACTORS:SHARD_MINUTES" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("node_gone, outcome", [(True, "done"), (False, "failed")])
+def test_tries_lost_with_their_node_do_not_use_up_the_shards_tries(tmp_path, node_gone, outcome):
+    """Four tries lost in a row: with their nodes preempted the shard is no cause and its fifth try runs; with
+    the nodes alive (the process itself killed, an OOM) the shard has had its three tries and is recorded."""
+    from veclip.shards.guard import RunContext, ShardGuard
+
+    guard = ShardGuard(Location(str(tmp_path)), RunContext("r1", "f"), "simulate", 3, 0.0)
+    guard.where = lambda: {"node": "spot-1", "actor": "a1"}
+    guard.node_alive = lambda node: not node_gone
+    for _ in range(4):
+        guard._begin("part-0.parquet")  # a try begun, then lost with its process
+    assert guard.run_shard("part-0.parquet", "in/part-0.parquet", lambda: None) == outcome

@@ -231,6 +231,7 @@ class SimExecutor(Executor):
         queues = [deque() for _ in pools]
         queues[0].extend({"shard": s.path, "size": s.size, "status": ""} for s in plan.todo)
         actors: list[_Actor] = []
+        gone: set[str] = set()  # the nodes lost (Ray's view of them, for the guard)
         finished: list[dict] = []
         clock, faults = self.clock, stage.faults
         board = ProgressBoard(clock.monotonic)
@@ -240,6 +241,8 @@ class SimExecutor(Executor):
             now, spec = clock.now, specs[k]
             worker = pools[k].actor(**pools[k].kwargs)
             actor = _Actor(k, worker, now, now + spec.start_minutes * 60, f"{spec.name}-{len(actors)}")
+            worker.guard.where = lambda: {"node": actor.name, "actor": actor.name}  # one actor per node
+            worker.guard.node_alive = lambda node: node not in gone
             actor.node = len(self.stats.nodes)
             actors.append(actor)
             self.stats.nodes.append([now, None])
@@ -291,6 +294,7 @@ class SimExecutor(Executor):
 
         def lose(actor: _Actor) -> None:
             actor.down_at = clock.now
+            gone.add(actor.name)
             self.stats.nodes[actor.node][1] = clock.now
             for path, (row, began, _) in actor.in_flight.items():
                 actor.worker.guard._begin(output_shard_name(path))  # the try, counted, then lost with its node
