@@ -367,7 +367,9 @@ def test_a_pool_python_without_vllm_fails_before_any_pool_starts(sample_root, tm
     assert result.returncode != 0 and "does not exist" in result.stderr
 
 
-def test_an_input_replaced_after_its_output_was_written_stops_the_plan(sample_root, tmp_path):
+def test_an_input_replaced_after_its_output_was_written_is_reported_and_the_rest_planned(sample_root, tmp_path):
+    """One re-uploaded input shard among many: reported (recorded failed, the run exits non-zero), its old output
+    kept as it was, every other shard planned and written; it never stops the whole run."""
     source = tmp_path / "in"
     source.mkdir()
     for p in sorted((sample_root / "train").glob("*.parquet")):
@@ -376,8 +378,38 @@ def test_an_input_replaced_after_its_output_was_written_stops_the_plan(sample_ro
     run_local(config)
     table = pq.read_table(source / "part-00001.parquet")
     pq.write_table(table.slice(0, 5), source / "part-00001.parquet")  # a different shard under the same name
-    with pytest.raises(RuntimeError, match="part-00001.parquet changed after its output was written"):
-        plan_run(config, None, fingerprint(config)[0])
+    (tmp_path / "out" / "part-00002.parquet").unlink()  # and another's output lost: redone
+    plan, statuses, summary = run_local(config, run_id="r2")
+    assert "changed after its output was written" in plan.unreadable["part-00001.parquet"]
+    assert [s.name for s in plan.todo] == ["part-00002.parquet"] and plan.redo == ["part-00002.parquet"]
+    assert statuses == [DONE] and "part-00001.parquet" in summary["failed"]
+    assert (tmp_path / "out" / "part-00002.parquet").exists()
+
+
+def test_a_marker_whose_shard_file_is_gone_is_redone(sample_root, tmp_path):
+    """Readers trusted markers: an output shard deleted (a lifecycle rule, a manual rm) stayed marked, the rerun
+    redid nothing and training read fewer rows. The planner cross-checks the shards listed against the markers."""
+    config = laclip_config(sample_root / "train", tmp_path / "out")
+    run_local(config)
+    (tmp_path / "out" / "part-00000.parquet").unlink()
+    dry = veclip_cli(
+        "rewrite",
+        "--preset",
+        "default",
+        "--mode",
+        "laclip",
+        "--input",
+        str(sample_root / "train"),
+        "--output",
+        str(tmp_path / "out"),
+        "--dry-run",
+    )
+    assert "1 to do" in dry.stdout and "1 of them to redo" in dry.stdout, dry.stdout + dry.stderr
+    assert (tmp_path / "out" / CURRENT.done / "part-00000.parquet.json").exists()  # a dry run drops nothing
+    plan, statuses, summary = run_local(config, run_id="r2")
+    assert [s.name for s in plan.todo] == ["part-00000.parquet"] and statuses == [DONE]
+    assert summary["shards"]["done"] == 3 and summary["shards"]["redone"] == 1
+    assert (tmp_path / "out" / "part-00000.parquet").exists()
 
 
 def test_cli_exits_non_zero_listing_failed_shards(sample_root, tmp_path):
@@ -499,3 +531,22 @@ def test_refused_images_are_found_and_quarantined_in_one_pass_over_the_shard(tra
     quarantine = pq.read_table(tmp_path / "out" / CURRENT.quarantine / first.name)
     assert quarantine.column("key").to_pylist() == [table.column("key")[0].as_py()]
     assert quarantine.column("image").to_pylist() == [b"junk"] and quarantine.column("reason")[0].as_py()
+
+
+def test_bookkeeping_that_keeps_failing_never_aborts_the_shards_work(tmp_path, monkeypatch, capsys):
+    """The try count's writes failing past s3fs's own retries (a long S3 brown-out) are retried, then said and
+    passed over: the shard is still written and marked; before, one such error aborted the whole Ray Data job."""
+    from veclip.shards import guard as guard_module
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args[1])
+        raise OSError("SlowDown: please reduce your request rate")
+
+    monkeypatch.setattr(guard_module, "write_json", failing)
+    guard = ShardGuard(Location(str(tmp_path)), RunContext("r1", "f"), "rewrite", 3, 0.001)
+    written = []
+    assert guard.run_shard("part-0.parquet", "in/part-0.parquet", lambda: written.append(1)) == DONE
+    assert written == [1] and len(calls) == guard_module.BOOKKEEPING_TRIES
+    assert "could not count part-0.parquet's try" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from veclip.shards.driver import (
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import layout_of
 from veclip.shards.marker import Marker, PoolStats
-from veclip.shards.plan import InputShard, Plan, by_name, plan_shards
+from veclip.shards.plan import InputShard, Plan, ShardChanged, by_name, plan_shards
 from veclip.storage import PARQUET, Location, StorageOptions, list_file_entries, no_shards
 
 
@@ -117,10 +117,10 @@ class Rewrite(ShardedStage):
 
         def changed(name: str, marker: Marker) -> bool:
             if marker.input_size is not None and marker.input_size != inputs[name].size:
-                raise RuntimeError(
-                    f"rewrite: input shard {inputs[name].path} changed after its output was written "
-                    f"({marker.input_size} bytes then, {inputs[name].size} now); remove "
-                    f"{layout_of(self.output).done}/{name}.json to write it again"
+                raise ShardChanged(
+                    f"input shard {inputs[name].path} changed after its output was written "
+                    f"({marker.input_size} bytes then, {inputs[name].size} now); its output is kept as it was: "
+                    f"remove {layout_of(self.output).done}/{name}.json to write it again"
                 )
             return False
 

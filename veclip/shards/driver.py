@@ -258,10 +258,7 @@ def dry_run(stage: ShardedStage) -> dict:
     of shards not yet done) and its pools, with no lease taken, nothing written, no Ray and no engine."""
     refuse_overlap(stage.name, stage.config.output, stage.input_urls(), stage.options)
     run = RunContext(run_id="dry-run", fingerprint=stage.fingerprint())
-    with ThreadPoolExecutor(2) as pool:
-        inputs = pool.submit(stage.list_inputs)
-        markers = ShardStore(stage.output).markers()
-        plan = stage.plan(run, inputs.result(), markers)
+    plan = plan_stage(stage, run, forget=False)
     return {
         "stage": stage.name,
         "input": stage.config.input,
@@ -303,13 +300,21 @@ def render_dry_run(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_stage(stage: ShardedStage, run: RunContext) -> Plan:
-    """The stage's plan from one listing of its inputs and of the output's markers, made at once (the
-    caller holds the lease: it is the one writer, and folds the markers into the manifest)."""
-    with ThreadPoolExecutor(2) as pool:  # two long paginated listings: at once, not one after the other
-        inputs = pool.submit(stage.list_inputs)
-        markers = ShardStore(stage.output).markers(save_manifest=True)
-        return stage.plan(run, inputs.result(), markers)
+def plan_stage(stage: ShardedStage, run: RunContext, forget: bool = True) -> Plan:
+    """The stage's plan from one listing of its inputs, of the output's markers and of its shards, made at once
+    (the caller holds the lease: it is the one writer, and folds the markers into the manifest). A marker whose
+    shard file is gone (a lifecycle rule, a manual ``rm``) is not trusted: the shard is redone, its marker
+    dropped first (``forget``; a dry run drops nothing)."""
+    store = ShardStore(stage.output)
+    with ThreadPoolExecutor(3) as pool:  # long paginated listings: at once, not one after the other
+        inputs, present = pool.submit(stage.list_inputs), pool.submit(store.present)
+        markers = store.markers(save_manifest=forget)
+        gone = sorted(n for n in markers if n not in present.result())
+        for name in gone if forget else ():
+            store.forget(name)
+        plan = stage.plan(run, inputs.result(), {n: m for n, m in markers.items() if n not in gone})
+    plan.redo += [n for n in gone if n in plan.inputs and n not in plan.redo]
+    return plan
 
 
 def shard_rows(plan: Plan) -> dict[str, list]:
@@ -466,7 +471,11 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
     store = ShardStore(stage.output)
     # Nothing ran (a no-op rerun): the plan's markers are current, the lease kept other writers out.
     listed = store.markers(save_manifest=True) if plan.todo else plan.done
-    markers = {n: m for n, m in listed.items() if n in plan.inputs and m.fingerprint == run.fingerprint}
+    markers = {
+        n: m
+        for n, m in listed.items()
+        if n in plan.inputs and n not in plan.unreadable and m.fingerprint == run.fingerprint
+    }
     failed = {n: f for n, f in store.failures().items() if n in plan.inputs and n not in markers}
     problems = [f"{name}: not written" for name in sorted(set(plan.inputs) - set(markers) - set(failed))]
     for name, m in markers.items():

@@ -32,6 +32,9 @@ from veclip.storage import Location, read_json, write_json
 DONE, FAILED = "done", "failed"  # what became of a shard: the status a pool passes to the next one
 
 
+BOOKKEEPING_TRIES = 3  # a record's write, retried (backoff_seconds, doubled): over a throttled bucket's pause
+
+
 class ShardRefused(ValueError):
     """The shard's own data cannot be processed (its keys, say): recorded as failed at once, not retried."""
 
@@ -113,15 +116,28 @@ class ShardGuard:
         preemption) is no fault of the shard's: it is counted in ``preempted``, outside ``max_attempts`` (at
         10% preemption an hour, ~2 of 30,000 ten-minute shards lost three tries to preemptions alone)."""
         fs, path = self.output.fs, self._attempts_path(name)
-        previous = read_json(fs, path)
+        previous = self._durably(f"read {name}'s try count", read_json, fs, path)
         if previous is None or previous["run_id"] != self.run.run_id:
             previous = {"run_id": self.run.run_id, "tries": 0, "errors": []}
         died = previous["on"] if previous.get("on") and not previous.get("ended") else None
         preempted = previous.get("preempted", 0) + (died is not None and not self.node_alive(died["node"]))
         lost = previous.get("lost", []) + ([died] if died else [])
         record = {**previous, "tries": previous["tries"] + 1, "on": self.where(), "ended": False, "lost": lost}
-        write_json(fs, path, record | {"preempted": preempted})
+        self._durably(f"count {name}'s try", write_json, fs, path, record | {"preempted": preempted})
         return record | {"preempted": preempted}
+
+    def _durably(self, what: str, call: Callable, *args):
+        """A record's read or write (the try count, a failure record), retried; if it still fails, said and
+        passed over: the records are advisory, and one S3 error that outlived s3fs's retries must not abort
+        the Ray Data job and every shard in flight with it. ``call(*args)``'s result, or None."""
+        for attempt in range(BOOKKEEPING_TRIES):
+            try:
+                return call(*args)
+            except Exception as err:  # noqa: BLE001 - any storage error: the shard's work matters more
+                if attempt == BOOKKEEPING_TRIES - 1:
+                    print(f"veclip: could not {what} ({type(err).__name__}: {err}); going on without it", flush=True)
+                    return None
+                clock().sleep(self.backoff_seconds * 2**attempt * random.uniform(0.5, 1.5))
 
     def _charged(self, record: dict) -> int:
         """The tries that count against ``max_attempts``: those not lost with their node."""
@@ -133,7 +149,17 @@ class ShardGuard:
     def _fail(self, name: str, input_path: str, record: dict) -> str:
         errors = record["errors"] or ["the process died during the try (killed, out of memory, or a crash)"]
         tries = record["tries"] - self._exhausted(record)  # the try begun only to be refused is none
-        record_failure(self.store, name, input_path, self.stage, self.run, tries, errors)
+        self._durably(
+            f"record {name} as failed",
+            record_failure,
+            self.store,
+            name,
+            input_path,
+            self.stage,
+            self.run,
+            tries,
+            errors,
+        )
         return FAILED
 
     def run_shard(self, name: str, input_path: str, work: Callable[[], None]) -> str:
@@ -144,10 +170,11 @@ class ShardGuard:
                 return self._fail(name, input_path, record)
             try:
                 work()
+                path = self._attempts_path(name)
                 if record["tries"] > 1:  # kept, marked done: the summary counts the shards retried
-                    write_json(self.output.fs, self._attempts_path(name), {**record, "done": True})
+                    self._durably(f"note {name}'s tries", write_json, self.output.fs, path, {**record, "done": True})
                 else:
-                    self.output.fs.rm_file(self._attempts_path(name))
+                    self._durably(f"clear {name}'s try count", self.output.fs.rm_file, path)
                 return DONE
             except LeaseLost:
                 raise  # another run owns the output now: stop, record nothing
@@ -158,7 +185,8 @@ class ShardGuard:
                 message = scrub(f"{type(err).__name__}: {err}", self.secrets)[:2000]
                 record["errors"] = [*record["errors"], message][-self.max_attempts :]
                 record["ended"] = True  # an error, caught: not a try lost with its process
-                write_json(self.output.fs, self._attempts_path(name), record)
+                path = self._attempts_path(name)
+                self._durably(f"note {name}'s error", write_json, self.output.fs, path, record)
                 if engine_died(err):
                     # This actor's engine is gone for good: exit so Ray starts a fresh actor
                     # and retries the shard there (the durable count bounds how often).

@@ -28,6 +28,10 @@ from veclip.shards.marker import Marker
 from veclip.storage import read_footers
 
 
+class ShardChanged(ValueError):
+    """A done shard's input changed since its output was written: reported, the rest of the run planned."""
+
+
 class FingerprintMismatch(ValueError):
     """The output holds shards written with another configuration."""
 
@@ -78,7 +82,8 @@ def plan_shards(
     """The plan over ``inputs`` given the output's ``markers`` (read under the lease).
 
     A marker of another ``fingerprint`` is refused (``redo_mismatched``: written again);
-    ``stale(name, marker)`` says a done shard's inputs changed (written again);
+    ``stale(name, marker)`` says a done shard's inputs changed (written again), or raises
+    :class:`ShardChanged` (the shard is reported, its output left as it is, the rest planned);
     ``check(footer, shard)`` raises ValueError for a shard that cannot run.
     """
     done = {
@@ -93,12 +98,17 @@ def plan_shards(
             "configurations in one dataset. Write to a new --output, restore the old configuration, or pass "
             "--redo-mismatched to write those shards again with this one."
         )
-    changed = sorted(n for n, m in done.items() if n not in mismatched and stale(n, m))
-    plan = Plan(
-        inputs, {n: m for n, m in done.items() if n not in mismatched and n not in changed}, redo=mismatched + changed
-    )
+    changed, refused = [], {}
+    for name, marker in sorted(done.items()):
+        try:
+            if name not in mismatched and stale(name, marker):
+                changed.append(name)
+        except ShardChanged as err:
+            refused[name] = str(err)
+    kept = {n: m for n, m in done.items() if n not in mismatched and n not in changed and n not in refused}
+    plan = Plan(inputs, kept, redo=mismatched + changed, unreadable=dict(refused))
     plan.rows = {n: m.input_rows for n, m in plan.done.items()}
-    left = [s for n, s in inputs.items() if n not in plan.done]
+    left = [s for n, s in inputs.items() if n not in plan.done and n not in refused]
     misfits: dict[str, str] = {}
     footers = read_footers(fs, [(s.path, s.size) for s in left])
     for shard in left:

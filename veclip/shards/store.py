@@ -127,6 +127,18 @@ class ShardStore:
     def clear_failure(self, name: str) -> None:
         self._remove(self._failure_path(name))
 
+    def present(self) -> set[str]:
+        """Names of the shard files in the open now (one fresh listing; none when the folder is not there)."""
+        try:
+            entries = list_file_entries(self.location)
+        except FileNotFoundError:
+            return set()
+        return {posixpath.basename(e["name"]) for e in entries if e["name"].endswith(PARQUET)}
+
+    def forget(self, name: str) -> None:
+        """Drop a marker that describes nothing (its shard file is gone): the shard is not done."""
+        self._remove(self._marker_path(name))
+
     def _remove(self, path: str) -> None:
         try:
             self.location.fs.rm_file(path)
