@@ -1,12 +1,13 @@
 """Storage behaves the same on local disk and on S3 (a moto server on 127.0.0.1)."""
 
+import dataclasses
 import os
 import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MemoryPeak
+from conftest import MemoryPeak, veclip_cli
 
 from veclip import storage
 from veclip.shards import store as shard_store
@@ -269,3 +270,38 @@ def test_a_one_row_group_shard_is_read_and_written_a_batch_at_a_time(tmp_path):
     empty = pq.ParquetFile(tmp_path / "one.parquet").schema_arrow.empty_table()
     pq.write_table(empty, tmp_path / "empty.parquet")
     assert [t.num_rows for t in storage.read_batches(fs, str(tmp_path / "empty.parquet"))] == [0]
+
+
+def test_outputs_that_reach_an_input_through_a_link_or_a_join_are_refused(sample_root, tmp_path):
+    """`score --input CAPTIONS --output IMAGES` (the folder the caption tables join to) would replace every image
+    shard with a score table; an output reached through a symlink passed the path comparison."""
+    from test_rewrite_faults import laclip_config, run_local
+
+    images = tmp_path / "images"
+    shutil.copytree(sample_root / "train", images)
+    config = dataclasses.replace(laclip_config(images, tmp_path / "captions"), layout="captions")
+    run_local(config)
+    before = sorted((p.name, p.stat().st_size) for p in images.iterdir())
+    result = veclip_cli(
+        "score", "--input", str(tmp_path / "captions"), "--output", str(images), "--model", "x", "--pretrained", "y"
+    )
+    assert result.returncode == 2 and "is the input" in result.stderr, result.stderr
+    (tmp_path / "link").symlink_to(images)
+    with pytest.raises(storage.OutputOverlapsInput, match="is inside the input"):
+        storage.refuse_overlap("rewrite", str(tmp_path / "link" / "out"), [str(images)])
+    assert sorted((p.name, p.stat().st_size) for p in images.iterdir()) == before
+
+
+def test_many_files_are_read_by_their_literal_names_on_both_storages(out_location):
+    """fsspec's cat expands `*`, `?` and `[`: a file named `photo[1].jpg` was read as `photo1.jpg` (or missed),
+    a name `**` read the whole folder, a marker of `x[1].parquet` raised KeyError in markers()."""
+    fs = out_location.fs
+    names = {"photo[1].jpg": b"bracket", "photo1.jpg": b"plain", "a*b.json": b"star", "q?.txt": b"question"}
+    fs.makedirs(out_location.path, exist_ok=True)
+    for name, data in names.items():
+        fs.pipe_file(out_location.join(name), data)
+    paths = [out_location.join(n) for n in names]
+    assert storage.read_many(fs, paths) == dict(zip(paths, names.values()))
+    store = shard_store.ShardStore(out_location)
+    store.write(Marker("x[1].parquet", 0), _table(2))
+    assert set(store.markers()) == {"x[1].parquet"}

@@ -43,6 +43,7 @@ from veclip.storage import (
     BATCH_ROWS,
     Location,
     StorageOptions,
+    cat_literal,
     filesystem,
     list_files,
     read_batches,
@@ -317,7 +318,7 @@ def _fetch(
 def _cat_all(fs, paths: list[str]) -> dict:
     """The files' bytes, a missing one as its FileNotFoundError; any other error (transient) is raised, to be
     tried again."""
-    contents = fs.cat(paths, on_error="return")
+    contents = dict(zip(paths, cat_literal(fs, paths)))  # literal: `photo[1].jpg` is no pattern
     for value in contents.values():
         if isinstance(value, OSError) and not isinstance(value, FileNotFoundError):
             raise value

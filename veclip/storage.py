@@ -151,12 +151,18 @@ def refuse_overlap(stage: str, output: str, inputs: list[str], options: StorageO
         source = Location(url.partition("#")[0], options or StorageOptions())  # a caption source may pick columns
         if _protocols(source.fs) != _protocols(target.fs):
             continue
-        if target.path == source.path or target.path.startswith(source.path.rstrip("/") + "/"):
-            where = "is" if target.path == source.path else "is inside"
+        out, into = _resolved(target), _resolved(source)
+        if out == into or out.startswith(into.rstrip("/") + "/"):
+            where = "is" if out == into else "is inside"
             raise OutputOverlapsInput(
                 f"{stage}: the output {output} {where} the input {url}: writing there would overwrite or mix with "
                 "what the stage reads. Write to a folder of its own, e.g. a sibling of the input."
             )
+
+
+def _resolved(location: Location) -> str:
+    """The path, through symlinks on local disk (an output reached by a link is still the folder it names)."""
+    return os.path.realpath(location.path) if location.is_local else location.path
 
 
 def with_retries(work, what: str, attempts: int = 4, backoff_seconds: float = 1.0):
@@ -371,14 +377,22 @@ def read_batches(
 
 def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
     """Many small files at once: s3fs fetches them concurrently (O(n / its batch
-    size) round trips, not n in series). Raises the first error, naming its file."""
+    size) round trips, not n in series). Raises the first error, naming its file. The paths are literal:
+    ``fs.cat`` would expand ``*``, ``?`` and ``[`` as patterns (a shard named ``photo[1]`` read as ``photo1``)."""
+    return {path: _raised(path, got) for path, got in zip(paths, cat_literal(fs, list(paths)))}
+
+
+def cat_literal(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list:
+    """Each path's bytes, or the error reading it, in order; concurrent on object stores, no glob expansion."""
     if not paths:
-        return {}
-    found = fs.cat(list(paths), on_error="return", **small_file_kwargs(fs))
-    for path in paths:
-        if isinstance(found.get(path), BaseException):
-            raise OSError(f"could not read {path}: {found[path]}") from found[path]
-    return {path: found[path] for path in paths}
+        return []
+    return fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return", **small_file_kwargs(fs))
+
+
+def _raised(path: str, got):
+    if isinstance(got, BaseException):
+        raise OSError(f"could not read {path}: {got}") from got
+    return got
 
 
 FOOTER_TAIL_BYTES = 64 * 1024  # one read holds the footer of all but very wide files

@@ -51,7 +51,12 @@ class Score(ShardedStage):
         self.stamps: dict[str, list[str]] = {}
 
     def input_urls(self) -> list[str]:
-        return [self.config.input, *self.config.add_captions]
+        """The caption tables and the images folder they join to (known once the input is opened): scores
+        written over the images would replace every image shard with a score table."""
+        dataset = self.dataset or open_dataset(
+            self.config.input, self.options, tuple(self.config.add_captions), stage="score"
+        )
+        return [self.config.input, *self.config.add_captions, dataset.images_url]
 
     def fingerprint(self) -> str:
         return fingerprint(self.config, self.weights)[0]
