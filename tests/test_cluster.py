@@ -178,6 +178,11 @@ def test_submit_checks_stage_flags_before_contacting_a_cluster():
         *common, "--mode", "both", "--set", "captioner.pool.max_actors=16", "--set", "fuser.pool.max_actors=4"
     )
     assert "differs" not in readme.stderr and "127.0.0.1:9" in readme.stderr  # it got as far as the cluster
+    # an output over its input: refused here, not by the job on the cluster (nor after failing to reach it)
+    same = veclip_cli(
+        "submit", "rewrite", "--address", "http://127.0.0.1:9", "--input", "s3://b/d", "--output", "s3://b/d"
+    )
+    assert same.returncode == 2 and "is the input" in same.stderr and "127.0.0.1:9" not in same.stderr, same.stderr
 
 
 def test_submit_refuses_secrets_where_the_jobs_metadata_would_show_them(tmp_path):

@@ -354,6 +354,22 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute", "a/b"])
+def test_a_checkpoint_naming_a_path_as_its_model_is_refused(tmp_path, name):
+    """The model name becomes a file name on every score and eval actor: a shared checkpoint's `../../x` wrote
+    JSON outside the temp folder."""
+    from veclip.train.checkpoint import MODEL_CONFIG_FILE, PROGRESS_FILE, STATE_FILE, SavedModel, read_model
+
+    torch.save({"model": {}}, tmp_path / STATE_FILE)
+    (tmp_path / MODEL_CONFIG_FILE).write_text(json.dumps({"name": name, "model_cfg": {"embed_dim": 8}}))
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps({"step": 1}))
+    with pytest.raises(ValueError, match="is not a model name"):
+        read_model(str(tmp_path))
+    with pytest.raises(ValueError, match="is not a model name"):
+        SavedModel(str(tmp_path), name, {"embed_dim": 8}, {}, 1).create()
+    assert not (tmp_path.parent.parent / "escaped.json").exists()
+
+
 def _wandb_records(path: Path):
     """The records of a W&B offline run file, parsed with wandb's own protobuf schema. (wandb 0.31 reads
     them in its Go core only; the framing is LevelDB's log format after a 7-byte W&B header: 32 KiB

@@ -118,6 +118,11 @@ def checked_stage_args(name: str, argv: list[str]):
     config = parse_stage_args(name, argv)
     if hasattr(config, "validate_for_run"):
         config.validate_for_run()
+    output, inputs = getattr(config, "output", None), [getattr(config, "input", None)]
+    if output and any(inputs):  # an output over its input: refused here, before a job reaches the cluster
+        from veclip.storage import refuse_overlap
+
+        refuse_overlap(name, output, [*inputs, *getattr(config, "add_captions", ())])
     return config
 
 

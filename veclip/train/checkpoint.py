@@ -20,6 +20,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -184,6 +185,9 @@ def latest(location: Location) -> Location:
     return location.child(names[-1])
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # an open_clip model name; no path in it
+
+
 @dataclass(frozen=True)
 class SavedModel:
     """A checkpoint's model: open_clip name and config, weights, and the step it was saved at."""
@@ -203,6 +207,8 @@ class SavedModel:
         from veclip.train.model import register_configs
 
         register_configs()
+        if not MODEL_NAME.fullmatch(self.name) or ".." in self.name:
+            raise ValueError(f"{self.checkpoint}: the model name {self.name!r} is not a model name")
         if self.name not in open_clip.list_models():  # a config this installation does not ship
             with tempfile.TemporaryDirectory() as folder:
                 with open(os.path.join(folder, f"{self.name}.json"), "w") as f:
@@ -218,6 +224,9 @@ def read_model(url: str, options: StorageOptions | None = None) -> SavedModel:
     source = latest(Location(url, options or StorageOptions()))
     state = torch.load(io.BytesIO(source.fs.cat_file(source.join(STATE_FILE))), map_location="cpu", weights_only=True)
     info = json.loads(source.fs.cat_file(source.join(MODEL_CONFIG_FILE)))
+    if not isinstance(info.get("name"), str) or not MODEL_NAME.fullmatch(info["name"]):
+        # the name becomes a file name on every score and eval actor: `../../x` or `/etc/x` would write there
+        raise ValueError(f"{source.url}: the checkpoint's model name {info.get('name')!r} is not a model name")
     progress = Progress.from_dict(json.loads(source.fs.cat_file(source.join(PROGRESS_FILE))))
     return SavedModel(source.url, info["name"], info["model_cfg"], state["model"], progress.step)
 
