@@ -612,3 +612,19 @@ def test_a_pipeline_killed_while_its_submitted_step_runs_attaches_to_that_job_on
     ]
     assert sorted(keys) == sorted(source)  # every key once
     assert json.loads(record.read_text())["finished_at"]
+
+
+def test_the_clusters_token_never_goes_in_clear_text_to_another_host(monkeypatch):
+    from veclip.job_client import TOKEN_OVER_HTTP_ENV, check_token_transport
+
+    token = {"Authorization": "Bearer t"}
+    for fine in ("http://127.0.0.1:8265", "http://localhost:8265", "https://head.example:8265", "127.0.0.1:8265"):
+        check_token_transport(fine, token)
+    check_token_transport("http://10.0.0.5:8265", {})  # no token, nothing to leak
+    with pytest.raises(ValueError, match="clear text over http to 10.0.0.5"):
+        check_token_transport("http://10.0.0.5:8265", token)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head.internal:8265")
+    with pytest.raises(ValueError, match="head.internal"):
+        check_token_transport(None, token)
+    monkeypatch.setenv(TOKEN_OVER_HTTP_ENV, "1")
+    check_token_transport(None, token)

@@ -23,10 +23,30 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+TOKEN_OVER_HTTP_ENV = "VECLIP_SEND_TOKEN_OVER_HTTP"  # 1: send the cluster's token over plain http anyway
+
+
+def check_token_transport(address: str | None, headers: dict[str, str]) -> None:
+    """Refuse to send the cluster's token in clear text to another host (plain ``http://`` beyond loopback)."""
+    from urllib.parse import urlparse
+
+    url = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    loopback = parsed.hostname in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
+    if headers and parsed.scheme == "http" and not loopback and os.environ.get(TOKEN_OVER_HTTP_ENV) != "1":
+        raise ValueError(
+            f"the cluster's auth token would go in clear text over http to {parsed.hostname}: use https (a TLS "
+            f"proxy in front of the dashboard) or a tunnel to 127.0.0.1 (ssh -L 8265:localhost:8265 HEAD), or "
+            f"set {TOKEN_OVER_HTTP_ENV}=1 on a network you trust"
+        )
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address, headers=auth_headers())
+    headers = auth_headers()
+    check_token_transport(address, headers)
+    return JobSubmissionClient(address, headers=headers)
 
 
 def follow_logs(address: str | None, job_id: str, out=print) -> None:
