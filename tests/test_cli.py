@@ -156,3 +156,12 @@ def test_secrets_are_recognised_by_their_common_names_and_inside_urls():
         assert not SECRET_NAME.search(name), name
     out = redact({"env": {"DATABASE_URL": "postgres://u:p4ss@db/x", "NOTE": "see https://bob:hunter22@example.org/x"}})
     assert out["env"]["DATABASE_URL"] == "<redacted>" and out["env"]["NOTE"] == "see https://<redacted>@example.org/x"
+
+
+def test_a_urls_bare_token_is_scrubbed_like_a_password():
+    """MLflow's tracking URI is often https://user:token@host or https://token@host: neither reaches a record."""
+    from veclip.config import scrub
+
+    assert scrub("https://bob:hunter22@mlflow.example/x", ()) == "https://<redacted>@mlflow.example/x"
+    assert scrub("https://ghp_abc123@mlflow.example/x", ()) == "https://<redacted>@mlflow.example/x"
+    assert scrub("file:///runs/mlruns and s3://bucket/key", ()) == "file:///runs/mlruns and s3://bucket/key"

@@ -196,7 +196,7 @@ _SECRET_WORDS = re.compile(
     re.IGNORECASE,
 )
 # Credentials inside a URL: scheme://user:password@host
-URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+(?=@)")  # a URL's userinfo: user:password, or a bare token
 REDACTED = "<redacted>"
 
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from veclip.config import scrub
 from veclip.storage import Location, read_json, write_json
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -135,7 +136,9 @@ class _MLflow:
                 experiment.experiment_id if experiment else self.client.create_experiment(trackers.tracking.project)
             )
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-            write_json(trackers.run.fs, self.record, {**saved, "mlflow_run_id": self.run_id, "mlflow_uri": uri})
+            # the URI often carries credentials (https://user:token@host): the record keeps it without them
+            record = {**saved, "mlflow_run_id": self.run_id, "mlflow_uri": scrub(uri, ())}
+            write_json(trackers.run.fs, self.record, record)
             for key, value in _flat(config).items():
                 self.client.log_param(self.run_id, key, str(value)[:500])
 
