@@ -85,6 +85,21 @@ def test_status_of_a_rewrite_output_finished_then_live(tmp_path):
     assert "neither a rewrite or score output" in veclip_cli("status", str(tmp_path / "sample")).stderr
 
 
+def test_status_is_not_done_with_a_shard_file_gone_or_two_configurations(tmp_path):
+    import json
+
+    _rewrite_in_process(tmp_path, layout="captions")
+    out = tmp_path / "out"
+    (out / "part-00000.parquet").unlink()  # a lifecycle rule, a manual rm
+    gone = veclip_cli("status", str(out))
+    assert gone.returncode == 1 and "NOT DONE" in gone.stdout and "MISSING: 1 marked shard(s)" in gone.stdout
+    marker = out / CURRENT.done / "part-00000.parquet.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": "another"}))
+    (out / "part-00000.parquet").write_bytes((out / "part-00001.parquet").read_bytes())
+    mixed = veclip_cli("status", str(out))
+    assert mixed.returncode == 1 and "MIXED: 2 configurations" in mixed.stdout, mixed.stdout
+
+
 def test_the_gallery_renders_in_a_real_browser(tmp_path):
     """Headless Chromium (Debian's; `make test` installs it) opens a page of `veclip show --html`:
     it renders, the inline images load (their saturated colours are on screen), not a blank page."""

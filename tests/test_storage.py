@@ -169,6 +169,9 @@ def test_readers_use_only_finished_shards(tmp_path):
     paths, skipped = shard_store.finished_shards(root)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["a.parquet", "b.parquet"]
     assert skipped == {shard_store.NOT_MARKED: 1, shard_store.RECORDED_FAILED: 1}
+    (tmp_path / "b.parquet").unlink()  # marked, then deleted: said, never read fewer rows silently
+    paths, skipped = shard_store.finished_shards(root)
+    assert len(paths) == 1 and skipped[shard_store.MARKED_BUT_MISSING] == 1
     plain = tmp_path / "plain"
     plain.mkdir()
     pq.write_table(pa.table({"key": ["x"]}), plain / "x.parquet")

@@ -73,9 +73,20 @@ def output_status(location: Location) -> Status:
         lines.append("flags: " + ", ".join(f"{reason} {n}" for reason, n in flags.most_common()))
     for name, record in sorted(failed.items())[:5]:
         lines.append(f"failed: {name}: {record.error}")
+    fingerprints = {m.fingerprint for m in markers.values()}
+    if len(fingerprints) > 1:
+        lines.append(
+            f"MIXED: {len(fingerprints)} configurations in one output ({', '.join(sorted(map(str, fingerprints)))}): "
+            "a rewrite with --redo-mismatched that did not finish; rerun it to make the output one configuration"
+        )
+    missing = sorted(set(markers) - store.present())
+    if missing:
+        lines.append(
+            f"MISSING: {len(missing)} marked shard(s) whose file is gone, e.g. {missing[0]}: rerun to redo them"
+        )
     if plan.get("stopped") and not live:
         lines.append(f"stopped at {plan['stopped']['at']}: {plan['stopped']['why']}")
-    done = not live and not failed and remaining == 0 and bool(markers)
+    done = not live and not failed and remaining == 0 and bool(markers) and len(fingerprints) <= 1 and not missing
     return Status(plan.get("stage", "rewrite"), location.url, done, lines)  # plans before the stage field: a rewrite's
 
 

@@ -37,6 +37,7 @@ from veclip.storage import (
 STAMP = "_listed_version"  # the marker's listing stamp, kept in the manifest only
 NOT_MARKED = "no done marker (still being written, or its writer stopped)"
 RECORDED_FAILED = "recorded as failed"
+MARKED_BUT_MISSING = "marked done but its file is gone (a lifecycle rule, a manual rm): rerun the stage to redo it"
 
 
 class ShardStore:
@@ -197,6 +198,8 @@ def finished_shard_entries(location: Location) -> tuple[list[dict], dict[str, in
         else:
             reason = RECORDED_FAILED if name in failed else NOT_MARKED
             skipped[reason] = skipped.get(reason, 0) + 1
+    if missing := len(done) - len(kept):  # never read fewer rows silently: said with the other skips
+        skipped[MARKED_BUT_MISSING] = missing
     return kept, skipped
 
 
