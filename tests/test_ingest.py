@@ -433,3 +433,13 @@ def test_an_output_in_the_legacy_layout_is_read_and_continued_as_it_is(tars, tmp
     assert again.shards_written == 1 and again.shards_skipped == 2
     assert (out / LEGACY.done / "00001.parquet.json").exists() and not (out / RECORDS_DIR).exists()
     assert _shard_keys(out) == expected
+
+
+def test_two_tars_that_would_make_one_shard_are_refused_before_anything_is_written(tars, tmp_path):
+    """`x.tar` and `x.tar.gz` both become `x.parquet`: the second overwrote the first."""
+    import shutil
+
+    shutil.copy(tars / "00000.tar", tars / "00000.tar.gz")  # a tar under both names (tarfile reads either)
+    with pytest.raises(ValueError, match="map to the same output name"):
+        run_import(ImportConfig(str(tars), str(tmp_path / "out")), log=quiet)
+    assert not (tmp_path / "out").exists()

@@ -38,6 +38,7 @@ from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image,
 from veclip.shards.card import write_card
 from veclip.shards.layout import output_shard_name
 from veclip.shards.marker import Marker
+from veclip.shards.plan import InputShard, by_name
 from veclip.shards.store import ShardStore
 from veclip.storage import (
     BATCH_ROWS,
@@ -243,6 +244,7 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
     tars = [p for p in list_files(source) if p.endswith((".tar", ".tar.gz", ".tgz"))]
     if not tars:
         raise FileNotFoundError(f"no .tar shards in {config.source}")
+    by_name(STAGE, [InputShard(p, 0) for p in tars], config.source)  # x.tar and x.tar.gz: one x.parquet
     store, summary = ShardStore(Location(config.output, options)), ImportSummary()
     done = store.done()
     for path in tars:

@@ -59,9 +59,13 @@ class Plan:
 
 def by_name(stage: str, shards: list[InputShard], url: str) -> dict[str, InputShard]:
     """Input shards by their output name; two inputs that map to one output are refused."""
-    named = {s.name: s for s in shards}
-    if len(named) != len(shards):
-        raise ValueError(f"{stage}: input shards in {url} map to the same output name; rename them")
+    named: dict[str, InputShard] = {}
+    for shard in shards:
+        if (other := named.setdefault(shard.name, shard)) is not shard:
+            raise ValueError(
+                f"{stage}: input shards in {url} map to the same output name {shard.name} ({other.path} and "
+                f"{shard.path}): one would overwrite the other; rename one"
+            )
     return named
 
 
