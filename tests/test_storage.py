@@ -308,3 +308,25 @@ def test_many_files_are_read_by_their_literal_names_on_both_storages(out_locatio
     store = shard_store.ShardStore(out_location)
     store.write(Marker("x[1].parquet", 0), _table(2))
     assert set(store.markers()) == {"x[1].parquet"}
+
+
+def test_the_driver_hands_its_actors_the_endpoint_it_planned_against(tmp_path, monkeypatch):
+    """AWS_ENDPOINT_URL set in the driver's shell only: actors on other nodes read and wrote the default AWS
+    endpoint. The driver resolves endpoint and region once, and the pools' options carry them."""
+    from veclip.shards.clock import use_clock
+    from veclip.shards.driver import run_stage
+    from veclip.shards.simulate import SimClock, SimConfig, SimExecutor, SimPool, SimStage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert storage.StorageOptions().resolved() == storage.StorageOptions(
+        endpoint_url="http://127.0.0.1:1", region="eu-west-3"
+    )
+    assert storage.StorageOptions(endpoint_url="http://mine").resolved().endpoint_url == "http://mine"
+    stage = SimStage(SimConfig(shards=2, pools=(SimPool("p", 1, 1.0, 0.0),), preemption_per_hour=0), str(tmp_path))
+    with use_clock(clock := SimClock(0.0)):
+        run_stage(stage, lambda *_: None, executor=SimExecutor(stage.sim, clock))
+    [pool] = stage.pools(None, None)
+    assert pool.kwargs["options"].endpoint_url == "http://127.0.0.1:1"  # what each actor is built with
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert storage.StorageOptions().resolved().endpoint_url is None

@@ -9,6 +9,7 @@ What a sharded stage keeps on it (shards, markers, the lease) is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -43,6 +44,16 @@ class StorageOptions:
     secret: str | None = None
     token: str | None = None
     anon: bool = False
+
+    def resolved(self) -> StorageOptions:
+        """These options with the endpoint and region this process's environment names filled in: what a driver
+        hands its actors, so that actors on nodes whose environment lacks ``AWS_ENDPOINT_URL`` (or names
+        another) read and write the store the driver planned against, never a second one."""
+        return dataclasses.replace(
+            self,
+            endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+            region=self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+        )
 
     def s3fs_kwargs(self) -> dict:
         kwargs: dict = {"anon": self.anon}

@@ -222,6 +222,7 @@ def run_stage(
     Shards that keep failing are recorded and listed in ``summary["failed"]``
     (the CLI exits non-zero); rerunning the same command retries exactly them.
     """
+    stage.options = stage.options.resolved()  # the store the driver plans against is the one its actors use
     refuse_overlap(stage.name, stage.config.output, stage.input_urls(), stage.options)
     start, started_at = clock().monotonic(), clock().time()
     run_id, out = uuid.uuid4().hex[:12], stage.output
