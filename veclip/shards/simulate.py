@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from veclip.shards.clock import Clock
-from veclip.shards.driver import Executor, Pool, ShardedStage, StageStalled, StallWatch
+from veclip.shards.clock import Clock, clock, use_clock
+from veclip.shards.driver import Executor, Pool, ShardedStage, StageStalled, StallWatch, run_stage
 from veclip.shards.guard import DONE, RunContext
 from veclip.shards.layout import output_shard_name
+from veclip.shards.lease import LeaseLost
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.progress import STARTING, WORKING, ProgressBoard
@@ -112,17 +113,17 @@ class SimConfig:
     replacement_minutes: float = 10.0  # from a node's loss to its replacement's start (then the engine loads)
     drain_notice_seconds: float = 0.0  # Ray's drain notice before a preemption (0: none; the try in flight is lost)
     never_replaced: bool = False  # a preempted node never comes back (a hung pool)
-    gpu_hour_usd: float = 2.5
+    gpu_hour_usd: float = 4.0  # an H100 [assumed], as docs/scaling.md
     poison: tuple[str, ...] = ()  # shards whose work always fails (recorded as failed)
     seed: int = 0
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
-# --- the stand-in stage: real inputs plan, real store and markers; a shard's output is its keys --------------
+# --- the stand-in stage: the real store, markers and commit; a shard's output is its rows (a few KB) ---------
 
 
 class SimWorker(ShardWorker):
-    """A pool's worker: the last pool writes the shard (``rows`` keys) and its marker through the real commit;
+    """A pool's worker: the last pool writes the shard (its rows) and its marker through the real commit;
     earlier pools only run under the guard. ``started_at`` is set by the executor (the try's virtual start)."""
 
     stage = "simulate"
@@ -138,8 +139,6 @@ class SimWorker(ShardWorker):
             raise RuntimeError(f"{name}: a poison shard")
         if not self.last or self.current(self.store, name):
             return
-        from veclip.shards.clock import clock
-
         now = clock().time()
         marker = Marker(shard=name, rows=0, rows_in=size, started_at=self.started_at or now, finished_at=now)
         marker.seconds = now - marker.started_at
@@ -376,29 +375,24 @@ def simulate(config: SimConfig, output: str, log=lambda *_: None, progress=None)
     import resource
     import time
 
-    from veclip.shards.clock import use_clock
-    from veclip.shards.driver import run_stage
-
-    clock = SimClock(start=time.time())
-    executor = SimExecutor(config, clock, progress)
+    virtual = SimClock(start=time.time())
+    executor = SimExecutor(config, virtual, progress)
     stage = SimStage(config, output)
     cpu = time.process_time()
     summary, lapses = None, 0
-    with use_clock(clock):
+    with use_clock(virtual):
         try:
             summary = run_stage(stage, log, executor=executor)
         except StageStalled:
             pass
-        except Exception as err:  # a lease lost mid-run is a lapse; anything else is a bug
-            if type(err).__name__ != "LeaseLost":
-                raise
+        except LeaseLost:  # the lease lapsed mid-run (its renewals on the virtual clock failed)
             lapses += 1
-    end = clock.now
+    end = virtual.now
     billed = executor.stats.billed_hours(end)
     return SimResult(
         seed=config.seed,
         finished=summary is not None,
-        hours=(end - clock.start) / HOUR,
+        hours=(end - virtual.start) / HOUR,
         gpu_hours=billed,
         goodput=executor.stats.useful_seconds / HOUR / billed if billed else 0.0,
         usd=billed * config.gpu_hour_usd,
