@@ -79,6 +79,7 @@ def _contend(url: str, endpoint: str | None, run_id: str, start_at: float, resul
         lease.acquire()
         results.put(run_id)
         lease._stop.set()
+        time.sleep(3)  # the winner runs on: a lease held by a process gone from this host is free to take
     except LeaseHeld:
         results.put(None)
 

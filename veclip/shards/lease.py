@@ -183,6 +183,7 @@ class _S3Cas:
             probe.fs.call_s3("delete_object", Bucket=probe.bucket, Key=probe.key)
 
 
+_HONOURING_STORES: set[tuple] = set()  # (endpoint, bucket) found to honour conditional writes in this process
 RENEWALS_PER_TTL = 4  # renewed every quarter of its lifetime: three renewals can fail before it lapses
 LAPSING_SHARE = 0.25  # a commit is refused once less than this share of the lifetime is left (two renewals missed)
 
@@ -236,8 +237,12 @@ class OutputLease:
         }
 
     def _check_store(self, cas) -> None:
+        """Once per process and bucket: does the store honour conditional writes?"""
         if isinstance(cas, _S3Cas) and os.environ.get(UNCHECKED_STORE_ENV) != "1":
-            if not cas.honours_conditional_writes():
+            where = (self.location.options.endpoint_url, cas.bucket)
+            if where not in _HONOURING_STORES and cas.honours_conditional_writes():
+                _HONOURING_STORES.add(where)
+            if where not in _HONOURING_STORES:
                 raise ConditionalWritesIgnored(
                     f"{self.location.url}: this store ignores conditional writes (a create-only PUT with "
                     "If-None-Match: * overwrote an existing object), so the output's lease would not keep a second "
