@@ -59,6 +59,12 @@ def laclip_config(source, output, **faults) -> "RewriteConfig":  # noqa: F821
     )
 
 
+def _laclip_cli(source, output, *flags: str, timeout: int = 300):
+    """`veclip rewrite --mode laclip` with the default preset, as a user types it."""
+    cmd = ["rewrite", "--preset", "default", "--mode", "laclip", "--input", str(source), "--output", str(output)]
+    return veclip_cli(*cmd, *flags, timeout=timeout)
+
+
 def put_tree(local, url, options):
     Location(url, options).fs.put(str(local) + "/", url[len("s3://") :], recursive=True)
 
@@ -392,18 +398,7 @@ def test_a_marker_whose_shard_file_is_gone_is_redone(sample_root, tmp_path):
     config = laclip_config(sample_root / "train", tmp_path / "out")
     run_local(config)
     (tmp_path / "out" / "part-00000.parquet").unlink()
-    dry = veclip_cli(
-        "rewrite",
-        "--preset",
-        "default",
-        "--mode",
-        "laclip",
-        "--input",
-        str(sample_root / "train"),
-        "--output",
-        str(tmp_path / "out"),
-        "--dry-run",
-    )
+    dry = _laclip_cli(sample_root / "train", tmp_path / "out", "--dry-run")
     assert "1 to do" in dry.stdout and "1 of them to redo" in dry.stdout, dry.stdout + dry.stderr
     assert (tmp_path / "out" / CURRENT.done / "part-00000.parquet.json").exists()  # a dry run drops nothing
     plan, statuses, summary = run_local(config, run_id="r2")
@@ -420,18 +415,7 @@ def test_cli_exits_non_zero_listing_failed_shards(sample_root, tmp_path):
     (source / "part-00003.parquet").write_bytes(b"PAR1 an upload cut short")
     config = laclip_config(source, tmp_path / "out")
     run_local(config)  # the three good shards are done; the cut one is recorded
-    result = veclip_cli(
-        "rewrite",
-        "--preset",
-        "default",
-        "--mode",
-        "laclip",
-        "--input",
-        str(source),
-        "--output",
-        str(tmp_path / "out"),
-        timeout=120,
-    )
+    result = _laclip_cli(source, tmp_path / "out", timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "FAILED: 1 shard(s) kept failing" in result.stdout and "part-00003.parquet  [plan, 1 tries]" in result.stdout
     assert "3 already done, 0 to do, 1 unreadable" in result.stdout
