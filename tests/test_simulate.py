@@ -38,6 +38,56 @@ def test_two_thousand_shards_on_sixteen_spot_actors_finish_with_every_shard_once
     assert work < result.hours < 1.5 * work and 0.5 < result.goodput < 1.0
 
 
+def test_s3_faults_and_killed_actors_are_absorbed_by_the_real_retries(tmp_path):
+    """Every store request takes 30 ms and one in 200 fails after the client's retries; actors are killed on live
+    nodes besides the preemptions. The real code absorbs it: the marker reads at the summary retry what failed
+    (before, one reset among them ended the run), a killed actor's try is charged and redone."""
+    config = SimConfig(
+        shards=300,
+        pools=(SimPool("captioner", 8, 6.0), SimPool("fuser", 2, 1.3)),
+        actor_kills_per_hour=0.2,
+        s3_latency_ms=30,
+        s3_fault_rate=0.005,
+        seed=2,
+    )
+    result = simulate(config, str(tmp_path / "out"))
+    assert result.finished and result.crashed is None and result.lease_lapses == 0, result.render()
+    assert result.s3_faults > 0 and result.actor_kills > 0 and result.s3_requests > 3000
+    store = ShardStore(Location(str(tmp_path / "out")))
+    assert len(store.markers()) + len(store.failures()) == 300 == result.shards_done + result.shards_failed
+
+
+def test_a_plan_becomes_its_simulated_run_at_both_ends_of_its_rates():
+    """``veclip plan --simulate``: the rewrite's pools at max_actors; "both" runs LaCLIP on the fuser's engines;
+    a shard's minutes are its rows times requests per row over the rate, at the fast and the slow end."""
+    from veclip.plan import simulated_runs
+    from veclip.rewrite.config import preset
+
+    config = preset("default")
+    per_row = {"captioner": 1.0, "fuser": 1.0, "laclip": 4.0}
+    rates = {"captioner": (15.0, 40.0), "fuser": (100.0, 150.0), "laclip": (100.0, 150.0)}
+    plan = {
+        "rows_total": 3_000_000,
+        "shards_total": 300,
+        "prices": {"H100": 4.0},
+        "pools": [
+            {"role": r, "per_row": {"requests": n}, "rates": {"H100": rates[r]}, "source": "[estimate]"}
+            for r, n in per_row.items()
+        ],
+    }
+    fleet = {"preemption_per_hour": 0.05}
+    (fast_label, fast), (slow_label, slow) = simulated_runs(plan, config, "H100", 5.0, fleet)
+    assert fast_label.startswith("fast end") and slow_label.startswith("slow end")
+    captioner, fuser = fast.pools
+    assert (captioner.name, captioner.actors) == ("captioner", config.captioner.pool.max_actors)
+    assert captioner.shard_minutes == pytest.approx(10_000 / 40 / 60)
+    assert fuser.name == "fuser" and fuser.shard_minutes == pytest.approx(10_000 / 150 / 60 + 4 * 10_000 / 150 / 60)
+    assert slow.pools[0].shard_minutes == pytest.approx(10_000 / 15 / 60)
+    assert fast.shards == 300 and fast.rows_per_shard == 10_000 and fast.preemption_per_hour == 0.05
+    with pytest.raises(ValueError, match="no rate on L40S"):
+        simulated_runs(plan, config, "L40S", 5.0, fleet)
+
+
 def test_a_pool_with_nothing_placed_after_preemptions_is_stopped_with_the_drivers_own_line(tmp_path):
     config = SimConfig(
         shards=200, pools=(SimPool("laclip", 4, 5.0, 5.0),), preemption_per_hour=2.0, never_replaced=True

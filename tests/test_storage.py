@@ -313,7 +313,7 @@ def test_many_files_are_read_by_their_literal_names_on_both_storages(out_locatio
 def test_the_driver_hands_its_actors_the_endpoint_it_planned_against(tmp_path, monkeypatch):
     """AWS_ENDPOINT_URL set in the driver's shell only: actors on other nodes read and wrote the default AWS
     endpoint. The driver resolves endpoint and region once, and the pools' options carry them."""
-    from veclip.shards.clock import use_clock
+    from veclip.clock import use_clock
     from veclip.shards.driver import run_stage
     from veclip.shards.simulate import SimClock, SimConfig, SimExecutor, SimPool, SimStage
 

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from veclip.stages import STAGES, add_stage_parser, field_hint, stage_config, storage, storage_flags
+from veclip.stages import STAGES, add_stage_parser, field_hint, fleet_flags, stage_config, storage, storage_flags
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -118,39 +118,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from veclip.shards.simulate import SimConfig, SimPool, render_runs, simulate
+    from veclip.shards.simulate import SimConfig, SimPool, render_runs, simulate_seeds
+    from veclip.stages import fleet_fields
 
     pools = tuple(SimPool.parse(p) for p in args.pool) or SimConfig.pools
-    runs = []
-    for seed in range(args.seeds):
-        config = SimConfig(
-            shards=args.shards,
-            rows_per_shard=args.rows_per_shard,
-            pools=pools,
-            preemption_per_hour=args.preemption_per_hour,
-            replacement_minutes=args.replacement_minutes,
-            drain_notice_seconds=args.drain_notice_seconds,
-            never_replaced=args.never_replaced,
-            gpu_hour_usd=args.gpu_hour_usd,
-            seed=seed,
-        )
-        with tempfile.TemporaryDirectory(prefix="veclip-sim-") as out:
-            runs.append(simulate(config, out, progress=_progress_bar(f"seed {seed}")))
-        print(runs[-1].render(), flush=True)
+    fleet = {"pools": pools, "gpu_hour_usd": args.gpu_hour_usd, **fleet_fields(args)}
+    config = SimConfig(shards=args.shards, rows_per_shard=args.rows_per_shard, **fleet)
+    runs = simulate_seeds(config, args.seeds)
     print(render_runs(config, runs))
     return 0 if all(r.finished for r in runs) else 2
-
-
-def _progress_bar(what: str):
-    def show(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 50) == 0:
-            filled = 30 * done // total
-            end = "\n" if done == total else ""
-            print(f"\r  {what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} shards", end=end, flush=True)
-
-    return show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,12 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:ACTORS:SHARD_MINUTES[:START_MINUTES]",
         help="a pool, in order (repeatable; default captioner:16:8 then fuser:4:2, engines loading 5 min)",
     )
-    p.add_argument("--preemption-per-hour", type=float, default=0.10, help="each node's chance an hour (default 0.10)")
-    p.add_argument("--replacement-minutes", type=float, default=10.0, help="a lost node's replacement (default 10)")
-    p.add_argument("--drain-notice-seconds", type=float, default=0.0, help="notice before a preemption (default 0)")
-    p.add_argument("--never-replaced", action="store_true", help="lost nodes never come back (a hung pool)")
+    fleet_flags(p)
     p.add_argument("--gpu-hour-usd", type=float, default=4.0, help="price of a GPU-hour (default 4.00, an H100)")
-    p.add_argument("--seeds", type=int, default=3, help="runs, one per seed (default 3)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("jobs", help="status, logs, stop or list of Ray jobs on a cluster")

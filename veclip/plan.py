@@ -18,6 +18,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +26,9 @@ import pyarrow.parquet as pq
 from veclip.rewrite.config import RewriteConfig
 from veclip.shards.layout import layout_of
 from veclip.storage import Location, StorageOptions, list_shards
+
+if TYPE_CHECKING:
+    from veclip.shards.simulate import SimConfig
 
 # [estimate] docs/scaling.md "Throughput per stage": requests/s per H100 (low, high); L40S at 0.3-0.4x
 ESTIMATED_RATES = {"captioner": (15.0, 40.0), "fuser": (100.0, 150.0), "laclip": (100.0, 150.0)}
@@ -173,3 +177,45 @@ def render_plan(plan: dict) -> str:
         lines.append(f"  total on {gpu}: {_span(low, high)} GPU-hours{cost}")
     lines.append("  prices: [assumed] unless given with --price GPU=DOLLARS; calibrate rates with --calibration URL")
     return "\n".join(lines)
+
+
+def simulated_runs(
+    plan: dict, config: RewriteConfig, gpu: str, start_minutes: float, fleet: dict
+) -> list[tuple[str, SimConfig]]:
+    """The run the plan projects, as simulations (:mod:`veclip.shards.simulate`): the rewrite's pools at their
+    ``max_actors``, the input's shards at its mean rows, a shard's minutes on one actor from those rows times
+    each role's requests per row over its rate on ``gpu`` (per GPU, times the actor's GPUs); once at the rates'
+    fast end and once at their slow end when they differ. ``(label, config)`` pairs."""
+    from veclip.shards.simulate import SimConfig, SimPool
+
+    known = [p for p in plan["pools"] if gpu in p["rates"]]
+    if len(known) < len(plan["pools"]):
+        have = sorted({g for p in plan["pools"] for g in p["rates"]})
+        raise ValueError(f"plan --simulate: no rate on {gpu} for every pool (rates known for {', '.join(have)})")
+    if gpu not in plan["prices"]:
+        raise ValueError(f"plan --simulate: no price for {gpu}: give one with --price {gpu}=DOLLARS")
+    rows_per_shard = math.ceil(plan["rows_total"] / max(plan["shards_total"], 1))
+    ends = [("fast", 1), ("slow", 0)] if any(p["rates"][gpu][0] != p["rates"][gpu][1] for p in known) else [("", 1)]
+    runs = []
+    for end, index in ends:
+        minutes: dict[str, float] = {}  # per pool: a shard's engine minutes on one GPU
+        for p in known:
+            pool = "fuser" if p["role"] == "laclip" and config.uses_captioner else p["role"]  # "both": one LLM pool
+            rate = p["rates"][gpu][index]
+            minutes[pool] = minutes.get(pool, 0.0) + p["per_row"]["requests"] * rows_per_shard / rate / 60
+        pools = []
+        for name, engine_minutes in minutes.items():
+            stage = getattr(config, name)
+            gpus = max(stage.pool.num_gpus, 1.0) * stage.engine.tensor_parallel_size
+            pools.append(SimPool(name, stage.pool.max_actors, engine_minutes / gpus, start_minutes, gpus=gpus))
+        sim = SimConfig(
+            shards=plan["shards_total"],
+            rows_per_shard=rows_per_shard,
+            pools=tuple(pools),
+            gpu_hour_usd=plan["prices"][gpu],
+            **fleet,
+        )
+        rates = "; ".join(f"{p['role']} {p['rates'][gpu][index]:.3g} requests/s per {gpu} {p['source']}" for p in known)
+        label = f"{end + ' end of the ' if end else ''}rates: {rates}"
+        runs.append((label, sim))
+    return runs

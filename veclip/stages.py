@@ -276,6 +276,38 @@ def _plan_flags(p):
     p.add_argument(
         "--scratch", dest="output", metavar="DIR", help="keep the measuring run here (default: a temporary folder)"
     )
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="then simulate the whole run on spot nodes (the pools at max_actors, shards timed from the plan's "
+        "rates): finish time, goodput, cost, shards redone",
+    )
+    p.add_argument("--gpu", default="H100", help="--simulate: the GPU whose rates and price it uses (default H100)")
+    p.add_argument(
+        "--engine-start-minutes", type=float, default=5.0, help="--simulate: an engine's load time (default 5)"
+    )
+    fleet_flags(p)
+
+
+def fleet_flags(p):
+    """The simulated fleet's flags (``veclip simulate``, ``veclip plan --simulate``)."""
+    p.add_argument("--preemption-per-hour", type=float, default=0.10, help="each node's chance an hour (default 0.10)")
+    p.add_argument("--replacement-minutes", type=float, default=10.0, help="a lost node's replacement (default 10)")
+    p.add_argument("--drain-notice-seconds", type=float, default=0.0, help="notice before a preemption (default 0)")
+    p.add_argument("--never-replaced", action="store_true", help="lost nodes never come back (a hung pool)")
+    p.add_argument("--actor-kills-per-hour", type=float, default=0.0, help="each actor's process killed (default 0)")
+    p.add_argument("--s3-latency-ms", type=float, default=0.0, help="a store request's mean latency (default 0)")
+    p.add_argument(
+        "--s3-fault-rate", type=float, default=0.0, help="a store request's chance to fail after retries (default 0)"
+    )
+    p.add_argument("--seeds", type=int, default=3, help="simulated runs, one per seed (default 3)")
+
+
+def fleet_fields(args) -> dict:
+    """:func:`fleet_flags`' values as :class:`~veclip.shards.simulate.SimConfig` fields."""
+    names = ("preemption_per_hour", "replacement_minutes", "drain_notice_seconds", "never_replaced")
+    names += ("actor_kills_per_hour", "s3_latency_ms", "s3_fault_rate")
+    return {name: getattr(args, name) for name in names}
 
 
 def _plan_fields(args) -> dict:
@@ -291,7 +323,18 @@ def _plan_run(config, options, args) -> int:
     prices = {gpu: float(dollars) for gpu, _, dollars in (p.partition("=") for p in args.price or ())}
     plan = plan_rewrite(config, options, args.rows, args.calibration, prices)
     print(render_plan(plan))
-    return 0
+    if not args.simulate:
+        return 0
+    from veclip.plan import simulated_runs
+    from veclip.shards.simulate import render_runs, simulate_seeds
+
+    finished = True
+    for label, sim in simulated_runs(plan, config, args.gpu, args.engine_start_minutes, fleet_fields(args)):
+        print(f"plan --simulate: {label}")
+        runs = simulate_seeds(sim, args.seeds)
+        print(render_runs(sim, runs))
+        finished &= all(r.finished for r in runs)
+    return 0 if finished else 2
 
 
 def _rewrite_flags(p):

@@ -14,7 +14,6 @@ import json
 import os
 import posixpath
 import tempfile
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
+
+from veclip.clock import clock
 
 PARQUET = ".parquet"
 
@@ -76,12 +77,27 @@ def filesystem(url: str, options: StorageOptions | None = None) -> tuple[fsspec.
 
         return s3fs.S3FileSystem(**options.s3fs_kwargs()), rest.rstrip("/")
     if protocol == "file":
-        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(rest))
+        return _local_store or fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(rest))
     raise ValueError(
         f"unsupported storage URL {url!r}: use a local path, file:// or s3:// (or an S3-compatible store with "
         "--s3-endpoint). gs:// is not supported: an output's one-writer lease is a conditional write veclip makes "
         "and checks on S3 only"
     )
+
+
+_local_store: fsspec.AbstractFileSystem | None = None
+
+
+@contextmanager
+def use_local_store(fs: fsspec.AbstractFileSystem) -> Iterator[fsspec.AbstractFileSystem]:
+    """Local paths served by ``fs`` (a :class:`~fsspec.implementations.local.LocalFileSystem` subclass) in this
+    process: a simulation's store with S3's latency and faults (:mod:`veclip.shards.simulate`)."""
+    global _local_store
+    before, _local_store = _local_store, fs
+    try:
+        yield fs
+    finally:
+        _local_store = before
 
 
 @dataclass(frozen=True)
@@ -176,7 +192,10 @@ def _resolved(location: Location) -> str:
     return os.path.realpath(location.path) if location.is_local else location.path
 
 
-def with_retries(work, what: str, attempts: int = 4, backoff_seconds: float = 1.0):
+RETRY_BACKOFF_SECONDS = 1.0  # doubled each time: 1 + 2 + 4 s, past a throttled prefix's pause
+
+
+def with_retries(work, what: str, attempts: int = 4, backoff_seconds: float = RETRY_BACKOFF_SECONDS):
     """``work()``, tried again on a transient storage error (a reset, a throttle, a timeout that outlived the
     client's own retries), with exponential backoff; a missing file or the last error is raised."""
     for attempt in range(1, attempts + 1):
@@ -187,7 +206,7 @@ def with_retries(work, what: str, attempts: int = 4, backoff_seconds: float = 1.
         except OSError as err:
             if attempt == attempts:
                 raise OSError(f"{what}: failed {attempts} times, last: {type(err).__name__}: {err}") from err
-            time.sleep(backoff_seconds * 2 ** (attempt - 1))
+            clock().sleep(backoff_seconds * 2 ** (attempt - 1))
 
 
 def explain_storage_error(err: BaseException, options: StorageOptions | None = None) -> str | None:
@@ -325,7 +344,7 @@ def small_file_kwargs(fs: fsspec.AbstractFileSystem) -> dict:
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
     """A small JSON object, or None when there is none (never a cached answer)."""
     try:
-        return json.loads(fs.cat_file(path, **small_file_kwargs(fs)))
+        return json.loads(with_retries(lambda: fs.cat_file(path, **small_file_kwargs(fs)), f"read {path}"))
     except FileNotFoundError:
         return None
 
@@ -335,7 +354,7 @@ def fresh_listing(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
     processes (actors, other runs) change these folders under us."""
     fs.invalidate_cache(path)
     try:
-        return fs.ls(path, detail=True)
+        return with_retries(lambda: fs.ls(path, detail=True), f"list {path}")
     except FileNotFoundError:
         return []
 
@@ -386,11 +405,20 @@ def read_batches(
             yield table.select(columns) if columns else table
 
 
-def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 4) -> dict[str, bytes]:
     """Many small files at once: s3fs fetches them concurrently (O(n / its batch
-    size) round trips, not n in series). Raises the first error, naming its file. The paths are literal:
+    size) round trips, not n in series); the reads that failed transiently are tried again, as
+    :func:`with_retries` does (at 30,000 markers, one reset in a 100,000 requests would otherwise end a
+    three-day run's summary). Raises the first error left, naming its file. The paths are literal:
     ``fs.cat`` would expand ``*``, ``?`` and ``[`` as patterns (a shard named ``photo[1]`` read as ``photo1``)."""
-    return {path: _raised(path, got) for path, got in zip(paths, cat_literal(fs, list(paths)))}
+    got = dict(zip(paths, cat_literal(fs, list(paths))))
+    for attempt in range(1, attempts):
+        failed = [p for p, g in got.items() if isinstance(g, OSError) and not isinstance(g, FileNotFoundError)]
+        if not failed:
+            break
+        clock().sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
+        got.update(zip(failed, cat_literal(fs, failed)))
+    return {path: _raised(path, data) for path, data in got.items()}
 
 
 def cat_literal(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list:

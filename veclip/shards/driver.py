@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from veclip.clock import clock
 from veclip.console import alive_nodes, eta, start_ray
 from veclip.shards.card import models_in, write_card
-from veclip.shards.clock import clock
 from veclip.shards.guard import DONE, RunContext, record_failure
 from veclip.shards.layout import CARD_FILE, layout_of, output_shard_name
 from veclip.shards.lease import OutputLease

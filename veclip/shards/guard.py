@@ -21,8 +21,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from veclip.clock import clock
 from veclip.config import scrub
-from veclip.shards.clock import clock
 from veclip.shards.layout import RECORD_SUFFIX
 from veclip.shards.lease import LeaseLost, OutputLease
 from veclip.shards.marker import Failure

@@ -36,8 +36,8 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from veclip.clock import clock
 from veclip.processes import pid_alive
-from veclip.shards.clock import clock
 from veclip.shards.layout import Layout, layout_of
 from veclip.shards.marker import utc_now
 from veclip.storage import Location, replaced_atomically

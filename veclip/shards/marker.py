@@ -12,7 +12,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from veclip.shards.clock import clock
+from veclip.clock import clock
 
 MARKER_VERSION = 2
 COPY, CAPTIONS = "copy", "captions"  # output layouts: whole rows with their images, or caption tables joined by key

@@ -1,9 +1,11 @@
 """A whole sharded run on a simulated spot fleet: days of it in minutes, with the real driver's bookkeeping.
 
-Only three things are stand-ins: the clock (:class:`SimClock`, virtual time), the executor
+Only four things are stand-ins: the clock (:class:`SimClock`, virtual time), the executor
 (:class:`SimExecutor`: pools of actors whose engines take ``start_minutes`` to load, shards whose durations
 are drawn from a lognormal around ``shard_minutes``, nodes preempted at ``preemption_per_hour`` and replaced
-``replacement_minutes`` later) and the engine (a shard's work is its duration). The rest is the real code,
+``replacement_minutes`` later, actors killed on a live node at ``actor_kills_per_hour``), the engine (a
+shard's work is its duration) and the object store's wire (:class:`SimStore`: the local disk, each request
+taking S3's latency on the virtual clock and failing at ``s3_fault_rate``). The rest is the real code,
 run by :func:`veclip.shards.driver.run_stage`: the lease (renewed on the virtual clock), the plan, the guard
 (durable try counts, a try lost with its node counted, failure records), the store and its markers, the
 manifest, the stall watch (reading the real progress board on the virtual clock), the reconciliation and the
@@ -22,12 +24,14 @@ import random
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
-from veclip.shards.clock import Clock, clock, use_clock
+from veclip.clock import Clock, clock, use_clock
 from veclip.shards.driver import Executor, Pool, ShardedStage, StageStalled, StallWatch, run_stage
 from veclip.shards.guard import DONE, RunContext
 from veclip.shards.layout import output_shard_name
@@ -37,19 +41,21 @@ from veclip.shards.plan import InputShard, Plan
 from veclip.shards.progress import STARTING, WORKING, ProgressBoard
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import FaultConfig, ShardWorker
-from veclip.storage import Location, StorageOptions
+from veclip.storage import Location, StorageOptions, use_local_store
 
 HOUR = 3600.0
 
 
 class SimClock(Clock):
-    """Virtual time: events run in time order; ``sleep`` (the guard's backoff) costs no virtual time (it is
-    inside the try's drawn duration)."""
+    """Virtual time: events run in time order. ``sleep`` (a backoff, a store request's latency) is time the
+    caller is blocked: an actor's, while the executor runs its shard (:meth:`charged`), delays that actor; the
+    driver's moves the clock on."""
 
     def __init__(self, start: float):
         self.now, self.start = start, start
         self.events: list = []
         self.seq = itertools.count()
+        self.blocked: float | None = None  # an actor's blocked seconds, while its shard's work runs
 
     def monotonic(self) -> float:
         return self.now - self.start
@@ -58,7 +64,18 @@ class SimClock(Clock):
         return self.now
 
     def sleep(self, seconds: float) -> None:
-        pass
+        if self.blocked is None:
+            self.now += seconds
+        else:
+            self.blocked += seconds
+
+    def charged(self, work: Callable[[], object]) -> tuple[object, float]:
+        """``work()``'s result and the seconds it was blocked (charged to the actor that ran it)."""
+        self.blocked = 0.0
+        try:
+            return work(), self.blocked
+        finally:
+            self.blocked = None
 
     def at(self, when: float, action: Callable[[], None]) -> None:
         heapq.heappush(self.events, (when, next(self.seq), action))
@@ -91,6 +108,7 @@ class SimPool:
     shard_minutes: float
     start_minutes: float = 5.0
     spread: float = 0.25  # a shard's duration: lognormal with this sigma around shard_minutes
+    gpus: float = 1.0  # billed per actor (an engine over tensor_parallel_size GPUs)
 
     @classmethod
     def parse(cls, text: str) -> SimPool:
@@ -114,9 +132,69 @@ class SimConfig:
     drain_notice_seconds: float = 0.0  # Ray's drain notice before a preemption (0: none; the try in flight is lost)
     never_replaced: bool = False  # a preempted node never comes back (a hung pool)
     gpu_hour_usd: float = 4.0  # an H100 [assumed], as docs/scaling.md
+    actor_kills_per_hour: float = 0.0  # per actor: its process killed on a live node (OOM, a crash); Ray restarts it
+    s3_latency_ms: float = 0.0  # mean of a store request's latency (exponential)
+    s3_fault_rate: float = 0.0  # a store request's chance to fail after the client's own retries
     poison: tuple[str, ...] = ()  # shards whose work always fails (recorded as failed)
     seed: int = 0
     faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+class SimStore(LocalFileSystem):
+    """The local disk with an object store's wire: every request (an open, a listing page of 1,000 keys, a
+    stat, a delete, a move) blocks for an exponential latency on the simulation's clock and fails at
+    ``fault_rate`` with the transient error of a request that outlived s3fs's own retries. Requests run one
+    after another (s3fs overlaps a many-file read): the driver's planning reads are over-, not
+    under-estimated."""
+
+    cachable = False  # one per simulated run: its counters and its random draws are the run's
+
+    def __init__(self, latency_ms: float, fault_rate: float, seed: int):
+        super().__init__()
+        self.latency, self.fault_rate = latency_ms / 1000, fault_rate
+        self.random = random.Random(seed)
+        self.requests = self.faults = 0
+        self._inside = False  # a request's own inner calls (a listing's stats) are not requests
+
+    @contextmanager
+    def _request(self, what: str, path, count: int = 1) -> Iterator[None]:
+        if self._inside:
+            yield
+            return
+        for _ in range(count):
+            self.requests += 1
+            if self.latency:
+                clock().sleep(self.random.expovariate(1 / self.latency))
+            if self.fault_rate and self.random.random() < self.fault_rate:
+                self.faults += 1
+                raise ConnectionResetError(f"simulated S3 fault on {what} {path}: connection reset after the retries")
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        with self._request("open", path):
+            return super()._open(path, mode, *args, **kwargs)
+
+    def ls(self, path, detail=False, **kwargs):
+        with self._request("list", path):
+            entries = super().ls(path, detail, **kwargs)
+        with self._request("list", path, count=len(entries) // 1000):  # further pages
+            return entries
+
+    def info(self, path, **kwargs):
+        with self._request("stat", path):
+            return super().info(path, **kwargs)
+
+    def rm_file(self, path):
+        with self._request("delete", path):
+            return super().rm_file(path)
+
+    def mv(self, path1, path2, recursive: bool = True, **kwargs):
+        with self._request("move", path1):
+            return super().mv(path1, path2, recursive=recursive, **kwargs)
 
 
 # --- the stand-in stage: the real store, markers and commit; a shard's output is its rows (a few KB) ---------
@@ -209,10 +287,11 @@ class FleetStats:
     lost_seconds: float = 0.0  # GPU seconds of tries lost with their node
     tries_lost: int = 0
     preemptions: int = 0
-    nodes: list = field(default_factory=list)  # (up_at, down_at) of every node
+    actor_kills: int = 0
+    nodes: list = field(default_factory=list)  # [up_at, down_at, GPUs] of every node
 
     def billed_hours(self, end: float) -> float:
-        return sum(((down or end) - up) for up, down in self.nodes) / HOUR
+        return sum(((down or end) - up) * gpus for up, down, gpus in self.nodes) / HOUR
 
 
 class SimExecutor(Executor):
@@ -236,18 +315,25 @@ class SimExecutor(Executor):
         board = ProgressBoard(clock.monotonic)
         watch = StallWatch(stage.name, faults, lambda: board.view(faults.heard_within), clock.monotonic)
 
-        def start_node(k: int) -> None:
-            now, spec = clock.now, specs[k]
-            worker = pools[k].actor(**pools[k].kwargs)
-            actor = _Actor(k, worker, now, now + spec.start_minutes * 60, f"{spec.name}-{len(actors)}")
+        def new_worker(actor: _Actor) -> SimWorker:
+            worker = pools[actor.pool].actor(**pools[actor.pool].kwargs)
             worker.guard.where = lambda: {"node": actor.name, "actor": actor.name}  # one actor per node
             worker.guard.node_alive = lambda node: node not in gone
-            actor.node = len(self.stats.nodes)
+            return worker
+
+        def start_node(k: int) -> None:
+            now, spec = clock.now, specs[k]
+            actor = _Actor(k, None, now, now + spec.start_minutes * 60, f"{spec.name}-{len(actors)}")
+            actor.worker, actor.node = new_worker(actor), len(self.stats.nodes)
             actors.append(actor)
-            self.stats.nodes.append([now, None])
+            self.stats.nodes.append([now, None, spec.gpus])
             clock.at(actor.ready_at, lambda: feed(actor))
-            if self.config.preemption_per_hour > 0:
-                clock.at(now + self.random.expovariate(self.config.preemption_per_hour / HOUR), lambda: notice(actor))
+            at_rate(self.config.preemption_per_hour, lambda: notice(actor))
+            at_rate(self.config.actor_kills_per_hour, lambda: kill(actor))
+
+        def at_rate(per_hour: float, action: Callable[[], None]) -> None:
+            if per_hour > 0:
+                clock.at(clock.now + self.random.expovariate(per_hour / HOUR), action)
 
         def feed(actor: _Actor) -> None:
             if actor.down_at is not None or actor.leaving or actor.in_flight or clock.now < actor.ready_at:
@@ -258,21 +344,30 @@ class SimExecutor(Executor):
             row, spec = queue.popleft(), specs[actor.pool]
             minutes = spec.shard_minutes * math.exp(self.random.gauss(-(spec.spread**2) / 2, spec.spread))
             end = clock.now + minutes * 60
-            actor.in_flight[row["shard"]] = (row, clock.now, end)
-            clock.at(end, lambda: finish(actor, row["shard"]))
+            try_ = actor.in_flight[row["shard"]] = (row, clock.now, end)
+            clock.at(end, lambda: finish(actor, row["shard"], try_))
 
-        def finish(actor: _Actor, shard: str) -> None:
-            if actor.down_at is not None or shard not in actor.in_flight:
-                return
-            row, began, _ = actor.in_flight.pop(shard)
+        def finish(actor: _Actor, shard: str, try_: tuple) -> None:
+            if actor.down_at is not None or actor.in_flight.get(shard) is not try_:
+                return  # lost with its node or its process
+            row, began, _ = try_
             actor.worker.started_at = began
-            status = actor.worker({"shard": [row["shard"]], "size": [row["size"]], "status": [row["status"]]})[
-                "status"
-            ][0]
+            batch = {"shard": [row["shard"]], "size": [row["size"]], "status": [row["status"]]}
+            result, blocked = clock.charged(lambda: actor.worker(batch))
+            out = {**row, "status": result["status"][0]}
+            if blocked:  # its store requests and backoff: the actor is busy until they end
+                clock.at(clock.now + blocked, lambda: hand_on(actor, shard, try_, out))
+            else:
+                hand_on(actor, shard, try_, out)
+
+        def hand_on(actor: _Actor, shard: str, try_: tuple, out: dict) -> None:
+            if actor.down_at is not None or actor.in_flight.get(shard) is not try_:
+                return  # lost while it committed: what it wrote stays, as a real actor's does
+            del actor.in_flight[shard]
+            began = try_[1]
             actor.done += 1
-            self.stats.useful_seconds += clock.now - began
-            out = {**row, "status": status}
-            if actor.pool + 1 < len(pools) and status == DONE:
+            self.stats.useful_seconds += (clock.now - began) * specs[actor.pool].gpus
+            if actor.pool + 1 < len(pools) and out["status"] == DONE:
                 queues[actor.pool + 1].append(out)
                 wake(actor.pool + 1)
             else:
@@ -295,15 +390,31 @@ class SimExecutor(Executor):
             actor.down_at = clock.now
             gone.add(actor.name)
             self.stats.nodes[actor.node][1] = clock.now
+            drop_tries(actor)
+            if not self.config.never_replaced:
+                clock.at(clock.now + self.config.replacement_minutes * 60, lambda: start_node(actor.pool))
+
+        def kill(actor: _Actor) -> None:
+            """The actor's process dies on a live node: its try is lost (and charged: the node is alive); Ray
+            restarts the actor, whose engine loads again."""
+            if actor.down_at is not None:
+                return
+            self.stats.actor_kills += 1
+            drop_tries(actor)
+            actor.worker = new_worker(actor)
+            actor.ready_at = clock.now + specs[actor.pool].start_minutes * 60
+            clock.at(actor.ready_at, lambda: feed(actor))
+            at_rate(self.config.actor_kills_per_hour, lambda: kill(actor))
+
+        def drop_tries(actor: _Actor) -> None:
             for path, (row, began, _) in actor.in_flight.items():
-                actor.worker.guard._begin(output_shard_name(path))  # the try, counted, then lost with its node
+                name = output_shard_name(path)
+                clock.charged(lambda: actor.worker.guard._begin(name))  # noqa: B023 - called at once; counted, then lost
                 self.stats.tries_lost += 1
-                self.stats.lost_seconds += clock.now - began
+                self.stats.lost_seconds += (clock.now - began) * specs[actor.pool].gpus
                 queues[actor.pool].appendleft(row)
             actor.in_flight.clear()
             wake(actor.pool)
-            if not self.config.never_replaced:
-                clock.at(clock.now + self.config.replacement_minutes * 60, lambda: start_node(actor.pool))
 
         def look() -> None:
             for actor in actors:
@@ -353,20 +464,26 @@ class SimResult:
     usd: float
     shards_done: int
     shards_failed: int
-    tries_lost: int  # shards redone after their node was lost
+    tries_lost: int  # tries lost with their node or their process, and redone
     preemptions: int
+    actor_kills: int
+    s3_requests: int
+    s3_faults: int  # requests failed (after the client's retries) that the real code had to absorb
     stopped: str | None  # the stall watch's line, if it stopped the run
+    crashed: str | None  # the error that ended the driver, if one did (a rerun resumes: a finding all the same)
     lease_lapses: int
     driver_cpu_seconds: float
     driver_peak_mib: float
 
     def render(self) -> str:
-        head = "finished" if self.finished else f"STOPPED: {self.stopped}"
+        head = f"STOPPED: {self.stopped}" if self.stopped else f"CRASHED: {self.crashed}"
+        head = "finished" if self.finished else head
         return (
             f"seed {self.seed}: {head}; {self.hours:.1f} h, {self.gpu_hours:,.0f} GPU-h billed, goodput "
             f"{self.goodput:.1%}, ${self.usd:,.0f}; {self.shards_done} shards done, {self.shards_failed} failed, "
-            f"{self.tries_lost} tries lost to {self.preemptions} preemptions and redone; lease lapses "
-            f"{self.lease_lapses}; the driver: {self.driver_cpu_seconds:.0f} s CPU, {self.driver_peak_mib:.0f} MiB peak"
+            f"{self.tries_lost} tries lost to {self.preemptions} preemptions and {self.actor_kills} actor kills, "
+            f"redone; {self.s3_faults} S3 faults in {self.s3_requests:,} requests; lease lapses {self.lease_lapses}; "
+            f"the driver: {self.driver_cpu_seconds:.0f} s CPU, {self.driver_peak_mib:.0f} MiB peak"
         )
 
 
@@ -378,15 +495,18 @@ def simulate(config: SimConfig, output: str, log=lambda *_: None, progress=None)
     virtual = SimClock(start=time.time())
     executor = SimExecutor(config, virtual, progress)
     stage = SimStage(config, output)
+    store = SimStore(config.s3_latency_ms, config.s3_fault_rate, config.seed)
     cpu = time.process_time()
-    summary, lapses = None, 0
-    with use_clock(virtual):
+    summary, lapses, crashed = None, 0, None
+    with use_clock(virtual), use_local_store(store):
         try:
             summary = run_stage(stage, log, executor=executor)
         except StageStalled:
             pass
         except LeaseLost:  # the lease lapsed mid-run (its renewals on the virtual clock failed)
             lapses += 1
+        except Exception as err:  # noqa: BLE001 - the driver ended on an error: the run's result says which
+            crashed = f"{type(err).__name__}: {err}"
     end = virtual.now
     billed = executor.stats.billed_hours(end)
     return SimResult(
@@ -400,11 +520,38 @@ def simulate(config: SimConfig, output: str, log=lambda *_: None, progress=None)
         shards_failed=summary["shards"]["failed"] if summary else 0,
         tries_lost=executor.stats.tries_lost,
         preemptions=executor.stats.preemptions,
+        actor_kills=executor.stats.actor_kills,
+        s3_requests=store.requests,
+        s3_faults=store.faults,
         stopped=executor.stalled,
+        crashed=crashed,
         lease_lapses=lapses,
         driver_cpu_seconds=time.process_time() - cpu,
         driver_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
+
+
+def simulate_seeds(config: SimConfig, seeds: int, log=print) -> list[SimResult]:
+    """``seeds`` runs of ``config`` (seeds 0, 1, ...), each in a temporary folder, a progress bar and its line
+    logged as it ends."""
+    import tempfile
+
+    runs = []
+    for seed in range(seeds):
+        with tempfile.TemporaryDirectory(prefix="veclip-sim-") as out:
+            runs.append(simulate(replace(config, seed=seed), out, progress=progress_bar(f"seed {seed}")))
+        log(runs[-1].render())
+    return runs
+
+
+def progress_bar(what: str) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 50) == 0:
+            filled = 30 * done // total
+            end = "\n" if done == total else ""
+            print(f"\r  {what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} shards", end=end, flush=True)
+
+    return show
 
 
 def render_runs(config: SimConfig, runs: list[SimResult]) -> str:
@@ -421,13 +568,16 @@ def render_runs(config: SimConfig, runs: list[SimResult]) -> str:
         [
             f"SIMULATED (not measured) over {len(runs)} seed(s): {config.shards:,} shards of {config.rows_per_shard:,} "
             f"rows; {pools}; preemption {config.preemption_per_hour:.0%}/h per node, replaced after "
-            f"{config.replacement_minutes:g} min; ${config.gpu_hour_usd:.2f}/GPU-h. min / median / max:",
+            f"{config.replacement_minutes:g} min; actor kills {config.actor_kills_per_hour:g}/h per actor; "
+            f"${config.gpu_hour_usd:.2f}/GPU-h. min / median / max:",
             f"  finish      {spread([r.hours for r in runs], '.1f')} h",
             f"  GPU-hours   {spread([r.gpu_hours for r in runs], ',.0f')}",
             f"  goodput     {spread([r.goodput for r in runs], '.1%')}",
             f"  cost        ${spread([r.usd for r in runs], ',.0f')}",
-            f"  redone      {spread([r.tries_lost for r in runs], 'd')} tries lost with their node",
-            f"  stops       {sum(not r.finished for r in runs)} of {len(runs)} runs stopped by the stall watch; "
-            f"lease lapses {sum(r.lease_lapses for r in runs)}",
+            f"  redone      {spread([r.tries_lost for r in runs], 'd')} tries lost with their node or process",
+            f"  S3 faults   {spread([r.s3_faults for r in runs], 'd')} absorbed ({config.s3_fault_rate:g} a request, "
+            f"{config.s3_latency_ms:g} ms mean latency)",
+            f"  stops       {sum(r.stopped is not None for r in runs)} of {len(runs)} runs stopped by the stall watch; "
+            f"{sum(r.crashed is not None for r in runs)} crashed; lease lapses {sum(r.lease_lapses for r in runs)}",
         ]
     )

@@ -29,6 +29,7 @@ from veclip.storage import (
     read_many,
     small_file_kwargs,
     version_stamp,
+    with_retries,
     write_bytes,
     write_json,
     write_parquet,
@@ -108,7 +109,8 @@ class ShardStore:
     def _manifest(self) -> dict[str, dict]:
         fs = self.location.fs
         try:
-            text = fs.cat_file(self.location.join(self.layout.manifest), **small_file_kwargs(fs)).decode()
+            path = self.location.join(self.layout.manifest)
+            text = with_retries(lambda: fs.cat_file(path, **small_file_kwargs(fs)), f"read {path}").decode()
         except FileNotFoundError:
             return {}
         return {m["shard"]: m for m in map(json.loads, text.splitlines()) if m}

@@ -1,9 +1,9 @@
 """The shard engine's one clock: real time in production, virtual time in a simulation.
 
 Everything in :mod:`veclip.shards` that reads or waits on time (the driver's timings, the stall watch, the
-lease's expiry and its renewals, the guard's backoff, the markers' times) asks :func:`clock`, so a simulated
-run (:mod:`veclip.shards.simulate`) drives the real bookkeeping through days in minutes by swapping it
-(:func:`use_clock`).
+lease's expiry and its renewals, the guard's and storage's retry backoff, the markers' times) asks
+:func:`clock`, so a simulated run (:mod:`veclip.shards.simulate`) drives the real bookkeeping through days in
+minutes by swapping it (:func:`use_clock`).
 """
 
 from __future__ import annotations
