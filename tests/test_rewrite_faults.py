@@ -267,6 +267,38 @@ def test_driver_reads_footers_and_markers_concurrently(sample_root, s3_endpoint,
         proxy.stop()
 
 
+def test_footer_and_marker_reads_that_fail_past_s3fs_retries_are_tried_again(
+    sample_root, s3_bucket, s3_endpoint, tmp_path
+):
+    """A 500 on a shard's footer read that outlives s3fs's own retries used to leave the shard out of a
+    training plan (its fingerprint changed, the resume moved to the next epoch); on a marker read it ended
+    the summary. Both are tried again."""
+    url, options = s3_bucket
+    local = tmp_path / "in"
+    local.mkdir()
+    table = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0])
+    for k in range(4):
+        pq.write_table(table.slice(k, 3), local / f"part-{k:05d}.parquet")
+    put_tree(local, url + "/in", options)
+    store = ShardStore(Location(url + "/out", options))
+    for k in range(4):
+        store.write(Marker(f"m{k}.parquet", 0), pa.table({"key": [str(k)]}))
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        flaky = dataclasses.replace(options, endpoint_url=proxy.url)
+        proxy.faults = [
+            Fault(r"in/part-00001\.parquet", 500, methods=("GET",), times=6),  # s3fs tries 5 times
+            Fault(r"done/m2\.parquet\.json", 500, methods=("GET",), times=6),
+        ]
+        location = Location(url + "/in", flaky)
+        footers = read_footers(location.fs, [(s.path, s.size) for s in list_inputs(location).values()])
+        assert [f.num_rows for f in footers.values()] == [3] * 4, footers
+        assert len(ShardStore(Location(url + "/out", flaky)).markers()) == 4
+        assert len(proxy.injected) == 12  # each outlived s3fs's own five tries once
+    finally:
+        proxy.stop()
+
+
 def test_fingerprint_mismatch_stops_and_redo_rewrites(sample_root, tmp_path):
     config = laclip_config(sample_root / "train", tmp_path / "out")
     run_local(config)

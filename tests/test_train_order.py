@@ -121,10 +121,23 @@ def test_resume_point_is_exact_only_with_the_same_worker_count():
     progress, mine = resume_point(saved, 1, 2, "ckpt", "plan-a")
     assert progress.resumes[-1]["exact"] and mine.position == Position(1, 3, 5) and progress.data_plan == "plan-a"
     progress, mine = resume_point(saved, 1, 2, "ckpt", "plan-b")
-    assert not progress.resumes[-1]["exact"] and "the data changed" in progress.resumes[-1]["why"]
+    assert not progress.resumes[-1]["exact"] and "the data or its order changed" in progress.resumes[-1]["why"]
     assert mine.position == Position(2) and progress.data_plan == "plan-b"
     old = Progress.from_dict({k: v for k, v in saved.to_dict().items() if k != "data_plan"})  # before it was kept
     assert resume_point(old, 1, 2, "ckpt", "plan-b")[0].resumes[-1]["exact"]
+
+
+def test_the_data_plans_fingerprint_holds_the_seed_and_the_window():
+    """A rerun with another seed or window_units deals and permutes the rows differently: a checkpoint's
+    positions no longer name the same rows, so the fingerprint a resume checks must change with them."""
+    from veclip.schema import ColumnMap
+    from veclip.train.data import DataPlan
+
+    plan = DataPlan(None, tuple(UNITS), (), (), ColumnMap(), 4, {})
+    same = plan.fingerprint(7, 2)
+    assert same == DataPlan(None, tuple(UNITS), (), (), ColumnMap(), 4, {}).fingerprint(7, 2)
+    assert len({same, plan.fingerprint(8, 2), plan.fingerprint(7, 3)}) == 3
+    assert DataPlan(None, tuple(UNITS[:-1]), (), (), ColumnMap(), 4, {}).fingerprint(7, 2) != same
 
 
 def test_a_resume_says_why_it_happened():
@@ -383,7 +396,7 @@ def test_a_transient_read_error_is_retried_not_fatal(sample_root, tmp_path, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pq, "ParquetFile", flaky)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr("time.sleep", lambda s: None)  # the backoff (the real clock's sleep)
     batch = {"epoch": np.zeros(1, np.int64), "window": np.zeros(1, np.int64)}
     rows = sum(t.num_rows for t in read_window(batch, plan, Position(), 0, 1, 0, 8))
     assert rows == sum(u.rows for u in plan.units) and failures == [0]

@@ -437,22 +437,34 @@ def _raised(path: str, got):
 FOOTER_TAIL_BYTES = 64 * 1024  # one read holds the footer of all but very wide files
 
 
+def _tails(fs: fsspec.AbstractFileSystem, files: list[tuple[str, int]], attempts: int = 4) -> list:
+    """The last 64 KiB of each file (or the error reading it) in one concurrent ``cat_ranges``; the reads that
+    failed transiently are tried again, as :func:`read_many` does."""
+    if not files:
+        return []
+    tails = fs.cat_ranges(
+        [p for p, _ in files],
+        [max(0, n - FOOTER_TAIL_BYTES) for _, n in files],
+        [n for _, n in files],
+        on_error="return",
+    )
+    for attempt in range(1, attempts):
+        failed = [k for k, t in enumerate(tails) if isinstance(t, OSError) and not isinstance(t, FileNotFoundError)]
+        if not failed:
+            break
+        clock().sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
+        for k, tail in zip(failed, _tails(fs, [files[k] for k in failed], attempts=1)):
+            tails[k] = tail
+    return tails
+
+
 def read_footers(fs: fsspec.AbstractFileSystem, files: list[tuple[str, int]]) -> dict[str, pq.FileMetaData | str]:
     """``{path: footer metadata, or the error that kept it from being read}`` of ``(path, size)`` files:
     the last 64 KiB of each, all fetched in one concurrent ``cat_ranges`` (no HEAD
-    per file); a footer wider than that costs one more read."""
-    tails = (
-        fs.cat_ranges(
-            [p for p, _ in files],
-            [max(0, n - FOOTER_TAIL_BYTES) for _, n in files],
-            [n for _, n in files],
-            on_error="return",
-        )
-        if files
-        else []
-    )
+    per file, transient failures tried again); a footer wider than that costs one more read. A footer left
+    unread would change a training rerun's plan (and move its resume to the next epoch)."""
     footers: dict[str, pq.FileMetaData | str] = {}
-    for (path, size), tail in zip(files, tails):
+    for (path, size), tail in zip(files, _tails(fs, files)):
         try:
             if isinstance(tail, BaseException):
                 raise tail

@@ -64,7 +64,7 @@ class Progress:
     samples_seen: int = 0
     resumes: list[dict] = field(default_factory=list)
     workers: list[WorkerProgress] = field(default_factory=list)
-    data_plan: str | None = None  # the read units' fingerprint (DataPlan.fingerprint); None: before it was kept
+    data_plan: str | None = None  # the read order's fingerprint (DataPlan.fingerprint); None: before it was kept
     attempt: str | None = None  # the `veclip train` invocation that saved it: another one resuming is a rerun
     preempted: dict | None = None  # the preemption notice this worker group had when saved (nodes, ranks, deadline)
 

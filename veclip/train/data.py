@@ -77,13 +77,14 @@ class DataPlan:
     shards: int
     shards_skipped: dict[str, int]
 
-    @property
-    def fingerprint(self) -> str:
-        """Which rows each unit holds, in order: a checkpoint's positions mean the same rows only under it."""
+    def fingerprint(self, seed: int, window_units: int) -> str:
+        """Which rows each unit holds, in order, and the seed and window that deal and permute them: a
+        checkpoint's positions mean the same rows only under it."""
         units = [
             (u.path.rsplit("/", 1)[-1], u.row_group, u.rows, u.first_row, u.offset, u.captions) for u in self.units
         ]
-        return hashlib.sha256(json.dumps(units).encode()).hexdigest()[:16]
+        order = {"units": units, "seed": seed, "window_units": window_units}
+        return hashlib.sha256(json.dumps(order, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

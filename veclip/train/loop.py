@@ -97,7 +97,8 @@ def resume_point(
     why = (
         f"the worker count changed from {len(saved.workers)} to {world}"
         if len(saved.workers) != world
-        else "the data changed since the checkpoint (other shards finished, or a footer unread)"
+        else "the data or its order changed since the checkpoint (other shards finished, a footer unread, another "
+        "seed or window_units)"
     ) + f": resumed at the start of epoch {epoch}"
     mine = WorkerProgress(Position(epoch), saved.rows_skipped() if rank == 0 else {})
     resumed = Progress(
@@ -437,11 +438,11 @@ def train_loop(loop_config: dict) -> None:
     config: TrainConfig = loop_config["config"]
     plan: DataPlan = ray.get(loop_config["plan"])
     w = _build(config, loop_config.get("hooks") or TrainHooks(), loop_config.get("board"))
-    w.progress.data_plan = plan.fingerprint  # saved with every checkpoint; a resume checks it
+    spec = _stream_spec(config)
+    w.progress.data_plan = plan.fingerprint(spec.seed, spec.window_units)  # saved with every checkpoint; checked
     w.progress.attempt = loop_config.get("attempt")  # a resume by another invocation is a rerun
     _resume(w)
     _prepare(w)
-    spec = _stream_spec(config)
     while w.progress.step < config.steps:
         start = w.me.position
         epochs = epochs_to_read(plan, spec, w.per_step, config.steps - w.progress.step, w.world)
