@@ -150,12 +150,32 @@ def test_secrets_are_recognised_by_their_common_names_and_inside_urls():
         "accessToken",
         "db_password",
         "SENTRY_DSN",
+        "PGPASSWORD",
+        "MYSQL_PWD",
+        "APP_SECRETS",
+        "SECRETKEY",
+        "secret_key",
+        "SLACK_WEBHOOK_URL",
     ):
         assert SECRET_NAME.search(name), name
-    for name in ("prompt_tokens", "max_tokens", "sort_key", "key", "patience", "model", "tokenizer"):
+    for name in ("prompt_tokens", "max_tokens", "sort_key", "key", "patience", "model", "tokenizer", "MAX_TOKENS"):
         assert not SECRET_NAME.search(name), name
     out = redact({"env": {"DATABASE_URL": "postgres://u:p4ss@db/x", "NOTE": "see https://bob:hunter22@example.org/x"}})
     assert out["env"]["DATABASE_URL"] == "<redacted>" and out["env"]["NOTE"] == "see https://<redacted>@example.org/x"
+
+
+def test_secrets_are_recognised_by_their_shape_under_any_name():
+    """A Hugging Face token, an AWS key id, a GitHub token or a PEM private key in a value called NOTE (or quoted
+    by an error) is scrubbed all the same; model names, paths and captions are left alone."""
+    from veclip.config import redact, scrub
+
+    pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
+    values = ["hf_" + "a1B2" * 8, "AKIA" + "ABCDEFGHIJ234567", "ghp_" + "x9" * 18, pem]
+    for value in values:
+        out = redact({"env": {"NOTE": f"login failed with {value}!"}})
+        assert out["env"]["NOTE"] == "login failed with <redacted>!", out
+    plain = "hf-hub:timm/ViT-B-16 at s3://bucket/AKIA/path, a photo of sk-8 skis"
+    assert scrub(plain, ()) == plain
 
 
 def test_a_urls_bare_token_is_scrubbed_like_a_password():

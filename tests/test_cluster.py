@@ -194,6 +194,8 @@ def test_submit_refuses_secrets_where_the_jobs_metadata_would_show_them(tmp_path
     runtime_env.write_text(json.dumps({"env_vars": {"MY_API_KEY": token}}))
     in_file = veclip_cli("submit", "train", *target, "--runtime-env", str(runtime_env))
     assert in_file.returncode == 2 and "MY_API_KEY would be shown" in in_file.stderr
+    shaped = veclip_cli("submit", "train", *target, "--env", "NOTE=hf_" + "a1B2" * 8)  # a token by its shape
+    assert shaped.returncode == 2 and "NOTE would be shown" in shaped.stderr
     in_args = veclip_cli(
         "submit",
         "rewrite",

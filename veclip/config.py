@@ -189,14 +189,23 @@ def describe(config, prefix: str = "") -> list[tuple[str, object, str]]:
 
 # Names of settings that hold secrets (an engine's HF_TOKEN, a key for a hub or a bucket, a database URL).
 # Whole words of a name, camelCase split into words: HF_TOKEN, AWS_SECRET_ACCESS_KEY, GITHUB_PAT, OPENAI_KEY,
-# DATABASE_URL and apiKey match; prompt_tokens and max_tokens do not.
+# DATABASE_URL, APP_SECRETS, SECRET_KEY and apiKey match; prompt_tokens and max_tokens do not.
 _SECRET_WORDS = re.compile(
-    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PWD|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|PAT|"
-    r"AUTH|AUTHORIZATION|COOKIE|DSN|DATABASE_URL|CONNECTION_STRING)(_|$)",
+    r"(^|_)(TOKEN|SECRETS?|PASSWORD|PASSWD|PWD|CREDENTIALS?|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|SECRET_?KEY|PAT|"
+    r"AUTH|AUTHORIZATION|COOKIE|DSN|DATABASE_URL|CONNECTION_STRING|WEBHOOK(_URL)?)(_|$)",
     re.IGNORECASE,
 )
+# An environment variable's name (upper case) holding one of these anywhere: PGPASSWORD, MYSQL_PWD, SECRETKEY
+_SECRET_INSIDE_ENV_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|WEBHOOK|PRIVATEKEY|CREDENTIAL|APIKEY")
 # Credentials inside a URL: scheme://user:password@host
 URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+(?=@)")  # a URL's userinfo: user:password, or a bare token
+# Values that are secrets by their shape, whatever they are called: a Hugging Face token, an AWS access key id,
+# GitHub and Slack tokens, an OpenAI-style key, a PEM private key
+TOKEN_SHAPES = re.compile(
+    r"\bhf_[A-Za-z0-9]{20,}|\b(AKIA|ASIA)[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}|\bxox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|\bsk-[A-Za-z0-9_-]{20,}|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|\Z)",
+    re.DOTALL,
+)
 REDACTED = "<redacted>"
 
 
@@ -207,6 +216,8 @@ class _SecretName:
     def search(name: str):
         if name.isupper() and name.endswith("_KEY"):  # an environment variable: OPENAI_KEY (a field: sort_key is not)
             return re.search("_KEY$", name)
+        if name.isupper() and (found := _SECRET_INSIDE_ENV_NAME.search(name)):
+            return found
         words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)  # apiKey -> api_Key
         return _SECRET_WORDS.search(words)
 
@@ -215,7 +226,8 @@ SECRET_NAME = _SecretName()
 
 
 def secret_values(data) -> set[str]:
-    """String values under secret-looking names anywhere in ``data`` (JSON-like)."""
+    """String values under secret-looking names anywhere in ``data`` (JSON-like), and secrets by their shape
+    (a token, a key id, a private key) under any name."""
     found: set[str] = set()
     if isinstance(data, dict):
         for key, value in data.items():
@@ -225,14 +237,17 @@ def secret_values(data) -> set[str]:
     elif isinstance(data, (list, tuple)):
         for item in data:
             found |= secret_values(item)
+    elif isinstance(data, str):
+        found |= {m.group(0) for m in TOKEN_SHAPES.finditer(data)}
     return found
 
 
 def scrub(text: str, secrets) -> str:
-    """``text`` with every one of ``secrets`` and any credentials inside a URL replaced."""
+    """``text`` with every one of ``secrets``, any credentials inside a URL and anything shaped like a token or
+    a private key replaced."""
     for secret in secrets:
         text = text.replace(secret, REDACTED)
-    return URL_CREDENTIALS.sub(REDACTED, text)
+    return TOKEN_SHAPES.sub(REDACTED, URL_CREDENTIALS.sub(REDACTED, text))
 
 
 def redact(data, secrets=frozenset()):

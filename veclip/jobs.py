@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from veclip.config import SECRET_NAME, secret_values
+from veclip.config import SECRET_NAME, TOKEN_SHAPES, secret_values
 from veclip.job_client import client
 
 SECRETS_PACKAGE = "veclip_job_secrets"
@@ -82,7 +82,7 @@ class SubmitConfig:
             **(_load_mapping(self.runtime_env_file).get("env_vars", {}) if self.runtime_env_file else {}),
             **self.env,
         }
-        named = sorted(k for k in env_vars if SECRET_NAME.search(k))
+        named = sorted(k for k, v in env_vars.items() if SECRET_NAME.search(k) or TOKEN_SHAPES.search(str(v)))
         if named:
             raise ValueError(
                 f"submit: {', '.join(named)} would be shown to everyone who can list the cluster's jobs "
