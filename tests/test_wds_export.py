@@ -93,3 +93,25 @@ def test_open_clip_train_trains_on_the_export(captioned, tmp_path):
     assert run.returncode == 0, console[-4000:]
     assert "Train Epoch: 0" in console and "Loss:" in console, console[-4000:]
     assert list((tmp_path / "logs" / "wds" / "checkpoints").glob("epoch_1.pt")), console[-2000:]
+
+
+def test_keys_stay_distinct_and_unusable_ones_are_left_out_with_their_reason(captioned, tmp_path):
+    """``a/b``, ``a_b`` and ``a.b`` were one sample key (the tar held three samples under one name and sizes.json
+    said three); an empty key made a member called ``.jpg``; a NUL cut a member's name. And a rerun with another
+    caption column is refused rather than mixing two captionings under one sizes.json."""
+    import webdataset as wds
+
+    source = tmp_path / "in"
+    source.mkdir()
+    table = pq.read_table(sorted(captioned.glob("*.parquet"))[0]).slice(1, 6)  # rows with a VeCap
+    keys = ["a/b", "a_b", "a.b", "a%2Eb", "", "x\0y"]
+    pq.write_table(table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys)), source / "p.parquet")
+    out = tmp_path / "tars"
+    result = veclip_cli("webdataset", "--input", str(source), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "1 empty key" in result.stdout and "1 key with a NUL character" in result.stdout, result.stdout
+    samples = list(wds.WebDataset(str(out / "p.tar"), shardshuffle=False))
+    assert sorted(json.loads(s["json"])["key"] for s in samples) == sorted(keys[:4])
+    assert len({s["__key__"] for s in samples}) == 4 and json.loads((out / "sizes.json").read_text()) == {"p.tar": 4}
+    other = veclip_cli("webdataset", "--input", str(source), "--output", str(out), "--caption", "alt_text")
+    assert other.returncode != 0 and "other settings (caption: 'vecap' then, 'alt_text' now)" in other.stderr

@@ -8,9 +8,11 @@ train on, without a converter. One tar per image shard (same stem), each sample 
     <key>.json  the key, URL and size, every caption column with its provenance and flags, and the
                 source's own .json fields when the rows were imported from a WebDataset
 
-``sizes.json`` beside the tars (open_clip_train reads it for the sample count). A tar is written
-whole (built locally, then moved into place), so a rerun skips the tars already there and a killed
-run leaves no partial one. The input may be a caption output (its tables joined to their images by
+A sample's key is the row's key percent-encoded (``%``, ``.`` and ``/``: distinct keys stay distinct); a row
+with an empty key or a NUL in it is left out and counted. ``sizes.json`` beside the tars (open_clip_train reads
+it for the sample count); the settings are recorded under ``.veclip/`` and a rerun with others is refused.
+A tar is written whole (built locally, then moved into place), so a rerun skips the tars already there and
+a killed run leaves no partial one. The input may be a caption output (its tables joined to their images by
 key) with more caption outputs added (``--add-captions``), as for training.
 """
 
@@ -26,10 +28,12 @@ from dataclasses import dataclass, field
 
 from veclip import schema
 from veclip.dataset import open_dataset, read_shard_batches
-from veclip.shards.layout import CURRENT
+from veclip.shards.layout import CURRENT, RECORDS_DIR
 from veclip.storage import Location, StorageOptions, read_json, refuse_overlap, write_json
 
 SIZES_FILE = "sizes.json"  # {tar name: samples}, open_clip_train's convention
+SETTINGS_FILE = f"{RECORDS_DIR}/webdataset.json"  # the settings the tars were written with (a rerun must match)
+KEY_ENCODING = "percent-v1"  # how a row's key becomes a sample's (recorded: another would mix two namings)
 SKIPPED_COLUMNS = (schema.IMAGE,)  # in the sample's own member, not its .json
 
 
@@ -74,9 +78,21 @@ def image_extension(data: bytes) -> str:
     return "jpg"
 
 
+KEY_ESCAPES = {"%": "%25", ".": "%2E", "/": "%2F"}  # "%" first: the encoding is injective
+
+
 def member_key(key: str) -> str:
-    """A webdataset key: no dots (its extension starts at the first one) and no slashes."""
-    return key.replace("/", "_").replace(".", "_")
+    """A webdataset key: no dot (a sample's extension starts at the first one) and no slash, percent-encoded so
+    that distinct keys stay distinct (``a/b``, ``a_b`` and ``a.b`` are three samples)."""
+    return "".join(KEY_ESCAPES.get(c, c) for c in key)
+
+
+def unusable_key(key) -> str | None:
+    """Why a row's key cannot name a sample (None: it can): an empty key would make a member called ``.jpg``,
+    a NUL ends a tar member's name."""
+    if key is None or str(key) == "":
+        return "empty key"
+    return "key with a NUL character" if "\0" in str(key) else None
 
 
 def sample_json(row: dict) -> dict:
@@ -112,6 +128,9 @@ def write_tar(rows, path: str, config: WebDatasetConfig, summary: WebDatasetSumm
                 if not row.get(schema.IMAGE):
                     summary.left_out["no image"] += 1
                     continue
+                if why := unusable_key(row.get(schema.KEY)):
+                    summary.left_out[why] += 1
+                    continue
                 key = member_key(str(row[schema.KEY]))
                 add_tar_member(tar, f"{key}.{image_extension(row[schema.IMAGE])}", row[schema.IMAGE])
                 add_tar_member(tar, f"{key}.txt", text.encode())
@@ -125,6 +144,7 @@ def export_webdataset(config: WebDatasetConfig, options: StorageOptions | None =
     refuse_overlap("webdataset", config.output, [config.input, *config.add_captions], options)
     dataset = open_dataset(config.input, options, config.add_captions, stage="webdataset")
     out = Location(config.output, options)
+    _hold_settings(out, config)
     sizes_path = out.join(SIZES_FILE)
     sizes = read_json(out.fs, sizes_path) or {}
     summary = WebDatasetSummary()
@@ -147,3 +167,27 @@ def export_webdataset(config: WebDatasetConfig, options: StorageOptions | None =
         summary.samples += count
         log(f"webdataset: [{n}/{len(dataset.shards)}] {name}: {count} samples")
     return summary
+
+
+def _hold_settings(out: Location, config: WebDatasetConfig) -> None:
+    """Record what the tars are written with; refuse a rerun with other settings (its tars would mix two
+    captions, or two key namings, under one sizes.json)."""
+    settings = {
+        "caption": config.caption,
+        "fallback": config.fallback,
+        "add_captions": list(config.add_captions),
+        "key_encoding": KEY_ENCODING,
+    }
+    path = out.join(SETTINGS_FILE)
+    held = read_json(out.fs, path)
+    if held is None and out.fs.exists(out.join(SIZES_FILE)):
+        held = {"key_encoding": "underscores (before percent-v1)"}  # tars from before settings were recorded
+    if held is not None and held != settings:
+        changed = ", ".join(f"{k}: {held.get(k)!r} then, {v!r} now" for k, v in settings.items() if held.get(k) != v)
+        raise ValueError(
+            f"webdataset: {config.output} holds tars written with other settings ({changed}); export to a new "
+            "output, or remove this one to write it again"
+        )
+    if held is None:
+        out.fs.makedirs(out.join(RECORDS_DIR), exist_ok=True)  # a local folder; nothing on S3
+        write_json(out.fs, path, settings)
