@@ -330,3 +330,31 @@ def test_the_driver_hands_its_actors_the_endpoint_it_planned_against(tmp_path, m
     assert pool.kwargs["options"].endpoint_url == "http://127.0.0.1:1"  # what each actor is built with
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     assert storage.StorageOptions().resolved().endpoint_url is None
+
+
+def test_a_file_no_run_wrote_is_never_overwritten(tmp_path):
+    """An output holding a file named as a shard the run would write (a user's own, another tool's) that carries
+    no marker and no counted try: the run refuses it, naming it. A file a killed try of this stage left (its try
+    counted, no marker yet) is the stage's own and is written again."""
+    from veclip.shards.driver import dry_run, run_stage
+    from veclip.shards.guard import RunContext, ShardGuard
+    from veclip.shards.simulate import SimConfig, SimExecutor, SimPool, SimStage
+    from veclip.shards.store import ForeignFiles
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"mine": [1, 2, 3]}), out / "part-000001.parquet")
+    config = SimConfig(shards=3, rows_per_shard=5, pools=(SimPool("only", 1, 1.0, 0.0),), preemption_per_hour=0.0)
+    with pytest.raises(ForeignFiles, match=r"1 file\(s\) in .* that no veclip run wrote .* part-000001.parquet"):
+        dry_run(SimStage(config, str(out)))
+    assert pq.read_table(out / "part-000001.parquet").column_names == ["mine"]
+
+    # the same file after a try of this stage was counted for it (the try died before its marker): rewritten
+    ShardGuard(Location(str(out)), RunContext("earlier", "f"), "simulate", 3, 0.0)._begin("part-000001.parquet")
+    from veclip.clock import use_clock
+    from veclip.shards.simulate import SimClock
+
+    virtual = SimClock(start=1e9)
+    with use_clock(virtual):
+        summary = run_stage(SimStage(config, str(out)), lambda *_: None, executor=SimExecutor(config, virtual))
+    assert summary["shards"]["done"] == 3 and pq.read_table(out / "part-000001.parquet").column_names == ["shard"]

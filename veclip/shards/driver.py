@@ -314,6 +314,7 @@ def plan_stage(stage: ShardedStage, run: RunContext, forget: bool = True) -> Pla
         for name in gone if forget else ():
             store.forget(name)
         plan = stage.plan(run, inputs.result(), {n: m for n, m in markers.items() if n not in gone})
+    store.refuse_foreign({s.name for s in plan.todo}, present.result(), set(markers) - set(gone))
     plan.redo += [n for n in gone if n in plan.inputs and n not in plan.redo]
     return plan
 

@@ -35,6 +35,11 @@ from veclip.storage import (
     write_parquet,
 )
 
+
+class ForeignFiles(ValueError):
+    """The output holds files, named as shards the run would write, that no veclip run wrote."""
+
+
 STAMP = "_listed_version"  # the marker's listing stamp, kept in the manifest only
 NOT_MARKED = "no done marker (still being written, or its writer stopped)"
 RECORDED_FAILED = "recorded as failed"
@@ -137,6 +142,27 @@ class ShardStore:
         except FileNotFoundError:
             return set()
         return {posixpath.basename(e["name"]) for e in entries if e["name"].endswith(PARQUET)}
+
+    def tried(self) -> set[str]:
+        """Names of the shards a try of any stage was counted for and not yet cleared (one listing)."""
+        folder = self.location.join(self.layout.attempts)
+        try:
+            found = self.location.fs.find(folder)
+        except FileNotFoundError:
+            return set()
+        return {posixpath.basename(p)[: -len(RECORD_SUFFIX)] for p in found if p.endswith(RECORD_SUFFIX)}
+
+    def refuse_foreign(self, names: set[str], present: set[str], marked: set[str]) -> None:
+        """Refuse to write over files this output's runs did not write: of ``names`` (the shards about to be
+        written), those in the open (``present``) with no marker and no try ever counted. A try that died
+        between its shard and its marker leaves its try count: its file is this stage's and is written again."""
+        foreign = sorted((names & present) - marked - self.tried())
+        if foreign:
+            raise ForeignFiles(
+                f"{len(foreign)} file(s) in {self.location.url} that no veclip run wrote (no done marker, no try "
+                f"recorded), e.g. {', '.join(foreign[:3])}: a run would overwrite them. Move them out of the output, "
+                "or write to another output"
+            )
 
     def forget(self, name: str) -> None:
         """Drop a marker that describes nothing (its shard file is gone): the shard is not done."""
