@@ -334,8 +334,9 @@ def test_the_driver_hands_its_actors_the_endpoint_it_planned_against(tmp_path, m
 
 def test_a_file_no_run_wrote_is_never_overwritten(tmp_path):
     """An output holding a file named as a shard the run would write (a user's own, another tool's) that carries
-    no marker and no counted try: the run refuses it, naming it. A file a killed try of this stage left (its try
-    counted, no marker yet) is the stage's own and is written again."""
+    no marker, no counted try and no veclip mark in its footer: the run refuses it, naming it. A file a killed
+    try of this stage left (its try counted, no marker yet), or one whose marker was removed by hand (as
+    ShardChanged tells the user to do), is the stage's own and is written again."""
     from veclip.shards.driver import dry_run, run_stage
     from veclip.shards.guard import RunContext, ShardGuard
     from veclip.shards.simulate import SimConfig, SimExecutor, SimPool, SimStage
@@ -358,3 +359,7 @@ def test_a_file_no_run_wrote_is_never_overwritten(tmp_path):
     with use_clock(virtual):
         summary = run_stage(SimStage(config, str(out)), lambda *_: None, executor=SimExecutor(config, virtual))
     assert summary["shards"]["done"] == 3 and pq.read_table(out / "part-000001.parquet").column_names == ["shard"]
+    (out / CURRENT.done / "part-000002.parquet.json").unlink()  # a marker removed by hand: no try counted
+    with use_clock(virtual):
+        summary = run_stage(SimStage(config, str(out)), lambda *_: None, executor=SimExecutor(config, virtual))
+    assert summary["shards"]["written_this_run"] == 1

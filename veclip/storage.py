@@ -255,9 +255,11 @@ def write_parquet(
     path: str,
     table: pa.Table | Iterable[pa.Table],
     target_bytes: int | None = None,
+    metadata: dict[bytes, bytes] | None = None,
 ) -> int:
     """Write ``table``, or a stream of tables of one schema (a shard batch by batch, so memory never
     holds it whole), to ``path`` all at once: readers never see half a file. Returns the rows written.
+    ``metadata`` joins the schema's key-value metadata (in the footer).
 
     Local disk: a temp file beside the target, then an atomic rename. Object
     stores: a local temp file, then one upload (never a half-closed stream).
@@ -266,9 +268,9 @@ def write_parquet(
     target_bytes = target_bytes or ROW_GROUP_TARGET_BYTES
     if "file" in _protocols(fs):
         with replaced_atomically(path) as tmp:
-            return _write_row_groups(tables, tmp, target_bytes)
+            return _write_row_groups(tables, tmp, target_bytes, metadata)
     with tempfile.NamedTemporaryFile(suffix=PARQUET) as tmp:
-        rows = _write_row_groups(tables, tmp.name, target_bytes)
+        rows = _write_row_groups(tables, tmp.name, target_bytes, metadata)
         fs.put_file(tmp.name, path)
     return rows
 
@@ -279,7 +281,7 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
 
 
-def _write_row_groups(tables: Iterable[pa.Table], path: str, target_bytes: int) -> int:
+def _write_row_groups(tables: Iterable[pa.Table], path: str, target_bytes: int, metadata: dict | None = None) -> int:
     """Row groups of about ``target_bytes``: a stream's tables are gathered until they fill whole
     groups, the rest waits for the next table (or the end)."""
     writer, pending, rows = None, [], 0
@@ -293,7 +295,9 @@ def _write_row_groups(tables: Iterable[pa.Table], path: str, target_bytes: int) 
 
     try:
         for table in tables:
-            writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=_dictionary_columns(table.schema))
+            if writer is None:
+                schema = table.schema.with_metadata({**(table.schema.metadata or {}), **(metadata or {})})
+                writer = pq.ParquetWriter(path, schema, use_dictionary=_dictionary_columns(schema))
             pending.append(table)
             rows += table.num_rows
             if sum(t.nbytes for t in pending) >= target_bytes:

@@ -25,6 +25,7 @@ from veclip.storage import (
     fresh_listing,
     list_file_entries,
     list_shards,
+    read_footers,
     read_json,
     read_many,
     small_file_kwargs,
@@ -34,6 +35,9 @@ from veclip.storage import (
     write_json,
     write_parquet,
 )
+
+SHARD_MARK_KEY = b"veclip.shard"  # in every shard's footer: the file is veclip's (the marker says it is whole)
+SHARD_MARK = {SHARD_MARK_KEY: b"1"}
 
 
 class ForeignFiles(ValueError):
@@ -62,7 +66,7 @@ class ShardStore:
         and an old quarantine the new write does not replace is removed."""
         fs, name = self.location.fs, marker.shard
         self._remove(self._marker_path(name))
-        marker.rows = write_parquet(fs, self.location.join(name), table)
+        marker.rows = write_parquet(fs, self.location.join(name), table, metadata=SHARD_MARK)
         marker.quarantined = 0 if quarantine is None else quarantine.num_rows
         if marker.quarantined:
             write_parquet(fs, self.location.join(self.layout.quarantine, name), quarantine)
@@ -153,10 +157,17 @@ class ShardStore:
         return {posixpath.basename(p)[: -len(RECORD_SUFFIX)] for p in found if p.endswith(RECORD_SUFFIX)}
 
     def refuse_foreign(self, names: set[str], present: set[str], marked: set[str]) -> None:
-        """Refuse to write over files this output's runs did not write: of ``names`` (the shards about to be
-        written), those in the open (``present``) with no marker and no try ever counted. A try that died
-        between its shard and its marker leaves its try count: its file is this stage's and is written again."""
-        foreign = sorted((names & present) - marked - self.tried())
+        """Refuse to write over files no veclip run wrote: of ``names`` (the shards about to be written), those
+        in the open (``present``) with no marker, no try counted and no veclip mark in their footer. A try that
+        died between its shard and its marker, a marker removed by hand: the file is the stage's own."""
+        unmarked = sorted((names & present) - marked - self.tried())
+        fs = self.location.fs
+        footers = read_footers(fs, [(p, fs.size(p)) for p in map(self.location.join, unmarked)]) if unmarked else {}
+        foreign = [
+            name
+            for name, footer in zip(unmarked, footers.values())
+            if isinstance(footer, str) or SHARD_MARK_KEY not in (footer.metadata or {})
+        ]
         if foreign:
             raise ForeignFiles(
                 f"{len(foreign)} file(s) in {self.location.url} that no veclip run wrote (no done marker, no try "
