@@ -363,3 +363,30 @@ def test_a_file_no_run_wrote_is_never_overwritten(tmp_path):
     with use_clock(virtual):
         summary = run_stage(SimStage(config, str(out)), lambda *_: None, executor=SimExecutor(config, virtual))
     assert summary["shards"]["written_this_run"] == 1
+
+
+def test_readers_refuse_an_output_missing_shards_or_mixing_configurations_unless_told(tmp_path):
+    """A marker whose shard was deleted, or an output a crashed --redo-mismatched left holding two configurations:
+    training (every reader) trained on fewer rows, or a mix, and said nothing. Now refused, naming the way out;
+    told which configuration to take (or to take what is there), it reads that and counts the rest."""
+    from veclip.dataset import Acceptance, UnsoundOutput, open_dataset
+    from veclip.train.config import TrainConfig
+
+    store = ShardStore(storage.Location(str(tmp_path)))
+    for k, fingerprint in enumerate(["new", "new", "old"]):
+        store.write(Marker(f"s{k}.parquet", 0, fingerprint=fingerprint), pa.table({"key": [str(k)], "image": [b"x"]}))
+    with pytest.raises(UnsoundOutput, match=r"2 configurations \(new \(2 shards\), old \(1 shards\)\)"):
+        open_dataset(str(tmp_path))
+    taken = open_dataset(str(tmp_path), accept=Acceptance(fingerprint="new"))
+    assert [s.path.rsplit("/", 1)[1] for s in taken.shards] == ["s0.parquet", "s1.parquet"]
+    assert taken.skipped == {"another configuration than new": 1}
+    with pytest.raises(UnsoundOutput, match="'newer' is none of them"):
+        open_dataset(str(tmp_path), accept=Acceptance(fingerprint="newer"))
+
+    (tmp_path / "s2.parquet").unlink()  # the odd one out, and then one of the others, deleted
+    (tmp_path / "s1.parquet").unlink()
+    with pytest.raises(UnsoundOutput, match=r"2 shard\(s\) marked done whose file is gone"):
+        open_dataset(str(tmp_path), accept=Acceptance(fingerprint="new"))
+    rest = open_dataset(str(tmp_path), accept=Acceptance(fingerprint="new", missing_shards=True))
+    assert len(rest.shards) == 1 and rest.skipped[shard_store.MARKED_BUT_MISSING] == 2
+    assert TrainConfig(accept=Acceptance(missing_shards=True)).accept.missing_shards  # --set accept.missing_shards=true

@@ -12,6 +12,8 @@ assumed (:func:`join_captions`).
 
 from __future__ import annotations
 
+import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -19,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip import schema
-from veclip.shards.store import caption_tables, finished_shard_entries
+from veclip.shards.store import MARKED_BUT_MISSING, ShardStore, caption_tables, finished_shard_entries
 from veclip.storage import Location, StorageOptions, no_shards, read_batches, read_table
 
 GENERATED = schema.GENERATED_CAPTION_COLUMNS  # the caption columns a rewrite writes
@@ -103,10 +105,51 @@ class Dataset:
         return tuple(dict.fromkeys(t for s in self.sources for t in s.columns.values()))
 
 
-def _caption_output(url: str, options: StorageOptions) -> tuple[Location, list[dict], dict, object]:
+@dataclass(frozen=True)
+class Acceptance:
+    """What a reader takes from an output that is not whole; by default nothing: it refuses, saying why."""
+
+    fingerprint: str = ""  # of an output mixing configurations, the one to take (the others left out, counted)
+    missing_shards: bool = False  # take an output some of whose marked shards are gone (left out, counted)
+
+
+class UnsoundOutput(ValueError):
+    """An output a reader would read part of, or a mix of, without being told to."""
+
+
+def _caption_output(
+    url: str, options: StorageOptions, accept: Acceptance = Acceptance()
+) -> tuple[Location, list[dict], dict, object]:
     location = Location(url, options)
     entries, skipped = finished_shard_entries(location)
+    entries = _accepted(location, entries, skipped, accept)
     return location, entries, skipped, caption_tables(location, entries)
+
+
+def _accepted(location: Location, entries: list[dict], skipped: dict, accept: Acceptance) -> list[dict]:
+    """``entries`` of a stage's output, refused when marked shards are gone or the markers hold more than one
+    configuration, unless ``accept`` says what to take (the rest counted in ``skipped``)."""
+    if skipped.get(MARKED_BUT_MISSING) and not accept.missing_shards:
+        raise UnsoundOutput(
+            f"{location.url}: {skipped[MARKED_BUT_MISSING]} shard(s) marked done whose file is gone (a lifecycle "
+            "rule, a manual rm): rerun the stage that wrote it to redo them, or read the rest with "
+            "--set accept.missing_shards=true"
+        )
+    markers = ShardStore(location).markers() if entries else {}  # none for plain input
+    configs = Counter(markers[n].fingerprint for n in (posixpath.basename(e["name"]) for e in entries) if n in markers)
+    if len(configs) <= 1 and not accept.fingerprint:
+        return entries
+    if accept.fingerprint not in configs:
+        held = ", ".join(f"{fp} ({n} shards)" for fp, n in configs.most_common())
+        raise UnsoundOutput(
+            f"{location.url} holds {len(configs)} configurations ({held}): a rewrite with --redo-mismatched that did "
+            "not finish. Rerun it, or read one with --set accept.fingerprint=FINGERPRINT"
+            + (f" ({accept.fingerprint!r} is none of them)" if accept.fingerprint else "")
+        )
+    kept = [e for e in entries if markers[posixpath.basename(e["name"])].fingerprint == accept.fingerprint]
+    if dropped := len(entries) - len(kept):
+        skipped[f"another configuration than {accept.fingerprint}"] = dropped
+    return kept
 
 
 def _column_names(location: Location, path: str) -> list[str]:
@@ -115,15 +158,20 @@ def _column_names(location: Location, path: str) -> list[str]:
 
 
 def open_dataset(
-    url: str, options: StorageOptions | None = None, add_captions: tuple[str, ...] = (), stage: str = "read"
+    url: str,
+    options: StorageOptions | None = None,
+    add_captions: tuple[str, ...] = (),
+    stage: str = "read",
+    accept: Acceptance = Acceptance(),
 ) -> Dataset:
     """The image shards of ``url`` (finished ones, for a stage's output) with the caption
     tables to join to each: ``url``'s own when it is a caption output, and those of
     every ``add_captions`` source (caption outputs of the same input). A shard some
-    source has not finished is left out and counted."""
+    source has not finished is left out and counted; an output missing marked shards or
+    mixing configurations is refused unless ``accept`` says what to take."""
     options = options or StorageOptions()
     first = CaptionSource.parse(url)
-    location, entries, skipped, tables = _caption_output(first.url, options)
+    location, entries, skipped, tables = _caption_output(first.url, options, accept)
     if not entries:
         raise no_shards(stage, first.url)
     if tables:
@@ -137,7 +185,7 @@ def open_dataset(
     taken = set(_column_names(images, next(iter(shards)))) | {t for s in sources for t in s.columns.values()}
     for spec in add_captions:
         wanted = CaptionSource.parse(spec)
-        extra, extra_entries, _, extra_tables = _caption_output(wanted.url, options)
+        extra, extra_entries, _, extra_tables = _caption_output(wanted.url, options, accept)
         if not extra_tables:
             raise ValueError(
                 f"{wanted.url} is not a caption output (rewrite --layout captions): only caption tables can be added"

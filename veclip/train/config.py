@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from veclip.config import build
+from veclip.dataset import Acceptance
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
 from veclip.train.captions import CaptionConfig
@@ -55,6 +56,7 @@ class TrainConfig:
     # More caption outputs of the same input, joined by key beside data's: URL, or
     # URL#vecap=vlm_caption,rewrites to pick and rename columns (see veclip.dataset.CaptionSource)
     add_captions: tuple[str, ...] = ()
+    accept: Acceptance = field(default_factory=Acceptance)  # of an output not whole: what to train on (else refused)
     output: str = ""  # run storage: <output>/<name>/checkpoint_*
     name: str = "veclip-train"  # run name: rerun with the same name and output to resume
     model: str = "ViT-B-16"  # open_clip model name, or veclip-tiny

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from veclip import schema
-from veclip.dataset import Dataset, Shard, join_captions, open_dataset
+from veclip.dataset import Acceptance, Dataset, Shard, join_captions, open_dataset
 from veclip.images import ImageError, ImageLimits, check_jpeg, decode_loaded, open_image
 from veclip.storage import BATCH_ROWS, Location, StorageOptions, no_shards, streaming_parquet, with_retries
 from veclip.train.captions import (
@@ -108,10 +108,11 @@ def plan_data(
     workers: int,
     add_captions: tuple[str, ...] = (),
     log=print,
+    accept: Acceptance = Acceptance(),
 ) -> DataPlan:
     """Finished shards and their row groups; for a caption output (``rewrite --layout captions``)
     and for ``add_captions``, the row groups are the input's, each paired with its caption tables."""
-    dataset = open_dataset(url, options, add_captions, stage="train")
+    dataset = open_dataset(url, options, add_captions, stage="train", accept=accept)
     skipped = dict(dataset.skipped)
     by_path = {shard.path: shard.captions for shard in dataset.shards}
     units, unreadable = read_units(dataset.images.fs, [(s.path, s.size) for s in dataset.shards], by_path)

@@ -48,7 +48,9 @@ WAIT_HINT = "Wait for that run to finish, or train under another --name."
 def _run_train(config: TrainConfig, options: StorageOptions, log, hooks: TrainHooks | None) -> dict:
     start_ray(log)
     start = time.perf_counter()
-    plan = plan_data(config.input, options, config.columns, config.scale.num_workers, config.add_captions, log=log)
+    plan = plan_data(
+        config.input, options, config.columns, config.scale.num_workers, config.add_captions, log, config.accept
+    )
     output = Location(config.output, options)
     scale = config.scale
     write_json(
@@ -103,7 +105,9 @@ def dry_run_train(config: TrainConfig, options: StorageOptions | None = None) ->
     options = options or StorageOptions()
     config.validate_for_run()
     refuse_overlap("train", config.output, [config.input, *config.add_captions], options)
-    plan = plan_data(config.input, options, config.columns, config.scale.num_workers, config.add_captions, log=print)
+    plan = plan_data(
+        config.input, options, config.columns, config.scale.num_workers, config.add_captions, print, config.accept
+    )
     run = Location(config.output, options).child(config.name)
     try:
         checkpoint = latest(run)
