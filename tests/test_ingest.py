@@ -245,6 +245,25 @@ def test_csv_paths_stay_in_the_csv_folder(csv_set, tmp_path):
     assert allowed.rows == 9 and allowed.quarantined["missing_file"] == 2  # the URL's host does not answer
 
 
+def test_csv_paths_through_links_or_to_non_files_are_refused(csv_set, tmp_path):
+    """A link inside the CSV's folder that points out of it passed the path check (normpath, not realpath) and
+    was read; a folder named like an image was fetched. Both are refused with their reason."""
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(_jpeg(9))
+    images = csv_set.parent / "images"
+    (images / "link.jpg").symlink_to(outside)
+    (images / "folder.jpg").mkdir()
+    with open(csv_set, "a", newline="") as f:
+        csv.writer(f).writerows([["images/link.jpg", "a link out"], ["images/folder.jpg", "a folder"]])
+    columns = schema.ColumnMap.parse("image=filepath,alt_text=title")
+    out = Location(str(tmp_path / "out"))
+    summary = run_import(ImportConfig(str(csv_set), out.url, columns=columns), log=quiet)
+    assert summary.rows == 7 and summary.quarantined["path_outside_source"] == 2, summary.quarantined
+    details = {r["key"]: r["detail"] for r in pq.read_table(out.join(CURRENT.quarantine)).to_pylist()}
+    assert any("is a link to" in d and "outside the CSV's folder" in d for d in details.values()), details
+    assert any("is not a regular file" in d for d in details.values()), details
+
+
 def test_import_pre_resizes_large_images(tmp_path):
     # --resize: a short side above it is scaled down (JPEG re-encoded, width/height updated);
     # smaller images keep their bytes

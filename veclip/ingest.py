@@ -290,9 +290,19 @@ def _resolve(path: str, base: Location, options: StorageOptions, allow_outside: 
             raise OutsideSource(f"{path!r} is absolute or a URL; pass --allow-outside-paths to read it")
         return filesystem(path, options) if "://" in path else (base.fs, path)
     resolved = posixpath.normpath(base.join(path))
-    if not allow_outside and not resolved.startswith(base.path.rstrip("/") + "/"):
+    if not allow_outside and not _inside(resolved, base.path):
         raise OutsideSource(f"{path!r} leaves the CSV's folder; pass --allow-outside-paths to read it")
+    if base.is_local and not allow_outside:
+        real, folder = os.path.realpath(resolved), os.path.realpath(base.path)
+        if not _inside(real, folder):  # a symlink inside the folder that points out of it
+            raise OutsideSource(f"{path!r} is a link to {real}, outside the CSV's folder; pass --allow-outside-paths")
+        if os.path.exists(real) and not os.path.isfile(real):  # a folder, a FIFO, a device: never read
+            raise OutsideSource(f"{path!r} is not a regular file")
     return base.fs, resolved
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")
 
 
 def _fetch(
