@@ -460,4 +460,32 @@ def test_two_tars_that_would_make_one_shard_are_refused_before_anything_is_writt
     shutil.copy(tars / "00000.tar", tars / "00000.tar.gz")  # a tar under both names (tarfile reads either)
     with pytest.raises(ValueError, match="map to the same output name"):
         run_import(ImportConfig(str(tars), str(tmp_path / "out")), log=quiet)
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").glob("*.parquet"))  # and the lease it took, given back
+    assert not (tmp_path / "out" / CURRENT.lease).exists()
+
+
+def test_an_import_rerun_under_another_cut_or_resize_is_refused_and_two_imports_never_share_an_output(
+    csv_set, tmp_path
+):
+    """Another --rows-per-shard duplicated or lost rows against the shards marked under the old cut; another
+    --resize was skipped silently; two imports into one output both wrote. Now: refused, naming what changed;
+    one import at a time (the output's lease, as the sharded stages hold)."""
+    from veclip.ingest import ImportChanged
+    from veclip.shards.lease import LeaseHeld, OutputLease
+
+    columns = schema.ColumnMap.parse("image=filepath,alt_text=title")
+    out = Location(str(tmp_path / "out"))
+    first = run_import(ImportConfig(str(csv_set), out.url, columns=columns, rows_per_shard=4), log=quiet)
+    assert first.shards_written == 3
+    for changed in ({"rows_per_shard": 3}, {"rows_per_shard": 4, "resize": 32}):
+        with pytest.raises(ImportChanged, match="--rows-per-shard, --resize"):
+            run_import(ImportConfig(str(csv_set), out.url, columns=columns, **changed), log=quiet)
+    again = run_import(ImportConfig(str(csv_set), out.url, columns=columns, rows_per_shard=4), log=quiet)
+    assert again.shards_written == 0 and again.shards_skipped == 3
+    holder = OutputLease(out, "another-import")
+    holder.acquire()
+    try:
+        with pytest.raises(LeaseHeld, match="is being written by run another-import"):
+            run_import(ImportConfig(str(csv_set), out.url, columns=columns, rows_per_shard=4), log=quiet)
+    finally:
+        holder.release()

@@ -20,12 +20,14 @@ quarantined with a reason; they never stop the run and never vanish.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import posixpath
 import tarfile
 import tempfile
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,6 +39,7 @@ from veclip import schema
 from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image, resize_jpeg
 from veclip.shards.card import write_card
 from veclip.shards.layout import output_shard_name
+from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, by_name
 from veclip.shards.store import ShardStore
@@ -85,6 +88,14 @@ class ImportConfig:
         if self.format != "auto":
             return self.format
         return "csv" if self.source.lower().endswith(".csv") else "webdataset"
+
+    def fingerprint(self) -> str:
+        """What the output's shards are cut from and how: a rerun under another would duplicate or lose rows
+        against the shards already marked (another cut), or mix two treatments of the images."""
+        csv_cut = self.rows_per_shard if self.resolved_format() == "csv" else None
+        source = os.path.realpath(self.source) if "://" not in self.source else self.source.rstrip("/")
+        settings = [source, self.resolved_format(), csv_cut, self.resize, str(self.columns), repr(self.image_limits)]
+        return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -161,12 +172,13 @@ class _ShardBuilder:
         else:
             self.bad.append({**row, "reason": reason, "detail": detail})
 
-    def write(self, store: ShardStore, name: str) -> Marker:
+    def write(self, store: ShardStore, name: str, fingerprint: str) -> Marker:
         self._flush()
         self._writer.close()
         quarantine = schema.quarantine_table(self.bad, STAGE, schema.IMPORT_SCHEMA)
         reasons = Counter(row["reason"] for row in self.bad)
-        marker = Marker(name, 0, quarantine_reasons=dict(reasons), stats={"resized": self.resized})
+        stats = {"resized": self.resized}
+        marker = Marker(name, 0, quarantine_reasons=dict(reasons), stats=stats, fingerprint=fingerprint)
         try:
             return store.write(marker, read_batches(fsspec.filesystem("file"), self._spill_path), quarantine)
         finally:
@@ -253,7 +265,7 @@ def import_webdataset(config: ImportConfig, options: StorageOptions, log=print) 
             summary.shards_skipped += 1
             continue
         builder = with_retries(lambda path=path: _read_tar(source, path, config), f"import: reading {path}")
-        summary.add(builder.write(store, name))
+        summary.add(builder.write(store, name, config.fingerprint()))
         log(f"import: {posixpath.basename(path)} -> {name} ({builder.rows} rows, {len(builder.bad)} quarantined)")
     return summary
 
@@ -363,7 +375,7 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
                 builder.add(key, None, text, path or None, "missing_file", f"{path!r}: {content}")
             else:
                 builder.add(key, content, text, row.get(cols.url) or path)
-        summary.add(builder.write(store, name))
+        summary.add(builder.write(store, name, config.fingerprint()))
         log(f"import: {name} ({builder.rows} rows, {len(builder.bad)} quarantined)")
 
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # read a huge field, then quarantine its row
@@ -412,7 +424,29 @@ def _bad_row(row: dict) -> tuple[str, str] | None:
 def run_import(config: ImportConfig, options: StorageOptions | None = None, log=print) -> ImportSummary:
     options = options or StorageOptions()
     refuse_overlap("import", config.output, [config.source], options)
-    run = import_csv if config.resolved_format() == "csv" else import_webdataset
-    summary = run(config, options, log)
-    write_card(Location(config.output, options), "import", config.source, log=log)
+    out = Location(config.output, options)
+    lease = OutputLease(out, uuid.uuid4().hex[:12])  # one import into an output at a time
+    lease.acquire()
+    try:
+        _refuse_another_cut(ShardStore(out), config)
+        run = import_csv if config.resolved_format() == "csv" else import_webdataset
+        summary = run(config, options, log)
+        write_card(out, "import", config.source, log=log)
+    finally:
+        lease.release()
     return summary
+
+
+class ImportChanged(ValueError):
+    """The output was imported under another source, cut, resize, columns or image limits."""
+
+
+def _refuse_another_cut(store: ShardStore, config: ImportConfig) -> None:
+    held = {m.fingerprint for m in store.markers().values()} - {None}  # None: imported before fingerprints
+    if held - {config.fingerprint()}:
+        raise ImportChanged(
+            f"import: {store.location.url} was imported under other settings (fingerprint {', '.join(sorted(held))} "
+            f"then, {config.fingerprint()} now): the source, --rows-per-shard, --resize, --columns or the image "
+            "limits changed. A rerun would duplicate or lose rows against the shards cut the old way, or mix two "
+            "treatments of the images: import into a new output, or remove this one first"
+        )
