@@ -383,3 +383,39 @@ def test_score_takes_a_hub_model_without_pretrained(enriched, tmp_path):
     assert summary["weights"] == f"hf-hub:veclip/tiny-clip@{sha}" and summary["rows"] == 60
     refused = veclip_cli(*args[:-1], str(tmp_path / "o2"), "--model", "ViT-B-32")
     assert refused.returncode == 2 and "hf-hub:org/repo" in refused.stderr
+
+
+def test_actors_load_the_hub_commit_the_driver_pinned_and_local_weights_are_digested(tmp_path, monkeypatch):
+    """The fingerprint named the commit the driver saw while actors loaded ``main`` when they started: a push in
+    between scored with other weights under the same fingerprint. The actors now load the pinned commit. A
+    local ``--pretrained`` file replaced in place changes the weights' identity."""
+    from safetensors.torch import load_file, save_file
+
+    from veclip.eval.model import load_model, resolve_model
+    from veclip.storage import StorageOptions
+
+    repo = tmp_path / "hub" / "models--veclip--tiny-clip"
+    first, second = "a" * 40, "b" * 40
+    random_tiny_clip(repo / "snapshots" / first)
+    shutil.copytree(repo / "snapshots" / first, repo / "snapshots" / second)
+    weights = repo / "snapshots" / second / "open_clip_model.safetensors"
+    save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))  # a push: other weights
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    load, weights_id = resolve_model("hf-hub:veclip/tiny-clip", None, StorageOptions())
+    assert load == weights_id == f"hf-hub:veclip/tiny-clip@{first}"
+    (repo / "refs" / "main").write_text(second)  # main moves on while the stage runs
+    model, _, _ = load_model(load, None, None)
+    expected = load_file(str(repo / "snapshots" / first / "open_clip_model.safetensors"))
+    name, value = next(iter(model.state_dict().items()))
+    assert (value == expected[name]).all()
+
+    local = tmp_path / "w.safetensors"
+    shutil.copy(repo / "snapshots" / first / "open_clip_model.safetensors", local)
+    before = resolve_model("veclip-tiny", str(local), StorageOptions())[1]
+    shutil.copy(weights, local)
+    assert resolve_model("veclip-tiny", str(local), StorageOptions())[1] != before

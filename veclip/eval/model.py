@@ -31,22 +31,31 @@ def hub_revision(repo: str) -> str:
     return Path(hf_hub_download(repo, "open_clip_config.json")).parent.name
 
 
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
 def resolve_model(spec: str, pretrained: str | None, options: StorageOptions) -> tuple[str, str]:
     """``(what the actors load, which weights exactly)``: a run folder resolves to its latest checkpoint
-    (it may move on while a stage runs), an exported folder is named by its weights' digest."""
+    (it may move on while a stage runs), an exported folder and a local weights file are named by their
+    digest, a Hub repo by the commit the driver sees, which the actors then load (``hf-hub:org/repo@commit``:
+    its main branch may move while a stage runs)."""
     from veclip.train.checkpoint import latest
 
     if is_exported(spec):
-        digest = hashlib.sha256()
-        with open(Path(spec) / WEIGHTS_FILE, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        return spec, f"sha256:{digest.hexdigest()[:16]}"
+        return spec, _digest(Path(spec) / WEIGHTS_FILE)
     if is_run(spec):
         checkpoint = latest(Location(spec, options)).url
         return checkpoint, checkpoint
     if spec.startswith(HF_HUB):  # config and weights from the Hub: pretrained by definition
-        return spec, f"{spec}@{hub_revision(spec[len(HF_HUB) :])}"
+        pinned = f"{spec}@{hub_revision(spec[len(HF_HUB) :])}"
+        return pinned, pinned
+    if pretrained and Path(pretrained).is_file():  # a weights file here: replaced in place, it is other weights
+        return spec, f"{spec}:{pretrained}@{_digest(Path(pretrained))}"
     if not pretrained:
         raise ValueError(
             f"{spec!r} is an open_clip model name without --pretrained: its weights would be random, "
@@ -68,5 +77,10 @@ def load_model(spec: str, pretrained: str | None, options: StorageOptions | None
         spec = f"local-dir:{spec}"
     elif is_run(spec):
         return read_model(spec, options).create()
+    elif spec.startswith(HF_HUB) and "@" in spec:  # pinned by resolve_model: that commit, not today's main
+        from huggingface_hub import snapshot_download
+
+        repo, revision = spec[len(HF_HUB) :].split("@", 1)
+        spec = f"local-dir:{snapshot_download(repo, revision=revision)}"
     model, _, preprocess = open_clip.create_model_and_transforms(spec, pretrained=pretrained)
     return model.eval(), preprocess, open_clip.get_tokenizer(spec)
