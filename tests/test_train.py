@@ -19,7 +19,7 @@ from veclip.train.config import build_config, preset
 from veclip.train.export import export
 from veclip.train.loop import TrainHooks
 from veclip.train.model import cosine_with_warmup, create_model, param_groups, train_flops_per_sample
-from veclip.train.trainer import run_train
+from veclip.train.trainer import render_summary, run_train
 from veclip.world.generate import SampleConfig, generate
 
 
@@ -276,6 +276,20 @@ def test_a_killed_worker_resumes_exactly(ref_data, tmp_path, ray_session):
     weights = {name: read_model(str(tmp_path / name / name)).weights for name in runs}
     for key, value in weights["straight"].items():
         torch.testing.assert_close(weights["killed"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_a_restart_before_the_first_checkpoint_is_recorded(ref_data, tmp_path, ray_session):
+    """A worker killed at step 3, before any checkpoint was committed: the group started again from step 0 and
+    the run finished, but its summary listed no restart. Every restart is recorded, step 0 included."""
+    config = build_config(
+        "tiny", None, ["steps=6", "checkpoint_every=6"], input=str(ref_data), output=str(tmp_path), name="early"
+    )
+    summary = run_train(config, log=quiet, hooks=TrainHooks(kill_at_step=3))
+    assert summary["metrics"]["step"] == 6
+    [restart] = summary["resumes"]
+    assert restart["from_step"] == 0 and restart["checkpoint"] is None and restart["cause"] == "worker died"
+    assert "no checkpoint had been committed" in render_summary(summary)
 
 
 @pytest.mark.slow

@@ -24,6 +24,18 @@ class _Board:
         self._latest: dict | None = None
         self._notes: list[str] = []
         self._steps: list[dict] = []
+        self._starts: dict[int, int] = {}  # rank -> worker starts in this invocation
+        self._nodes: set[str] = set()  # every node a worker started on
+
+    def joined(self, rank: int, node: str) -> int:
+        """A worker of a (re)started group: how often this rank started before in this invocation."""
+        self._nodes.add(node)
+        earlier = self._starts.get(rank, 0)
+        self._starts[rank] = earlier + 1
+        return earlier
+
+    def nodes_seen(self) -> set[str]:
+        return set(self._nodes)
 
     def post(self, metrics: dict) -> None:
         self._latest = metrics

@@ -205,12 +205,31 @@ def _build(config: TrainConfig, hooks: TrainHooks, board) -> _Worker:
     return _Worker(config, hooks, board, rank, world, device, model, model, optimizer, scheduler, flops, mean, std)
 
 
+def _restarted_from_the_start(w: _Worker) -> None:
+    """A group restarted before Ray committed any checkpoint goes on from step 0: recorded as every restart is
+    (it reaches the summary with the next checkpoint), with its cause."""
+    import ray
+
+    lost = ray.get(w.board.nodes_seen.remote()) - alive_nodes()
+    record = {"from_step": 0, "checkpoint": None, "cause": "node lost" if lost else "worker died", "exact": True}
+    w.progress.resumes.append({**record, "workers": []})
+    w.resumed_from = 0
+    print(f"train: worker {w.rank} restarts from step 0 ({record['cause']}; no checkpoint had been committed)")
+    if w.rank == 0:
+        w.board.say.remote(f"train: {render_resume(w.progress.resumes[-1])}")
+
+
 def _resume(w: _Worker) -> None:
     """Load the latest checkpoint Ray Train hands this worker, if any: weights, optimizer, history, place, RNG."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    earlier = 0
+    if w.board is not None:
+        earlier = ray.get(w.board.joined.remote(w.rank, ray.get_runtime_context().get_node_id()))
     if not checkpoint:
+        if earlier:
+            _restarted_from_the_start(w)
         return
     # Each rank downloads its own copy: Ray's shared `as_directory` lets one rank delete
     # the copy while another on the same node still waits for it ("... does not exist").

@@ -25,8 +25,9 @@ TOLD = {
 def render_resume(resume: dict, places: bool = True) -> str:
     """One line for a resume record: its cause, whether exact, the checkpoint and (``places``) each worker's place."""
     how = "exactly" if resume["exact"] else f"not exactly ({resume['why']})"
-    line = f"{TOLD[resume.get('cause', '')]}: resumed {how} from step {resume['from_step']} ({resume['checkpoint']})"
-    if not places:
+    where = resume["checkpoint"] or "no checkpoint had been committed: from the start"
+    line = f"{TOLD[resume.get('cause', '')]}: resumed {how} from step {resume['from_step']} ({where})"
+    if not places or not resume["workers"]:
         return line
     where = [(i, w["position"]) for i, w in enumerate(resume["workers"])]
     return (
