@@ -15,8 +15,10 @@ how many and which.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,30 +27,35 @@ from veclip import schema
 from veclip.images import IMAGE_EXTENSIONS, ImageError, open_image
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
-from veclip.storage import Location, StorageOptions, write_json
+from veclip.storage import BATCH_ROWS, Location, StorageOptions, write_json
 
 
 def write_eval_set(
-    rows: list[dict],
+    rows: Iterable[dict],
     out: str,
     options: StorageOptions,
     rows_per_shard: int,
     caption_type: pa.DataType,
     classes: dict | None,
 ) -> int:
+    """``rows`` (read as they come) as shards of ``rows_per_shard``, each streamed a batch at a time: memory
+    holds a row group's worth, never the set (ImageNet's validation images are 6.4 GB)."""
     table_schema = pa.schema(
         list(schema.INPUT_SCHEMA) + [pa.field("label", pa.string()), pa.field("caption", caption_type)]
     )
-    store = ShardStore(Location(out, options))
-    for k, start in enumerate(range(0, len(rows), rows_per_shard)):
-        store.write(
-            Marker(f"part-{k:05d}.parquet", 0),
-            pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=table_schema),
-        )
+    store, rows, written = ShardStore(Location(out, options)), iter(rows), 0
+    for k in itertools.count():
+        shard = itertools.islice(rows, rows_per_shard)
+        batches = iter(lambda shard=shard: list(itertools.islice(shard, BATCH_ROWS)), [])
+        first = next(batches, None)
+        if first is None:
+            break
+        tables = (pa.Table.from_pylist(b, schema=table_schema) for b in itertools.chain([first], batches))
+        written += store.write(Marker(f"part-{k:05d}.parquet", 0), tables).rows
     if classes is not None:
         location = store.location
         write_json(location.fs, location.join(schema.CLASSES_FILE), classes)
-    return len(rows)
+    return written
 
 
 def _image_row(key: str, path: Path) -> tuple[dict | None, str | None]:
@@ -79,15 +86,18 @@ def from_class_folders(
     names = json.loads(Path(class_names).read_text()) if class_names else [f.name for f in folders]
     if len(names) != len(folders):
         raise ValueError(f"convert: {len(names)} class names for {len(folders)} folders in {root}")
-    rows, bad = [], []
-    for folder, name in zip(folders, names):
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
-            row, problem = _image_row(f"{folder.name}/{path.name}", path)
-            if problem:
-                bad.append(problem)
-                continue
-            rows.append({**row, "label": name, "caption": f"a photo of a {name}."})
-    written = write_eval_set(rows, out, options or StorageOptions(), rows_per_shard, pa.string(), {"label": names})
+    bad = []
+
+    def rows():
+        for folder, name in zip(folders, names):
+            for path in sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
+                row, problem = _image_row(f"{folder.name}/{path.name}", path)
+                if problem:
+                    bad.append(problem)
+                    continue
+                yield {**row, "label": name, "caption": f"a photo of a {name}."}
+
+    written = write_eval_set(rows(), out, options or StorageOptions(), rows_per_shard, pa.string(), {"label": names})
     return {"rows": written, "classes": len(names), "skipped": bad}
 
 
@@ -98,19 +108,23 @@ def from_coco(
     captions = defaultdict(list)
     for annotation in data["annotations"]:
         captions[annotation["image_id"]].append(annotation["caption"].strip())
-    rows, bad = [], []
-    for image in data["images"]:
-        path = Path(images_dir) / image["file_name"]
-        if not path.exists():
-            bad.append(f"{path}: missing_file")
-            continue
-        if not captions[image["id"]]:
-            bad.append(f"{path}: no captions")
-            continue
-        row, problem = _image_row(str(image["id"]), path)
-        if problem:
-            bad.append(problem)
-            continue
-        rows.append({**row, "label": None, "caption": captions[image["id"]]})
-    written = write_eval_set(rows, out, options or StorageOptions(), rows_per_shard, pa.list_(pa.string()), None)
-    return {"rows": written, "captions": sum(len(r["caption"]) for r in rows), "skipped": bad}
+    bad, counted = [], [0]
+
+    def rows():
+        for image in data["images"]:
+            path = Path(images_dir) / image["file_name"]
+            if not path.exists():
+                bad.append(f"{path}: missing_file")
+                continue
+            if not captions[image["id"]]:
+                bad.append(f"{path}: no captions")
+                continue
+            row, problem = _image_row(str(image["id"]), path)
+            if problem:
+                bad.append(problem)
+                continue
+            counted[0] += len(captions[image["id"]])
+            yield {**row, "label": None, "caption": captions[image["id"]]}
+
+    written = write_eval_set(rows(), out, options or StorageOptions(), rows_per_shard, pa.list_(pa.string()), None)
+    return {"rows": written, "captions": counted[0], "skipped": bad}
