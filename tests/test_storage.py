@@ -390,3 +390,22 @@ def test_readers_refuse_an_output_missing_shards_or_mixing_configurations_unless
     rest = open_dataset(str(tmp_path), accept=Acceptance(fingerprint="new", missing_shards=True))
     assert len(rest.shards) == 1 and rest.skipped[shard_store.MARKED_BUT_MISSING] == 2
     assert TrainConfig(accept=Acceptance(missing_shards=True)).accept.missing_shards  # --set accept.missing_shards=true
+
+
+def test_batches_are_bounded_by_bytes_as_well_as_rows(tmp_path):
+    """The captioner read ``pool.batch_size`` rows (1,024) whatever their bytes: 12 MB photos made a 12 GB batch.
+    A reader given ``max_bytes`` takes fewer rows, at the file's mean bytes per row of the columns it reads."""
+    import numpy as np
+
+    from veclip.rewrite.workers import CAPTIONER_BATCH_BYTES
+
+    images = [np.random.default_rng(k).bytes(100_000) for k in range(60)]
+    pq.write_table(pa.table({"key": [str(k) for k in range(60)], "image": images}), tmp_path / "p.parquet")
+    fs = storage.Location(str(tmp_path)).fs
+    path = str(tmp_path / "p.parquet")
+    assert [len(b) for b in storage.read_batches(fs, path, ["key", "image"], rows=1024, max_bytes=1_000_000)] == [
+        9
+    ] * 6 + [6]
+    assert [len(b) for b in storage.read_batches(fs, path, ["key"], rows=1024, max_bytes=1_000_000)] == [60]
+    assert [len(b) for b in storage.read_batches(fs, path, rows=25)] == [25, 25, 10]
+    assert CAPTIONER_BATCH_BYTES >= 64 << 20  # a batch of ordinary web photos stays whole

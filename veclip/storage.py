@@ -394,19 +394,36 @@ def read_batches(
     columns: list[str] | None = None,
     row_groups: list[int] | None = None,
     rows: int | None = None,
+    max_bytes: int | None = None,
 ) -> Iterator[pa.Table]:
-    """A Parquet file ``rows`` at a time, streamed page by page through a read buffer: memory holds a
-    batch, never a whole row group (a 10,000-row shard as pyarrow, pandas or img2dataset write it by
-    default is one ~1 GB row group)."""
+    """A Parquet file ``rows`` at a time (fewer when ``max_bytes`` of the columns, at the file's mean bytes per
+    row, hold fewer), streamed page by page through a read buffer: memory holds a batch, never a whole row
+    group (a 10,000-row shard as pyarrow, pandas or img2dataset write it by default is one ~1 GB row group)."""
     with fs.open(path, "rb") as f:
         parquet = streaming_parquet(f)
-        empty = True
-        for batch in parquet.iter_batches(batch_size=rows or BATCH_ROWS, row_groups=row_groups, columns=columns):
+        empty, rows = True, rows or BATCH_ROWS
+        if max_bytes:
+            rows = min(rows, _rows_within(parquet.metadata, columns, max_bytes))
+        for batch in parquet.iter_batches(batch_size=rows, row_groups=row_groups, columns=columns):
             empty = False
             yield pa.Table.from_batches([batch])
         if empty:  # a file of no rows still has a schema
             table = parquet.schema_arrow.empty_table()
             yield table.select(columns) if columns else table
+
+
+def _rows_within(metadata: pq.FileMetaData, columns: list[str] | None, max_bytes: int) -> int:
+    """Rows whose ``columns`` (all: None) hold about ``max_bytes``, at the file's mean bytes per row."""
+    if not metadata.num_rows:
+        return 1
+    size = 0
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if columns is None or chunk.path_in_schema.split(".")[0] in columns:
+                size += chunk.total_uncompressed_size
+    return max(1, int(max_bytes * metadata.num_rows // max(size, 1)))
 
 
 def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 4) -> dict[str, bytes]:

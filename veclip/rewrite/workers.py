@@ -47,13 +47,21 @@ def caption_store(output: Location) -> ShardStore:
     return ShardStore(output.child(layout_of(output).work_dir("captions")))
 
 
+CAPTIONER_BATCH_BYTES = 256 << 20  # encoded images a captioner batch holds at most (1,024 web photos of ~250 KB)
+
+
 def input_batches(
-    path: str, config: RewriteConfig, options: StorageOptions, columns: list[str] | None = None, rows: int | None = None
+    path: str,
+    config: RewriteConfig,
+    options: StorageOptions,
+    columns: list[str] | None = None,
+    rows: int | None = None,
+    max_bytes: int | None = None,
 ) -> Iterator[pa.Table]:
-    """The input shard ``rows`` at a time, the user's columns renamed: memory holds one batch's
-    images, never the shard's (~1 GB at 10,000 rows)."""
+    """The input shard ``rows`` at a time (fewer where they would hold over ``max_bytes``), the user's columns
+    renamed: memory holds one batch's images, never the shard's (~1 GB at 10,000 rows)."""
     source = None if columns is None else config.columns.source_columns(columns)
-    for batch in read_batches(Location(config.input, options).fs, path, source, rows=rows):
+    for batch in read_batches(Location(config.input, options).fs, path, source, rows=rows, max_bytes=max_bytes):
         yield config.columns.apply(batch)
 
 
@@ -121,7 +129,8 @@ class ShardCaptioner(_RewriteWorker):
         start, started_at, busy_from, meter = time.perf_counter(), time.time(), _busy_seconds(self.engine), Meter()
         rows_in = read_input_columns(path, self.config, self.options, ["key"]).num_rows
         rows, batch_rows = [], self.config.captioner.pool.batch_size  # decoded and submitted a batch at a time
-        for batch in input_batches(path, self.config, self.options, ["key", "image"], batch_rows):
+        batches = input_batches(path, self.config, self.options, ["key", "image"], batch_rows, CAPTIONER_BATCH_BYTES)
+        for batch in batches:  # at most batch_size rows, and CAPTIONER_BATCH_BYTES of images (12 MB photos too)
             rows += self._caption(batch, meter)
         marker = self.new_marker(name, started_at, busy_from)
         marker.rows_in, marker.seconds, marker.pools = (
