@@ -122,3 +122,31 @@ def test_a_recipe_end_to_end_at_tiny_scale_then_a_rerun_is_a_no_op(sample_root, 
     assert again.stdout.count(": done (") == 3 and "veclip rewrite" not in again.stdout
     assert {p.stem: json.loads(p.read_text()) for p in (tmp_path / "run" / RECORDS_DIR).glob("*.json")} == records
     assert time.perf_counter() - start < 120  # no engine, no training: the records said every step was done
+
+
+def test_the_shipped_pipelines_are_found_from_an_installed_wheel(tmp_path):
+    """`veclip pipeline NAME` looked in the repository's pipelines/, which a wheel and the cluster image lack:
+    after `pip install` no shipped pipeline was found. They are package data now: a wheel built from this tree,
+    installed apart and run outside the repository, finds every one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), str(root)], check=True
+    )
+    [wheel] = (tmp_path / "w").glob("veclip-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    code = (
+        "import veclip, sys; from veclip.cli import main; print('from', veclip.__file__); "
+        "sys.exit(main(['pipeline', 'veclip-300m', '--dry-run', '--input', 's3://b/in', '--output', 's3://b/out']))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(tmp_path / "site")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"from {tmp_path / 'site'}" in result.stdout and "pipeline veclip-300m:" in result.stdout, result.stdout
+    assert sorted(p.name for p in (tmp_path / "site" / "veclip" / "pipelines").glob("*.yaml")) == sorted(
+        f"{name}.yaml" for name in available()
+    )

@@ -1,6 +1,6 @@
 """Pipelines: a chain of stages in one file, run locally or as a sequence of Ray jobs, resumable by step.
 
-A pipeline file (YAML; the shipped ones are in the repository's ``pipelines/``)
+A pipeline file (YAML; the shipped ones are package data, ``veclip/pipelines/``, linked as ``pipelines/``)
 names its steps, each the command a user would type after ``veclip``::
 
     name: laclip-3m
@@ -46,7 +46,7 @@ from pathlib import Path
 from veclip.storage import Location, StorageOptions, read_json, write_json
 
 RECORDS_DIR = "_pipeline"  # <output>/_pipeline/<step>.json: the steps finished
-SHIPPED = Path(__file__).resolve().parents[1] / "pipelines"  # the repository's pipelines/
+SHIPPED = Path(__file__).parent / "pipelines"  # package data: found from a wheel, an editable install, an image
 
 
 @dataclass(frozen=True)
