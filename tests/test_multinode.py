@@ -242,8 +242,15 @@ def _start_train(tmp_path, address: str, *sets: str) -> tuple[_Console, Path]:
 
 
 def _checkpoints(run: Path) -> list[dict]:
-    """The progress.json of each checkpoint of the run, oldest first."""
-    return [json.loads(p.read_text()) for p in sorted(run.glob("checkpoint_*/progress.json"))]
+    """The progress.json of each checkpoint of the run, oldest first; one Ray is still copying into the run
+    folder (its file there, empty or cut short) is not one yet."""
+    found = []
+    for path in sorted(run.glob("checkpoint_*/progress.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            break
+    return found
 
 
 def _node(nodes, node_id: str):
