@@ -193,15 +193,20 @@ def _resolved(location: Location) -> str:
 
 
 RETRY_BACKOFF_SECONDS = 1.0  # doubled each time: 1 + 2 + 4 s, past a throttled prefix's pause
+NOT_TRANSIENT = (FileNotFoundError, PermissionError)  # a missing file, a refusal (403): trying again changes nothing
+
+
+def _transient(got) -> bool:
+    return isinstance(got, OSError) and not isinstance(got, NOT_TRANSIENT)
 
 
 def with_retries(work, what: str, attempts: int = 4, backoff_seconds: float = RETRY_BACKOFF_SECONDS):
     """``work()``, tried again on a transient storage error (a reset, a throttle, a timeout that outlived the
-    client's own retries), with exponential backoff; a missing file or the last error is raised."""
+    client's own retries), with exponential backoff; a missing file, a refusal or the last error is raised."""
     for attempt in range(1, attempts + 1):
         try:
             return work()
-        except FileNotFoundError:
+        except NOT_TRANSIENT:
             raise
         except OSError as err:
             if attempt == attempts:
@@ -434,7 +439,7 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 4
     ``fs.cat`` would expand ``*``, ``?`` and ``[`` as patterns (a shard named ``photo[1]`` read as ``photo1``)."""
     got = dict(zip(paths, cat_literal(fs, list(paths))))
     for attempt in range(1, attempts):
-        failed = [p for p, g in got.items() if isinstance(g, OSError) and not isinstance(g, FileNotFoundError)]
+        failed = [p for p, g in got.items() if _transient(g)]
         if not failed:
             break
         clock().sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
@@ -470,7 +475,7 @@ def _tails(fs: fsspec.AbstractFileSystem, files: list[tuple[str, int]], attempts
         on_error="return",
     )
     for attempt in range(1, attempts):
-        failed = [k for k, t in enumerate(tails) if isinstance(t, OSError) and not isinstance(t, FileNotFoundError)]
+        failed = [k for k, t in enumerate(tails) if _transient(t)]
         if not failed:
             break
         clock().sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
