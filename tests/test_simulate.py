@@ -160,3 +160,24 @@ def test_tries_lost_with_their_node_do_not_use_up_the_shards_tries(tmp_path, nod
     for _ in range(4):
         guard._begin("part-0.parquet")  # a try begun, then lost with its process
     assert guard.run_shard("part-0.parquet", "in/part-0.parquet", lambda: None) == outcome
+
+
+def test_a_shard_done_after_a_retry_is_not_taken_for_a_death_when_tried_again(tmp_path):
+    """A shard done on its second try keeps its try record (the summary counts it retried). A later try of it in
+    the same run (Ray re-running a batch whose actor died after the commit) read that record as a try that died
+    with its process and charged it: found by a simulated run in which a shard failed on "three deaths" after
+    one actor kill."""
+    from veclip.shards.guard import RunContext, ShardGuard
+
+    guard = ShardGuard(Location(str(tmp_path)), RunContext("r1", "f"), "simulate", 3, 0.0)
+    guard.where = lambda: {"node": "n1", "actor": "a1"}
+    flaky = iter([RuntimeError("a reset"), None])
+
+    def work():
+        if error := next(flaky):
+            raise error
+
+    assert guard.run_shard("part-0.parquet", "in/part-0.parquet", work) == "done"
+    assert guard.run_shard("part-0.parquet", "in/part-0.parquet", lambda: None) == "done"
+    record = json.loads((tmp_path / CURRENT.attempts / "simulate" / "part-0.parquet.json").read_text())
+    assert record["tries"] == 3 and record["lost"] == [], record

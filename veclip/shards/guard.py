@@ -172,7 +172,8 @@ class ShardGuard:
                 work()
                 path = self._attempts_path(name)
                 if record["tries"] > 1:  # kept, marked done: the summary counts the shards retried
-                    self._durably(f"note {name}'s tries", write_json, self.output.fs, path, {**record, "done": True})
+                    done = {**record, "done": True, "ended": True}  # ended: a later try of it in this run sees no death
+                    self._durably(f"note {name}'s tries", write_json, self.output.fs, path, done)
                 else:
                     self._durably(f"clear {name}'s try count", self.output.fs.rm_file, path)
                 return DONE

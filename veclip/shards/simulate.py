@@ -206,7 +206,12 @@ class SimWorker(ShardWorker):
 
     stage = "simulate"
 
-    def __init__(self, output: str, options: StorageOptions, run: RunContext, faults: FaultConfig, last: bool, poison):
+    def __init__(
+        self, output: str, options: StorageOptions, run: RunContext, faults: FaultConfig, last: bool, poison, pool=""
+    ):
+        # the last pool's tries are the stage's (its summary counts them); an earlier pool's are its own, as the
+        # rewrite's captioner ("caption") keeps apart from its writer ("rewrite")
+        self.stage = SimStage.name if last else f"{SimStage.name}-{pool}"
         super().__init__(output, options, run, faults)
         self.store, self.last, self.poison = ShardStore(self.output), last, frozenset(poison)
         self.started_at: float | None = None
@@ -249,7 +254,13 @@ class SimStage(ShardedStage):
         pools = self.sim.pools
         kwargs = {"output": self.config.output, "options": self.options, "run": run, "faults": self.faults}
         return [
-            Pool(p.name, SimWorker, {**kwargs, "last": k == len(pools) - 1, "poison": self.sim.poison}, 1, p.actors)
+            Pool(
+                p.name,
+                SimWorker,
+                {**kwargs, "last": k == len(pools) - 1, "poison": self.sim.poison, "pool": p.name},
+                1,
+                p.actors,
+            )
             for k, p in enumerate(pools)
         ]
 
