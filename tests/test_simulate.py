@@ -181,3 +181,37 @@ def test_a_shard_done_after_a_retry_is_not_taken_for_a_death_when_tried_again(tm
     assert guard.run_shard("part-0.parquet", "in/part-0.parquet", lambda: None) == "done"
     record = json.loads((tmp_path / CURRENT.attempts / "simulate" / "part-0.parquet.json").read_text())
     assert record["tries"] == 3 and record["lost"] == [], record
+
+
+def test_veclip_plan_simulate_prints_the_plan_then_its_simulated_run(tmp_path, monkeypatch, capsys):
+    """The command as a user types it: the plan's figures unchanged, then the projected run simulated at both
+    ends of the estimated rates, each labelled with the rates it used."""
+    from veclip import cli
+
+    plan = {
+        "input": "s3://b/in",
+        "mode": "laclip",
+        "rows_total": 40_000,
+        "shards_total": 4,
+        "sampled_rows": 64,
+        "prices": {"H100": 4.0, "L40S": 1.9},
+        "pools": [
+            {
+                "role": "laclip",
+                "per_row": {"requests": 4.0, "prompt_tokens": 80.0, "generated_tokens": 40.0},
+                "totals": {"requests": 160_000.0, "prompt_tokens": 3.2e6, "generated_tokens": 1.6e6},
+                "rates": {"H100": (100.0, 150.0)},
+                "source": "[estimate] docs/scaling.md",
+                "gpu_hours": {"H100": (0.3, 0.44)},
+            }
+        ],
+    }
+    monkeypatch.setattr("veclip.plan.plan_rewrite", lambda *args, **kwargs: plan)
+    args = ["plan", "--input", "s3://b/in", "--mode", "laclip", "--simulate", "--seeds", "1"]
+    assert cli.main([*args, "--preemption-per-hour", "0.2", "--set", "laclip.pool.max_actors=2"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: rewrite (mode laclip) of 40,000 rows in 4 shards" in out  # the plan, as without --simulate
+    assert "plan --simulate: fast end of the rates: laclip 150 requests/s per H100" in out
+    assert "plan --simulate: slow end of the rates: laclip 100 requests/s per H100" in out
+    assert out.count("SIMULATED (not measured) over 1 seed(s): 4 shards of 10,000 rows; laclip 2 x") == 2
+    assert "preemption 20%/h per node" in out and "$4.00/GPU-h" in out
