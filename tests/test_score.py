@@ -24,6 +24,7 @@ from veclip.score.config import build_config
 from veclip.score.pipeline import FingerprintMismatch, run_score
 from veclip.shards.driver import ShardCounts
 from veclip.shards.layout import CARD_FILE, CURRENT
+from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
 from veclip.storage import Location
 from veclip.train.captions import CaptionConfig, gated
@@ -419,3 +420,19 @@ def test_actors_load_the_hub_commit_the_driver_pinned_and_local_weights_are_dige
     before = resolve_model("veclip-tiny", str(local), StorageOptions())[1]
     shutil.copy(weights, local)
     assert resolve_model("veclip-tiny", str(local), StorageOptions())[1] != before
+
+
+def test_a_changed_gate_is_refused_with_a_flag_score_has(enriched, tmp_path):
+    """`veclip score` refused an output scored under another configuration with "pass --redo-mismatched", a flag
+    score did not have. It has it now: refused without it, planned to redo with it."""
+    model = str(random_tiny_clip(tmp_path / "model"))
+    out = tmp_path / "scores"
+    store = ShardStore(Location(str(out)))
+    for path in sorted(enriched.glob("*.parquet")):  # an earlier run's tables, under another gate
+        store.write(Marker(path.name, 0, fingerprint="another-gate"), pa.table({"key": ["x"]}))
+    args = ["score", "--preset", "cpu", "--input", str(enriched), "--output", str(out), "--model", model]
+    refused = veclip_cli(*args, "--percentile", "10", "--dry-run")
+    assert refused.returncode != 0 and "--redo-mismatched" in refused.stderr, refused.stderr
+    redo = veclip_cli(*args, "--percentile", "10", "--dry-run", "--redo-mismatched")
+    assert redo.returncode == 0, redo.stderr
+    assert "3 to do (60 rows), 3 of them to redo" in redo.stdout, redo.stdout

@@ -348,6 +348,12 @@ def _rewrite_flags(p):
         "copy: the input's columns + the new ones",
     )
     _columns_flag(p)
+    _sharded_run_flags(p)
+    _dry_run_flag(p)
+
+
+def _sharded_run_flags(p):
+    """A sharded stage's run options (rewrite, score): one spelling, one help."""
     p.add_argument(
         "--redo-mismatched",
         action="store_true",
@@ -358,7 +364,6 @@ def _rewrite_flags(p):
         action="store_true",
         help="take the output from another run's lease (only when that run is surely gone)",
     )
-    _dry_run_flag(p)
 
 
 def _dry_run_flag(p):
@@ -468,11 +473,7 @@ def _score_flags(p):
         help="flag captions under this percentile of their column's scores in their shard, e.g. 10",
     )
     _columns_flag(p)
-    p.add_argument(
-        "--take-over-lease",
-        action="store_true",
-        help="take the output from another run's lease (only when that run is surely gone)",
-    )
+    _sharded_run_flags(p)
     _dry_run_flag(p)
 
 
@@ -481,10 +482,10 @@ def _score_run(config, options, args) -> int:
     from veclip.shards.driver import render_dry_run
 
     if args.dry_run:
-        print(render_dry_run(dry_run_score(config, options)))
+        print(render_dry_run(dry_run_score(config, options, args.redo_mismatched)))
         return 0
 
-    summary = run_score(config, options, take_over_lease=args.take_over_lease)
+    summary = run_score(config, options, take_over_lease=args.take_over_lease, redo_mismatched=args.redo_mismatched)
     print(render_summary(summary))
     return 1 if summary["failed"] else 0
 

@@ -44,9 +44,10 @@ class Score(ShardedStage):
 
     name = "score"
 
-    def __init__(self, config: ScoreConfig, options: StorageOptions | None = None):
+    def __init__(self, config: ScoreConfig, options: StorageOptions | None = None, redo_mismatched: bool = False):
         super().__init__(config, options)
         self.model, self.weights = resolve_model(config.model, config.pretrained, self.options)
+        self.redo_mismatched = redo_mismatched
         self.dataset: Dataset | None = None
         self.stamps: dict[str, list[str]] = {}
 
@@ -74,6 +75,7 @@ class Score(ShardedStage):
             markers,
             run.fingerprint,
             self.dataset.images.fs,
+            redo_mismatched=self.redo_mismatched,
             stale=lambda name, marker: marker.read_stamps != self.stamps[name],
             what="image shard",
         )
@@ -149,19 +151,24 @@ class Score(ShardedStage):
 
 
 def run_score(
-    config: ScoreConfig, options: StorageOptions | None = None, log=print, *, take_over_lease: bool = False
+    config: ScoreConfig,
+    options: StorageOptions | None = None,
+    log=print,
+    *,
+    take_over_lease: bool = False,
+    redo_mismatched: bool = False,
 ) -> dict:
     """Score every shard not yet done; returns (and writes) the run summary. Shards that keep failing
     are listed in ``summary["failed"]`` (the CLI exits non-zero); rerunning retries exactly them."""
     config.validate_for_run()
-    stage = Score(config, options)
+    stage = Score(config, options, redo_mismatched)
     return run_stage(stage, log, take_over_lease=take_over_lease)
 
 
-def dry_run_score(config: ScoreConfig, options: StorageOptions | None = None) -> dict:
+def dry_run_score(config: ScoreConfig, options: StorageOptions | None = None, redo_mismatched: bool = False) -> dict:
     """What ``run_score`` would do now (:func:`veclip.shards.driver.dry_run`), after the same validation."""
     config.validate_for_run()
-    return dry_run(Score(config, options))
+    return dry_run(Score(config, options, redo_mismatched))
 
 
 def render_summary(summary: dict) -> str:
