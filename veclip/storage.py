@@ -15,7 +15,7 @@ import os
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -437,14 +437,23 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], attempts: int = 4
     :func:`with_retries` does (at 30,000 markers, one reset in a 100,000 requests would otherwise end a
     three-day run's summary). Raises the first error left, naming its file. The paths are literal:
     ``fs.cat`` would expand ``*``, ``?`` and ``[`` as patterns (a shard named ``photo[1]`` read as ``photo1``)."""
-    got = dict(zip(paths, cat_literal(fs, list(paths))))
+    paths = list(paths)
+    got = _each_with_retries(lambda some: cat_literal(fs, some), paths, attempts)
+    return {path: _raised(path, data) for path, data in zip(paths, got)}
+
+
+def _each_with_retries(fetch: Callable[[list], list], items: list, attempts: int = 4) -> list:
+    """``fetch(items)``'s results (a value or the error, in order), the items whose error was transient fetched
+    again with :func:`with_retries`' backoff: one batched request per round, not one per item."""
+    got = fetch(items) if items else []
     for attempt in range(1, attempts):
-        failed = [p for p, g in got.items() if _transient(g)]
+        failed = [k for k, g in enumerate(got) if _transient(g)]
         if not failed:
             break
         clock().sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
-        got.update(zip(failed, cat_literal(fs, failed)))
-    return {path: _raised(path, data) for path, data in got.items()}
+        for k, again in zip(failed, fetch([items[k] for k in failed])):
+            got[k] = again
+    return got
 
 
 def cat_literal(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list:
@@ -463,25 +472,15 @@ def _raised(path: str, got):
 FOOTER_TAIL_BYTES = 64 * 1024  # one read holds the footer of all but very wide files
 
 
-def _tails(fs: fsspec.AbstractFileSystem, files: list[tuple[str, int]], attempts: int = 4) -> list:
+def _tails(fs: fsspec.AbstractFileSystem, files: list[tuple[str, int]]) -> list:
     """The last 64 KiB of each file (or the error reading it) in one concurrent ``cat_ranges``; the reads that
     failed transiently are tried again, as :func:`read_many` does."""
-    if not files:
-        return []
-    tails = fs.cat_ranges(
-        [p for p, _ in files],
-        [max(0, n - FOOTER_TAIL_BYTES) for _, n in files],
-        [n for _, n in files],
-        on_error="return",
-    )
-    for attempt in range(1, attempts):
-        failed = [k for k, t in enumerate(tails) if _transient(t)]
-        if not failed:
-            break
-        clock().sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
-        for k, tail in zip(failed, _tails(fs, [files[k] for k in failed], attempts=1)):
-            tails[k] = tail
-    return tails
+
+    def fetch(some: list[tuple[str, int]]) -> list:
+        starts = [max(0, n - FOOTER_TAIL_BYTES) for _, n in some]
+        return fs.cat_ranges([p for p, _ in some], starts, [n for _, n in some], on_error="return")
+
+    return _each_with_retries(fetch, files)
 
 
 def read_footers(fs: fsspec.AbstractFileSystem, files: list[tuple[str, int]]) -> dict[str, pq.FileMetaData | str]:
