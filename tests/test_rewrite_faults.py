@@ -238,19 +238,24 @@ def test_planning_records_unreadable_shards_and_fails_fast_on_bad_schema(sample_
         plan_run(bad, None, fingerprint(bad)[0])
 
 
+def _shards_and_markers_on_s3(sample_root, tmp_path, url: str, options, n: int) -> None:
+    """``n`` input shards of 3 rows under ``url/in`` and ``n`` done markers under ``url/out``."""
+    local = tmp_path / "in"
+    local.mkdir()
+    table = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0])
+    for k in range(n):
+        pq.write_table(table.slice(k, 3), local / f"part-{k:05d}.parquet")
+    put_tree(local, url + "/in", options)
+    store = ShardStore(Location(url + "/out", options))
+    for k in range(n):
+        store.write(Marker(f"m{k}.parquet", 0), pa.table({"key": [str(k)]}))
+
+
 def test_driver_reads_footers_and_markers_concurrently(sample_root, s3_endpoint, s3_bucket, tmp_path):
     """Planning and the summary overlap their requests (a bucket's latency is paid once per
     batch, not once per shard): seen as requests in flight together at a slow endpoint."""
     url, options = s3_bucket
-    local = tmp_path / "in"
-    local.mkdir()
-    table = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0])
-    for k in range(12):
-        pq.write_table(table.slice(k, 3), local / f"part-{k:05d}.parquet")
-    put_tree(local, url + "/in", options)
-    store = ShardStore(Location(url + "/out", options))
-    for k in range(12):
-        store.write(Marker(f"m{k}.parquet", 0), pa.table({"key": [str(k)]}))
+    _shards_and_markers_on_s3(sample_root, tmp_path, url, options, 12)
     proxy = FaultProxy(s3_endpoint).start()
     try:
         proxy.delay = 0.05
@@ -274,15 +279,7 @@ def test_footer_and_marker_reads_that_fail_past_s3fs_retries_are_tried_again(
     training plan (its fingerprint changed, the resume moved to the next epoch); on a marker read it ended
     the summary. Both are tried again."""
     url, options = s3_bucket
-    local = tmp_path / "in"
-    local.mkdir()
-    table = pq.read_table(sorted((sample_root / "train").glob("*.parquet"))[0])
-    for k in range(4):
-        pq.write_table(table.slice(k, 3), local / f"part-{k:05d}.parquet")
-    put_tree(local, url + "/in", options)
-    store = ShardStore(Location(url + "/out", options))
-    for k in range(4):
-        store.write(Marker(f"m{k}.parquet", 0), pa.table({"key": [str(k)]}))
+    _shards_and_markers_on_s3(sample_root, tmp_path, url, options, 4)
     proxy = FaultProxy(s3_endpoint).start()
     try:
         flaky = dataclasses.replace(options, endpoint_url=proxy.url)
