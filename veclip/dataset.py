@@ -122,20 +122,21 @@ def _caption_output(
 ) -> tuple[Location, list[dict], dict, object]:
     location = Location(url, options)
     entries, skipped = finished_shard_entries(location)
-    entries = _accepted(location, entries, skipped, accept)
-    return location, entries, skipped, caption_tables(location, entries)
+    markers = ShardStore(location).markers() if entries else {}  # none for plain input; read once for both
+    entries = _accepted(location, entries, skipped, markers, accept)
+    return location, entries, skipped, caption_tables(location, entries, markers)
 
 
-def _accepted(location: Location, entries: list[dict], skipped: dict, accept: Acceptance) -> list[dict]:
-    """``entries`` of a stage's output, refused when marked shards are gone or the markers hold more than one
-    configuration, unless ``accept`` says what to take (the rest counted in ``skipped``)."""
+def _accepted(location: Location, entries: list[dict], skipped: dict, markers: dict, accept: Acceptance) -> list[dict]:
+    """``entries`` of a stage's output (``markers``: its markers), refused when marked shards are gone or the
+    markers hold more than one configuration, unless ``accept`` says what to take (the rest counted in
+    ``skipped``)."""
     if skipped.get(MARKED_BUT_MISSING) and not accept.missing_shards:
         raise UnsoundOutput(
             f"{location.url}: {skipped[MARKED_BUT_MISSING]} shard(s) marked done whose file is gone (a lifecycle "
             "rule, a manual rm): rerun the stage that wrote it to redo them, or read the rest with "
             "--set accept.missing_shards=true"
         )
-    markers = ShardStore(location).markers() if entries else {}  # none for plain input
     configs = Counter(markers[n].fingerprint for n in (posixpath.basename(e["name"]) for e in entries) if n in markers)
     if len(configs) <= 1 and not accept.fingerprint:
         return entries

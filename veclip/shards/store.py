@@ -257,9 +257,13 @@ class CaptionTables:
     inputs: dict[str, tuple[str, int]]  # caption table path -> (input shard path, input size)
 
 
-def caption_tables(location: Location, entries: list[dict]) -> CaptionTables | None:
-    """The caption tables among ``entries`` (finished shards) of ``location``; None for whole shards."""
-    markers = ShardStore(location).markers() if entries else {}
+def caption_tables(
+    location: Location, entries: list[dict], markers: dict[str, Marker] | None = None
+) -> CaptionTables | None:
+    """The caption tables among ``entries`` (finished shards) of ``location``; None for whole shards.
+    ``markers``: the output's, when the caller has read them already."""
+    if markers is None:
+        markers = ShardStore(location).markers() if entries else {}
     layouts = {markers[n].layout if n in markers else "copy" for n in (posixpath.basename(e["name"]) for e in entries)}
     if layouts != {CAPTIONS}:
         if len(layouts) > 1:
