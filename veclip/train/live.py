@@ -65,8 +65,11 @@ class LiveProgress:
 
     def __enter__(self):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.board = ray.remote(num_cpus=0)(_Board).remote()
+        # On the driver's node: the board counts the restarts a lost worker node causes, so it must outlive one.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ray.remote(num_cpus=0, scheduling_strategy=here)(_Board).remote()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="veclip-train-progress", daemon=True)
         self._thread.start()
