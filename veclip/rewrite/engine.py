@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from veclip.rewrite.config import EngineConfig, SamplingConfig
 from veclip.rewrite.reaper import reap_orphaned_engines, start_reaper
 from veclip.shards.guard import engine_died
+from veclip.shards.isolation import KILLED_THE_ENGINE, Isolation
 
 
 @dataclass
@@ -275,6 +276,31 @@ class VLLMEngine:
         *head, last = request.messages
         parts = [{"type": "image_pil", "image_pil": request.image}, {"type": "text", "text": last["content"]}]
         return [*head, {**last, "content": parts}]
+
+
+class IsolatedEngine:
+    """An engine as an isolated try uses it (:mod:`veclip.shards.isolation`): requests sent a noted range at a
+    time, a poison one answered with :data:`KILLED_THE_ENGINE` without running."""
+
+    def __init__(self, engine: Engine, isolation: Isolation):
+        self.engine, self.isolation = engine, isolation
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)  # its name and counts
+
+    def generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]:
+        out = [Completion("", 0, 0, KILLED_THE_ENGINE)] * len(requests)
+        first = self.isolation.sent
+        for run in self.isolation.ranges(len(requests)):
+            out[run.start - first : run.stop - first] = self.engine.generate(
+                requests[run.start - first : run.stop - first], sampling
+            )
+        return out
+
+
+def isolated(engine: Engine, isolation: Isolation | None) -> Engine:
+    """The engine a shard's work uses: itself, or seen through the shard's isolated try."""
+    return engine if isolation is None else IsolatedEngine(engine, isolation)
 
 
 def _external_id(request_id: str) -> str:

@@ -6,7 +6,9 @@ pool) makes each request take half a second of wall time. Its options, ``,``-sep
 
 * ``latency=S``: seconds per request, answered one after another (a shard of N requests takes N x S);
 * ``start=S``: seconds the engine takes to "load" (a 7B engine: minutes);
-* ``hang_after=N``: after N requests, never answer again (a hung GPU, a stuck collective).
+* ``hang_after=N``: after N requests, never answer again (a hung GPU, a stuck collective);
+* ``die_on=WORD``: a request whose prompt holds WORD kills the engine: that call and every later one raise
+  :class:`~veclip.rewrite.engine.EngineGone` (a poison row, an image vLLM's processor crashes on).
 
 Its captions are fixed text; the pool needs no vLLM.
 """
@@ -17,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from veclip.rewrite.engine import Completion
+from veclip.rewrite.engine import Completion, EngineGone
 
 PREFIX = "stand-in:"
 CAPTION = "a red star on a striped wall"
@@ -32,17 +34,21 @@ class StandInSpec:
     latency: float = 0.0
     start: float = 0.0
     hang_after: int = -1  # -1: never
+    die_on: str = ""  # "": never
 
     @classmethod
     def parse(cls, model: str) -> StandInSpec:
         options = [o for o in model[len(PREFIX) :].split(",") if o]
         try:
             pairs = dict(o.split("=", 1) for o in options)
-            return cls(
-                **{k: (int if k == "hang_after" else float)(v) for k, v in pairs.items() if k in cls.__annotations__}
-            )
+            return cls(**{k: _TYPES.get(k, float)(v) for k, v in pairs.items() if k in cls.__annotations__})
         except (ValueError, TypeError) as err:
-            raise ValueError(f"stand-in engine {model!r}: expected {PREFIX}latency=S,start=S,hang_after=N") from err
+            raise ValueError(
+                f"stand-in engine {model!r}: expected {PREFIX}latency=S,start=S,hang_after=N,die_on=WORD"
+            ) from err
+
+
+_TYPES = {"hang_after": int, "die_on": str}
 
 
 class StandInEngine:
@@ -54,11 +60,16 @@ class StandInEngine:
         self.completed = 0  # requests finished: the stall watch's sign of progress
         self.busy_seconds = 0.0
         self._lock = threading.Lock()
+        self._dead: EngineGone | None = None
         time.sleep(self.spec.start)
 
     def generate(self, requests: list, sampling) -> list[Completion]:
-        for _ in requests:
+        for request in requests:
             with self._lock:
+                if self.spec.die_on and self.spec.die_on in (request.prompt or str(request.messages)):
+                    self._dead = self._dead or EngineGone(f"the stand-in engine died on a request ({self.spec.die_on})")
+                if self._dead is not None:
+                    raise self._dead
                 if 0 <= self.spec.hang_after <= self.completed:
                     threading.Event().wait()  # hung for good: only the stall watch ends this
                 time.sleep(self.spec.latency)

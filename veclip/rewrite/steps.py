@@ -26,6 +26,7 @@ from veclip.rewrite import cleaning
 from veclip.rewrite.config import CleaningConfig, RewriteConfig, StageConfig
 from veclip.rewrite.engine import Completion, Engine, Request
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt, request_seed
+from veclip.shards.isolation import KILLED_THE_ENGINE
 from veclip.shards.marker import PoolStats
 
 STAGE = "rewrite"
@@ -132,6 +133,8 @@ def caption(
         row = {"key": key, "vlm_caption": None, "flags": []}
         if isinstance(image, ImageError):
             row.update(image_error=image.reason, image_error_detail=image.detail)
+        elif completions[i].error == KILLED_THE_ENGINE:  # the image, not its caption: the row is quarantined
+            row.update(image_error=KILLED_THE_ENGINE, image_error_detail="the captioner's engine died on it, alone")
         else:
             text, reason = clean(completions[i], config.cleaning)
             row.update(vlm_caption=text, flags=[f"vlm_caption:{reason}"] if reason else [])

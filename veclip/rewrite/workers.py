@@ -30,7 +30,7 @@ from veclip import schema
 from veclip.config import secret_values
 from veclip.rewrite import steps
 from veclip.rewrite.config import EngineConfig, RewriteConfig
-from veclip.rewrite.engine import Engine, VLLMEngine
+from veclip.rewrite.engine import Engine, VLLMEngine, isolated
 from veclip.rewrite.prompts import CaptionerPrompt, FusionPrompt, LaClipPrompt
 from veclip.rewrite.standin import StandInEngine, is_stand_in
 from veclip.rewrite.steps import CAPTION_WORK_SCHEMA, Meter
@@ -130,8 +130,9 @@ class ShardCaptioner(_RewriteWorker):
         rows_in = read_input_columns(path, self.config, self.options, ["key"]).num_rows
         rows, batch_rows = [], self.config.captioner.pool.batch_size  # decoded and submitted a batch at a time
         batches = input_batches(path, self.config, self.options, ["key", "image"], batch_rows, CAPTIONER_BATCH_BYTES)
+        engine = isolated(self.engine, self.guard.isolation())
         for batch in batches:  # at most batch_size rows, and CAPTIONER_BATCH_BYTES of images (12 MB photos too)
-            rows += self._caption(batch, meter)
+            rows += self._caption(engine, batch, meter)
         marker = self.new_marker(name, started_at, busy_from)
         marker.rows_in, marker.seconds, marker.pools = (
             rows_in,
@@ -142,11 +143,11 @@ class ShardCaptioner(_RewriteWorker):
             self.store, marker, self.input_fs, path, size, pa.Table.from_pylist(rows, schema=CAPTION_WORK_SCHEMA)
         )
 
-    def _caption(self, batch: pa.Table, meter: Meter) -> list[dict]:
+    def _caption(self, engine: Engine, batch: pa.Table, meter: Meter) -> list[dict]:
         """One batch's caption rows; its decoded images (~0.5 GB at 1,024 rows) are gone when this returns,
         before the next batch's are made."""
         decoded = list(self.decoder.map(self.decode, batch.column("image").to_pylist()))
-        return steps.caption(self.config, self.engine, self.prompt, batch.column("key").to_pylist(), decoded, meter)
+        return steps.caption(self.config, engine, self.prompt, batch.column("key").to_pylist(), decoded, meter)
 
 
 class ShardRewriter(_RewriteWorker):
@@ -188,12 +189,12 @@ class ShardRewriter(_RewriteWorker):
         kept, _ = steps.split(text, errors)
         keys, alts = kept.column("key").to_pylist(), kept.column("alt_text").to_pylist()
         flags = steps.alt_text_flags(alts, self.config)
-        generated = {}
+        generated, engine = {}, isolated(self.engine, self.guard.isolation())
         if self.fusion:
             captions = [visual.get(k, (None, [])) for k in keys]
             flags = [caption_flags + row_flags for (_, caption_flags), row_flags in zip(captions, flags)]
             texts = [c[0] for c in captions]
-            vecaps = steps.fuse(self.config, self.engine, self.fusion, keys, alts, texts, flags, fuse_meter)
+            vecaps = steps.fuse(self.config, engine, self.fusion, keys, alts, texts, flags, fuse_meter)
             generated[schema.VLM_CAPTION] = (
                 texts,
                 steps.provenance(self.config.captioner.engine.model, self.captioner_version, captioner_engine),
@@ -203,7 +204,7 @@ class ShardRewriter(_RewriteWorker):
                 steps.provenance(self.config.fuser.engine.model, self.fusion.version, self.engine.name),
             )
         if self.laclip:
-            rewrites = steps.rewrite(self.config, self.engine, self.laclip, keys, alts, flags, laclip_meter)
+            rewrites = steps.rewrite(self.config, engine, self.laclip, keys, alts, flags, laclip_meter)
             generated[schema.REWRITES] = (
                 rewrites,
                 steps.provenance(self.config.laclip.engine.model, self.laclip.version, self.engine.name),

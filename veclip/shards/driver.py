@@ -29,6 +29,7 @@ from veclip.clock import clock
 from veclip.console import alive_nodes, eta, start_ray
 from veclip.shards.card import models_in, write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
+from veclip.shards.isolation import KILLED_THE_ENGINE
 from veclip.shards.layout import CARD_FILE, layout_of, output_shard_name
 from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker, utc_now
@@ -568,6 +569,14 @@ def render_faults(summary: dict) -> list[str]:
             f"(e.g. {name}: {first['tries']} tries; {(first['errors'] or ['its process died'])[-1][:160]})"
         )
     counts = summary["shards"]
+    deaths = {n: r for n, r in summary.get("retried", {}).items() if r.get("engine_deaths")}
+    if deaths:
+        poison = sum(len(r.get("poison", [])) for r in deaths.values())
+        lines.append(
+            f"  {len(deaths)} shard(s) lost tries with their engine ({sum(r['engine_deaths'] for r in deaths.values())}"
+            f" in all, charged to none); {poison} request(s) found to kill it alone, their rows marked "
+            f"{KILLED_THE_ENGINE}"
+        )
     if counts.get("actors_lost"):
         lines.append(
             f"  {counts['actors_lost']} actor(s) died mid-shard and were restarted by Ray"

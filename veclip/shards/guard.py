@@ -10,19 +10,22 @@ replaces the actor and retries the shard, the new actor sees how many tries
 this run already spent. A vLLM engine that died makes the actor exit on
 purpose, so Ray replaces it with a fresh engine. After ``max_attempts`` tries
 the shard is recorded under ``.veclip/failed/`` with its error and the run goes on;
-a rerun (a new run id) retries exactly the shards not done.
+a rerun (a new run id) retries exactly the shards not done. An engine's death is
+charged to no shard: :mod:`veclip.shards.isolation` finds the rows that cause it.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from veclip.clock import clock
 from veclip.config import scrub
+from veclip.shards.isolation import ISOLATE_AFTER, MAX_ENGINE_DEATHS, Exclusive, Isolation, narrowed
 from veclip.shards.layout import RECORD_SUFFIX
 from veclip.shards.lease import LeaseLost, OutputLease
 from veclip.shards.marker import Failure
@@ -105,6 +108,15 @@ class ShardGuard:
         self.store = ShardStore(output)
         self.lease = OutputLease(output, run.run_id, generation=run.lease_generation)
         self.where, self.node_alive = running_on, node_alive  # Ray's view (a simulation gives its own)
+        self.exclusive = Exclusive()  # the shards this actor works on at once share its engine; an isolated one not
+        self._in_flight: dict[str, dict] = {}  # shard -> its try record, while its work runs here
+        self._waiting: dict[str, dict] = {}  # ... and while it waits for an isolated shard to finish
+        self._books = threading.Lock()  # a try's begin, and an engine death's records of every try here
+        self._local = threading.local()
+
+    def isolation(self) -> Isolation | None:
+        """How the shard this thread works on sends its requests, when it runs isolated (else None)."""
+        return getattr(self._local, "isolation", None)
 
     def _attempts_path(self, name: str) -> str:
         return self.output.join(self.store.layout.attempts, self.stage, name + RECORD_SUFFIX)
@@ -122,6 +134,7 @@ class ShardGuard:
         died = previous["on"] if previous.get("on") and not previous.get("ended") else None
         preempted = previous.get("preempted", 0) + (died is not None and not self.node_alive(died["node"]))
         lost = previous.get("lost", []) + ([died] if died else [])
+        previous.pop("probe", None)  # an earlier isolated try's range: this try notes its own
         record = {**previous, "tries": previous["tries"] + 1, "on": self.where(), "ended": False, "lost": lost}
         self._durably(f"count {name}'s try", write_json, fs, path, record | {"preempted": preempted})
         return record | {"preempted": preempted}
@@ -140,11 +153,15 @@ class ShardGuard:
                 clock().sleep(self.backoff_seconds * 2**attempt * random.uniform(0.5, 1.5))
 
     def _charged(self, record: dict) -> int:
-        """The tries that count against ``max_attempts``: those not lost with their node."""
-        return record["tries"] - record.get("preempted", 0)
+        """The tries that count against ``max_attempts``: those not lost with their node or their engine."""
+        return record["tries"] - record.get("preempted", 0) - record.get("engine_deaths", 0)
 
     def _exhausted(self, record: dict) -> bool:
-        return self._charged(record) > self.max_attempts or record.get("preempted", 0) > MAX_TRIES_LOST_WITH_NODES
+        return (
+            self._charged(record) > self.max_attempts
+            or record.get("preempted", 0) > MAX_TRIES_LOST_WITH_NODES
+            or record.get("engine_deaths", 0) >= MAX_ENGINE_DEATHS
+        )
 
     def _fail(self, name: str, input_path: str, record: dict) -> str:
         errors = record["errors"] or ["the process died during the try (killed, out of memory, or a crash)"]
@@ -165,11 +182,14 @@ class ShardGuard:
     def run_shard(self, name: str, input_path: str, work: Callable[[], None]) -> str:
         """``work()`` writes the shard; returns :data:`DONE` or :data:`FAILED` (recorded)."""
         while True:
-            record = self._begin(name)
+            with self._books:  # an engine's death, recorded meanwhile, sees this try begun and waiting
+                record = self._begin(name)
+                self._waiting[name] = record
             if self._exhausted(record):  # earlier tries of this run died with their process
+                self._waiting.pop(name)
                 return self._fail(name, input_path, record)
             try:
-                work()
+                self._try(name, record, work)
                 path = self._attempts_path(name)
                 if record["tries"] > 1:  # kept, marked done: the summary counts the shards retried
                     done = {**record, "done": True, "ended": True}  # ended: a later try of it in this run sees no death
@@ -184,15 +204,61 @@ class ShardGuard:
                 return self._fail(name, input_path, record)
             except Exception as err:
                 message = scrub(f"{type(err).__name__}: {err}", self.secrets)[:2000]
+                if engine_died(err):
+                    self._die_with_engine(name, record, message)
                 record["errors"] = [*record["errors"], message][-self.max_attempts :]
                 record["ended"] = True  # an error, caught: not a try lost with its process
                 path = self._attempts_path(name)
                 self._durably(f"note {name}'s error", write_json, self.output.fs, path, record)
-                if engine_died(err):
-                    # This actor's engine is gone for good: exit so Ray starts a fresh actor
-                    # and retries the shard there (the durable count bounds how often).
-                    traceback.print_exc()
-                    os._exit(1)
                 if self._charged(record) >= self.max_attempts:
                     return self._fail(name, input_path, record)
                 clock().sleep(self.backoff_seconds * 2 ** (record["tries"] - 1) * random.uniform(0.5, 1.5))
+
+    def _try(self, name: str, record: dict, work: Callable[[], None]) -> None:
+        """One try of ``work()``: beside the actor's other shards, or alone once its engine died with it in
+        flight :data:`ISOLATE_AFTER` times (:mod:`veclip.shards.isolation`)."""
+        isolated = record.get("engine_deaths", 0) >= ISOLATE_AFTER
+        with self.exclusive.hold(alone=isolated):
+            self._in_flight[name] = self._waiting.pop(name)
+            self._local.isolation = Isolation.from_record(record, self._noting(name, record)) if isolated else None
+            try:
+                work()
+            except BaseException as err:
+                if not engine_died(err):  # (a shard its engine died under stays, for the death's records)
+                    self._in_flight.pop(name, None)
+                raise
+            else:
+                self._in_flight.pop(name, None)
+            finally:
+                self._local.isolation = None
+
+    def _noting(self, name: str, record: dict) -> Callable[[int, int], None]:
+        """An isolated try's note of the request range about to run, in its try record, durably."""
+
+        def note(lo: int, hi: int) -> None:
+            record["probe"] = [lo, hi]
+            self._durably(
+                f"note {name}'s requests {lo}..{hi}", write_json, self.output.fs, self._attempts_path(name), record
+            )
+
+        return note
+
+    def _die_with_engine(self, name: str, record: dict, message: str) -> None:
+        """This actor's engine is gone for good: credit every shard in flight here one engine death (not a try
+        against max_attempts: which one's request killed it cannot be told while they share it; an isolated
+        try's noted range can), then exit, so Ray starts a fresh actor and retries them there."""
+        self._books.acquire()  # never given back: the process exits (another thread that saw the death waits here)
+        self._in_flight.setdefault(name, record)
+        for shard, in_flight in list(self._in_flight.items()):
+            why = message if shard == name else f"the engine died while this shard shared it ({message[:300]})"
+            died = narrowed(in_flight)
+            died |= {"engine_deaths": died.get("engine_deaths", 0) + 1, "ended": True}
+            died["errors"] = [*died["errors"], why][-self.max_attempts :]
+            self._durably(f"note {shard}'s engine death", write_json, self.output.fs, self._attempts_path(shard), died)
+        for shard, waiting in list(self._waiting.items()):  # never began: its try is given back
+            given_back = {**waiting, "tries": waiting["tries"] - 1, "ended": True}
+            self._durably(
+                f"give back {shard}'s try", write_json, self.output.fs, self._attempts_path(shard), given_back
+            )
+        traceback.print_exc()
+        os._exit(1)

@@ -200,6 +200,8 @@ class ShardStore:
                 "tries": r["tries"],
                 "errors": r["errors"],
                 "lost": r.get("lost", []),  # where each try that died with its process ran (node, actor)
+                "engine_deaths": r.get("engine_deaths", 0),  # tries lost with their engine, charged to none
+                "poison": r.get("poison", []),  # the requests found to kill the engine (isolation)
             }
             for p, r in records.items()
             if r.get("done") and r.get("run_id") == run_id
