@@ -62,3 +62,49 @@ def test_a_plan_measures_sampled_rows_and_projects_them_onto_the_input(tmp_path,
     [pool] = calibrated["pools"]
     assert pool["source"].startswith("[calibrated]") and list(pool["rates"]) == ["GPU"]
     assert "$2.5/GPU-h" in render_plan(calibrated)
+
+
+def test_sampling_reads_the_first_pages_of_a_shard_not_its_whole_row_group(tmp_path, monkeypatch):
+    """A 10,000-row shard is one ~1 GB row group as most writers make it: the plan's 64 sampled rows once
+    fetched all of it. Here a 100 MB one-group shard as veclip writes it (pages of PAGE_ROWS rows)."""
+    import os
+
+    import pyarrow as pa
+    from fsspec.implementations.local import LocalFileSystem
+
+    from veclip.plan import sample_rows
+    from veclip.rewrite.config import preset
+    from veclip.storage import StorageOptions, write_parquet
+
+    (tmp_path / "in").mkdir()
+    rows = 1000
+    table = pa.table({"key": [f"{i:05d}" for i in range(rows)], "image": [os.urandom(100_000)] * rows})
+    write_parquet(LocalFileSystem(), str(tmp_path / "in" / "part-00000.parquet"), table, target_bytes=1 << 30)
+    read = []
+    opened = LocalFileSystem._open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(
+        LocalFileSystem, "_open", lambda fs, path, mode="rb", **kw: Counting(opened(fs, path, mode, **kw))
+    )
+    config = dataclasses.replace(preset("tiny"), input=str(tmp_path / "in"))
+    taken, shards = sample_rows(config, StorageOptions(), 64, tmp_path / "sample")
+    assert (taken, shards) == (64, 1)
+    assert sum(read) < 20e6, f"{sum(read) / 1e6:.0f} MB read of a {table.nbytes / 1e6:.0f} MB shard for 64 rows"

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from veclip.rewrite.config import RewriteConfig
 from veclip.shards.layout import layout_of
-from veclip.storage import Location, StorageOptions, list_shards
+from veclip.storage import Location, StorageOptions, list_shards, streaming_parquet
 
 if TYPE_CHECKING:
     from veclip.shards.simulate import SimConfig
@@ -62,7 +62,7 @@ def sample_rows(config: RewriteConfig, options: StorageOptions, rows: int, folde
     tables = []
     for path in take:
         with source.fs.open(path, "rb") as f:
-            batch = next(pq.ParquetFile(f).iter_batches(batch_size=each), None)
+            batch = next(streaming_parquet(f).iter_batches(batch_size=each), None)  # the first pages, not a group
         if batch is not None:
             tables.append(pa.Table.from_batches([batch]))
     table = pa.concat_tables(tables, promote_options="permissive").slice(0, rows)
