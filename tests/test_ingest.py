@@ -264,6 +264,24 @@ def test_csv_paths_through_links_or_to_non_files_are_refused(csv_set, tmp_path):
     assert any("is not a regular file" in d for d in details.values()), details
 
 
+def test_csv_paths_are_read_literally_and_wildcards_refused(csv_set, tmp_path):
+    """fsspec expands `*`, `?` and `[` in a list of paths: `photo[1].jpg` was read as photo1.jpg (or missing) and
+    `**` read the whole folder. Brackets are read as written; a wildcard row is quarantined with its reason."""
+    images = csv_set.parent / "images"
+    (images / "photo[1].jpg").write_bytes(_jpeg(11))
+    (images / "photo1.jpg").write_bytes(_jpeg(12))
+    with open(csv_set, "a", newline="") as f:
+        csv.writer(f).writerows([["images/photo[1].jpg", "brackets"], ["images/**", "all"], ["images/p?.jpg", "one"]])
+    columns = schema.ColumnMap.parse("image=filepath,alt_text=title")
+    out = Location(str(tmp_path / "out"))
+    summary = run_import(ImportConfig(str(csv_set), out.url, columns=columns), log=quiet)
+    assert summary.rows == 8 and summary.quarantined["path_wildcard"] == 2, summary.quarantined
+    rows = {r["alt_text"]: r for r in pq.read_table(out.url).to_pylist()}
+    assert rows["brackets"]["image"] == _jpeg(11)
+    details = [r["detail"] for r in pq.read_table(out.join(CURRENT.quarantine)).to_pylist()]
+    assert any("holds *" in d for d in details) and any("holds ?" in d for d in details), details
+
+
 def test_import_pre_resizes_large_images(tmp_path):
     # --resize: a short side above it is scaled down (JPEG re-encoded, width/height updated);
     # smaller images keep their bytes

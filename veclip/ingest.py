@@ -59,6 +59,7 @@ FORMATS = ("auto", "webdataset", "csv")
 STAGE = "import"
 MEMBER_TOO_LARGE = "member_too_large"  # a tar member over image_limits.max_bytes, left unread
 PATH_OUTSIDE_SOURCE = "path_outside_source"  # a CSV image path outside the CSV's folder
+PATH_WILDCARD = "path_wildcard"  # a CSV image path with * or ?: one row names one file
 FIELD_TOO_LARGE = "field_too_large"  # a CSV field over CSV_FIELD_LIMIT: no caption or path is that long
 INVALID_UTF8 = "invalid_utf8"  # a CSV row that is not UTF-8
 CSV_FIELD_LIMIT = 128 * 1024  # the csv module's default: larger fields are read, then the row quarantined
@@ -289,14 +290,31 @@ def _read_tar(source: Location, path: str, config: ImportConfig) -> _ShardBuilde
 # -- CSV of image paths -----------------------------------------------------------------------
 
 
-class OutsideSource(PermissionError):
+class RefusedPath(PermissionError):
+    """A CSV image path that is not read: its row is quarantined with :attr:`reason`."""
+
+    reason = ""
+
+
+class OutsideSource(RefusedPath):
     """A CSV image path that leaves the CSV's folder without ``allow_outside_paths``."""
+
+    reason = PATH_OUTSIDE_SOURCE
+
+
+class WildcardPath(RefusedPath):
+    """A CSV image path with ``*`` or ``?``: a pattern (``**`` would be a whole folder), never expanded."""
+
+    reason = PATH_WILDCARD
 
 
 def _resolve(path: str, base: Location, options: StorageOptions, allow_outside: bool):
     """``(filesystem, path)`` of one CSV image path. A CSV is data from elsewhere: its
     paths stay inside the CSV's folder (no absolute paths, URLs or ``..``) unless the
-    user allows otherwise."""
+    user allows otherwise. Paths are read literally (``photo[1].jpg`` is that file); one with a wildcard
+    is refused, not taken for the file it would match."""
+    if wildcards := sorted({c for c in path if c in "*?"}):
+        raise WildcardPath(f"{path!r} holds {' and '.join(wildcards)}: each row names one file, read as written")
     if "://" in path or posixpath.isabs(path):
         if not allow_outside:
             raise OutsideSource(f"{path!r} is absolute or a URL; pass --allow-outside-paths to read it")
@@ -326,7 +344,7 @@ def _fetch(
     for i, path in enumerate(paths):
         try:
             fs, resolved = _resolve(path, base, options, allow_outside)
-        except (OutsideSource, ValueError) as err:  # outside the folder, or a URL scheme we cannot read
+        except (RefusedPath, ValueError) as err:  # outside the folder, a wildcard, a URL scheme we cannot read
             results[i] = err
             continue
         groups.setdefault(id(fs), (fs, []))[1].append((i, resolved))
@@ -369,8 +387,8 @@ def import_csv(config: ImportConfig, options: StorageOptions, log=print) -> Impo
             key, text, path = row["__key"], row.get(cols.alt_text), row.get(cols.image) or ""
             if row.get("__bad"):
                 builder.add(key, None, None, None, *row["__bad"])
-            elif isinstance(content, OutsideSource):
-                builder.add(key, None, text, path, PATH_OUTSIDE_SOURCE, str(content))
+            elif isinstance(content, RefusedPath):
+                builder.add(key, None, text, path, content.reason, str(content))
             elif isinstance(content, Exception) or not path:
                 builder.add(key, None, text, path or None, "missing_file", f"{path!r}: {content}")
             else:
