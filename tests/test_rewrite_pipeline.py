@@ -140,7 +140,10 @@ def test_summary_reports_pools(vecap_run):
         assert pool["requests"] > 0 and pool["generated_tokens"] > 0 and pool["generated_tokens_per_s"] > 0
         # the engine's share of its actors' time between their first shard's start and last shard's end
         assert 0 < pool["engine_busy_share"] <= 1 and 0 < pool["engine_busy_seconds"] <= pool["actor_seconds"]
-    assert "engine busy" in render_summary(summary)
+        # and its time without a step: preparing inputs (vLLM's processor as requests are added), nothing queued
+        parts = ("engine_busy_share", "engine_preparing_share", "engine_idle_share")
+        assert pool["engine_preparing_seconds"] > 0 and sum(pool[k] for k in parts) <= 1.01, pool
+    assert "engine busy" in render_summary(summary) and "preparing inputs" in render_summary(summary)
     # an actor works on two shards at once (shards_in_flight): the next is read and queued while one generates
     spans = sorted(
         (m.started_at, m.finished_at) for m in ShardStore(out.child(CURRENT.work_dir("captions"))).markers().values()

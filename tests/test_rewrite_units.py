@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -193,9 +194,6 @@ def test_a_request_vllm_refuses_flags_its_row_and_the_rest_run(monkeypatch):
 
 def _engine_with(llm_engine, monkeypatch, stall_seconds=900.0):
     """A VLLMEngine around a stand-in ``llm_engine`` (its feeder running), no vLLM needed."""
-    import queue
-    import threading
-
     from veclip.rewrite import engine as engine_module
     from veclip.rewrite.engine import VLLMEngine
 
@@ -206,15 +204,14 @@ def _engine_with(llm_engine, monkeypatch, stall_seconds=900.0):
             return type("T", (), {"encode": staticmethod(lambda text, **_: text.split())})()
 
         def enqueue(self, prompts, params, use_tqdm=False):
+            time.sleep(getattr(llm_engine, "prepare_seconds", 0.0))  # vLLM's input processing, on the feeder
             llm_engine.pending += len(prompts)
             return [f"{i}-x" for i in range(len(prompts))]
 
     LLM.llm_engine = llm_engine
     engine = object.__new__(VLLMEngine)
-    engine.llm, engine.seeded, engine.max_model_len, engine.busy_seconds = LLM(), False, 1000, 0.0
-    engine._dead, engine._stepping_since, engine.stall_seconds = None, None, stall_seconds
-    engine._submissions = queue.Queue()
-    threading.Thread(target=engine._feed, daemon=True).start()
+    engine.llm, engine.seeded, engine.max_model_len = LLM(), False, 1000
+    engine._start_feeding(stall_seconds)
     return engine
 
 
@@ -247,6 +244,40 @@ def test_any_feeder_death_or_a_hung_step_is_fatal_to_the_actor(monkeypatch):
         assert engine_died(caught.value)
         with pytest.raises(EngineGone):  # every later caller hears it too, at once
             engine.generate([Request(prompt="a dog")], SamplingConfig(max_tokens=4))
+
+
+def test_engine_time_is_split_into_steps_preparing_inputs_and_nothing_queued(monkeypatch):
+    """The busy figure once started its clock before the feeder added a submission's requests (vLLM's
+    multimodal processor runs there): preparing inputs was counted as busy. Steps, preparing and idle apart."""
+    from veclip.rewrite.config import SamplingConfig
+    from veclip.rewrite.engine import IDLE, PREPARING, Request
+
+    class Timed:  # each submission: 0.2 s to add, then 0.3 s of steps, one request finished by each
+        pending, prepare_seconds = 0, 0.2
+
+        def has_unfinished_requests(self):
+            return self.pending > 0
+
+        def step(self):
+            time.sleep(0.1)
+            self.pending -= 1
+            output = type("Output", (), {"text": "a cat", "token_ids": [1]})()
+            return [
+                type(
+                    "Finished",
+                    (),
+                    {"request_id": str(self.pending), "finished": True, "outputs": [output], "prompt_token_ids": [1]},
+                )()
+            ]
+
+    engine = _engine_with(Timed(), monkeypatch)
+    for _ in range(3):
+        time.sleep(0.25)  # the caller reading and decoding its next batch: nothing queued
+        engine.generate([Request(prompt="a cat")] * 3, SamplingConfig(max_tokens=4))
+    time.sleep(0.05)
+    # 0.9 s of steps (1.5 s, preparing counted in, before); sleeps only ever run long, so the floors are firm
+    assert 0.9 <= engine.busy_seconds < 1.4, engine.busy_seconds
+    assert engine.waits[PREPARING] >= 0.6 and engine.waits[IDLE] >= 0.75, engine.waits
 
 
 def test_the_reaper_kills_the_engine_processes_of_a_killed_actor():
@@ -346,3 +377,31 @@ def test_an_actor_on_a_gpu_kills_the_engines_orphaned_on_its_devices(monkeypatch
         assert reap_orphaned_engines() == []  # no GPU assigned: nothing to free, nothing touched
     finally:
         kill_all([ours, other, not_engine])
+
+
+def test_a_pools_summary_splits_its_engines_time_from_the_markers():
+    """Per actor, the running counts at its first shard's start and its last one's end: steps, preparing inputs
+    and nothing queued, each a share of the actor's wall time; shown in the summary's pool line."""
+    from veclip.rewrite.pipeline import pool_stats
+    from veclip.shards.marker import Marker
+
+    def marker(name, start, end, counts_from, counts_to):
+        return Marker(
+            name, 10, actor="a1", started_at=start, finished_at=end, engine_busy_from=counts_from[0],
+            engine_busy_to=counts_to[0], engine_waits_from={"preparing": counts_from[1], "idle": counts_from[2]},
+            engine_waits_to={"preparing": counts_to[1], "idle": counts_to[2]},
+        )  # fmt: skip
+
+    markers = {
+        "s0": marker("s0", 100.0, 105.0, (0, 0, 0), (3, 1, 1)),
+        "s1": marker("s1", 104.0, 110.0, (2, 1, 0.5), (6, 2, 2)),
+    }
+    pool = pool_stats("laclip", markers, ["s0", "s1"], started_at=90.0)
+    assert pool["actor_seconds"] == 10.0 and pool["engine_busy_seconds"] == 6
+    assert (pool["engine_preparing_seconds"], pool["engine_idle_seconds"]) == (2, 2)
+    assert (pool["engine_busy_share"], pool["engine_preparing_share"], pool["engine_idle_share"]) == (0.6, 0.2, 0.2)
+    # `veclip status` says the same of the run's markers
+    from veclip.shards.marker import engine_time
+    from veclip.status import _time_split
+
+    assert _time_split(engine_time(list(markers.values()))) == "busy 60%, preparing inputs 20%, nothing queued 20%"

@@ -16,7 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from veclip.console import eta
+from veclip.rewrite.engine import IDLE, PREPARING
 from veclip.shards.layout import is_output_folder
+from veclip.shards.marker import EngineTime, engine_time
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, read_json
 from veclip.train.resumes import render_resume
@@ -37,6 +39,17 @@ class Status:
     def render(self) -> str:
         head = f"{self.kind} {self.url}: {'DONE' if self.done else 'NOT DONE'}"
         return "\n".join([head, *("  " + line for line in self.lines)])
+
+
+def _time_split(spent: EngineTime) -> str:
+    parts = {
+        "busy": spent.busy,
+        "preparing inputs": spent.waits.get(PREPARING),
+        "nothing queued": spent.waits.get(IDLE),
+    }
+    return ", ".join(
+        f"{what} {seconds / spent.actor_seconds:.0%}" for what, seconds in parts.items() if seconds is not None
+    )
 
 
 def output_status(location: Location) -> Status:
@@ -69,6 +82,8 @@ def output_status(location: Location) -> Status:
         f"run: {'running (lease held by ' + lease['run_id'] + ')' if live else 'not running'}; fingerprint "
         + ", ".join(sorted({m.fingerprint or "?" for m in markers.values()} or {plan.get("fingerprint", "?")})),
     ]
+    if (spent := engine_time(this_run)).busy is not None and spent.actor_seconds > 0:
+        lines.append(f"engines this run: {_time_split(spent)} of their actors' time (the writing pool)")
     if flags:
         lines.append("flags: " + ", ".join(f"{reason} {n}" for reason, n in flags.most_common()))
     for name, record in sorted(failed.items())[:5]:

@@ -44,6 +44,10 @@ class Completion:
 
 PROMPT_TOO_LONG = "prompt_too_long"
 REQUEST_REFUSED = "request_refused"  # vLLM refused the request itself (e.g. an image its processor cannot take)
+# The seconds an engine had no step to run: its feeder preparing inputs (vLLM's multimodal processor runs as
+# requests are added), or nothing queued (the shards' threads still reading and decoding)
+PREPARING, IDLE = "preparing", "idle"
+WAITS = (PREPARING, IDLE)
 # An engine step that has not returned in this long is hung (a stuck GPU, NCCL): it must exceed the longest step
 # (a prefill of a full batch: seconds on an H100, a minute or two for a 7B model on CPU)
 STEP_STALL_SECONDS = 900.0
@@ -153,11 +157,15 @@ class VLLMEngine:
         self.seeded = config.seeded_requests
         self.max_model_len = config.max_model_len
         self.name = f"vllm-{vllm.__version__}"
-        self.busy_seconds = 0.0  # wall seconds the engine had requests in it (the busy share's numerator)
+        self._start_feeding()
+
+    def _start_feeding(self, stall_seconds: float = STEP_STALL_SECONDS) -> None:
+        self.busy_seconds = 0.0  # wall seconds the engine ran steps (the busy share's numerator)
+        self.waits = dict.fromkeys(WAITS, 0.0)  # and the seconds it had no step to run, by why
         self.completed = 0  # requests finished: the stall watch's sign of progress inside a shard
         self._dead: BaseException | None = None
         self._stepping_since: float | None = None  # when the running engine.step() began (None: not in one)
-        self.stall_seconds = STEP_STALL_SECONDS
+        self.stall_seconds = stall_seconds
         self._submissions: queue.Queue[_Submission] = queue.Queue()
         threading.Thread(target=self._feed, name="veclip-engine-feeder", daemon=True).start()
 
@@ -192,7 +200,7 @@ class VLLMEngine:
         request is unfinished. Callers on other threads (the shards an actor works on at once)
         only wait for their submission, so the next shard's requests join the running batch
         instead of waiting for the last one's tail to drain. ``busy_seconds`` is the engine's
-        wall time with work in it."""
+        wall time in steps; ``waits`` its time without one, preparing inputs or with nothing queued."""
         waiting: dict[str, tuple[_Submission, int]] = {}  # request id -> (submission, its index there)
         try:
             self._feed_forever(waiting)
@@ -205,10 +213,13 @@ class VLLMEngine:
                 submission.fail(self._dead)
 
     def _feed_forever(self, waiting: dict) -> None:
-        engine = self.llm.llm_engine
+        engine, now = self.llm.llm_engine, time.perf_counter
         while True:
-            arrived = _drain(self._submissions, block=not engine.has_unfinished_requests())
-            started = time.perf_counter()
+            idle, asked = not engine.has_unfinished_requests(), now()
+            arrived = _drain(self._submissions, block=idle)
+            preparing = now()
+            if idle:  # nothing to run until a caller submits
+                self.waits[IDLE] += preparing - asked
             for submission in arrived:
                 try:
                     ids = self._enqueue(submission)
@@ -216,9 +227,11 @@ class VLLMEngine:
                     submission.fail(err)
                     continue
                 waiting.update({_external_id(rid): (submission, i) for i, rid in zip(submission.runnable, ids)})
+            stepping = now()
+            self.waits[PREPARING] += stepping - preparing  # vLLM's input processing runs as requests are added
             if not engine.has_unfinished_requests():
                 continue
-            self._stepping_since = time.perf_counter()
+            self._stepping_since = stepping
             outputs = engine.step()
             self._stepping_since = None
             for output in outputs:
@@ -226,7 +239,7 @@ class VLLMEngine:
                 if entry is not None:  # (None: a request of a submission that failed while being queued)
                     entry[0].done(entry[1], _completion(output))
                     self.completed += 1
-            self.busy_seconds += time.perf_counter() - started
+            self.busy_seconds += now() - stepping
 
     def _enqueue(self, submission: "_Submission") -> list[str]:
         """Queue a submission's requests in the engine; those whose text prompt leaves no room to

@@ -21,6 +21,7 @@ from veclip import schema
 from veclip.config import SECRET_NAME, redact
 from veclip.console import start_ray
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
+from veclip.rewrite.engine import IDLE, PREPARING
 from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
 from veclip.shards.driver import (
@@ -35,7 +36,7 @@ from veclip.shards.driver import (
 )
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import layout_of
-from veclip.shards.marker import Marker, PoolStats
+from veclip.shards.marker import Marker, PoolStats, engine_time
 from veclip.shards.plan import InputShard, Plan, ShardChanged, by_name, plan_shards
 from veclip.storage import PARQUET, Location, StorageOptions, list_file_entries, no_shards
 
@@ -211,37 +212,27 @@ class Rewrite(ShardedStage):
 def pool_stats(role: str, markers: dict[str, Marker], written: list[str], started_at: float) -> dict:
     """Token and request counts over every done shard; rates over this run's (its engines' busy time);
     how many actors did this run's shards, when each started its first one (s after the run began),
-    and the engine's busy share: the seconds each actor's engine had requests in it over the actor's
-    wall seconds from its first shard's start to its last one's end (without that count, a stub
-    engine's: the shards' seconds waiting for it)."""
+    and how the engines spent their actors' wall seconds (first shard's start to last one's end): in steps
+    (the busy share; without that count, a stub engine's: the shards' seconds waiting for it), preparing
+    inputs, and with nothing queued."""
     total, this_run = PoolStats(), PoolStats()
     for name, marker in markers.items():
         counts = marker.pools.get(role, PoolStats())
         total = total.add(counts)
         this_run = this_run.add(counts) if name in written else this_run
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    busy_from: dict[str, float] = {}
-    busy_to: dict[str, float] = {}
-    for marker in (markers[n] for n in written if n in markers):
-        if marker.actor is None or marker.started_at is None:
-            continue
-        actor = marker.actor
-        first[actor] = min(first.get(actor, marker.started_at), marker.started_at)
-        last[actor] = max(last.get(actor, 0.0), marker.finished_at or marker.started_at)
-        if marker.engine_busy_to is not None:
-            busy_from[actor] = min(busy_from.get(actor, marker.engine_busy_from), marker.engine_busy_from)
-            busy_to[actor] = max(busy_to.get(actor, 0.0), marker.engine_busy_to)
-    wall = sum(last[a] - first[a] for a in first)
-    busy = sum(busy_to[a] - busy_from[a] for a in busy_to) if busy_to else this_run.engine_seconds
+    spent = engine_time([markers[n] for n in written if n in markers])
+    wall, busy = spent.actor_seconds, this_run.engine_seconds if spent.busy is None else spent.busy
     seconds = busy or 1e-9
     return {
         **vars(total),
-        "actors": len(first),
-        "actor_first_shard_s": sorted(t - started_at for t in first.values()),
+        "actors": len(spent.first_starts),
+        "actor_first_shard_s": sorted(t - started_at for t in spent.first_starts),
         "actor_seconds": wall,
         "engine_busy_seconds": busy,
         "engine_busy_share": busy / wall if wall > 0 else None,
+        # the engine's time without a step: preparing inputs, nothing queued (the time the GPU waited)
+        **{f"engine_{why}_seconds": waited for why, waited in spent.waits.items()},
+        **{f"engine_{why}_share": waited / wall for why, waited in spent.waits.items() if wall > 0},
         "prompt_tokens_per_s": this_run.prompt_tokens / seconds,
         "generated_tokens_per_s": this_run.generated_tokens / seconds,
     }
@@ -300,6 +291,11 @@ def render_summary(summary: dict) -> str:
             starts = ", ".join(f"{t:.0f}" for t in pool["actor_first_shard_s"])
             busy = (
                 f"; engine busy {pool['engine_busy_share']:.0%} of their time since"
+                + "".join(
+                    f", {what} {pool[f'engine_{why}_share']:.0%}"
+                    for why, what in ((PREPARING, "preparing inputs"), (IDLE, "nothing queued"))
+                    if f"engine_{why}_share" in pool
+                )
                 if pool.get("engine_busy_share") is not None
                 else ""
             )

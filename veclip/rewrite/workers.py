@@ -85,6 +85,10 @@ def _busy_seconds(engine: Engine) -> float | None:
     return getattr(engine, "busy_seconds", None)  # VLLMEngine counts them; a test's stub may not
 
 
+def _waits(engine: Engine) -> dict[str, float]:
+    return dict(getattr(engine, "waits", {}))  # the engine's seconds without a step, by why (VLLMEngine's)
+
+
 class _RewriteWorker(ShardWorker):
     """What both pools share: the config, the input's filesystem, and the marker's timing."""
 
@@ -95,9 +99,14 @@ class _RewriteWorker(ShardWorker):
         self.config = config
         self.input_fs = Location(config.input, options).fs
 
-    def new_marker(self, name: str, started_at: float, busy_from: float | None) -> Marker:
-        """Which actor did a shard and when, and the actor's engine busy seconds (a running count)
-        then and now, so the run summary can show the pool scaling and each engine's busy share."""
+    def engine_counts(self) -> tuple[float | None, dict[str, float]]:
+        """The actor's engine's running counts: busy seconds, and seconds without a step by why."""
+        return _busy_seconds(self.engine), _waits(self.engine)
+
+    def new_marker(self, name: str, started_at: float, counts_from: tuple[float | None, dict[str, float]]) -> Marker:
+        """Which actor did a shard and when, and its engine's running counts then (``counts_from``) and now,
+        so the run summary can show the pool scaling and how each engine spent its time."""
+        (busy_from, waits_from), (busy_to, waits_to) = counts_from, self.engine_counts()
         return Marker(
             shard=name,
             rows=0,
@@ -105,7 +114,9 @@ class _RewriteWorker(ShardWorker):
             finished_at=time.time(),
             engine=self.engine.name,
             engine_busy_from=busy_from,
-            engine_busy_to=_busy_seconds(self.engine),
+            engine_busy_to=busy_to,
+            engine_waits_from=waits_from,
+            engine_waits_to=waits_to,
         )
 
 
@@ -126,14 +137,14 @@ class ShardCaptioner(_RewriteWorker):
         name = output_shard_name(path)
         if self.current(self.store, name):
             return
-        start, started_at, busy_from, meter = time.perf_counter(), time.time(), _busy_seconds(self.engine), Meter()
+        start, started_at, counts_from, meter = time.perf_counter(), time.time(), self.engine_counts(), Meter()
         rows_in = read_input_columns(path, self.config, self.options, ["key"]).num_rows
         rows, batch_rows = [], self.config.captioner.pool.batch_size  # decoded and submitted a batch at a time
         batches = input_batches(path, self.config, self.options, ["key", "image"], batch_rows, CAPTIONER_BATCH_BYTES)
         engine = isolated(self.engine, self.guard.isolation())
         for batch in batches:  # at most batch_size rows, and CAPTIONER_BATCH_BYTES of images (12 MB photos too)
             rows += self._caption(engine, batch, meter)
-        marker = self.new_marker(name, started_at, busy_from)
+        marker = self.new_marker(name, started_at, counts_from)
         marker.rows_in, marker.seconds, marker.pools = (
             rows_in,
             time.perf_counter() - start,
@@ -175,13 +186,8 @@ class ShardRewriter(_RewriteWorker):
         name = output_shard_name(path)
         if self.current(self.store, name):
             return
-        start, started_at, busy_from, fuse_meter, laclip_meter = (
-            time.perf_counter(),
-            time.time(),
-            _busy_seconds(self.engine),
-            Meter(),
-            Meter(),
-        )
+        start, started_at, counts_from = time.perf_counter(), time.time(), self.engine_counts()
+        fuse_meter, laclip_meter = Meter(), Meter()
         text = read_input_columns(path, self.config, self.options, ["key", "alt_text"])
         rows_in, input_keys = text.num_rows, text.column("key").to_pylist()
         visual, errors, captioner_engine = self._captions(name) if self.config.uses_captioner else ({}, None, None)
@@ -213,7 +219,7 @@ class ShardRewriter(_RewriteWorker):
             out = steps.caption_table(input_keys, kept, generated, flags, errors)
         else:
             out = self._enriched(path, name, keys, generated, flags, errors)
-        marker = self.new_marker(name, started_at, busy_from)
+        marker = self.new_marker(name, started_at, counts_from)
         marker.layout, marker.rows_in, marker.seconds = self.config.layout, rows_in, time.perf_counter() - start
         marker.flags = dict(Counter(f for row in flags for f in row))
         marker.quarantine_reasons = dict(Counter(reason for reason, _ in errors.values()))

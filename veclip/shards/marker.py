@@ -58,6 +58,10 @@ class Marker:
     engine: str | None = None
     engine_busy_from: float | None = None  # the actor's engine busy seconds (a running count) at the start
     engine_busy_to: float | None = None  # ... and at the end
+    engine_waits_from: dict[str, float] = field(
+        default_factory=dict
+    )  # its seconds without a step, by why, at the start
+    engine_waits_to: dict[str, float] = field(default_factory=dict)  # ... and at the end
     flags: dict[str, int] = field(default_factory=dict)  # generated captions refused or gated, by reason
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     pools: dict[str, PoolStats] = field(default_factory=dict)
@@ -119,3 +123,40 @@ class Failure:
     def brief(self) -> dict:
         """What a run summary lists of it."""
         return {"input": self.input, "stage": self.stage, "tries": self.tries, "error": self.error}
+
+
+BUSY = "busy"  # an engine's running count of seconds in steps, beside its waits
+
+
+@dataclass
+class EngineTime:
+    """How a pool's actors spent a run, from the markers they wrote (:func:`engine_time`)."""
+
+    first_starts: list[float]  # each actor's first shard's start
+    actor_seconds: float  # summed over the actors: their first shard's start to their last one's end
+    busy: float | None  # their engines' seconds in steps (None: the engines count none)
+    waits: dict[str, float]  # ... and without a step, by why (preparing inputs, nothing queued)
+
+
+def engine_time(markers: list[Marker]) -> EngineTime:
+    """Per actor, its engine's running counts at its first shard's start and its last one's end."""
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    start: dict[tuple[str, str], float] = {}  # (actor, count) -> its lowest reading
+    end: dict[tuple[str, str], float] = {}  # ... and its highest
+    for m in markers:
+        if m.actor is None or m.started_at is None:
+            continue
+        first[m.actor] = min(first.get(m.actor, m.started_at), m.started_at)
+        last[m.actor] = max(last.get(m.actor, 0.0), m.finished_at or m.started_at)
+        counts = [(why, m.engine_waits_from.get(why, 0.0), to) for why, to in m.engine_waits_to.items()]
+        if m.engine_busy_to is not None:
+            counts.append((BUSY, m.engine_busy_from or 0.0, m.engine_busy_to))
+        for count, at_start, at_end in counts:
+            start[m.actor, count] = min(start.get((m.actor, count), at_start), at_start)
+            end[m.actor, count] = max(end.get((m.actor, count), 0.0), at_end)
+    spent: dict[str, float] = {}
+    for (actor, count), at_end in end.items():
+        spent[count] = spent.get(count, 0.0) + at_end - start[actor, count]
+    busy = spent.pop(BUSY, None)
+    return EngineTime(list(first.values()), sum(last[a] - first[a] for a in first), busy, spent)
