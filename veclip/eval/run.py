@@ -204,7 +204,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
     first_captions = rt_by[config.caption_columns[0]] if config.caption_columns else {}
     results = {
         "model": config.model,
-        "data": config.input,
+        "input": config.input,
         "images": len(kept),
         "images_skipped": sum(skipped.values()),
         "images_skipped_by_reason": dict(skipped),
@@ -244,7 +244,7 @@ def _evaluate_clip_benchmark(config: EvalConfig, options: StorageOptions, keep_r
             templates=info["templates"] or config.templates,
         )
         results = evaluate(converted, options, keep_ranks=True)
-    results = {**results, "data": config.input, "clip_benchmark_task": info["task"]}
+    results = {**results, "input": config.input, "clip_benchmark_task": info["task"]}
     ranks = results.pop("ranks")
     if config.output:
         out = Location(config.output, options)
@@ -288,7 +288,7 @@ def render_markdown(results: dict) -> str:
         f"# Evaluation of `{results['model']}`",
         "",
         f"{results['images']} images ({results['images_skipped']} skipped), {results['captions']} captions, "
-        f"{results['classes']} classes x {results['templates']} templates, from `{results['data']}`.",
+        f"{results['classes']} classes x {results['templates']} templates, from `{results['input']}`.",
         "",
     ]
     by_templates = results.get("zero_shot_by_templates") or {"": results["zero_shot"]}
