@@ -194,6 +194,8 @@ def test_score_exactly_once_and_training_reads_the_gate(enriched, tmp_path, ray_
         )  # the lower half of each shard
     markers = ShardStore(Location(out)).markers()
     assert {m.fingerprint for m in markers.values()} == {summary["fingerprint"]} and len(markers) == 3
+    # what made it, as a rewrite's summary says it: the config, and the fields its fingerprint hashes
+    assert summary["config"]["model"] == model and summary["fingerprint_fields"]["threshold"] == config.threshold
     # the card's join, as it prints it, gives every image of a shard its scores
     card = (Path(out) / CARD_FILE).read_text()
     assert "## Joining the captions to their images" in card and 'images.merge(captions, on="key")' in card

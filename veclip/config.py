@@ -266,3 +266,11 @@ def redact(data, secrets=frozenset()):
         return node
 
     return walk(data)
+
+
+def to_dict(config) -> dict:
+    """A stage's config as its run summary records it (a column mapping as it is typed: ``image=jpg,...``)."""
+    data = dataclasses.asdict(config)
+    if hasattr(config, "columns"):
+        data["columns"] = str(config.columns)
+    return data

@@ -288,12 +288,6 @@ def fingerprint(config: RewriteConfig) -> tuple[str, dict]:
     return digest, fields
 
 
-def to_dict(config) -> dict:
-    data = dataclasses.asdict(config)
-    data["columns"] = str(config.columns)
-    return data
-
-
 def build_config(
     preset_name: str = "default", config_file: str | None = None, overrides: list[str] = (), **fields
 ) -> RewriteConfig:

@@ -18,9 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 from veclip import schema
-from veclip.config import SECRET_NAME, redact
+from veclip.config import SECRET_NAME, redact, to_dict
 from veclip.console import start_ray
-from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint, to_dict
+from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint
 from veclip.rewrite.engine import IDLE, PREPARING
 from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from veclip.config import to_dict
 from veclip.dataset import Dataset, open_dataset
 from veclip.eval.model import resolve_model
 from veclip.score.config import ScoreConfig, fingerprint
@@ -127,6 +128,8 @@ class Score(ShardedStage):
         this_run = [markers[n] for n in written]
         seconds = sum(m.seconds for m in this_run)
         return {
+            "config": to_dict(self.config),  # as the rewrite's summary: what made it, and what decides its rows
+            "fingerprint_fields": fingerprint(self.config, self.weights)[1],
             "add_captions": list(self.config.add_captions),
             "model": self.config.model,
             "weights": self.weights,
