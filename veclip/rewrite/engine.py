@@ -162,6 +162,7 @@ class VLLMEngine:
     def _start_feeding(self, stall_seconds: float = STEP_STALL_SECONDS) -> None:
         self.busy_seconds = 0.0  # wall seconds the engine ran steps (the busy share's numerator)
         self.waits = dict.fromkeys(WAITS, 0.0)  # and the seconds it had no step to run, by why
+        self._idle_since: float | None = None  # when the wait for a submission began (None: not waiting)
         self.completed = 0  # requests finished: the stall watch's sign of progress inside a shard
         self._dead: BaseException | None = None
         self._stepping_since: float | None = None  # when the running engine.step() began (None: not in one)
@@ -175,6 +176,14 @@ class VLLMEngine:
             text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
             return len(tokenizer.encode(text, add_special_tokens=False))
         return len(tokenizer.encode(request.prompt))
+
+    def time_counts(self) -> tuple[float, dict[str, float]]:
+        """The running counts now: seconds in steps, and without one by why (a wait in progress included: a
+        shard that starts while the engine idles must not have that idle time counted as its own)."""
+        waits, since = dict(self.waits), self._idle_since
+        if since is not None:
+            waits[IDLE] += time.perf_counter() - since
+        return self.busy_seconds, waits
 
     def generate(self, requests: list[Request], sampling: SamplingConfig) -> list[Completion]:
         """Safe from any thread: the requests join the running engine (see :meth:`_feed`)."""
@@ -216,9 +225,10 @@ class VLLMEngine:
         engine, now = self.llm.llm_engine, time.perf_counter
         while True:
             idle, asked = not engine.has_unfinished_requests(), now()
+            self._idle_since = asked if idle else None  # nothing to run until a caller submits
             arrived = _drain(self._submissions, block=idle)
-            preparing = now()
-            if idle:  # nothing to run until a caller submits
+            preparing, self._idle_since = now(), None
+            if idle:
                 self.waits[IDLE] += preparing - asked
             for submission in arrived:
                 try:

@@ -81,14 +81,6 @@ def build_engine(config: EngineConfig, multimodal: bool = False) -> Engine:
     return StandInEngine(config.model) if is_stand_in(config.model) else VLLMEngine(config, multimodal)
 
 
-def _busy_seconds(engine: Engine) -> float | None:
-    return getattr(engine, "busy_seconds", None)  # VLLMEngine counts them; a test's stub may not
-
-
-def _waits(engine: Engine) -> dict[str, float]:
-    return dict(getattr(engine, "waits", {}))  # the engine's seconds without a step, by why (VLLMEngine's)
-
-
 class _RewriteWorker(ShardWorker):
     """What both pools share: the config, the input's filesystem, and the marker's timing."""
 
@@ -100,8 +92,9 @@ class _RewriteWorker(ShardWorker):
         self.input_fs = Location(config.input, options).fs
 
     def engine_counts(self) -> tuple[float | None, dict[str, float]]:
-        """The actor's engine's running counts: busy seconds, and seconds without a step by why."""
-        return _busy_seconds(self.engine), _waits(self.engine)
+        """The actor's engine's running counts: busy seconds, and seconds without a step by why (VLLMEngine's)."""
+        counts = getattr(self.engine, "time_counts", None)
+        return counts() if counts else (getattr(self.engine, "busy_seconds", None), {})  # a stand-in's, a stub's
 
     def new_marker(self, name: str, started_at: float, counts_from: tuple[float | None, dict[str, float]]) -> Marker:
         """Which actor did a shard and when, and its engine's running counts then (``counts_from``) and now,
