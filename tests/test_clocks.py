@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from veclip.shards.driver import StageStalled, StallWatch
 from veclip.shards.layout import CURRENT
 from veclip.shards.progress import STARTING, WORKING, PoolView, ProgressBoard
+from veclip.shards.stall import StageStalled, StallWatch
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import FaultConfig
 from veclip.storage import Location

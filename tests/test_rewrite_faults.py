@@ -21,13 +21,14 @@ from veclip.rewrite.config import FaultConfig, fingerprint, preset
 from veclip.rewrite.engine import Completion
 from veclip.rewrite.pipeline import EngineUnavailable, Rewrite, check_engine_python, list_inputs, plan_run
 from veclip.rewrite.workers import ShardRewriter
-from veclip.shards.driver import record_plan, shard_rows, summarize
+from veclip.shards.driver import record_plan, shard_rows
 from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard, running_on
 from veclip.shards.layout import CURRENT
 from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch
 from veclip.shards.store import ShardStore
+from veclip.shards.summary import summarize
 from veclip.storage import Location, StorageOptions, read_footers, read_many
 
 

@@ -25,12 +25,12 @@ from veclip.processes import pid_alive
 from veclip.rewrite.config import build_config, fingerprint
 from veclip.rewrite.pipeline import Rewrite, render_summary, run_rewrite
 from veclip.shards.card import models_in
-from veclip.shards.driver import ReconciliationError, ShardCounts, summarize
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import CARD_FILE, CURRENT
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.store import ShardStore
+from veclip.shards.summary import ReconciliationError, ShardCounts, summarize
 from veclip.storage import Location
 
 pytestmark = pytest.mark.slow

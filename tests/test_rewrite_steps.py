@@ -139,9 +139,10 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
     from veclip.rewrite.config import fingerprint
     from veclip.rewrite.pipeline import Rewrite, plan_run
     from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
-    from veclip.shards.driver import record_plan, shard_rows, summarize
+    from veclip.shards.driver import record_plan, shard_rows
     from veclip.shards.guard import RunContext
     from veclip.shards.lease import OutputLease
+    from veclip.shards.summary import summarize
     from veclip.storage import Location, StorageOptions
     from veclip.world.generate import SampleConfig, generate
 

@@ -22,10 +22,10 @@ from veclip.dataset import open_dataset, read_shard
 from veclip.score import steps
 from veclip.score.config import build_config
 from veclip.score.pipeline import FingerprintMismatch, run_score
-from veclip.shards.driver import ShardCounts
 from veclip.shards.layout import CARD_FILE, CURRENT
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
+from veclip.shards.summary import ShardCounts
 from veclip.storage import Location
 from veclip.train.captions import CaptionConfig, gated
 from veclip.train.data import SKIP_REASONS, preprocess

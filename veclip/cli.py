@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
     from veclip.console import VERBOSE_ENV
     from veclip.jobs import load_job_secrets
-    from veclip.shards.driver import StageStalled
     from veclip.shards.lease import LeaseHeld
+    from veclip.shards.stall import StageStalled
 
     load_job_secrets()
     if getattr(args, "verbose", False):

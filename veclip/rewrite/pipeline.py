@@ -30,14 +30,13 @@ from veclip.shards.driver import (
     dry_run,
     plan_stage,
     pool_ask,
-    render_faults,
-    render_pool,
     run_stage,
 )
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import layout_of
 from veclip.shards.marker import Marker, PoolStats, engine_time
 from veclip.shards.plan import InputShard, Plan, ShardChanged, by_name, plan_shards
+from veclip.shards.summary import render_faults, render_pool
 from veclip.storage import PARQUET, Location, StorageOptions, list_file_entries, no_shards
 
 

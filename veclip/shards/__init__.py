@@ -9,10 +9,12 @@ makes them exactly-once lives here, once:
 * :mod:`~veclip.shards.store`: whole-shard writes, markers, failures, readers;
 * :mod:`~veclip.shards.lease`: one writer per output (compare-and-swap);
 * :mod:`~veclip.shards.guard`: retries, the durable try count, failure records;
+* :mod:`~veclip.shards.isolation`: engine deaths charged to no shard, poison requests found;
 * :mod:`~veclip.shards.plan`: what is done, what is left, what cannot run;
 * :mod:`~veclip.shards.worker`: the actor base (``process()``, ``commit()``);
-* :mod:`~veclip.shards.driver`: the run (lease, plan, pools, progress,
-  reconciliation, summary).
+* :mod:`~veclip.shards.driver`: the run (lease, plan, pools, progress);
+* :mod:`~veclip.shards.stall`: the stall watch;
+* :mod:`~veclip.shards.summary`: every row reconciled, the run summary.
 
 ``docs/design.md`` shows a new stage built on it.
 """

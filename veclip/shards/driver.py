@@ -1,4 +1,4 @@
-"""The driver of a sharded run: lease, plan, pools, progress, reconciliation, summary.
+"""The driver of a sharded run: lease, plan, pools, progress, then the summary.
 
 :func:`run_stage` is the whole run of any :class:`ShardedStage`. It holds the
 output's lease (one writer), lists the inputs and the done markers at once,
@@ -6,94 +6,37 @@ plans (:mod:`veclip.shards.plan`), records what cannot run, writes
 a plan for ``veclip status``, streams the shards left through the
 stage's actor pools with a progress line per shard, and at the end reconciles
 every input row against the output, quarantine and failure records, loudly,
-before it writes the summary and the dataset card. A rerun of a finished run plans nothing
-and starts no pool.
+before it writes the summary (:mod:`veclip.shards.summary`) and the dataset card. The
+stall watch (:mod:`veclip.shards.stall`) stops a run whose pools make no progress. A rerun
+of a finished run plans nothing and starts no pool.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import posixpath
-import queue
-import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from veclip.clock import clock
-from veclip.console import alive_nodes, eta, start_ray
+from veclip.console import eta, start_ray
 from veclip.shards.card import models_in, write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
-from veclip.shards.isolation import KILLED_THE_ENGINE
 from veclip.shards.layout import CARD_FILE, layout_of, output_shard_name
 from veclip.shards.lease import OutputLease
 from veclip.shards.marker import Marker, utc_now
 from veclip.shards.plan import InputShard, Plan
-from veclip.shards.progress import PoolView, board_viewer, start_board
+from veclip.shards.progress import board_viewer, start_board
+from veclip.shards.stall import StageStalled, StallWatch
 from veclip.shards.store import ShardStore
+from veclip.shards.summary import summarize
 from veclip.shards.worker import FaultConfig
 from veclip.storage import Location, StorageOptions, read_json, refuse_overlap, write_json
-
-SUMMARY_VERSION = 2
-
-
-class ReconciliationError(RuntimeError):
-    """Input rows and output + quarantine rows disagree: something was lost or duplicated."""
-
-
-@dataclass
-class ShardCounts:
-    total: int
-    done: int
-    written_this_run: int
-    failed: int
-    redone: int = 0
-    left_out: dict[str, int] = field(default_factory=dict)  # input shards the reader left out, by why
-    retried: int = 0  # done this run after more than one try (a try lost with its actor or node, an error)
-    actors_lost: int = 0  # actor processes that died during a try this run (killed, out of memory, node lost)
-    nodes_lost: int = 0  # the nodes those actors were on that Ray no longer has
-
-
-@dataclass
-class RunSummary:
-    """What a run did, over the whole output (``.veclip/summary.json``): the stage's own figures in ``details``."""
-
-    stage: str
-    input: str
-    output: str
-    run_id: str
-    fingerprint: str
-    rows_in: int
-    rows_out: int
-    rows_quarantined: int
-    rows_in_failed_shards: int
-    shards: ShardCounts
-    failed: dict[str, dict]  # shard -> input, stage, tries, error
-    wall_seconds: float
-    rows_per_second_this_run: float
-    retried: dict[str, dict] = field(default_factory=dict)  # shard -> tries, errors of the lost tries
-    pool_over_time: list[dict] = field(default_factory=list)  # the actors and nodes at work as the run went
-    details: dict = field(default_factory=dict)
-    version: int = SUMMARY_VERSION
-
-    def to_json(self) -> dict:
-        """One flat object: the common fields, then the stage's."""
-        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "details"}
-        return {**common, "shards": dataclasses.asdict(self.shards), **self.details}
-
-    @classmethod
-    def from_json(cls, data: dict) -> RunSummary:
-        names = {f.name for f in dataclasses.fields(cls)} - {"details", "shards"}
-        return cls(
-            **{k: data[k] for k in names if k in data},
-            shards=ShardCounts(**data["shards"]),
-            details={k: v for k, v in data.items() if k not in names | {"shards"}},
-        )
 
 
 class ShardedStage(ABC):
@@ -373,222 +316,3 @@ def _log_progress(stage: ShardedStage, row: dict, n: int, todo: int, done: int, 
         f"{stage.name}: [{n}/{todo} shards, {done}/{total} rows, {rate:.1f} rows/s{left}] {row['status']} "
         f"{posixpath.basename(row['shard'])}{note}"
     )
-
-
-class StageStalled(RuntimeError):
-    """The pool made no progress within the stall deadline: its actors are dead, cannot be placed, or hung."""
-
-
-class StallWatch:
-    """No silent hang, no false stop: the driver's own loop (:meth:`rows`) looks at the pool every
-    ``faults.look_seconds`` and ends the run with :class:`StageStalled` when it made no progress for the
-    deadline in force (:meth:`FaultConfig.stall_deadline`): ``first_shard_seconds`` while no actor is working
-    (the pool starting, a lost node being replaced), else ``stall_factor`` x the longest pause between two
-    signs of progress while working, at least ``stall_seconds``. Progress is a shard's row reaching the
-    driver, or anything the actors' heartbeats report (:mod:`veclip.shards.progress`): requests finished
-    inside a shard, an actor appearing or starting its first shard. No signal is involved, so a driver that
-    ignores or blocks SIGINT (started with ``&``, a Ray job entrypoint under bash) stops all the same."""
-
-    def __init__(
-        self,
-        stage: str,
-        faults: FaultConfig,
-        view: Callable[[], PoolView | None] = lambda: None,
-        now: Callable[[], float] | None = None,
-    ):
-        self.stage, self.faults, self.view = stage, faults, view
-        self.clock = now or clock().monotonic
-        self.last = self.clock()  # the last sign of progress
-        self.longest: float | None = None  # the longest pause between two while working (None: not yet working)
-        self.working = False
-
-    def progressed(self, at: float | None = None) -> None:
-        at = self.clock() if at is None else at
-        if at <= self.last:
-            return
-        if self.working:
-            self.longest = max(self.longest or 0.0, at - self.last)
-        self.last = at
-
-    def deadline(self) -> float:
-        return self.faults.stall_deadline(self.longest if self.working else None)
-
-    def check(self) -> None:
-        """Look at the pool; raise :class:`StageStalled` when the deadline in force has passed."""
-        view, now = self.view(), self.clock()
-        if view is not None:
-            if view.since_progress is not None:  # a pause that ends now is timed in the state it was spent in
-                self.progressed(now - view.since_progress)
-            self.working = view.working > 0
-        deadline = self.deadline()
-        if now - self.last > deadline:
-            raise StageStalled(self._why(now - self.last, deadline))
-
-    def _why(self, silent: float, deadline: float) -> str:
-        if self.working:
-            cause = (
-                f"its actors are working but made no progress for {silent:.0f} s (the deadline {deadline:.0f} s: "
-                "faults.stall_factor x the longest pause seen, at least faults.stall_seconds): an engine hung"
-            )
-        else:
-            cause = (
-                f"no actor of the pool is working and nothing progressed for {silent:.0f} s (the start-up "
-                f"allowance, faults.first_shard_seconds = {deadline:.0f} s): the pool's actors are dead or cannot "
-                "be placed (a lost node, no node with room; `ray status` shows pending demands)"
-            )
-        return f"{self.stage}: stopped: {cause}. What finished is kept: rerun to continue."
-
-    def rows(self, rows: Iterator[dict]) -> Iterator[dict]:
-        """The pools' rows as they come, the pool looked at in between; raises :class:`StageStalled`."""
-        arrived: queue.Queue = queue.Queue()
-
-        def pump() -> None:  # Ray Data's iterator blocks: it runs aside, the driver's loop stays free to stop
-            try:
-                for row in rows:
-                    arrived.put((row, None))
-                arrived.put((None, None))
-            except BaseException as err:  # noqa: BLE001 - handed to the driver's loop, which raises it
-                arrived.put((None, err))
-
-        threading.Thread(target=pump, name="veclip-rows", daemon=True).start()
-        while True:
-            try:
-                row, err = arrived.get(timeout=self.faults.look_seconds)
-            except queue.Empty:
-                self.check()
-                continue
-            if err is not None:
-                raise err
-            if row is None:
-                return
-            self.progressed()
-            yield row
-
-
-def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: float, started_at: float = 0.0) -> dict:
-    """The run summary over the whole output; raises if any row is unaccounted for.
-
-    A shard is done (marked with this run's fingerprint, rows reconciled),
-    failed (recorded with its error), or lost: that raises.
-    """
-    store = ShardStore(stage.output)
-    # Nothing ran (a no-op rerun): the plan's markers are current, the lease kept other writers out.
-    listed = store.markers(save_manifest=True) if plan.todo else plan.done
-    markers = {
-        n: m
-        for n, m in listed.items()
-        if n in plan.inputs and n not in plan.unreadable and m.fingerprint == run.fingerprint
-    }
-    failed = {n: f for n, f in store.failures().items() if n in plan.inputs and n not in markers}
-    problems = [f"{name}: not written" for name in sorted(set(plan.inputs) - set(markers) - set(failed))]
-    for name, m in markers.items():
-        if name in plan.rows and m.rows_out + m.quarantined != plan.rows[name]:
-            problems.append(f"{name}: {plan.rows[name]} input rows but {m.rows} out + {m.quarantined} quarantined")
-    if problems:
-        raise ReconciliationError(f"{stage.name}: rows unaccounted for: " + "; ".join(problems))
-    written = sorted(n for n, m in markers.items() if m.run_id == run.run_id)
-    retried = store.retried(stage.name, run.run_id) if plan.todo else {}
-    return RunSummary(
-        stage=stage.name,
-        input=stage.config.input,
-        output=stage.config.output,
-        run_id=run.run_id,
-        fingerprint=run.fingerprint,
-        rows_in=sum(plan.rows.get(n, 0) for n in markers),
-        rows_out=sum(m.rows_out for m in markers.values()),
-        rows_quarantined=sum(m.quarantined for m in markers.values()),
-        rows_in_failed_shards=sum(plan.rows.get(n, 0) for n in failed),
-        shards=ShardCounts(
-            len(plan.inputs),
-            len(markers),
-            len(written),
-            len(failed),
-            len(plan.redo),
-            dict(plan.left_out),
-            len(retried),
-            *_losses(retried),
-        ),
-        retried=retried,
-        pool_over_time=pool_over_time([markers[n] for n in written]),
-        failed={n: f.brief() for n, f in sorted(failed.items())},
-        wall_seconds=wall_seconds,
-        rows_per_second_this_run=sum(plan.rows.get(n, 0) for n in written) / wall_seconds,
-        details=stage.details(plan, run, markers, written, started_at),
-    ).to_json()
-
-
-def pool_over_time(markers: list[Marker], points: int = 12) -> list[dict]:
-    """How many actors (and on how many nodes) were writing shards at ``points`` even moments of this run:
-    the pool growing as the autoscaler adds nodes, or shrinking as they go, read from the markers' times.
-    (With two pools, the one that writes the shards.)"""
-    spans = [(m.started_at, m.finished_at, m.actor, m.node) for m in markers if m.started_at and m.finished_at]
-    if not spans:
-        return []
-    first, last = min(s[0] for s in spans), max(s[1] for s in spans)
-    timeline = []
-    for k in range(points):
-        at = first + (last - first) * (k + 0.5) / points
-        busy = [(actor, node) for start, end, actor, node in spans if start <= at < end]
-        timeline.append({"at_s": round(at - first, 1), "actors": len(set(busy)), "nodes": len({n for _, n in busy})})
-    return timeline
-
-
-def render_pool(summary: dict) -> list[str]:
-    """The pool's size over the run, in a line, when it changed."""
-    timeline = summary.get("pool_over_time") or []
-    actors = [t["actors"] for t in timeline]
-    if len(set(actors)) <= 1:
-        return []
-    return [
-        f"  pool over the run: {' '.join(map(str, actors))} actor(s) writing shards at even moments "
-        f"(up to {max(actors)}, on up to {max(t['nodes'] for t in timeline)} node(s))"
-    ]
-
-
-def _losses(retried: dict[str, dict]) -> tuple[int, int]:
-    """The actors lost during this run's tries, and how many of their nodes Ray no longer has."""
-    lost = {(where["node"], where["actor"]) for record in retried.values() for where in record["lost"]}
-    nodes = {node for node, _ in lost}
-    if nodes and nodes != {"local"}:
-        import ray
-
-        nodes -= alive_nodes() if ray.is_initialized() else nodes
-    else:
-        nodes = set()
-    return len(lost), len(nodes)
-
-
-def render_faults(summary: dict) -> list[str]:
-    """The summary lines of the shards retried (a try lost with its actor or node) and of those that kept
-    failing: every stage prints them the same way."""
-    lines = []
-    if summary.get("retried"):
-        name, first = next(iter(summary["retried"].items()))
-        lines.append(
-            f"  retried {len(summary['retried'])} shard(s) whose earlier try was lost or failed, all done now "
-            f"(e.g. {name}: {first['tries']} tries; {(first['errors'] or ['its process died'])[-1][:160]})"
-        )
-    counts = summary["shards"]
-    deaths = {n: r for n, r in summary.get("retried", {}).items() if r.get("engine_deaths")}
-    if deaths:
-        poison = sum(len(r.get("poison", [])) for r in deaths.values())
-        lines.append(
-            f"  {len(deaths)} shard(s) lost tries with their engine ({sum(r['engine_deaths'] for r in deaths.values())}"
-            f" in all, charged to none); {poison} request(s) found to kill it alone, their rows marked "
-            f"{KILLED_THE_ENGINE}"
-        )
-    if counts.get("actors_lost"):
-        lines.append(
-            f"  {counts['actors_lost']} actor(s) died mid-shard and were restarted by Ray"
-            + (f", {counts['nodes_lost']} of their node(s) lost" if counts.get("nodes_lost") else "")
-        )
-    if not summary["failed"]:
-        return lines
-    return lines + [
-        f"FAILED: {len(summary['failed'])} shard(s) kept failing (`veclip status {summary['output']}` shows their "
-        "errors). Rerun the same command to retry exactly these:",
-        *(
-            f"  {name}  [{f['stage']}, {f['tries']} tries]  {(f['error'] or '')[:200]}"
-            for name, f in summary["failed"].items()
-        ),
-    ]

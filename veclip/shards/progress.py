@@ -6,7 +6,7 @@ thread that tells the run's :class:`ProgressBoard` (one Ray actor on the driver'
 run) every ``FaultConfig.heartbeat_seconds`` what it is doing (starting, or working on N shards) and a
 running count of work done (requests its engine finished, shards finished). The board keeps, on its own
 clock, when each actor was last heard and when any count last moved; the driver reads a
-:class:`PoolView` of it each time it looks (:class:`veclip.shards.driver.StallWatch`).
+:class:`PoolView` of it each time it looks (:class:`veclip.shards.stall.StallWatch`).
 """
 
 from __future__ import annotations

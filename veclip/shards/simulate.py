@@ -32,13 +32,14 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from veclip.clock import Clock, clock, use_clock
-from veclip.shards.driver import Executor, Pool, ShardedStage, StageStalled, StallWatch, run_stage
+from veclip.shards.driver import Executor, Pool, ShardedStage, run_stage
 from veclip.shards.guard import DONE, RunContext
 from veclip.shards.layout import output_shard_name
 from veclip.shards.lease import LeaseLost
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.progress import STARTING, WORKING, ProgressBoard
+from veclip.shards.stall import StageStalled, StallWatch
 from veclip.shards.store import ShardStore
 from veclip.shards.worker import FaultConfig, ShardWorker
 from veclip.storage import Location, StorageOptions, use_local_store
