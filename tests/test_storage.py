@@ -315,7 +315,8 @@ def test_the_driver_hands_its_actors_the_endpoint_it_planned_against(tmp_path, m
     endpoint. The driver resolves endpoint and region once, and the pools' options carry them."""
     from veclip.clock import use_clock
     from veclip.shards.driver import run_stage
-    from veclip.shards.simulate import SimClock, SimConfig, SimExecutor, SimPool, SimStage
+    from veclip.shards.simulate import SimConfig, SimExecutor, SimPool, SimStage
+    from veclip.shards.virtual import SimClock
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
@@ -353,7 +354,7 @@ def test_a_file_no_run_wrote_is_never_overwritten(tmp_path):
     # the same file after a try of this stage was counted for it (the try died before its marker): rewritten
     ShardGuard(Location(str(out)), RunContext("earlier", "f"), "simulate", 3, 0.0)._begin("part-000001.parquet")
     from veclip.clock import use_clock
-    from veclip.shards.simulate import SimClock
+    from veclip.shards.virtual import SimClock
 
     virtual = SimClock(start=1e9)
     with use_clock(virtual):
