@@ -44,8 +44,9 @@ class Completion:
 
 PROMPT_TOO_LONG = "prompt_too_long"
 REQUEST_REFUSED = "request_refused"  # vLLM refused the request itself (e.g. an image its processor cannot take)
-# The seconds an engine had no step to run: its feeder preparing inputs (vLLM's multimodal processor runs as
-# requests are added), or nothing queued (the shards' threads still reading and decoding)
+# The feeder's seconds outside a step: preparing inputs (vLLM's multimodal processor runs as requests are added;
+# the engine core, its own process, goes on with what it has), or nothing queued (no request in the engine:
+# the GPU idle while the shards' threads read and decode)
 PREPARING, IDLE = "preparing", "idle"
 WAITS = (PREPARING, IDLE)
 # An engine step that has not returned in this long is hung (a stuck GPU, NCCL): it must exceed the longest step
@@ -161,7 +162,7 @@ class VLLMEngine:
 
     def _start_feeding(self, stall_seconds: float = STEP_STALL_SECONDS) -> None:
         self.busy_seconds = 0.0  # wall seconds the engine ran steps (the busy share's numerator)
-        self.waits = dict.fromkeys(WAITS, 0.0)  # and the seconds it had no step to run, by why
+        self.waits = dict.fromkeys(WAITS, 0.0)  # and the feeder's seconds outside one, by why
         self._idle_since: float | None = None  # when the wait for a submission began (None: not waiting)
         self.completed = 0  # requests finished: the stall watch's sign of progress inside a shard
         self._dead: BaseException | None = None
@@ -209,7 +210,7 @@ class VLLMEngine:
         request is unfinished. Callers on other threads (the shards an actor works on at once)
         only wait for their submission, so the next shard's requests join the running batch
         instead of waiting for the last one's tail to drain. ``busy_seconds`` is the engine's
-        wall time in steps; ``waits`` its time without one, preparing inputs or with nothing queued."""
+        wall time in steps; ``waits`` its time outside them, preparing inputs or with nothing queued."""
         waiting: dict[str, tuple[_Submission, int]] = {}  # request id -> (submission, its index there)
         try:
             self._feed_forever(waiting)

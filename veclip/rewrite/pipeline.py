@@ -229,7 +229,7 @@ def pool_stats(role: str, markers: dict[str, Marker], written: list[str], starte
         "actor_seconds": wall,
         "engine_busy_seconds": busy,
         "engine_busy_share": busy / wall if wall > 0 else None,
-        # the engine's time without a step: preparing inputs, nothing queued (the time the GPU waited)
+        # the feeder's time outside a step: preparing inputs, and nothing queued (the GPU idle)
         **{f"engine_{why}_seconds": waited for why, waited in spent.waits.items()},
         **{f"engine_{why}_share": waited / wall for why, waited in spent.waits.items() if wall > 0},
         "prompt_tokens_per_s": this_run.prompt_tokens / seconds,

@@ -60,7 +60,7 @@ class Marker:
     engine_busy_to: float | None = None  # ... and at the end
     engine_waits_from: dict[str, float] = field(
         default_factory=dict
-    )  # its seconds without a step, by why, at the start
+    )  # its feeder's seconds outside a step, by why, at the start
     engine_waits_to: dict[str, float] = field(default_factory=dict)  # ... and at the end
     flags: dict[str, int] = field(default_factory=dict)  # generated captions refused or gated, by reason
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
@@ -135,7 +135,7 @@ class EngineTime:
     first_starts: list[float]  # each actor's first shard's start
     actor_seconds: float  # summed over the actors: their first shard's start to their last one's end
     busy: float | None  # their engines' seconds in steps (None: the engines count none)
-    waits: dict[str, float]  # ... and without a step, by why (preparing inputs, nothing queued)
+    waits: dict[str, float]  # ... and outside one, by why (preparing inputs, nothing queued)
 
 
 def engine_time(markers: list[Marker]) -> EngineTime:
