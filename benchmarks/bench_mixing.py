@@ -37,7 +37,9 @@ import json
 import math
 import random
 import statistics
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +119,7 @@ def train_and_eval(mode: str, seed: int, args, data: Path, tmp: Path) -> tuple[d
     from veclip.train.export import export
     from veclip.train.trainer import run_samples_per_s, run_train
 
-    name = f"{mode}-{seed}"
+    name, started_at = f"{mode}-{seed}", time.time()
     overrides = [f"steps={args.steps}", f"seed={seed}", f"model={args.model}", f"checkpoint_every={args.steps}"]
     overrides += ["report_every=50", "captions.max_rewrites=4", *RECIPE, *MODES[mode]]
     config = build_config("tiny", None, overrides, input=str(data), output=str(tmp / "runs"), name=name)
@@ -134,8 +136,22 @@ def train_and_eval(mode: str, seed: int, args, data: Path, tmp: Path) -> tuple[d
         "logit_scale": history[-1]["logit_scale"],
         "samples_per_s": run_samples_per_s(summary),
         **{metric: float(h.mean()) for metric, h in hits.items()},
+        # provenance: when it ran, and every logged step of its loss (take_off and loss_at recompute from it)
+        "started_at": started_at,
+        "ended_at": time.time(),
+        "loss_history": [{k: m[k] for k in ("step", "loss", "logit_scale") if k in m} for m in history],
     }
     return row, hits
+
+
+def provenance() -> dict:
+    """The code the figures came from: its commit, and whether the tree had changes beside it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown (not a git checkout)"
+
+    return {"commit": git("rev-parse", "HEAD"), "changed_files": git("status", "--porcelain").splitlines()}
 
 
 def main() -> None:
@@ -178,13 +194,14 @@ def main() -> None:
         )
         ensure_models(rewrite)
         summary = run_rewrite(rewrite, log=lambda *_: None)
+        captions = {k: summary[k] for k in ("rows_in", "rows_out", "flags_by_reason", "quarantined_by_reason")}
         print(f"rewrite: {summary['rows_out']} rows in {summary['wall_seconds']:.0f}s", flush=True)
         print(render(measure(read_rows(rewrite.output)), f"{args.rows} train rows"), flush=True)
         data = tmp / "captions"
     else:
         enrich(tmp / "sample" / "train", tmp / "enriched")
-        data = tmp / "enriched"
-    rows, hits = [], {}
+        data, captions = tmp / "enriched", {"reference": "the world's own captions (enrich())"}
+    rows, hits, started = [], {}, {"started_at": time.time(), **provenance(), "captions": captions}
     for seed in args.seeds:  # seeds outermost: a stopped run still has complete pairs
         for mode in args.modes:
             row, hits[mode, seed] = train_and_eval(mode, seed, args, data, tmp)
@@ -194,7 +211,8 @@ def main() -> None:
                 per_image = [
                     {"mode": m, "seed": s, **{k: v.tolist() for k, v in h.items()}} for (m, s), h in hits.items()
                 ]
-                Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "hits": per_image}))
+                run = {**started, "ended_at": time.time()}
+                Path(args.out).write_text(json.dumps({"args": vars(args), "run": run, "runs": rows, "hits": per_image}))
     print(render_tables(rows, hits, args))
     ray.shutdown()
 

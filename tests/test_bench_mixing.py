@@ -29,7 +29,11 @@ def test_the_protocol_prints_paired_intervals_and_holm(tmp_path):
             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # its own local cluster
         )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = json.loads(out.read_text())["runs"]
+    saved = json.loads(out.read_text())
+    runs = saved["runs"]
+    # provenance: the commit, the protocol's times, each run's times and its whole logged loss curve
+    assert len(saved["run"]["commit"]) == 40 and saved["run"]["started_at"] <= saved["run"]["ended_at"]
+    assert all(r["started_at"] < r["ended_at"] and [m["step"] for m in r["loss_history"]] for r in runs)
     assert sorted((r["mode"], r["seed"]) for r in runs) == [(m, s) for m in ("alttext", "mix", "vecap") for s in (0, 1)]
     assert all(0 <= r["brand_probe"] <= 1 and 0 <= r["R5_plain"] <= 1 for r in runs)
     contrasts = [line for line in result.stdout.splitlines() if line.startswith("| mix - ")]
