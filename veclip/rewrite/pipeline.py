@@ -24,18 +24,12 @@ from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure
 from veclip.rewrite.engine import IDLE, PREPARING
 from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
-from veclip.shards.driver import (
-    Pool,
-    ShardedStage,
-    dry_run,
-    plan_stage,
-    pool_ask,
-    run_stage,
-)
+from veclip.shards.driver import dry_run, plan_stage, pool_ask, run_stage
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import layout_of
 from veclip.shards.marker import Marker, PoolStats, engine_time
 from veclip.shards.plan import InputShard, Plan, ShardChanged, by_name, plan_shards
+from veclip.shards.stage import Pool, ShardedStage
 from veclip.shards.summary import render_faults, render_pool
 from veclip.storage import PARQUET, Location, StorageOptions, list_file_entries, no_shards
 

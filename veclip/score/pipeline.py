@@ -22,10 +22,11 @@ from veclip.dataset import Dataset, open_dataset
 from veclip.eval.model import resolve_model
 from veclip.score.config import ScoreConfig, fingerprint
 from veclip.score.worker import ShardScorer, shard_columns
-from veclip.shards.driver import Pool, ShardedStage, dry_run, pool_ask, run_stage
+from veclip.shards.driver import dry_run, pool_ask, run_stage
 from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch, InputShard, Plan, by_name, plan_shards
+from veclip.shards.stage import Pool, ShardedStage
 from veclip.shards.summary import render_faults, render_pool
 from veclip.storage import Location, StorageOptions, list_file_entries, version_stamp
 

@@ -12,6 +12,7 @@ makes them exactly-once lives here, once:
 * :mod:`~veclip.shards.isolation`: engine deaths charged to no shard, poison requests found;
 * :mod:`~veclip.shards.plan`: what is done, what is left, what cannot run;
 * :mod:`~veclip.shards.worker`: the actor base (``process()``, ``commit()``);
+* :mod:`~veclip.shards.stage`: what a stage is (``ShardedStage`` and its ``Pool`` list);
 * :mod:`~veclip.shards.driver`: the run (lease, plan, pools, progress);
 * :mod:`~veclip.shards.stall`: the stall watch;
 * :mod:`~veclip.shards.summary`: every row reconciled, the run summary.

@@ -27,13 +27,14 @@ import numpy as np
 import pyarrow as pa
 
 from veclip.clock import clock, use_clock
-from veclip.shards.driver import Executor, Pool, ShardedStage, run_stage
+from veclip.shards.driver import Executor, run_stage
 from veclip.shards.guard import DONE, RunContext
 from veclip.shards.layout import output_shard_name
 from veclip.shards.lease import LeaseLost
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.progress import STARTING, WORKING, ProgressBoard
+from veclip.shards.stage import Pool, ShardedStage
 from veclip.shards.stall import StageStalled, StallWatch
 from veclip.shards.store import ShardStore
 from veclip.shards.virtual import HOUR, SimClock, SimStore

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from veclip.console import alive_nodes
 from veclip.shards.guard import RunContext
 from veclip.shards.isolation import KILLED_THE_ENGINE
 from veclip.shards.marker import Marker
 from veclip.shards.plan import Plan
+from veclip.shards.stage import ShardedStage
 from veclip.shards.store import ShardStore
-
-if TYPE_CHECKING:
-    from veclip.shards.driver import ShardedStage
 
 SUMMARY_VERSION = 2
 
