@@ -111,6 +111,7 @@ class ShardGuard:
         self.exclusive = Exclusive()  # the shards this actor works on at once share its engine; an isolated one not
         self._in_flight: dict[str, dict] = {}  # shard -> its try record, while its work runs here
         self._waiting: dict[str, dict] = {}  # ... and while it waits for an isolated shard to finish
+        self._finishing: dict[str, dict] = {}  # ... and once written, until its try record says so
         self._books = threading.Lock()  # a try's begin, and an engine death's records of every try here
         self._local = threading.local()
 
@@ -190,12 +191,7 @@ class ShardGuard:
                 return self._fail(name, input_path, record)
             try:
                 self._try(name, record, work)
-                path = self._attempts_path(name)
-                if record["tries"] > 1:  # kept, marked done: the summary counts the shards retried
-                    done = {**record, "done": True, "ended": True}  # ended: a later try of it in this run sees no death
-                    self._durably(f"note {name}'s tries", write_json, self.output.fs, path, done)
-                else:
-                    self._durably(f"clear {name}'s try count", self.output.fs.rm_file, path)
+                self._done(name, record)
                 return DONE
             except LeaseLost:
                 raise  # another run owns the output now: stop, record nothing
@@ -214,6 +210,18 @@ class ShardGuard:
                     return self._fail(name, input_path, record)
                 clock().sleep(self.backoff_seconds * 2 ** (record["tries"] - 1) * random.uniform(0.5, 1.5))
 
+    def _done(self, name: str, record: dict) -> None:
+        """The try record of a shard just written: kept, marked done, when it took more than one try (the summary
+        counts the shards retried), else removed. An engine death recorded meanwhile waits for it."""
+        path = self._attempts_path(name)
+        with self._books:
+            self._finishing.pop(name, None)
+            if record["tries"] > 1:
+                done = {**record, "done": True, "ended": True}  # ended: a later try of it in this run sees no death
+                self._durably(f"note {name}'s tries", write_json, self.output.fs, path, done)
+            else:
+                self._durably(f"clear {name}'s try count", self.output.fs.rm_file, path)
+
     def _try(self, name: str, record: dict, work: Callable[[], None]) -> None:
         """One try of ``work()``: beside the actor's other shards, or alone once its engine died with it in
         flight :data:`ISOLATE_AFTER` times (:mod:`veclip.shards.isolation`)."""
@@ -228,7 +236,7 @@ class ShardGuard:
                     self._in_flight.pop(name, None)
                 raise
             else:
-                self._in_flight.pop(name, None)
+                self._finishing[name] = self._in_flight.pop(name)
             finally:
                 self._local.isolation = None
 
@@ -255,7 +263,9 @@ class ShardGuard:
             died |= {"engine_deaths": died.get("engine_deaths", 0) + 1, "ended": True}
             died["errors"] = [*died["errors"], why][-self.max_attempts :]
             self._durably(f"note {shard}'s engine death", write_json, self.output.fs, self._attempts_path(shard), died)
-        for shard, waiting in list(self._waiting.items()):  # never began: its try is given back
+        # a shard waiting to begin, or written but not yet returned (Ray runs it again: it finds its marker), has
+        # its try given back
+        for shard, waiting in list(self._waiting.items()) + list(self._finishing.items()):
             given_back = {**waiting, "tries": waiting["tries"] - 1, "ended": True}
             self._durably(
                 f"give back {shard}'s try", write_json, self.output.fs, self._attempts_path(shard), given_back
