@@ -145,3 +145,21 @@ def test_a_row_that_kills_the_engine_is_found_and_only_it_is_set_aside(sample_ro
     assert all(written[r["key"]]["rewrites"] for i, r in enumerate(rows) if i != 7 and (r["alt_text"] or "").strip())
     for name, other in summary["retried"].items():  # a shard beside it lost tries to the engine, never a charge
         assert other["tries"] - other["engine_deaths"] <= 1 or name == "part-00001.parquet", summary["retried"]
+
+
+def test_a_shard_run_again_after_it_was_written_counts_no_try(tmp_path):
+    """Ray runs a shard again when its actor died after the shard was written but before its result returned
+    (another shard's engine death): its done try record says so, and no try is counted or work redone."""
+    out = Location(str(tmp_path))
+    guard = ShardGuard(out, RunContext("r1", "fp"), "rewrite", max_attempts=2, backoff_seconds=0)
+    errors = iter([OSError("a reset")])
+
+    def work():
+        if error := next(errors, None):
+            raise error
+
+    assert guard.run_shard("a.parquet", "in/a.parquet", work) == DONE  # two tries: its record is kept, done
+    ran = []
+    assert guard.run_shard("a.parquet", "in/a.parquet", lambda: ran.append(1)) == DONE and ran == []
+    record = read_json(out.fs, out.join(CURRENT.attempts, "rewrite", "a.parquet.json"))
+    assert record["tries"] == 2 and record["done"], record

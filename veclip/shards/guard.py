@@ -132,6 +132,8 @@ class ShardGuard:
         previous = self._durably(f"read {name}'s try count", read_json, fs, path)
         if previous is None or previous["run_id"] != self.run.run_id:
             previous = {"run_id": self.run.run_id, "tries": 0, "errors": []}
+        if previous.get("done"):  # written already, its result lost with its actor: Ray runs it again
+            return previous
         died = previous["on"] if previous.get("on") and not previous.get("ended") else None
         preempted = previous.get("preempted", 0) + (died is not None and not self.node_alive(died["node"]))
         lost = previous.get("lost", []) + ([died] if died else [])
@@ -185,6 +187,8 @@ class ShardGuard:
         while True:
             with self._books:  # an engine's death, recorded meanwhile, sees this try begun and waiting
                 record = self._begin(name)
+                if record.get("done"):
+                    return DONE  # (no try counted: the shard's marker is there)
                 self._waiting[name] = record
             if self._exhausted(record):  # earlier tries of this run died with their process
                 self._waiting.pop(name)
