@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import threading
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import veclip_cli
+from test_rewrite_faults import poisoned_copy
 
 from veclip import schema
 from veclip.rewrite.engine import EngineGone
@@ -119,13 +119,7 @@ def test_a_row_that_kills_the_engine_is_found_and_only_it_is_set_aside(sample_ro
     The run ends done: the poison row flagged with its reason, every other row rewritten, no shard failed and
     no innocent shard charged a try."""
     source = tmp_path / "in"
-    source.mkdir()
-    for p in sorted((sample_root / "train").glob("*.parquet")):
-        (source / p.name).write_bytes(p.read_bytes())
-    poisoned = source / "part-00001.parquet"
-    rows = pq.read_table(poisoned).to_pylist()
-    rows[7]["alt_text"] = "a POISON row"
-    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(poisoned)), poisoned)
+    _, rows = poisoned_copy(sample_root / "train", source, 7, "a POISON row")
     out = tmp_path / "out"
     result = veclip_cli(
         *("rewrite", "--input", str(source), "--output", str(out), "--preset", "tiny", "--mode", "laclip"),

@@ -132,15 +132,22 @@ def test_marker_manifest_reads_only_what_is_new(tmp_path, monkeypatch):
     assert "s0.parquet" not in store.markers()
 
 
-def test_poison_shard_is_recorded_and_the_rest_finish(sample_root, tmp_path):
-    source = tmp_path / "in"
+def poisoned_copy(train, source, row: int, alt_text: str) -> tuple[object, list[dict]]:
+    """A copy of the sample's train shards in ``source`` whose part-00001 row ``row`` has ``alt_text``:
+    (that shard's path, its rows)."""
     source.mkdir()
-    for p in sorted((sample_root / "train").glob("*.parquet")):
+    for p in sorted(train.glob("*.parquet")):
         (source / p.name).write_bytes(p.read_bytes())
     poisoned = source / "part-00001.parquet"
     rows = pq.read_table(poisoned).to_pylist()
-    rows[3]["alt_text"] = "POISON row"
+    rows[row]["alt_text"] = alt_text
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(poisoned)), poisoned)
+    return poisoned, rows
+
+
+def test_poison_shard_is_recorded_and_the_rest_finish(sample_root, tmp_path):
+    source = tmp_path / "in"
+    poisoned, rows = poisoned_copy(sample_root / "train", source, 3, "POISON row")
     config = laclip_config(source, tmp_path / "out")
     engine = ScriptedEngine()
     plan, statuses, summary = run_local(config, engine=engine)

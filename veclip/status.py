@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from veclip.console import eta
-from veclip.rewrite.engine import IDLE, PREPARING
+from veclip.rewrite.engine import WAITS
 from veclip.shards.layout import is_output_folder
 from veclip.shards.marker import EngineTime, engine_time
 from veclip.shards.store import ShardStore
@@ -42,11 +42,7 @@ class Status:
 
 
 def _time_split(spent: EngineTime) -> str:
-    parts = {
-        "busy": spent.busy,
-        "preparing inputs": spent.waits.get(PREPARING),
-        "nothing queued": spent.waits.get(IDLE),
-    }
+    parts = {"busy": spent.busy, **{what: spent.waits.get(why) for why, what in WAITS.items()}}
     return ", ".join(
         f"{what} {seconds / spent.actor_seconds:.0%}" for what, seconds in parts.items() if seconds is not None
     )

@@ -48,7 +48,7 @@ REQUEST_REFUSED = "request_refused"  # vLLM refused the request itself (e.g. an 
 # the engine core, its own process, goes on with what it has), or nothing queued (no request in the engine:
 # the GPU idle while the shards' threads read and decode)
 PREPARING, IDLE = "preparing", "idle"
-WAITS = (PREPARING, IDLE)
+WAITS = {PREPARING: "preparing inputs", IDLE: "nothing queued"}  # each wait, as summaries and status name it
 # An engine step that has not returned in this long is hung (a stuck GPU, NCCL): it must exceed the longest step
 # (a prefill of a full batch: seconds on an H100, a minute or two for a 7B model on CPU)
 STEP_STALL_SECONDS = 900.0

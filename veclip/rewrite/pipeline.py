@@ -21,7 +21,7 @@ from veclip import schema
 from veclip.config import SECRET_NAME, redact, to_dict
 from veclip.console import start_ray
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint
-from veclip.rewrite.engine import IDLE, PREPARING
+from veclip.rewrite.engine import WAITS
 from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
 from veclip.shards.driver import dry_run, plan_stage, pool_ask, run_stage
@@ -286,7 +286,7 @@ def render_summary(summary: dict) -> str:
                 f"; engine busy {pool['engine_busy_share']:.0%} of their time since"
                 + "".join(
                     f", {what} {pool[f'engine_{why}_share']:.0%}"
-                    for why, what in ((PREPARING, "preparing inputs"), (IDLE, "nothing queued"))
+                    for why, what in WAITS.items()
                     if f"engine_{why}_share" in pool
                 )
                 if pool.get("engine_busy_share") is not None

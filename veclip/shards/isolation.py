@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 KILLED_THE_ENGINE = "killed_the_engine"  # the reason a poison request's row carries
@@ -104,8 +105,13 @@ class Exclusive:
         self._alone = False
         self._waiting_alone = 0
 
-    def hold(self, alone: bool) -> _Held:
-        return _Held(self, alone)
+    @contextmanager
+    def hold(self, alone: bool) -> Iterator[None]:
+        self._enter(alone)
+        try:
+            yield
+        finally:
+            self._exit(alone)
 
     def _enter(self, alone: bool) -> None:
         with self._cond:
@@ -125,15 +131,3 @@ class Exclusive:
             else:
                 self._shared -= 1
             self._cond.notify_all()
-
-
-@dataclass
-class _Held:
-    lock: Exclusive
-    alone: bool
-
-    def __enter__(self) -> None:
-        self.lock._enter(self.alone)
-
-    def __exit__(self, *exc) -> None:
-        self.lock._exit(self.alone)

@@ -58,9 +58,8 @@ class Marker:
     engine: str | None = None
     engine_busy_from: float | None = None  # the actor's engine busy seconds (a running count) at the start
     engine_busy_to: float | None = None  # ... and at the end
-    engine_waits_from: dict[str, float] = field(
-        default_factory=dict
-    )  # its feeder's seconds outside a step, by why, at the start
+    # its feeder's seconds outside a step, by why (preparing inputs, nothing queued), at the start
+    engine_waits_from: dict[str, float] = field(default_factory=dict)
     engine_waits_to: dict[str, float] = field(default_factory=dict)  # ... and at the end
     flags: dict[str, int] = field(default_factory=dict)  # generated captions refused or gated, by reason
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
