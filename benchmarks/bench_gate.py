@@ -66,7 +66,7 @@ def roc_auc(bad: np.ndarray, good: np.ndarray) -> float:
 
 def rewrite(world: Path, out: Path, log) -> None:
     from veclip.rewrite.config import build_config, ensure_models
-    from veclip.rewrite.pipeline import run_rewrite
+    from veclip.rewrite.stage import run_rewrite
 
     config = build_config("trained", input=str(world / "train"), output=str(out), mode="vecap")
     ensure_models(config)
@@ -112,7 +112,7 @@ def main() -> None:
     from veclip.report import mean_recall
     from veclip.score import steps
     from veclip.score.config import build_config
-    from veclip.score.pipeline import render_summary, run_score
+    from veclip.score.stage import render_summary, run_score
     from veclip.world.generate import SampleConfig, generate
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -155,9 +155,9 @@ def _cpu_decode(args) -> int:
     transform, as the preprocess tasks do."""
     jpegs, model_name = args
     from veclip.images import ImageLimits, decode_image
-    from veclip.train.data import _augment_and_tokenizer
+    from veclip.train.augment import augment_and_tokenizer
 
-    augment = _augment_and_tokenizer(model_name)[0]
+    augment = augment_and_tokenizer(model_name)[0]
     for data in jpegs:
         image = decode_image(data, ImageLimits())
         for transform in augment:
@@ -166,11 +166,11 @@ def _cpu_decode(args) -> int:
 
 
 def decode(model_name: str, jpegs: list[bytes], device: torch.device) -> dict:
-    from veclip.train.data import _crop_box, decode_on_device, device_crop_for
+    from veclip.train.augment import crop_box, decode_on_device, device_crop_for
 
     crop = device_crop_for(model_name)
     draw = random.Random(0)
-    boxes = np.array([_crop_box(crop, 512, 384, draw) for _ in jpegs])
+    boxes = np.array([crop_box(crop, 512, 384, draw) for _ in jpegs])
     array = np.empty(len(jpegs), dtype=object)
     array[:] = jpegs
     images = torch.empty(len(jpegs), 3, *crop.size, dtype=torch.uint8, device=device)

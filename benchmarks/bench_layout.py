@@ -36,7 +36,7 @@ class InstantEngine:
 
 def rewrite(source: str, out: str, layout: str) -> tuple[float, int]:
     from veclip.rewrite.config import fingerprint, preset
-    from veclip.rewrite.pipeline import plan_run
+    from veclip.rewrite.stage import plan_run
     from veclip.rewrite.workers import ShardRewriter
     from veclip.shards.driver import shard_rows
     from veclip.shards.guard import RunContext
@@ -67,13 +67,14 @@ def ingest(url: str, decode: bool = True) -> tuple[float, int]:
     from veclip.images import ImageLimits
     from veclip.schema import ColumnMap
     from veclip.storage import StorageOptions
+    from veclip.train.augment import augment_and_tokenizer
     from veclip.train.captions import CaptionConfig
-    from veclip.train.data import _augment_and_tokenizer, plan_data, preprocess, read_window
+    from veclip.train.data import plan_data, preprocess, read_window
     from veclip.train.order import Position, worker_windows
 
     plan = plan_data(url, StorageOptions(), ColumnMap(), 1, log=lambda *_: None)
     windows = worker_windows(list(plan.units), 0, 0, 0, 1, 8)
-    _augment_and_tokenizer("veclip-tiny")
+    augment_and_tokenizer("veclip-tiny")
     start, rows = time.perf_counter(), 0
     for w in range(len(windows)):
         for chunk in read_window({"epoch": np.array([0]), "window": np.array([w])}, plan, Position(), 0, 1, 0, 8):

@@ -186,7 +186,7 @@ def main() -> None:
     if args.captions == "pipeline":
         from veclip.rewrite.config import build_config as rewrite_config
         from veclip.rewrite.config import ensure_models
-        from veclip.rewrite.pipeline import run_rewrite
+        from veclip.rewrite.stage import run_rewrite
         from veclip.world.quality import measure, read_rows, render
 
         rewrite = rewrite_config(

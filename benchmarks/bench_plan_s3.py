@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip.rewrite.config import fingerprint, preset
-from veclip.rewrite.pipeline import list_inputs, plan_run, run_rewrite
+from veclip.rewrite.stage import list_inputs, plan_run, run_rewrite
 from veclip.shards.layout import CURRENT
 from veclip.storage import Location, StorageOptions, fresh_listing
 

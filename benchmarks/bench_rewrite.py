@@ -164,7 +164,7 @@ def bare_vecap(config, rows: list[dict]) -> tuple[float, float, int, list[tuple]
 
 def pipeline(config) -> tuple[dict, float, float]:
     """The run summary, its wall time and its steady seconds (first shard's start to last shard's end, all pools)."""
-    from veclip.rewrite.pipeline import run_rewrite
+    from veclip.rewrite.stage import run_rewrite
     from veclip.rewrite.workers import caption_store
     from veclip.shards.store import ShardStore
     from veclip.storage import Location

@@ -47,7 +47,7 @@ STAGE_CODE = {
 import json, sys, time, pyarrow.parquet as pq
 from veclip.dataset import open_dataset
 from veclip.score.config import build_config
-from veclip.score.pipeline import Score
+from veclip.score.stage import Score
 from veclip.score.worker import ShardScorer, shard_columns
 from veclip.shards.guard import RunContext
 from veclip.storage import StorageOptions
@@ -164,7 +164,7 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 import dataclasses, json, sys, time
 from veclip.rewrite.config import fingerprint, preset
 from veclip.rewrite.engine import Completion
-from veclip.rewrite.pipeline import plan_run
+from veclip.rewrite.stage import plan_run
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
 from veclip.shards.driver import shard_rows
 from veclip.shards.guard import RunContext
@@ -218,8 +218,9 @@ def make_shard(folder: Path, rows: int, side: tuple[int, int], one_group: bool) 
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from veclip.parquet_files import write_parquet
     from veclip.schema import INPUT_SCHEMA
-    from veclip.storage import filesystem, write_parquet
+    from veclip.storage import filesystem
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (side[1], side[0], 3), dtype=np.uint8)

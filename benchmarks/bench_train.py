@@ -69,11 +69,12 @@ def bench_ingest(folder: Path, model: str) -> tuple[float, float, int]:
     from torchvision import transforms
 
     from veclip.images import ImageLimits
+    from veclip.train.augment import augment_and_tokenizer
     from veclip.train.captions import CaptionConfig
-    from veclip.train.data import _augment_and_tokenizer, preprocess
+    from veclip.train.data import preprocess
 
     table = enriched_table(folder)
-    _augment_and_tokenizer(model)  # build once, outside the timing
+    augment_and_tokenizer(model)  # build once, outside the timing
     size = 224 if model != "veclip-tiny" else 64
     bare = transforms.Compose(
         [
@@ -99,8 +100,9 @@ def bench_device_decode(folder: Path, model: str) -> tuple[float, float]:
     import numpy as np
 
     from veclip.images import ImageLimits
+    from veclip.train.augment import decode_on_device, device_crop_for
     from veclip.train.captions import CaptionConfig
-    from veclip.train.data import decode_on_device, device_crop_for, preprocess
+    from veclip.train.data import preprocess
 
     table = enriched_table(folder)
     crop = device_crop_for(model)

@@ -72,7 +72,7 @@ def test_kuberay_specs_pass_the_pinned_releases_crds(path):
     validate(doc)
     assert not CREDENTIAL.search(path.read_text())  # credentials come from the platform and Secrets, never files
     if doc["kind"] == "RayJob":
-        from veclip.jobs import check_stage_args
+        from veclip.cli.jobs import check_stage_args
 
         words = shlex.split(doc["spec"]["entrypoint"])
         assert words[:3] == ["python", "-m", "veclip.cli"]
@@ -216,7 +216,7 @@ def test_submit_refuses_secrets_where_the_jobs_metadata_would_show_them(tmp_path
 
 
 def test_secrets_package_loads_into_a_process_environment(tmp_path, monkeypatch):
-    from veclip import jobs
+    from veclip.cli import jobs
 
     monkeypatch.setenv("VECLIP_TEST_SECRET", "s3cr3t-value")
     package = jobs._secrets_package(("VECLIP_TEST_SECRET",))
@@ -224,7 +224,7 @@ def test_secrets_package_loads_into_a_process_environment(tmp_path, monkeypatch)
     assert env["py_modules"] == [package] and env["worker_process_setup_hook"] == "veclip_job_secrets.load"
     assert "s3cr3t-value" not in json.dumps(env)
     assert oct(Path(package, "values.json").stat().st_mode & 0o777) == "0o600"
-    script = "import os, veclip.jobs as j; j.load_job_secrets(); print(os.environ['VECLIP_TEST_SECRET'])"
+    script = "import os, veclip.cli.jobs as j; j.load_job_secrets(); print(os.environ['VECLIP_TEST_SECRET'])"
     child = {k: v for k, v in os.environ.items() if k != "VECLIP_TEST_SECRET"}
     result = subprocess.run(
         [sys.executable, "-c", script],

@@ -133,7 +133,7 @@ def _substituted(argv: list[str], bucket: str, model: str) -> list[str]:
 
 @pytest.mark.parametrize("where, argv", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_a_documented_command_runs_as_printed(where, argv, world, sample_root, tmp_path):
-    from veclip.jobs import check_stage_args
+    from veclip.cli.jobs import check_stage_args
 
     bucket, storage, model = world
     world_sample = sample_root

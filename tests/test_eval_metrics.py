@@ -308,7 +308,7 @@ def test_converting_an_eval_set_streams_it_into_shards(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
     from conftest import MemoryPeak, noise_jpegs
 
-    from veclip import storage
+    from veclip import parquet_files
     from veclip.eval.convert import from_class_folders
 
     images = noise_jpegs(500, side=128)  # ~20 KB each, incompressible
@@ -318,7 +318,7 @@ def test_converting_an_eval_set_streams_it_into_shards(tmp_path, monkeypatch):
         for i, data in enumerate(images):
             (folder / f"{i}.jpg").write_bytes(data)
     total = 10 * sum(map(len, images))
-    monkeypatch.setattr(storage, "ROW_GROUP_TARGET_BYTES", 4 * 1024 * 1024)
+    monkeypatch.setattr(parquet_files, "ROW_GROUP_TARGET_BYTES", 4 * 1024 * 1024)
     with MemoryPeak() as peak:
         summary = from_class_folders(str(tmp_path / "val"), str(tmp_path / "out"), rows_per_shard=2000)
     assert summary["rows"] == 5000 and pq.read_metadata(tmp_path / "out" / "part-00002.parquet").num_rows == 1000

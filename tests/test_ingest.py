@@ -385,9 +385,11 @@ def test_import_holds_a_batch_of_images_not_the_shard(tmp_path, monkeypatch):
     at a time (its rows spill to a local file), so four times the images cost no more memory."""
     from conftest import MemoryPeak, noise_jpegs
 
-    from veclip import storage
+    from veclip import parquet_files
 
-    monkeypatch.setattr(storage, "ROW_GROUP_TARGET_BYTES", 1_000_000)  # the writer's buffer (128 MiB in production)
+    monkeypatch.setattr(
+        parquet_files, "ROW_GROUP_TARGET_BYTES", 1_000_000
+    )  # the writer's buffer (128 MiB in production)
     images, held, sizes = noise_jpegs(100, side=128), {}, {}
     for n in (500, 2_000):
         folder = tmp_path / f"set-{n}"

@@ -7,8 +7,8 @@ import time
 import pytest
 from conftest import veclip_cli
 
+from veclip.cli.registry import run_checked_pipeline
 from veclip.pipeline import RECORDS_DIR, PipelineConfig, available, load, run_pipeline
-from veclip.stages import run_checked_pipeline
 
 RECIPES = ("demo", "laclip-3m", "laclip-12m", "laclip-300m", "veclip-3m", "veclip-12m", "veclip-300m")
 TINY = [
@@ -52,7 +52,7 @@ def test_vars_placeholders_and_conditions(tmp_path):
         run_checked_pipeline(PipelineConfig(str(typo), "i", str(tmp_path / "o")), log=lambda *_: None)
     stageless = tmp_path / "stageless.yaml"
     stageless.write_text("name: s\nsteps:\n  - name: a\n    run: smaple --output {output}\n")
-    with pytest.raises(ValueError, match="step a: no stage 'smaple'"):
+    with pytest.raises(ValueError, match="step a: no command 'smaple'"):
         run_checked_pipeline(PipelineConfig(str(stageless), "i", str(tmp_path / "o")), log=lambda *_: None)
 
 

@@ -72,9 +72,10 @@ def test_sampling_reads_the_first_pages_of_a_shard_not_its_whole_row_group(tmp_p
     import pyarrow as pa
     from fsspec.implementations.local import LocalFileSystem
 
+    from veclip.parquet_files import write_parquet
     from veclip.plan import sample_rows
     from veclip.rewrite.config import preset
-    from veclip.storage import StorageOptions, write_parquet
+    from veclip.storage import StorageOptions
 
     (tmp_path / "in").mkdir()
     rows = 1000

@@ -19,7 +19,7 @@ from s3_faults import Fault, FaultProxy
 
 from veclip.rewrite.config import FaultConfig, fingerprint, preset
 from veclip.rewrite.engine import Completion
-from veclip.rewrite.pipeline import EngineUnavailable, Rewrite, check_engine_python, list_inputs, plan_run
+from veclip.rewrite.stage import EngineUnavailable, Rewrite, check_engine_python, list_inputs, plan_run
 from veclip.rewrite.workers import ShardRewriter
 from veclip.shards.driver import record_plan, shard_rows
 from veclip.shards.guard import DONE, FAILED, RunContext, ShardGuard, running_on
@@ -184,7 +184,7 @@ def test_transient_errors_are_retried(sample_root, tmp_path):
     # told, not hidden: the shard retried, its lost tries' errors, in the summary and its printout
     assert summary["shards"]["retried"] == 1 and summary["retried"]["part-00000.parquet"]["tries"] == 3
     assert "connection reset" in summary["retried"]["part-00000.parquet"]["errors"][-1]
-    from veclip.rewrite.pipeline import render_summary
+    from veclip.rewrite.stage import render_summary
 
     assert "retried 1 shard(s) whose earlier try was lost or failed" in render_summary(summary)
     attempts = tmp_path / "out" / CURRENT.attempts / "rewrite"
@@ -479,7 +479,7 @@ def test_engine_secrets_never_reach_the_summary_or_records(sample_root, tmp_path
     )  # names like *_tokens are not secrets
     records = list((tmp_path / "out").rglob("*.json"))
     assert len(records) >= 6 and not [r for r in records if token in r.read_text()]
-    from veclip.rewrite.pipeline import _remote_args
+    from veclip.rewrite.stage import _remote_args
 
     env_vars = _remote_args(config.laclip.pool, config.laclip)["runtime_env"]["env_vars"]
     assert env_vars == {
@@ -508,9 +508,11 @@ def test_a_shard_with_duplicate_or_null_keys_is_refused_not_retried_and_names_th
 def test_a_one_row_group_shard_is_rewritten_a_batch_at_a_time(tmp_path, monkeypatch):
     """Shards in one row group (as pyarrow writes them by default): the worker checks, rewrites and
     writes the enriched shard holding a batch of images at a time, so memory does not grow with rows."""
-    from veclip import storage
+    from veclip import parquet_files
 
-    monkeypatch.setattr(storage, "ROW_GROUP_TARGET_BYTES", 1_000_000)  # the writer's buffer (128 MiB in production)
+    monkeypatch.setattr(
+        parquet_files, "ROW_GROUP_TARGET_BYTES", 1_000_000
+    )  # the writer's buffer (128 MiB in production)
     images, held, sizes = noise_jpegs(200, side=128), {}, {}
     for n in (2_000, 8_000):
         keys = [f"k{i:05d}" for i in range(n)]

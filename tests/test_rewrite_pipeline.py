@@ -23,7 +23,7 @@ from processes import descendants, kill_all, kill_job_when, pids_matching, wait_
 from veclip import schema
 from veclip.processes import pid_alive
 from veclip.rewrite.config import build_config, fingerprint
-from veclip.rewrite.pipeline import Rewrite, render_summary, run_rewrite
+from veclip.rewrite.stage import Rewrite, render_summary, run_rewrite
 from veclip.shards.card import models_in
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import CARD_FILE, CURRENT

@@ -18,7 +18,7 @@ from processes import kill_job_when, pids_matching, wait_for
 from s3_faults import Fault, FaultProxy
 
 from veclip.rewrite.config import build_config
-from veclip.rewrite.pipeline import run_rewrite
+from veclip.rewrite.stage import run_rewrite
 from veclip.shards.layout import CURRENT
 from veclip.shards.store import ShardStore
 from veclip.storage import Location

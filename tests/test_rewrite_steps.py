@@ -137,7 +137,7 @@ def _rewrite_in_process(tmp_path, url=None, options=None, output="out", mode="ve
     import pyarrow.parquet as pq
 
     from veclip.rewrite.config import fingerprint
-    from veclip.rewrite.pipeline import Rewrite, plan_run
+    from veclip.rewrite.stage import Rewrite, plan_run
     from veclip.rewrite.workers import ShardCaptioner, ShardRewriter
     from veclip.shards.driver import record_plan, shard_rows
     from veclip.shards.guard import RunContext
@@ -395,7 +395,7 @@ def test_a_caption_output_read_a_batch_at_a_time_reads_each_caption_table_once(t
 def test_a_dry_run_plans_what_a_rerun_would_skip_and_writes_nothing(tmp_path):
     """--dry-run: the plan (shards done, to do, pools and what they ask) from a listing and the footers,
     with no lease, no marker, no manifest written; a rerun's skips are the done shards."""
-    from veclip.rewrite.pipeline import dry_run_rewrite
+    from veclip.rewrite.stage import dry_run_rewrite
 
     fresh = dataclasses.replace(CONFIG, input="unused", output=str(tmp_path / "fresh"))
     config, _ = _rewrite_in_process(tmp_path)  # both shards done (stub engines)

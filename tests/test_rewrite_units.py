@@ -141,7 +141,7 @@ def test_presets_and_overrides(tmp_path):
         apply_overrides(default, ["fuser.pool.max_actor=4"])
     with pytest.raises(ValueError, match="expected key=value"):
         apply_overrides(default, ["fuser.pool.max_actors"])
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="expected one of vecap, laclip, both"):
         apply_overrides(default, ["mode=everything"])
     with pytest.raises(ValueError, match="max_actors"):
         apply_overrides(default, ["fuser.pool.max_actors=many"])
@@ -382,7 +382,7 @@ def test_an_actor_on_a_gpu_kills_the_engines_orphaned_on_its_devices(monkeypatch
 def test_a_pools_summary_splits_its_engines_time_from_the_markers():
     """Per actor, the running counts at its first shard's start and its last one's end: steps, preparing inputs
     and nothing queued, each a share of the actor's wall time; shown in the summary's pool line."""
-    from veclip.rewrite.pipeline import pool_stats
+    from veclip.rewrite.stage import pool_stats
     from veclip.shards.marker import Marker
 
     def marker(name, start, end, counts_from, counts_to):

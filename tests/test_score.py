@@ -21,7 +21,7 @@ from veclip import schema
 from veclip.dataset import open_dataset, read_shard
 from veclip.score import steps
 from veclip.score.config import build_config
-from veclip.score.pipeline import FingerprintMismatch, run_score
+from veclip.score.stage import FingerprintMismatch, run_score
 from veclip.shards.layout import CARD_FILE, CURRENT
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore

@@ -62,6 +62,7 @@ def test_a_plan_becomes_its_simulated_run_at_both_ends_of_its_rates():
     a shard's minutes are its rows times requests per row over the rate, at the fast and the slow end."""
     from veclip.plan import simulated_runs
     from veclip.rewrite.config import preset
+    from veclip.shards.simulate import Fleet
 
     config = preset("default")
     per_row = {"captioner": 1.0, "fuser": 1.0, "laclip": 4.0}
@@ -75,7 +76,7 @@ def test_a_plan_becomes_its_simulated_run_at_both_ends_of_its_rates():
             for r, n in per_row.items()
         ],
     }
-    fleet = {"preemption_per_hour": 0.05}
+    fleet = Fleet(preemption_per_hour=0.05)
     (fast_label, fast), (slow_label, slow) = simulated_runs(plan, config, "H100", 5.0, fleet)
     assert fast_label.startswith("fast end") and slow_label.startswith("slow end")
     captioner, fuser = fast.pools

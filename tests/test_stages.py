@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO, veclip_cli
 
 from veclip.cli import command_reference
+from veclip.cli.registry import commands, parsed_args
 from veclip.config import describe
-from veclip.stages import STAGES, parse_stage_args
 from veclip.train.config import build_config as train_config
 
 
@@ -19,10 +19,10 @@ def _presets(name: str) -> tuple[str, ...]:
     return ("default", "tiny") if name in ("rewrite", "train") else ("default",)
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
+@pytest.mark.parametrize("name", sorted(commands()))
 def test_every_config_field_says_what_it_does(name):
     for preset in _presets(name):
-        undocumented = [key for key, _, doc in describe(STAGES[name].preset(preset)) if not doc]
+        undocumented = [key for key, _, doc in describe(commands()[name].preset(preset)) if not doc]
         assert not undocumented, f"{name} --preset {preset}: fields without a '#' doc: {undocumented}"
 
 
@@ -36,7 +36,7 @@ def test_config_show_prints_fields_values_and_docs():
 def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
     config_file = tmp_path / "train.json"
     config_file.write_text(json.dumps({"steps": 7, "batch_size": 16, "captions": {"mode": "vecap"}}))
-    config = parse_stage_args(
+    config = parsed_args(
         "train",
         [
             "--data",
@@ -54,16 +54,14 @@ def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
         ],
     )
     assert (config.steps, config.batch_size, config.captions.mode, config.model) == (7, 8, "laclip", "veclip-tiny")
-    sample = parse_stage_args("sample", ["--out", "x", "--rows", "10", "--set", "jpeg_quality=70"])
+    sample = parsed_args("sample", ["--out", "x", "--rows", "10", "--set", "jpeg_quality=70"])
     assert (sample.output, sample.rows, sample.jpeg_quality, sample.eval_rows) == ("x", 10, 70, 500)
-    evaluation = parse_stage_args(
-        "eval", ["--model", "m", "--data", "d", "--batch-size", "32", "--cpus-per-worker", "0.5"]
-    )
+    evaluation = parsed_args("eval", ["--model", "m", "--data", "d", "--batch-size", "32", "--cpus-per-worker", "0.5"])
     assert (evaluation.batch_size, evaluation.cpus_per_worker) == (32, 0.5)  # once set only in code
     with pytest.raises(ValueError, match="unknown config field"):
-        parse_stage_args("validate", ["u", "--set", "sample_per_shrad=3"])
+        parsed_args("validate", ["u", "--set", "sample_per_shrad=3"])
     # a flag and the --set it needs are applied together: weighted mode is valid only with its weights
-    weighted = parse_stage_args(
+    weighted = parsed_args(
         "train",
         [
             "--data",
@@ -85,13 +83,13 @@ def test_one_way_to_build_a_config_preset_file_flags_set(tmp_path):
     assert train_config("tiny", None, [], input="d", output="o", add_captions=()).add_captions == ()
     assert train_config("tiny", None, [], input="d", output="o", add_captions=("a", "b")).add_captions == ("a", "b")
     with pytest.raises(ValueError, match="weighted mode needs"):
-        parse_stage_args("train", ["--data", "d", "--output", "o", "--caption-mode", "weighted"])
+        parsed_args("train", ["--data", "d", "--output", "o", "--caption-mode", "weighted"])
 
 
 def test_the_tiny_rewrite_preset_is_pure(tmp_path, monkeypatch):
     """Building a config builds no models: that happens when a rewrite runs."""
     monkeypatch.setenv("VECLIP_CACHE", str(tmp_path / "cache"))
-    config = parse_stage_args("rewrite", ["--input", "i", "--output", "o", "--preset", "tiny"])
+    config = parsed_args("rewrite", ["--input", "i", "--output", "o", "--preset", "tiny"])
     assert config.fuser.engine.model == str(tmp_path / "cache" / "tiny-models" / "llm")
     assert not (tmp_path / "cache").exists()
 
@@ -171,7 +169,7 @@ def test_the_import_graph_has_no_circles_between_modules_or_packages():
 def test_production_code_never_imports_the_sample_world():
     """The world registers its presets through an entry point; only the demo, the CLI's registry and the
     demo's report reach into it."""
-    users = {"veclip.world", "veclip.demo", "veclip.stages", "veclip.report"}
+    users = {"veclip.world", "veclip.demo", "veclip.cli", "veclip.report"}
     graph = _graph(package_level=True)
     offenders = sorted(m for m, targets in graph.items() if "veclip.world" in targets and m not in users)
     assert not offenders, f"production packages import veclip.world: {offenders}"
@@ -191,21 +189,19 @@ def test_the_sharded_stages_share_the_engine_and_not_each_other():
 
 
 def test_one_flag_vocabulary_with_the_old_spellings_kept():
-    assert parse_stage_args("train", ["--input", "d", "--output", "o"]) == parse_stage_args(
+    assert parsed_args("train", ["--input", "d", "--output", "o"]) == parsed_args(
         "train", ["--data", "d", "--output", "o"]
     )
-    assert parse_stage_args("eval", ["--model", "m", "--input", "d", "--output", "x"]) == parse_stage_args(
+    assert parsed_args("eval", ["--model", "m", "--input", "d", "--output", "x"]) == parsed_args(
         "eval", ["--model", "m", "--data", "d", "--out", "x"]
     )
-    assert (
-        parse_stage_args("sample", ["--output", "x"]).output == parse_stage_args("sample", ["--out", "x"]).output == "x"
-    )
+    assert parsed_args("sample", ["--output", "x"]).output == parsed_args("sample", ["--out", "x"]).output == "x"
 
 
 def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):
     from veclip.eval.run import EvalConfig, evaluate
     from veclip.rewrite.config import preset
-    from veclip.rewrite.pipeline import plan_run
+    from veclip.rewrite.stage import plan_run
     from veclip.storage import StorageOptions
 
     (tmp_path / "in").mkdir()
@@ -214,3 +210,41 @@ def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):
     config = dataclasses.replace(preset("default"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match=r"rewrite: no .parquet shards in .*veclip import"):
         plan_run(config, StorageOptions(), "f", False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToyConfig:
+    input: str = ""  # what the toy reads
+    output: str = ""  # where the toy writes
+    knob: int = 7  # how far the toy turns its knob
+
+
+def test_a_documented_config_field_is_a_flag_with_help_a_docs_line_and_the_submit_and_pipeline_checks(
+    monkeypatch, tmp_path, capsys
+):
+    """A command is declared once: adding a field with its documentation to the toy's config (``knob``) is the
+    only edit that makes its flag, its help, its line in docs/stages.md's block and its submit/pipeline checks."""
+    from veclip.cli import build_parser, main
+    from veclip.cli.registry import checked_args, run_checked_pipeline
+    from veclip.command import Command, Said
+    from veclip.pipeline import PipelineConfig
+
+    def run(config, options, run_options):
+        return Said(f"toy: knob at {config.knob}", 0 if config.knob < 10 else 3)
+
+    monkeypatch.setitem(commands(), "toy", Command("toy", "a toy stage", _ToyConfig, run, submittable=True))
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "--knob N how far the toy turns its knob (default 7)" in " ".join(sub.choices["toy"].format_help().split())
+    line = next(line for line in command_reference().splitlines() if line.startswith("veclip toy"))
+    assert "[--knob N]" in line and "--config" not in line  # every field is a flag: nothing to --set
+    assert checked_args("toy", ["--input", "a", "--output", "b", "--knob", "3"]).knob == 3
+    with pytest.raises(SystemExit):  # argparse: the field's type
+        checked_args("toy", ["--knob", "three"])
+    assert main(["toy", "--knob", "12"]) == 3 and "toy: knob at 12" in capsys.readouterr().out
+    spec = tmp_path / "toy.yaml"
+    spec.write_text("name: toy\nsteps:\n  - name: turn\n    run: toy --input {input} --output {output} --knob 4\n")
+    config = PipelineConfig(str(spec), "in", str(tmp_path / "out"), dry_run=True)
+    assert run_checked_pipeline(config, log=lambda line: None) == 0
+    spec.write_text(spec.read_text().replace("--knob 4", "--knob four"))
+    with pytest.raises((SystemExit, ValueError)):
+        run_checked_pipeline(config, log=lambda line: None)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import MemoryPeak, veclip_cli
 
-from veclip import storage
+from veclip import parquet_files, storage
 from veclip.shards import store as shard_store
 from veclip.shards.layout import CURRENT, output_shard_name
 from veclip.shards.marker import Failure, Marker, PoolStats
@@ -55,7 +55,7 @@ def test_round_trip_markers_and_listing(root):
 
 def test_shard_without_marker_is_not_done(root):
     """A shard written but never marked (a crash in between) is not done: a rerun redoes it."""
-    storage.write_parquet(root.fs, root.join("x.parquet"), _table(2))
+    parquet_files.write_parquet(root.fs, root.join("x.parquet"), _table(2))
     store = ShardStore(root)
     assert store.done() == set() and store.shards() == []
     assert [p.rsplit("/", 1)[1] for p in storage.list_shards(root)] == ["x.parquet"]
@@ -109,9 +109,11 @@ def test_endpoint_from_standard_environment(s3_bucket, monkeypatch):
 
 def test_row_groups_are_sized_by_bytes(tmp_path):
     table = _table(100)  # ~100 bytes of image per row
-    rows = storage.row_group_rows(table, target_bytes=1000)
+    rows = parquet_files.row_group_rows(table, target_bytes=1000)
     assert 5 <= rows <= 10
-    storage.write_parquet(storage.filesystem(str(tmp_path))[0], str(tmp_path / "t.parquet"), table, target_bytes=1000)
+    parquet_files.write_parquet(
+        storage.filesystem(str(tmp_path))[0], str(tmp_path / "t.parquet"), table, target_bytes=1000
+    )
     meta = pq.ParquetFile(tmp_path / "t.parquet").metadata
     assert meta.num_row_groups == -(-100 // rows) and meta.row_group(0).num_rows == rows
 
@@ -257,7 +259,7 @@ def test_a_one_row_group_shard_is_read_and_written_a_batch_at_a_time(tmp_path):
     assert held[20_000] < 1.3 * held[5_000], held  # a row group at a time: 4x (15 MB -> 60 MB)
 
     batches = storage.read_batches(fs, str(tmp_path / "one.parquet"))
-    assert storage.write_parquet(fs, str(tmp_path / "out.parquet"), batches, target_bytes=6_000_000) == 20_000
+    assert parquet_files.write_parquet(fs, str(tmp_path / "out.parquet"), batches, target_bytes=6_000_000) == 20_000
     written = pq.ParquetFile(tmp_path / "out.parquet")
     assert written.read().equals(table) and 8 <= written.num_row_groups <= 12  # ~2 MB row groups
     assert not written.metadata.row_group(0).column(1).has_dictionary_page  # images are never dictionary-encoded
@@ -267,7 +269,7 @@ def test_a_one_row_group_shard_is_read_and_written_a_batch_at_a_time(tmp_path):
         raise OSError("the input went away")
 
     with pytest.raises(OSError, match="went away"):
-        storage.write_parquet(fs, str(tmp_path / "out.parquet"), failing())
+        parquet_files.write_parquet(fs, str(tmp_path / "out.parquet"), failing())
     assert pq.read_table(tmp_path / "out.parquet").equals(table)  # the old file stands, no temp file is left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "out.parquet"]
     empty = pq.ParquetFile(tmp_path / "one.parquet").schema_arrow.empty_table()

@@ -215,10 +215,10 @@ def test_the_decode_transform_is_open_clips_without_building_the_model():
     # built from the model's config (milliseconds), not by creating the model (seconds per decode process)
     import open_clip
 
-    from veclip.train.data import _augment_and_tokenizer
+    from veclip.train.augment import augment_and_tokenizer
 
     for name in ("veclip-tiny", "ViT-B-16"):
-        augment, size, _ = _augment_and_tokenizer(name)
+        augment, size, _ = augment_and_tokenizer(name)
         _, reference, _ = open_clip.create_model_and_transforms(name, load_weights=False)
         kept = [t for t in reference.transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
         assert repr(augment) == repr(kept) and size == ((64, 64) if name == "veclip-tiny" else (224, 224))
@@ -231,7 +231,7 @@ def test_the_resized_crop_draws_torchvisions_parameters(monkeypatch):
     from PIL import Image
     from torchvision.transforms import RandomResizedCrop, functional
 
-    from veclip.train.data import _resized_crop
+    from veclip.train.augment import resized_crop
 
     boxes = []
     monkeypatch.setattr(
@@ -239,7 +239,7 @@ def test_the_resized_crop_draws_torchvisions_parameters(monkeypatch):
     )
     crop = RandomResizedCrop(32, scale=(0.5, 1.0))
     for seed in range(300):
-        _resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
+        resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
     for top, left, h, w in boxes:  # inside the image, area and aspect within the transform's ranges
         assert 0 <= top <= 60 - h and 0 <= left <= 80 - w
         assert 0.5 * 4800 * 0.97 <= h * w <= 4800 and 3 / 4 * 0.93 <= w / h <= 4 / 3 * 1.07
@@ -249,9 +249,9 @@ def test_the_resized_crop_draws_torchvisions_parameters(monkeypatch):
         functional, "resized_crop", lambda image, top, left, h, w, *_, **__: again.append((top, left, h, w))
     )
     for seed in range(300):
-        _resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
+        resized_crop(crop, Image.new("RGB", (80, 60)), random.Random(seed))
     assert again == boxes  # ...and the same for the same seed
-    _resized_crop(crop, Image.new("RGB", (200, 4)), random.Random(0))  # no crop fits: torchvision's central fallback
+    resized_crop(crop, Image.new("RGB", (200, 4)), random.Random(0))  # no crop fits: torchvision's central fallback
     assert again[-1] == (0, (200 - round(4 * 4 / 3)) // 2, 4, round(4 * 4 / 3)) and math.isfinite(again[-1][2])
 
 
@@ -264,7 +264,7 @@ def test_device_decode_matches_the_cpu_path_and_refuses_what_it_refuses(sample_t
     from PIL import Image
 
     from veclip.images import encode_jpeg
-    from veclip.train.data import decode_on_device, device_crop_for
+    from veclip.train.augment import decode_on_device, device_crop_for
 
     rows = sample_table.slice(0, 12).to_pylist()
     big = Image.effect_mandelbrot((300, 200), (-2, -1, 1, 1), 60).convert("RGB")

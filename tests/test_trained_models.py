@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from veclip.rewrite.config import build_config, ensure_models
-from veclip.rewrite.pipeline import run_rewrite
+from veclip.rewrite.stage import run_rewrite
 from veclip.world.build import ModelsConfig, ensure_built
 from veclip.world.generate import SampleConfig, generate
 from veclip.world.quality import measure, read_rows

@@ -28,6 +28,10 @@ def _coerce(value, hint):
         if value in (None, "None", "null", ""):
             return None
         return _coerce(value, args[0])
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"expected one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):
         if isinstance(hint, type) and hint is ColumnMap and isinstance(value, str):
             return ColumnMap.parse(value)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from veclip.eval.run import RANKS_FILE
+from veclip.command import Command, Flag, Said
 from veclip.pipeline import PipelineConfig, run_pipeline, step_seconds
 from veclip.report import comparison, write_report
 from veclip.shards.layout import CURRENT
 from veclip.storage import Location, StorageOptions, read_json
-from veclip.train.checkpoint import RUN_SUMMARY_FILE, metric_history
 from veclip.world.build import ModelsConfig
 from veclip.world.build import ensure_built as ensure_models
 from veclip.world.presets import TRAINED_PRESETS
@@ -43,7 +43,8 @@ class DemoConfig:
     shards: int = 4  # shards per split
     seed: int = 0  # the sample data's seed
     steps: int = 300  # CLIP training steps per caption mode
-    models: str = "full"  # the captioner and LLM: trained here at this scale (full: built once, ~10 min; quick: tests)
+    # the captioner and LLM: trained here at this scale (full: built once, ~10 min; quick: tests)
+    models: Literal["full", "quick"] = "full"
 
 
 def pipeline_config(config: DemoConfig, root: Location) -> PipelineConfig:
@@ -65,12 +66,16 @@ def pipeline_config(config: DemoConfig, root: Location) -> PipelineConfig:
 
 def _ranks(root: Location, mode: str) -> dict:
     """The eval's per-image ranks (none from an eval made before they were written: its metrics are left out)."""
+    from veclip.eval.run import RANKS_FILE
+
     path = root.join("eval", mode, RANKS_FILE)
     return read_json(root.fs, path) if root.fs.exists(path) else {}
 
 
 def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     """Returns a process exit code: 0 when every step succeeded."""
+    from veclip.train.checkpoint import RUN_SUMMARY_FILE, metric_history
+
     options = options or StorageOptions()
     root = Location(config.output, options)
     if not root.is_local:
@@ -99,3 +104,12 @@ def run_demo(config: DemoConfig, options: StorageOptions | None = None) -> int:
     print(comparison(runs))
     print(f"demo: done in {time.perf_counter() - start:.0f}s; report: {report} (and report.html)")
     return 0
+
+
+COMMAND = Command(
+    "demo",
+    "the demo pipeline on built-in sample data (local), then its report",
+    DemoConfig,
+    lambda config, options, run=None: Said("", run_demo(config, options)),  # it prints as it goes
+    flags=(Flag("output", aliases=("--out",), metavar="URL"), "rows", "seed", "steps", "models"),
+)

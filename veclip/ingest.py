@@ -27,15 +27,18 @@ import os
 import posixpath
 import tarfile
 import tempfile
+import typing
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veclip import schema
+from veclip.command import Command, Flag, Said
 from veclip.images import IMAGE_EXTENSIONS, ImageError, ImageLimits, open_image, resize_jpeg
 from veclip.shards.card import write_card
 from veclip.shards.layout import output_shard_name
@@ -55,7 +58,8 @@ from veclip.storage import (
     with_retries,
 )
 
-FORMATS = ("auto", "webdataset", "csv")
+Format = Literal["auto", "webdataset", "csv"]
+FORMATS = typing.get_args(Format)
 STAGE = "import"
 MEMBER_TOO_LARGE = "member_too_large"  # a tar member over image_limits.max_bytes, left unread
 PATH_OUTSIDE_SOURCE = "path_outside_source"  # a CSV image path outside the CSV's folder
@@ -69,13 +73,14 @@ CSV_FIELD_LIMIT = 128 * 1024  # the csv module's default: larger fields are read
 class ImportConfig:
     source: str = ""  # a folder of .tar shards, or a .csv file
     output: str = ""  # output folder or s3:// prefix
-    format: str = "auto"  # auto (from the source), webdataset or csv
+    format: Format = "auto"  # auto (from the source), webdataset or csv
     # For CSV: which columns hold the image path, the caption and (optionally) the key.
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
     rows_per_shard: int = 10_000  # CSV: rows per output shard
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # max_bytes also bounds every tar member
     allow_outside_paths: bool = False  # CSV: also read absolute paths, URLs and paths above the CSV's folder
-    resize: int = 0  # > 0: images whose short side is larger are resized to it and re-encoded as JPEG (quality 90)
+    # pre-resize: images with a larger short side are scaled to this (e.g. 384) and re-encoded as JPEG (quality 90)
+    resize: int = 0
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -468,3 +473,20 @@ def _refuse_another_cut(store: ShardStore, config: ImportConfig) -> None:
             "limits changed. A rerun would duplicate or lose rows against the shards cut the old way, or mix two "
             "treatments of the images: import into a new output, or remove this one first"
         )
+
+
+COMMAND = Command(
+    "import",
+    "convert webdataset tars or a CSV of image paths into Parquet shards",
+    ImportConfig,
+    lambda config, options, run=None: Said(run_import(config, options).render()),
+    flags=(
+        Flag("source", "source", metavar="SOURCE"),
+        Flag("output", aliases=("--out",), required=True, metavar="URL"),
+        "format",
+        "columns",
+        "rows_per_shard",
+        Flag("resize", metavar="PX"),
+        "allow_outside_paths",
+    ),
+)

@@ -1,5 +1,5 @@
 """Ray jobs on a cluster, as a client sees them: the connection (with Ray's token auth), a job's status,
-waiting for it, its logs. Apart from :mod:`veclip.jobs` (which builds and submits stage jobs) so that a
+waiting for it, its logs. Apart from :mod:`veclip.cli.jobs` (which builds and submits stage jobs) so that a
 pipeline can attach to a job it submitted earlier without importing the stage registry.
 """
 

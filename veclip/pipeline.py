@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from veclip.command import Command, Flag
 from veclip.storage import Location, StorageOptions, read_json, write_json
 
 RECORDS_DIR = "_pipeline"  # <output>/_pipeline/<step>.json: the steps finished
@@ -253,3 +254,20 @@ def step_seconds(output: str, options: StorageOptions | None = None) -> dict[str
         if record and "seconds" in record:  # (a step submitted and not yet finished has none)
             out[record["step"]] = record["seconds"]
     return out
+
+
+COMMAND = Command(
+    "pipeline",
+    "run a pipeline (a chain of stages in one file) on an input, resuming at its first unfinished step",
+    PipelineConfig,
+    "veclip.cli.registry:run_pipeline_command",  # its steps are checked by the commands they name
+    flags=(
+        Flag("pipeline", "pipeline", metavar="PIPELINE"),
+        Flag("input", metavar="URL"),
+        Flag("output", aliases=("--out",), metavar="URL"),
+        Flag("vars", "--var", metavar="NAME=VALUE"),
+        "submit",
+        "address",
+        "dry_run",
+    ),
+)

@@ -16,19 +16,17 @@ import dataclasses
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from veclip.rewrite.config import RewriteConfig
+from veclip.command import Command, Flag, Said, leaf_fields
+from veclip.rewrite.config import RewriteConfig, build_from, preset
 from veclip.shards.layout import layout_of
+from veclip.shards.simulate import Fleet, SimConfig
 from veclip.storage import Location, StorageOptions, list_shards, streaming_parquet
-
-if TYPE_CHECKING:
-    from veclip.shards.simulate import SimConfig
 
 # [estimate] docs/scaling.md "Throughput per stage": requests/s per H100 (low, high); L40S at 0.3-0.4x
 ESTIMATED_RATES = {"captioner": (15.0, 40.0), "fuser": (100.0, 150.0), "laclip": (100.0, 150.0)}
@@ -98,7 +96,7 @@ def plan_rewrite(
 ) -> dict:
     """The plan (see the module doc): the measuring run on ``rows`` sampled rows, projected. The measuring
     run is kept in ``config.output`` (``sample/`` and ``rewrite/``) unless that is :data:`TEMPORARY`."""
-    from veclip.rewrite.pipeline import dry_run_rewrite, run_rewrite
+    from veclip.rewrite.stage import dry_run_rewrite, run_rewrite
 
     options = options or StorageOptions()
     prices = {**PRICES, **(prices or {})}
@@ -186,7 +184,7 @@ def simulated_runs(
     ``max_actors``, the input's shards at its mean rows, a shard's minutes on one actor from those rows times
     each role's requests per row over its rate on ``gpu`` (per GPU, times the actor's GPUs); once at the rates'
     fast end and once at their slow end when they differ. ``(label, config)`` pairs."""
-    from veclip.shards.simulate import SimConfig, SimPool
+    from veclip.shards.simulate import SimPool
 
     known = [p for p in plan["pools"] if gpu in p["rates"]]
     if len(known) < len(plan["pools"]):
@@ -213,9 +211,74 @@ def simulated_runs(
             rows_per_shard=rows_per_shard,
             pools=tuple(pools),
             gpu_hour_usd=plan["prices"][gpu],
-            **fleet,
+            **fleet.sim_fields(),
         )
         rates = "; ".join(f"{p['role']} {p['rates'][gpu][index]:.3g} requests/s per {gpu} {p['source']}" for p in known)
         label = f"{end + ' end of the ' if end else ''}rates: {rates}"
         runs.append((label, sim))
     return runs
+
+
+@dataclass(frozen=True)
+class PlanRun:
+    """``veclip plan``'s run options."""
+
+    rows: int = 64  # rows sampled from the input and rewritten to measure
+    calibration: str | None = None  # a rewrite output on the GPUs you consider: its rates
+    price: tuple[str, ...] = ()  # dollars per GPU-hour, one GPU each (default H100=4.0, L40S=1.9)
+    # then simulate the whole run on spot nodes (the pools at max_actors, shards timed from the plan's rates):
+    # finish time, goodput, cost, shards redone
+    simulate: bool = False
+    gpu: str = "H100"  # --simulate: the GPU whose rates and price it uses
+    engine_start_minutes: float = 5.0  # --simulate: an engine's load time
+    fleet: Fleet = field(default_factory=Fleet)  # --simulate: the fleet's faults
+
+
+def plan_config(preset_name: str, config_file: str | None, fields: dict, overrides) -> RewriteConfig:
+    """The rewrite's config as ``veclip rewrite`` builds it; its output is where the measuring run goes (a
+    temporary folder unless ``--scratch``)."""
+    config = build_from(preset_name, config_file, fields, overrides)
+    return config if config.output else dataclasses.replace(config, output=TEMPORARY)
+
+
+def run_plan(config: RewriteConfig, options: StorageOptions, run: PlanRun) -> Said:
+    from veclip.shards.simulate import render_runs, simulate_seeds
+
+    prices = {gpu: float(dollars) for gpu, _, dollars in (p.partition("=") for p in run.price)}
+    plan = plan_rewrite(config, options, run.rows, run.calibration, prices)
+    lines, finished = [render_plan(plan)], True
+    for label, sim in (
+        simulated_runs(plan, config, run.gpu, run.engine_start_minutes, run.fleet) if run.simulate else ()
+    ):
+        print("\n".join(lines), flush=True)  # the plan first: a simulation takes a while
+        runs = simulate_seeds(sim, run.fleet.seeds)
+        lines = [f"plan --simulate: {label}", render_runs(sim, runs)]
+        finished &= all(r.finished for r in runs)
+    return Said("\n".join(lines), 0 if finished else 2)
+
+
+COMMAND = Command(
+    "plan",
+    "before a rewrite: measure sampled rows with the preset's own models, project requests, tokens, GPU-hours and cost",
+    RewriteConfig,
+    run_plan,
+    flags=(
+        Flag("input", required=True, metavar="URL"),
+        "mode",
+        "columns",
+        Flag("output", "--scratch", metavar="DIR", help="keep the measuring run here (default: a temporary folder)"),
+    ),
+    options=PlanRun,
+    run_flags=(
+        "rows",
+        Flag("calibration", metavar="URL"),
+        Flag("price", metavar="GPU=DOLLARS"),
+        "simulate",
+        "gpu",
+        "engine_start_minutes",
+        *leaf_fields(Fleet, "fleet."),
+    ),
+    presets=preset,
+    preset_help="the rewrite's",
+    builder=plan_config,
+)

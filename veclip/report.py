@@ -147,7 +147,7 @@ def write_report(
     """Write ``report.md``, ``report.html``, ``loss.png`` and ``eval.png`` into ``out``. ``runs``: per
     caption mode, its train summary, eval results and loss history; ``gate``: the score stage's summary."""
     from veclip.eval.run import render_markdown
-    from veclip.rewrite.pipeline import render_summary as render_rewrite
+    from veclip.rewrite.stage import render_summary as render_rewrite
     from veclip.train.trainer import run_samples_per_s
     from veclip.world.build import render as render_models
     from veclip.world.quality import render as render_quality
@@ -224,7 +224,7 @@ def write_report(
             render_markdown(run["eval"]).replace("# Evaluation of", "Evaluation of", 1),
         ]
     if gate:
-        from veclip.score.pipeline import render_summary as render_gate
+        from veclip.score.stage import render_summary as render_gate
 
         lines += [
             "## Caption gate",

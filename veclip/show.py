@@ -20,6 +20,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from veclip import schema
+from veclip.command import Command, Flag, Said, comma_list
 from veclip.dataset import Dataset, open_dataset, read_shard_batches
 from veclip.images import ImageError, decode_image
 from veclip.storage import StorageOptions
@@ -221,3 +222,22 @@ def show(config: ShowConfig, options: StorageOptions | None = None) -> str:
         return render_terminal(table, dataset)
     pages = write_html(table, dataset, config.html, config.page_rows)
     return f"show: {table.num_rows} row(s) of {dataset.url} in {len(pages)} page(s): {', '.join(pages)}"
+
+
+COMMAND = Command(
+    "show",
+    "look at rows of a dataset or stage output: captions beside their images, flags, reasons",
+    ShowConfig,
+    lambda config, options, run=None: Said(show(config, options)),
+    flags=(
+        Flag("url", "url", metavar="URL"),
+        "rows",
+        "offset",
+        Flag("keys", parse=comma_list),
+        "where",
+        Flag("html", metavar="FILE"),
+        "page_rows",
+        Flag("add_captions", metavar="URL[#COLUMNS]"),
+        "columns",
+    ),
+)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from veclip.command import Command, Flag
 from veclip.console import eta
 from veclip.rewrite.engine import WAITS
 from veclip.shards.layout import is_output_folder
@@ -35,6 +36,10 @@ class Status:
     url: str
     done: bool
     lines: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.done else 1
 
     def render(self) -> str:
         head = f"{self.kind} {self.url}: {'DONE' if self.done else 'NOT DONE'}"
@@ -173,3 +178,12 @@ def status(config: StatusConfig, options: StorageOptions | None = None) -> Statu
         f"status: {config.url} is neither a rewrite or score output (no .veclip/ records) nor a training run "
         f"(no {RUN_FILE}, checkpoint_*); for a training run pass <output>/<name>"
     )
+
+
+COMMAND = Command(
+    "status",
+    "how far a rewrite or score output or a training run is: shards/steps, rows/s, ETA, flags; exit 0 when done",
+    StatusConfig,
+    lambda config, options, run=None: status(config, options),
+    flags=(Flag("url", "url", metavar="URL"),),
+)

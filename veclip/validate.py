@@ -19,6 +19,7 @@ import posixpath
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
+from veclip.command import Command, Flag
 from veclip.dataset import first_difference
 from veclip.images import ImageError, ImageLimits, decode_image
 from veclip.keyindex import KeyIndex
@@ -43,7 +45,7 @@ class ValidateConfig:
     columns: schema.ColumnMap = field(
         default_factory=schema.ColumnMap
     )  # the dataset's column names for the contract's roles (see schema.ColumnMap)
-    images: str = "sample"  # sample | full | none
+    images: Literal["sample", "full", "none"] = "sample"  # decode a sample per shard, every image, or none
     sample_per_shard: int = 32  # images decoded per shard with images=sample
     sample_row_groups: int = 1  # row groups per shard the sample is drawn from (their image bytes are all that is read)
     max_bad_image_share: float = 0.0  # of checked images
@@ -107,6 +109,10 @@ class ValidationReport:
     def bad_image_share(self) -> float:
         total = self.totals
         return total.bad_images / total.images_checked if total.images_checked else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.usable else 1
 
     @property
     def usable(self) -> bool:
@@ -291,3 +297,24 @@ def _validate_shards(config: ValidateConfig, location: Location) -> ValidationRe
             Problem("duplicate_key", shard.shard, f"key also used at {first} row {dup.first_row}", dup.row, dup.key)
         )
     return report
+
+
+def run_validate(config: ValidateConfig, options: StorageOptions, run=None) -> ValidationReport:
+    return validate(config, options)
+
+
+COMMAND = Command(
+    "validate",
+    "check a folder of Parquet shards against the input schema",
+    ValidateConfig,
+    run_validate,
+    flags=(
+        Flag("url", "url", metavar="URL"),
+        "columns",
+        "images",
+        "sample_per_shard",
+        "sample_row_groups",
+        "max_keys_in_memory",
+        "max_bad_image_share",
+    ),
+)

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from veclip import schema
+from veclip.command import Command, Flag, Said
 from veclip.dataset import open_dataset, read_shard_batches
 from veclip.shards.layout import CURRENT, RECORDS_DIR
 from veclip.storage import Location, StorageOptions, read_json, refuse_overlap, write_json
@@ -191,3 +192,18 @@ def _hold_settings(out: Location, config: WebDatasetConfig) -> None:
     if held is None:
         out.fs.makedirs(out.join(RECORDS_DIR), exist_ok=True)  # a local folder; nothing on S3
         write_json(out.fs, path, settings)
+
+
+COMMAND = Command(
+    "webdataset",
+    "write a dataset and its captions as WebDataset tars (image, .txt caption, .json of every caption)",
+    WebDatasetConfig,
+    lambda config, options, run=None: Said(export_webdataset(config, options).render(config)),
+    flags=(
+        Flag("input", required=True, metavar="URL"),
+        Flag("output", aliases=("--out",), required=True, metavar="URL"),
+        "caption",
+        "fallback",
+        Flag("add_captions", metavar="URL"),
+    ),
+)

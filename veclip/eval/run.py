@@ -22,7 +22,6 @@ import posixpath
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from veclip import schema
+from veclip.command import Said
 from veclip.config import load_named_json
 from veclip.dataset import Dataset, open_dataset, read_shard_batches
 from veclip.eval import clip_benchmark
+from veclip.eval.config import EvalConfig, comma_names
 from veclip.eval.embed import EmbedSpec, embed_local, embed_ray, encode_texts
 from veclip.eval.metrics import (
     choice_ranks,
@@ -48,47 +49,6 @@ from veclip.eval.model import load_model
 from veclip.storage import Location, StorageOptions, refuse_overlap, write_json
 
 RANKS_FILE = "ranks.json"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name
-    input: str = ""  # eval shards: folder or s3:// prefix
-    output: str | None = None  # write eval.json and eval.md here
-    pretrained: str | None = None  # with an open_clip model name
-    label_column: str = "label_shape"  # class-name column(s) for zero-shot, comma-separated: label_shape,label_brand
-    caption_column: str = "caption"  # caption (string or list) column(s) for retrieval, comma-separated
-    choice_column: str = ""  # multiple-choice column(s): a list of texts per image, the right one first
-    classes: str | None = None  # JSON file with "classnames" (default: the set's _classes.json)
-    templates: str = "generic"  # prompt template set(s), comma-separated: generic, imagenet, scenes, brands, files
-    batch_size: int = 256  # images and texts per forward pass
-    workers: int = 0  # 0: embed images in this process; N: over up to N Ray actors
-    gpus_per_worker: float = 0.0  # GPUs per embedding actor
-    cpus_per_worker: float = 1.0  # CPUs per embedding actor
-    columns: schema.ColumnMap = field(
-        default_factory=schema.ColumnMap
-    )  # the set's column names for the contract's roles (see schema.ColumnMap)
-
-    @property
-    def label_columns(self) -> tuple[str, ...]:
-        return _names(self.label_column)
-
-    @property
-    def caption_columns(self) -> tuple[str, ...]:
-        return _names(self.caption_column)
-
-    @property
-    def choice_columns(self) -> tuple[str, ...]:
-        return _names(self.choice_column)
-
-    @property
-    def carried(self) -> tuple[str, ...]:
-        """The columns each embedded row keeps beside its embedding."""
-        return (*self.label_columns, *self.caption_columns, *self.choice_columns)
-
-
-def _names(value: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in value.split(",") if c.strip())
 
 
 def load_templates(name_or_path: str) -> list[str]:
@@ -160,7 +120,7 @@ def evaluate(config: EvalConfig, options: StorageOptions | None = None, keep_ran
 
     ranks: dict[str, np.ndarray] = {}
     zs_by, classnames = {}, {}
-    template_sets = _names(config.templates)
+    template_sets = comma_names(config.templates)
     for column in config.label_columns:
         rows = [i for i, r in enumerate(kept) if r[column] is not None]
         if rows:
@@ -318,3 +278,8 @@ def render_markdown(results: dict) -> str:
                 f"| {name} | {column} | {r[f'{way}_R@1']:.1%} | {r[f'{way}_R@5']:.1%} | {r[f'{way}_R@10']:.1%} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def run_command(config: EvalConfig, options: StorageOptions, run=None) -> Said:
+    """``veclip eval``: the metrics as Markdown."""
+    return Said(render_markdown(evaluate(config, options)))

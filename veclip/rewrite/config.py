@@ -14,9 +14,12 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
+from veclip.command import SHARDED_RUN_FLAGS, Command, Flag, ShardedRun
 from veclip.config import build
 from veclip.environments import default_vllm_python
 from veclip.images import ImageLimits
@@ -24,8 +27,9 @@ from veclip.rewrite.cleaning import ENTITY_CHECK
 from veclip.schema import ColumnMap
 from veclip.shards.worker import FaultConfig
 
-LAYOUTS = ("copy", "captions")
-MODES = ("vecap", "laclip", "both")
+Layout = Literal["copy", "captions"]
+Mode = Literal["vecap", "laclip", "both"]
+LAYOUTS, MODES = typing.get_args(Layout), typing.get_args(Mode)
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,11 @@ class CleaningConfig:
 class RewriteConfig:
     input: str = ""  # folder or s3:// prefix of input shards
     output: str = ""  # folder or s3:// prefix for enriched shards
-    mode: str = "both"  # vecap (caption + fuse), laclip (rewrites) or both
+    mode: Mode = "both"  # what to generate: vecap (caption + fuse), laclip (rewrites) or both
     # captions: a caption table per input shard (key, new columns, flags; every input row, in
     # order; no image bytes) that training joins back to its input by key; copy: each output
     # shard is its input shard plus the new columns (self-contained, the images written again)
-    layout: str = "captions"
+    layout: Layout = "captions"
     columns: ColumnMap = field(
         default_factory=ColumnMap
     )  # the input's column names for the contract's roles (see schema.ColumnMap)
@@ -314,3 +318,26 @@ def ensure_models(config: RewriteConfig) -> None:
     _load_registered()
     for build_models in _MODEL_BUILDERS:
         build_models(config)
+
+
+COMMAND = Command(
+    "rewrite",
+    "enrich captions: VeCap (VLM caption + LLM fusion) and/or LaCLIP rewrites",
+    RewriteConfig,
+    "veclip.rewrite.stage:run_command",
+    flags=(
+        Flag("input", required=True, metavar="URL"),
+        Flag("output", required=True, metavar="URL"),
+        "mode",
+        "layout",
+        "columns",
+    ),
+    options=ShardedRun,
+    run_flags=SHARDED_RUN_FLAGS,
+    presets=preset,
+    preset_help="default (LLaVA-1.5 + Llama-3-8B), qwen2-vl, qwen2.5-vl: real models on GPU actors; tiny: tiny "
+    "random models on CPU; trained, trained-quick: small models trained here (veclip models build) on CPU",
+    builder=build_from,
+    submittable=True,
+    set_example="fuser.pool.max_actors=4 or laclip.sampling.temperature=0.7",
+)

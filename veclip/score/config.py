@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from veclip import schema
+from veclip.command import SHARDED_RUN_FLAGS, Command, Flag, ShardedRun
 from veclip.config import build
 from veclip.images import ImageLimits
 from veclip.schema import ColumnMap
@@ -117,3 +118,27 @@ def fingerprint(config: ScoreConfig, weights: str) -> tuple[str, dict]:
         "image_limits": dataclasses.asdict(config.image_limits),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16], fields
+
+
+COMMAND = Command(
+    "score",
+    "the caption gate: score every caption against its image with a CLIP model and flag the low ones",
+    ScoreConfig,
+    "veclip.score.stage:run_command",
+    flags=(
+        Flag("input", required=True, metavar="URL"),
+        Flag("add_captions", metavar="URL[#COLUMNS]"),
+        Flag("output", required=True, metavar="URL"),
+        Flag("model", required=True, metavar="MODEL"),
+        "pretrained",
+        "threshold",
+        "percentile",
+        "columns",
+    ),
+    options=ShardedRun,
+    run_flags=SHARDED_RUN_FLAGS,
+    presets=preset,
+    preset_help="default: GPU actors (up to 8); cpu: one CPU actor",
+    submittable=True,
+    set_example='pool.max_actors=16 or caption_columns=["vecap"]',
+)

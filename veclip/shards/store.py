@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from veclip.parquet_files import write_parquet
 from veclip.shards.layout import RECORD_SUFFIX, layout_of
 from veclip.shards.marker import CAPTIONS, Failure, Marker
 from veclip.storage import (
@@ -33,7 +34,6 @@ from veclip.storage import (
     with_retries,
     write_bytes,
     write_json,
-    write_parquet,
 )
 
 SHARD_MARK_KEY = b"veclip.shard"  # in every shard's footer: the file is veclip's (the marker says it is whole)

@@ -20,13 +20,16 @@ drawn without replacement in proportion to their weights from uniforms of
 from __future__ import annotations
 
 import hashlib
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from veclip import schema
 
-MODES = ("alttext", "vecap", "mix", "laclip", "weighted")
+Mode = Literal["alttext", "vecap", "mix", "laclip", "weighted"]
+MODES = typing.get_args(Mode)
 COLUMN_SLOTS = schema.SINGLE_CAPTION_COLUMNS  # one slot per column, then one per rewrite
 ALT_TEXT_SLOT = COLUMN_SLOTS.index(schema.ALT_TEXT)  # the fallback when a drawn caption is unusable
 REWRITES = schema.REWRITES
@@ -34,7 +37,7 @@ REWRITES = schema.REWRITES
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    mode: str = "mix"  # alttext, vecap, mix, laclip or weighted
+    mode: Mode = "mix"  # caption choice per sample: alttext, vecap, mix, laclip or weighted
     p_vecap: float = 0.5  # VeCLIP's mix: VeCap with probability p, AltText otherwise
     weights: dict = field(default_factory=dict)  # weighted mode: {"alt_text": 1, "vecap": 2, "rewrites": 1}
     max_rewrites: int = 4  # LaCLIP rewrite slots read per row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from veclip.command import Command, DryRun, Flag, comma_list
 from veclip.config import build
 from veclip.dataset import Acceptance
 from veclip.images import ImageLimits
@@ -134,3 +135,44 @@ def build_config(
 ) -> TrainConfig:
     """Preset, then the config file, then top-level fields, then ``--set`` overrides."""
     return build(preset(preset_name), config_file, fields, overrides)
+
+
+COMMAND = Command(
+    "train",
+    "train CLIP with Ray Train on (enriched) shards",
+    TrainConfig,
+    "veclip.train.trainer:run_command",
+    flags=(
+        Flag("input", aliases=("--data",), required=True, metavar="URL"),
+        Flag("output", required=True, metavar="URL"),
+        "model",
+        "name",
+        Flag("add_captions", metavar="URL[#COLUMNS]"),
+        Flag("captions.mode", "--caption-mode"),
+        Flag("tracking.report_to", "--report-to", metavar="TRACKERS", parse=comma_list),
+        "columns",
+    ),
+    options=DryRun,
+    presets=preset,
+    preset_help="default: ViT-B-16 on 8 GPU workers; tiny: 8M-param CLIP on 2 CPU workers",
+    submittable=True,
+    set_example="steps=2000, captions.p_vecap=0.3, scale.num_workers=4",
+)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str = ""  # a checkpoint folder, or a run folder (its latest checkpoint is used)
+    output: str = ""  # local output folder
+
+
+EXPORT_COMMAND = Command(
+    "export",
+    "write a checkpoint as a folder stock open_clip loads",
+    ExportConfig,
+    "veclip.train.export:run_command",
+    flags=(
+        Flag("checkpoint", required=True, metavar="CHECKPOINT"),
+        Flag("output", aliases=("--out",), required=True, metavar="DIR"),
+    ),
+)

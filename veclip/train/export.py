@@ -13,20 +13,14 @@ For a model open_clip knows by name the weights file alone also works:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from veclip.command import Said
 from veclip.storage import StorageOptions
 from veclip.train.checkpoint import read_model
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    checkpoint: str = ""  # a checkpoint folder, or a run folder (its latest checkpoint is used)
-    output: str = ""  # local output folder
 
 
 def export(checkpoint: str, out: str, options: StorageOptions | None = None) -> Path:
@@ -44,3 +38,9 @@ def export(checkpoint: str, out: str, options: StorageOptions | None = None) -> 
     }
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return target
+
+
+def run_command(config, options: StorageOptions, run=None) -> Said:
+    """``veclip export`` (config: :class:`veclip.train.config.ExportConfig`)."""
+    out = export(config.checkpoint, config.output, options)
+    return Said(f"export: wrote {out}; load it with open_clip.create_model_and_transforms('local-dir:{out}')")

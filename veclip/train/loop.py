@@ -39,14 +39,13 @@ import torch
 from veclip.console import alive_nodes
 from veclip.metrics import publish_step
 from veclip.train import checkpoint as ckpt
+from veclip.train.augment import decode_on_device, device_crop_for
 from veclip.train.checkpoint import Progress, WorkerProgress
 from veclip.train.config import TrainConfig
 from veclip.train.data import (
     Batch,
     DataPlan,
     StreamSpec,
-    decode_on_device,
-    device_crop_for,
     epochs_to_read,
     exact_batches,
     worker_stream,

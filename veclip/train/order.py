@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from veclip.storage import ROW_GROUP_TARGET_BYTES, read_footers
+from veclip.parquet_files import ROW_GROUP_TARGET_BYTES
+from veclip.storage import read_footers
 
 UNREADABLE_FOOTER = "unreadable Parquet footer"
 UNIT_BYTES = ROW_GROUP_TARGET_BYTES  # veclip writes row groups of this size: each is one unit

@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 
+from veclip.command import DryRun, Said
 from veclip.config import redact
 from veclip.console import start_ray
 from veclip.shards.lease import OutputLease
@@ -195,6 +196,13 @@ def _read_progress(checkpoint) -> Progress | None:
         return None
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{PROGRESS_FILE}") as f:
         return Progress.from_dict(json.loads(f.read()))
+
+
+def run_command(config: TrainConfig, options: StorageOptions, run: DryRun) -> Said:
+    """``veclip train``: the dry run's plan, or the run's summary."""
+    if run.dry_run:
+        return Said(render_dry_run(dry_run_train(config, options)))
+    return Said(render_summary(run_train(config, options)))
 
 
 def run_samples_per_s(summary: dict) -> float:

@@ -15,6 +15,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from veclip.command import Command, Flag, Said
 
 BUILD_VERSION = "trained-v3"  # bump when training data, targets or architectures change (v3: world 3's AltText)
 ROLES = ("captioner", "llm")
@@ -23,7 +26,7 @@ ROLES = ("captioner", "llm")
 @dataclass(frozen=True)
 class ModelsConfig:
     output: str = ""  # where to build (default: the cache, $VECLIP_CACHE/trained-models/...)
-    scale: str = "full"  # full (the demo's, ~10 min on 2 cores) or quick (tests, ~3 min)
+    scale: Literal["full", "quick"] = "full"  # full (the demo's, ~10 min on 2 cores) or quick (tests, ~3 min)
     seed: int = 0  # training data, initialisation and order all derive from it
 
     def __post_init__(self):
@@ -119,6 +122,21 @@ def render(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config: ModelsConfig) -> int:
-    print(render(ensure_built(config)))
-    return 0
+@dataclass(frozen=True)
+class ModelsRun:
+    action: Literal["build"] = "build"  # build: train the captioner VLM and the instruction LLM (cached)
+
+
+def run(config: ModelsConfig, options=None, run: ModelsRun | None = None) -> Said:
+    return Said(render(ensure_built(config)))
+
+
+COMMAND = Command(
+    "models",
+    "train small real models on the sample world (captioner VLM, instruction LLM) for the trained presets",
+    ModelsConfig,
+    run,
+    flags=(Flag("output", aliases=("--out",), metavar="DIR"), "scale", "seed"),
+    options=ModelsRun,
+    run_flags=(Flag("action", "action"),),
+)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from veclip import schema
+from veclip.command import Command, Flag, Said
 from veclip.images import encode_jpeg
 from veclip.shards.marker import Marker
 from veclip.shards.store import ShardStore
@@ -177,3 +178,24 @@ def generate(config: SampleConfig, options: StorageOptions | None = None, log=pr
             write_json(store.location.fs, store.location.join(schema.CLASSES_FILE), class_names())
         written[split] = config.split_rows(split)
     return written
+
+
+def run_sample(config: SampleConfig, options: StorageOptions, run=None) -> Said:
+    written = generate(config, options)
+    return Said(f"sample: {written['train']} train + {written['eval']} eval rows in {config.output}")
+
+
+COMMAND = Command(
+    "sample",
+    "write rendered sample data (train + eval splits)",
+    SampleConfig,
+    run_sample,
+    flags=(
+        Flag("output", aliases=("--out",), required=True, metavar="URL"),
+        "rows",
+        "eval_rows",
+        "shards",
+        "seed",
+        "image_size",
+    ),
+)

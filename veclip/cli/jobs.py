@@ -129,21 +129,18 @@ def check_stage_args(stage: str, stage_args: list[str]):
     """The stage's config, built here from its arguments and checked as the stage checks it before a run
     (no I/O, no models), so bad flags, ``--set`` keys or settings the stage refuses fail on the user's
     machine, not minutes later on the cluster. ``--dry-run`` on the stage also plans the work."""
-    from veclip.stages import checked_stage_args
+    from veclip.cli.registry import checked_args
 
-    return checked_stage_args(stage, stage_args)  # argparse exits 2 with its message
+    return checked_args(stage, stage_args)  # argparse exits 2 with its message
 
 
 def submit(config: SubmitConfig, agent_wait_s: float = 90.0) -> str:  # a just-started head's job agent: ~10-60 s
-    from veclip.stages import STAGES
+    from veclip.cli.flags import parse_command_args
+    from veclip.cli.registry import command, submittable
 
-    if config.stage not in STAGES or not STAGES[config.stage].submittable:
-        raise ValueError(
-            f"unknown stage {config.stage!r}: use one of {', '.join(n for n, s in STAGES.items() if s.submittable)}"
-        )
-    from veclip.stages import parse_stage_args
-
-    stage_config = parse_stage_args(config.stage, list(config.stage_args))
+    if config.stage not in submittable():
+        raise ValueError(f"unknown stage {config.stage!r}: use one of {', '.join(sorted(submittable()))}")
+    stage_config = parse_command_args(command(config.stage), list(config.stage_args))
     config.check_no_visible_secrets(stage_config)  # first: a refusal below may quote the secret's setting
     check_stage_args(config.stage, list(config.stage_args))
     package = _secrets_package(config.secrets) if config.secrets else None

@@ -1,31 +1,44 @@
-"""The ``veclip`` command: the stages from the registry (:mod:`veclip.stages`), plus
-``config show``, ``convert-eval``, ``submit`` and ``jobs``.
+"""The ``veclip`` command: the commands the registry names (:mod:`veclip.cli.registry`), plus ``config
+show``, ``convert-eval``, ``submit``, ``simulate`` and ``jobs``.
 
-No logic lives here beyond exit codes and messages: each stage builds its typed
-config and runs (see :mod:`veclip.stages`).
+No logic lives here beyond exit codes and messages: each command builds its typed config and runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from veclip.stages import STAGES, add_stage_parser, field_hint, fleet_flags, stage_config, storage, storage_flags
+from veclip.cli.flags import (
+    add_command_parser,
+    add_field_flag,
+    command_config,
+    command_options,
+    field_hint,
+    storage,
+    storage_flags,
+)
+from veclip.cli.registry import commands, submittable
+from veclip.command import Flag
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
-    stage = STAGES[args.command]
-    return stage.run(stage_config(stage, args), storage(args), args)
+def cmd_command(args: argparse.Namespace) -> int:
+    command = commands()[args.command]
+    result = command.runner()(command_config(command, args), storage(args), command_options(command, args))
+    if text := result.render():
+        print(text)
+    return result.exit_code
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     from veclip.config import describe
 
-    stage = STAGES[args.stage]
-    rows = describe(stage.preset(args.preset))
+    command = commands()[args.stage]
+    rows = describe(command.preset(args.preset))
     width = max(len(key) for key, _, _ in rows)
-    print(f"# veclip {stage.name} --preset {args.preset}: every field, for --set KEY=VALUE or a --config file")
+    print(f"# veclip {command.name} --preset {args.preset}: every field, for --set KEY=VALUE or a --config file")
     for key, value, doc in rows:
         print(f"{key:<{width}}  = {value!r}" + (f"\n{'':<{width}}    {doc}" if doc else ""))
     return 0
@@ -54,7 +67,8 @@ def _env_pair(item: str) -> tuple[str, str]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from veclip import job_client, jobs
+    from veclip import job_client
+    from veclip.cli import jobs
 
     stage_args = [a for a in args.stage_args if a != "--"]
     config = jobs.SubmitConfig(
@@ -118,13 +132,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from veclip.shards.simulate import SimConfig, SimPool, render_runs, simulate_seeds
-    from veclip.stages import fleet_fields
+    import dataclasses
+
+    from veclip.shards.simulate import Fleet, SimConfig, SimPool, render_runs, simulate_seeds
 
     pools = tuple(SimPool.parse(p) for p in args.pool) or SimConfig.pools
-    fleet = {"pools": pools, "gpu_hour_usd": args.gpu_hour_usd, **fleet_fields(args)}
-    config = SimConfig(shards=args.shards, rows_per_shard=args.rows_per_shard, **fleet)
-    runs = simulate_seeds(config, args.seeds)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Fleet)}
+    fleet = dataclasses.replace(Fleet(), **{k: v for k, v in given.items() if v is not None})
+    config = SimConfig(
+        shards=args.shards,
+        rows_per_shard=args.rows_per_shard,
+        pools=pools,
+        gpu_hour_usd=args.gpu_hour_usd,
+        **fleet.sim_fields(),
+    )
+    runs = simulate_seeds(config, fleet.seeds)
     print(render_runs(config, runs))
     return 0 if all(r.finished for r in runs) else 2
 
@@ -133,12 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veclip", description="Better CLIP from noisy web image-text data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for stage in STAGES.values():
-        add_stage_parser(sub, stage).set_defaults(func=cmd_stage)
+    for command in commands().values():
+        add_command_parser(sub, command).set_defaults(func=cmd_command)
 
     p = sub.add_parser("config", help="print a stage's config: every field, its value and what it does")
     p.add_argument("action", choices=("show",))
-    p.add_argument("stage", choices=tuple(STAGES))
+    p.add_argument("stage", choices=tuple(commands()))
     p.add_argument(
         "--preset", default="default", help="the preset to start from (default, or tiny for rewrite and train)"
     )
@@ -162,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit a stage as a Ray job. Flags not listed here are the stage's own (see veclip STAGE --help); "
         "its paths are read on the cluster, so use s3:// URLs.",
     )
-    p.add_argument("stage", choices=tuple(name for name, stage in STAGES.items() if stage.submittable))
+    p.add_argument("stage", choices=tuple(name for name in commands() if name in submittable()))
     p.add_argument("--address", help=address_help)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument(
@@ -224,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMON_GROUPS = ("object storage", "configuration")  # said once under the reference, not on every line
+COMMON_GROUPS = ("object storage",)  # said once under the reference, not on every line
 
 
 def _flag(action: argparse.Action) -> str:
@@ -252,8 +274,6 @@ def command_reference() -> str:
             for a in g._group_actions
         }
         flags = [_flag(a) for a in parser._actions if not isinstance(a, argparse._HelpAction) and id(a) not in common]
-        if name in STAGES:
-            flags.append("[--preset P] [--config FILE] [--set KEY=VALUE ...] [--verbose]")
         lines.append(f"veclip {name:<{width}} {' '.join(flags)}".rstrip())
     return "\n".join(lines) + "\n"
 
@@ -262,11 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "submit":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}{field_hint(args.command, extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{field_hint(commands().get(args.command), extra)}")
     if extra:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
+    from veclip.cli.jobs import load_job_secrets
     from veclip.console import VERBOSE_ENV
-    from veclip.jobs import load_job_secrets
     from veclip.shards.lease import LeaseHeld
     from veclip.shards.stall import StageStalled
 
@@ -291,9 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _storage_options(args):
-    from veclip.stages import storage
+def fleet_flags(parser: argparse.ArgumentParser) -> None:
+    """The simulated fleet's flags (``veclip simulate``; ``veclip plan --simulate`` takes them as run options)."""
+    from veclip.shards.simulate import Fleet
 
+    for f in dataclasses.fields(Fleet):
+        add_field_flag(parser, Flag(f.name), Fleet, f.default, f.name)
+
+
+def _storage_options(args):
     return storage(args) if hasattr(args, "s3_endpoint") else None
 
 

@@ -18,13 +18,14 @@ from collections import Counter
 from pathlib import Path
 
 from veclip import schema
+from veclip.command import Said, ShardedRun
 from veclip.config import SECRET_NAME, redact, to_dict
 from veclip.console import start_ray
 from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure_models, fingerprint
 from veclip.rewrite.engine import WAITS
 from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
-from veclip.shards.driver import dry_run, plan_stage, pool_ask, run_stage
+from veclip.shards.driver import dry_run, plan_stage, pool_ask, render_dry_run, run_stage
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import layout_of
 from veclip.shards.marker import Marker, PoolStats, engine_time
@@ -255,10 +256,20 @@ def run_rewrite(
     return run_stage(Rewrite(config, options, redo_mismatched), log, take_over_lease=take_over_lease)
 
 
-def dry_run_rewrite(config: RewriteConfig, options: StorageOptions | None = None) -> dict:
+def dry_run_rewrite(
+    config: RewriteConfig, options: StorageOptions | None = None, redo_mismatched: bool = False
+) -> dict:
     """What ``run_rewrite`` would do now (:func:`veclip.shards.driver.dry_run`), after the same validation."""
     config.validate_for_run()
-    return dry_run(Rewrite(config, options))
+    return dry_run(Rewrite(config, options, redo_mismatched))
+
+
+def run_command(config: RewriteConfig, options: StorageOptions, run: ShardedRun) -> Said:
+    """``veclip rewrite``: the dry run's plan, or the run's summary (exit 1 when a shard failed)."""
+    if run.dry_run:
+        return Said(render_dry_run(dry_run_rewrite(config, options, run.redo_mismatched)))
+    summary = run_rewrite(config, options, redo_mismatched=run.redo_mismatched, take_over_lease=run.take_over_lease)
+    return Said(render_summary(summary), 1 if summary["failed"] else 0)
 
 
 def render_summary(summary: dict) -> str:
