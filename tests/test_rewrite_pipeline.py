@@ -24,13 +24,12 @@ from veclip import schema
 from veclip.processes import pid_alive
 from veclip.rewrite.config import build_config, fingerprint
 from veclip.rewrite.stage import Rewrite, render_summary, run_rewrite
-from veclip.shards.card import models_in
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import CARD_FILE, CURRENT
 from veclip.shards.marker import Marker
 from veclip.shards.plan import InputShard, Plan
 from veclip.shards.store import ShardStore
-from veclip.shards.summary import ReconciliationError, ShardCounts, summarize
+from veclip.shards.summary import ReconciliationError, RunSummary, ShardCounts, summarize
 from veclip.storage import Location
 
 pytestmark = pytest.mark.slow
@@ -167,7 +166,7 @@ def test_hugging_face_datasets_and_ray_data_read_the_output_beside_its_card(veca
 
     assert sorted(ray.data.read_parquet(out.path).select_columns(["key"]).to_pandas()["key"]) == sorted(loaded["key"])
     card = Path(out.path, CARD_FILE).read_text()
-    models = models_in(summary)
+    models = RunSummary.from_json(summary).models
     assert len(models) >= 2 and all(f"`{where}`: `{model}`" in card for where, model in models.items())
     assert "| `vecap` | `string` | the VeCLIP caption" in card and f"| {summary['rows_out']} |" in card
 

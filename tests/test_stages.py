@@ -248,3 +248,36 @@ def test_a_documented_config_field_is_a_flag_with_help_a_docs_line_and_the_submi
     spec.write_text(spec.read_text().replace("--knob 4", "--knob four"))
     with pytest.raises((SystemExit, ValueError)):
         run_checked_pipeline(config, log=lambda line: None)
+
+
+def test_every_reader_of_a_run_summary_goes_through_its_type():
+    """A summary is written as JSON and read back only through its type's ``from_json`` (RunSummary, its
+    stages' subclasses, TrainSummary): no library module reads a summary's keys by name."""
+    readers = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in sorted((REPO / "veclip").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bsummary(\[[\"']|\.get\()", line) and "``" not in line
+    ]
+    assert not readers, readers
+
+
+def test_a_stage_summary_reads_back_as_it_was_written():
+    from veclip.rewrite.stage import RewriteSummary
+    from veclip.shards.summary import RunSummary, ShardCounts
+
+    common = dict(stage="rewrite", input="i", output="o", run_id="r", fingerprint="f", rows_in=3, rows_out=2)
+    common |= dict(rows_quarantined=1, rows_in_failed_shards=0, failed={}, wall_seconds=2.0)
+    summary = RewriteSummary(
+        **common,
+        shards=ShardCounts(1, 1, 1, 0),
+        rows_per_second_this_run=1.5,
+        config={"captioner": {"engine": {"model": "m1"}}, "fuser": {"engine": {"model": "m2"}}},
+        mode="both",
+        pools={"fuser": {"requests": 3}},
+        details={"extra": 1},
+    )
+    written = json.loads(json.dumps(summary.to_json()))
+    assert written["mode"] == "both" and written["extra"] == 1 and "details" not in written  # one flat object
+    assert RewriteSummary.from_json(written) == summary
+    assert RunSummary.from_json(written).models == {"captioner.engine.model": "m1", "fuser.engine.model": "m2"}

@@ -72,18 +72,20 @@ def sample_rows(config: RewriteConfig, options: StorageOptions, rows: int, folde
 def calibrated_rates(url: str, options: StorageOptions) -> tuple[dict[str, dict[str, tuple[float, float]]], str]:
     """Per pool, requests/s per GPU from a rewrite output's summary: requests over engine-busy seconds, per
     engine, divided by the GPUs an engine holds. Keyed by the pool's accelerator type (or "GPU")."""
+    from veclip.rewrite.stage import RewriteSummary
+
     location = Location(url, options)
-    summary = json.loads(location.fs.cat_file(location.join(layout_of(location).summary)))
+    summary = RewriteSummary.from_json(json.loads(location.fs.cat_file(location.join(layout_of(location).summary))))
     rates = {}
-    for role, pool in summary["pools"].items():
+    for role, pool in summary.pools.items():
         if not pool.get("engine_busy_seconds") or not pool.get("requests"):
             continue
-        stage = summary["config"][role]
+        stage = summary.config[role]  # as the run recorded its config
         gpus = max(stage["pool"]["num_gpus"], 1e-9) * stage["engine"]["tensor_parallel_size"]
         rate = pool["requests"] / pool["engine_busy_seconds"] / gpus  # busy seconds: summed over the engines
         gpu = stage["pool"].get("accelerator_type") or "GPU"
         rates[role] = {gpu: (rate, rate)}
-    return rates, f"[calibrated] {url} ({summary['rows_in']} rows)"
+    return rates, f"[calibrated] {url} ({summary.rows_in} rows)"
 
 
 def plan_rewrite(
@@ -96,7 +98,7 @@ def plan_rewrite(
 ) -> dict:
     """The plan (see the module doc): the measuring run on ``rows`` sampled rows, projected. The measuring
     run is kept in ``config.output`` (``sample/`` and ``rewrite/``) unless that is :data:`TEMPORARY`."""
-    from veclip.rewrite.stage import dry_run_rewrite, run_rewrite
+    from veclip.rewrite.stage import RewriteSummary, dry_run_rewrite, run_rewrite
 
     options = options or StorageOptions()
     prices = {**PRICES, **(prices or {})}
@@ -105,16 +107,16 @@ def plan_rewrite(
         whole = dry_run_rewrite(dataclasses.replace(config, output=str(work / "rewrite")), options)
         taken, shards_read = sample_rows(config, options, rows, work / "sample")
         log(f"plan: measuring on {taken} rows sampled from {shards_read} shard(s) of {config.input}")
-        measured = run_rewrite(
-            dataclasses.replace(config, input=str(work / "sample"), output=str(work / "rewrite")), log=log
+        measured = RewriteSummary.from_json(
+            run_rewrite(dataclasses.replace(config, input=str(work / "sample"), output=str(work / "rewrite")), log=log)
         )
     if calibration:
         rates, source = calibrated_rates(calibration, options)
     else:
         rates, source = {}, "[estimate] docs/scaling.md (H100; L40S at 0.3-0.4x)"
     pools = []
-    for role, pool in measured["pools"].items():
-        per_row = {k: pool[k] / max(measured["rows_in"], 1) for k in ("requests", "prompt_tokens", "generated_tokens")}
+    for role, pool in measured.pools.items():
+        per_row = {k: pool[k] / max(measured.rows_in, 1) for k in ("requests", "prompt_tokens", "generated_tokens")}
         totals = {k: v * whole["rows_total"] for k, v in per_row.items()}
         if role in rates:
             pool_rates, pool_source = rates[role], source
@@ -128,7 +130,7 @@ def plan_rewrite(
         "mode": config.mode,
         "rows_total": whole["rows_total"],
         "shards_total": whole["shards_total"],
-        "sampled_rows": measured["rows_in"],
+        "sampled_rows": measured.rows_in,
         "prices": prices,
         "pools": [dataclasses.asdict(p) | {"gpu_hours": {g: p.gpu_hours(g) for g in p.rates}} for p in pools],
     }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from veclip.train.summary import TrainSummary
+
 MODE_NAMES = {"alttext": "AltText only", "vecap": "VeCap only", "mix": "VeCLIP mix", "laclip": "LaCLIP"}
 
 
@@ -55,9 +57,9 @@ def take_off_step(history: list[dict], global_batch: int, margin: float = 0.25, 
     return None
 
 
-def _plateau(history: list[dict], train: dict) -> str:
+def _plateau(history: list[dict], train: TrainSummary) -> str:
     """Where the run left the chance plateau, said in words, from its metrics."""
-    config = train["config"]
+    config = train.config
     per_worker = config["batch_size"]
     if config["captions"]["budget_neutral"]:
         per_worker = max(2, per_worker // config["captions"]["per_image"])
@@ -148,7 +150,6 @@ def write_report(
     caption mode, its train summary, eval results and loss history; ``gate``: the score stage's summary."""
     from veclip.eval.run import render_markdown
     from veclip.rewrite.stage import render_summary as render_rewrite
-    from veclip.train.trainer import run_samples_per_s
     from veclip.world.build import render as render_models
     from veclip.world.quality import render as render_quality
 
@@ -188,12 +189,12 @@ def write_report(
         "",
     ]
     for mode, run in runs.items():
-        train, metrics = run["train"], run["train"]["metrics"]
+        train = TrainSummary.from_json(run["train"])
         lines.append(
-            f"- **{MODE_NAMES.get(mode, mode)}** (`{mode}`): {train['model']}, {metrics['step']} steps, final loss "
-            f"{metrics['loss']:.3f}, {run_samples_per_s(train):.0f} samples/s over the run "
-            f"({train['wall_seconds']:.0f} s); {_plateau(run['history'], train)}; "
-            f"rows skipped: {json.dumps(train['rows_skipped_by_reason'])}."
+            f"- **{MODE_NAMES.get(mode, mode)}** (`{mode}`): {train.model}, {train.step} steps, final loss "
+            f"{train.metrics['loss']:.3f}, {train.samples_per_s:.0f} samples/s over the run "
+            f"({train.wall_seconds:.0f} s); {_plateau(run['history'], train)}; "
+            f"rows skipped: {json.dumps(train.rows_skipped_by_reason)}."
         )
     lines += [
         "",

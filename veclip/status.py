@@ -23,6 +23,7 @@ from veclip.shards.marker import EngineTime, engine_time
 from veclip.shards.store import ShardStore
 from veclip.storage import Location, StorageOptions, read_json
 from veclip.train.resumes import render_resume
+from veclip.train.summary import TrainSummary
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def train_status(location: Location) -> Status:
     fs = location.fs
     fs.invalidate_cache(location.path)
     run = read_json(fs, location.join(RUN_FILE)) or {}
-    summary = read_json(fs, location.join(RUN_SUMMARY_FILE))
+    written = read_json(fs, location.join(RUN_SUMMARY_FILE))
+    summary = TrainSummary.from_json(written) if written else None
     checkpoints = sorted(
         e["name"]
         for e in fs.ls(location.path, detail=True)
@@ -158,7 +160,7 @@ def train_status(location: Location) -> Status:
         lines.append(
             f"input: {run.get('input', run.get('data'))}; model {run.get('model')}; captions {run.get('caption_mode')}"
         )
-    finished = bool(summary) and (not steps or summary.get("metrics", {}).get("step", 0) >= steps)
+    finished = summary is not None and (not steps or summary.step >= steps)
     return Status("train", location.url, finished, lines)
 
 

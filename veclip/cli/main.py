@@ -48,14 +48,14 @@ def cmd_convert_eval(args: argparse.Namespace) -> int:
     from veclip.eval import convert
 
     if args.format == "folders":
-        summary = convert.from_class_folders(args.source, args.out, args.class_names, options=storage(args))
+        converted = convert.from_class_folders(args.source, args.out, args.class_names, options=storage(args))
     else:
         if not args.images:
             raise ValueError("convert-eval coco: --images DIR is required")
-        summary = convert.from_coco(args.source, args.images, args.out, options=storage(args))
-    for problem in summary["skipped"]:
+        converted = convert.from_coco(args.source, args.images, args.out, options=storage(args))
+    for problem in converted["skipped"]:
         print(f"skipped: {problem}")
-    print(f"convert-eval: wrote {summary['rows']} rows to {args.out} ({len(summary['skipped'])} skipped)")
+    print(f"convert-eval: wrote {converted['rows']} rows to {args.out} ({len(converted['skipped'])} skipped)")
     return 0
 
 

@@ -15,6 +15,7 @@ import importlib.util
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from veclip import schema
@@ -31,7 +32,7 @@ from veclip.shards.layout import layout_of
 from veclip.shards.marker import Marker, PoolStats, engine_time
 from veclip.shards.plan import InputShard, Plan, ShardChanged, by_name, plan_shards
 from veclip.shards.stage import Pool, ShardedStage
-from veclip.shards.summary import render_faults, render_pool
+from veclip.shards.summary import RunSummary, render_faults, render_pool
 from veclip.storage import PARQUET, Location, StorageOptions, list_file_entries, no_shards
 
 
@@ -89,10 +90,23 @@ def list_inputs(location: Location) -> dict[str, InputShard]:
     return by_name("rewrite", shards, location.url)
 
 
+@dataclass
+class RewriteSummary(RunSummary):
+    """A rewrite's run summary: the shard engine's, then the rewrite's own figures."""
+
+    mode: str = ""
+    layout: str = ""
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    flags_by_reason: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # caption, rewrite: the shards' seconds
+    pools: dict[str, dict] = field(default_factory=dict)  # per role: requests, tokens, rates, engine time (pool_stats)
+
+
 class Rewrite(ShardedStage):
     """VeCLIP (caption, then fuse) and/or LaCLIP (rewrite) over every input shard."""
 
     name = "rewrite"
+    summary_type = RewriteSummary
 
     def __init__(self, config: RewriteConfig, options: StorageOptions | None = None, redo_mismatched: bool = False):
         super().__init__(config, options)
@@ -269,22 +283,22 @@ def run_command(config: RewriteConfig, options: StorageOptions, run: ShardedRun)
     if run.dry_run:
         return Said(render_dry_run(dry_run_rewrite(config, options, run.redo_mismatched)))
     summary = run_rewrite(config, options, redo_mismatched=run.redo_mismatched, take_over_lease=run.take_over_lease)
-    return Said(render_summary(summary), 1 if summary["failed"] else 0)
+    return Said(render_summary(summary), 1 if RewriteSummary.from_json(summary).failed else 0)
 
 
-def render_summary(summary: dict) -> str:
+def render_summary(written: dict) -> str:
+    """The printed summary of a rewrite's summary.json."""
+    summary = RewriteSummary.from_json(written)
     lines = [
-        f"rewrite ({summary['mode']}): {summary['rows_in']} rows in -> {summary['rows_out']} out + "
-        f"{summary['rows_quarantined']} quarantined; {summary['shards']['written_this_run']} shards written this run "
-        f"in {summary['wall_seconds']:.1f}s ({summary['rows_per_second_this_run']:.1f} rows/s)",
+        f"rewrite ({summary.mode}): {summary.rows_in} rows in -> {summary.rows_out} out + "
+        f"{summary.rows_quarantined} quarantined; {summary.shards.written_this_run} shards written this run "
+        f"in {summary.wall_seconds:.1f}s ({summary.rows_per_second_this_run:.1f} rows/s)",
     ]
-    if summary["shards"]["redone"]:
-        lines.append(
-            f"  redone      {summary['shards']['redone']:>6}  shards of another fingerprint (--redo-mismatched)"
-        )
-    lines += [f"  quarantined {n:>6}  {reason}" for reason, n in sorted(summary["quarantined_by_reason"].items())]
-    lines += [f"  flagged     {n:>6}  {flag}" for flag, n in sorted(summary["flags_by_reason"].items())]
-    for name, pool in summary["pools"].items():
+    if summary.shards.redone:
+        lines.append(f"  redone      {summary.shards.redone:>6}  shards of another fingerprint (--redo-mismatched)")
+    lines += [f"  quarantined {n:>6}  {reason}" for reason, n in sorted(summary.quarantined_by_reason.items())]
+    lines += [f"  flagged     {n:>6}  {flag}" for flag, n in sorted(summary.flags_by_reason.items())]
+    for name, pool in summary.pools.items():
         lines.append(
             f"  pool {name:<9} {pool.get('requests', 0):>7} requests  {pool.get('prompt_tokens_per_s', 0):9.1f} "
             "prompt tok/s  "
@@ -306,6 +320,6 @@ def render_summary(summary: dict) -> str:
             lines.append(
                 f"  pool {name:<9} {pool['actors']} actor(s); each started its first shard at {starts} s{busy}"
             )
-    if summary["failed"] and summary["rows_in_failed_shards"]:
-        lines.append(f"  {summary['rows_in_failed_shards']} rows in the failed shards with a readable footer")
+    if summary.failed and summary.rows_in_failed_shards:
+        lines.append(f"  {summary.rows_in_failed_shards} rows in the failed shards with a readable footer")
     return "\n".join(lines + render_pool(summary) + render_faults(summary))

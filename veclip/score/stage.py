@@ -16,6 +16,7 @@ versions are in its marker) is scored again, and only it.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 from veclip.command import Said, ShardedRun
 from veclip.config import to_dict
@@ -28,7 +29,7 @@ from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch, InputShard, Plan, by_name, plan_shards
 from veclip.shards.stage import Pool, ShardedStage
-from veclip.shards.summary import render_faults, render_pool
+from veclip.shards.summary import RunSummary, render_faults, render_pool
 from veclip.storage import Location, StorageOptions, list_file_entries, version_stamp
 
 __all__ = ["FingerprintMismatch", "Score", "render_summary", "run_score"]
@@ -43,10 +44,26 @@ def read_stamps(dataset: Dataset) -> dict[str, list[str]]:
     return {InputShard(s.path, s.size).name: [listed.get(p, "") for p in (s.path, *s.captions)] for s in dataset.shards}
 
 
+@dataclass
+class ScoreSummary(RunSummary):
+    """A score run's summary: the shard engine's, then the gate's own figures."""
+
+    add_captions: list[str] = field(default_factory=list)
+    model: str = ""
+    weights: str | None = None  # the weights the model loaded
+    gate: str = ""  # the rule in words
+    rows: int = 0
+    image_errors: int = 0  # rows whose image does not decode: not scored
+    columns: dict[str, dict] = field(default_factory=dict)  # per caption column: scored, mean, flagged, medians
+    captions_per_actor_second: float | None = None
+    actors_this_run: int = 0
+
+
 class Score(ShardedStage):
     """Each caption slot's cosine with its image under one open_clip model, and the gate's flags."""
 
     name = "score"
+    summary_type = ScoreSummary
 
     def __init__(self, config: ScoreConfig, options: StorageOptions | None = None, redo_mismatched: bool = False):
         super().__init__(config, options)
@@ -182,31 +199,32 @@ def run_command(config: ScoreConfig, options: StorageOptions, run: ShardedRun) -
     if run.dry_run:
         return Said(render_dry_run(dry_run_score(config, options, run.redo_mismatched)))
     summary = run_score(config, options, take_over_lease=run.take_over_lease, redo_mismatched=run.redo_mismatched)
-    return Said(render_summary(summary), 1 if summary["failed"] else 0)
+    return Said(render_summary(summary), 1 if ScoreSummary.from_json(summary).failed else 0)
 
 
-def render_summary(summary: dict) -> str:
+def render_summary(written: dict) -> str:
+    """The printed summary of a score run's summary.json."""
+    summary = ScoreSummary.from_json(written)
     lines = [
-        f"score: {summary['rows']} rows in {summary['shards']['done']} shards scored by {summary['model']} "
-        f"({summary['weights']}); {summary['shards']['written_this_run']} shards written this run in "
-        f"{summary['wall_seconds']:.1f}s "
-        f"({summary['rows_per_second_this_run']:.1f} rows/s, {summary['actors_this_run']} actor(s))",
-        f"  gate: {summary['gate']}",
+        f"score: {summary.rows} rows in {summary.shards.done} shards scored by {summary.model} "
+        f"({summary.weights}); {summary.shards.written_this_run} shards written this run in "
+        f"{summary.wall_seconds:.1f}s "
+        f"({summary.rows_per_second_this_run:.1f} rows/s, {summary.actors_this_run} actor(s))",
+        f"  gate: {summary.gate}",
     ]
-    for column, s in summary["columns"].items():
+    for column, s in summary.columns.items():
         low, high = s["shard_median_range"]
         lines.append(
             f"  {column:<12} {s['scored']:>7} captions  mean cosine {s['mean']:.3f}  shard medians "
             f"{low:.3f}..{high:.3f}  "
             f"flagged {s['flagged']:>6} ({s['flagged_share']:.1%})"
         )
-    if summary["image_errors"]:
+    if summary.image_errors:
         lines.append(
-            f"  {summary['image_errors']} rows have an image that does not decode: not scored (training passes over "
-            "them)"
+            f"  {summary.image_errors} rows have an image that does not decode: not scored (training passes over them)"
         )
-    lines += [f"  left out   {n:>6} shards ({why})" for why, n in summary["shards"]["left_out"].items()]
+    lines += [f"  left out   {n:>6} shards ({why})" for why, n in summary.shards.left_out.items()]
     lines += render_pool(summary) + render_faults(summary)
-    sources = " ".join(f"--add-captions {url}" for url in [*summary["add_captions"], summary["output"]])
-    lines.append(f"  train with the gate: veclip train --input {summary['input']} {sources} ...")
+    sources = " ".join(f"--add-captions {url}" for url in [*summary.add_captions, summary.output])
+    lines.append(f"  train with the gate: veclip train --input {summary.input} {sources} ...")
     return "\n".join(lines)

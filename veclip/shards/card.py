@@ -96,20 +96,6 @@ def _models(models: dict[str, str]) -> list[str]:
     return ["## Models", "", *(f"- `{where}`: `{model}`" for where, model in sorted(models.items())), ""]
 
 
-def models_in(summary: dict) -> dict[str, str]:
-    """Every model a sharded run's summary names, by where: its configuration's ``<role>.model``, ``model``."""
-    found = dict(_find_models(summary.get("config", {}), ""))
-    return found | ({"model": summary["model"]} if summary.get("model") else {})
-
-
-def _find_models(config: dict, prefix: str):
-    for key, value in config.items():
-        if isinstance(value, dict):
-            yield from _find_models(value, f"{prefix}{key}.")
-        elif key == "model" and value:
-            yield prefix + key, value
-
-
 def _reading(output: Location, records: Layout, markers: dict[str, Marker]) -> list[str]:
     url = output.url.rstrip("/")
     # datasets reads a local folder as it is; an object store's it reads from a glob (not a folder URL)

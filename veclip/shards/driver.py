@@ -23,7 +23,7 @@ from typing import Protocol
 
 from veclip.clock import clock
 from veclip.console import eta, start_ray
-from veclip.shards.card import models_in, write_card
+from veclip.shards.card import write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
 from veclip.shards.layout import CARD_FILE, layout_of, output_shard_name
 from veclip.shards.lease import OutputLease
@@ -33,7 +33,7 @@ from veclip.shards.progress import board_viewer, start_board
 from veclip.shards.stage import Pool, ShardedStage
 from veclip.shards.stall import StageStalled, StallWatch
 from veclip.shards.store import ShardStore
-from veclip.shards.summary import summarize
+from veclip.shards.summary import RunSummary, summarize
 from veclip.storage import read_json, refuse_overlap, write_json
 
 
@@ -121,7 +121,7 @@ def run_stage(
         summary = summarize(stage, plan, run, clock().monotonic() - start, started_at)
         out.fs.pipe_file(out.join(lease.layout.summary), json.dumps(summary, indent=1).encode())
         if plan.todo or plan.unreadable or not out.fs.exists(out.join(CARD_FILE)):  # else the output is as it was
-            write_card(out, stage.name, stage.config.input, models_in(summary), log)
+            write_card(out, stage.name, stage.config.input, RunSummary.from_json(summary).models, log)
         return summary
     finally:
         lease.release()

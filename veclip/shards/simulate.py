@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import resource
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -38,6 +40,7 @@ from veclip.shards.progress import STARTING, WORKING, ProgressBoard
 from veclip.shards.stage import Pool, ShardedStage
 from veclip.shards.stall import StageStalled, StallWatch
 from veclip.shards.store import ShardStore
+from veclip.shards.summary import RunSummary
 from veclip.shards.virtual import HOUR, SimClock, SimStore
 from veclip.shards.worker import FaultConfig, ShardWorker
 from veclip.storage import Location, StorageOptions, use_local_store
@@ -406,9 +409,6 @@ class SimResult:
 
 def simulate(config: SimConfig, output: str, log=lambda *_: None, progress=None) -> SimResult:
     """One simulated run into ``output`` (a fresh local folder): the real driver on a virtual clock."""
-    import resource
-    import time
-
     virtual = SimClock(start=time.time())
     executor = SimExecutor(config, virtual, progress)
     stage = SimStage(config, output)
@@ -417,7 +417,7 @@ def simulate(config: SimConfig, output: str, log=lambda *_: None, progress=None)
     summary, lapses, crashed = None, 0, None
     with use_clock(virtual), use_local_store(store):
         try:
-            summary = run_stage(stage, log, executor=executor)
+            summary = RunSummary.from_json(run_stage(stage, log, executor=executor))
         except StageStalled:
             pass
         except LeaseLost:  # the lease lapsed mid-run (its renewals on the virtual clock failed)
@@ -433,8 +433,8 @@ def simulate(config: SimConfig, output: str, log=lambda *_: None, progress=None)
         gpu_hours=billed,
         goodput=executor.stats.useful_seconds / HOUR / billed if billed else 0.0,
         usd=billed * config.gpu_hour_usd,
-        shards_done=summary["shards"]["done"] if summary else len(ShardStore(Location(output)).done()),
-        shards_failed=summary["shards"]["failed"] if summary else 0,
+        shards_done=summary.shards.done if summary else len(ShardStore(Location(output)).done()),
+        shards_failed=summary.shards.failed if summary else 0,
         tries_lost=executor.stats.tries_lost,
         preemptions=executor.stats.preemptions,
         actor_kills=executor.stats.actor_kills,

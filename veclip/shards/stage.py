@@ -20,6 +20,9 @@ class ShardedStage(ABC):
     """A stage that maps input shards to output shards exactly once: rewrite, score, the next one."""
 
     name = ""  # in every log line, record and summary
+    # the run summary's type: a subclass of veclip.shards.summary.RunSummary naming the stage's own figures
+    # (details()); None: RunSummary itself, the figures kept in its details
+    summary_type: type | None = None
 
     def __init__(self, config, options: StorageOptions | None = None):
         self.config, self.options = config, options or StorageOptions()

@@ -41,7 +41,9 @@ class ShardCounts:
 
 @dataclass
 class RunSummary:
-    """What a run did, over the whole output (``.veclip/summary.json``): the stage's own figures in ``details``."""
+    """What a run did, over the whole output (``.veclip/summary.json``). A stage's own figures are the fields of
+    its subclass (:attr:`ShardedStage.summary_type`), or ``details`` for a stage without one; every reader of a
+    summary goes through :meth:`from_json` of its type."""
 
     stage: str
     input: str
@@ -58,7 +60,9 @@ class RunSummary:
     rows_per_second_this_run: float
     retried: dict[str, dict] = field(default_factory=dict)  # shard -> tries, errors of the lost tries
     pool_over_time: list[dict] = field(default_factory=list)  # the actors and nodes at work as the run went
-    details: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the stage's config as it ran (secrets redacted)
+    fingerprint_fields: dict = field(default_factory=dict)  # what its fingerprint is made of
+    details: dict = field(default_factory=dict)  # a stage's figures that its summary type does not name
     version: int = SUMMARY_VERSION
 
     def to_json(self) -> dict:
@@ -67,13 +71,27 @@ class RunSummary:
         return {**common, "shards": dataclasses.asdict(self.shards), **self.details}
 
     @classmethod
-    def from_json(cls, data: dict) -> RunSummary:
+    def from_json(cls, data: dict):
+        """The summary a run wrote (a summary of an older version: its missing fields at their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"details", "shards"}
         return cls(
             **{k: data[k] for k in names if k in data},
             shards=ShardCounts(**data["shards"]),
             details={k: v for k, v in data.items() if k not in names | {"shards"}},
         )
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Every model its configuration names, by where (``captioner.engine.model``, ``model``)."""
+        return dict(_find_models(self.config, ""))
+
+
+def _find_models(config: dict, prefix: str):
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _find_models(value, f"{prefix}{key}.")
+        elif key == "model" and value:
+            yield prefix + key, value
 
 
 def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: float, started_at: float = 0.0) -> dict:
@@ -99,7 +117,10 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
         raise ReconciliationError(f"{stage.name}: rows unaccounted for: " + "; ".join(problems))
     written = sorted(n for n, m in markers.items() if m.run_id == run.run_id)
     retried = store.retried(stage.name, run.run_id) if plan.todo else {}
-    return RunSummary(
+    own = stage.details(plan, run, markers, written, started_at)
+    kind = stage.summary_type or RunSummary
+    named = {f.name for f in dataclasses.fields(kind)}
+    return kind(
         stage=stage.name,
         input=stage.config.input,
         output=stage.config.output,
@@ -124,7 +145,8 @@ def summarize(stage: ShardedStage, plan: Plan, run: RunContext, wall_seconds: fl
         failed={n: f.brief() for n, f in sorted(failed.items())},
         wall_seconds=wall_seconds,
         rows_per_second_this_run=sum(plan.rows.get(n, 0) for n in written) / wall_seconds,
-        details=stage.details(plan, run, markers, written, started_at),
+        **{k: v for k, v in own.items() if k in named},
+        details={k: v for k, v in own.items() if k not in named},
     ).to_json()
 
 
@@ -144,9 +166,9 @@ def pool_over_time(markers: list[Marker], points: int = 12) -> list[dict]:
     return timeline
 
 
-def render_pool(summary: dict) -> list[str]:
+def render_pool(summary: RunSummary) -> list[str]:
     """The pool's size over the run, in a line, when it changed."""
-    timeline = summary.get("pool_over_time") or []
+    timeline = summary.pool_over_time
     actors = [t["actors"] for t in timeline]
     if len(set(actors)) <= 1:
         return []
@@ -169,18 +191,18 @@ def _losses(retried: dict[str, dict]) -> tuple[int, int]:
     return len(lost), len(nodes)
 
 
-def render_faults(summary: dict) -> list[str]:
+def render_faults(summary: RunSummary) -> list[str]:
     """The summary lines of the shards retried (a try lost with its actor or node) and of those that kept
     failing: every stage prints them the same way."""
     lines = []
-    if summary.get("retried"):
-        name, first = next(iter(summary["retried"].items()))
+    if summary.retried:
+        name, first = next(iter(summary.retried.items()))
         lines.append(
-            f"  retried {len(summary['retried'])} shard(s) whose earlier try was lost or failed, all done now "
+            f"  retried {len(summary.retried)} shard(s) whose earlier try was lost or failed, all done now "
             f"(e.g. {name}: {first['tries']} tries; {(first['errors'] or ['its process died'])[-1][:160]})"
         )
-    counts = summary["shards"]
-    deaths = {n: r for n, r in summary.get("retried", {}).items() if r.get("engine_deaths")}
+    counts = summary.shards
+    deaths = {n: r for n, r in summary.retried.items() if r.get("engine_deaths")}
     if deaths:
         poison = sum(len(r.get("poison", [])) for r in deaths.values())
         lines.append(
@@ -188,18 +210,18 @@ def render_faults(summary: dict) -> list[str]:
             f" in all, charged to none); {poison} request(s) found to kill it alone, their rows marked "
             f"{KILLED_THE_ENGINE}"
         )
-    if counts.get("actors_lost"):
+    if counts.actors_lost:
         lines.append(
-            f"  {counts['actors_lost']} actor(s) died mid-shard and were restarted by Ray"
-            + (f", {counts['nodes_lost']} of their node(s) lost" if counts.get("nodes_lost") else "")
+            f"  {counts.actors_lost} actor(s) died mid-shard and were restarted by Ray"
+            + (f", {counts.nodes_lost} of their node(s) lost" if counts.nodes_lost else "")
         )
-    if not summary["failed"]:
+    if not summary.failed:
         return lines
     return lines + [
-        f"FAILED: {len(summary['failed'])} shard(s) kept failing (`veclip status {summary['output']}` shows their "
+        f"FAILED: {len(summary.failed)} shard(s) kept failing (`veclip status {summary.output}` shows their "
         "errors). Rerun the same command to retry exactly these:",
         *(
             f"  {name}  [{f['stage']}, {f['tries']} tries]  {(f['error'] or '')[:200]}"
-            for name, f in summary["failed"].items()
+            for name, f in summary.failed.items()
         ),
     ]

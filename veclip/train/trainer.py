@@ -26,6 +26,7 @@ from veclip.train.data import plan_data
 from veclip.train.live import LiveProgress
 from veclip.train.loop import TrainHooks, train_loop
 from veclip.train.resumes import render_resume
+from veclip.train.summary import TrainSummary
 from veclip.train.tracking import Trackers
 
 
@@ -83,20 +84,19 @@ def _run_train(config: TrainConfig, options: StorageOptions, log, hooks: TrainHo
     if result.error:
         raise result.error
     progress = _read_progress(result.checkpoint)
-    summary = {
-        "config": redact(dataclasses.asdict(config)),
-        "name": config.name,
-        "model": config.model,
-        "caption_mode": config.captions.mode,
-        "metrics": result.metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "rows_skipped_by_reason": progress.rows_skipped() if progress else {},
-        "shards_skipped_by_reason": plan.shards_skipped,
-        "resumes": progress.resumes if progress else [],
-        "wall_seconds": time.perf_counter() - start,
-    }
-    summary_path = output.join(config.name, RUN_SUMMARY_FILE)
-    write_json(output.fs, summary_path, summary)
+    summary = TrainSummary(
+        config=redact(dataclasses.asdict(config)),
+        name=config.name,
+        model=config.model,
+        caption_mode=config.captions.mode,
+        metrics=result.metrics,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        rows_skipped_by_reason=progress.rows_skipped() if progress else {},
+        shards_skipped_by_reason=plan.shards_skipped,
+        resumes=progress.resumes if progress else [],
+        wall_seconds=time.perf_counter() - start,
+    ).to_json()
+    write_json(output.fs, output.join(config.name, RUN_SUMMARY_FILE), summary)
     return summary
 
 
@@ -205,23 +205,23 @@ def run_command(config: TrainConfig, options: StorageOptions, run: DryRun) -> Sa
     return Said(render_summary(run_train(config, options)))
 
 
-def run_samples_per_s(summary: dict) -> float:
+def run_samples_per_s(written: dict) -> float:
     """Wall-clock throughput of the whole run, start-up and every pass's first wait included."""
-    return (summary["metrics"] or {}).get("samples_seen", 0) / max(summary["wall_seconds"], 1e-9)
+    return TrainSummary.from_json(written).samples_per_s
 
 
-def render_summary(summary: dict) -> str:
-    m = summary["metrics"] or {}
-    skipped = ", ".join(f"{n} {r}" for r, n in summary["rows_skipped_by_reason"].items()) or "none"
+def render_summary(written: dict) -> str:
+    """The printed summary of a training run's summary.json."""
+    summary = TrainSummary.from_json(written)
+    m = summary.metrics or {}
+    skipped = ", ".join(f"{n} {r}" for r, n in summary.rows_skipped_by_reason.items()) or "none"
     return (
-        f"train ({summary['model']}, captions {summary['caption_mode']}): step {m.get('step')} loss "
+        f"train ({summary.model}, captions {summary.caption_mode}): step {m.get('step')} loss "
         f"{m.get('loss', float('nan')):.4f} "
-        f"logit scale {m.get('logit_scale', float('nan')):.2f}; {run_samples_per_s(summary):.0f} samples/s over the "
-        "run "
+        f"logit scale {m.get('logit_scale', float('nan')):.2f}; {summary.samples_per_s:.0f} samples/s over the run "
         f"(last step {m.get('samples_per_s', 0):.0f}, data wait {m.get('data_wait_share', 0):.0%}); rows skipped: "
-        f"{skipped}; "
-        f"{summary['wall_seconds']:.1f}s\n"
-        f"  checkpoint: {summary['checkpoint']}"
-        + "".join(f"\n  shards skipped: {n} ({why})" for why, n in summary.get("shards_skipped_by_reason", {}).items())
-        + "".join(f"\n  {render_resume(r)}" for r in summary.get("resumes", []))
+        f"{skipped}; {summary.wall_seconds:.1f}s\n"
+        f"  checkpoint: {summary.checkpoint}"
+        + "".join(f"\n  shards skipped: {n} ({why})" for why, n in summary.shards_skipped_by_reason.items())
+        + "".join(f"\n  {render_resume(r)}" for r in summary.resumes)
     )
