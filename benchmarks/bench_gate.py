@@ -109,11 +109,11 @@ def main() -> None:
     import ray
 
     from veclip.eval.run import EvalConfig, evaluate
-    from veclip.report import mean_recall
     from veclip.score import steps
     from veclip.score.config import build_config
     from veclip.score.stage import render_summary, run_score
     from veclip.world.generate import SampleConfig, generate
+    from veclip.world.report import mean_recall
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(args.work or tempfile.mkdtemp(prefix="veclip-gate-"))

@@ -16,7 +16,7 @@ are made from it by a deterministic paraphraser.
 The protocol, fixed before the runs (issue 29):
 - every mode trains with every seed on the same data, model, recipe (the demo's:
   one worker × 64, warm-up 10% of the steps, clipping at 1.0) and steps; a run's
-  take-off step (``veclip.report.take_off_step``) and its loss at fixed steps
+  take-off step (``veclip.world.report.take_off_step``) and its loss at fixed steps
   are its learning curve;
 - eval on the eval split with no single caption style owning the verdict: brand
   zero-shot with two prompt styles (``generic``: "a photo of a {}.", which reads
@@ -113,11 +113,11 @@ def loss_at(history: list[dict], step: int) -> float | None:
 
 def train_and_eval(mode: str, seed: int, args, data: Path, tmp: Path) -> tuple[dict, dict]:
     from veclip.eval.run import EvalConfig, evaluate
-    from veclip.report import EVAL_SETTINGS, METRICS, per_image, take_off_step
     from veclip.train.checkpoint import metric_history
     from veclip.train.config import build_config
     from veclip.train.export import export
     from veclip.train.trainer import run_samples_per_s, run_train
+    from veclip.world.report import EVAL_SETTINGS, METRICS, per_image, take_off_step
 
     name, started_at = f"{mode}-{seed}", time.time()
     overrides = [f"steps={args.steps}", f"seed={seed}", f"model={args.model}", f"checkpoint_every={args.steps}"]
@@ -218,8 +218,8 @@ def main() -> None:
 
 
 def render_tables(rows: list[dict], hits: dict, args) -> str:
-    from veclip.report import METRICS
-    from veclip.stats import holm, paired_bootstrap, paired_t
+    from veclip.world.report import METRICS
+    from veclip.world.stats import holm, paired_bootstrap, paired_t
 
     what = "the trained models' captions" if args.captions == "pipeline" else "reference captions, stand-ins"
     out = [
@@ -270,7 +270,7 @@ def render_tables(rows: list[dict], hits: dict, args) -> str:
 
 
 def _t975(df: int) -> float:
-    from veclip.stats import t_quantile
+    from veclip.world.stats import t_quantile
 
     return t_quantile(0.975, df)
 

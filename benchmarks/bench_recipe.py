@@ -6,7 +6,7 @@ The demo's shape: 1,000 train rows of the sample world at 64 px, 500 eval rows,
 300 steps of 64 images. Captions: AltText only, and the VeCLIP mix with the
 reference description as VeCap (a perfect captioner; the recipe, not the
 captions, is under test). For each recipe, mode and seed: the step at which the
-loss leaves the plateau at ln 64 (``veclip.report.take_off_step``: the first 10
+loss leaves the plateau at ln 64 (``veclip.world.report.take_off_step``: the first 10
 steps averaging 0.25 under it), the final loss and logit scale, zero-shot brand
 and shape and retrieval R@5 on the eval split, and samples/s. Prints Markdown.
 """
@@ -62,12 +62,12 @@ def main() -> None:
     from bench_mixing import enrich
 
     from veclip.eval.run import EvalConfig, evaluate
-    from veclip.report import mean_recall, take_off_step
     from veclip.train.checkpoint import metric_history
     from veclip.train.config import build_config
     from veclip.train.export import export
     from veclip.train.trainer import run_samples_per_s, run_train
     from veclip.world.generate import SampleConfig, generate
+    from veclip.world.report import mean_recall, take_off_step
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="veclip-recipe-"))

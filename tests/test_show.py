@@ -118,7 +118,7 @@ def test_the_report_page_stands_alone(tmp_path):
     """report.html: the Markdown report's tables, code and quotes as HTML, its plots inline, the gallery embedded."""
     from PIL import Image
 
-    from veclip.report import to_html
+    from veclip.world.report import to_html
 
     Image.new("RGB", (4, 4), (200, 0, 0)).save(tmp_path / "loss.png")
     page = to_html(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from veclip.stats import holm, paired_bootstrap, paired_t, t_cdf, t_quantile
+from veclip.world.stats import holm, paired_bootstrap, paired_t, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("df, q, tabled", [(1, 0.975, 12.706), (4, 0.975, 2.776), (9, 0.975, 2.262), (30, 0.95, 1.697)])

@@ -47,7 +47,7 @@ def test_param_groups_and_schedule():
 
 def test_the_take_off_step_is_where_the_loss_leaves_chance():
     """A CLIP sits at ln(global batch) until it starts to learn; the report names the step it left."""
-    from veclip.report import take_off_step
+    from veclip.world.report import take_off_step
 
     chance = np.log(64)
     flat = [{"step": s, "loss": chance + 0.01 * (-1) ** s} for s in range(1, 51)]

@@ -70,10 +70,10 @@ def shuffle_captions(source, dest, seed: int = 0):
 
 def test_misaligned_captions_destroy_the_gain(world, tmp_path):
     from veclip.eval.run import EvalConfig, evaluate
-    from veclip.report import mean_recall
     from veclip.train.config import build_config as train_config
     from veclip.train.export import export
     from veclip.train.trainer import run_train
+    from veclip.world.report import mean_recall
 
     shuffle_captions(world / "trained", tmp_path / "shuffled")
     r5 = {}

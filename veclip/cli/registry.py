@@ -25,7 +25,7 @@ DECLARED = (
     "veclip.status:COMMAND",
     "veclip.world.build:COMMAND",
     "veclip.pipeline:COMMAND",
-    "veclip.demo:COMMAND",
+    "veclip.world.demo:COMMAND",
 )
 
 

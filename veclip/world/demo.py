@@ -23,7 +23,6 @@ from typing import Literal
 
 from veclip.command import Command, Flag, Said
 from veclip.pipeline import PipelineConfig, run_pipeline, step_seconds
-from veclip.report import comparison, write_report
 from veclip.shards.layout import CURRENT
 from veclip.storage import Location, StorageOptions, read_json
 from veclip.world.build import ModelsConfig
@@ -31,6 +30,7 @@ from veclip.world.build import ensure_built as ensure_models
 from veclip.world.presets import TRAINED_PRESETS
 from veclip.world.quality import measure, read_rows
 from veclip.world.quality import render as render_quality
+from veclip.world.report import comparison, write_report
 
 MODES = ("alttext", "mix")  # the demo pipeline's CLIPs, the baseline first
 

@@ -81,7 +81,7 @@ def comparison(runs: dict) -> str:
     """The modes side by side on every headline metric, and each mode's difference from the first (the
     baseline) with its 95% interval: a paired bootstrap over the eval images (one run per mode: the
     interval is the eval set's uncertainty, not the training seed's)."""
-    from veclip.stats import paired_bootstrap
+    from veclip.world.stats import paired_bootstrap
 
     modes = list(runs)
     base = modes[0]
