@@ -23,7 +23,7 @@ def _presets(name: str) -> tuple[str, ...]:
 def test_every_config_field_says_what_it_does(name):
     for preset in _presets(name):
         undocumented = [key for key, _, doc in describe(commands()[name].preset(preset)) if not doc]
-        assert not undocumented, f"{name} --preset {preset}: fields without a '#' doc: {undocumented}"
+        assert not undocumented, f"{name} --preset {preset}: fields without a docstring: {undocumented}"
 
 
 def test_config_show_prints_fields_values_and_docs():
@@ -214,9 +214,12 @@ def test_a_stage_with_nothing_to_read_says_so_the_same_way(tmp_path):
 
 @dataclasses.dataclass(frozen=True)
 class _ToyConfig:
-    input: str = ""  # what the toy reads
-    output: str = ""  # where the toy writes
-    knob: int = 7  # how far the toy turns its knob
+    input: str = ""
+    """what the toy reads"""
+    output: str = ""
+    """where the toy writes"""
+    knob: int = 7
+    """how far the toy turns its knob"""
 
 
 def test_a_documented_config_field_is_a_flag_with_help_a_docs_line_and_the_submit_and_pipeline_checks(

@@ -139,18 +139,19 @@ def field_type(cls: type, dotted: str) -> tuple[Any, str]:
 class DryRun:
     """The run option of a command that can show its plan instead of running."""
 
-    # validate and print the plan (shards, rows, fingerprint, what a rerun skips, pools or workers and their
-    # resources); start nothing, write nothing
     dry_run: bool = False
+    """validate and print the plan (shards, rows, fingerprint, what a rerun skips, pools or workers and their
+    resources); start nothing, write nothing"""
 
 
 @dataclass(frozen=True)
 class ShardedRun(DryRun):
     """Every sharded stage's run options (rewrite, score), spelled in :data:`SHARDED_RUN_FLAGS`' order."""
 
-    # write again the shards an earlier run wrote with another configuration (fingerprint) into this output
     redo_mismatched: bool = False
-    take_over_lease: bool = False  # take the output from another run's lease (only when that run is surely gone)
+    """write again the shards an earlier run wrote with another configuration (fingerprint) into this output"""
+    take_over_lease: bool = False
+    """take the output from another run's lease (only when that run is surely gone)"""
 
 
 SHARDED_RUN_FLAGS = ("redo_mismatched", "take_over_lease", "dry_run")

@@ -1,6 +1,6 @@
 """Config plumbing shared by every stage: a config file and ``--set key=value`` overrides
 applied to nested frozen dataclasses, with values coerced to each field's type; and
-each field's documentation (its ``#`` comment), so ``veclip config show`` can print it."""
+each field's documentation (its attribute docstring), so ``veclip config show`` and the flags' help print it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import ast
 import dataclasses
 import functools
 import inspect
-import io
 import json
 import re
-import tokenize
+import textwrap
 import types
 import typing
 import warnings
@@ -153,28 +152,20 @@ def build(base, config_file: str | None = None, fields: dict | None = None, over
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's doc: the ``#`` comment on its line (or lines, as the formatter wraps a long one), else the
-    comment lines just above it."""
+    """Each field's documentation: the docstring under it (an attribute docstring, as Sphinx and IDEs read)."""
     try:
-        source = inspect.getsource(cls)
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     except (OSError, TypeError):
         return {}
-    comments = {
-        tok.start[0]: tok.string.lstrip("#").strip()
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-        if tok.type == tokenize.COMMENT
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:])
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(field.target, ast.Name)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
     }
-    lines = source.splitlines()
-    docs = {}
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            above, line = [], node.lineno - 1
-            while line >= 1 and line in comments and lines[line - 1].strip().startswith("#"):
-                above.insert(0, comments[line])
-                line -= 1
-            inline = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-            docs[node.target.id] = " ".join(inline) or " ".join(above)
-    return docs
 
 
 def describe(config, prefix: str = "") -> list[tuple[str, object, str]]:

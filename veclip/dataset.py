@@ -109,8 +109,10 @@ class Dataset:
 class Acceptance:
     """What a reader takes from an output that is not whole; by default nothing: it refuses, saying why."""
 
-    fingerprint: str = ""  # of an output mixing configurations, the one to take (the others left out, counted)
-    missing_shards: bool = False  # take an output some of whose marked shards are gone (left out, counted)
+    fingerprint: str = ""
+    """of an output mixing configurations, the one to take (the others left out, counted)"""
+    missing_shards: bool = False
+    """take an output some of whose marked shards are gone (left out, counted)"""
 
 
 class UnsoundOutput(ValueError):

@@ -37,8 +37,10 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 32 * 1024 * 1024  # larger images are refused before they are parsed
-    max_pixels: int = 50_000_000  # ~7000x7000; a web photo is far below
+    max_bytes: int = 32 * 1024 * 1024
+    """larger images are refused before they are parsed"""
+    max_pixels: int = 50_000_000
+    """~7000x7000; a web photo is far below"""
 
 
 def open_image(data: bytes | None, limits: ImageLimits = ImageLimits()) -> Image.Image:

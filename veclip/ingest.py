@@ -71,16 +71,22 @@ CSV_FIELD_LIMIT = 128 * 1024  # the csv module's default: larger fields are read
 
 @dataclass(frozen=True)
 class ImportConfig:
-    source: str = ""  # a folder of .tar shards, or a .csv file
-    output: str = ""  # output folder or s3:// prefix
-    format: Format = "auto"  # auto (from the source), webdataset or csv
-    # For CSV: which columns hold the image path, the caption and (optionally) the key.
+    source: str = ""
+    """a folder of .tar shards, or a .csv file"""
+    output: str = ""
+    """output folder or s3:// prefix"""
+    format: Format = "auto"
+    """auto (from the source), webdataset or csv"""
     columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
-    rows_per_shard: int = 10_000  # CSV: rows per output shard
-    image_limits: ImageLimits = field(default_factory=ImageLimits)  # max_bytes also bounds every tar member
-    allow_outside_paths: bool = False  # CSV: also read absolute paths, URLs and paths above the CSV's folder
-    # pre-resize: images with a larger short side are scaled to this (e.g. 384) and re-encoded as JPEG (quality 90)
+    """For CSV: which columns hold the image path, the caption and (optionally) the key."""
+    rows_per_shard: int = 10_000
+    """CSV: rows per output shard"""
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    """max_bytes also bounds every tar member"""
+    allow_outside_paths: bool = False
+    """CSV: also read absolute paths, URLs and paths above the CSV's folder"""
     resize: int = 0
+    """pre-resize: images with a larger short side are scaled to this (e.g. 384) and re-encoded as JPEG (quality 90)"""
 
     def __post_init__(self):
         if self.format not in FORMATS:

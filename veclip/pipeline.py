@@ -91,13 +91,20 @@ def _fill(text: str, values: dict, pipeline: str, step: str) -> str:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    pipeline: str = ""  # a shipped pipeline's name (veclip pipeline list) or a YAML file
-    input: str = ""  # the data the first step reads: a folder or s3:// prefix of Parquet shards
-    output: str = ""  # the run's folder or s3:// prefix: every step writes below it
-    vars: tuple[str, ...] = ()  # NAME=VALUE overrides of the pipeline's vars
-    submit: bool = False  # run the submittable steps as Ray jobs (veclip submit), the others here
-    address: str | None = None  # the cluster's job address for --submit (default: RAY_ADDRESS)
-    dry_run: bool = False  # print the commands, run nothing
+    pipeline: str = ""
+    """a shipped pipeline's name (veclip pipeline list) or a YAML file"""
+    input: str = ""
+    """the data the first step reads: a folder or s3:// prefix of Parquet shards"""
+    output: str = ""
+    """the run's folder or s3:// prefix: every step writes below it"""
+    vars: tuple[str, ...] = ()
+    """NAME=VALUE overrides of the pipeline's vars"""
+    submit: bool = False
+    """run the submittable steps as Ray jobs (veclip submit), the others here"""
+    address: str | None = None
+    """the cluster's job address for --submit (default: RAY_ADDRESS)"""
+    dry_run: bool = False
+    """print the commands, run nothing"""
 
 
 def available() -> dict[str, Path]:

@@ -225,15 +225,21 @@ def simulated_runs(
 class PlanRun:
     """``veclip plan``'s run options."""
 
-    rows: int = 64  # rows sampled from the input and rewritten to measure
-    calibration: str | None = None  # a rewrite output on the GPUs you consider: its rates
-    price: tuple[str, ...] = ()  # dollars per GPU-hour, one GPU each (default H100=4.0, L40S=1.9)
-    # then simulate the whole run on spot nodes (the pools at max_actors, shards timed from the plan's rates):
-    # finish time, goodput, cost, shards redone
+    rows: int = 64
+    """rows sampled from the input and rewritten to measure"""
+    calibration: str | None = None
+    """a rewrite output on the GPUs you consider: its rates"""
+    price: tuple[str, ...] = ()
+    """dollars per GPU-hour, one GPU each (default H100=4.0, L40S=1.9)"""
     simulate: bool = False
-    gpu: str = "H100"  # --simulate: the GPU whose rates and price it uses
-    engine_start_minutes: float = 5.0  # --simulate: an engine's load time
-    fleet: Fleet = field(default_factory=Fleet)  # --simulate: the fleet's faults
+    """then simulate the whole run on spot nodes (the pools at max_actors, shards timed from the plan's rates):
+    finish time, goodput, cost, shards redone"""
+    gpu: str = "H100"
+    """--simulate: the GPU whose rates and price it uses"""
+    engine_start_minutes: float = 5.0
+    """--simulate: an engine's load time"""
+    fleet: Fleet = field(default_factory=Fleet)
+    """--simulate: the fleet's faults"""
 
 
 def plan_config(preset_name: str, config_file: str | None, fields: dict, overrides) -> RewriteConfig:

@@ -32,17 +32,24 @@ THUMBNAIL_SIDE = 256
 
 @dataclass(frozen=True)
 class ShowConfig:
-    url: str = ""  # a folder or s3:// prefix: input, enriched, caption output or .veclip/quarantine
-    rows: int = 10  # rows to show
-    offset: int = 0  # matching rows to pass over first (the next page)
-    keys: tuple[str, ...] = ()  # only these keys
-    where: str = ""  # only rows with a flag or quarantine reason containing this, e.g. entities_lost
-    html: str | None = None  # write HTML pages here (a local file) instead of a terminal table
-    page_rows: int = 50  # rows per HTML page
-    add_captions: tuple[str, ...] = ()  # more caption outputs of the same input (see veclip train --add-captions)
-    columns: schema.ColumnMap = field(
-        default_factory=schema.ColumnMap
-    )  # the data's column names for the contract's roles
+    url: str = ""
+    """a folder or s3:// prefix: input, enriched, caption output or .veclip/quarantine"""
+    rows: int = 10
+    """rows to show"""
+    offset: int = 0
+    """matching rows to pass over first (the next page)"""
+    keys: tuple[str, ...] = ()
+    """only these keys"""
+    where: str = ""
+    """only rows with a flag or quarantine reason containing this, e.g. entities_lost"""
+    html: str | None = None
+    """write HTML pages here (a local file) instead of a terminal table"""
+    page_rows: int = 50
+    """rows per HTML page"""
+    add_captions: tuple[str, ...] = ()
+    """more caption outputs of the same input (see veclip train --add-captions)"""
+    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
+    """the data's column names for the contract's roles"""
 
 
 def matching_rows(config: ShowConfig, options: StorageOptions) -> tuple[Dataset, pa.Table]:

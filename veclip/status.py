@@ -28,7 +28,8 @@ from veclip.train.summary import TrainSummary
 
 @dataclass(frozen=True)
 class StatusConfig:
-    url: str = ""  # a rewrite or score output, or a training run folder (<output>/<name>)
+    url: str = ""
+    """a rewrite or score output, or a training run folder (<output>/<name>)"""
 
 
 @dataclass

@@ -41,16 +41,21 @@ FATAL = ("no_shards", "unreadable", "schema", "null_key", "duplicate_key", "capt
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    url: str = ""  # folder or s3:// prefix holding .parquet shards
-    columns: schema.ColumnMap = field(
-        default_factory=schema.ColumnMap
-    )  # the dataset's column names for the contract's roles (see schema.ColumnMap)
-    images: Literal["sample", "full", "none"] = "sample"  # decode a sample per shard, every image, or none
-    sample_per_shard: int = 32  # images decoded per shard with images=sample
-    sample_row_groups: int = 1  # row groups per shard the sample is drawn from (their image bytes are all that is read)
-    max_bad_image_share: float = 0.0  # of checked images
+    url: str = ""
+    """folder or s3:// prefix holding .parquet shards"""
+    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
+    """the dataset's column names for the contract's roles (see schema.ColumnMap)"""
+    images: Literal["sample", "full", "none"] = "sample"
+    """decode a sample per shard, every image, or none"""
+    sample_per_shard: int = 32
+    """images decoded per shard with images=sample"""
+    sample_row_groups: int = 1
+    """row groups per shard the sample is drawn from (their image bytes are all that is read)"""
+    max_bad_image_share: float = 0.0
+    """of checked images"""
     image_limits: ImageLimits = field(default_factory=ImageLimits)
-    max_keys_in_memory: int = 20_000_000  # beyond this, keys are spilled to local disk for the duplicate check
+    max_keys_in_memory: int = 20_000_000
+    """beyond this, keys are spilled to local disk for the duplicate check"""
 
     def __post_init__(self):
         if self.images not in IMAGE_CHECKS:

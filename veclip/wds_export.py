@@ -40,11 +40,16 @@ SKIPPED_COLUMNS = (schema.IMAGE,)  # in the sample's own member, not its .json
 
 @dataclass(frozen=True)
 class WebDatasetConfig:
-    input: str = ""  # a dataset folder or s3:// prefix, or a caption output (joined to its images)
-    output: str = ""  # the folder or prefix for the tars
-    caption: str = schema.VECAP  # the column whose text goes in <key>.txt (a list column: its first text)
-    fallback: str = schema.ALT_TEXT  # the column used when ``caption`` is empty; "": leave such rows out
-    add_captions: tuple[str, ...] = ()  # more caption outputs of the same input, joined by key
+    input: str = ""
+    """a dataset folder or s3:// prefix, or a caption output (joined to its images)"""
+    output: str = ""
+    """the folder or prefix for the tars"""
+    caption: str = schema.VECAP
+    """the column whose text goes in <key>.txt (a list column: its first text)"""
+    fallback: str = schema.ALT_TEXT
+    """the column used when ``caption`` is empty; "": leave such rows out"""
+    add_captions: tuple[str, ...] = ()
+    """more caption outputs of the same input, joined by key"""
 
 
 @dataclass

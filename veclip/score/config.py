@@ -19,41 +19,50 @@ from veclip.shards.worker import FaultConfig
 class ScorePool:
     """The Ray Data actor pool: each actor holds one copy of the model."""
 
-    min_actors: int = 1  # actors kept while the stage runs
-    max_actors: int = 8  # Ray Data scales the pool up to this with the backlog
-    num_gpus: float = 1.0  # per actor
-    num_cpus: float = 1.0  # per actor (it decodes its shard's images)
-    accelerator_type: str | None = None  # e.g. "L4": keep the pool on that node type
+    min_actors: int = 1
+    """actors kept while the stage runs"""
+    max_actors: int = 8
+    """Ray Data scales the pool up to this with the backlog"""
+    num_gpus: float = 1.0
+    """per actor"""
+    num_cpus: float = 1.0
+    """per actor (it decodes its shard's images)"""
+    accelerator_type: str | None = None
+    """e.g. "L4": keep the pool on that node type"""
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    # the rows to score: shards with captions (copy layout), or a caption output (joined to its images by key)
     input: str = ""
-    # more caption outputs of the same input, joined by key beside input's (as for veclip train --add-captions)
+    """the rows to score: shards with captions (copy layout), or a caption output (joined to its images by key)"""
     add_captions: tuple[str, ...] = ()
-    output: str = (
-        ""  # folder or s3:// prefix for the score tables (a caption output: add it to training with --add-captions)
-    )
-    model: str = ""  # an exported folder, a training run or checkpoint, or an open_clip name (with pretrained)
-    pretrained: str | None = None  # with an open_clip model name: a pretrained tag or a weights file
-    caption_columns: tuple[str, ...] = (
-        schema.CAPTION_COLUMNS
-    )  # caption columns to score (and gate); rewrites: each rewrite
-    # Flag a caption whose cosine with its image is under this (absolute; e.g. LAION-5B dropped pairs under 0.28 with
-    # OpenAI's ViT-B/32, LAION-400M under 0.3); None: no absolute threshold
+    """more caption outputs of the same input, joined by key beside input's (as for veclip train --add-captions)"""
+    output: str = ""
+    """folder or s3:// prefix for the score tables (a caption output: add it to training with --add-captions)"""
+    model: str = ""
+    """an exported folder, a training run or checkpoint, or an open_clip name (with pretrained)"""
+    pretrained: str | None = None
+    """with an open_clip model name: a pretrained tag or a weights file"""
+    caption_columns: tuple[str, ...] = schema.CAPTION_COLUMNS
+    """caption columns to score (and gate); rewrites: each rewrite"""
     threshold: float | None = None
-    # Flag the captions under this percentile of their column's scores in their shard (0-100, e.g. 10: the
-    # lowest tenth); None: no percentile rule. With neither rule the stage only scores.
+    """Flag a caption whose cosine with its image is under this (absolute; e.g. LAION-5B dropped pairs under 0.28
+    with OpenAI's ViT-B/32, LAION-400M under 0.3); None: no absolute threshold"""
     percentile: float | None = None
-    batch_size: int = 256  # images (and texts) per forward pass
-    device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
-    columns: ColumnMap = field(
-        default_factory=ColumnMap
-    )  # the input's column names for the contract's roles (see schema.ColumnMap)
-    image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an image may have
-    pool: ScorePool = field(default_factory=ScorePool)  # the actors that score
-    faults: FaultConfig = field(default_factory=FaultConfig)  # retries, backoff and the output lease
+    """Flag the captions under this percentile of their column's scores in their shard (0-100, e.g. 10: the lowest
+    tenth); None: no percentile rule. With neither rule the stage only scores."""
+    batch_size: int = 256
+    """images (and texts) per forward pass"""
+    device: str = "auto"
+    """auto: cuda when the actor has a GPU, else cpu"""
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    """the input's column names for the contract's roles (see schema.ColumnMap)"""
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    """bytes and pixels an image may have"""
+    pool: ScorePool = field(default_factory=ScorePool)
+    """the actors that score"""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """retries, backoff and the output lease"""
 
     def __post_init__(self):
         unknown = sorted(set(self.caption_columns) - set(schema.CAPTION_COLUMNS))

@@ -74,14 +74,22 @@ class SimPool:
 class Fleet:
     """The simulated fleet's faults (``veclip simulate``, ``veclip plan --simulate``)."""
 
-    preemption_per_hour: float = 0.10  # each node's chance an hour
-    replacement_minutes: float = 10.0  # a lost node's replacement
-    drain_notice_seconds: float = 0.0  # notice before a preemption
-    never_replaced: bool = False  # lost nodes never come back (a hung pool)
-    actor_kills_per_hour: float = 0.0  # each actor's process killed
-    s3_latency_ms: float = 0.0  # a store request's mean latency
-    s3_fault_rate: float = 0.0  # a store request's chance to fail after retries
-    seeds: int = 3  # simulated runs, one per seed
+    preemption_per_hour: float = 0.10
+    """each node's chance an hour"""
+    replacement_minutes: float = 10.0
+    """a lost node's replacement"""
+    drain_notice_seconds: float = 0.0
+    """notice before a preemption"""
+    never_replaced: bool = False
+    """lost nodes never come back (a hung pool)"""
+    actor_kills_per_hour: float = 0.0
+    """each actor's process killed"""
+    s3_latency_ms: float = 0.0
+    """a store request's mean latency"""
+    s3_fault_rate: float = 0.0
+    """a store request's chance to fail after retries"""
+    seeds: int = 3
+    """simulated runs, one per seed"""
 
     def sim_fields(self) -> dict:
         """As :class:`SimConfig`'s fields (the seeds are runs, not a field)."""

@@ -34,16 +34,18 @@ from veclip.storage import Location, StorageOptions
 class FaultConfig:
     """How a run survives faults (not part of the fingerprint: they change no output)."""
 
-    # Each clock below must exceed a real duration (docs/resuming.md has them beside the hardware they assume).
-    max_attempts: int = 3  # tries per shard and run, crashes of the actor's process included
-    backoff_seconds: float = 2.0  # before the 2nd try, doubled after (jittered): over S3 SlowDown's pause
-    lease_seconds: float = (
-        120.0  # the output's lease lapses this long after renewals stop: over an S3 outage to ride out
-    )
-    # No silent hang, no false stop: actors report progress inside shards (requests done) to the driver
-    first_shard_seconds: float = 3600.0  # no actor working: stop after this (over a node replacement + an engine load)
-    stall_factor: float = 10.0  # actors working: stop after this x the longest pause in progress seen ...
-    stall_seconds: float = 900.0  # ... and at least this (over an engine's longest step; a shard's length is moot)
+    max_attempts: int = 3
+    """tries per shard and run, crashes of the actor's process included"""
+    backoff_seconds: float = 2.0
+    """before the 2nd try, doubled after (jittered): over S3 SlowDown's pause"""
+    lease_seconds: float = 120.0
+    """the output's lease lapses this long after renewals stop: over an S3 outage to ride out"""
+    first_shard_seconds: float = 3600.0
+    """no actor working: stop after this (over a node replacement + an engine load)"""
+    stall_factor: float = 10.0
+    """actors working: stop after this x the longest pause in progress seen ..."""
+    stall_seconds: float = 900.0
+    """... and at least this (over an engine's longest step; a shard's length is moot)"""
 
     def stall_deadline(self, longest_gap: float | None) -> float:
         """Seconds without progress after which the run stops: ``longest_gap`` None while no actor works."""

@@ -37,15 +37,21 @@ REWRITES = schema.REWRITES
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    mode: Mode = "mix"  # caption choice per sample: alttext, vecap, mix, laclip or weighted
-    p_vecap: float = 0.5  # VeCLIP's mix: VeCap with probability p, AltText otherwise
-    weights: dict = field(default_factory=dict)  # weighted mode: {"alt_text": 1, "vecap": 2, "rewrites": 1}
-    max_rewrites: int = 4  # LaCLIP rewrite slots read per row
-    min_words: int = 2  # a caption with fewer words is unusable (falls back to AltText)
-    # Captions of each image in a step, all positives (MultiPositiveClipLoss); the text tower then
-    # encodes K texts per image.
+    mode: Mode = "mix"
+    """caption choice per sample: alttext, vecap, mix, laclip or weighted"""
+    p_vecap: float = 0.5
+    """VeCLIP's mix: VeCap with probability p, AltText otherwise"""
+    weights: dict = field(default_factory=dict)
+    """weighted mode: {"alt_text": 1, "vecap": 2, "rewrites": 1}"""
+    max_rewrites: int = 4
+    """LaCLIP rewrite slots read per row"""
+    min_words: int = 2
+    """a caption with fewer words is unusable (falls back to AltText)"""
     per_image: int = 1
-    budget_neutral: bool = False  # with per_image K: batch_size / K images per step, as many texts as single-caption
+    """Captions of each image in a step, all positives (MultiPositiveClipLoss); the text tower then encodes K texts
+    per image."""
+    budget_neutral: bool = False
+    """with per_image K: batch_size / K images per step, as many texts as single-caption"""
 
     def __post_init__(self):
         if self.mode not in MODES:

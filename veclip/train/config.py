@@ -15,14 +15,22 @@ from veclip.train.tracking import TrackingConfig
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 5e-4  # peak learning rate (AdamW)
-    weight_decay: float = 0.2  # AdamW decay, not on gains, biases and the logit scale
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.98  # AdamW beta2
-    eps: float = 1e-6  # AdamW epsilon
-    warmup_steps: int = 500  # linear warm-up, then cosine decay to 0
-    warmup_share: float = 0.0  # when > 0: the warm-up is this share of the run's steps (instead of warmup_steps)
-    grad_clip_norm: float = 0.0  # clip the gradients' global norm to this (0: off), as open_clip's --grad-clip-norm
+    lr: float = 5e-4
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.2
+    """AdamW decay, not on gains, biases and the logit scale"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.98
+    """AdamW beta2"""
+    eps: float = 1e-6
+    """AdamW epsilon"""
+    warmup_steps: int = 500
+    """linear warm-up, then cosine decay to 0"""
+    warmup_share: float = 0.0
+    """when > 0: the warm-up is this share of the run's steps (instead of warmup_steps)"""
+    grad_clip_norm: float = 0.0
+    """clip the gradients' global norm to this (0: off), as open_clip's --grad-clip-norm"""
 
     def __post_init__(self):
         if not 0.0 <= self.warmup_share < 1.0 or self.grad_clip_norm < 0:
@@ -32,7 +40,8 @@ class OptimConfig:
         """The warm-up steps of a run of ``steps``."""
         return max(1, round(self.warmup_share * steps)) if self.warmup_share > 0 else self.warmup_steps
 
-    fused: bool | None = None  # fused AdamW kernel (one kernel for all parameters); None: on GPUs only
+    fused: bool | None = None
+    """fused AdamW kernel (one kernel for all parameters); None: on GPUs only"""
 
 
 @dataclass(frozen=True)
@@ -40,54 +49,81 @@ class ScaleConfig:
     """Ray Train workers. On CPU keep ``cpus_per_worker`` fractional so Ray Data's
     decode tasks still get CPUs."""
 
-    num_workers: int = 8  # Ray Train workers (one GPU each with use_gpu)
-    use_gpu: bool = True  # train on GPUs (NCCL); false: CPU (gloo)
-    cpus_per_worker: float = 8.0  # CPUs per train worker
-    torch_threads: int = 0  # the worker's torch threads; 0: the whole CPUs it holds (at least 1)
-    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails
-    max_preemption_failures: int = -1  # restarts after a node drained for preemption (counted apart); -1: no limit
-    preemption_check_every: int = 1  # steps between asking Ray Train for a preemption notice (a barrier); 0: never
-    preprocess_cpus: float = 1.0  # per Ray Data decode/augment task
-    accelerator_type: str | None = None  # e.g. "H100": train only on that node type
+    num_workers: int = 8
+    """Ray Train workers (one GPU each with use_gpu)"""
+    use_gpu: bool = True
+    """train on GPUs (NCCL); false: CPU (gloo)"""
+    cpus_per_worker: float = 8.0
+    """CPUs per train worker"""
+    torch_threads: int = 0
+    """the worker's torch threads; 0: the whole CPUs it holds (at least 1)"""
+    max_failures: int = 3
+    """worker-group restarts from the latest checkpoint before the run fails"""
+    max_preemption_failures: int = -1
+    """restarts after a node drained for preemption (counted apart); -1: no limit"""
+    preemption_check_every: int = 1
+    """steps between asking Ray Train for a preemption notice (a barrier); 0: never"""
+    preprocess_cpus: float = 1.0
+    """per Ray Data decode/augment task"""
+    accelerator_type: str | None = None
+    """e.g. "H100": train only on that node type"""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    input: str = ""  # folder or s3:// prefix of shards, or a caption output (joined to its input's images by key)
-    # More caption outputs of the same input, joined by key beside data's: URL, or
-    # URL#vecap=vlm_caption,rewrites to pick and rename columns (see veclip.dataset.CaptionSource)
+    input: str = ""
+    """folder or s3:// prefix of shards, or a caption output (joined to its input's images by key)"""
     add_captions: tuple[str, ...] = ()
-    accept: Acceptance = field(default_factory=Acceptance)  # of an output not whole: what to train on (else refused)
-    output: str = ""  # run storage: <output>/<name>/checkpoint_*
-    name: str = "veclip-train"  # run name: rerun with the same name and output to resume
-    model: str = "ViT-B-16"  # open_clip model name, or veclip-tiny
-    pretrained: str | None = None  # a local weights file or an open_clip pretrained tag
-    captions: CaptionConfig = field(default_factory=CaptionConfig)  # which caption each sample trains with
-    columns: ColumnMap = field(
-        default_factory=ColumnMap
-    )  # the data's column names for the contract's roles (see schema.ColumnMap)
-    batch_size: int = 256  # per worker; the contrastive batch is batch_size x num_workers
-    steps: int = 10_000  # optimizer steps in the run
-    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
-    scale: ScaleConfig = field(default_factory=ScaleConfig)  # workers and resources
-    checkpoint_every: int = 1000  # steps between checkpoints (and at the end)
-    report_every: int = (
-        100  # ray.train.report is a sync point (0.2-0.6 s on CPU); every step's metrics are kept regardless
-    )
-    keep_checkpoints: int = 3  # newest checkpoints kept in the run folder
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
-    compile: bool = False  # torch.compile the model
-    # Where JPEGs are decoded: "cpu" (the preprocess tasks) or "device" (the train worker's, batched:
-    # nvJPEG on a GPU). Device decoding frees the CPUs for corpora that are not pre-resized.
+    """More caption outputs of the same input, joined by key beside data's: URL, or URL#vecap=vlm_caption,rewrites to
+    pick and rename columns (see veclip.dataset.CaptionSource)"""
+    accept: Acceptance = field(default_factory=Acceptance)
+    """of an output not whole: what to train on (else refused)"""
+    output: str = ""
+    """run storage: <output>/<name>/checkpoint_*"""
+    name: str = "veclip-train"
+    """run name: rerun with the same name and output to resume"""
+    model: str = "ViT-B-16"
+    """open_clip model name, or veclip-tiny"""
+    pretrained: str | None = None
+    """a local weights file or an open_clip pretrained tag"""
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    """which caption each sample trains with"""
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    """the data's column names for the contract's roles (see schema.ColumnMap)"""
+    batch_size: int = 256
+    """per worker; the contrastive batch is batch_size x num_workers"""
+    steps: int = 10_000
+    """optimizer steps in the run"""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """optimizer and schedule"""
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    """workers and resources"""
+    checkpoint_every: int = 1000
+    """steps between checkpoints (and at the end)"""
+    report_every: int = 100
+    """ray.train.report is a sync point (0.2-0.6 s on CPU); every step's metrics are kept regardless"""
+    keep_checkpoints: int = 3
+    """newest checkpoints kept in the run folder"""
+    precision: str = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16"""
+    grad_checkpointing: bool = False
+    """recompute activations in backward: less memory, more compute"""
+    compile: bool = False
+    """torch.compile the model"""
     decode: str = "cpu"
-    # Each worker shuffles its rows within windows of this many row groups (the
-    # rows of a window are held in memory at once; see veclip/train/order.py).
+    """Where JPEGs are decoded: "cpu" (the preprocess tasks) or "device" (the train worker's, batched: nvJPEG on a
+    GPU). Device decoding frees the CPUs for corpora that are not pre-resized."""
     window_units: int = 8
-    prefetch_batches: int = 2  # blocks each worker's stream reads ahead
-    image_limits: ImageLimits = field(default_factory=ImageLimits)  # bytes and pixels an image may have
-    seed: int = 0  # data order, augmentation, caption choice and init derive from it
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard, W&B, MLflow (--report-to)
+    """Each worker shuffles its rows within windows of this many row groups (the rows of a window are held in memory
+    at once; see veclip/train/order.py)."""
+    prefetch_batches: int = 2
+    """blocks each worker's stream reads ahead"""
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    """bytes and pixels an image may have"""
+    seed: int = 0
+    """data order, augmentation, caption choice and init derive from it"""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """TensorBoard, W&B, MLflow (--report-to)"""
 
     def __post_init__(self):
         if self.batch_size < 2 or self.steps < 1:
@@ -162,8 +198,10 @@ COMMAND = Command(
 
 @dataclass(frozen=True)
 class ExportConfig:
-    checkpoint: str = ""  # a checkpoint folder, or a run folder (its latest checkpoint is used)
-    output: str = ""  # local output folder
+    checkpoint: str = ""
+    """a checkpoint folder, or a run folder (its latest checkpoint is used)"""
+    output: str = ""
+    """local output folder"""
 
 
 EXPORT_COMMAND = Command(

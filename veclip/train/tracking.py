@@ -32,9 +32,12 @@ TRACKING_FILE = "tracking.json"  # in the run folder: the MLflow run id a rerun 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    report_to: tuple[str, ...] = ()  # any of tensorboard, wandb, mlflow
-    project: str = "veclip"  # the W&B project and the MLflow experiment
-    local_dir: str = ""  # tracker files for a run on S3, before they are copied; "": ~/.cache/veclip/tracking/<name>
+    report_to: tuple[str, ...] = ()
+    """any of tensorboard, wandb, mlflow"""
+    project: str = "veclip"
+    """the W&B project and the MLflow experiment"""
+    local_dir: str = ""
+    """tracker files for a run on S3, before they are copied; "": ~/.cache/veclip/tracking/<name>"""
 
     def __post_init__(self):
         unknown = sorted(set(self.report_to) - set(TRACKERS))

@@ -25,9 +25,12 @@ ROLES = ("captioner", "llm")
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    output: str = ""  # where to build (default: the cache, $VECLIP_CACHE/trained-models/...)
-    scale: Literal["full", "quick"] = "full"  # full (the demo's, ~10 min on 2 cores) or quick (tests, ~3 min)
-    seed: int = 0  # training data, initialisation and order all derive from it
+    output: str = ""
+    """where to build (default: the cache, $VECLIP_CACHE/trained-models/...)"""
+    scale: Literal["full", "quick"] = "full"
+    """full (the demo's, ~10 min on 2 cores) or quick (tests, ~3 min)"""
+    seed: int = 0
+    """training data, initialisation and order all derive from it"""
 
     def __post_init__(self):
         if self.scale not in ("full", "quick"):
@@ -124,7 +127,8 @@ def render(record: dict) -> str:
 
 @dataclass(frozen=True)
 class ModelsRun:
-    action: Literal["build"] = "build"  # build: train the captioner VLM and the instruction LLM (cached)
+    action: Literal["build"] = "build"
+    """build: train the captioner VLM and the instruction LLM (cached)"""
 
 
 def run(config: ModelsConfig, options=None, run: ModelsRun | None = None) -> Said:

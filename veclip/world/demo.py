@@ -37,14 +37,20 @@ MODES = ("alttext", "mix")  # the demo pipeline's CLIPs, the baseline first
 
 @dataclass(frozen=True)
 class DemoConfig:
-    output: str = "runs/demo"  # a local folder: data, outputs, the models and the report
-    rows: int = 1000  # train rows of sample data
-    eval_rows: int = 500  # eval rows of sample data
-    shards: int = 4  # shards per split
-    seed: int = 0  # the sample data's seed
-    steps: int = 300  # CLIP training steps per caption mode
-    # the captioner and LLM: trained here at this scale (full: built once, ~10 min; quick: tests)
+    output: str = "runs/demo"
+    """a local folder: data, outputs, the models and the report"""
+    rows: int = 1000
+    """train rows of sample data"""
+    eval_rows: int = 500
+    """eval rows of sample data"""
+    shards: int = 4
+    """shards per split"""
+    seed: int = 0
+    """the sample data's seed"""
+    steps: int = 300
+    """CLIP training steps per caption mode"""
     models: Literal["full", "quick"] = "full"
+    """the captioner and LLM: trained here at this scale (full: built once, ~10 min; quick: tests)"""
 
 
 def pipeline_config(config: DemoConfig, root: Location) -> PipelineConfig:

@@ -68,13 +68,20 @@ EVAL_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class SampleConfig:
-    output: str = ""  # output folder or s3:// prefix
-    rows: int = 2000  # train rows
-    eval_rows: int = 500  # eval rows (a separate split, with labels and captions)
-    shards: int = 4  # per split
-    seed: int = 0  # everything drawn from it: scenes, AltText, shard split
-    image_size: int = 128  # image side in pixels
-    jpeg_quality: int = 90  # JPEG quality of the written images
+    output: str = ""
+    """output folder or s3:// prefix"""
+    rows: int = 2000
+    """train rows"""
+    eval_rows: int = 500
+    """eval rows (a separate split, with labels and captions)"""
+    shards: int = 4
+    """per split"""
+    seed: int = 0
+    """everything drawn from it: scenes, AltText, shard split"""
+    image_size: int = 128
+    """image side in pixels"""
+    jpeg_quality: int = 90
+    """JPEG quality of the written images"""
 
     def __post_init__(self):
         for name in ("rows", "eval_rows", "shards", "image_size"):
