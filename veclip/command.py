@@ -75,7 +75,6 @@ class Command:
     builder: Callable | None = None
     submittable: bool = False  # runs as a Ray job (veclip submit, a pipeline's --submit)
     set_example: str = ""
-    storage: bool = True  # takes the object-storage flags
 
     def preset(self, name: str = "default"):
         if self.presets:

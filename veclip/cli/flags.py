@@ -91,8 +91,7 @@ def add_command_parser(sub, command: Command) -> argparse.ArgumentParser:
     for flag, cls, default, dest in sorted(flags, key=lambda item: not item[0].positional):  # positionals first
         add_field_flag(parser, flag, cls, default, dest)
     _config_flags(parser, command)
-    if command.storage:
-        storage_flags(parser)
+    storage_flags(parser)
     return parser
 
 
