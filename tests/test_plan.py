@@ -46,9 +46,9 @@ def test_a_plan_measures_sampled_rows_and_projects_them_onto_the_input(tmp_path,
 
     # --simulate: the projected run on the documented H100 rates, both ends, labelled as simulated
     from veclip.plan import simulated_runs
-    from veclip.shards.simulate import render_runs, simulate
+    from veclip.shards.simulate import Fleet, render_runs, simulate
 
-    [(label, sim), _] = simulated_runs(plan, config, "H100", 5.0, {"preemption_per_hour": 0.0})
+    [(label, sim), _] = simulated_runs(plan, config, "H100", 5.0, Fleet(preemption_per_hour=0.0))
     assert label.startswith("fast end of the rates: laclip") and "[estimate]" in label
     assert sim.shards == 4 and sim.rows_per_shard == 60 and sim.pools[0].name == "laclip"
     run = simulate(sim, str(tmp_path / "simulated"))
