@@ -227,15 +227,11 @@ def test_a_documented_config_field_is_a_flag_with_help_a_docs_line_and_the_submi
 ):
     """A command is declared once: adding a field with its documentation to the toy's config (``knob``) is the
     only edit that makes its flag, its help, its line in docs/stages.md's block and its submit/pipeline checks."""
-    from veclip.cli import build_parser, main
+    from veclip.cli import build_parser, main, registry
     from veclip.cli.registry import checked_args, run_checked_pipeline
-    from veclip.command import Command, Said
     from veclip.pipeline import PipelineConfig
 
-    def run(config, options, run_options):
-        return Said(f"toy: knob at {config.knob}", 0 if config.knob < 10 else 3)
-
-    monkeypatch.setitem(commands(), "toy", Command("toy", "a toy stage", _ToyConfig, run, submittable=True))
+    monkeypatch.setitem(registry.DECLARED, "toy", "test_stages:TOY")
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert "--knob N how far the toy turns its knob (default 7)" in " ".join(sub.choices["toy"].format_help().split())
     line = next(line for line in command_reference().splitlines() if line.startswith("veclip toy"))
@@ -284,3 +280,18 @@ def test_a_stage_summary_reads_back_as_it_was_written():
     assert written["mode"] == "both" and written["extra"] == 1 and "details" not in written  # one flat object
     assert RewriteSummary.from_json(written) == summary
     assert RunSummary.from_json(written).models == {"captioner.engine.model": "m1", "fuser.engine.model": "m2"}
+
+
+def _turn(config, options, run_options):
+    from veclip.command import Said
+
+    return Said(f"toy: knob at {config.knob}", 0 if config.knob < 10 else 3)
+
+
+def _toy():
+    from veclip.command import Command
+
+    return Command("toy", "a toy stage", _ToyConfig, _turn, submittable=True)
+
+
+TOY = _toy()

@@ -20,13 +20,13 @@ from veclip.cli.flags import (
     storage,
     storage_flags,
 )
-from veclip.cli.registry import commands, submittable
+from veclip.cli.registry import DECLARED, command, submittable
 from veclip.command import Flag
 
 
 def cmd_command(args: argparse.Namespace) -> int:
-    command = commands()[args.command]
-    result = command.runner()(command_config(command, args), storage(args), command_options(command, args))
+    declared = command(args.command)
+    result = declared.runner()(command_config(declared, args), storage(args), command_options(declared, args))
     if text := result.render():
         print(text)
     return result.exit_code
@@ -35,10 +35,10 @@ def cmd_command(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     from veclip.config import describe
 
-    command = commands()[args.stage]
-    rows = describe(command.preset(args.preset))
+    declared = command(args.stage)
+    rows = describe(declared.preset(args.preset))
     width = max(len(key) for key, _, _ in rows)
-    print(f"# veclip {command.name} --preset {args.preset}: every field, for --set KEY=VALUE or a --config file")
+    print(f"# veclip {declared.name} --preset {args.preset}: every field, for --set KEY=VALUE or a --config file")
     for key, value, doc in rows:
         print(f"{key:<{width}}  = {value!r}" + (f"\n{'':<{width}}    {doc}" if doc else ""))
     return 0
@@ -151,16 +151,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if all(r.finished for r in runs) else 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``only``: a declared command's name, the parser of that command alone (a
+    command line imports only the module that declares its command)."""
     parser = argparse.ArgumentParser(prog="veclip", description="Better CLIP from noisy web image-text data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for command in commands().values():
-        add_command_parser(sub, command).set_defaults(func=cmd_command)
+    for name in [only] if only in DECLARED else DECLARED:
+        add_command_parser(sub, command(name)).set_defaults(func=cmd_command)
+    if only in DECLARED:
+        return parser
 
     p = sub.add_parser("config", help="print a stage's config: every field, its value and what it does")
     p.add_argument("action", choices=("show",))
-    p.add_argument("stage", choices=tuple(commands()))
+    p.add_argument("stage", choices=tuple(DECLARED))
     p.add_argument(
         "--preset", default="default", help="the preset to start from (default, or tiny for rewrite and train)"
     )
@@ -184,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit a stage as a Ray job. Flags not listed here are the stage's own (see veclip STAGE --help); "
         "its paths are read on the cluster, so use s3:// URLs.",
     )
-    p.add_argument("stage", choices=tuple(name for name in commands() if name in submittable()))
+    p.add_argument("stage", choices=tuple(name for name in DECLARED if name in submittable()))
     p.add_argument("--address", help=address_help)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument(
@@ -279,10 +283,12 @@ def command_reference() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(words[0] if words and words[0] in DECLARED else None)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "submit":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}{field_hint(commands().get(args.command), extra)}")
+        named = command(args.command) if args.command in DECLARED else None
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{field_hint(named, extra)}")
     if extra:
         args.stage_args = extra  # the stage's own flags, checked by the stage's parser before submitting
     from veclip.cli.jobs import load_job_secrets

@@ -8,41 +8,42 @@ import importlib
 from veclip.cli.flags import checked_command_args, parse_command_args
 from veclip.command import Command, Said
 
-# In the order ``veclip --help`` and docs/stages.md list them; each module is light to import (no torch,
-# Ray or vLLM: a stage's run imports those when it runs).
-DECLARED = (
-    "veclip.world.generate:COMMAND",
-    "veclip.validate:COMMAND",
-    "veclip.ingest:COMMAND",
-    "veclip.wds_export:COMMAND",
-    "veclip.rewrite.config:COMMAND",
-    "veclip.plan:COMMAND",
-    "veclip.train.config:COMMAND",
-    "veclip.score.config:COMMAND",
-    "veclip.train.config:EXPORT_COMMAND",
-    "veclip.eval.config:COMMAND",
-    "veclip.show:COMMAND",
-    "veclip.status:COMMAND",
-    "veclip.world.build:COMMAND",
-    "veclip.pipeline:COMMAND",
-    "veclip.world.demo:COMMAND",
-)
+# Each command's name and where it is declared, in the order ``veclip --help`` and docs/stages.md list them.
+# Each module is light to import (no torch, Ray or vLLM: a stage's run imports those when it runs), and a
+# command line imports only the one it names.
+DECLARED = {
+    "sample": "veclip.world.generate:COMMAND",
+    "validate": "veclip.validate:COMMAND",
+    "import": "veclip.ingest:COMMAND",
+    "webdataset": "veclip.wds_export:COMMAND",
+    "rewrite": "veclip.rewrite.config:COMMAND",
+    "plan": "veclip.plan:COMMAND",
+    "train": "veclip.train.config:COMMAND",
+    "score": "veclip.score.config:COMMAND",
+    "export": "veclip.train.config:EXPORT_COMMAND",
+    "eval": "veclip.eval.config:COMMAND",
+    "show": "veclip.show:COMMAND",
+    "status": "veclip.status:COMMAND",
+    "models": "veclip.world.build:COMMAND",
+    "pipeline": "veclip.pipeline:COMMAND",
+    "demo": "veclip.world.demo:COMMAND",
+}
 
 
 @functools.cache
-def commands() -> dict[str, Command]:
-    found = {}
-    for target in DECLARED:
-        module, _, name = target.partition(":")
-        command = getattr(importlib.import_module(module), name)
-        found[command.name] = command
-    return found
-
-
 def command(name: str) -> Command:
-    if name not in commands():
-        raise ValueError(f"no command {name!r}; commands: {sorted(commands())}")
-    return commands()[name]
+    if name not in DECLARED:
+        raise ValueError(f"no command {name!r}; commands: {sorted(DECLARED)}")
+    module, _, attribute = DECLARED[name].partition(":")
+    declared = getattr(importlib.import_module(module), attribute)
+    if declared.name != name:
+        raise RuntimeError(f"{DECLARED[name]} declares {declared.name!r}, not {name!r}")
+    return declared
+
+
+def commands() -> dict[str, Command]:
+    """Every command (each module imported: for --help, the command reference and submit's choices)."""
+    return {name: command(name) for name in DECLARED}
 
 
 def submittable() -> frozenset[str]:
