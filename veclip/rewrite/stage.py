@@ -26,7 +26,8 @@ from veclip.rewrite.config import PoolConfig, RewriteConfig, StageConfig, ensure
 from veclip.rewrite.engine import WAITS
 from veclip.rewrite.standin import is_stand_in
 from veclip.rewrite.workers import ShardCaptioner, ShardRewriter, caption_store
-from veclip.shards.driver import dry_run, plan_stage, pool_ask, render_dry_run, run_stage
+from veclip.shards.driver import dry_run, plan_stage, pool_ask, run_stage
+from veclip.shards.driver import run_command as run_sharded_command
 from veclip.shards.guard import RunContext
 from veclip.shards.layout import layout_of
 from veclip.shards.marker import Marker, PoolStats, engine_time
@@ -279,11 +280,8 @@ def dry_run_rewrite(
 
 
 def run_command(config: RewriteConfig, options: StorageOptions, run: ShardedRun) -> Said:
-    """``veclip rewrite``: the dry run's plan, or the run's summary (exit 1 when a shard failed)."""
-    if run.dry_run:
-        return Said(render_dry_run(dry_run_rewrite(config, options, run.redo_mismatched)))
-    summary = run_rewrite(config, options, redo_mismatched=run.redo_mismatched, take_over_lease=run.take_over_lease)
-    return Said(render_summary(summary), 1 if RewriteSummary.from_json(summary).failed else 0)
+    """``veclip rewrite``."""
+    return run_sharded_command(Rewrite(config, options, run.redo_mismatched), run, render_summary)
 
 
 def render_summary(written: dict) -> str:

@@ -24,7 +24,8 @@ from veclip.dataset import Dataset, open_dataset
 from veclip.eval.model import resolve_model
 from veclip.score.config import ScoreConfig, fingerprint
 from veclip.score.worker import ShardScorer, shard_columns
-from veclip.shards.driver import dry_run, pool_ask, render_dry_run, run_stage
+from veclip.shards.driver import dry_run, pool_ask, run_stage
+from veclip.shards.driver import run_command as run_sharded_command
 from veclip.shards.guard import RunContext
 from veclip.shards.marker import Marker
 from veclip.shards.plan import FingerprintMismatch, InputShard, Plan, by_name, plan_shards
@@ -195,11 +196,8 @@ def dry_run_score(config: ScoreConfig, options: StorageOptions | None = None, re
 
 
 def run_command(config: ScoreConfig, options: StorageOptions, run: ShardedRun) -> Said:
-    """``veclip score``: the dry run's plan, or the run's summary (exit 1 when a shard failed)."""
-    if run.dry_run:
-        return Said(render_dry_run(dry_run_score(config, options, run.redo_mismatched)))
-    summary = run_score(config, options, take_over_lease=run.take_over_lease, redo_mismatched=run.redo_mismatched)
-    return Said(render_summary(summary), 1 if ScoreSummary.from_json(summary).failed else 0)
+    """``veclip score``."""
+    return run_sharded_command(Score(config, options, run.redo_mismatched), run, render_summary)
 
 
 def render_summary(written: dict) -> str:

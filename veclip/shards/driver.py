@@ -17,11 +17,12 @@ import json
 import logging
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from veclip.clock import clock
+from veclip.command import Said, ShardedRun
 from veclip.console import eta, start_ray
 from veclip.shards.card import write_card
 from veclip.shards.guard import DONE, RunContext, record_failure
@@ -125,6 +126,16 @@ def run_stage(
         return summary
     finally:
         lease.release()
+
+
+def run_command(stage: ShardedStage, run: ShardedRun, render: Callable[[dict], str]) -> Said:
+    """A sharded stage's command (``veclip rewrite``, ``veclip score``): the dry run's plan, or the run's summary
+    as ``render`` prints it (exit 1 when a shard failed)."""
+    stage.config.validate_for_run()
+    if run.dry_run:
+        return Said(render_dry_run(dry_run(stage)))
+    summary = run_stage(stage, take_over_lease=run.take_over_lease)
+    return Said(render(summary), 1 if RunSummary.from_json(summary).failed else 0)
 
 
 def dry_run(stage: ShardedStage) -> dict:
